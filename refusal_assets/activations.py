@@ -1,0 +1,144 @@
+"""Residual-stream (and MLP / attention output) activations, streamed to Parquet batch by batch.
+
+One forward pass per batch serves every requested site; the pass stops right after the deepest
+block any site needs (no later blocks, no LM head). Rows:
+``prompt_id, split, heldout, token_index, is_post_instruction, vector`` (float16, fixed-size list).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_assets.chat import ChatBatch, batches, encode_chat
+from refusal_assets.sites import Site, decoder_layers, output_tensor, site_module
+from refusal_assets.storage import atomic_path
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest needed block: later blocks and the LM head never run."""
+
+
+@contextlib.contextmanager
+def capture(model: PreTrainedModel, sites: list[Site], stop_early: bool = True) -> Iterator[dict[Site, torch.Tensor]]:
+    """Within the context, each forward fills ``captured[site]`` with the site's output [B, T, d].
+
+    The hooks only read; hooks registered later on the same modules still see (and may change)
+    the original outputs.
+    """
+    captured: dict[Site, torch.Tensor] = {}
+    handles = []
+
+    def reader(site: Site):
+        def hook(_module, _inputs, output):
+            captured[site] = output_tensor(output).detach()
+
+        return hook
+
+    for site in sites:
+        handles.append(site_module(model, site).register_forward_hook(reader(site)))
+    if stop_early:
+        deepest = max(s.layer for s in sites)
+
+        def stop(_module, _inputs, _output):
+            raise _StopForward
+
+        # Registered last on the deepest block, so every reader on that block has already run.
+        handles.append(decoder_layers(model)[deepest].register_forward_hook(stop))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def forward_sites(model: PreTrainedModel, batch: ChatBatch, sites: list[Site], stop_early: bool = True) -> dict[Site, torch.Tensor]:
+    """Activations [B, T, d] at each site for one batch."""
+    with capture(model, sites, stop_early) as captured:
+        try:
+            model.base_model(**batch.model_inputs(), use_cache=False) if stop_early else model(**batch.model_inputs(), use_cache=False)
+        except _StopForward:
+            pass
+        return dict(captured)
+
+
+def _row_table(acts: torch.Tensor, batch: ChatBatch, meta: list[dict], all_positions: bool) -> pa.Table:
+    """Flatten the kept positions of one batch into Arrow rows (float16 vectors)."""
+    keep = batch.post_instruction | (batch.attention_mask.bool() if all_positions else torch.zeros_like(batch.post_instruction))
+    b_idx, t_idx = keep.nonzero(as_tuple=True)  # [N], [N]
+    first_real = (batch.attention_mask == 0).sum(-1)  # [B]: left-padding length
+    vectors = acts[b_idx, t_idx].to(torch.float16).cpu().numpy()  # [N, d]
+    d = vectors.shape[1]
+    flat = pa.array(vectors.reshape(-1), type=pa.float16())
+    b_np = b_idx.cpu().numpy()
+    return pa.table({
+        "prompt_id": pa.array([meta[b]["prompt_id"] for b in b_np], pa.string()),
+        "split": pa.array([meta[b]["split"] for b in b_np], pa.string()),
+        "heldout": pa.array([meta[b]["heldout"] for b in b_np], pa.bool_()),
+        "token_index": pa.array((t_idx - first_real[b_idx]).cpu().numpy().astype(np.int32)),
+        "is_post_instruction": pa.array(batch.post_instruction[b_idx, t_idx].cpu().numpy()),
+        "vector": pa.FixedSizeListArray.from_arrays(flat, d),
+    })
+
+
+def collect_activations(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, sites: list[Site],
+    out_paths: dict[Site, Path], *, batch_size: int, system_prompt: str | None = None, all_positions: bool = True,
+    device: str = "cpu", log: Callable[[str], None] = print,
+) -> dict[Site, int]:
+    """Stream every site's activations for ``sample`` to ``out_paths[site]``; returns rows per site.
+
+    Memory is bounded by one batch: each batch becomes one row group of each site's file. Files
+    appear under their final names only when complete.
+    """
+    rows = sample.select("prompt_id", "prompt", "split", "heldout").to_dicts()
+    n_rows = {s: 0 for s in sites}
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        tmp_paths = {s: stack.enter_context(atomic_path(out_paths[s])) for s in sites}
+        writers: dict[Site, pq.ParquetWriter] = {}
+        try:
+            for i, chunk in enumerate(batches(rows, batch_size)):
+                batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], system_prompt).to(device)
+                acts = forward_sites(model, batch, sites)
+                for site in sites:
+                    table = _row_table(acts[site], batch, chunk, all_positions)
+                    if site not in writers:
+                        writers[site] = pq.ParquetWriter(tmp_paths[site], table.schema, compression="zstd")
+                    writers[site].write_table(table)
+                    n_rows[site] += table.num_rows
+                done = min((i + 1) * batch_size, len(rows))
+                log(f"activations: {done}/{len(rows)} prompts, {sum(n_rows.values())} rows ({time.perf_counter() - t0:.1f} s)")
+        finally:
+            for w in writers.values():
+                w.close()
+    return n_rows
+
+
+def read_vectors(path: Path, post_instruction_only: bool = False) -> tuple[torch.Tensor, pl.DataFrame]:
+    """(vectors [N, d] float16, metadata frame) from one activations file."""
+    from refusal_assets.storage import read_parquet
+
+    table = read_parquet(path, "activations file")
+    if post_instruction_only:
+        table = table.filter(pa.compute.field("is_post_instruction"))
+    col = table.column("vector").combine_chunks()
+    d = col.type.list_size
+    flat = col.values.to_numpy(zero_copy_only=False)
+    vectors = torch.from_numpy(np.array(flat, copy=True).reshape(-1, d))
+    meta = pl.from_arrow(table.drop(["vector"]))
+    return vectors, meta
+
+
+def non_finite_rows(vectors: torch.Tensor) -> int:
+    return int((~torch.isfinite(vectors.float())).any(-1).sum())

@@ -1,0 +1,140 @@
+"""What the model does with each prompt: greedy generation, a refusal judgement, the refusal score.
+
+Refusal score = log p_ref - log(1 - p_ref), where p_ref is the next-token probability mass, at
+the last prompt position, on the model's refusal-opening tokens (the first token of each refusal
+phrase, with and without a leading space, unless the config lists the tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import polars as pl
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_assets.chat import ChatBatch, batches, encode_chat
+from refusal_assets.config import ModelConfig
+
+EPS = 1e-6
+
+
+def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, phrases: list[str], tokens: list[str] | None = None) -> list[int]:
+    """Token ids that open a refusal: the configured tokens, else each phrase's first token."""
+    ids: set[int] = set()
+    if tokens:
+        for t in tokens:
+            enc = tokenizer.encode(t, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"refusal.refusal_tokens: {t!r} is {len(enc)} tokens for this tokenizer, not one")
+            ids.add(enc[0])
+    else:
+        for phrase in phrases:
+            for variant in (phrase, " " + phrase):
+                enc = tokenizer.encode(variant, add_special_tokens=False)
+                if enc:
+                    ids.add(enc[0])
+    return sorted(ids)
+
+
+def judge_refusal(response: str, phrases: list[str]) -> bool:
+    """A response refuses when it contains any refusal phrase (case-insensitive substring match)."""
+    text = response.lower().replace("’", "'")
+    return any(p.lower() in text for p in phrases)
+
+
+def refusal_score(p_ref: torch.Tensor) -> torch.Tensor:
+    """log-odds of the refusal mass; clamped so p=0 or 1 stay finite."""
+    p = p_ref.clamp(EPS, 1 - EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def last_token_refusal_prob(logits_last: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
+    """p_ref [B] from next-token logits [B, vocab]."""
+    return torch.softmax(logits_last.float(), dim=-1)[:, refusal_ids].sum(-1)
+
+
+@torch.no_grad()
+def p_refusal(model: PreTrainedModel, batch: ChatBatch, refusal_ids: torch.Tensor) -> torch.Tensor:
+    out = model(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
+    return last_token_refusal_prob(out.logits[:, -1], refusal_ids)
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: ChatBatch, max_new_tokens: int) -> list[str]:
+    out = model.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def run_behaviour(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, cfg: ModelConfig,
+    device: str = "cpu", log: Callable[[str], None] = print,
+) -> pl.DataFrame:
+    """One row per prompt: ``prompt_id, split, heldout, response, refused, p_refusal, refusal_score``."""
+    ids = torch.tensor(refusal_token_ids(tokenizer, cfg.refusal.phrases, cfg.refusal.refusal_tokens), device=device)
+    rows = sample.select("prompt_id", "prompt", "split", "heldout").to_dicts()
+    responses: list[str] = []
+    p_refs: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    for i, chunk in enumerate(batches(rows, cfg.batch_size)):
+        batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
+        p_refs.append(p_refusal(model, batch, ids).cpu())
+        responses.extend(generate(model, tokenizer, batch, cfg.generation.max_new_tokens))
+        log(f"behaviour: {min((i + 1) * cfg.batch_size, len(rows))}/{len(rows)} prompts ({time.perf_counter() - t0:.0f} s)")
+    p = torch.cat(p_refs) if p_refs else torch.zeros(0)
+    return pl.DataFrame({
+        "prompt_id": [r["prompt_id"] for r in rows],
+        "split": [r["split"] for r in rows],
+        "heldout": [r["heldout"] for r in rows],
+        "response": responses,
+        "refused": [judge_refusal(r, cfg.refusal.phrases) for r in responses],
+        "p_refusal": p.numpy().astype(np.float64),
+        "refusal_score": refusal_score(p).numpy().astype(np.float64),
+    })
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (NaNs when n = 0)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    phat = k / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def refusal_rates(df: pl.DataFrame) -> dict[str, dict[str, float]]:
+    """Refusal rate with a 95 % Wilson interval, overall and per split."""
+    out = {}
+    groups = [("all", df)] + [(s, df.filter(pl.col("split") == s)) for s in sorted(df["split"].unique().to_list())]
+    for name, sub in groups:
+        k, n = int(sub["refused"].sum()), sub.height
+        lo, hi = wilson_interval(k, n)
+        out[name] = {"rate": k / n if n else math.nan, "lo": lo, "hi": hi, "n": n, "mean_p_refusal": float(sub["p_refusal"].mean()) if n else math.nan}
+    return out
+
+
+def plot_refusal_rates(rates: dict[str, dict[str, float]], title: str, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in rates if k != "all"]
+    vals = [rates[k]["rate"] for k in names]
+    err = np.array([[rates[k]["rate"] - rates[k]["lo"] for k in names], [rates[k]["hi"] - rates[k]["rate"] for k in names]])
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.bar(names, vals, yerr=err, capsize=4, color=["#4c72b0", "#dd8452", "#c44e52"][: len(names)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("refusal rate (95% Wilson)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,334 @@
+"""Validated YAML configuration.
+
+A *project config* (e.g. ``configs/default.yaml``) names one data config, any number of model
+configs, one SAE config and one circuit config. Each section is either a path to another YAML file
+(relative to the project root, the folder that holds ``configs/``) or an inline mapping. Every
+error names the file and the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from refusal_assets.sites import Site, expand_sites
+
+SAFE_KEY = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
+SPLIT_FILES = {
+    "safe": "or-bench-80k.csv",
+    "hard": "or-bench-hard-1k.csv",
+    "toxic": "or-bench-toxic.csv",
+}
+DEFAULT_REFUSAL_PHRASES = [
+    "I'm sorry",
+    "I am sorry",
+    "I cannot",
+    "I can't",
+    "I can not",
+    "As an AI",
+    "I apologize",
+    "I won't",
+    "I will not",
+    "Sorry",
+    "Unfortunately",
+]
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable or invalid; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def model_key_from_id(model_id: str) -> str:
+    """A storage- and partition-safe key: no ``/ | , [ ]``, no ``..``, no ``__`` (the site separator)."""
+    key = re.sub(r"[^a-z0-9.\-]+", "-", model_id.split("/")[-1].lower()).strip("-.")
+    key = re.sub(r"-{2,}", "-", key.replace("..", "."))
+    if not key or not SAFE_KEY.match(key):
+        raise ValueError(f"cannot derive a safe key from model id {model_id!r}")
+    return key
+
+
+# ----------------------------------------------------------------------------------------- data
+class SamplingConfig(_Strict):
+    mode: Literal["use_all", "equalize"] = "equalize"
+    """use_all: every prompt; equalize: the same number per (category, split), the smallest cell's size."""
+    max_per_cell: int | None = Field(default=None, ge=1)
+    """Upper bound on prompts per (category, split) after equalizing; None = no bound."""
+
+
+class DataConfig(_Strict):
+    source: Literal["local", "hub"] = "local"
+    path: str = "data/orbench_sample"
+    """Folder in OR-Bench layout (local source)."""
+    hub_dataset: str = "bench-llm/or-bench"
+    cache_dir: str = "data/raw"
+    splits: list[Literal["safe", "hard", "toxic"]] = ["safe", "hard", "toxic"]
+    categories: list[str] | None = None
+    """Restrict to these categories; None = every category found in the data."""
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0
+    heldout_fraction: float = Field(default=0.3, gt=0.0, lt=1.0)
+
+    @field_validator("splits")
+    @classmethod
+    def _non_empty_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one split is required")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate splits in {v}")
+        return v
+
+
+# --------------------------------------------------------------------------------------- models
+class ArchitectureConfig(_Strict):
+    n_layers: int = Field(ge=1)
+    d_model: int = Field(ge=1)
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(default=32, ge=1)
+
+
+class ChatTemplateConfig(_Strict):
+    system_prompt: str | None = None
+    """None = the model's own default (whatever its chat template does without a system turn)."""
+
+
+class RefusalConfig(_Strict):
+    phrases: list[str] = DEFAULT_REFUSAL_PHRASES
+    refusal_tokens: list[str] | None = None
+    """Tokens whose next-token probability mass is p_ref; None = first tokens of ``phrases``."""
+
+    @field_validator("phrases")
+    @classmethod
+    def _phrases(cls, v: list[str]) -> list[str]:
+        if not v or any(not p.strip() for p in v):
+            raise ValueError("refusal phrases must be a non-empty list of non-empty strings")
+        return v
+
+
+class ModelConfig(_Strict):
+    id: str
+    """Display name; also the hub id for ``source: hub`` unless ``path`` is given."""
+    key: str | None = None
+    """Partition / storage key; derived from ``id`` when absent."""
+    source: Literal["packaged", "hub", "local", "gguf", "tiny"]
+    path: str | None = None
+    """hub: repo id (default ``id``); local: HF folder; gguf: the .gguf file; tiny: cache folder."""
+    revision: str | None = None
+    architecture: ArchitectureConfig
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(default=8, ge=1)
+    chat_template: ChatTemplateConfig = ChatTemplateConfig()
+    generation: GenerationConfig = GenerationConfig()
+    refusal: RefusalConfig = RefusalConfig()
+    activation_layers: list[str] = Field(min_length=1)
+    """Seed shorthand: ``all``, ``residuals_0-31``, ``residuals_10-``, ``residuals_all``,
+    ``mlp_all``, ``attention_all``, ``residuals_5`` ...; expanded against ``architecture.n_layers``."""
+    all_token_positions: bool = True
+    """Also store every prompt token (SAE training data), not only the post-instruction ones."""
+    trust_remote_code: bool = False
+
+    @field_validator("key")
+    @classmethod
+    def _safe_key(cls, v: str | None) -> str | None:
+        if v is not None and (not SAFE_KEY.match(v) or "__" in v or ".." in v):
+            raise ValueError(f"model key {v!r} must match {SAFE_KEY.pattern} without '__' or '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _sites_in_range(self) -> "ModelConfig":
+        expand_sites(self.activation_layers, self.architecture.n_layers)  # raises on bad layers
+        if self.source in ("local", "gguf") and not self.path:
+            raise ValueError(f"source {self.source!r} needs 'path'")
+        model_key_from_id(self.id) if self.key is None else None
+        return self
+
+    @property
+    def model_key(self) -> str:
+        return self.key or model_key_from_id(self.id)
+
+    @property
+    def sites(self) -> list[Site]:
+        return expand_sites(self.activation_layers, self.architecture.n_layers)
+
+    @property
+    def site_keys(self) -> list[str]:
+        return [f"{self.model_key}__{s.name}" for s in self.sites]
+
+
+# ------------------------------------------------------------------------------------------ SAE
+class SAEQualityThresholds(_Strict):
+    max_fvu: float = 0.5
+    max_dead_fraction: float = 0.5
+
+
+class SAEConfig(_Strict):
+    architecture: Literal["topk", "batchtopk"] = "topk"
+    expansion_factor: int = Field(default=8, ge=1)
+    k: int = Field(default=32, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    batch_size: int = Field(default=1024, ge=1)
+    max_steps: int = Field(default=2000, ge=1)
+    aux_k: int = Field(default=256, ge=1)
+    aux_coef: float = Field(default=1 / 32, ge=0)
+    dead_after_tokens: int = Field(default=50_000, ge=1)
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    eval_every: int = Field(default=100, ge=1)
+    patience: int = Field(default=5, ge=1)
+    """Early stopping: evaluations without validation-FVU improvement before stopping."""
+    seed: int = 0
+    thresholds: SAEQualityThresholds = SAEQualityThresholds()
+    pretrained: dict[str, str] = {}
+    """site key -> SAELens-format folder to load instead of training."""
+
+
+# ------------------------------------------------------------------------------------- circuits
+class CircuitConfig(_Strict):
+    method: Literal["attribution", "integrated_gradients"] = "attribution"
+    ig_steps: int = Field(default=10, ge=1)
+    selection: Literal["topk", "threshold"] = "topk"
+    k_per_site: int = Field(default=20, ge=1)
+    threshold: float = Field(default=0.05, ge=0)
+    separate_safe_toxic: bool = True
+    edges: bool = True
+    max_edges: int = Field(default=200, ge=0)
+    eval_sizes: list[int] = [1, 2, 5, 10, 20, 50]
+    """Nodes per site for the faithfulness sweep."""
+    seed: int = 0
+
+
+class ComparisonConfig(_Strict):
+    n_permutations: int = Field(default=500, ge=10)
+    n_bootstrap: int = Field(default=500, ge=10)
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    seed: int = 0
+
+
+class ReportConfig(_Strict):
+    schedule: str = "0 6 * * *"
+    """Cron for the scheduled report refresh."""
+
+
+class ProjectConfig(_Strict):
+    name: str = "default"
+    data: DataConfig
+    models: list[ModelConfig] = Field(min_length=1)
+    sae: SAEConfig = SAEConfig()
+    circuits: CircuitConfig = CircuitConfig()
+    comparison: ComparisonConfig = ComparisonConfig()
+    report: ReportConfig = ReportConfig()
+    root: Path = Path(".")
+    """Project root; relative paths in the config resolve against it (set by the loader)."""
+
+    @model_validator(mode="after")
+    def _unique_model_keys(self) -> "ProjectConfig":
+        keys = [m.model_key for m in self.models]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"two models share the key(s) {dupes}; set 'key' on one of them")
+        return self
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    def model(self, model_key: str) -> ModelConfig:
+        for m in self.models:
+            if m.model_key == model_key:
+                return m
+        raise KeyError(f"no model with key {model_key!r}; known: {[m.model_key for m in self.models]}")
+
+    def site_keys(self) -> list[str]:
+        return [s for m in self.models for s in m.site_keys]
+
+    def section_hash(self, *sections: str, model_key: str | None = None) -> str:
+        """Short stable hash of the named config sections: the assets' ``code_version`` input."""
+        payload: dict[str, Any] = {}
+        for name in sections:
+            value = getattr(self, name)
+            payload[name] = [v.model_dump(mode="json") for v in value] if isinstance(value, list) else value.model_dump(mode="json")
+        if model_key is not None:
+            payload["model"] = self.model(model_key).model_dump(mode="json")
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+    except yaml.YAMLError as e:  # includes python/object tags refused by safe_load
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+
+
+def _project_root_for(config_path: Path) -> Path:
+    config_path = config_path.resolve()
+    for parent in config_path.parents:
+        if parent.name == "configs":
+            return parent.parent
+    return config_path.parent
+
+
+def _format_error(err: dict[str, Any], sources: dict[tuple, Path], default: Path) -> str:
+    loc = tuple(err["loc"])
+    source = default
+    for n in range(len(loc), 0, -1):  # the most specific file that the failing key came from
+        if loc[:n] in sources:
+            source, loc = sources[loc[:n]], loc[n:]
+            break
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    return f"{source}: key '{key}': {err['msg']}"
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ProjectConfig:
+    """Load and validate a project config; ``overrides`` are dotted keys, e.g. ``{"data.path": d}``."""
+    path = Path(path)
+    root = _project_root_for(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    sources: dict[tuple, Path] = {}
+
+    def include(value: Any, loc: tuple) -> Any:
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            sub = Path(value) if Path(value).is_absolute() else root / "configs" / value
+            if not sub.is_file() and (root / value).is_file():
+                sub = root / value
+            loaded = _read_yaml(sub)
+            sources[loc] = sub
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{sub}: expected a mapping, got {type(loaded).__name__}")
+            return loaded
+        return value
+
+    for section in ("data", "sae", "circuits", "comparison", "report"):
+        if section in raw:
+            raw[section] = include(raw[section], (section,))
+    if isinstance(raw.get("models"), list):
+        raw["models"] = [include(m, ("models", i)) for i, m in enumerate(raw["models"])]
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    raw["root"] = str(root)
+    try:
+        return ProjectConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_format_error(err, sources, path) for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,255 @@
+"""OR-Bench prompts: loading a folder in OR-Bench layout (or the hub dataset), sampling, profiling.
+
+Documented handling of messy input:
+- a file that is missing, empty, not UTF-8, binary, badly quoted, or lacks the ``prompt`` /
+  ``category`` columns is an error naming the file (and line);
+- rows with an empty prompt are dropped and counted (``n_dropped_empty``); an empty category is an error;
+- the same prompt twice in one split is kept once (``n_dropped_duplicate``); a prompt in both
+  ``or-bench-80k`` and ``or-bench-hard-1k`` (the real OR-Bench's hard set is drawn from the 80k
+  set) is kept in the more specific split, ``hard``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from refusal_assets.config import SPLIT_FILES, DataConfig, SamplingConfig
+from refusal_assets.storage import category_key
+
+SPLIT_ORDER = ["safe", "hard", "toxic"]
+PROMPT_SCHEMA = {"prompt_id": pl.Utf8, "prompt": pl.Utf8, "category": pl.Utf8, "category_key": pl.Utf8, "split": pl.Utf8}
+
+
+class DataError(ValueError):
+    """Input data is unusable; the message names the file, line or category."""
+
+
+@dataclass
+class LoadReport:
+    files: list[str] = field(default_factory=list)
+    n_dropped_empty: int = 0
+    n_dropped_duplicate: int = 0
+
+
+def prompt_id(prompt: str) -> str:
+    return hashlib.sha1(prompt.strip().encode("utf-8")).hexdigest()[:16]
+
+
+def _read_split_csv(path: Path, split: str) -> tuple[list[dict[str, str]], int]:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty")
+    if b"\x00" in raw:
+        raise DataError(f"{path}: binary data (NUL bytes), not a CSV file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: not valid UTF-8 at line {line} (byte {e.start}); re-save the file as UTF-8") from e
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in ("prompt", "category") if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {columns} (expected at least prompt,category)")
+    reader.fieldnames = columns
+    rows: list[dict[str, str]] = []
+    n_empty = 0
+    try:
+        for row in reader:
+            if None in row:  # more fields than the header: a quoting problem
+                raise DataError(f"{path}: line {reader.line_num}: more fields than the header; check the quoting")
+            prompt = (row.get("prompt") or "").strip()
+            category = (row.get("category") or "").strip()
+            if not prompt:
+                n_empty += 1
+                continue
+            if not category:
+                raise DataError(f"{path}: line {reader.line_num}: empty category for prompt {prompt[:60]!r}")
+            rows.append({"prompt": prompt, "category": category, "split": split})
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from e
+    if not rows:
+        raise DataError(f"{path}: no prompts (every row is empty)")
+    return rows, n_empty
+
+
+def fetch_from_hub(cfg: DataConfig, cache_dir: Path, splits: Sequence[str]) -> Path:
+    """Download the OR-Bench split files into ``cache_dir`` (once) and return that folder."""
+    wanted = [SPLIT_FILES[s] for s in splits]
+    if all((cache_dir / f).is_file() for f in wanted):
+        return cache_dir
+    try:
+        from huggingface_hub import hf_hub_download
+
+        for filename in wanted:
+            hf_hub_download(cfg.hub_dataset, filename, repo_type="dataset", local_dir=cache_dir)
+    except Exception as e:  # network, auth, missing file: all end the same way for the user
+        raise DataError(
+            f"cannot fetch {wanted} from the hub dataset {cfg.hub_dataset!r} into {cache_dir} ({type(e).__name__}: {e}). "
+            "Without network access, download the CSV files elsewhere and pass --data-dir FOLDER."
+        ) from e
+    return cache_dir
+
+
+def load_orbench(folder: Path, splits: Sequence[str] = SPLIT_ORDER, categories: Sequence[str] | None = None) -> tuple[pl.DataFrame, LoadReport]:
+    """Read the split files of an OR-Bench-layout folder into one frame.
+
+    Columns: ``prompt_id, prompt, category, category_key, split``. At least one requested split
+    file must exist; the ones that do not are skipped (OR-Bench derivatives ship a subset).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    report = LoadReport()
+    rows: list[dict[str, str]] = []
+    for split in splits:
+        path = folder / SPLIT_FILES[split]
+        if not path.is_file():
+            continue
+        split_rows, n_empty = _read_split_csv(path, split)
+        report.files.append(str(path))
+        report.n_dropped_empty += n_empty
+        rows.extend(split_rows)
+    if not report.files:
+        expected = [SPLIT_FILES[s] for s in splits]
+        found = sorted(p.name for p in folder.iterdir())[:20]
+        raise DataError(f"{folder}: none of the split files {expected} exist (found: {found})")
+    df = pl.DataFrame(rows, schema={"prompt": pl.Utf8, "category": pl.Utf8, "split": pl.Utf8})
+    df = df.with_columns(
+        pl.col("prompt").map_elements(prompt_id, return_dtype=pl.Utf8).alias("prompt_id"),
+        pl.col("category").map_elements(category_key, return_dtype=pl.Utf8).alias("category_key"),
+        pl.col("split").replace_strict({s: i for i, s in enumerate(SPLIT_ORDER)}, return_dtype=pl.Int8).alias("_rank"),
+    )
+    n_before = df.height
+    # The most specific split wins (hard beats safe); then one row per prompt.
+    df = df.sort(["_rank"], descending=True, maintain_order=True).unique("prompt_id", keep="first", maintain_order=True)
+    report.n_dropped_duplicate = n_before - df.height
+    if categories is not None:
+        wanted = {category_key(c) for c in categories}
+        unknown = sorted(wanted - set(df["category_key"].unique()))
+        if unknown:
+            raise DataError(f"{folder}: categories {unknown} from the data config have no prompts in the data")
+        df = df.filter(pl.col("category_key").is_in(wanted))
+    df = df.sort(["category_key", "_rank", "prompt_id"]).drop("_rank")
+    return df.select(list(PROMPT_SCHEMA)), report
+
+
+def data_folder(cfg: DataConfig, resolve) -> Path:
+    """The local folder holding the split files: the configured folder, or the hub cache."""
+    if cfg.source == "local":
+        return resolve(cfg.path)
+    return fetch_from_hub(cfg, resolve(cfg.cache_dir), cfg.splits)
+
+
+def category_keys(df: pl.DataFrame) -> list[str]:
+    keys = sorted(df["category_key"].unique().to_list())
+    if not keys:
+        raise DataError("the data holds no categories")
+    return keys
+
+
+def _category_seed(seed: int, category: str) -> int:
+    # Per-category seed: adding a category never changes another category's sample.
+    return (seed * 1_000_003 + zlib.crc32(category.encode())) % 2**32
+
+
+def sample_category(df: pl.DataFrame, category: str, sampling: SamplingConfig, seed: int, heldout_fraction: float) -> pl.DataFrame:
+    """The seeded sample of one category with a ``heldout`` flag, split by split.
+
+    ``equalize`` takes the same number of prompts from each split of the category (the smallest
+    split's size, capped by ``max_per_cell``); ``use_all`` takes everything (capped likewise).
+    """
+    cat = df.filter(pl.col("category_key") == category)
+    if cat.height == 0:
+        raise DataError(f"category {category!r} has no prompts")
+    rng = np.random.default_rng(_category_seed(seed, category))
+    sizes = cat.group_by("split").len()
+    per_split = dict(zip(sizes["split"].to_list(), sizes["len"].to_list()))
+    n_equal = min(per_split.values())
+    parts = []
+    for split in [s for s in SPLIT_ORDER if s in per_split]:
+        rows = cat.filter(pl.col("split") == split)
+        n = n_equal if sampling.mode == "equalize" else rows.height
+        if sampling.max_per_cell is not None:
+            n = min(n, sampling.max_per_cell)
+        order = rng.permutation(rows.height)[:n]
+        chosen = rows[order.tolist()]
+        n_heldout = int(round(n * heldout_fraction)) if n >= 2 else 0
+        n_heldout = min(max(n_heldout, 1 if n >= 2 else 0), n - 1) if n >= 2 else 0
+        heldout = np.zeros(n, dtype=bool)
+        heldout[n - n_heldout :] = True
+        parts.append(chosen.with_columns(pl.Series("heldout", heldout)))
+    return pl.concat(parts)
+
+
+@dataclass
+class Profile:
+    counts: pl.DataFrame  # category_key x split counts, raw and sampled
+    warnings: list[str]
+
+
+def profile(raw_counts: pl.DataFrame, sample_counts: pl.DataFrame, imbalance_ratio: float = 2.0, min_cell: int = 10) -> Profile:
+    """Counts per category x split and the seed's imbalance warnings.
+
+    Both inputs have columns ``category_key, split, n``. Warnings: a split missing from a category,
+    a cell smaller than ``min_cell``, or the largest split of a category more than ``imbalance_ratio``
+    times its smallest; and categories whose totals differ by more than that ratio.
+    """
+    wide = raw_counts.pivot(on="split", index="category_key", values="n").fill_null(0)
+    splits = [s for s in SPLIT_ORDER if s in wide.columns]
+    warnings = []
+    for row in wide.iter_rows(named=True):
+        cells = {s: row[s] for s in splits}
+        cat = row["category_key"]
+        for s, n in cells.items():
+            if n == 0:
+                warnings.append(f"{cat}: no '{s}' prompts")
+            elif n < min_cell:
+                warnings.append(f"{cat}: only {n} '{s}' prompts (< {min_cell})")
+        present = [n for n in cells.values() if n > 0]
+        if present and max(present) > imbalance_ratio * min(present):
+            warnings.append(f"{cat}: split imbalance {cells} (max/min > {imbalance_ratio})")
+    totals = wide.select(pl.sum_horizontal(splits)).to_series()
+    if totals.len() and totals.max() > imbalance_ratio * max(totals.min(), 1):
+        warnings.append(f"category sizes range from {totals.min()} to {totals.max()} (ratio > {imbalance_ratio})")
+    sampled = sample_counts.rename({"n": "n_sampled"})
+    counts = raw_counts.join(sampled, on=["category_key", "split"], how="left").fill_null(0).sort(["category_key", "split"])
+    return Profile(counts=counts, warnings=warnings)
+
+
+def plot_profile(counts: pl.DataFrame, path: Path) -> Path:
+    """Grouped bars: prompts per category and split (raw, with the sampled count hatched)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = sorted(counts["category_key"].unique().to_list())
+    splits = [s for s in SPLIT_ORDER if s in set(counts["split"].to_list())]
+    x = np.arange(len(cats))
+    width = 0.8 / max(len(splits), 1)
+    fig, ax = plt.subplots(figsize=(max(6, len(cats) * 0.9), 4))
+    for i, split in enumerate(splits):
+        sub = {r["category_key"]: r for r in counts.filter(pl.col("split") == split).iter_rows(named=True)}
+        raw = [sub.get(c, {}).get("n", 0) for c in cats]
+        sampled = [sub.get(c, {}).get("n_sampled", 0) for c in cats]
+        bars = ax.bar(x + i * width, raw, width, label=f"{split} (all)", alpha=0.45)
+        ax.bar(x + i * width, sampled, width, color=bars.patches[0].get_facecolor(), alpha=1.0, hatch="//", label=f"{split} (sampled)")
+    ax.set_xticks(x + width * (len(splits) - 1) / 2, cats, rotation=30, ha="right")
+    ax.set_ylabel("prompts")
+    ax.set_title("Prompts per category and split")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""The Dagster layer: thin wiring around the science core (partitions, assets, automation)."""

@@ -1,0 +1,92 @@
+"""Stage 1: OR-Bench prompts per category, the seeded sample, and the data profile."""
+
+
+import polars as pl
+import dagster as dg
+
+from refusal_assets import data
+from refusal_assets.config import ProjectConfig
+from refusal_assets.defs.automation import rebuild_condition
+from refusal_assets.defs.metadata import png_markdown
+from refusal_assets.defs.partitions import Partitions
+from refusal_assets.defs.resources import StorageResource
+from refusal_assets.storage import read_parquet, write_parquet
+
+
+def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
+    data_version = cfg.section_hash("data")
+
+    @dg.asset(
+        partitions_def=parts.category, code_version=data_version, kinds={"polars", "parquet"}, group_name="data",
+        automation_condition=rebuild_condition(),
+        description="Every prompt of one category from the OR-Bench-layout folder (or the hub): prompt_id, prompt, category, split.",
+    )
+    def orbench_prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        folder = data.data_folder(cfg.data, cfg.resolve)
+        df, report = data.load_orbench(folder, cfg.data.splits, cfg.data.categories)
+        category = context.partition_key
+        cat = df.filter(pl.col("category_key") == category)
+        if cat.height == 0:
+            raise data.DataError(f"{folder}: category {category!r} has no prompts in the data any more; reload the code location")
+        path = write_parquet(cat.to_arrow(), storage.files.path("orbench_prompts", category, filename="prompts.parquet"))
+        per_split = dict(cat.group_by("split").len().iter_rows())
+        context.log.info(f"{category}: {cat.height} prompts {per_split} from {folder}")
+        return dg.MaterializeResult(metadata={
+            "n_prompts": cat.height, **{f"n_{s}": per_split.get(s, 0) for s in cfg.data.splits},
+            "source": str(folder), "files": ", ".join(report.files), "path": str(path),
+            "n_dropped_empty_all_categories": report.n_dropped_empty, "n_dropped_duplicate_all_categories": report.n_dropped_duplicate,
+            "preview": dg.MetadataValue.md(_preview(cat)),
+        })
+
+    @dg.asset(
+        partitions_def=parts.category, code_version=data_version, kinds={"polars", "parquet"}, group_name="data",
+        deps=[orbench_prompts], automation_condition=rebuild_condition(),
+        description="The seeded sample used downstream (per-split sizes from the sampling config) with a held-out flag.",
+    )
+    def prompt_sample(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        category = context.partition_key
+        prompts = pl.from_arrow(read_parquet(storage.files.path("orbench_prompts", category, filename="prompts.parquet")))
+        sample = data.sample_category(prompts, category, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction)
+        path = write_parquet(sample.to_arrow(), storage.files.path("prompt_sample", category, filename="sample.parquet"))
+        counts = sample.group_by("split", "heldout").len().sort("split", "heldout")
+        return dg.MaterializeResult(metadata={
+            "n_prompts": sample.height, "n_heldout": int(sample["heldout"].sum()), "seed": cfg.data.seed,
+            "counts": dg.MetadataValue.md(_table_md(counts)), "path": str(path),
+        })
+
+    @dg.asset(
+        code_version=data_version, kinds={"polars", "matplotlib"}, group_name="data", deps=[orbench_prompts, prompt_sample],
+        automation_condition=rebuild_condition(),
+        description="Counts per category x split (all and sampled), the imbalance warnings, and a plot.",
+    )
+    def data_profile(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        raw, sampled = [], []
+        for category in parts.category.get_partition_keys():
+            raw.append(pl.from_arrow(read_parquet(storage.files.path("orbench_prompts", category, filename="prompts.parquet"))))
+            sampled.append(pl.from_arrow(read_parquet(storage.files.path("prompt_sample", category, filename="sample.parquet"))))
+        count = lambda frames: pl.concat(frames).group_by("category_key", "split").len("n")  # noqa: E731
+        prof = data.profile(count(raw), count(sampled))
+        for w in prof.warnings:
+            context.log.warning(w)
+        folder = storage.files.path("data_profile")
+        write_parquet(prof.counts.to_arrow(), folder / "profile.parquet")
+        png = data.plot_profile(prof.counts, folder / "profile.png")
+        return dg.MaterializeResult(metadata={
+            "n_categories": len(raw), "n_prompts": int(prof.counts["n"].sum()), "n_sampled": int(prof.counts["n_sampled"].sum()),
+            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in prof.warnings) or "none"),
+            "counts": dg.MetadataValue.md(_table_md(prof.counts)), "plot": png_markdown(png, "prompts per category and split"),
+        })
+
+    return [orbench_prompts, prompt_sample, data_profile]
+
+
+def _table_md(df: pl.DataFrame) -> str:
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "\n".join("| " + " | ".join(str(v) for v in row) + " |" for row in df.iter_rows())
+
+
+def _preview(df: pl.DataFrame) -> str:
+    return _table_md(df.select("split", pl.col("prompt").str.slice(0, 80)).head(5))
+
+
+prompt_sample_key = dg.AssetKey("prompt_sample")

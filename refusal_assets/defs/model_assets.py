@@ -1,0 +1,108 @@
+"""Stage 2: what each model does with the prompts, and its activations at every site."""
+
+
+import time
+from collections import defaultdict
+
+import polars as pl
+import dagster as dg
+
+from refusal_assets import activations as acts_core
+from refusal_assets import behaviour
+from refusal_assets.config import ProjectConfig
+from refusal_assets.defs.automation import rebuild_condition
+from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
+from refusal_assets.defs.metadata import materialize_each, multi_key, png_markdown
+from refusal_assets.defs.partitions import Partitions
+from refusal_assets.defs.resources import ComputeResource, StorageResource
+from refusal_assets.models import load_model
+from refusal_assets.sites import Site
+from refusal_assets.storage import read_parquet, write_parquet
+
+
+def load_sample(storage: StorageResource, category: str) -> pl.DataFrame:
+    return pl.from_arrow(read_parquet(storage.files.path("prompt_sample", category, filename="sample.parquet"), "prompt sample"))
+
+
+def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+    from refusal_assets.defs.data_assets import prompt_sample_key
+
+    @dg.asset(
+        partitions_def=parts.model_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
+        code_version=cfg.section_hash("data", "models"), automation_condition=rebuild_condition(),
+        deps=[dg.AssetDep(prompt_sample_key, partition_mapping=parts.by_category())],
+        description="Each prompt's greedy chat generation, a refusal judgement, p_ref and the refusal score.",
+    )
+    def refusal_behaviour(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
+        keys = multi_key(parts.model_category, context.partition_key)
+        model_cfg, category = cfg.model(keys["model"]), keys["category"]
+        device = compute.setup()
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
+        load_s = time.perf_counter() - t0
+        df = behaviour.run_behaviour(model, tokenizer, load_sample(storage, category), model_cfg, device, context.log.info)
+        folder = storage.files.path("refusal_behaviour", model_cfg.model_key, category)
+        write_parquet(df.to_arrow(), folder / "behaviour.parquet")
+        rates = behaviour.refusal_rates(df)
+        behaviour.plot_refusal_rates(rates, f"{model_cfg.model_key} / {category}", folder / "refusal_rates.png")
+        md = {
+            "refusal_rate": rates["all"]["rate"], "n_prompts": df.height, "load_seconds": round(load_s, 2),
+            "seconds": round(time.perf_counter() - t0, 2), "device": device,
+            "plot": png_markdown(folder / "refusal_rates.png", "refusal rate per split"),
+        }
+        for split, r in rates.items():
+            if split != "all":
+                md[f"refusal_rate_{split}"] = r["rate"]
+                md[f"refusal_rate_{split}_ci"] = f"[{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
+                md[f"mean_p_refusal_{split}"] = r["mean_p_refusal"]
+        return dg.MaterializeResult(metadata=md)
+
+    @dg.asset(
+        partitions_def=parts.site_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
+        code_version=cfg.section_hash("data", "models"), automation_condition=rebuild_condition(),
+        backfill_policy=dg.BackfillPolicy.single_run(), output_required=False,
+        deps=[dg.AssetDep(prompt_sample_key, partition_mapping=parts.by_category())],
+        check_specs=[dg.AssetCheckSpec("finite_vectors", asset="activations", blocking=True,
+                                       description="No NaN or inf in any activation vector.")],
+        description="Residual / MLP / attention activations at the post-instruction positions (and every prompt token), float16 Parquet.",
+    )
+    def activations(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource):
+        # One forward pass per (model, category) serves every requested site of that model.
+        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for key in context.partition_keys:
+            k = multi_key(parts.site_category, key)
+            groups[(parts.site_to_model[k["site"]], k["category"])].append(key)
+        device = compute.setup()
+        metadata: dict[str, dict] = {}
+        n_bad_total = 0
+        for model_key in sorted({m for m, _ in groups}):
+            model_cfg = cfg.model(model_key)
+            model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
+            for (m, category), keys in sorted(groups.items()):
+                if m != model_key:
+                    continue
+                sites = {Site.parse(multi_key(parts.site_category, k)["site"].split("__", 1)[1]): k for k in keys}
+                paths = {s: storage.files.path("activations", multi_key(parts.site_category, k)["site"], category, filename="activations.parquet") for s, k in sites.items()}
+                t0 = time.perf_counter()
+                n_rows = acts_core.collect_activations(
+                    model, tokenizer, load_sample(storage, category), sorted(sites), paths, batch_size=model_cfg.batch_size,
+                    system_prompt=model_cfg.chat_template.system_prompt, all_positions=model_cfg.all_token_positions,
+                    device=device, log=context.log.info,
+                )
+                seconds = time.perf_counter() - t0
+                for site, key in sites.items():
+                    vectors, meta = acts_core.read_vectors(paths[site])
+                    n_bad = acts_core.non_finite_rows(vectors)
+                    n_bad_total += n_bad
+                    metadata[key] = {
+                        "n_rows": n_rows[site], "d_model": model_cfg.architecture.d_model, "n_prompts": meta["prompt_id"].n_unique(),
+                        "n_post_instruction_rows": int(meta["is_post_instruction"].sum()), "n_non_finite_rows": n_bad,
+                        "seconds_for_all_sites_of_this_category": round(seconds, 2), "path": str(paths[site]),
+                    }
+        yield from materialize_each(context, metadata)
+        yield dg.AssetCheckResult(
+            check_name="finite_vectors", asset_key="activations", passed=n_bad_total == 0,
+            metadata={"n_non_finite_rows": n_bad_total, "partitions": len(metadata)},
+        )
+
+    return [refusal_behaviour, activations]

@@ -1,0 +1,34 @@
+"""Where the project config, data and storage come from: flags of the CLI become environment
+variables so that the Dagster code location, its runs and the daemon all see the same choice."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from refusal_assets.config import ProjectConfig, load_config
+
+CONFIG_ENV = "REFUSAL_ASSETS_CONFIG"
+DATA_DIR_ENV = "REFUSAL_ASSETS_DATA_DIR"
+STORAGE_ENV = "REFUSAL_ASSETS_STORAGE"
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)).expanduser()
+
+
+def load_project() -> ProjectConfig:
+    """The project config named by ``$REFUSAL_ASSETS_CONFIG``, with ``$REFUSAL_ASSETS_DATA_DIR``
+    (a local OR-Bench-layout folder) applied on top."""
+    overrides = {}
+    if data_dir := os.environ.get(DATA_DIR_ENV):
+        overrides = {"data.source": "local", "data.path": str(Path(data_dir).expanduser().resolve())}
+    return load_config(config_path(), overrides)
+
+
+def storage_root(cfg: ProjectConfig) -> Path:
+    """``$REFUSAL_ASSETS_STORAGE``, else ``storage/<config name>`` in the project root."""
+    if env := os.environ.get(STORAGE_ENV):
+        return Path(env).expanduser().resolve()
+    return cfg.root / "storage" / cfg.name

@@ -1,0 +1,41 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tiny models and converted weights go to a per-session cache, never the user's."""
+    if "REFUSAL_ASSETS_CACHE" not in os.environ or os.environ.get("CI") == "true":
+        os.environ["REFUSAL_ASSETS_CACHE"] = str(tmp_path_factory.mktemp("model_cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from refusal_assets.config import load_config
+
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+    from refusal_assets.models import load_model
+
+    return load_model(tiny_cfg.models[0], tiny_cfg.resolve, "cpu", log=lambda s: None)
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "prompt,category") -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header.split(","))
+        w.writerows(rows)
+    return path

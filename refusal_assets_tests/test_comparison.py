@@ -1,0 +1,189 @@
+"""Cross-category comparison statistics on synthetic per-prompt node effects with a known answer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from refusal_assets.comparison import (
+    ComparisonResult,
+    compare_categories,
+    plot_heatmap,
+    refusal_direction_cosines,
+    select_circuit,
+)
+
+N_SITES, N_LATENTS, N_PROMPTS, N_STRONG = 3, 50, 40, 10
+CATS = ["cyber", "drugs", "violence", "weapons"]
+RESAMPLES = dict(n_permutations=200, n_bootstrap=200, seed=0)
+# Threshold 0.3 sits well above the noise of a 40-prompt mean (sd 0.3/sqrt(40) ~ 0.05) and below the
+# ~0.5 that a category-specific latent reaches in a label-shuffled (half/half) group, so shuffled
+# groups select the union of both patterns consistently. A cut AT that 0.5 (threshold 0.5, or top-k
+# with k = one category's 10 strong latents) makes shuffled circuits flip with the group imbalance,
+# which puts null mass at Jaccard 0 and keeps disjoint pairs near p ~ 0.05.
+FAST = dict(mode="threshold", threshold=0.3, **RESAMPLES)
+TOPK = dict(mode="topk", k_per_site=N_STRONG, **RESAMPLES)
+SITE_OF_NODE = np.repeat(np.arange(N_SITES), N_LATENTS)  # [n_nodes]
+
+
+def make_effects(n_shared: int, seed: int = 1) -> dict[str, np.ndarray]:
+    """Per category ``[N_PROMPTS, n_nodes]``: at every site ``n_shared`` latents strong in all categories,
+    ``N_STRONG - n_shared`` strong only in this category; mean ~1.0 on strong latents, noise sd 0.3."""
+    rng = np.random.default_rng(seed)
+    n_specific = N_STRONG - n_shared
+    effects = {}
+    for ci, cat in enumerate(CATS):
+        mean = np.zeros((N_SITES, N_LATENTS))
+        mean[:, :n_shared] = 1.0
+        start = n_shared + ci * n_specific  # disjoint blocks of category-specific latents
+        mean[:, start : start + n_specific] = 1.0
+        mean = mean.ravel() + rng.uniform(-0.1, 0.1, mean.size) * (mean.ravel() > 0)
+        effects[cat] = mean + rng.normal(0.0, 0.3, (N_PROMPTS, mean.size))
+    return effects
+
+
+@pytest.fixture(scope="module", params=["threshold", "topk"])
+def shared(request: pytest.FixtureRequest) -> ComparisonResult:
+    config = FAST if request.param == "threshold" else TOPK
+    return compare_categories(make_effects(n_shared=N_STRONG), SITE_OF_NODE, **config)
+
+
+@pytest.fixture(scope="module")
+def disjoint() -> ComparisonResult:
+    return compare_categories(make_effects(n_shared=0), SITE_OF_NODE, **FAST)
+
+
+def test_shared_circuit_is_monolithic(shared: ComparisonResult) -> None:
+    assert shared.verdict == "monolithic", shared.verdict_reason
+    for pair in shared.pairs:
+        assert pair.jaccard == 1.0
+        assert pair.p_value > 0.05 and pair.q_value > 0.05 and not pair.significant
+    assert shared.shared_fraction > 0.9 and shared.shared_fraction_ci[0] >= 0.5
+    assert len(shared.shared_core) == N_SITES * N_STRONG
+    assert all(len(t) == 0 for t in shared.specific_tail.values())
+    assert all(c == pytest.approx(1.0) for c in shared.ceiling.values())
+
+
+def test_disjoint_circuits_are_modular(disjoint: ComparisonResult) -> None:
+    assert disjoint.verdict == "modular", disjoint.verdict_reason
+    for pair in disjoint.pairs:
+        assert pair.jaccard == pytest.approx(0.0, abs=0.05)
+        assert pair.p_value < 0.05 and pair.significant
+        assert pair.null_mean > 0.2  # exchangeable labels mix the two patterns, so overlap would be high
+        assert pair.jaccard_ci[1] < 0.1
+    assert disjoint.shared_core.size == 0
+    assert disjoint.shared_fraction == 0.0
+    assert all(len(t) == N_SITES * N_STRONG for t in disjoint.specific_tail.values())
+
+
+def test_disjoint_topk_larger_than_one_pattern_is_significant() -> None:
+    # Top-k with room for both patterns: shuffled groups keep both categories' latents (Jaccard ~ 1),
+    # the real circuits share only noise picks, so every pair sits at the p-value floor.
+    result = compare_categories(make_effects(n_shared=0), SITE_OF_NODE, **dict(TOPK, k_per_site=2 * N_STRONG))
+    assert all(p.p_value == pytest.approx(1 / 201) and p.significant for p in result.pairs)
+    assert all(p.jaccard < 0.5 < p.null_mean for p in result.pairs)
+
+
+def test_half_shared_is_modular_by_the_rule() -> None:
+    # Half of each circuit shared gives Jaccard 5/15 = 1/3 per pair: every pair is significant and the
+    # median normalised Jaccard (~0.33) is below 0.5, so the documented rule says "modular".
+    result = compare_categories(make_effects(n_shared=N_STRONG // 2), SITE_OF_NODE, **FAST)
+    assert result.verdict == "modular", result.verdict_reason
+    assert all(p.jaccard == pytest.approx(1 / 3, abs=0.05) and p.significant for p in result.pairs)
+    assert len(result.shared_core) == N_SITES * N_STRONG // 2
+    assert result.shared_fraction == pytest.approx(0.5, abs=0.05)
+
+
+def test_mostly_shared_is_mixed() -> None:
+    # 7 of 10 shared: Jaccard 7/13 ~ 0.54 -- pairs still differ significantly (not monolithic) but the
+    # median normalised Jaccard is >= 0.5 (not modular).
+    result = compare_categories(make_effects(n_shared=7), SITE_OF_NODE, **FAST)
+    assert result.verdict == "mixed", result.verdict_reason
+    assert all(p.significant for p in result.pairs)
+    assert np.median([p.normalised_jaccard for p in result.pairs]) >= 0.5
+    assert "Mixed" in result.verdict_reason
+
+
+def test_pure_noise_is_not_monolithic() -> None:
+    # No refusal signal: circuits are noise picks, the split-half ceiling is near chance, so the
+    # normalised Jaccard is left undefined instead of reading chance/chance ~ 1 as "monolithic".
+    rng = np.random.default_rng(3)
+    effects = {c: rng.normal(0.0, 0.3, (N_PROMPTS, SITE_OF_NODE.size)) for c in CATS}
+    result = compare_categories(effects, SITE_OF_NODE, **dict(TOPK, k_per_site=2))
+    assert max(result.ceiling.values()) < 0.2
+    assert np.all(np.isnan([p.normalised_jaccard for p in result.pairs]))
+    assert result.verdict == "mixed", result.verdict_reason
+    assert "too low to normalise" in result.verdict_reason
+
+
+def test_select_circuit_topk_per_site_and_ties() -> None:
+    site = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    mean = np.array([0.5, 2.0, 0.5, -1.0, -3.0, -0.1, -0.2, 7.0])
+    mask = select_circuit(mean, site, mode="topk", k_per_site=2)
+    # site 0: 2.0 then a tie at 0.5 broken by the lower index; site 1: the largest signed values;
+    # site 2 has one node, so it keeps it.
+    assert np.flatnonzero(mask).tolist() == [0, 1, 5, 6, 7]
+    assert np.bincount(site[mask]).tolist() == [2, 2, 1]
+    assert select_circuit(mean, site, mode="topk", k_per_site=0).sum() == 0
+
+
+def test_select_circuit_threshold() -> None:
+    site = np.array([0, 0, 1, 1])
+    mean = np.array([0.2, 0.5, 0.5, -1.0])
+    assert np.flatnonzero(select_circuit(mean, site, mode="threshold", threshold=0.5)).tolist() == [1, 2]
+    assert np.flatnonzero(select_circuit(mean, site, mode="threshold", threshold=0.0)).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError):
+        select_circuit(mean, site, mode="bogus")  # type: ignore[arg-type]
+
+
+def test_deterministic_and_well_formed(disjoint: ComparisonResult) -> None:
+    effects = make_effects(n_shared=N_STRONG // 2)
+    # Dict order must not matter: categories are sorted and seeds are keyed by the sorted index.
+    reversed_effects = dict(reversed(list(effects.items())))
+    kw = dict(TOPK, n_permutations=50, n_bootstrap=50)
+    r1 = compare_categories(effects, SITE_OF_NODE, **kw)
+    r2 = compare_categories(reversed_effects, SITE_OF_NODE, **kw)
+    assert json.dumps(r1.to_dict()) == json.dumps(r2.to_dict())
+
+    n = len(CATS)
+    assert disjoint.categories == sorted(CATS)
+    for m in (disjoint.jaccard, disjoint.weighted_overlap, disjoint.spearman):
+        assert m.shape == (n, n)
+        np.testing.assert_array_equal(m, m.T)
+        np.testing.assert_array_equal(np.diag(m), np.ones(n))
+    for m in (disjoint.q_value, disjoint.p_value):
+        off = m[~np.eye(n, dtype=bool)]
+        assert np.all((off > 0) & (off <= 1)) and np.all(np.isnan(np.diag(m)))
+        np.testing.assert_array_equal(np.nan_to_num(m), np.nan_to_num(m.T))
+    assert len(disjoint.pairs) == n * (n - 1) // 2
+    assert all(p.a < p.b for p in disjoint.pairs)
+    # p = (1 + #{null <= observed}) / (1 + n_permutations): observed 0 below every null draw gives the floor.
+    assert min(p.p_value for p in disjoint.pairs) == pytest.approx(1 / 201)
+    json.dumps(disjoint.to_dict())  # JSON-serialisable, NaN turned into null
+
+
+def test_weighted_overlap_and_spearman_track_patterns(shared: ComparisonResult, disjoint: ComparisonResult) -> None:
+    assert np.all(shared.weighted_overlap[np.triu_indices(len(CATS), 1)] > 0.6)
+    assert np.all(disjoint.weighted_overlap[np.triu_indices(len(CATS), 1)] < 0.3)
+    assert np.all(shared.spearman[np.triu_indices(len(CATS), 1)] > disjoint.spearman[np.triu_indices(len(CATS), 1)])
+
+
+def test_refusal_direction_cosines() -> None:
+    labels, m = refusal_direction_cosines(
+        {"b": np.array([0.0, 2.0, 0.0]), "a": np.array([1.0, 0.0, 0.0]), "c": np.array([1.0, 1.0, 0.0])}
+    )
+    assert labels == ["a", "b", "c"]
+    s = 1 / np.sqrt(2)
+    np.testing.assert_allclose(m, [[1, 0, s], [0, 1, s], [s, s, 1]], atol=1e-12)
+    with pytest.raises(ValueError):
+        refusal_direction_cosines({"a": np.zeros(3), "b": np.ones(3)})
+
+
+def test_plot_heatmap(tmp_path, disjoint: ComparisonResult) -> None:
+    out = plot_heatmap(
+        disjoint.q_value, disjoint.categories, "BH q", tmp_path / "q.png", annotate_significance=disjoint.significant
+    )
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp"))
