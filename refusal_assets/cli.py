@@ -99,6 +99,22 @@ def cmd_plot_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet() -> None:
+    """Keep the console to our progress lines: Dagster's beta/preview notices and the HF progress
+    bars say nothing a researcher can act on (the run logs in the UI keep everything)."""
+    import warnings
+
+    from dagster._utils.warnings import BetaWarning, PreviewWarning, SupersessionWarning
+
+    for category in (BetaWarning, PreviewWarning, SupersessionWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refusal-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_plot_sae)
 
     args = parser.parse_args(argv)
+    _quiet()
     from refusal_assets.config import ConfigError
     from refusal_assets.data import DataError
     from refusal_assets.models import ModelLoadError

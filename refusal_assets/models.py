@@ -72,7 +72,7 @@ def assemble_gguf(parts: list[Path], dest: Path, size: int = PACKAGED_SIZE, sha2
     if dest.is_file() and dest.stat().st_size == size:
         return dest  # verified when it was written: the rename happens only after the checksum passed
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # per process: concurrent first runs never share a temp file
     h = hashlib.sha256()
     with tmp.open("wb") as out:
         for part in parts:
@@ -109,14 +109,24 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] = pr
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)  # config.json appears only with a complete folder
+    _publish_folder(out_dir, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp)))
     log(f"converted in {time.perf_counter() - t0:.1f} s")
     return out_dir
+
+
+def _publish_folder(folder: Path, write: Callable[[Path], object]) -> None:
+    """Write a folder under a per-process temp name, then rename it into place. If another process
+    published it meanwhile, keep theirs: a complete folder is never replaced or half-written."""
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if (folder / "config.json").is_file():
+            return
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete leftover without config.json
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def packaged_model_folder(log: Callable[[str], None] = print) -> Path:
@@ -167,12 +177,7 @@ def build_tiny_model(folder: Path, n_layers: int = 4, d_model: int = 64, seed: i
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    _publish_folder(folder, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp)))
     return folder
 
 

@@ -66,8 +66,11 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
             print(f"[{i}/{n_runs}] {name} {label} {status} ({seconds:.1f} s)", flush=True)
             if not result.success:
                 for event in result.all_events:
-                    if event.is_step_failure and event.step_failure_data:
-                        print(event.step_failure_data.error.to_string() if event.step_failure_data.error else event.message)
+                    if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+                        err = event.step_failure_data.error
+                        while err.cause is not None:  # the user-code exception, not Dagster's wrapper
+                            err = err.cause
+                        print(err.to_string() if verbose else f"{err.cls_name}: {err.message.strip()}")
                 print(f"stopped: {name} {label} failed; see run {result.run_id} in the UI (refusal-assets ui)")
                 return 1
     wall = time.perf_counter() - t_start

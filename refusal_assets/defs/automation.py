@@ -25,3 +25,17 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
         "refusal_assets_automation", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
     )
+
+
+def report_schedule(cron: str) -> dg.ScheduleDefinition:
+    """Scheduled reruns (the seed users' cron): the report, and anything upstream that is stale.
+
+    Staleness does not propagate over edges with 100+ upstream partitions, so the report is driven
+    by a schedule rather than by automation alone.
+    """
+    job = dg.define_asset_job(
+        "refresh_report",
+        selection=dg.AssetSelection.assets("report") | dg.AssetSelection.assets("comparison"),
+        description="Rebuild the comparison for every model and the report.",
+    )
+    return dg.ScheduleDefinition(name="refresh_report_schedule", job=job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED)

@@ -8,7 +8,7 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs import automation, data_assets, model_assets
+from refusal_assets.defs import automation, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets
 from refusal_assets.defs.gpu import gpu_op_tags
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
@@ -31,9 +31,13 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
     assets = [
         *data_assets.build(cfg, parts),
         *model_assets.build(cfg, parts, op_tags),
+        *sae_assets.build(cfg, parts, op_tags),
+        *circuit_assets.build(cfg, parts, op_tags),
+        *comparison_assets.build(cfg, parts),
     ]
     return dg.Definitions(
         assets=assets,
         sensors=[automation.automation_sensor()],
+        schedules=[automation.report_schedule(cfg.report.schedule)],
         resources={"compute": ComputeResource(device=device), "storage": StorageResource(root=str(storage_root))},
     )

@@ -45,14 +45,15 @@ class Partitions:
     def sae_from_site_category(self) -> dg.MultiToSingleDimensionPartitionMapping:
         return dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="site")
 
-    def circuit_from_sae(self) -> dg.StaticPartitionMapping:
-        """Each site key -> every ``category|model`` key of that site's model."""
-        mapping = {}
-        for site_key, model_key in self.site_to_model.items():
-            mapping[site_key] = {
-                dg.MultiPartitionKey({"model": model_key, "category": c}) for c in self.category.get_partition_keys()
-            }
-        return dg.StaticPartitionMapping(mapping)
+    def circuit_from_sae(self) -> dg.AllPartitionMapping:
+        """Every circuit reads every SAE partition.
+
+        The precise mapping (site -> that model's ``category|model`` keys) would be a
+        StaticPartitionMapping, but dagster 1.13 refuses one whose downstream is a
+        MultiPartitionsDefinition, and custom mappings break automation and backfills. Reading all
+        sites is exact for one model and only over-broad (extra staleness) for several.
+        """
+        return dg.AllPartitionMapping()
 
     def circuit_from_activations(self) -> dg.MultiPartitionMapping:
         return dg.MultiPartitionMapping({

@@ -1,0 +1,112 @@
+"""Stage 5: cross-category comparison per model, and the report over all models."""
+
+import json
+import time
+
+import numpy as np
+import dagster as dg
+from safetensors.torch import load_file
+
+from refusal_assets import comparison as cmp
+from refusal_assets.config import ProjectConfig
+from refusal_assets.defs.automation import rebuild_condition
+from refusal_assets.defs.metadata import png_markdown
+from refusal_assets.defs.partitions import Partitions
+from refusal_assets.defs.resources import StorageResource
+from refusal_assets.report import write_report
+from refusal_assets.storage import write_text
+
+
+def load_circuit(storage: StorageResource, model_key: str, category: str) -> tuple[dict, dict]:
+    folder = storage.files.path("circuit", model_key, category)
+    path = folder / "circuit.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"circuit not found: {path} (materialize circuit {category}|{model_key} first)")
+    try:
+        tensors = {k: v.numpy() for k, v in load_file(str(folder / "effects.safetensors")).items()}
+    except Exception as e:
+        raise ValueError(f"{folder / 'effects.safetensors'}: unreadable ({e}); rematerialize this circuit partition") from e
+    return json.loads(path.read_text()), tensors
+
+
+def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
+    cc, comp = cfg.circuits, cfg.comparison
+
+    @dg.asset(
+        partitions_def=parts.model, kinds={"scipy", "matplotlib"}, group_name="comparison",
+        code_version=cfg.section_hash("circuits", "comparison"), automation_condition=rebuild_condition(), deps=["circuit"],
+        description="Category x category circuit overlaps with a label-permutation null, split-half ceilings, bootstrap CIs, "
+                    "Benjamini-Hochberg, the shared core vs category-specific tail, refusal-direction cosines, and the verdict.",
+    )
+    def comparison(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        model_key = context.partition_key
+        t0 = time.perf_counter()
+        categories = parts.category.get_partition_keys()
+        circuits = {c: load_circuit(storage, model_key, c) for c in categories}
+        site_of_node = next(iter(circuits.values()))[1]["site_of_node"]
+        folder = storage.files.path("comparison", model_key)
+        groups = sorted({g for summary, _ in circuits.values() for g in summary["groups"]})
+        out: dict = {"model": model_key, "categories": categories, "groups": {}}
+        md: dict = {}
+        for group in groups:
+            effects = {c: t[f"effects_{group}"] for c, (s, t) in circuits.items() if f"effects_{group}" in t}
+            if len(effects) < 2:
+                continue
+            result = cmp.compare_categories(
+                effects, site_of_node, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold,
+                n_permutations=comp.n_permutations, n_bootstrap=comp.n_bootstrap, alpha=comp.alpha, seed=comp.seed,
+            )
+            out["groups"][group] = result.to_dict()
+            png = cmp.plot_heatmap(result.jaccard, result.categories, f"{model_key}: circuit Jaccard ({group})",
+                                   folder / f"jaccard_{group}.png", annotate_significance=result.significant)
+            md[f"heatmap_{group}"] = png_markdown(png, f"Jaccard {group}")
+            md[f"verdict_{group}"] = result.verdict
+            context.log.info(f"{group}: {result.verdict_reason}")
+        if {"toxic", "benign"} <= set(groups):
+            # Cross: toxic circuit of a vs benign circuit of b (the seed's safe/toxic cross heatmap).
+            masks = {}
+            for c, (summary, _) in circuits.items():
+                for g in ("toxic", "benign"):
+                    m = np.zeros(len(site_of_node), bool)
+                    m[[n["node"] for n in summary["groups"][g]["nodes"]]] = True
+                    masks[(c, g)] = m
+            cross = np.array([[float((masks[(a, "toxic")] & masks[(b, "benign")]).sum() / max((masks[(a, "toxic")] | masks[(b, "benign")]).sum(), 1))
+                               for b in categories] for a in categories])
+            out["cross_jaccard"] = cross.tolist()
+            md["heatmap_cross"] = png_markdown(cmp.plot_heatmap(cross, categories, f"{model_key}: Jaccard toxic (rows) vs benign (cols)",
+                                                                folder / "jaccard_cross.png"), "cross")
+        # Refusal directions (difference of means), cosine across categories per site.
+        sites = next(iter(circuits.values()))[0]["sites"]
+        out["direction_cosines"] = {}
+        for site in sites:
+            dirs = {c: t[f"direction_{site}"] for c, (_, t) in circuits.items() if f"direction_{site}" in t}
+            if len(dirs) >= 2:
+                labels, cos = cmp.refusal_direction_cosines(dirs)
+                out["direction_cosines"][site] = {"labels": labels, "matrix": cos.tolist()}
+                cmp.plot_heatmap(cos, labels, f"{model_key}: refusal-direction cosine ({site})", folder / f"direction_cosine_{site}.png")
+        main = out["groups"].get("toxic") or next(iter(out["groups"].values()), None)
+        if main is None:
+            raise ValueError(f"comparison for {model_key}: fewer than two categories have circuits")
+        out["verdict"], out["verdict_reason"] = main["verdict"], main["verdict_reason"]
+        out["seconds"] = time.perf_counter() - t0
+        write_text(json.dumps(out, indent=1, default=float), folder / "comparison.json")
+        return dg.MaterializeResult(metadata={
+            "verdict": out["verdict"], "verdict_reason": out["verdict_reason"], "shared_fraction": main["shared_fraction"],
+            "n_categories": len(categories), "seconds": round(out["seconds"], 1), **md,
+        })
+
+    @dg.asset(
+        kinds={"html", "markdown"}, group_name="report", code_version=cfg.section_hash("data", "models", "sae", "circuits", "comparison"),
+        deps=["comparison", "data_profile", "refusal_behaviour", "sae"],
+        description="One self-contained HTML report (PNGs embedded) and its Markdown twin over every model.",
+    )
+    def report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        versions = {}
+        for key in ("orbench_prompts", "prompt_sample", "refusal_behaviour", "activations", "sae", "circuit", "comparison", "data_profile"):
+            record = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+            if record is not None and record.asset_materialization is not None:
+                versions[key] = record.asset_materialization.tags.get("dagster/data_version", "") if record.asset_materialization.tags else ""
+        html, md_path = write_report(cfg, storage.files, parts.category.get_partition_keys(), input_versions=versions)
+        return dg.MaterializeResult(metadata={"path": str(html), "markdown": str(md_path)})
+
+    return [comparison, report]

@@ -1,0 +1,173 @@
+"""The report: one self-contained HTML file (PNGs embedded) and a Markdown twin (PNGs beside it)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import polars as pl
+
+from refusal_assets.config import ProjectConfig
+from refusal_assets.storage import Storage, atomic_path, write_text
+
+PACKAGES = ["refusal_assets", "torch", "transformers", "dagster", "numpy", "scipy", "polars", "pyarrow", "safetensors"]
+
+
+class _Doc:
+    """Builds the HTML and Markdown side by side so the two never drift apart."""
+
+    def __init__(self, figures: Path):
+        self.html: list[str] = []
+        self.md: list[str] = []
+        self.figures = figures
+
+    def h(self, level: int, text: str) -> None:
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        self.md.append(f"\n{'#' * level} {text}\n")
+
+    def p(self, text: str) -> None:
+        self.html.append(f"<p>{html.escape(text)}</p>")
+        self.md.append(text + "\n")
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+        self.html.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
+        self.md.append("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+                       + "\n".join("| " + " | ".join(fmt(v) for v in r) + " |" for r in rows) + "\n")
+
+    def image(self, path: Path, alt: str) -> None:
+        if not path.is_file():
+            self.p(f"(figure missing: {path.name})")
+            return
+        name = f"{path.parent.name}_{path.name}"
+        shutil.copyfile(path, self.figures / name)
+        data = base64.b64encode(path.read_bytes()).decode()
+        self.html.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>')
+        self.md.append(f"![{alt}](figures/{name})\n")
+
+    def pre(self, text: str) -> None:
+        self.html.append(f"<pre>{html.escape(text)}</pre>")
+        self.md.append(f"```\n{text}\n```\n")
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], input_versions: dict[str, str] | None = None) -> tuple[Path, Path]:
+    folder = files.path("report")
+    figures = folder / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    doc = _Doc(figures)
+    doc.h(1, f"Refusal circuits: monolithic or modular? ({cfg.name})")
+    doc.p(f"Models: {', '.join(m.id for m in cfg.models)}. Categories: {', '.join(categories)}.")
+
+    # ---- verdicts first: the answer to the question
+    doc.h(2, "Verdict")
+    comparisons = {}
+    for m in cfg.models:
+        path = files.path("comparison", m.model_key, filename="comparison.json")
+        if path.is_file():
+            comparisons[m.model_key] = json.loads(path.read_text())
+            doc.p(f"{m.model_key}: {comparisons[m.model_key]['verdict'].upper()}. {comparisons[m.model_key]['verdict_reason']}")
+        else:
+            doc.p(f"{m.model_key}: no comparison materialized.")
+
+    # ---- data
+    doc.h(2, "Data profile")
+    prof = files.path("data_profile", filename="profile.parquet")
+    if prof.is_file():
+        counts = pl.read_parquet(prof)
+        doc.table(counts.columns, [list(r) for r in counts.iter_rows()])
+        doc.image(files.path("data_profile", filename="profile.png"), "prompts per category and split")
+    doc.p("The embedded sample is an illustrative set written for this project, not OR-Bench; use --data-dir with the real OR-Bench for research claims.")
+
+    # ---- behaviour
+    doc.h(2, "Behaviour: refusal and over-refusal")
+    doc.p("Refusal judged by phrase match on greedy generations; over-refusal = refusal of safe (80k) and seemingly-toxic (hard-1k) prompts.")
+    for m in cfg.models:
+        rows = []
+        for c in categories:
+            path = files.path("refusal_behaviour", m.model_key, c, filename="behaviour.parquet")
+            if not path.is_file():
+                continue
+            df = pl.read_parquet(path)
+            rate = lambda s: float(df.filter(pl.col("split") == s)["refused"].mean() or 0.0) if (df["split"] == s).any() else float("nan")  # noqa: E731
+            rows.append([c, df.height, rate("safe"), rate("hard"), rate("toxic"), float(df["refusal_score"].mean())])
+        if rows:
+            doc.h(3, m.model_key)
+            doc.table(["category", "prompts", "refusal safe", "refusal hard", "refusal toxic", "mean refusal score"], rows)
+
+    # ---- SAEs
+    doc.h(2, "Sparse autoencoders")
+    rows = []
+    for m in cfg.models:
+        for key in m.site_keys:
+            path = files.path("sae", key, filename="history.json")
+            if path.is_file():
+                h = json.loads(path.read_text())
+                met, sp = h.get("metrics", {}), h.get("splice", {})
+                rows.append([key, met.get("fvu", float("nan")), met.get("l0", float("nan")), met.get("dead_fraction", float("nan")),
+                             sp.get("loss_recovered", float("nan")), sp.get("kl_spliced", float("nan"))])
+    doc.table(["site", "FVU", "L0", "dead fraction", "loss recovered", "KL spliced"], rows)
+    for m in cfg.models:
+        for key in m.site_keys:
+            doc.image(files.path("sae", key, filename="training.png"), f"SAE training {key}")
+
+    # ---- circuits
+    doc.h(2, "Circuits")
+    doc.p("Node effects by attribution patching on the refusal score; faithfulness and completeness on held-out prompts, mean ablation, unclipped.")
+    for m in cfg.models:
+        rows = []
+        for c in categories:
+            path = files.path("circuit", m.model_key, c, filename="circuit.json")
+            if path.is_file():
+                s = json.loads(path.read_text())
+                for g, v in s["groups"].items():
+                    rows.append([c, g, v["n_nodes"], v["faithfulness"], v["completeness"], v["random_faithfulness"], len(v["edges"])])
+        if rows:
+            doc.h(3, m.model_key)
+            doc.table(["category", "prompts", "nodes", "faithfulness", "completeness", "random control", "edges"], rows)
+            for c in categories:
+                doc.image(files.path("circuit", m.model_key, c, filename="faithfulness.png"), f"faithfulness sweep {m.model_key}/{c}")
+
+    # ---- comparison
+    doc.h(2, "Cross-category comparison")
+    for model_key, comp in comparisons.items():
+        doc.h(3, model_key)
+        for g, res in comp["groups"].items():
+            pairs = [[p["a"], p["b"], p["jaccard"], p.get("normalised_jaccard"), p["p_value"], p["q_value"], "yes" if p["significant"] else "no"] for p in res["pairs"]]
+            doc.p(f"{g} prompts: verdict {res['verdict']}; shared core {len(res['shared_core'])} nodes, shared fraction {res['shared_fraction']:.3f} "
+                  f"(95% CI {res['shared_fraction_ci'][0]:.3f} to {res['shared_fraction_ci'][1]:.3f}).")
+            doc.table(["a", "b", "Jaccard", "normalised", "p (permutation)", "q (BH)", "significant"], pairs)
+            doc.image(files.path("comparison", model_key, filename=f"jaccard_{g}.png"), f"Jaccard {g} ({model_key}); * = significant after BH")
+        doc.image(files.path("comparison", model_key, filename="jaccard_cross.png"), f"toxic vs benign circuits ({model_key})")
+        doc.h(3, f"Refusal directions ({model_key})")
+        doc.p("Difference of means (toxic - safe) at the last post-instruction token per category (Arditi et al. 2024); cosines across categories.")
+        for site in comp.get("direction_cosines", {}):
+            doc.image(files.path("comparison", model_key, filename=f"direction_cosine_{site}.png"), f"refusal-direction cosine at {site}")
+
+    # ---- reproducibility
+    doc.h(2, "Reproducibility")
+    doc.table(["package", "version"], [[k, v] for k, v in _versions().items()])
+    if input_versions:
+        doc.table(["input asset", "data version (latest)"], [[k, v] for k, v in sorted(input_versions.items())])
+    doc.pre(json.dumps(cfg.model_dump(mode="json"), indent=1, default=str))
+
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>refusal_assets report</title><style>{style}</style></head><body>{''.join(doc.html)}</body></html>"
+    html_path = write_text(page, folder / "report.html")
+    md_path = write_text("\n".join(doc.md), folder / "report.md")
+    return html_path, md_path

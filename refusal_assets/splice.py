@@ -1,0 +1,53 @@
+"""How much of the model's behaviour survives when an SAE replaces a site's activations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_assets.chat import batches, encode_chat
+from refusal_assets.sites import Site, output_tensor, replace_output, site_module
+
+
+@torch.no_grad()
+def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], site: Site, sae: nn.Module,
+                   *, batch_size: int, system_prompt: str | None = None, device: str = "cpu") -> dict[str, float]:
+    """Next-token loss on the chat-formatted prompts with the site clean, replaced by the SAE's
+    reconstruction, and zero-ablated; ``loss_recovered`` = (zero - spliced) / (zero - clean) and
+    the mean KL(clean || spliced) per token."""
+    module = site_module(model, site)
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    n_tokens = 0
+
+    def run(batch, replace=None):
+        handle = None
+        if replace is not None:
+            handle = module.register_forward_hook(lambda _m, _i, out: replace_output(out, replace(output_tensor(out))))
+        try:
+            return model(**batch.model_inputs(), use_cache=False).logits.float()  # [B, T, V]
+        finally:
+            if handle:
+                handle.remove()
+
+    for chunk in batches(prompts, batch_size):
+        batch = encode_chat(tokenizer, chunk, system_prompt).to(device)
+        targets = batch.input_ids[:, 1:]
+        mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()  # [B, T-1]
+        clean = run(batch)[:, :-1]
+        spliced = run(batch, lambda x: sae.decode(sae.encode(x.float())).to(x.dtype))[:, :-1]
+        zero = run(batch, torch.zeros_like)[:, :-1]
+        for name, logits in (("clean", clean), ("spliced", spliced), ("zero", zero)):
+            ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T-1]
+            sums[name] += float(ce[mask].sum())
+        logp_clean, logp_spliced = F.log_softmax(clean, -1), F.log_softmax(spliced, -1)
+        kl = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)  # [B, T-1]
+        sums["kl"] += float(kl[mask].sum())
+        n_tokens += int(mask.sum())
+    m = {k: v / max(n_tokens, 1) for k, v in sums.items()}
+    denom = m["zero"] - m["clean"]
+    return {
+        "loss_clean": m["clean"], "loss_spliced": m["spliced"], "loss_zero_ablated": m["zero"], "kl_spliced": m["kl"],
+        "loss_recovered": (m["zero"] - m["spliced"]) / denom if denom else float("nan"), "n_tokens": n_tokens,
+    }
