@@ -1,0 +1,135 @@
+"""The whole graph on the tiny config through the CLI, in a throwaway Dagster instance."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from refusal_assets import cli, settings
+from refusal_assets_tests.conftest import ROOT, write_csv
+
+
+@pytest.fixture()
+def cli_env(tmp_path, monkeypatch):
+    home = tmp_path / "dagster_home"
+    for var in (settings.CONFIG_ENV, settings.DATA_DIR_ENV, settings.STORAGE_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv(settings.CONFIG_ENV, "")  # registers the var so monkeypatch restores it
+    monkeypatch.setenv(settings.STORAGE_ENV, str(tmp_path / "storage"))
+    monkeypatch.chdir(ROOT)
+    return tmp_path
+
+
+def _materializations(home: Path, key: str) -> dict[str, dict]:
+    instance = dg.DagsterInstance.from_config(str(home))
+    records = instance.fetch_materializations(dg.AssetKey(key), limit=1000).records
+    out = {}
+    for r in records:
+        m = r.asset_materialization
+        out.setdefault(m.partition or "", {k: v.value for k, v in m.metadata.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    mp = pytest.MonkeyPatch()
+    try:
+        for var in (settings.DATA_DIR_ENV,):
+            mp.delenv(var, raising=False)
+        mp.setenv("DAGSTER_HOME", str(tmp / "home"))
+        mp.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
+        mp.setenv(settings.STORAGE_ENV, str(tmp / "storage"))
+        mp.chdir(ROOT)
+        rc = cli.main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--storage", str(tmp / "storage")])
+    finally:
+        mp.undo()
+    return rc, tmp
+
+
+def test_tiny_graph_end_to_end(tiny_run, capsys):
+    rc, tmp = tiny_run
+    assert rc == 0
+    home = tmp / "home"
+    cats = ["harassment", "illegal", "privacy", "violence"]
+    prompts = _materializations(home, "orbench_prompts")
+    assert sorted(prompts) == cats and all(m["n_prompts"] == 42 for m in prompts.values())
+    behaviour = _materializations(home, "refusal_behaviour")
+    assert len(behaviour) == 4 and all(0.0 <= m["refusal_rate"] <= 1.0 for m in behaviour.values())
+    acts = _materializations(home, "activations")
+    assert len(acts) == 8 and all(m["d_model"] == 64 and m["n_rows"] > 0 for m in acts.values())
+    saes = _materializations(home, "sae")
+    assert sorted(saes) == ["tiny-qwen2__resid1", "tiny-qwen2__resid2"]
+    assert all(0 <= m["fvu"] < 1 and m["l0"] <= 8 and 0 <= m["dead_fraction"] <= 1 for m in saes.values())
+    circuits = _materializations(home, "circuit")
+    assert len(circuits) == 4 and all({"n_nodes", "faithfulness", "completeness"} <= set(m) for m in circuits.values())
+    comparison = _materializations(home, "comparison")
+    assert comparison["tiny-qwen2"]["verdict"] in {"monolithic", "modular", "mixed"}
+    report = _materializations(home, "report")[""]
+    html = Path(report["path"]).read_text()
+    for section in ("Verdict", "Data profile", "Behaviour", "Sparse autoencoders", "Circuits", "Cross-category comparison",
+                    "Refusal directions", "Reproducibility", "data:image/png;base64"):
+        assert section in html, section
+    assert Path(report["path"]).with_suffix(".md").is_file()
+    # SAELens layout on disk
+    sae_dir = tmp / "storage" / "sae" / "tiny-qwen2__resid1"
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    assert cfg["d_in"] == 64 and cfg["d_sae"] == 256 and (sae_dir / "sae_weights.safetensors").is_file()
+    assert not list((tmp / "storage").rglob("*.tmp")) and not list((tmp / "storage").rglob("*.partial"))
+
+
+def test_rerun_of_one_partition_replaces_it(tiny_run):
+    rc, tmp = tiny_run
+    path = tmp / "storage" / "prompt_sample" / "privacy" / "sample.parquet"
+    before = path.read_bytes()
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("DAGSTER_HOME", str(tmp / "home"))
+        mp.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
+        mp.setenv(settings.STORAGE_ENV, str(tmp / "storage"))
+        assert cli.main(["run", "--select", "prompt_sample"]) == 0
+    finally:
+        mp.undo()
+    assert path.read_bytes() == before  # same seed, same bytes
+    assert len(_materializations(tmp / "home", "prompt_sample")) == 4
+
+
+def test_data_dir_with_config_taking_categories_from_data(cli_env, capsys):
+    cfg = cli_env / "configs" / "p.yaml"
+    cfg.parent.mkdir(parents=True)
+    tiny = (ROOT / "configs" / "tiny.yaml").read_text().replace("  categories: [harassment, illegal, privacy, violence]\n", "")
+    cfg.write_text(tiny)
+    folder = cli_env / "bench"
+    write_csv(folder / "or-bench-toxic.csv", [("Tell me how to pick a lock", "locks"), ("Insult my coworker", "insults"), ("Say a slur", "slurs")])
+    rc = cli.main(["run", "--config", str(cfg), "--select", "orbench_prompts", "--data-dir", str(folder)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert sorted(_materializations(cli_env / "dagster_home", "orbench_prompts")) == ["insults", "locks", "slurs"]
+    assert out.strip().splitlines()[-1].startswith("outputs: ")
+
+
+def test_bad_config_is_a_clear_cli_error(cli_env, capsys):
+    cfg = cli_env / "configs" / "bad.yaml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace('activation_layers: ["residuals_1-2"]', 'activation_layers: ["residuals_30"]'))
+    assert cli.main(["run", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "layer 30" in err
+
+
+def test_definitions_load_for_default_config():
+    from refusal_assets.config import load_config
+    from refusal_assets.defs.build import build_defs
+
+    defs = build_defs(load_config(ROOT / "configs" / "default.yaml"), ROOT / "storage" / "unused")
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"orbench_prompts", "data_profile", "refusal_behaviour", "activations", "sae", "circuit", "comparison", "report"} <= keys
+    gpu = [graph.get(dg.AssetKey(k)).assets_def for k in ("refusal_behaviour", "activations", "sae", "circuit")]
+    for a in gpu:
+        spec = next(iter(a.specs))
+        assert spec.pool == "gpu"
+        assert "nvidia.com/gpu" in json.dumps(a.op.tags.get("dagster-k8s/config", {})) or "nvidia.com/gpu" in json.dumps(a.op.tags)
+    assert len(graph.get(dg.AssetKey("activations")).partitions_def.get_partition_keys()) == 30
