@@ -162,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     from refusal_assets.config import ConfigError
     from refusal_assets.data import DataError
+    from refusal_assets.backfill import BackfillError
     from refusal_assets.models import ModelLoadError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError) as e:
+    except (ConfigError, DataError, ModelLoadError, BackfillError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

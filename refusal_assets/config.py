@@ -251,14 +251,18 @@ class ProjectConfig(_Strict):
     def site_keys(self) -> list[str]:
         return [s for m in self.models for s in m.site_keys]
 
-    def section_hash(self, *sections: str, model_key: str | None = None) -> str:
-        """Short stable hash of the named config sections: the assets' ``code_version`` input."""
+    def section_hash(self, *sections: str) -> str:
+        """Short stable hash of the named config sections: an asset's ``code_version``.
+
+        A model's ``activation_layers`` are left out: the sites are partition keys, so adding a
+        layer adds partitions instead of invalidating the existing ones.
+        """
         payload: dict[str, Any] = {}
         for name in sections:
-            value = getattr(self, name)
-            payload[name] = [v.model_dump(mode="json") for v in value] if isinstance(value, list) else value.model_dump(mode="json")
-        if model_key is not None:
-            payload["model"] = self.model(model_key).model_dump(mode="json")
+            if name == "models":
+                payload[name] = [m.model_dump(mode="json", exclude={"activation_layers"}) for m in self.models]
+            else:
+                payload[name] = getattr(self, name).model_dump(mode="json")
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

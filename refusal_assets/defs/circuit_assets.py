@@ -48,7 +48,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
 
     @dg.asset(
         partitions_def=parts.model_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "safetensors"}, group_name="circuits",
-        code_version=cfg.section_hash("data", "models", "sae", "circuits"), automation_condition=rebuild_condition(),
+        code_version=cfg.section_hash("models", "circuits"), automation_condition=rebuild_condition(),
         deps=[
             dg.AssetDep("sae", partition_mapping=parts.circuit_from_sae()),
             dg.AssetDep("activations", partition_mapping=parts.circuit_from_activations()),

@@ -96,7 +96,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         })
 
     @dg.asset(
-        kinds={"html", "markdown"}, group_name="report", code_version=cfg.section_hash("data", "models", "sae", "circuits", "comparison"),
+        kinds={"html", "markdown"}, group_name="report", code_version=cfg.section_hash("report"),
         deps=["comparison", "data_profile", "refusal_behaviour", "sae"],
         description="One self-contained HTML report (PNGs embedded) and its Markdown twin over every model.",
     )

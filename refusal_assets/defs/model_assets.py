@@ -29,7 +29,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
 
     @dg.asset(
         partitions_def=parts.model_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
-        code_version=cfg.section_hash("data", "models"), automation_condition=rebuild_condition(),
+        code_version=cfg.section_hash("models"), automation_condition=rebuild_condition(),
         deps=[dg.AssetDep(prompt_sample_key, partition_mapping=parts.by_category())],
         description="Each prompt's greedy chat generation, a refusal judgement, p_ref and the refusal score.",
     )
@@ -59,7 +59,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
 
     @dg.asset(
         partitions_def=parts.site_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
-        code_version=cfg.section_hash("data", "models"), automation_condition=rebuild_condition(),
+        code_version=cfg.section_hash("models"), automation_condition=rebuild_condition(),
         backfill_policy=dg.BackfillPolicy.single_run(), output_required=False,
         deps=[dg.AssetDep(prompt_sample_key, partition_mapping=parts.by_category())],
         check_specs=[dg.AssetCheckSpec("finite_vectors", asset="activations", blocking=True,

@@ -32,7 +32,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
 
     @dg.asset(
         partitions_def=parts.site, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "safetensors"}, group_name="sae",
-        code_version=cfg.section_hash("data", "models", "sae"), automation_condition=rebuild_condition(),
+        code_version=cfg.section_hash("sae"), automation_condition=rebuild_condition(),
         deps=[dg.AssetDep("activations", partition_mapping=parts.sae_from_site_category())],
         check_specs=[
             dg.AssetCheckSpec("fvu_below_threshold", asset="sae", blocking=True, description=f"validation FVU <= {thresholds.max_fvu}"),

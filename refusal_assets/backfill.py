@@ -1,0 +1,53 @@
+"""Launch a real asset backfill on a running instance through the webserver's GraphQL API
+(``launchPartitionBackfill``): there is no ``dagster asset backfill`` command."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+MUTATION = """
+mutation LaunchBackfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+    ... on PartitionSetNotFoundError { message }
+    ... on PartitionKeysNotFoundError { message }
+  }
+}
+"""
+
+
+class BackfillError(RuntimeError):
+    pass
+
+
+def backfill_params(select: str, partitions: list[str] | None) -> dict:
+    keys = [k.strip() for k in select.split(",") if k.strip()]
+    if not keys:
+        raise BackfillError("--select names no asset")
+    params: dict = {"assetSelection": [{"path": k.split("/")} for k in keys], "title": f"refusal-assets backfill {select}"}
+    if partitions:
+        params["partitionNames"] = partitions
+    else:
+        params["allPartitions"] = True
+    return params
+
+
+def launch_backfill(url: str, select: str, partitions: list[str] | None = None, timeout: float = 60) -> str:
+    body = json.dumps({"query": MUTATION, "variables": {"params": backfill_params(select, partitions)}}).encode()
+    request = urllib.request.Request(url.rstrip("/") + "/graphql", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = json.loads(response.read())
+    except urllib.error.URLError as e:
+        raise BackfillError(f"cannot reach the Dagster webserver at {url} ({e.reason}); start it with `refusal-assets ui`") from e
+    if payload.get("errors"):
+        raise BackfillError(f"GraphQL error: {payload['errors'][0].get('message')}")
+    result = payload["data"]["launchPartitionBackfill"]
+    if result["__typename"] != "LaunchBackfillSuccess":
+        raise BackfillError(f"{result['__typename']}: {result.get('message', '')}")
+    return result["backfillId"]

@@ -1,0 +1,81 @@
+"""Config change -> exactly the affected partitions are requested by the automation conditions."""
+
+import dagster as dg
+import pytest
+
+from refusal_assets.config import ProjectConfig
+from refusal_assets.defs.build import build_defs
+
+
+def _variant(cfg: ProjectConfig, **changes) -> ProjectConfig:
+    raw = cfg.model_dump()
+    for dotted, value in changes.items():
+        node = raw
+        *path, leaf = dotted.split("__")
+        for p in path:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[leaf] = value
+    return ProjectConfig.model_validate(raw)
+
+
+def _materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    """Record a materialization of every partition with the asset's current code version, as a run would."""
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        code_version = node.assets_def.code_versions_by_key[key]
+        partitions = node.partitions_def.get_partition_keys() if node.partitions_def else [None]
+        for p in partitions:
+            instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=p, tags={"dagster/code_version": code_version}))
+
+
+def _requested(result) -> dict[str, set]:
+    out = {}
+    for r in result.results:
+        if r.true_subset.size:
+            key = r.key.to_user_string() if hasattr(r.key, "to_user_string") else str(r.key)
+            out[key] = set(r.true_subset.expensively_compute_partition_keys() or []) or {None}
+    return out
+
+
+@pytest.fixture()
+def world(tiny_cfg, tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    defs = build_defs(tiny_cfg, tmp_path)
+    _materialize_all(defs, instance)
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    return instance, first
+
+
+def test_nothing_requested_when_everything_is_current(tiny_cfg, tmp_path, world):
+    instance, first = world
+    again = dg.evaluate_automation_conditions(defs=build_defs(tiny_cfg, tmp_path), instance=instance, cursor=first.cursor)
+    assert _requested(again) == {}
+
+
+def test_sae_config_edit_requests_exactly_the_sae_partitions(tiny_cfg, tmp_path, world):
+    instance, first = world
+    edited = _variant(tiny_cfg, sae__k=7)
+    defs = build_defs(edited, tmp_path)
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert _requested(result) == {"sae": {"tiny-qwen2__resid1", "tiny-qwen2__resid2"}}
+    # once the SAEs are rebuilt, their downstream (and only that) follows
+    graph = defs.resolve_asset_graph()
+    cv = graph.get(dg.AssetKey("sae")).assets_def.code_versions_by_key[dg.AssetKey("sae")]
+    for p in ("tiny-qwen2__resid1", "tiny-qwen2__resid2"):
+        instance.report_runless_asset_event(dg.AssetMaterialization("sae", partition=p, tags={"dagster/code_version": cv}))
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    requested = _requested(after)
+    assert set(requested) == {"circuit"}
+    assert len(requested["circuit"]) == 4
+
+
+def test_adding_a_site_requests_exactly_the_new_partitions(tiny_cfg, tmp_path, world):
+    instance, first = world
+    grown = _variant(tiny_cfg, models__0__activation_layers=["residuals_1-3"])
+    defs = build_defs(grown, tmp_path)
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    requested = _requested(result)
+    assert set(requested) == {"activations"}
+    assert {dict(k.keys_by_dimension)["site"] for k in requested["activations"]} == {"tiny-qwen2__resid3"}
+    assert len(requested["activations"]) == 4
