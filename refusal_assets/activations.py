@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.chat import ChatBatch, batches, encode_chat
+from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
 from refusal_assets.sites import Site, decoder_layers, output_tensor, site_module
 from refusal_assets.storage import atomic_path
 
@@ -101,7 +101,7 @@ def collect_activations(
     Memory is bounded by one batch: each batch becomes one row group of each site's file. Files
     appear under their final names only when complete.
     """
-    rows = sample.select("prompt_id", "prompt", "split", "heldout").to_dicts()
+    rows = by_length(sample.select("prompt_id", "prompt", "split", "heldout").to_dicts())
     n_rows = {s: 0 for s in sites}
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:

@@ -16,7 +16,7 @@ import polars as pl
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.chat import ChatBatch, batches, encode_chat
+from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
 from refusal_assets.config import ModelConfig
 
 EPS = 1e-6
@@ -78,7 +78,7 @@ def run_behaviour(
 ) -> pl.DataFrame:
     """One row per prompt: ``prompt_id, split, heldout, response, refused, p_refusal, refusal_score``."""
     ids = torch.tensor(refusal_token_ids(tokenizer, cfg.refusal.phrases, cfg.refusal.refusal_tokens), device=device)
-    rows = sample.select("prompt_id", "prompt", "split", "heldout").to_dicts()
+    rows = by_length(sample.select("prompt_id", "prompt", "split", "heldout").to_dicts())
     responses: list[str] = []
     p_refs: list[torch.Tensor] = []
     t0 = time.perf_counter()

@@ -48,3 +48,8 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, prompts: list[str], system_p
 def batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def by_length(rows: list[dict], key: str = "prompt") -> list[dict]:
+    """Rows sorted by prompt length, so each batch pads little (left padding costs real compute)."""
+    return sorted(rows, key=lambda r: (len(r[key]), r[key]))

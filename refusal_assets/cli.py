@@ -57,7 +57,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _set_env(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving the UI on {args.host}: anyone who can reach it can launch runs", file=sys.stderr)
-    cmd = ["dagster", "dev", "-m", "refusal_assets.definitions", "-h", args.host, "-p", str(args.port)]
+    cmd = [sys.executable, "-m", "dagster", "dev", "-m", "refusal_assets.definitions", "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}\n{' '.join(cmd)}", flush=True)
     return subprocess.call(cmd)
 

@@ -1,0 +1,106 @@
+"""The UI end to end in headless Chromium: open the asset graph, materialize one orbench_prompts
+partition from the UI, wait for success, save a screenshot."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from refusal_assets_tests.conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(os.environ.get("REFUSAL_ASSETS_ARTIFACTS", ROOT / "build" / "test-artifacts"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture()
+def ui_server(tmp_path):
+    port = _free_port()
+    home = tmp_path / "home"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "REFUSAL_ASSETS_STORAGE": str(tmp_path / "storage")}
+    log = open(tmp_path / "ui.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refusal_assets.cli", "ui", "--config", str(ROOT / "configs" / "tiny.yaml"), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/server_info", 120)
+        yield f"http://127.0.0.1:{port}", home, tmp_path
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+def test_materialize_a_partition_from_the_ui(ui_server):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
+    url, home, tmp = ui_server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{url}/asset-groups", wait_until="networkidle")  # the global asset graph
+        page.get_by_text("Global asset lineage").first.wait_for(timeout=30_000)
+        if page.get_by_role("button", name="Skip").count():  # the first-visit newsletter dialog
+            page.get_by_role("button", name="Skip").click()
+        for group in ("data", "model", "sae", "circuits", "comparison", "report"):
+            page.get_by_text(group, exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "ui_asset_graph.png"))
+
+        page.goto(f"{url}/assets/orbench_prompts", wait_until="networkidle")
+        page.wait_for_timeout(1000)
+        if page.get_by_role("button", name="Skip").count():
+            page.get_by_role("button", name="Skip").click()
+        page.get_by_role("button", name="Materialize…").click()
+        dialog = page.locator("div.dagster-dialog")
+        dialog.get_by_text("Select a partition or create one").click()
+        page.keyboard.type("privacy")
+        page.get_by_text("Select all (1)").click()  # the filter leaves exactly the one partition
+        dialog.get_by_text("Launch runs to materialize orbench_prompts").click()  # close the partition picker
+        assert "1 partition" in dialog.inner_text()
+        dialog.get_by_role("button", name="Launch").last.click()
+
+        instance = dg.DagsterInstance.from_config(str(home))
+        deadline = time.time() + 240
+        while time.time() < deadline and "privacy" not in instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")):
+            time.sleep(2)
+        assert instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")) == {"privacy"}
+
+        page.goto(f"{url}/assets/orbench_prompts?view=partitions", wait_until="networkidle")
+        page.get_by_text("privacy").first.click()
+        page.get_by_text("n_prompts").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "ui_materialized_partition.png"))
+        browser.close()
+    assert (tmp / "storage" / "orbench_prompts" / "privacy" / "prompts.parquet").is_file()
+    assert (ARTIFACTS / "ui_materialized_partition.png").stat().st_size > 10_000
