@@ -1,0 +1,299 @@
+"""Sparse autoencoder: recovery of a known sparse dictionary, training invariants, metrics and file I/O."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from refusal_assets.bench_sae import run_sae_bench
+from refusal_assets.config import SAEConfig
+from refusal_assets.sae import (
+    TopKSAE,
+    evaluate_sae,
+    load_sae,
+    plot_history,
+    save_sae,
+    split_by_group,
+    train_sae,
+    train_step,
+)
+
+# 2x overcomplete truth: at d_in=32 (4x) interference between active directions alone keeps a linear
+# TopK encoder's FVU above 0.1 even when every direction is recovered
+D_IN, N_TRUE, TRUE_K, N_SAMPLES, D_SAE = 64, 128, 4, 20_000, 256
+ROWS_PER_GROUP = 20  # "tokens" per prompt
+FAST = dict(batch_size=512, eval_every=25, patience=3, dead_after_tokens=10_000, aux_k=32)
+
+
+def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``x [N_SAMPLES, D_IN]``: sums of ``TRUE_K`` of ``N_TRUE`` unit directions (``[N_TRUE, D_IN]``)
+    with magnitudes in [1, 2], plus a constant offset and noise of sd 0.01; and the group ids."""
+    gen = torch.Generator().manual_seed(seed)
+    true_dirs = F.normalize(torch.randn(N_TRUE, D_IN, generator=gen), dim=-1)
+    idx = torch.rand(N_SAMPLES, N_TRUE, generator=gen).topk(TRUE_K).indices  # distinct directions per row
+    mags = 1.0 + torch.rand(N_SAMPLES, TRUE_K, generator=gen)
+    x = F.embedding_bag(idx, true_dirs, per_sample_weights=mags, mode="sum")
+    x = x + 0.5 + 0.01 * torch.randn(N_SAMPLES, D_IN, generator=gen)
+    return x, true_dirs, np.arange(N_SAMPLES) // ROWS_PER_GROUP
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def trained(data) -> tuple[TopKSAE, dict]:
+    x, _, groups = data
+    cfg = SAEConfig(k=TRUE_K, lr=3e-3, max_steps=100, **FAST)
+    return train_sae(x, groups, cfg, d_sae=D_SAE)
+
+
+def test_recovers_known_dictionary(trained, data):
+    sae, hist = trained
+    _, true_dirs, _ = data
+    cos = true_dirs @ sae.W_dec.detach().T  # [N_TRUE, D_SAE]; decoder rows are unit norm
+    recovered = (cos.max(dim=1).values > 0.9).float().mean().item()
+    assert recovered >= 0.8, recovered
+    assert min(hist["val_fvu"]) < 0.1
+    assert hist["best_step"] in hist["step"]
+    assert hist["val_fvu"][hist["step"].index(hist["best_step"])] == min(hist["val_fvu"])
+    n_evals = len(hist["step"])
+    assert all(len(hist[key]) == n_evals for key in ("train_loss", "train_fvu", "aux_loss", "val_fvu", "dead_fraction"))
+    assert hist["n_train"] + hist["n_val"] == N_SAMPLES and hist["seconds"] > 0
+
+
+def test_best_weights_are_restored(trained, data):
+    sae, hist = trained
+    x, _, groups = data
+    _, val_idx = split_by_group(groups, SAEConfig().val_fraction, SAEConfig().seed)
+    assert evaluate_sae(sae, x[val_idx])["fvu"] == pytest.approx(min(hist["val_fvu"]), rel=1e-6)
+
+
+def test_decoder_unit_norm_and_encoder_init(trained):
+    sae, _ = trained
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    fresh = TopKSAE(D_IN, D_SAE, TRUE_K, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fresh.W_enc, fresh.W_dec.T)
+    torch.testing.assert_close(fresh.W_dec.norm(dim=-1), torch.ones(D_SAE))
+
+
+def test_input_normalisation(trained, data):
+    sae, hist = trained
+    x, _, groups = data
+    train_idx, _ = split_by_group(groups, SAEConfig().val_fraction, SAEConfig().seed)
+    mean_sq = (x[train_idx] * sae.norm_scale).pow(2).sum(-1).mean()
+    assert mean_sq.item() == pytest.approx(D_IN, rel=1e-4)
+    # decode returns model units: the reconstruction error is small relative to the raw data
+    x_hat, z = sae(x[:100])
+    assert (x_hat - x[:100]).pow(2).mean() < 0.1 * x[:100].var(0).sum()
+    assert ((z > 0).sum(-1) <= TRUE_K).all()
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_sparse_step_gradients_match_dense_autograd(architecture):
+    """The sparse encoder backward / embedding_bag decoder give the gradients of the plain dense loss
+    fvu + aux_coef * aux (after the decoder's radial component is removed)."""
+    d_in, d_sae, k, B, aux_k = 16, 48, 3, 32, 5
+    gen = torch.Generator().manual_seed(0)
+    sae = TopKSAE(d_in, d_sae, k, architecture, generator=gen)
+    with torch.no_grad():
+        sae.norm_scale.fill_(0.7)
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.1)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+        sae.W_enc.add_(torch.randn(d_in, d_sae, generator=gen) * 0.1)
+    x = torch.randn(B, d_in, generator=gen) * 2
+    since_fired = torch.zeros(d_sae, dtype=torch.long)
+    since_fired[::3] = 10**6  # every third latent is dead: AuxK is active
+    cfg = SAEConfig(architecture=architecture, k=k, aux_k=aux_k, aux_coef=0.5, dead_after_tokens=1000)
+
+    ref = TopKSAE(d_in, d_sae, k, architecture)
+    ref.load_state_dict(sae.state_dict())
+    x_n = ref.normalise(x)
+    pre = ref.pre_acts(x_n)  # dense autograd all the way
+    z = ref.train().encode(x)
+    err = x_n - (z @ ref.W_dec + ref.b_dec)
+    fvu = err.pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum()
+    dead = since_fired >= cfg.dead_after_tokens
+    aux_idx = pre.detach().masked_fill(~dead, -1).topk(aux_k, dim=-1).indices
+    z_aux = torch.zeros_like(pre).scatter(-1, aux_idx, pre.gather(-1, aux_idx))
+    e = err.detach()
+    aux = (z_aux @ ref.W_dec - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    (fvu + cfg.aux_coef * aux).backward()
+
+    loss, step_fvu, step_aux = train_step(sae, torch.optim.SGD(sae.parameters(), lr=0.0), x, since_fired, cfg)
+    assert step_fvu == pytest.approx(fvu.item(), rel=1e-5) and step_aux == pytest.approx(aux.item(), rel=1e-5)
+    g_dec = ref.W_dec.grad - (ref.W_dec.grad * ref.W_dec).sum(-1, keepdim=True) * ref.W_dec
+    torch.testing.assert_close(sae.W_dec.grad, g_dec, rtol=1e-4, atol=1e-6)
+    for name in ("W_enc", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(sae, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-6, msg=name)
+    fired = (z > 0).any(0)
+    assert (since_fired[fired] == 0).all() and (since_fired[~fired & ~dead] == B).all()
+
+
+def test_split_by_group():
+    groups = np.repeat(np.arange(50), 7)
+    np.random.default_rng(1).shuffle(groups)
+    train_idx, val_idx = split_by_group(groups, 0.2, seed=3)
+    assert set(groups[train_idx]).isdisjoint(groups[val_idx])
+    assert len(train_idx) + len(val_idx) == len(groups)
+    assert len(set(groups[val_idx])) == 10
+    again = split_by_group(groups, 0.2, seed=3)
+    assert np.array_equal(again[1], val_idx)
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        split_by_group(np.zeros(5, dtype=int), 0.2, seed=0)
+
+
+def test_deterministic(data):
+    x, _, groups = data
+    x, groups = x[:4000].half(), groups[:4000]  # float16 input, as stored activations are
+    cfg = SAEConfig(k=TRUE_K, max_steps=24, **{**FAST, "eval_every": 8, "dead_after_tokens": 1024})
+    (a, ha), (b, hb) = train_sae(x, groups, cfg, d_sae=D_SAE), train_sae(x, groups, cfg, d_sae=D_SAE)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].numpy().tobytes() == sb[key].numpy().tobytes(), key
+    assert ha["train_loss"] == hb["train_loss"]
+    assert max(ha["aux_loss"]) > 0  # AuxK was exercised (dead_after_tokens is short)
+
+
+def test_save_load_round_trip(trained, data, tmp_path):
+    sae, _ = trained
+    x, _, _ = data
+    folder = save_sae(sae, tmp_path / "sae", {"hook_name": "blocks.3.hook_resid_post", "model_name": "tiny"})
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "expected_average_only_in"
+    assert cfg["norm_scaling_factor"] == pytest.approx(sae.norm_scale.item())
+    assert (cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["architecture"]) == (D_IN, D_SAE, TRUE_K, "topk")
+    assert cfg["hook_name"] == "blocks.3.hook_resid_post" and cfg["apply_b_dec_to_input"] is True
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]  # no temp files
+    loaded = load_sae(folder)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "norm_scale"):
+        assert torch.equal(getattr(loaded, name), getattr(sae, name)), name
+    assert torch.equal(loaded.encode(x[:256]), sae.encode(x[:256]))
+    with pytest.raises(ValueError, match="contradicts"):
+        save_sae(sae, tmp_path / "other", {"d_in": 7})
+
+
+def write_saelens(folder, cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+
+
+def saelens_tensors(d_in: int, d_sae: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(d_in, d_sae, generator=gen),
+        "W_dec": torch.randn(d_sae, d_in, generator=gen),
+        "b_enc": torch.randn(d_sae, generator=gen),
+        "b_dec": torch.randn(d_in, generator=gen),
+    }
+
+
+def test_load_handwritten_saelens_folders(tmp_path):
+    d_in, d_sae = 8, 40
+    tensors = saelens_tensors(d_in, d_sae)
+    x = torch.randn(50, d_in, generator=torch.Generator().manual_seed(1)) * 10
+    topk_cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "activation_fn_kwargs": {"k": 3},
+                "hook_name": "blocks.0.hook_resid_post", "apply_b_dec_to_input": True, "dtype": "float32"}
+    write_saelens(tmp_path / "topk", topk_cfg, tensors)
+    sae = load_sae(tmp_path / "topk")
+    z = sae.encode(x)
+    assert ((z > 0).sum(-1) == 3).all()
+    assert sae.norm_scale.item() == 1.0  # no normalisation key
+    pre = F.relu((x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"])
+    torch.testing.assert_close(z.sum(-1), pre.topk(3, dim=-1).values.sum(-1))
+    torch.testing.assert_close(sae.decode(z), z @ tensors["W_dec"] + tensors["b_dec"])
+
+    std_cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": False,
+               "normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.5}
+    write_saelens(tmp_path / "standard", std_cfg, {k: v.half() for k, v in tensors.items()})
+    std = load_sae(tmp_path / "standard")
+    half = {k: v.half().float() for k, v in tensors.items()}
+    torch.testing.assert_close(std.encode(x), F.relu(0.5 * x @ half["W_enc"] + half["b_enc"]))
+    torch.testing.assert_close(std.decode(std.encode(x)), (std.encode(x) @ half["W_dec"] + half["b_dec"]) / 0.5)
+
+
+def test_load_errors_name_file_and_key(tmp_path):
+    d_in, d_sae = 8, 40
+    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": 3}
+    tensors = saelens_tensors(d_in, d_sae)
+    write_saelens(tmp_path / "ok", cfg, tensors)
+    weights = tmp_path / "ok" / "sae_weights.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors.*(truncated|corrupt)"):
+        load_sae(tmp_path / "ok")
+
+    with pytest.raises(ValueError, match="missing file cfg.json"):
+        load_sae(tmp_path / "nowhere")
+    write_saelens(tmp_path / "no_k", {**cfg, "k": None}, tensors)
+    with pytest.raises(ValueError, match=r"cfg\.json: missing key 'k'"):
+        load_sae(tmp_path / "no_k")
+    write_saelens(tmp_path / "no_bdec", cfg, {k: v for k, v in tensors.items() if k != "b_dec"})
+    with pytest.raises(ValueError, match="missing tensor 'b_dec'"):
+        load_sae(tmp_path / "no_bdec")
+    write_saelens(tmp_path / "shape", {**cfg, "d_sae": d_sae + 1}, tensors)
+    with pytest.raises(ValueError, match="'W_enc' has shape"):
+        load_sae(tmp_path / "shape")
+    write_saelens(tmp_path / "gated", {**cfg, "architecture": "gated"}, tensors)
+    with pytest.raises(ValueError, match="unsupported architecture 'gated'"):
+        load_sae(tmp_path / "gated")
+
+
+def test_evaluate_sae_by_hand():
+    # latents [relu(x), relu(-x)] with decoder rows [I; -I] reconstruct any x exactly
+    d = 6
+    sae = TopKSAE(d, 2 * d, k=d)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.W_enc.copy_(sae.W_dec.T)
+    x = torch.rand(100, d) + 0.1  # all positive: the d "negative" latents never fire
+    metrics = evaluate_sae(sae, x, batch_size=7)  # odd batch size: the chunked sums must still agree
+    assert metrics["fvu"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["mse"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["l0"] == d
+    assert metrics["dead_fraction"] == 0.5
+
+    with torch.no_grad():
+        sae.W_dec.zero_()  # x_hat = b_dec = 0: fvu = sum||x||^2 / sum||x - mean||^2
+    metrics = evaluate_sae(sae, x, batch_size=32)
+    x64 = x.double()
+    assert metrics["fvu"] == pytest.approx((x64.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()).item(), rel=1e-9)
+    assert metrics["mse"] == pytest.approx(x64.pow(2).mean().item(), rel=1e-9)
+
+
+def test_batchtopk_trains_with_mean_l0_near_k(data, tmp_path):
+    x, _, groups = data
+    k = 6
+    cfg = SAEConfig(architecture="batchtopk", k=k, lr=3e-3, max_steps=100, **FAST)
+    sae, hist = train_sae(x, groups, cfg, d_sae=D_SAE)
+    assert not sae.training and sae.threshold.min() > 0
+    _, val_idx = split_by_group(groups, cfg.val_fraction, cfg.seed)
+    metrics = evaluate_sae(sae, x[val_idx])  # inference: the estimated threshold, not the batch top-k
+    assert 0.8 * k <= metrics["l0"] <= 1.2 * k, metrics
+    assert metrics["fvu"] < 0.2
+    # saved as SAELens does, a JumpReLU SAE with the threshold; it encodes identically
+    loaded = load_sae(save_sae(sae, tmp_path / "btk", {"hook_name": "h", "model_name": "m"}))
+    assert loaded.architecture == "jumprelu"
+    assert torch.equal(loaded.encode(x[:500]), sae.encode(x[:500]))
+
+
+def test_plot_history(trained, tmp_path):
+    _, hist = trained
+    path = plot_history(hist, tmp_path / "sae.png", "toy SAE")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_tiny():
+    result = run_sae_bench(d_in=32, expansion_factor=4, k=4, batch_size=64, steps=3)
+    for key in ("ours_tokens_per_s", "bound_tokens_per_s", "ratio", "threads"):
+        assert result[key] > 0, key
+    assert (result["d_in"], result["d_sae"], result["device"]) == (32, 128, "cpu")
