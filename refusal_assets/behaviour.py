@@ -64,12 +64,15 @@ def p_refusal(model: PreTrainedModel, batch: ChatBatch, refusal_ids: torch.Tenso
 
 
 @torch.no_grad()
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: ChatBatch, max_new_tokens: int) -> list[str]:
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: ChatBatch, max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
+    """Greedy responses and the first step's next-token logits [B, vocab] (the prompt's own
+    prediction, so p_ref costs no extra forward pass)."""
     out = model.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-        do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True,
     )
-    return tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(out.sequences[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+    return texts, out.logits[0]
 
 
 def run_behaviour(
@@ -84,8 +87,9 @@ def run_behaviour(
     t0 = time.perf_counter()
     for i, chunk in enumerate(batches(rows, cfg.batch_size)):
         batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
-        p_refs.append(p_refusal(model, batch, ids).cpu())
-        responses.extend(generate(model, tokenizer, batch, cfg.generation.max_new_tokens))
+        texts, first_logits = generate(model, tokenizer, batch, cfg.generation.max_new_tokens)
+        p_refs.append(last_token_refusal_prob(first_logits, ids).cpu())
+        responses.extend(texts)
         log(f"behaviour: {min((i + 1) * cfg.batch_size, len(rows))}/{len(rows)} prompts ({time.perf_counter() - t0:.0f} s)")
     p = torch.cat(p_refs) if p_refs else torch.zeros(0)
     return pl.DataFrame({

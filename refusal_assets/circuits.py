@@ -16,6 +16,7 @@ node outside the set (or inside it, for completeness) replaced by its mean.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -72,6 +73,35 @@ def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, pos[..., None].expand(-1, -1, x.shape[-1]))
 
 
+@dataclass
+class SuffixBatch:
+    """A batch split at the post-instruction span, which ends every prompt: the prefix's KV cache
+    is computed once without gradients; every intervention and every gradient then needs only the
+    P suffix tokens. (Ablations and node effects touch post-instruction positions only, and the
+    prefix does not depend on them.)"""
+
+    cache: object  # transformers Cache for the prefix
+    suffix_ids: torch.Tensor  # [B, P]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, P]
+
+    def run(self, model: PreTrainedModel, **kwargs):
+        cache = copy.deepcopy(self.cache)  # a forward appends to the cache: keep the prefix pristine
+        return model(input_ids=self.suffix_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                     past_key_values=cache, use_cache=True, **kwargs)
+
+
+@torch.no_grad()
+def split_prefix(model: PreTrainedModel, batch: ChatBatch) -> SuffixBatch:
+    pos = _post_positions(batch)  # [B, P]
+    T, P = batch.input_ids.shape[1], pos.shape[1]
+    if not bool((pos == torch.arange(T - P, T, device=pos.device)).all()):
+        raise ValueError("the post-instruction tokens do not end the prompt; check the chat template")
+    out = model.base_model(input_ids=batch.input_ids[:, : T - P], attention_mask=batch.attention_mask[:, : T - P],
+                           position_ids=batch.position_ids[:, : T - P], use_cache=True)
+    return SuffixBatch(out.past_key_values, batch.input_ids[:, T - P :], batch.attention_mask, batch.position_ids[:, T - P :])
+
+
 @contextlib.contextmanager
 def _hooks(model: PreTrainedModel, fns: dict[Site, Callable]) -> Iterator[None]:
     handles = [site_module(model, s).register_forward_hook(fn) for s, fn in fns.items()]
@@ -82,16 +112,19 @@ def _hooks(model: PreTrainedModel, fns: dict[Site, Callable]) -> Iterator[None]:
             h.remove()
 
 
-def _score(model: PreTrainedModel, batch: ChatBatch, refusal_ids: torch.Tensor) -> torch.Tensor:
+def _score(model: PreTrainedModel, batch: "ChatBatch | SuffixBatch", refusal_ids: torch.Tensor) -> torch.Tensor:
     """Refusal score [B] at the last prompt position (differentiable)."""
-    logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1].float()
+    if isinstance(batch, SuffixBatch):
+        logits = batch.run(model, logits_to_keep=1).logits[:, -1].float()
+    else:
+        logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1].float()
     p = torch.softmax(logits, -1)[:, refusal_ids].sum(-1)
     return refusal_score(p)
 
 
-def _site_grads(model: PreTrainedModel, batch: ChatBatch, sites: list[Site], refusal_ids: torch.Tensor,
+def _site_grads(model: PreTrainedModel, batch: SuffixBatch, sites: list[Site], refusal_ids: torch.Tensor,
                 patch: dict[Site, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> tuple[dict, dict, torch.Tensor]:
-    """Activations and d(sum of scores)/d(activation) at every site: ({site: [B,T,d]}, {site: [B,T,d]}, score [B])."""
+    """Suffix activations and d(sum of scores)/d(activation) at every site: ({site: [B,P,d]}, {site: [B,P,d]}, score [B])."""
     acts: dict[Site, torch.Tensor] = {}
     first = min(sites)
 
@@ -158,14 +191,13 @@ def node_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
     out, scores = [], []
     for i, chunk in enumerate(batches(prompts, batch_size)):
-        batch = encode_chat(tokenizer, chunk, system_prompt).to(device)
-        pos = _post_positions(batch)
-        acts, grads, score = _site_grads(model, batch, sites, refusal_ids)
+        suffix = split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device))
+        acts, grads, score = _site_grads(model, suffix, sites, refusal_ids)
         if method == "integrated_gradients":
-            grads = {s: _ig_grads(model, batch, pos, s, sites, acts[s], saes[s], baseline, refusal_ids, ig_steps) for s in sites}
+            grads = {s: _ig_grads(model, suffix, s, sites, saes[s], baseline, refusal_ids, ig_steps) for s in sites}
         effects = torch.zeros(len(chunk), index.n_nodes)
         for k, s in enumerate(sites):
-            x, g = _gather(acts[s], pos).float(), _gather(grads[s], pos).float()  # [B, P, d]
+            x, g = acts[s].float(), grads[s].float()  # [B, P, d]
             B, P, d = x.shape
             with torch.no_grad():
                 f = saes[s].encode(x)  # [B, P, d_sae]
@@ -180,56 +212,53 @@ def node_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     return np.concatenate(out), np.concatenate(scores)
 
 
-def _ig_grads(model, batch, pos, site, sites, x_clean, sae, baseline, refusal_ids, steps):
+def _ig_grads(model, suffix: SuffixBatch, site, sites, sae, baseline, refusal_ids, steps):
     """Mean gradient at ``site`` along x_α = x̄ + α (x - x̄) on the post-instruction positions."""
     with torch.no_grad():
         x_bar = sae.decode(baseline.f_mean[site]) + baseline.err_mean[site]  # [P, d]
-    total = torch.zeros_like(x_clean)
+    total = 0
     for alpha in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:
         def patch(x, a=float(alpha)):
-            idx = pos[..., None].expand(-1, -1, x.shape[-1])
-            interp = x_bar.to(x.dtype) + a * (torch.gather(x, 1, idx) - x_bar.to(x.dtype))
-            return x.scatter(1, idx, interp)
+            return x_bar.to(x.dtype) + a * (x - x_bar.to(x.dtype))
 
-        _, grads, _ = _site_grads(model, batch, sites, refusal_ids, patch={site: patch})
-        total += grads[site]
+        _, grads, _ = _site_grads(model, suffix, sites, refusal_ids, patch={site: patch})
+        total = total + grads[site]
     return total / steps
 
 
+def prepare_suffixes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, batch_size: int,
+                     system_prompt: str | None = None, device: str = "cpu") -> list[SuffixBatch]:
+    """Prefix caches for ``prompts``, computed once and reused by every ablation of a sweep."""
+    return [split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device)) for chunk in batches(prompts, batch_size)]
+
+
 @torch.no_grad()
-def ablated_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],
-                  baseline: Baseline, keep: np.ndarray, refusal_ids: torch.Tensor, *, batch_size: int,
-                  system_prompt: str | None = None, device: str = "cpu") -> float:
+def ablated_score(model: PreTrainedModel, suffixes: list[SuffixBatch], saes: dict[Site, nn.Module],
+                  baseline: Baseline, keep: np.ndarray, refusal_ids: torch.Tensor) -> float:
     """Mean refusal score with every node outside ``keep`` [n_nodes] mean-ablated at the post-instruction positions."""
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
     keep_t = torch.from_numpy(keep.astype(bool))
     total, n = 0.0, 0
-    for chunk in batches(prompts, batch_size):
-        batch = encode_chat(tokenizer, chunk, system_prompt).to(device)
-        pos = _post_positions(batch)
-
+    for suffix in suffixes:
         def hook_for(k: int, s: Site):
             sl = index.site_slice(k)
             keep_f, keep_err = keep_t[sl.start : sl.stop - 1], bool(keep_t[sl.stop - 1])
 
             def hook(_m, _i, output):
-                x = output_tensor(output)
-                idx = pos[..., None].expand(-1, -1, x.shape[-1])
-                xp = torch.gather(x, 1, idx).float()
-                f = saes[s].encode(xp)
-                err = xp - saes[s].decode(f)
+                x = output_tensor(output)  # [B, P, d]: the suffix only
+                f = saes[s].encode(x.float())
+                err = x.float() - saes[s].decode(f)
                 f = torch.where(keep_f, f, baseline.f_mean[s])
                 err = err if keep_err else baseline.err_mean[s].expand_as(err)
-                new = (saes[s].decode(f) + err).to(x.dtype)
-                return replace_output(output, x.scatter(1, idx, new))
+                return replace_output(output, (saes[s].decode(f) + err).to(x.dtype))
 
             return hook
 
         with _hooks(model, {s: hook_for(k, s) for k, s in enumerate(sites)}):
-            score = _score(model, batch, refusal_ids)
+            score = _score(model, suffix, refusal_ids)
         total += float(score.sum())
-        n += len(chunk)
+        n += len(score)
     return total / max(n, 1)
 
 
@@ -264,23 +293,27 @@ def evaluate_sizes(score_fn: Callable[[np.ndarray], float], mean_effect: np.ndar
 
 def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],
                  baseline: Baseline, refusal_ids: torch.Tensor, circuit: np.ndarray, *, batch_size: int, max_edges: int,
-                 system_prompt: str | None = None, device: str = "cpu") -> list[dict]:
+                 targets_per_site: int = 10, mean_effect: np.ndarray | None = None, system_prompt: str | None = None,
+                 device: str = "cpu") -> list[dict]:
     """Edges between circuit latents of consecutive sites: mean over prompts of
-    Σ_pos (∂m/∂f_d)(∂f_d/∂f_u)(f_u - f̄_u), by one backward per downstream node."""
+    Σ_pos (∂m/∂f_d)(∂f_d/∂f_u)(f_u - f̄_u), by one backward per downstream node (the
+    ``targets_per_site`` downstream latents with the largest node effect)."""
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
     totals: dict[tuple[int, int], float] = {}
     n = 0
     for chunk in batches(prompts, batch_size):
-        batch = encode_chat(tokenizer, chunk, system_prompt).to(device)
-        pos = _post_positions(batch)
-        acts, grads, _ = _site_grads(model, batch, sites, refusal_ids)
+        suffix = split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device))
+        acts, grads, _ = _site_grads(model, suffix, sites, refusal_ids)
         for k in range(len(sites) - 1):
             up, down = sites[k], sites[k + 1]
             up_sl, down_sl = index.site_slice(k), index.site_slice(k + 1)
-            up_nodes = [i for i in np.flatnonzero(circuit[up_sl.start : up_sl.stop - 1])]
-            down_nodes = [i for i in np.flatnonzero(circuit[down_sl.start : down_sl.stop - 1])]
-            if not up_nodes or not down_nodes:
+            up_nodes = np.flatnonzero(circuit[up_sl.start : up_sl.stop - 1])
+            down_nodes = np.flatnonzero(circuit[down_sl.start : down_sl.stop - 1])
+            if mean_effect is not None:  # the strongest downstream latents first
+                down_nodes = down_nodes[np.argsort(-mean_effect[down_sl.start + down_nodes], kind="stable")]
+            down_nodes = down_nodes[:targets_per_site]
+            if not len(up_nodes) or not len(down_nodes):
                 continue
             captured: dict[Site, torch.Tensor] = {}
 
@@ -302,24 +335,25 @@ def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
             with torch.enable_grad(), _hooks(model, {up: hook_for(up), down: hook_for(down)}):
                 h = site_module(model, down).register_forward_hook(stop)
                 try:
-                    model.base_model(**batch.model_inputs(), use_cache=False)
+                    cache = copy.deepcopy(suffix.cache)
+                    model.base_model(input_ids=suffix.suffix_ids, attention_mask=suffix.attention_mask,
+                                     position_ids=suffix.position_ids, past_key_values=cache, use_cache=True)
                 except _StopForward:
                     pass
                 finally:
                     h.remove()
                 x_up, x_down = captured[up], captured[down]
-                f_down = saes[down].encode(_gather(x_down, pos).float())  # [B, P, d_sae]
-                g_down = _gather(grads[down], pos).float()
+                f_down = saes[down].encode(x_down.float())  # [B, P, d_sae]
+                g_down = grads[down].float()
                 B, P, d = g_down.shape
                 g_f_down = _decoder_grad(saes[down], g_down.reshape(B * P, d), f_down.shape[-1]).view(B, P, -1)
                 with torch.no_grad():
-                    f_up = saes[up].encode(_gather(acts[up], pos).float())
-                    delta_up = f_up - baseline.f_mean[up]  # [B, P, d_sae_up]
+                    delta_up = saes[up].encode(acts[up].float()) - baseline.f_mean[up]  # [B, P, d_sae_up]
                 for j in down_nodes:
                     (h_up,) = torch.autograd.grad((g_f_down[..., j].detach() * f_down[..., j]).sum(), x_up, retain_graph=True)
-                    h_f = _decoder_grad(saes[up], _gather(h_up, pos).float().reshape(B * P, d), delta_up.shape[-1]).view(B, P, -1)
+                    h_f = _decoder_grad(saes[up], h_up.float().reshape(B * P, d), delta_up.shape[-1]).view(B, P, -1)
                     contrib = (h_f[..., up_nodes] * delta_up[..., up_nodes]).sum((0, 1))  # [n_up]
-                    for u, c in zip(up_nodes, contrib.tolist()):
+                    for u, c in zip(up_nodes.tolist(), contrib.tolist()):
                         key = (int(up_sl.start + u), int(down_sl.start + j))
                         totals[key] = totals.get(key, 0.0) + c
         n += len(chunk)

@@ -202,6 +202,8 @@ class CircuitConfig(_Strict):
     separate_safe_toxic: bool = True
     edges: bool = True
     max_edges: int = Field(default=200, ge=0)
+    edge_targets_per_site: int = Field(default=10, ge=1)
+    """Downstream latents per site pair whose incoming edges are computed (one backward each)."""
     eval_sizes: list[int] = [1, 2, 5, 10, 20, 50]
     """Nodes per site for the faithfulness sweep."""
     seed: int = 0

@@ -202,11 +202,21 @@ def resolve_model_folder(cfg: ModelConfig, resolve: Callable[[str], Path], log: 
     return cfg.path or cfg.id  # hub
 
 
+# The last model loaded in this process. `refusal-assets run` executes dozens of runs in one
+# process; reloading 2 GB of weights for each would cost more than Dagster itself. One entry only,
+# so memory stays bounded; callers never mutate the model (hooks are always removed).
+_LAST_LOADED: dict[tuple, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+
+
 def load_model(
-    cfg: ModelConfig, resolve: Callable[[str], Path], device: str = "cpu", log: Callable[[str], None] = print
+    cfg: ModelConfig, resolve: Callable[[str], Path], device: str = "cpu", log: Callable[[str], None] = print, reuse: bool = True
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer, check the architecture against the config, eval mode, no grads."""
     where = resolve_model_folder(cfg, resolve, log)
+    key = (str(where), cfg.revision, cfg.dtype, device, cfg.trust_remote_code, cfg.architecture)
+    if reuse and key in _LAST_LOADED:
+        return _LAST_LOADED[key]
+    _LAST_LOADED.clear()
     local = cfg.source != "hub"
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, local_files_only=local, revision=cfg.revision)
     try:
@@ -224,6 +234,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation and last-position reads need the prompt flush right
     model.to(device).eval().requires_grad_(False)
+    if reuse:
+        _LAST_LOADED[key] = (model, tokenizer)
     return model, tokenizer
 
 

@@ -68,8 +68,10 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     index = circ.NodeIndex([SITE], [64])
     clean = float(circ._score(model, circ.encode_chat(tok, PROMPTS), refusal_ids).mean())
 
+    suffixes = circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2)
+
     def score(keep):
-        return circ.ablated_score(model, tok, PROMPTS, saes, baseline, keep, refusal_ids, batch_size=2)
+        return circ.ablated_score(model, suffixes, saes, baseline, keep, refusal_ids)
 
     m_full, m_empty = score(np.ones(index.n_nodes, bool)), score(np.zeros(index.n_nodes, bool))
     assert m_full == pytest.approx(clean, abs=1e-4)  # SAE + error splice leaves the model unchanged
@@ -107,5 +109,16 @@ def test_edges_and_direction_ablation_run_on_two_sites(tiny_model):
     assert abs(edges[0]["effect"]) >= abs(edges[-1]["effect"])
     direction = torch.randn(64, generator=gen)
     ablated = circ.direction_ablation_score(model, tok, PROMPTS, sites[0], direction, ids, batch_size=2)
-    clean = circ.ablated_score(model, tok, PROMPTS, saes, base, np.ones(index.n_nodes, bool), ids, batch_size=2)
+    clean = circ.ablated_score(model, circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2), saes, base, np.ones(index.n_nodes, bool), ids)
     assert np.isfinite(ablated) and ablated != pytest.approx(clean, abs=1e-7)
+
+
+def test_generation_logits_give_the_same_p_ref_as_a_forward(tiny_model):
+    from refusal_assets.behaviour import generate, last_token_refusal_prob, p_refusal
+    from refusal_assets.chat import encode_chat
+
+    model, tok = tiny_model
+    batch = encode_chat(tok, PROMPTS)
+    ids = torch.tensor(refusal_token_ids(tok, ["Sorry", "I cannot"]))
+    _, first_logits = generate(model, tok, batch, 2)
+    assert torch.allclose(last_token_refusal_prob(first_logits, ids), p_refusal(model, batch, ids), atol=1e-5)

@@ -91,16 +91,18 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             mean_effect = effects[train].mean(0) if train.any() else effects.mean(0)
             chosen = select(mean_effect, cc.k_per_site)
             heldout_prompts = rows.filter(pl.col("heldout"))["prompt"].to_list() or rows["prompt"].to_list()
+            heldout_suffixes = circ.prepare_suffixes(model, tok, heldout_prompts, **kw)
 
             def score_fn(keep: np.ndarray) -> float:
-                return circ.ablated_score(model, tok, heldout_prompts, saes, baseline, keep, refusal_ids, **kw)
+                return circ.ablated_score(model, heldout_suffixes, saes, baseline, keep, refusal_ids)
 
             sweep = circ.evaluate_sizes(score_fn, mean_effect, index.site_of_node, sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, cc.seed)
             at_k = next(r for r in sweep["sweep"] if r["size_per_site"] == cc.k_per_site)
             edges = []
             if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
                 train_prompts = rows.filter(~pl.col("heldout"))["prompt"].to_list() or rows["prompt"].to_list()
-                edges = circ.edge_effects(model, tok, train_prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges, **kw)
+                edges = circ.edge_effects(model, tok, train_prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
+                                          targets_per_site=cc.edge_targets_per_site, mean_effect=mean_effect, **kw)
             nodes = [{**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)]
             nodes.sort(key=lambda n: -n["effect"])
             summary["groups"][group] = {
@@ -123,7 +125,8 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             tensors[f"direction_{site.name}"] = r
             entry = {"norm": float(r.norm())}
             if toxic_heldout:
-                entry["score_clean"] = circ.ablated_score(model, tok, toxic_heldout, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids, **kw)
+                suffixes = circ.prepare_suffixes(model, tok, toxic_heldout, **kw)
+                entry["score_clean"] = circ.ablated_score(model, suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
                 entry["score_ablated"] = circ.direction_ablation_score(model, tok, toxic_heldout, site, r.to(device), refusal_ids, **kw)
             directions[site.name] = entry
         summary["directions"] = directions
