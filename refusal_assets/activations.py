@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -33,14 +34,16 @@ def capture(model: PreTrainedModel, sites: list[Site], stop_early: bool = True) 
     """Within the context, each forward fills ``captured[site]`` with the site's output [B, T, d].
 
     The hooks only read; hooks registered later on the same modules still see (and may change)
-    the original outputs.
+    the original outputs. With ``stop_early`` the pass ends inside the deepest block's hooks, so a
+    hook registered later on that block does not run.
     """
     captured: dict[Site, torch.Tensor] = {}
     handles = []
 
     def reader(site: Site):
         def hook(_module, _inputs, output):
-            captured[site] = output_tensor(output).detach()
+            # A copy: a later hook that edits the output in place must not change what we recorded.
+            captured[site] = output_tensor(output).detach().clone()
 
         return hook
 
@@ -94,9 +97,10 @@ def _row_table(acts: torch.Tensor, batch: ChatBatch, meta: list[dict], all_posit
 def collect_activations(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, sites: list[Site],
     out_paths: dict[Site, Path], *, batch_size: int, system_prompt: str | None = None, all_positions: bool = True,
-    device: str = "cpu", log: Callable[[str], None] = print,
+    device: str = "cpu", log: Callable[[str], None] = print, non_finite: dict[Site, int] | None = None,
 ) -> dict[Site, int]:
-    """Stream every site's activations for ``sample`` to ``out_paths[site]``; returns rows per site.
+    """Stream every site's activations for ``sample`` to ``out_paths[site]``; returns rows per site
+    (and fills ``non_finite[site]`` with the rows holding NaN/inf, counted on the way).
 
     Memory is bounded by one batch: each batch becomes one row group of each site's file. Files
     appear under their final names only when complete.
@@ -113,12 +117,22 @@ def collect_activations(
                 acts = forward_sites(model, batch, sites)
                 for site in sites:
                     table = _row_table(acts[site], batch, chunk, all_positions)
+                    if non_finite is not None:
+                        non_finite[site] = non_finite.get(site, 0) + non_finite_rows(acts[site][batch.attention_mask.bool()])
                     if site not in writers:
                         writers[site] = pq.ParquetWriter(tmp_paths[site], table.schema, compression="zstd")
                     writers[site].write_table(table)
                     n_rows[site] += table.num_rows
                 done = min((i + 1) * batch_size, len(rows))
                 log(f"activations: {done}/{len(rows)} prompts, {sum(n_rows.values())} rows ({time.perf_counter() - t0:.1f} s)")
+            for site in sites:
+                if site not in writers:  # no prompts: an empty file with the full schema, never a 0-byte one
+                    d = model.config.hidden_size
+                    empty = pa.table({"prompt_id": pa.array([], pa.string()), "split": pa.array([], pa.string()),
+                                      "heldout": pa.array([], pa.bool_()), "token_index": pa.array([], pa.int32()),
+                                      "is_post_instruction": pa.array([], pa.bool_()),
+                                      "vector": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float16()), d)})
+                    pq.write_table(empty, tmp_paths[site])
         finally:
             for w in writers.values():
                 w.close()
@@ -131,7 +145,7 @@ def read_vectors(path: Path, post_instruction_only: bool = False) -> tuple[torch
 
     table = read_parquet(path, "activations file")
     if post_instruction_only:
-        table = table.filter(pa.compute.field("is_post_instruction"))
+        table = table.filter(pc.field("is_post_instruction"))
     col = table.column("vector").combine_chunks()
     d = col.type.list_size
     flat = col.values.to_numpy(zero_copy_only=False)

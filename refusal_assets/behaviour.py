@@ -42,8 +42,11 @@ def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, phrases: list[str], to
 
 def judge_refusal(response: str, phrases: list[str]) -> bool:
     """A response refuses when it contains any refusal phrase (case-insensitive substring match)."""
-    text = response.lower().replace("’", "'")
-    return any(p.lower() in text for p in phrases)
+    def norm(t: str) -> str:
+        return t.lower().replace("’", "'")
+
+    text = norm(response)
+    return any(norm(p) in text for p in phrases)
 
 
 def refusal_score(p_ref: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,15 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, prompts: list[str], system_p
     rendered template (Arditi et al. 2024): e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``.
     """
     texts = [render(tokenizer, p, system_prompt) for p in prompts]
-    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_offsets_mapping=True, return_tensors="pt")
+    ends = []
+    for text, prompt in zip(texts, prompts):
+        at = text.rfind(prompt)
+        if at < 0:
+            raise ValueError(f"the chat template of {tokenizer.name_or_path!r} altered the prompt text {prompt[:60]!r}; cannot locate the post-instruction tokens")
+        ends.append(at + len(prompt))
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_offsets_mapping=True, return_tensors="pt")
     attention_mask = enc["attention_mask"]
-    prompt_end = torch.tensor([t.rfind(p) + len(p) for t, p in zip(texts, prompts)])  # [B]
+    prompt_end = torch.tensor(ends)  # [B]
     starts = enc["offset_mapping"][..., 0]  # [B, T]
     post = (starts >= prompt_end[:, None]) & attention_mask.bool()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)

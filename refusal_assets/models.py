@@ -7,6 +7,7 @@ Every source ends in the same place: a local Hugging Face folder loaded with
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.resources
 import json
@@ -74,12 +75,16 @@ def assemble_gguf(parts: list[Path], dest: Path, size: int = PACKAGED_SIZE, sha2
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # per process: concurrent first runs never share a temp file
     h = hashlib.sha256()
-    with tmp.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-                    out.write(chunk)
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     actual_size = tmp.stat().st_size
     digest = h.hexdigest()
     if actual_size != size or digest != sha256:
@@ -133,9 +138,14 @@ def packaged_model_folder(log: Callable[[str], None] = print) -> Path:
     folder = cache_root() / "packaged" / "qwen2.5-coder-0.5b-instruct"
     if (folder / "hf" / "config.json").is_file():
         return folder / "hf"
-    gguf = assemble_gguf(packaged_part_paths(), folder / PACKAGED_GGUF_NAME)
-    out = convert_gguf(gguf, folder / "hf", log)
-    gguf.unlink()  # the safetensors folder replaces it; the parts stay in site-packages
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two first runs at once: one converts, the other waits
+        if (folder / "hf" / "config.json").is_file():
+            return folder / "hf"
+        gguf = assemble_gguf(packaged_part_paths(), folder / PACKAGED_GGUF_NAME)
+        out = convert_gguf(gguf, folder / "hf", log)
+        gguf.unlink(missing_ok=True)  # the safetensors folder replaces it; the parts stay in site-packages
     return out
 
 
@@ -197,7 +207,8 @@ def resolve_model_folder(cfg: ModelConfig, resolve: Callable[[str], Path], log: 
             raise ModelLoadError(f"GGUF file not found: {gguf}")
         return convert_gguf(gguf, cache_root() / "gguf" / cfg.model_key, log)
     if cfg.source == "tiny":
-        folder = resolve(cfg.path) if cfg.path else cache_root() / "tiny" / cfg.model_key
+        arch = f"{cfg.model_key}-L{cfg.architecture.n_layers}-d{cfg.architecture.d_model}"  # an edited architecture gets a new model
+        folder = resolve(cfg.path) if cfg.path else cache_root() / "tiny" / arch
         return build_tiny_model(folder, cfg.architecture.n_layers, cfg.architecture.d_model)
     return cfg.path or cfg.id  # hub
 

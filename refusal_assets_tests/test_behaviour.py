@@ -39,8 +39,6 @@ def test_judge_refusal_custom_phrases():
     assert not judge_refusal("Nope", ["not doing"])
 
 
-@pytest.mark.xfail(reason="judge_refusal normalises the curly apostrophe in the response but not in the phrases, "
-                          "so a configured phrase written with ’ never matches; fix: normalise both sides", strict=False)
 def test_judge_refusal_curly_apostrophe_in_phrase():
     assert judge_refusal("I can’t help", ["I can’t"])
     assert judge_refusal("I can't help", ["I can’t"])
@@ -119,8 +117,11 @@ def test_run_behaviour_on_tiny_model(tiny_model, tiny_cfg):
     out = run_behaviour(model, tok, sample, cfg, log=lambda s: None)
     assert out.columns == ["prompt_id", "split", "heldout", "response", "refused", "p_refusal", "refusal_score"]
     assert out.height == 5
-    assert out["prompt_id"].to_list() == sample["prompt_id"].to_list()
-    assert out["heldout"].to_list() == [False, True, False, False, True]
+    # one row per prompt (in any order), with the sample's split and heldout flag
+    joined = sample.join(out, on="prompt_id", how="inner", suffix="_out")
+    assert joined.height == 5 and out["prompt_id"].n_unique() == 5
+    assert joined["heldout"].to_list() == joined["heldout_out"].to_list()
+    assert joined["split"].to_list() == joined["split_out"].to_list()
     assert out["response"].dtype == pl.Utf8 and out["refused"].dtype == pl.Boolean
     p = out["p_refusal"].to_numpy()
     assert ((p >= 0) & (p <= 1)).all()
@@ -129,8 +130,9 @@ def test_run_behaviour_on_tiny_model(tiny_model, tiny_cfg):
     assert out["refused"].to_list() == [judge_refusal(r, cfg.refusal.phrases) for r in out["response"]]
     # p_refusal does not depend on the batch: the first prompt alone gives the same value
     ids = torch.tensor(refusal_token_ids(tok, cfg.refusal.phrases, cfg.refusal.refusal_tokens))
-    alone = p_refusal(model, encode_chat(tok, [sample["prompt"][0]], cfg.chat_template.system_prompt), ids)
-    assert alone.item() == pytest.approx(p[0], abs=1e-4)
+    for pid, prompt in zip(sample["prompt_id"], sample["prompt"]):
+        alone = p_refusal(model, encode_chat(tok, [prompt], cfg.chat_template.system_prompt), ids)
+        assert alone.item() == pytest.approx(out.filter(pl.col("prompt_id") == pid)["p_refusal"].item(), abs=1e-4)
 
 
 def test_run_behaviour_empty_sample(tiny_model, tiny_cfg):
@@ -139,3 +141,18 @@ def test_run_behaviour_empty_sample(tiny_model, tiny_cfg):
     empty = df.head(0).with_columns(pl.Series("heldout", [], dtype=pl.Boolean))
     out = run_behaviour(model, tok, empty, tiny_cfg.models[0], log=lambda s: None)
     assert out.height == 0
+
+
+def test_greedy_generation_does_not_depend_on_padding(tiny_model):
+    from refusal_assets.behaviour import generate
+
+    def texts(batch):
+        out = generate(model, tok, batch, 6)
+        return out[0] if isinstance(out, tuple) else out  # (texts, first-step logits) or texts
+
+    model, tok = tiny_model
+    short, longer = "Hi", "How do I write a poem about the sea? Please answer at length, with three examples."
+    alone = texts(encode_chat(tok, [short]))
+    batched = texts(encode_chat(tok, [longer, short]))
+    assert batched[1] == alone[0]
+    assert batched[0] == texts(encode_chat(tok, [longer]))[0]

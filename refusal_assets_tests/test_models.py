@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import time
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def quiet(_s: str) -> None:
 
 def resolve(p: str | Path) -> Path:
     return Path(p)
+
+
+def fresh_load(cfg, resolve_fn=None, device="cpu", log=quiet):
+    """load_model, bypassing its in-process reuse of the last model (where it has one): a real load."""
+    kwargs = {"reuse": False} if "reuse" in inspect.signature(load_model).parameters else {}
+    return load_model(cfg, resolve_fn or resolve, device, log, **kwargs)
 
 
 def model_cfg(**kw) -> ModelConfig:
@@ -89,11 +96,12 @@ def test_assemble_gguf_missing_bytes_raises(tmp_path):
 def test_tiny_model_second_load_reuses_the_folder(tmp_path):
     folder = tmp_path / "tiny"
     cfg = model_cfg(path=str(folder))
-    m1, t1 = load_model(cfg, resolve, "cpu", quiet)
+    m1, t1 = fresh_load(cfg)
     config_json = folder / "config.json"
     stamp = config_json.stat().st_mtime_ns
     weights = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    m2, t2 = load_model(cfg, resolve, "cpu", quiet)
+    m2, t2 = fresh_load(cfg)
+    assert m2 is not m1
     assert config_json.stat().st_mtime_ns == stamp
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == weights
     assert not folder.with_name("tiny.partial").exists()
@@ -109,7 +117,8 @@ def test_tiny_model_second_load_reuses_the_folder(tmp_path):
 def test_tiny_model_default_folder_is_in_the_cache(tiny_cfg):
     cfg = tiny_cfg.models[0]
     load_model(cfg, tiny_cfg.resolve, "cpu", quiet)
-    assert (cache_root() / "tiny" / cfg.model_key / "config.json").is_file()
+    arch = f"{cfg.model_key}-L{cfg.architecture.n_layers}-d{cfg.architecture.d_model}"
+    assert (cache_root() / "tiny" / arch / "config.json").is_file()
 
 
 def test_architecture_disagreeing_with_weights_raises(tmp_path):
@@ -160,7 +169,7 @@ def test_packaged_default_model_loads():
     mc = cfg.models[0]
     assert mc.source == "packaged"
     t0 = time.perf_counter()
-    model, tok = load_model(mc, cfg.resolve, "cpu", quiet)  # converts once per cache folder (~50 s)
+    model, tok = fresh_load(mc, cfg.resolve)  # converts once per cache folder (~50 s)
     first = time.perf_counter() - t0
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (24, 896)
     folder = packaged_model_folder(quiet)
@@ -168,7 +177,7 @@ def test_packaged_default_model_loads():
     assert not list(folder.parent.glob("*.gguf")) and not list(folder.parent.glob("*.partial"))  # GGUF removed
     del model
     t0 = time.perf_counter()
-    model, tok = load_model(mc, cfg.resolve, "cpu", quiet)
+    model, tok = fresh_load(mc, cfg.resolve)
     second = time.perf_counter() - t0
     assert second <= 10, f"second load took {second:.1f} s (first {first:.1f} s)"
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (24, 896)

@@ -84,19 +84,19 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
                 sites = {Site.parse(multi_key(parts.site_category, k)["site"].split("__", 1)[1]): k for k in keys}
                 paths = {s: storage.files.path("activations", multi_key(parts.site_category, k)["site"], category, filename="activations.parquet") for s, k in sites.items()}
                 t0 = time.perf_counter()
+                non_finite: dict = {}
                 n_rows = acts_core.collect_activations(
                     model, tokenizer, load_sample(storage, category), sorted(sites), paths, batch_size=model_cfg.batch_size,
                     system_prompt=model_cfg.chat_template.system_prompt, all_positions=model_cfg.all_token_positions,
-                    device=device, log=context.log.info,
+                    device=device, log=context.log.info, non_finite=non_finite,
                 )
                 seconds = time.perf_counter() - t0
+                sample = load_sample(storage, category)
                 for site, key in sites.items():
-                    vectors, meta = acts_core.read_vectors(paths[site])
-                    n_bad = acts_core.non_finite_rows(vectors)
+                    n_bad = non_finite.get(site, 0)
                     n_bad_total += n_bad
                     metadata[key] = {
-                        "n_rows": n_rows[site], "d_model": model_cfg.architecture.d_model, "n_prompts": meta["prompt_id"].n_unique(),
-                        "n_post_instruction_rows": int(meta["is_post_instruction"].sum()), "n_non_finite_rows": n_bad,
+                        "n_rows": n_rows[site], "d_model": model_cfg.architecture.d_model, "n_prompts": sample.height, "n_non_finite_rows": n_bad,
                         "seconds_for_all_sites_of_this_category": round(seconds, 2), "path": str(paths[site]),
                     }
         yield from materialize_each(context, metadata)
