@@ -452,3 +452,9 @@ def load_sae(folder: Path) -> TopKSAE:
             getattr(sae, name).copy_(tensors[name].float())
         sae.norm_scale.fill_(scale)
     return sae.eval()
+
+
+def typical_rows(vectors: Tensor, max_norm_factor: float) -> Tensor:
+    """Bool mask [n] of rows whose L2 norm is at most ``max_norm_factor`` x the median norm."""
+    norms = vectors.float().norm(dim=-1)
+    return norms <= max_norm_factor * norms.median()

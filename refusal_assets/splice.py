@@ -13,10 +13,12 @@ from refusal_assets.sites import Site, output_tensor, replace_output, site_modul
 
 @torch.no_grad()
 def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], site: Site, sae: nn.Module,
-                   *, batch_size: int, system_prompt: str | None = None, device: str = "cpu") -> dict[str, float]:
+                   *, batch_size: int, system_prompt: str | None = None, device: str = "cpu",
+                   max_norm: float = float("inf")) -> dict[str, float]:
     """Next-token loss on the chat-formatted prompts with the site clean, replaced by the SAE's
     reconstruction, and zero-ablated; ``loss_recovered`` = (zero - spliced) / (zero - clean) and
-    the mean KL(clean || spliced) per token."""
+    the mean KL(clean || spliced) per token. Positions whose activation norm exceeds ``max_norm``
+    (attention sinks the SAE was not trained on) keep their clean value in both ablations."""
     module = site_module(model, site)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     n_tokens = 0
@@ -36,8 +38,11 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
         targets = batch.input_ids[:, 1:]
         mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()  # [B, T-1]
         clean = run(batch)[:, :-1]
-        spliced = run(batch, lambda x: sae.decode(sae.encode(x.float())).to(x.dtype))[:, :-1]
-        zero = run(batch, torch.zeros_like)[:, :-1]
+        def keep_sinks(x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            return torch.where(x.float().norm(dim=-1, keepdim=True) > max_norm, x, new.to(x.dtype))
+
+        spliced = run(batch, lambda x: keep_sinks(x, sae.decode(sae.encode(x.float()))))[:, :-1]
+        zero = run(batch, lambda x: keep_sinks(x, torch.zeros_like(x)))[:, :-1]
         for name, logits in (("clean", clean), ("spliced", spliced), ("zero", zero)):
             ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T-1]
             sums[name] += float(ce[mask].sum())
