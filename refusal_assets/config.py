@@ -186,7 +186,7 @@ class SAEConfig(_Strict):
     eval_every: int = Field(default=100, ge=1)
     patience: int = Field(default=5, ge=1)
     """Early stopping: evaluations without validation-FVU improvement before stopping."""
-    max_norm_factor: float = Field(default=10.0, gt=1)
+    max_norm_factor: float = Field(default=3.0, gt=1)
     """Rows with a norm above this multiple of the site's median norm are left out of training,
     evaluation and splicing: the "massive activations" of attention-sink tokens (Sun et al. 2024),
     orders of magnitude larger than the rest, would otherwise dominate the scale and the FVU."""
