@@ -118,7 +118,8 @@ def collect_activations(
                 for site in sites:
                     table = _row_table(acts[site], batch, chunk, all_positions)
                     if non_finite is not None:
-                        non_finite[site] = non_finite.get(site, 0) + non_finite_rows(acts[site][batch.attention_mask.bool()])
+                        # counted after the float16 cast: a value beyond 65504 is stored as inf
+                        non_finite[site] = non_finite.get(site, 0) + non_finite_rows(acts[site][batch.attention_mask.bool()].to(torch.float16))
                     if site not in writers:
                         writers[site] = pq.ParquetWriter(tmp_paths[site], table.schema, compression="zstd")
                     writers[site].write_table(table)

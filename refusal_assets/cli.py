@@ -30,6 +30,19 @@ def _set_env(args: argparse.Namespace) -> None:
     if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster_home" / "dagster.yaml").is_file():
         (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text())
     os.environ["DAGSTER_HOME"] = str(home)
+    _init_instance_once(home)
+
+
+def _init_instance_once(home: Path) -> None:
+    """Create the SQLite instance under a file lock: two first commands at once would otherwise race
+    on Dagster's schema creation ("table already exists", or two migration heads)."""
+    import fcntl
+
+    with (home / ".init.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        import dagster as dg
+
+        dg.DagsterInstance.from_config(str(home)).dispose()
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

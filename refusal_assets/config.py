@@ -78,6 +78,17 @@ class DataConfig(_Strict):
     seed: int = 0
     heldout_fraction: float = Field(default=0.3, gt=0.0, lt=1.0)
 
+    @field_validator("categories")
+    @classmethod
+    def _safe_categories(cls, v: list[str] | None) -> list[str] | None:
+        from refusal_assets.storage import category_key
+
+        for c in v or []:
+            category_key(c)  # raises on a name that would escape the storage folder
+        if v is not None and not v:
+            raise ValueError("an empty list of categories selects nothing; omit the key to take every category")
+        return v
+
     @field_validator("splits")
     @classmethod
     def _non_empty_unique(cls, v: list[str]) -> list[str]:
@@ -227,6 +238,7 @@ class ReportConfig(_Strict):
 
 class ProjectConfig(_Strict):
     name: str = "default"
+    """Names the storage folder ``storage/<name>``: a safe key, never a path."""
     data: DataConfig
     models: list[ModelConfig] = Field(min_length=1)
     sae: SAEConfig = SAEConfig()
@@ -235,6 +247,13 @@ class ProjectConfig(_Strict):
     report: ReportConfig = ReportConfig()
     root: Path = Path(".")
     """Project root; relative paths in the config resolve against it (set by the loader)."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not SAFE_KEY.match(v) or ".." in v:
+            raise ValueError(f"name {v!r} must match {SAFE_KEY.pattern} (it names a folder under storage/)")
+        return v
 
     @model_validator(mode="after")
     def _unique_model_keys(self) -> "ProjectConfig":

@@ -57,6 +57,9 @@ def _read_split_csv(path: Path, split: str) -> tuple[list[dict[str, str]], int]:
         raise DataError(f"{path}: not valid UTF-8 at line {line} (byte {e.start}); re-save the file as UTF-8") from e
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     columns = [c.strip() for c in (reader.fieldnames or [])]
+    dupes = sorted({c for c in columns if columns.count(c) > 1})
+    if dupes:
+        raise DataError(f"{path}: repeated column(s) {dupes} in the header {columns}")
     missing = [c for c in ("prompt", "category") if c not in columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {columns} (expected at least prompt,category)")
@@ -74,9 +77,14 @@ def _read_split_csv(path: Path, split: str) -> tuple[list[dict[str, str]], int]:
                 continue
             if not category:
                 raise DataError(f"{path}: line {reader.line_num}: empty category for prompt {prompt[:60]!r}")
+            try:
+                category_key(category)
+            except ValueError as e:
+                raise DataError(f"{path}: line {reader.line_num}: {e}") from None
             rows.append({"prompt": prompt, "category": category, "split": split})
     except csv.Error as e:
-        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from e
+        # line_num counts the lines consumed so far; the broken record starts on the next one
+        raise DataError(f"{path}: line {reader.line_num + 1}: malformed CSV ({e})") from e
     if not rows:
         raise DataError(f"{path}: no prompts (every row is empty)")
     return rows, n_empty

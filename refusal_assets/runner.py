@@ -68,7 +68,7 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
                 for event in result.all_events:
                     if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
                         err = event.step_failure_data.error
-                        while err.cause is not None:  # the user-code exception, not Dagster's wrapper
+                        while err.cause is not None and err.cls_name.startswith("Dagster"):  # the user-code exception, not Dagster's wrappers
                             err = err.cause
                         print(err.to_string() if verbose else f"{err.cls_name}: {err.message.strip()}")
                 print(f"stopped: {name} {label} failed; see run {result.run_id} in the UI (refusal-assets ui)")

@@ -60,90 +60,90 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
     def circuit(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
         keys = multi_key(parts.model_category, context.partition_key)
         model_cfg, category = cfg.model(keys["model"]), keys["category"]
-        device = compute.setup()
-        t0 = time.perf_counter()
-        model, tok = load_model(model_cfg, cfg.resolve, device, context.log.info)
-        saes = {site: load_sae(sae_folder(storage, key)).to(device).eval() for site, key in zip(model_cfg.sites, model_cfg.site_keys)}
-        sites = sorted(saes)
-        refusal_ids = torch.tensor(refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device)
-        sample = load_sample(storage, category)
-        kw = dict(batch_size=model_cfg.batch_size, system_prompt=model_cfg.chat_template.system_prompt, device=device)
-        safe_train = sample.filter((pl.col("split") == "safe") & ~pl.col("heldout"))["prompt"].to_list()
-        if not safe_train:
-            safe_train = sample.filter(pl.col("split") != "toxic")["prompt"].to_list()
-        baseline = circ.compute_baseline(model, tok, safe_train, saes, **kw)
-        index = circ.NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
-        folder = storage.files.path("circuit", model_cfg.model_key, category)
-        groups = {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]} if cc.separate_safe_toxic else {"all": GROUPS["all"]}
+        with compute.claim() as device:
+            t0 = time.perf_counter()
+            model, tok = load_model(model_cfg, cfg.resolve, device, context.log.info)
+            saes = {site: load_sae(sae_folder(storage, key)).to(device).eval() for site, key in zip(model_cfg.sites, model_cfg.site_keys)}
+            sites = sorted(saes)
+            refusal_ids = torch.tensor(refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device)
+            sample = load_sample(storage, category)
+            kw = dict(batch_size=model_cfg.batch_size, system_prompt=model_cfg.chat_template.system_prompt, device=device)
+            safe_train = sample.filter((pl.col("split") == "safe") & ~pl.col("heldout"))["prompt"].to_list()
+            if not safe_train:
+                safe_train = sample.filter(pl.col("split") != "toxic")["prompt"].to_list()
+            baseline = circ.compute_baseline(model, tok, safe_train, saes, **kw)
+            index = circ.NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
+            folder = storage.files.path("circuit", model_cfg.model_key, category)
+            groups = {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]} if cc.separate_safe_toxic else {"all": GROUPS["all"]}
 
-        def select(mean_effect: np.ndarray, k: int) -> np.ndarray:
-            return select_circuit(mean_effect, index.site_of_node, mode=cc.selection, k_per_site=k, threshold=cc.threshold)
+            def select(mean_effect: np.ndarray, k: int) -> np.ndarray:
+                return select_circuit(mean_effect, index.site_of_node, mode=cc.selection, k_per_site=k, threshold=cc.threshold)
 
-        summary: dict = {"category": category, "model": model_cfg.model_key, "sites": [s.name for s in sites], "n_nodes_total": index.n_nodes, "groups": {}}
-        tensors: dict[str, torch.Tensor] = {"site_of_node": torch.from_numpy(index.site_of_node.astype(np.int32))}
-        for group, splits in groups.items():
-            rows = sample.filter(pl.col("split").is_in(splits))
-            if rows.height == 0:
-                continue
-            effects, scores = circ.node_effects(model, tok, rows["prompt"].to_list(), saes, baseline, refusal_ids, method=cc.method,
-                                                ig_steps=cc.ig_steps, log=context.log.info, **kw)
-            train = ~rows["heldout"].to_numpy()
-            mean_effect = effects[train].mean(0) if train.any() else effects.mean(0)
-            chosen = select(mean_effect, cc.k_per_site)
-            heldout_prompts = rows.filter(pl.col("heldout"))["prompt"].to_list() or rows["prompt"].to_list()
-            heldout_suffixes = circ.prepare_suffixes(model, tok, heldout_prompts, **kw)
+            summary: dict = {"category": category, "model": model_cfg.model_key, "sites": [s.name for s in sites], "n_nodes_total": index.n_nodes, "groups": {}}
+            tensors: dict[str, torch.Tensor] = {"site_of_node": torch.from_numpy(index.site_of_node.astype(np.int32))}
+            for group, splits in groups.items():
+                rows = sample.filter(pl.col("split").is_in(splits))
+                if rows.height == 0:
+                    continue
+                effects, scores = circ.node_effects(model, tok, rows["prompt"].to_list(), saes, baseline, refusal_ids, method=cc.method,
+                                                    ig_steps=cc.ig_steps, log=context.log.info, **kw)
+                train = ~rows["heldout"].to_numpy()
+                mean_effect = effects[train].mean(0) if train.any() else effects.mean(0)
+                chosen = select(mean_effect, cc.k_per_site)
+                heldout_prompts = rows.filter(pl.col("heldout"))["prompt"].to_list() or rows["prompt"].to_list()
+                heldout_suffixes = circ.prepare_suffixes(model, tok, heldout_prompts, **kw)
 
-            def score_fn(keep: np.ndarray) -> float:
-                return circ.ablated_score(model, heldout_suffixes, saes, baseline, keep, refusal_ids)
+                def score_fn(keep: np.ndarray) -> float:
+                    return circ.ablated_score(model, heldout_suffixes, saes, baseline, keep, refusal_ids)
 
-            sweep = circ.evaluate_sizes(score_fn, mean_effect, index.site_of_node, sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, cc.seed)
-            at_k = next(r for r in sweep["sweep"] if r["size_per_site"] == cc.k_per_site)
-            edges = []
-            if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
-                train_prompts = rows.filter(~pl.col("heldout"))["prompt"].to_list() or rows["prompt"].to_list()
-                edges = circ.edge_effects(model, tok, train_prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
-                                          targets_per_site=cc.edge_targets_per_site, mean_effect=mean_effect, **kw)
-            nodes = [{**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)]
-            nodes.sort(key=lambda n: -n["effect"])
-            summary["groups"][group] = {
-                "n_prompts": rows.height, "n_heldout": len(heldout_prompts), "n_nodes": int(chosen.sum()), "nodes": nodes, "edges": edges,
-                "faithfulness": at_k["faithfulness"], "completeness": at_k["completeness"], "random_faithfulness": at_k["random_faithfulness"],
-                "sweep": sweep, "mean_refusal_score": float(scores.mean()), "prompt_ids": rows["prompt_id"].to_list(),
-                "heldout": rows["heldout"].to_list(),
+                sweep = circ.evaluate_sizes(score_fn, mean_effect, index.site_of_node, sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, cc.seed)
+                at_k = next(r for r in sweep["sweep"] if r["size_per_site"] == cc.k_per_site)
+                edges = []
+                if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
+                    train_prompts = rows.filter(~pl.col("heldout"))["prompt"].to_list() or rows["prompt"].to_list()
+                    edges = circ.edge_effects(model, tok, train_prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
+                                              targets_per_site=cc.edge_targets_per_site, mean_effect=mean_effect, **kw)
+                nodes = [{**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)]
+                nodes.sort(key=lambda n: -n["effect"])
+                summary["groups"][group] = {
+                    "n_prompts": rows.height, "n_heldout": len(heldout_prompts), "n_nodes": int(chosen.sum()), "nodes": nodes, "edges": edges,
+                    "faithfulness": at_k["faithfulness"], "completeness": at_k["completeness"], "random_faithfulness": at_k["random_faithfulness"],
+                    "sweep": sweep, "mean_refusal_score": float(scores.mean()), "prompt_ids": rows["prompt_id"].to_list(),
+                    "heldout": rows["heldout"].to_list(),
+                }
+                tensors[f"effects_{group}"] = torch.from_numpy(effects.astype(np.float32))
+                tensors[f"scores_{group}"] = torch.from_numpy(scores.astype(np.float32))
+                context.log.info(f"{category}/{group}: {int(chosen.sum())} nodes, faithfulness {at_k['faithfulness']:.3f}, completeness {at_k['completeness']:.3f}")
+
+            # Refusal-direction baseline: one direction per site, and the score after projecting it out.
+            toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
+            directions = {}
+            for site, key in zip(model_cfg.sites, model_cfg.site_keys):
+                r = refusal_direction(storage, key, category)
+                if r is None:
+                    continue
+                tensors[f"direction_{site.name}"] = r
+                entry = {"norm": float(r.norm())}
+                if toxic_heldout:
+                    suffixes = circ.prepare_suffixes(model, tok, toxic_heldout, **kw)
+                    entry["score_clean"] = circ.ablated_score(model, suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
+                    entry["score_ablated"] = circ.direction_ablation_score(model, tok, toxic_heldout, site, r.to(device), refusal_ids, **kw)
+                directions[site.name] = entry
+            summary["directions"] = directions
+            with atomic_path(folder / "effects.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            png = plot_sweeps({g: v["sweep"] for g, v in summary["groups"].items()}, f"{model_cfg.model_key} / {category}", folder / "faithfulness.png")
+            summary["seconds"] = time.perf_counter() - t0
+            write_text(json.dumps(summary, indent=1, default=float), folder / "circuit.json")  # written last: marks a complete partition
+            main = summary["groups"].get("toxic") or next(iter(summary["groups"].values()))
+            md = {
+                "n_nodes": main["n_nodes"], "faithfulness": main["faithfulness"], "completeness": main["completeness"],
+                "random_faithfulness": main["random_faithfulness"], "n_edges": len(main["edges"]), "seconds": round(summary["seconds"], 1),
+                "top_nodes": dg.MetadataValue.md("\n".join(f"- {n['site']} {'error' if n['is_error'] else 'latent ' + str(n['latent'])}: {n['effect']:.3f}" for n in main["nodes"][:10])),
+                "faithfulness_plot": png_markdown(png, "faithfulness and completeness"),
             }
-            tensors[f"effects_{group}"] = torch.from_numpy(effects.astype(np.float32))
-            tensors[f"scores_{group}"] = torch.from_numpy(scores.astype(np.float32))
-            context.log.info(f"{category}/{group}: {int(chosen.sum())} nodes, faithfulness {at_k['faithfulness']:.3f}, completeness {at_k['completeness']:.3f}")
-
-        # Refusal-direction baseline: one direction per site, and the score after projecting it out.
-        toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
-        directions = {}
-        for site, key in zip(model_cfg.sites, model_cfg.site_keys):
-            r = refusal_direction(storage, key, category)
-            if r is None:
-                continue
-            tensors[f"direction_{site.name}"] = r
-            entry = {"norm": float(r.norm())}
-            if toxic_heldout:
-                suffixes = circ.prepare_suffixes(model, tok, toxic_heldout, **kw)
-                entry["score_clean"] = circ.ablated_score(model, suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
-                entry["score_ablated"] = circ.direction_ablation_score(model, tok, toxic_heldout, site, r.to(device), refusal_ids, **kw)
-            directions[site.name] = entry
-        summary["directions"] = directions
-        with atomic_path(folder / "effects.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        png = plot_sweeps({g: v["sweep"] for g, v in summary["groups"].items()}, f"{model_cfg.model_key} / {category}", folder / "faithfulness.png")
-        summary["seconds"] = time.perf_counter() - t0
-        write_text(json.dumps(summary, indent=1, default=float), folder / "circuit.json")  # written last: marks a complete partition
-        main = summary["groups"].get("toxic") or next(iter(summary["groups"].values()))
-        md = {
-            "n_nodes": main["n_nodes"], "faithfulness": main["faithfulness"], "completeness": main["completeness"],
-            "random_faithfulness": main["random_faithfulness"], "n_edges": len(main["edges"]), "seconds": round(summary["seconds"], 1),
-            "top_nodes": dg.MetadataValue.md("\n".join(f"- {n['site']} {'error' if n['is_error'] else 'latent ' + str(n['latent'])}: {n['effect']:.3f}" for n in main["nodes"][:10])),
-            "faithfulness_plot": png_markdown(png, "faithfulness and completeness"),
-        }
-        for g, v in summary["groups"].items():
-            md[f"faithfulness_{g}"], md[f"completeness_{g}"], md[f"n_nodes_{g}"] = v["faithfulness"], v["completeness"], v["n_nodes"]
-        return dg.MaterializeResult(metadata={k: clean(v) for k, v in md.items()})
+            for g, v in summary["groups"].items():
+                md[f"faithfulness_{g}"], md[f"completeness_{g}"], md[f"n_nodes_{g}"] = v["faithfulness"], v["completeness"], v["n_nodes"]
+            return dg.MaterializeResult(metadata={k: clean(v) for k, v in md.items()})
 
     return [circuit]

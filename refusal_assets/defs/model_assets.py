@@ -36,26 +36,26 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
     def refusal_behaviour(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
         keys = multi_key(parts.model_category, context.partition_key)
         model_cfg, category = cfg.model(keys["model"]), keys["category"]
-        device = compute.setup()
-        t0 = time.perf_counter()
-        model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
-        load_s = time.perf_counter() - t0
-        df = behaviour.run_behaviour(model, tokenizer, load_sample(storage, category), model_cfg, device, context.log.info)
-        folder = storage.files.path("refusal_behaviour", model_cfg.model_key, category)
-        write_parquet(df.to_arrow(), folder / "behaviour.parquet")
-        rates = behaviour.refusal_rates(df)
-        behaviour.plot_refusal_rates(rates, f"{model_cfg.model_key} / {category}", folder / "refusal_rates.png")
-        md = {
-            "refusal_rate": rates["all"]["rate"], "n_prompts": df.height, "load_seconds": round(load_s, 2),
-            "seconds": round(time.perf_counter() - t0, 2), "device": device,
-            "plot": png_markdown(folder / "refusal_rates.png", "refusal rate per split"),
-        }
-        for split, r in rates.items():
-            if split != "all":
-                md[f"refusal_rate_{split}"] = r["rate"]
-                md[f"refusal_rate_{split}_ci"] = f"[{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
-                md[f"mean_p_refusal_{split}"] = r["mean_p_refusal"]
-        return dg.MaterializeResult(metadata=md)
+        with compute.claim() as device:
+            t0 = time.perf_counter()
+            model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
+            load_s = time.perf_counter() - t0
+            df = behaviour.run_behaviour(model, tokenizer, load_sample(storage, category), model_cfg, device, context.log.info)
+            folder = storage.files.path("refusal_behaviour", model_cfg.model_key, category)
+            write_parquet(df.to_arrow(), folder / "behaviour.parquet")
+            rates = behaviour.refusal_rates(df)
+            behaviour.plot_refusal_rates(rates, f"{model_cfg.model_key} / {category}", folder / "refusal_rates.png")
+            md = {
+                "refusal_rate": rates["all"]["rate"], "n_prompts": df.height, "load_seconds": round(load_s, 2),
+                "seconds": round(time.perf_counter() - t0, 2), "device": device,
+                "plot": png_markdown(folder / "refusal_rates.png", "refusal rate per split"),
+            }
+            for split, r in rates.items():
+                if split != "all":
+                    md[f"refusal_rate_{split}"] = r["rate"]
+                    md[f"refusal_rate_{split}_ci"] = f"[{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
+                    md[f"mean_p_refusal_{split}"] = r["mean_p_refusal"]
+            return dg.MaterializeResult(metadata=md)
 
     @dg.asset(
         partitions_def=parts.site_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
@@ -72,37 +72,37 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
         for key in context.partition_keys:
             k = multi_key(parts.site_category, key)
             groups[(parts.site_to_model[k["site"]], k["category"])].append(key)
-        device = compute.setup()
-        metadata: dict[str, dict] = {}
-        n_bad_total = 0
-        for model_key in sorted({m for m, _ in groups}):
-            model_cfg = cfg.model(model_key)
-            model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
-            for (m, category), keys in sorted(groups.items()):
-                if m != model_key:
-                    continue
-                sites = {Site.parse(multi_key(parts.site_category, k)["site"].split("__", 1)[1]): k for k in keys}
-                paths = {s: storage.files.path("activations", multi_key(parts.site_category, k)["site"], category, filename="activations.parquet") for s, k in sites.items()}
-                t0 = time.perf_counter()
-                non_finite: dict = {}
-                n_rows = acts_core.collect_activations(
-                    model, tokenizer, load_sample(storage, category), sorted(sites), paths, batch_size=model_cfg.batch_size,
-                    system_prompt=model_cfg.chat_template.system_prompt, all_positions=model_cfg.all_token_positions,
-                    device=device, log=context.log.info, non_finite=non_finite,
-                )
-                seconds = time.perf_counter() - t0
-                sample = load_sample(storage, category)
-                for site, key in sites.items():
-                    n_bad = non_finite.get(site, 0)
-                    n_bad_total += n_bad
-                    metadata[key] = {
-                        "n_rows": n_rows[site], "d_model": model_cfg.architecture.d_model, "n_prompts": sample.height, "n_non_finite_rows": n_bad,
-                        "seconds_for_all_sites_of_this_category": round(seconds, 2), "path": str(paths[site]),
-                    }
-        yield from materialize_each(context, metadata)
-        yield dg.AssetCheckResult(
-            check_name="finite_vectors", asset_key="activations", passed=n_bad_total == 0,
-            metadata={"n_non_finite_rows": n_bad_total, "partitions": len(metadata)},
-        )
+        with compute.claim() as device:
+            metadata: dict[str, dict] = {}
+            n_bad_total = 0
+            for model_key in sorted({m for m, _ in groups}):
+                model_cfg = cfg.model(model_key)
+                model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
+                for (m, category), keys in sorted(groups.items()):
+                    if m != model_key:
+                        continue
+                    sites = {Site.parse(multi_key(parts.site_category, k)["site"].split("__", 1)[1]): k for k in keys}
+                    paths = {s: storage.files.path("activations", multi_key(parts.site_category, k)["site"], category, filename="activations.parquet") for s, k in sites.items()}
+                    t0 = time.perf_counter()
+                    non_finite: dict = {}
+                    n_rows = acts_core.collect_activations(
+                        model, tokenizer, load_sample(storage, category), sorted(sites), paths, batch_size=model_cfg.batch_size,
+                        system_prompt=model_cfg.chat_template.system_prompt, all_positions=model_cfg.all_token_positions,
+                        device=device, log=context.log.info, non_finite=non_finite,
+                    )
+                    seconds = time.perf_counter() - t0
+                    sample = load_sample(storage, category)
+                    for site, key in sites.items():
+                        n_bad = non_finite.get(site, 0)
+                        n_bad_total += n_bad
+                        metadata[key] = {
+                            "n_rows": n_rows[site], "d_model": model_cfg.architecture.d_model, "n_prompts": sample.height, "n_non_finite_rows": n_bad,
+                            "seconds_for_all_sites_of_this_category": round(seconds, 2), "path": str(paths[site]),
+                        }
+            yield from materialize_each(context, metadata)
+            yield dg.AssetCheckResult(
+                check_name="finite_vectors", asset_key="activations", passed=n_bad_total == 0,
+                metadata={"n_non_finite_rows": n_bad_total, "partitions": len(metadata)},
+            )
 
     return [refusal_behaviour, activations]

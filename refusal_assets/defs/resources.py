@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 import dagster as dg
 
@@ -22,10 +29,28 @@ class ComputeResource(dg.ConfigurableResource):
             raise RuntimeError(f"device {self.device!r} requested but CUDA is not available on this machine")
         return self.device
 
+    serialize_device: bool = True
+    """Also hold a file lock per device while a step uses it. Dagster's pool claim on SQLite can
+    race (two steps claiming the last slot at the same instant); this closes the gap on one
+    machine. Turn it off when the pool limit is above 1 (several GPUs) or on PostgreSQL."""
+
     def setup(self) -> str:
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         return self.resolved_device()
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[str]:
+        """The device, held exclusively (see ``serialize_device``) for the duration of the block."""
+        device = self.setup()
+        if not self.serialize_device:
+            yield device
+            return
+        folder = Path(os.environ.get("DAGSTER_HOME") or tempfile.gettempdir())
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f".device-{device.replace(':', '-')}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield device
 
 
 class StorageResource(dg.ConfigurableResource):
