@@ -136,10 +136,13 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
             if path.is_file():
                 s = json.loads(path.read_text())
                 for g, v in s["groups"].items():
-                    rows.append([c, g, v["n_nodes"], v["faithfulness"], v["completeness"], v["random_faithfulness"], len(v["edges"])])
+                    rows.append([c, g, v["n_nodes"], v["faithfulness"], v["completeness"], v["random_faithfulness"],
+                                 v["sweep"]["m_full"] - v["sweep"]["m_empty"], v["n_heldout"], len(v["edges"])])
         if rows:
             doc.h(3, m.model_key)
-            doc.table(["category", "prompts", "nodes", "faithfulness", "completeness", "random control", "edges"], rows)
+            doc.p("m(M) - m(∅) is the ratios' denominator: where it is near zero the held-out prompts barely respond to "
+                  "ablating everything, and faithfulness/completeness are ill-conditioned.")
+            doc.table(["category", "prompts", "nodes", "faithfulness", "completeness", "random control", "m(M) - m(∅)", "held-out", "edges"], rows)
             for c in categories:
                 doc.image(files.path("circuit", m.model_key, c, filename="faithfulness.png"), f"faithfulness sweep {m.model_key}/{c}")
 

@@ -139,6 +139,9 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             md = {
                 "n_nodes": main["n_nodes"], "faithfulness": main["faithfulness"], "completeness": main["completeness"],
                 "random_faithfulness": main["random_faithfulness"], "n_edges": len(main["edges"]), "seconds": round(summary["seconds"], 1),
+            # the ratio's denominator: when the full model and the all-ablated model score alike on the
+            # held-out prompts, faithfulness and completeness are ill-conditioned (large, either sign)
+            "m_full_minus_m_empty": main["sweep"]["m_full"] - main["sweep"]["m_empty"],
                 "top_nodes": dg.MetadataValue.md("\n".join(f"- {n['site']} {'error' if n['is_error'] else 'latent ' + str(n['latent'])}: {n['effect']:.3f}" for n in main["nodes"][:10])),
                 "faithfulness_plot": png_markdown(png, "faithfulness and completeness"),
             }
