@@ -4,7 +4,6 @@ sensor rebuild exactly the SAE partitions, then their downstream circuits."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import dagster as dg
 import pytest
 
 from refusal_assets_tests.conftest import ROOT
-from refusal_assets_tests.test_ui_browser import _free_port, _wait_http
+from refusal_assets_tests.test_ui_browser import serve_ui
 
 RELOAD = """mutation { reloadWorkspace { __typename ... on PythonError { message } } }"""
 
@@ -47,13 +46,7 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(tm
     before = {k: _code_versions(instance, k) for k in ("sae", "circuit", "activations")}
     n_runs_before = len(instance.get_run_records())
 
-    port = _free_port()
-    log = open(tmp_path / "ui.log", "w")
-    proc = subprocess.Popen([*cli, "ui", "--config", str(config), "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url + "/server_info", 120)
+    with serve_ui(config, env, tmp_path / "ui.log") as url:
         config.write_text(config.read_text().replace("  k: 8\n", "  k: 6\n"))  # edit the SAE section only
         assert _graphql(url, RELOAD)["data"]["reloadWorkspace"]["__typename"] == "Workspace"
         deadline = time.time() + 420
@@ -63,13 +56,6 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(tm
                    _newer(instance, "circuit", p, n_runs_before) for p in before["circuit"]):
                 break
             time.sleep(5)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
     after = {k: _code_versions(instance, k) for k in ("sae", "circuit", "activations")}
     assert all(after["sae"][p] != before["sae"][p] for p in before["sae"]), "every SAE partition was rebuilt with the new config"
     assert after["activations"] == before["activations"], "activations (upstream, config unchanged) were not rebuilt"

@@ -1,6 +1,7 @@
 """The UI end to end in headless Chromium: open the asset graph, materialize one orbench_prompts
 partition from the UI, wait for success, save a screenshot."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -37,26 +39,32 @@ def _wait_http(url: str, timeout: float) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+@contextlib.contextmanager
+def serve_ui(config: Path, env: dict, log_path: Path) -> Iterator[str]:
+    """`refusal-assets ui` (webserver + daemon) in its own process group; yields its URL."""
+    port = _free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "refusal_assets.cli", "ui", "--config", str(config), "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/server_info", 120)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture()
 def ui_server(tmp_path):
-    port = _free_port()
     home = tmp_path / "home"
     env = {**os.environ, "DAGSTER_HOME": str(home), "REFUSAL_ASSETS_STORAGE": str(tmp_path / "storage")}
-    log = open(tmp_path / "ui.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "refusal_assets.cli", "ui", "--config", str(ROOT / "configs" / "tiny.yaml"), "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/server_info", 120)
-        yield f"http://127.0.0.1:{port}", home, tmp_path
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    with serve_ui(ROOT / "configs" / "tiny.yaml", env, tmp_path / "ui.log") as url:
+        yield url, home, tmp_path
 
 
 @pytest.mark.slow
@@ -104,3 +112,13 @@ def test_materialize_a_partition_from_the_ui(ui_server):
         browser.close()
     assert (tmp / "storage" / "orbench_prompts" / "privacy" / "prompts.parquet").is_file()
     assert (ARTIFACTS / "ui_materialized_partition.png").stat().st_size > 10_000
+
+    # `refusal-assets backfill` launches a real asset backfill through the webserver's GraphQL API
+    from refusal_assets.backfill import launch_backfill
+
+    backfill_id = launch_backfill(url, "orbench_prompts", ["harassment", "violence"])
+    assert instance.get_backfill(backfill_id) is not None
+    deadline = time.time() + 240
+    while time.time() < deadline and not {"harassment", "violence"} <= instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")):
+        time.sleep(2)
+    assert instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")) == {"privacy", "harassment", "violence"}
