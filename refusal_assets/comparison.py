@@ -203,6 +203,7 @@ def decide_verdict(
     modular_max_normalised_jaccard: float = 0.5,
     monolithic_min_shared_ci_low: float = 0.5,
     monolithic_min_normalised_jaccard: float = 0.8,
+    monolithic_min_ceiling: float = 0.4,
 ) -> tuple[Literal["modular", "monolithic", "mixed"], str]:
     """The documented rule.
 
@@ -240,7 +241,11 @@ def decide_verdict(
             f"the median normalised Jaccard is below {modular_max_normalised_jaccard}, so categories use "
             "measurably different circuits."
         )
-    if n_sig == 0 and (ci_low >= monolithic_min_shared_ci_low or median_norm >= monolithic_min_normalised_jaccard):
+    # The normalised-Jaccard route needs circuits that replicate within a category: with split-half
+    # ceilings near chance, "no significant difference" means no power, not one shared circuit.
+    median_ceiling = float(np.median([p.ceiling for p in pairs])) if pairs else 0.0
+    reliable = median_ceiling >= monolithic_min_ceiling
+    if n_sig == 0 and (ci_low >= monolithic_min_shared_ci_low or (reliable and median_norm >= monolithic_min_normalised_jaccard)):
         why = (
             f"the shared-fraction CI lower end is at least {monolithic_min_shared_ci_low}"
             if ci_low >= monolithic_min_shared_ci_low
@@ -254,7 +259,9 @@ def decide_verdict(
         f"Mixed: {numbers} Neither the modular rule (>= {modular_min_significant_fraction:.0%} of pairs "
         f"significant and median normalised Jaccard < {modular_max_normalised_jaccard}) nor the monolithic rule "
         f"(no pair significant and shared CI low >= {monolithic_min_shared_ci_low} or median normalised "
-        f"Jaccard >= {monolithic_min_normalised_jaccard}) holds."
+        f"Jaccard >= {monolithic_min_normalised_jaccard} with a median split-half ceiling >= {monolithic_min_ceiling}) holds"
+        + ("" if reliable else f"; the circuits barely replicate within a category (median ceiling {median_ceiling:.2f}), so the test has little power")
+        + "."
     )
 
 
