@@ -28,7 +28,13 @@ def load_project() -> ProjectConfig:
 
 
 def storage_root(cfg: ProjectConfig) -> Path:
-    """``$REFUSAL_ASSETS_STORAGE``, else ``storage/<config name>`` in the project root."""
+    """``$REFUSAL_ASSETS_STORAGE``, else ``storage/<config name>`` in the project root
+    (``storage/<config name>--<data folder name>`` with ``--data-dir``, so another dataset never
+    overwrites the config's own outputs)."""
     if env := os.environ.get(STORAGE_ENV):
         return Path(env).expanduser().resolve()
+    if data_dir := os.environ.get(DATA_DIR_ENV):
+        from refusal_assets.storage import safe_part
+
+        return cfg.root / "storage" / f"{cfg.name}--{safe_part(Path(data_dir).resolve().name, 'data folder name')}"
     return cfg.root / "storage" / cfg.name
