@@ -39,7 +39,8 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(tm
     config.parent.mkdir()
     config.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace("path: data/orbench_sample", f"path: {ROOT / 'data' / 'orbench_sample'}"))
     home, storage = tmp_path / "home", tmp_path / "storage"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "REFUSAL_ASSETS_STORAGE": str(storage), "REFUSAL_ASSETS_CONFIG": str(config)}
+    env = {k: v for k, v in os.environ.items() if k != "REFUSAL_ASSETS_DATA_DIR"}
+    env.update(DAGSTER_HOME=str(home), REFUSAL_ASSETS_STORAGE=str(storage), REFUSAL_ASSETS_CONFIG=str(config))
     cli = [sys.executable, "-m", "refusal_assets.cli"]
     subprocess.run([*cli, "run", "--config", str(config)], cwd=ROOT, env=env, check=True, capture_output=True)
     instance = dg.DagsterInstance.from_config(str(home))

@@ -62,7 +62,8 @@ def serve_ui(config: Path, env: dict, log_path: Path) -> Iterator[str]:
 @pytest.fixture()
 def ui_server(tmp_path):
     home = tmp_path / "home"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "REFUSAL_ASSETS_STORAGE": str(tmp_path / "storage")}
+    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
+    env.update(DAGSTER_HOME=str(home), REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage"))
     with serve_ui(ROOT / "configs" / "tiny.yaml", env, tmp_path / "ui.log") as url:
         yield url, home, tmp_path
 
