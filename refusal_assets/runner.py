@@ -19,8 +19,22 @@ from refusal_assets.defs.build import build_defs
 
 def _plan(defs: dg.Definitions, select: str) -> list[tuple[dg.AssetsDefinition, list[str] | None, bool]]:
     graph = defs.resolve_asset_graph()
-    selection = dg.AssetSelection.from_string(select) if select != "*" else dg.AssetSelection.all()
-    keys = selection.resolve(graph)
+    if select == "*":
+        selection = dg.AssetSelection.all()
+    else:
+        # Dagster's selection syntax, plus comma-separated lists: "comparison,report".
+        parts = [p.strip() for p in select.split(",") if p.strip()]
+        try:
+            selection = dg.AssetSelection.from_string(parts[0])
+            for part in parts[1:]:
+                selection = selection | dg.AssetSelection.from_string(part)
+        except Exception as e:
+            raise SystemExit(f"error: invalid --select {select!r} ({e}); e.g. 'orbench_prompts', 'key:sae+', 'comparison,report'")
+    known = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
+    try:
+        keys = selection.resolve(graph)
+    except Exception as e:
+        raise SystemExit(f"error: --select {select!r} names no known asset ({type(e).__name__}); known: {known}") from None
     if not keys:
         raise SystemExit(f"error: the selection {select!r} matches no asset; known: {sorted(k.to_user_string() for k in graph.get_all_asset_keys())}")
     order = [k for level in graph.toposorted_asset_keys_by_level for k in sorted(level) if k in keys]
