@@ -68,6 +68,22 @@ def ui_server(tmp_path):
         yield url, home, tmp_path
 
 
+def _wait_for_partitions(instance: dg.DagsterInstance, wanted: set[str], tmp: Path, timeout: float = 420) -> None:
+    """Wait until the partitions are materialized; fail early, with the runs' state and the server
+    log, when a run fails or nothing happens."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if wanted <= instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")):
+            return
+        failed = [r for r in instance.get_runs() if r.status == dg.DagsterRunStatus.FAILURE]
+        if failed:
+            break
+        time.sleep(2)
+    runs = [(r.run_id[:8], r.status.value, r.tags.get("dagster/partition")) for r in instance.get_runs()]
+    log_tail = (tmp / "ui.log").read_text(errors="replace")[-3000:]
+    pytest.fail(f"partitions {sorted(wanted)} not materialized; runs: {runs}\n--- ui.log tail ---\n{log_tail}")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
 def test_materialize_a_partition_from_the_ui(ui_server):
@@ -101,9 +117,7 @@ def test_materialize_a_partition_from_the_ui(ui_server):
         dialog.get_by_role("button", name="Launch").last.click()
 
         instance = dg.DagsterInstance.from_config(str(home))
-        deadline = time.time() + 240
-        while time.time() < deadline and "privacy" not in instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")):
-            time.sleep(2)
+        _wait_for_partitions(instance, {"privacy"}, tmp)
         assert instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")) == {"privacy"}
 
         page.goto(f"{url}/assets/orbench_prompts?view=partitions", wait_until="networkidle")
@@ -119,7 +133,5 @@ def test_materialize_a_partition_from_the_ui(ui_server):
 
     backfill_id = launch_backfill(url, "orbench_prompts", ["harassment", "violence"])
     assert instance.get_backfill(backfill_id) is not None
-    deadline = time.time() + 240
-    while time.time() < deadline and not {"harassment", "violence"} <= instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")):
-        time.sleep(2)
+    _wait_for_partitions(instance, {"privacy", "harassment", "violence"}, tmp)
     assert instance.get_materialized_partitions(dg.AssetKey("orbench_prompts")) == {"privacy", "harassment", "violence"}
