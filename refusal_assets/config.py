@@ -161,7 +161,8 @@ class ModelConfig(_Strict):
         expand_sites(self.activation_layers, self.architecture.n_layers)  # raises on bad layers
         if self.source in ("local", "gguf") and not self.path:
             raise ValueError(f"source {self.source!r} needs 'path'")
-        model_key_from_id(self.id) if self.key is None else None
+        if self.key is None:
+            model_key_from_id(self.id)  # raises when no safe key can be derived
         return self
 
     @property

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from refusal_assets.config import ProjectConfig
-from refusal_assets.storage import Storage, atomic_path, write_text
+from refusal_assets.storage import Storage, write_text
 
 PACKAGES = ["refusal_assets", "torch", "transformers", "dagster", "numpy", "scipy", "polars", "pyarrow", "safetensors"]
 

@@ -17,7 +17,7 @@ from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.automation import rebuild_condition
 from refusal_assets.defs.gpu import GPU_POOL
 from refusal_assets.defs.metadata import clean, multi_key, png_markdown
-from refusal_assets.defs.model_assets import load_sample
+from refusal_assets.defs.model_assets import activations_path, load_sample
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.defs.sae_assets import sae_folder
@@ -32,7 +32,7 @@ GROUPS = {"toxic": ["toxic"], "benign": ["safe", "hard"], "all": ["safe", "hard"
 
 def refusal_direction(storage: StorageResource, site_key: str, category: str, heldout: bool = False) -> torch.Tensor | None:
     """Difference of means (toxic - safe) at the last post-instruction position (Arditi et al. 2024)."""
-    vectors, meta = acts_core.read_vectors(storage.files.path("activations", site_key, category, filename="activations.parquet"), post_instruction_only=True)
+    vectors, meta = acts_core.read_vectors(activations_path(storage, site_key, category), post_instruction_only=True)
     meta = meta.with_row_index("row")
     last = meta.group_by("prompt_id").agg(pl.col("row").max(), pl.col("split").first())
     last = last.filter(pl.col("split").is_in(["toxic", "safe"]))

@@ -20,6 +20,10 @@ from refusal_assets.sites import Site
 from refusal_assets.storage import read_parquet, write_parquet
 
 
+def activations_path(storage: StorageResource, site_key: str, category: str):
+    return storage.files.path("activations", site_key, category, filename="activations.parquet")
+
+
 def load_sample(storage: StorageResource, category: str) -> pl.DataFrame:
     return pl.from_arrow(read_parquet(storage.files.path("prompt_sample", category, filename="sample.parquet"), "prompt sample"))
 
@@ -68,30 +72,28 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
     )
     def activations(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource):
         # One forward pass per (model, category) serves every requested site of that model.
-        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        groups: dict[str, dict[str, dict[Site, str]]] = defaultdict(lambda: defaultdict(dict))  # model -> category -> site -> key
         for key in context.partition_keys:
             k = multi_key(parts.site_category, key)
-            groups[(parts.site_to_model[k["site"]], k["category"])].append(key)
+            model_key, site_name = k["site"].split("__", 1)
+            groups[model_key][k["category"]][Site.parse(site_name)] = key
         with compute.claim() as device:
             metadata: dict[str, dict] = {}
             n_bad_total = 0
-            for model_key in sorted({m for m, _ in groups}):
+            for model_key, by_category in sorted(groups.items()):
                 model_cfg = cfg.model(model_key)
                 model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
-                for (m, category), keys in sorted(groups.items()):
-                    if m != model_key:
-                        continue
-                    sites = {Site.parse(multi_key(parts.site_category, k)["site"].split("__", 1)[1]): k for k in keys}
-                    paths = {s: storage.files.path("activations", multi_key(parts.site_category, k)["site"], category, filename="activations.parquet") for s, k in sites.items()}
+                for category, sites in sorted(by_category.items()):
+                    paths = {s: activations_path(storage, f"{model_key}__{s.name}", category) for s in sites}
+                    sample = load_sample(storage, category)
                     t0 = time.perf_counter()
                     non_finite: dict = {}
                     n_rows = acts_core.collect_activations(
-                        model, tokenizer, load_sample(storage, category), sorted(sites), paths, batch_size=model_cfg.batch_size,
+                        model, tokenizer, sample, sorted(sites), paths, batch_size=model_cfg.batch_size,
                         system_prompt=model_cfg.chat_template.system_prompt, all_positions=model_cfg.all_token_positions,
                         device=device, log=context.log.info, non_finite=non_finite,
                     )
                     seconds = time.perf_counter() - t0
-                    sample = load_sample(storage, category)
                     for site, key in sites.items():
                         n_bad = non_finite.get(site, 0)
                         n_bad_total += n_bad

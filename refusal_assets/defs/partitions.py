@@ -61,9 +61,3 @@ class Partitions:
             "category": dg.DimensionPartitionMapping("category", dg.IdentityPartitionMapping()),
         })
 
-
-def split_key(key: str) -> dict[str, str]:
-    """Dimension -> key for a multi-partition key string such as ``harassment|qwen``."""
-    if isinstance(key, dg.MultiPartitionKey):
-        return dict(key.keys_by_dimension)
-    raise TypeError(f"not a multi-partition key: {key!r}")

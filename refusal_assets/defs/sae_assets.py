@@ -14,7 +14,7 @@ from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.automation import rebuild_condition
 from refusal_assets.defs.gpu import GPU_POOL
 from refusal_assets.defs.metadata import clean, png_markdown
-from refusal_assets.defs.model_assets import load_sample
+from refusal_assets.defs.model_assets import activations_path, load_sample
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.models import load_model
@@ -50,7 +50,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             t0 = time.perf_counter()
             vectors, metas = [], []
             for category in parts.category.get_partition_keys():
-                v, meta = acts_core.read_vectors(storage.files.path("activations", site_key, category, filename="activations.parquet"))
+                v, meta = acts_core.read_vectors(activations_path(storage, site_key, category))
                 vectors.append(v)
                 metas.append(meta)
             x = torch.cat(vectors)  # [N, d] float16
