@@ -21,13 +21,43 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 import torch
+from scipy import stats
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.behaviour import refusal_score
 from refusal_assets.chat import ChatBatch, batches, encode_chat
 from refusal_assets.sites import Site, output_tensor, replace_output, site_module
+
+
+def select_prompts(rows: pl.DataFrame, prompt_filter: str, min_prompts: int) -> tuple[pl.DataFrame, str]:
+    """The prompts of one group that its circuit is found and evaluated on, and a label for that set.
+
+    ``rows`` carries the behaviour columns ``refused`` and ``refusal_score``. A filter that leaves
+    fewer than ``min_prompts`` falls back to every prompt, and the label says so.
+    """
+    if prompt_filter == "all":
+        return rows, "all"
+    keep = pl.col("refused") if prompt_filter == "refused" else pl.col("refusal_score") > 0
+    chosen = rows.filter(keep)
+    if chosen.height < min_prompts:
+        return rows, f"all ({prompt_filter}: only {chosen.height} < {min_prompts})"
+    return chosen, prompt_filter
+
+
+def baseline_prompts(sample: pl.DataFrame, prompt_filter: str) -> tuple[list[str], str]:
+    """Prompts whose mean activations are the ablation baseline: the safe prompts, and with a
+    refusal filter only those the model complied with (so the baseline is the non-refusing state)."""
+    safe = sample.filter(pl.col("split") == "safe")
+    if prompt_filter != "all":
+        complied = safe.filter(~pl.col("refused") if prompt_filter == "refused" else pl.col("refusal_score") <= 0)
+        if complied.height:
+            return complied["prompt"].to_list(), "safe, complied"
+    if safe.height:
+        return safe["prompt"].to_list(), "safe"
+    return sample.filter(pl.col("split") != "toxic")["prompt"].to_list(), "non-toxic"
 
 
 class NodeIndex:
@@ -233,62 +263,129 @@ def prepare_suffixes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 @torch.no_grad()
-def ablated_score(model: PreTrainedModel, suffixes: list[SuffixBatch], saes: dict[Site, nn.Module],
-                  baseline: Baseline, keep: np.ndarray, refusal_ids: torch.Tensor) -> float:
-    """Mean refusal score with every node outside ``keep`` [n_nodes] mean-ablated at the post-instruction positions."""
+def ablated_scores(model: PreTrainedModel, suffixes: list[SuffixBatch], saes: dict[Site, nn.Module],
+                   baseline: Baseline, keep: np.ndarray, refusal_ids: torch.Tensor) -> np.ndarray:
+    """Per-prompt refusal scores [n_prompts] with every node outside the kept set mean-ablated at the
+    post-instruction positions. ``keep`` is one mask [n_nodes] for every prompt or one per prompt
+    [n_prompts, n_nodes], so a whole cross-fitted sweep point (each prompt ablated by the circuit of
+    its own fold) is one pass."""
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
-    keep_t = torch.from_numpy(keep.astype(bool))
-    total, n = 0.0, 0
+    n_prompts = sum(len(s.suffix_ids) for s in suffixes)
+    keep_t = torch.from_numpy(np.broadcast_to(np.asarray(keep, dtype=bool), (n_prompts, index.n_nodes)).copy())
+    scores, start = [], 0
     for suffix in suffixes:
-        def hook_for(k: int, s: Site):
+        rows = keep_t[start : start + len(suffix.suffix_ids)]  # [B, n_nodes]
+        start += len(rows)
+
+        def hook_for(k: int, s: Site, rows: torch.Tensor = rows):
             sl = index.site_slice(k)
-            keep_f, keep_err = keep_t[sl.start : sl.stop - 1], bool(keep_t[sl.stop - 1])
+            device = baseline.f_mean[s].device
+            keep_f = rows[:, None, sl.start : sl.stop - 1].to(device)  # [B, 1, d_sae]
+            keep_err = rows[:, None, sl.stop - 1 : sl.stop].to(device)  # [B, 1, 1]
 
             def hook(_m, _i, output):
                 x = output_tensor(output)  # [B, P, d]: the suffix only
                 f = saes[s].encode(x.float())
                 err = x.float() - saes[s].decode(f)
                 f = torch.where(keep_f, f, baseline.f_mean[s])
-                err = err if keep_err else baseline.err_mean[s].expand_as(err)
+                err = torch.where(keep_err, err, baseline.err_mean[s])
                 return replace_output(output, (saes[s].decode(f) + err).to(x.dtype))
 
             return hook
 
         with _hooks(model, {s: hook_for(k, s) for k, s in enumerate(sites)}):
-            score = _score(model, suffix, refusal_ids)
-        total += float(score.sum())
-        n += len(score)
-    return total / max(n, 1)
+            scores.append(_score(model, suffix, refusal_ids).cpu().numpy())
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def ablated_score(model: PreTrainedModel, suffixes: list[SuffixBatch], saes: dict[Site, nn.Module],
+                  baseline: Baseline, keep: np.ndarray, refusal_ids: torch.Tensor) -> float:
+    """Mean refusal score with every node outside ``keep`` [n_nodes] mean-ablated at the post-instruction positions."""
+    scores = ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
+    return float(scores.mean()) if len(scores) else float("nan")
 
 
 def faithfulness(m_c: float, m_empty: float, m_full: float) -> float:
     """(m(C) - m(∅)) / (m(M) - m(∅)), unclipped."""
-    return (m_c - m_empty) / (m_full - m_empty) if m_full != m_empty else float("nan")
+    return float((m_c - m_empty) / (m_full - m_empty)) if m_full != m_empty else float("nan")
 
 
-def evaluate_sizes(score_fn: Callable[[np.ndarray], float], mean_effect: np.ndarray, site_of_node: np.ndarray, sizes: list[int],
-                   select: Callable[[np.ndarray, int], np.ndarray], seed: int) -> dict:
-    """Faithfulness and completeness of the top-n-per-site circuit for each n, and of a random
-    circuit with the same number of nodes per site (the control)."""
-    n_nodes = len(mean_effect)
-    m_full = score_fn(np.ones(n_nodes, bool))
-    m_empty = score_fn(np.zeros(n_nodes, bool))
+def crossfit_folds(n_prompts: int, n_folds: int, seed: int) -> np.ndarray:
+    """Fold of each prompt [n_prompts]: ``n_folds`` = 0 (or >= n_prompts) is leave-one-out; else a
+    seeded, balanced assignment to ``n_folds`` folds."""
+    if n_folds < 0 or n_folds == 1:
+        raise ValueError(f"n_folds must be 0 (leave-one-out) or at least 2, not {n_folds}")
+    if n_folds == 0 or n_folds >= n_prompts:
+        return np.arange(n_prompts)
+    order = np.random.default_rng(seed).permutation(n_prompts)
+    folds = np.empty(n_prompts, dtype=np.int64)
+    folds[order] = np.arange(n_prompts) % n_folds
+    return folds
+
+
+def _ratio_ci(num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI over prompts of mean(num) / mean(den) (paired resampling)."""
+    if len(num) < 2 or n_bootstrap < 1:
+        return float("nan"), float("nan")
+    res = stats.bootstrap((num, den), lambda a, b, axis=-1: a.mean(axis) / b.mean(axis), paired=True, vectorized=True,
+                          n_resamples=n_bootstrap, confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def evaluate_sizes(score_fn: Callable[[np.ndarray], np.ndarray], effects: np.ndarray, site_of_node: np.ndarray, sizes: list[int],
+                   select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, *, seed: int, n_bootstrap: int = 1000) -> dict:
+    """Cross-fitted faithfulness and completeness over circuit sizes.
+
+    ``effects`` [n_prompts, n_nodes] are the per-prompt node effects and ``folds`` [n_prompts] a fold
+    per prompt: each prompt is scored with the circuit selected from the mean effect over the OTHER
+    folds only, so no prompt evaluates a circuit that was chosen on it. ``score_fn(keep)`` maps
+    per-prompt masks [n_prompts, n_nodes] to per-prompt scores [n_prompts]. The control is a random
+    circuit per prompt with its circuit's number of nodes at every site (a fresh draw per prompt, so
+    the mean averages over draws). Ratios are of means over prompts, with percentile bootstrap CIs;
+    ``advantage_ci`` is the CI of faithfulness minus the control's (paired by prompt).
+    """
+    n_prompts, n_nodes = effects.shape
+    folds = np.asarray(folds)
+    if folds.shape != (n_prompts,):
+        raise ValueError(f"folds {folds.shape} must have one entry per prompt ({n_prompts})")
+    if len(np.unique(folds)) < 2:
+        raise ValueError("cross-fitting needs at least two folds (two prompts)")
+    m_full = score_fn(np.ones((n_prompts, n_nodes), bool))  # [n_prompts]
+    m_empty = score_fn(np.zeros((n_prompts, n_nodes), bool))
+    den = m_full - m_empty
+    fold_means = {f: effects[folds != f].mean(0) for f in np.unique(folds)}  # out-of-fold mean effect per fold
     rng = np.random.default_rng(seed)
+    site_members = [np.flatnonzero(site_of_node == s) for s in np.unique(site_of_node)]
     rows = []
     for n in sizes:
-        circuit = select(mean_effect, n)
-        random = np.zeros(n_nodes, bool)
-        for s in np.unique(site_of_node):
-            members = np.flatnonzero(site_of_node == s)
-            random[rng.choice(members, size=min(int(circuit[members].sum()), len(members)), replace=False)] = True
+        circuits = {f: select(mean, n) for f, mean in fold_means.items()}
+        circuit = np.stack([circuits[f] for f in folds])  # [n_prompts, n_nodes]
+        random = np.zeros_like(circuit)
+        for i in range(n_prompts):
+            for members in site_members:
+                random[i, rng.choice(members, size=int(circuit[i, members].sum()), replace=False)] = True
+        m_c, m_comp, m_rand = score_fn(circuit), score_fn(~circuit), score_fn(random)
+        full_circuit = select(effects.mean(0), n)  # the circuit that the asset reports at this size
         rows.append({
-            "size_per_site": n, "n_nodes": int(circuit.sum()),
-            "faithfulness": faithfulness(score_fn(circuit), m_empty, m_full),
-            "completeness": faithfulness(score_fn(~circuit), m_empty, m_full),
-            "random_faithfulness": faithfulness(score_fn(random), m_empty, m_full),
+            "size_per_site": n, "n_nodes": int(full_circuit.sum()), "n_nodes_mean_fold": float(circuit.sum(1).mean()),
+            "faithfulness": faithfulness(m_c.mean(), m_empty.mean(), m_full.mean()),
+            "faithfulness_ci": _ratio_ci(m_c - m_empty, den, n_bootstrap, seed),
+            "completeness": faithfulness(m_comp.mean(), m_empty.mean(), m_full.mean()),
+            "completeness_ci": _ratio_ci(m_comp - m_empty, den, n_bootstrap, seed),
+            "random_faithfulness": faithfulness(m_rand.mean(), m_empty.mean(), m_full.mean()),
+            "random_faithfulness_ci": _ratio_ci(m_rand - m_empty, den, n_bootstrap, seed),
+            "advantage_ci": _ratio_ci(m_c - m_rand, den, n_bootstrap, seed),
         })
-    return {"m_full": m_full, "m_empty": m_empty, "sweep": rows}
+    return {"m_full": float(m_full.mean()), "m_empty": float(m_empty.mean()), "denominator_ci": _mean_ci(den, n_bootstrap, seed),
+            "n_prompts": n_prompts, "n_folds": int(len(np.unique(folds))), "sweep": rows}
+
+
+def _mean_ci(x: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    if len(x) < 2 or n_bootstrap < 1:
+        return float("nan"), float("nan")
+    res = stats.bootstrap((x,), np.mean, n_resamples=n_bootstrap, confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],

@@ -13,20 +13,24 @@ from refusal_assets.storage import atomic_path  # noqa: E402
 
 
 def plot_sweeps(sweeps: dict[str, dict], title: str, path: Path) -> Path:
-    """Faithfulness / completeness against circuit size, one panel per prompt group, random control dashed."""
-    fig = Figure(figsize=(4.2 * max(len(sweeps), 1), 3.2))
+    """Cross-fitted faithfulness / completeness against circuit size, one panel per prompt group,
+    bootstrap 95% CIs shaded, the random control dashed."""
+    fig = Figure(figsize=(4.2 * max(len(sweeps), 1), 3.4))
     axes = fig.subplots(1, max(len(sweeps), 1), squeeze=False)[0]
     for ax, (group, sweep) in zip(axes, sweeps.items()):
         rows = sweep["sweep"]
         n = [r["n_nodes"] for r in rows]
-        ax.plot(n, [r["faithfulness"] for r in rows], "o-", label="faithfulness")
-        ax.plot(n, [r["completeness"] for r in rows], "s-", label="completeness")
-        ax.plot(n, [r["random_faithfulness"] for r in rows], "x--", color="grey", label="random circuit")
+        for key, style, label, color in (("faithfulness", "o-", "faithfulness", "C0"), ("completeness", "s-", "completeness", "C1"),
+                                         ("random_faithfulness", "x--", "random circuit", "grey")):
+            ax.plot(n, [r[key] for r in rows], style, color=color, label=label)
+            if all(f"{key}_ci" in r for r in rows):
+                ax.fill_between(n, [r[f"{key}_ci"][0] for r in rows], [r[f"{key}_ci"][1] for r in rows], color=color, alpha=0.15, lw=0)
         ax.axhline(1, color="k", lw=0.5)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("nodes in circuit")
-        ax.set_title(f"{group} prompts", fontsize=9)
+        den = sweep["m_full"] - sweep["m_empty"]
+        ax.set_title(f"{group}: {sweep.get('n_prompts', '?')} prompts, m(M)-m(∅) {den:.2f}", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

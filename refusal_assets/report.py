@@ -6,6 +6,7 @@ import base64
 import html
 import importlib.metadata
 import json
+import math
 import platform
 import shutil
 from pathlib import Path
@@ -64,6 +65,13 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[p] = "not installed"
     return out
+
+
+def _with_ci(value: float, ci) -> str:
+    lo, hi = ci
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
 def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], input_versions: dict[str, str] | None = None) -> tuple[Path, Path]:
@@ -136,13 +144,15 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
             if path.is_file():
                 s = json.loads(path.read_text())
                 for g, v in s["groups"].items():
-                    rows.append([c, g, v["n_nodes"], v["faithfulness"], v["completeness"], v["random_faithfulness"],
-                                 v["sweep"]["m_full"] - v["sweep"]["m_empty"], v["n_heldout"], len(v["edges"])])
+                    rows.append([c, g, f"{v['n_prompts']} {v['prompt_set']}", v["n_nodes"], _with_ci(v["faithfulness"], v["faithfulness_ci"]),
+                                 _with_ci(v["completeness"], v["completeness_ci"]), _with_ci(v["random_faithfulness"], v["random_faithfulness_ci"]),
+                                 v["sweep"]["m_full"] - v["sweep"]["m_empty"], len(v["edges"])])
         if rows:
             doc.h(3, m.model_key)
-            doc.p("m(M) - m(∅) is the ratios' denominator: where it is near zero the held-out prompts barely respond to "
-                  "ablating everything, and faithfulness/completeness are ill-conditioned.")
-            doc.table(["category", "prompts", "nodes", "faithfulness", "completeness", "random control", "m(M) - m(∅)", "held-out", "edges"], rows)
+            doc.p("Each prompt is scored with a circuit selected on the other prompts only (cross-fitting; leave-one-out by default), "
+                  "so every number is held-out. Brackets: 95% bootstrap CIs over prompts. The random control has the circuit's number "
+                  "of nodes at every site. m(M) - m(∅) is the ratios' denominator: near zero, the ratios are ill-conditioned.")
+            doc.table(["category", "group", "prompts", "nodes", "faithfulness", "completeness", "random control", "m(M) - m(∅)", "edges"], rows)
             for c in categories:
                 doc.image(files.path("circuit", m.model_key, c, filename="faithfulness.png"), f"faithfulness sweep {m.model_key}/{c}")
 

@@ -73,17 +73,26 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     def score(keep):
         return circ.ablated_score(model, suffixes, saes, baseline, keep, refusal_ids)
 
+    def per_prompt(keep):
+        return circ.ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
+
     m_full, m_empty = score(np.ones(index.n_nodes, bool)), score(np.zeros(index.n_nodes, bool))
     assert m_full == pytest.approx(clean, abs=1e-4)  # SAE + error splice leaves the model unchanged
     assert abs(m_full - m_empty) > 0.1
-    result = circ.evaluate_sizes(score, np.arange(index.n_nodes, 0, -1).astype(float), index.site_of_node, [65], 
-                                 lambda m, k: select_circuit(m, index.site_of_node, k_per_site=k), seed=0)
-    full = result["sweep"][0]
+    effects = np.tile(np.arange(index.n_nodes, 0, -1).astype(float), (len(PROMPTS), 1))  # the planted latent ranks first
+    folds = circ.crossfit_folds(len(PROMPTS), 0, seed=0)
+    result = circ.evaluate_sizes(per_prompt, effects, index.site_of_node, [1, 65],
+                                 lambda m, k: select_circuit(m, index.site_of_node, k_per_site=k), folds, seed=0, n_bootstrap=200)
+    planted_only, full = result["sweep"]
     assert full["n_nodes"] == index.n_nodes
     assert full["faithfulness"] == pytest.approx(1.0, abs=1e-6)
     assert full["completeness"] == pytest.approx(0.0, abs=1e-6)
     assert circ.faithfulness(m_empty, m_empty, m_full) == 0.0
-    # the planted latent alone moves the score towards the full model, a random other latent does not
+    # the planted latent alone carries the score; a random latent of the same site does not
+    assert planted_only["n_nodes"] == 1 and planted_only["faithfulness"] > 0.5
+    assert planted_only["random_faithfulness"] < 0.2 and planted_only["advantage_ci"][0] > 0
+    lo, hi = planted_only["faithfulness_ci"]
+    assert lo <= planted_only["faithfulness"] <= hi
     only_planted = np.zeros(index.n_nodes, bool)
     only_planted[0] = True
     only_other = np.zeros(index.n_nodes, bool)
@@ -122,3 +131,104 @@ def test_generation_logits_give_the_same_p_ref_as_a_forward(tiny_model):
     ids = torch.tensor(refusal_token_ids(tok, ["Sorry", "I cannot"]))
     _, first_logits = generate(model, tok, batch, 2)
     assert torch.allclose(last_token_refusal_prob(first_logits, ids), p_refusal(model, batch, ids), atol=1e-5)
+
+
+def test_per_prompt_masks_match_separate_passes(planted):
+    """One pass with a mask per prompt scores each prompt exactly as a pass with that mask for all."""
+    model, tok, saes, baseline, refusal_ids = planted
+    P = circ._post_positions(circ.encode_chat(tok, PROMPTS)).shape[1]
+    baseline = circ.Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
+    suffixes = circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2)  # masks must follow prompts across batches
+    n_nodes = circ.NodeIndex([SITE], [64]).n_nodes
+    rng = np.random.default_rng(0)
+    masks = rng.random((len(PROMPTS), n_nodes)) < 0.5
+    masks[:, 0] = [True, False, True, False, True]  # the planted latent kept for some prompts only
+    mixed = circ.ablated_scores(model, suffixes, saes, baseline, masks, refusal_ids)
+    for i in range(len(PROMPTS)):
+        alone = circ.ablated_scores(model, suffixes, saes, baseline, masks[i], refusal_ids)
+        assert mixed[i] == pytest.approx(alone[i], abs=1e-5)
+    with pytest.raises(ValueError):
+        circ.ablated_scores(model, suffixes, saes, baseline, masks[:3], refusal_ids)
+
+
+def test_crossfit_folds():
+    assert circ.crossfit_folds(5, 0, seed=0).tolist() == [0, 1, 2, 3, 4]  # leave-one-out
+    assert circ.crossfit_folds(3, 10, seed=0).tolist() == [0, 1, 2]  # more folds than prompts: leave-one-out
+    folds = circ.crossfit_folds(10, 3, seed=1)
+    assert sorted(np.bincount(folds).tolist()) == [3, 3, 4]
+    assert np.array_equal(folds, circ.crossfit_folds(10, 3, seed=1))
+    with pytest.raises(ValueError, match="n_folds"):
+        circ.crossfit_folds(10, 1, seed=0)
+
+
+def _additive_score_fn(effects: np.ndarray):
+    """A model whose score is exactly additive in node effects: m_i(keep) = sum_j keep_ij * e_ij."""
+    return lambda keep: (np.broadcast_to(keep, effects.shape) * effects).sum(1)
+
+
+def test_crossfitting_never_scores_a_prompt_with_a_circuit_chosen_on_it():
+    # Node 0 matters in every prompt; node 1 only in prompt 0, so hugely that it tops the pooled mean.
+    effects = np.zeros((4, 6))
+    effects[:, 0] = 1.0
+    effects[0, 1] = 10.0
+    site_of_node = np.zeros(6, int)
+
+    def select(mean, k):
+        return select_circuit(mean, site_of_node, k_per_site=k)
+
+    result = circ.evaluate_sizes(_additive_score_fn(effects), effects, site_of_node, [1], select, circ.crossfit_folds(4, 0, 0),
+                                 seed=0, n_bootstrap=0)
+    row = result["sweep"][0]
+    # reported circuit (all prompts) is node 1; held out, prompt 0's circuit is node 0 (the others' favourite)
+    # and the others' circuit is node 1 (prompt 0's favourite), which is worth nothing to them.
+    m_full = effects.sum(1)  # [11, 1, 1, 1]
+    expected = (1.0 + 0 + 0 + 0) / m_full.sum()
+    assert row["faithfulness"] == pytest.approx(expected)
+    assert row["n_nodes"] == 1 and np.isnan(row["faithfulness_ci"][0])
+    assert result["m_empty"] == 0.0 and result["m_full"] == pytest.approx(m_full.mean())
+
+
+def test_random_control_matches_circuit_size_per_site_and_sits_below():
+    rng = np.random.default_rng(0)
+    n_prompts, per_site = 12, 50
+    site_of_node = np.repeat([0, 1], per_site)
+    effects = np.abs(rng.normal(0, 0.001, (n_prompts, 2 * per_site)))
+    effects[:, [3, 60]] += 1.0  # one strong node per site, in every prompt
+    seen = []
+
+    def score_fn(keep):
+        seen.append(np.broadcast_to(keep, effects.shape).sum(1))
+        return _additive_score_fn(effects)(keep)
+
+    result = circ.evaluate_sizes(score_fn, effects, site_of_node, [1, 2], lambda m, k: select_circuit(m, site_of_node, k_per_site=k),
+                                 circ.crossfit_folds(n_prompts, 4, 0), seed=0, n_bootstrap=500)
+    one, two = result["sweep"]
+    assert one["n_nodes"] == 2 and two["n_nodes"] == 4
+    assert one["faithfulness"] > 0.8 and one["random_faithfulness"] < 0.2
+    assert one["advantage_ci"][0] > 0.5 and one["faithfulness_ci"][0] > one["random_faithfulness_ci"][1]
+    assert one["completeness"] == pytest.approx(1 - one["faithfulness"])  # additive: C and its complement sum to M
+    # every circuit, complement and random mask the sweep scored has the expected size per prompt
+    assert {int(x) for s in seen for x in s} <= {0, 2, 4, 98, 96, 100}
+    with pytest.raises(ValueError, match="two folds"):
+        circ.evaluate_sizes(score_fn, effects[:1], site_of_node, [1], lambda m, k: m > 0, np.zeros(1, int), seed=0)
+
+
+def test_prompt_selection_and_baseline_follow_behaviour():
+    import polars as pl
+
+    sample = pl.DataFrame({
+        "prompt": [f"p{i}" for i in range(8)], "split": ["toxic"] * 4 + ["safe"] * 4,
+        "refused": [True, True, False, True, False, True, False, False], "refusal_score": [1.0, -0.5, -2.0, 0.3, -1.0, 0.5, -2.0, -1.5],
+    })
+    toxic = sample.filter(pl.col("split") == "toxic")
+    rows, label = circ.select_prompts(toxic, "refused", min_prompts=2)
+    assert rows["prompt"].to_list() == ["p0", "p1", "p3"] and label == "refused"
+    rows, label = circ.select_prompts(toxic, "score_positive", min_prompts=2)
+    assert rows["prompt"].to_list() == ["p0", "p3"] and label == "score_positive"
+    rows, label = circ.select_prompts(toxic, "score_positive", min_prompts=3)
+    assert rows.height == 4 and label.startswith("all (score_positive: only 2 < 3")
+    assert circ.select_prompts(toxic, "all", min_prompts=2)[0].height == 4
+    assert circ.baseline_prompts(sample, "refused") == (["p4", "p6", "p7"], "safe, complied")
+    assert circ.baseline_prompts(sample, "all") == (["p4", "p5", "p6", "p7"], "safe")
+    everyone_refuses = sample.with_columns(pl.lit(True).alias("refused"))
+    assert circ.baseline_prompts(everyone_refuses, "refused")[1] == "safe"

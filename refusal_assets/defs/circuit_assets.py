@@ -25,15 +25,27 @@ from refusal_assets.models import load_model
 from refusal_assets.plots import plot_sweeps
 from refusal_assets.sae import load_sae
 from refusal_assets.sites import Site
-from refusal_assets.storage import atomic_path, write_text
+from refusal_assets.storage import atomic_path, read_parquet, write_text
 
 GROUPS = {"toxic": ["toxic"], "benign": ["safe", "hard"], "all": ["safe", "hard", "toxic"]}
 
 
-def refusal_direction(storage: StorageResource, site_key: str, category: str, heldout: bool = False) -> torch.Tensor | None:
-    """Difference of means (toxic - safe) at the last post-instruction position (Arditi et al. 2024)."""
+def _ci_text(ci) -> str:
+    lo, hi = ci
+    return "n/a" if not (np.isfinite(lo) and np.isfinite(hi)) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def load_behaviour(storage: StorageResource, model_key: str, category: str) -> pl.DataFrame:
+    """The ``refused`` judgement and refusal score of each sampled prompt (``refusal_behaviour``)."""
+    path = storage.files.path("refusal_behaviour", model_key, category, filename="behaviour.parquet")
+    return pl.from_arrow(read_parquet(path, "refusal behaviour")).select("prompt_id", "refused", "refusal_score")
+
+
+def refusal_direction(storage: StorageResource, site_key: str, category: str) -> torch.Tensor | None:
+    """Difference of means (toxic - safe) at the last post-instruction position (Arditi et al. 2024),
+    over the training prompts only (the held-out ones score its ablation)."""
     vectors, meta = acts_core.read_vectors(activations_path(storage, site_key, category), post_instruction_only=True)
-    meta = meta.with_row_index("row")
+    meta = meta.with_row_index("row").filter(~pl.col("heldout"))
     last = meta.group_by("prompt_id").agg(pl.col("row").max(), pl.col("split").first())
     last = last.filter(pl.col("split").is_in(["toxic", "safe"]))
     rows = {s: last.filter(pl.col("split") == s)["row"].to_numpy().astype(np.int64) for s in ("toxic", "safe")}
@@ -53,6 +65,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             dg.AssetDep("sae", partition_mapping=parts.circuit_from_sae()),
             dg.AssetDep("activations", partition_mapping=parts.circuit_from_activations()),
             dg.AssetDep("prompt_sample", partition_mapping=parts.by_category()),
+            dg.AssetDep("refusal_behaviour"),  # same model x category partitions: identity
         ],
         description="Per-prompt node effects on the refusal score (attribution patching), the selected circuit with edges, "
                     "held-out faithfulness/completeness sweeps with a random control, and refusal directions.",
@@ -66,12 +79,10 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             saes = {site: load_sae(sae_folder(storage, key)).to(device).eval() for site, key in zip(model_cfg.sites, model_cfg.site_keys)}
             sites = sorted(saes)
             refusal_ids = torch.tensor(refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device)
-            sample = load_sample(storage, category)
+            sample = load_sample(storage, category).join(load_behaviour(storage, model_cfg.model_key, category), on="prompt_id", how="left")
             kw = dict(batch_size=model_cfg.batch_size, system_prompt=model_cfg.chat_template.system_prompt, device=device)
-            safe_train = sample.filter((pl.col("split") == "safe") & ~pl.col("heldout"))["prompt"].to_list()
-            if not safe_train:
-                safe_train = sample.filter(pl.col("split") != "toxic")["prompt"].to_list()
-            baseline = circ.compute_baseline(model, tok, safe_train, saes, **kw)
+            baseline_texts, baseline_set = circ.baseline_prompts(sample, cc.prompt_filter)
+            baseline = circ.compute_baseline(model, tok, baseline_texts, saes, **kw)
             index = circ.NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
             folder = storage.files.path("circuit", model_cfg.model_key, category)
             groups = {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]} if cc.separate_safe_toxic else {"all": GROUPS["all"]}
@@ -79,44 +90,58 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             def select(mean_effect: np.ndarray, k: int) -> np.ndarray:
                 return select_circuit(mean_effect, index.site_of_node, mode=cc.selection, k_per_site=k, threshold=cc.threshold)
 
-            summary: dict = {"category": category, "model": model_cfg.model_key, "sites": [s.name for s in sites], "n_nodes_total": index.n_nodes, "groups": {}}
+            summary: dict = {"category": category, "model": model_cfg.model_key, "sites": [s.name for s in sites], "n_nodes_total": index.n_nodes,
+                             "prompt_filter": cc.prompt_filter, "baseline": {"prompts": baseline_set, "n_prompts": len(baseline_texts)}, "groups": {}}
             tensors: dict[str, torch.Tensor] = {"site_of_node": torch.from_numpy(index.site_of_node.astype(np.int32))}
             for group, splits in groups.items():
-                rows = sample.filter(pl.col("split").is_in(splits))
-                if rows.height == 0:
+                group_rows = sample.filter(pl.col("split").is_in(splits))
+                rows, prompt_set = circ.select_prompts(group_rows, cc.prompt_filter, cc.min_prompts)
+                if rows.height < 2:
+                    context.log.warning(f"{category}/{group}: {rows.height} prompt(s); a cross-fitted circuit needs two, skipped")
                     continue
-                effects, scores = circ.node_effects(model, tok, rows["prompt"].to_list(), saes, baseline, refusal_ids, method=cc.method,
+                if prompt_set != cc.prompt_filter:
+                    context.log.warning(f"{category}/{group}: prompt set {prompt_set}")
+                prompts = rows["prompt"].to_list()
+                effects, scores = circ.node_effects(model, tok, prompts, saes, baseline, refusal_ids, method=cc.method,
                                                     ig_steps=cc.ig_steps, log=context.log.info, **kw)
-                train = ~rows["heldout"].to_numpy()
-                mean_effect = effects[train].mean(0) if train.any() else effects.mean(0)
+                mean_effect = effects.mean(0)
                 chosen = select(mean_effect, cc.k_per_site)
-                heldout_prompts = rows.filter(pl.col("heldout"))["prompt"].to_list() or rows["prompt"].to_list()
-                heldout_suffixes = circ.prepare_suffixes(model, tok, heldout_prompts, **kw)
+                suffixes = circ.prepare_suffixes(model, tok, prompts, **kw)
+                folds = circ.crossfit_folds(len(prompts), cc.n_folds, cc.seed)
 
-                def score_fn(keep: np.ndarray) -> float:
-                    return circ.ablated_score(model, heldout_suffixes, saes, baseline, keep, refusal_ids)
+                def score_fn(keep: np.ndarray) -> np.ndarray:
+                    return circ.ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
 
-                sweep = circ.evaluate_sizes(score_fn, mean_effect, index.site_of_node, sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, cc.seed)
+                sweep = circ.evaluate_sizes(score_fn, effects, index.site_of_node, sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, folds,
+                                            seed=cc.seed, n_bootstrap=cc.n_bootstrap)
                 at_k = next(r for r in sweep["sweep"] if r["size_per_site"] == cc.k_per_site)
                 edges = []
                 if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
-                    train_prompts = rows.filter(~pl.col("heldout"))["prompt"].to_list() or rows["prompt"].to_list()
-                    edges = circ.edge_effects(model, tok, train_prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
+                    edges = circ.edge_effects(model, tok, prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
                                               targets_per_site=cc.edge_targets_per_site, mean_effect=mean_effect, **kw)
                 nodes = [{**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)]
                 nodes.sort(key=lambda n: -n["effect"])
                 summary["groups"][group] = {
-                    "n_prompts": rows.height, "n_heldout": len(heldout_prompts), "n_nodes": int(chosen.sum()), "nodes": nodes, "edges": edges,
-                    "faithfulness": at_k["faithfulness"], "completeness": at_k["completeness"], "random_faithfulness": at_k["random_faithfulness"],
+                    "n_prompts": rows.height, "n_prompts_in_group": group_rows.height, "prompt_set": prompt_set,
+                    "n_nodes": int(chosen.sum()), "nodes": nodes, "edges": edges,
+                    **{key: at_k[key] for key in ("faithfulness", "faithfulness_ci", "completeness", "completeness_ci",
+                                                  "random_faithfulness", "random_faithfulness_ci", "advantage_ci")},
                     "sweep": sweep, "mean_refusal_score": float(scores.mean()), "prompt_ids": rows["prompt_id"].to_list(),
-                    "heldout": rows["heldout"].to_list(),
+                    "folds": folds.tolist(),
                 }
                 tensors[f"effects_{group}"] = torch.from_numpy(effects.astype(np.float32))
                 tensors[f"scores_{group}"] = torch.from_numpy(scores.astype(np.float32))
-                context.log.info(f"{category}/{group}: {int(chosen.sum())} nodes, faithfulness {at_k['faithfulness']:.3f}, completeness {at_k['completeness']:.3f}")
+                lo, hi = at_k["faithfulness_ci"]
+                context.log.info(f"{category}/{group} ({rows.height} {prompt_set} prompts): {int(chosen.sum())} nodes, faithfulness "
+                                 f"{at_k['faithfulness']:.3f} [{lo:.2f}, {hi:.2f}], completeness {at_k['completeness']:.3f}, "
+                                 f"random {at_k['random_faithfulness']:.3f}, m(M) - m(∅) {sweep['m_full'] - sweep['m_empty']:.3f}")
+            if not summary["groups"]:
+                raise ValueError(f"circuit {context.partition_key}: no prompt group has two prompts to cross-fit; "
+                                 f"raise data.sampling.max_per_cell or set circuits.prompt_filter: all")
 
-            # Refusal-direction baseline: one direction per site, and the score after projecting it out.
+            # Refusal-direction baseline: one direction per site from the training prompts, scored on the held-out toxic prompts.
             toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
+            heldout_suffixes = circ.prepare_suffixes(model, tok, toxic_heldout, **kw) if toxic_heldout else []
             directions = {}
             for site, key in zip(model_cfg.sites, model_cfg.site_keys):
                 r = refusal_direction(storage, key, category)
@@ -125,8 +150,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
                 tensors[f"direction_{site.name}"] = r
                 entry = {"norm": float(r.norm())}
                 if toxic_heldout:
-                    suffixes = circ.prepare_suffixes(model, tok, toxic_heldout, **kw)
-                    entry["score_clean"] = circ.ablated_score(model, suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
+                    entry["score_clean"] = circ.ablated_score(model, heldout_suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
                     entry["score_ablated"] = circ.direction_ablation_score(model, tok, toxic_heldout, site, r.to(device), refusal_ids, **kw)
                 directions[site.name] = entry
             summary["directions"] = directions
@@ -138,10 +162,13 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             main = summary["groups"].get("toxic") or next(iter(summary["groups"].values()))
             md = {
                 "n_nodes": main["n_nodes"], "faithfulness": main["faithfulness"], "completeness": main["completeness"],
-                "random_faithfulness": main["random_faithfulness"], "n_edges": len(main["edges"]), "seconds": round(summary["seconds"], 1),
-            # the ratio's denominator: when the full model and the all-ablated model score alike on the
-            # held-out prompts, faithfulness and completeness are ill-conditioned (large, either sign)
-            "m_full_minus_m_empty": main["sweep"]["m_full"] - main["sweep"]["m_empty"],
+                "random_faithfulness": main["random_faithfulness"],
+                "faithfulness_ci": _ci_text(main["faithfulness_ci"]), "random_faithfulness_ci": _ci_text(main["random_faithfulness_ci"]),
+                "faithfulness_minus_random_ci": _ci_text(main["advantage_ci"]),
+                # the ratios' denominator: near zero, faithfulness and completeness are ill-conditioned
+                "m_full_minus_m_empty": main["sweep"]["m_full"] - main["sweep"]["m_empty"],
+                "n_prompts": main["n_prompts"], "prompt_set": main["prompt_set"], "baseline_prompts": f"{baseline_set} ({len(baseline_texts)})",
+                "n_edges": len(main["edges"]), "seconds": round(summary["seconds"], 1),
                 "top_nodes": dg.MetadataValue.md("\n".join(f"- {n['site']} {'error' if n['is_error'] else 'latent ' + str(n['latent'])}: {n['effect']:.3f}" for n in main["nodes"][:10])),
                 "faithfulness_plot": png_markdown(png, "faithfulness and completeness"),
             }

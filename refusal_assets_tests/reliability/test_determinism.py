@@ -143,7 +143,7 @@ def _circuit(tiny_cfg, tiny_model, sample, sae_folders) -> tuple[dict[str, list[
     for group, splits in {"toxic": ["toxic"], "benign": ["safe", "hard"]}.items():
         rows = sample.filter(pl.col("split").is_in(splits))
         effects, _ = circ.node_effects(model, tok, rows["prompt"].to_list(), saes, baseline, refusal_ids, method=cc.method, **kw)
-        mean_effect = effects[~rows["heldout"].to_numpy()].mean(0)
+        mean_effect = effects.mean(0)
         chosen = select_circuit(mean_effect, index.site_of_node, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold)
         nodes[group] = np.flatnonzero(chosen).tolist()
         effects_by_group[group] = effects
