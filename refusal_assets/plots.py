@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -27,6 +28,9 @@ def plot_sweeps(sweeps: dict[str, dict], title: str, path: Path) -> Path:
                 ax.fill_between(n, [r[f"{key}_ci"][0] for r in rows], [r[f"{key}_ci"][1] for r in rows], color=color, alpha=0.15, lw=0)
         ax.axhline(1, color="k", lw=0.5)
         ax.axhline(0, color="k", lw=0.5)
+        # the axis follows the point estimates: a CI whose denominator nears 0 would otherwise flatten every curve
+        points = [r[k] for r in rows for k in ("faithfulness", "completeness", "random_faithfulness") if math.isfinite(r[k])]
+        ax.set_ylim(min(points + [0.0]) - 0.25, max(points + [1.0]) + 0.25)
         ax.set_xscale("log")
         ax.set_xlabel("nodes in circuit")
         den = sweep["m_full"] - sweep["m_empty"]

@@ -144,8 +144,11 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
             if path.is_file():
                 s = json.loads(path.read_text())
                 for g, v in s["groups"].items():
-                    rows.append([c, g, f"{v['n_prompts']} {v['prompt_set']}", v["n_nodes"], _with_ci(v["faithfulness"], v["faithfulness_ci"]),
-                                 _with_ci(v["completeness"], v["completeness_ci"]), _with_ci(v["random_faithfulness"], v["random_faithfulness_ci"]),
+                    nan2 = (float("nan"), float("nan"))  # circuit files written before CIs existed
+                    rows.append([c, g, f"{v['n_prompts']} {v.get('prompt_set', 'all')}", v["n_nodes"],
+                                 _with_ci(v["faithfulness"], v.get("faithfulness_ci", nan2)),
+                                 _with_ci(v["completeness"], v.get("completeness_ci", nan2)),
+                                 _with_ci(v["random_faithfulness"], v.get("random_faithfulness_ci", nan2)),
                                  v["sweep"]["m_full"] - v["sweep"]["m_empty"], len(v["edges"])])
         if rows:
             doc.h(3, m.model_key)
@@ -164,6 +167,8 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
             pairs = [[p["a"], p["b"], p["jaccard"], p.get("normalised_jaccard"), p["p_value"], p["q_value"], "yes" if p["significant"] else "no"] for p in res["pairs"]]
             doc.p(f"{g} prompts: verdict {res['verdict']}; shared core {len(res['shared_core'])} nodes, shared fraction {res['shared_fraction']:.3f} "
                   f"(95% CI {res['shared_fraction_ci'][0]:.3f} to {res['shared_fraction_ci'][1]:.3f}).")
+            if res.get("fallback_categories"):
+                doc.p(f"Too few refused {g} prompts, so these circuits use every {g} prompt: {', '.join(res['fallback_categories'])}.")
             doc.table(["a", "b", "Jaccard", "normalised", "p (permutation)", "q (BH)", "significant"], pairs)
             doc.image(files.path("comparison", model_key, filename=f"jaccard_{g}.png"), f"Jaccard {g} ({model_key}); * = significant after BH")
         doc.image(files.path("comparison", model_key, filename="jaccard_cross.png"), f"toxic vs benign circuits ({model_key})")

@@ -65,6 +65,29 @@ def test_tiny_graph_end_to_end(tiny_run, capsys):
     assert all(0 <= m["fvu"] < 1 and m["l0"] <= 8 and 0 <= m["dead_fraction"] <= 1 for m in saes.values())
     circuits = _materializations(home, "circuit")
     assert len(circuits) == 4 and all({"n_nodes", "faithfulness", "completeness"} <= set(m) for m in circuits.values())
+    assert all({"faithfulness_ci", "random_faithfulness", "prompt_set", "m_full_minus_m_empty"} <= set(m) for m in circuits.values())
+    import polars as pl
+
+    for partition in circuits:
+        category = partition.split("|")[0]
+        summary = json.loads((tmp / "storage" / "circuit" / "tiny-qwen2" / category / "circuit.json").read_text())
+        behaviour_df = pl.read_parquet(tmp / "storage" / "refusal_behaviour" / "tiny-qwen2" / category / "behaviour.parquet")
+        for group, splits in {"toxic": ["toxic"], "benign": ["safe", "hard"]}.items():
+            g = summary["groups"][group]
+            rows = behaviour_df.filter(pl.col("split").is_in(splits))
+            refused = rows.filter(pl.col("refused"))
+            # the circuit's prompts are the refused ones, or (too few) every prompt of the group, as recorded
+            if g["prompt_set"] == "refused":
+                assert sorted(g["prompt_ids"]) == sorted(refused["prompt_id"].to_list())
+            else:
+                assert g["prompt_set"].startswith(f"all (refused: only {refused.height} <")
+                assert sorted(g["prompt_ids"]) == sorted(rows["prompt_id"].to_list())
+            assert g["folds"] == list(range(g["n_prompts"]))  # leave-one-out by default
+            sweep = g["sweep"]
+            assert sweep["n_prompts"] == g["n_prompts"] and [r["size_per_site"] for r in sweep["sweep"]] == [1, 2, 4, 8, 16]
+            for r in sweep["sweep"]:
+                lo, hi = r["faithfulness_ci"]
+                assert lo <= r["faithfulness"] <= hi or not (lo == lo)  # inside its CI, or no CI (NaN)
     comparison = _materializations(home, "comparison")
     assert comparison["tiny-qwen2"]["verdict"] in {"monolithic", "modular", "mixed"}
     report = _materializations(home, "report")[""]

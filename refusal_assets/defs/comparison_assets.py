@@ -57,6 +57,13 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
                 n_permutations=comp.n_permutations, n_bootstrap=comp.n_bootstrap, alpha=comp.alpha, seed=comp.seed,
             )
             out["groups"][group] = result.to_dict()
+            # categories whose circuit could not use the configured prompt filter (too few refused prompts)
+            fallback = sorted(c for c, (summary, _) in circuits.items()
+                              if group in summary["groups"] and summary["groups"][group].get("prompt_set", cc.prompt_filter) != cc.prompt_filter)
+            out["groups"][group]["fallback_categories"] = fallback
+            if fallback:
+                md[f"fallback_categories_{group}"] = ", ".join(fallback)
+                context.log.warning(f"{group}: {fallback} use all their prompts, not only '{cc.prompt_filter}' ones (too few)")
             png = cmp.plot_heatmap(result.jaccard, result.categories, f"{model_key}: circuit Jaccard ({group})",
                                    folder / f"jaccard_{group}.png", annotate_significance=result.significant)
             md[f"heatmap_{group}"] = png_markdown(png, f"Jaccard {group}")
