@@ -222,14 +222,15 @@ class CircuitConfig(_Strict):
     """Downstream latents per site pair whose incoming edges are computed (one backward each)."""
     eval_sizes: list[int] = [1, 2, 5, 10, 20, 50]
     """Nodes per site for the faithfulness sweep."""
-    prompt_filter: Literal["refused", "score_positive", "all"] = "refused"
-    """Which prompts a circuit is found and evaluated on: ``refused`` = those the model refused (the
-    ``refusal_behaviour`` judgement), ``score_positive`` = refusal score > 0 (Arditi et al.'s filter),
-    ``all`` = every prompt of the group. With a filter the mean-ablation baseline is the safe prompts
-    the model did NOT refuse, so m(M) - m(∅) measures refusal against compliance."""
-    min_prompts: int = Field(default=4, ge=2)
-    """Fewer filtered prompts than this in a group: that group falls back to all its prompts (logged
-    and recorded as ``prompt_set``)."""
+    prompt_filter: Literal["score_positive", "refused", "all"] = "score_positive"
+    """Which prompts a circuit is found and evaluated on: ``score_positive`` = refusal score > 0, the
+    metric itself says the model refuses (Arditi et al.'s filter); ``refused`` = the phrase judgement
+    of ``refusal_behaviour`` (includes hesitant refusals whose first-token score stays below 0);
+    ``all`` = every prompt of the group. With a filter the mean-ablation baseline is the safe
+    prompts the model did NOT refuse, so m(M) - m(∅) measures refusal against compliance."""
+    min_prompts: int = Field(default=2, ge=2)
+    """Fewer filtered prompts than this in a group (cross-fitting needs two): that group falls back
+    to all its prompts, logged and recorded as ``prompt_set``."""
     n_folds: int = Field(default=0, ge=0)
     """Cross-fitting for faithfulness: 0 = leave-one-out, k >= 2 = k folds. Every prompt is scored
     with a circuit selected on the other folds only."""

@@ -75,12 +75,12 @@ def test_tiny_graph_end_to_end(tiny_run, capsys):
         for group, splits in {"toxic": ["toxic"], "benign": ["safe", "hard"]}.items():
             g = summary["groups"][group]
             rows = behaviour_df.filter(pl.col("split").is_in(splits))
-            refused = rows.filter(pl.col("refused"))
-            # the circuit's prompts are the refused ones, or (too few) every prompt of the group, as recorded
-            if g["prompt_set"] == "refused":
+            refused = rows.filter(pl.col("refusal_score") > 0)
+            # the circuit's prompts are the refusing ones (default filter), or (too few) every prompt of the group, as recorded
+            if g["prompt_set"] == "score_positive":
                 assert sorted(g["prompt_ids"]) == sorted(refused["prompt_id"].to_list())
             else:
-                assert g["prompt_set"].startswith(f"all (refused: only {refused.height} <")
+                assert g["prompt_set"].startswith(f"all (score_positive: only {refused.height} <")
                 assert sorted(g["prompt_ids"]) == sorted(rows["prompt_id"].to_list())
             assert g["folds"] == list(range(g["n_prompts"]))  # leave-one-out by default
             sweep = g["sweep"]
