@@ -136,7 +136,9 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
 
     # ---- circuits
     doc.h(2, "Circuits")
-    doc.p("Node effects by attribution patching on the refusal score; faithfulness and completeness on held-out prompts, mean ablation, unclipped.")
+    doc.p(f"Node effects by attribution patching on the refusal score, on the prompts selected by circuits.prompt_filter = "
+          f"'{cfg.circuits.prompt_filter}' (a group with too few falls back to all its prompts, as its 'prompts' column says); "
+          "mean ablation towards the safe prompts the model complies with; faithfulness and completeness cross-fitted, unclipped.")
     for m in cfg.models:
         rows = []
         for c in categories:
