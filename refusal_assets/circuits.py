@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -103,6 +104,18 @@ def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, pos[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def cache_kwargs(model: nn.Module, cache: object) -> dict:
+    """The KV cache as a forward argument: transformers 5 renamed ``past_key_values`` to ``cache``
+    (the old name is removed in 5.40); 4.x only knows the old one."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def output_cache(out) -> object:
+    """The KV cache of a forward's output, under either name (see :func:`cache_kwargs`)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 @dataclass
 class SuffixBatch:
     """A batch split at the post-instruction span, which ends every prompt: the prefix's KV cache
@@ -118,7 +131,7 @@ class SuffixBatch:
     def run(self, model: PreTrainedModel, **kwargs):
         cache = copy.deepcopy(self.cache)  # a forward appends to the cache: keep the prefix pristine
         return model(input_ids=self.suffix_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
-                     past_key_values=cache, use_cache=True, **kwargs)
+                     use_cache=True, **cache_kwargs(model, cache), **kwargs)
 
 
 @torch.no_grad()
@@ -129,7 +142,7 @@ def split_prefix(model: PreTrainedModel, batch: ChatBatch) -> SuffixBatch:
         raise ValueError("the post-instruction tokens do not end the prompt; check the chat template")
     out = model.base_model(input_ids=batch.input_ids[:, : T - P], attention_mask=batch.attention_mask[:, : T - P],
                            position_ids=batch.position_ids[:, : T - P], use_cache=True)
-    return SuffixBatch(out.past_key_values, batch.input_ids[:, T - P :], batch.attention_mask, batch.position_ids[:, T - P :])
+    return SuffixBatch(output_cache(out), batch.input_ids[:, T - P :], batch.attention_mask, batch.position_ids[:, T - P :])
 
 
 @contextlib.contextmanager
@@ -434,7 +447,7 @@ def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
                 try:
                     cache = copy.deepcopy(suffix.cache)
                     model.base_model(input_ids=suffix.suffix_ids, attention_mask=suffix.attention_mask,
-                                     position_ids=suffix.position_ids, past_key_values=cache, use_cache=True)
+                                     position_ids=suffix.position_ids, use_cache=True, **cache_kwargs(model.base_model, cache))
                 except _StopForward:
                     pass
                 finally:

@@ -29,7 +29,7 @@ from scipy import stats
 
 from refusal_assets.storage import atomic_path
 
-Mode = Literal["topk", "threshold"]
+Mode = Literal["topk", "threshold", "topk_abs", "threshold_abs"]
 
 # Rows of resampled mean vectors handled at once: bounds memory to ~_BATCH_ELEMS floats per array.
 _BATCH_ELEMS = 1 << 22
@@ -45,10 +45,12 @@ def _select_batch(
     means: np.ndarray, site_of_node: np.ndarray, mode: Mode, k_per_site: int, threshold: float
 ) -> np.ndarray:
     """Circuit masks ``[batch, n_nodes]`` for mean effects ``[batch, n_nodes]``."""
+    if mode not in ("topk", "threshold", "topk_abs", "threshold_abs"):
+        raise ValueError(f"mode must be 'topk', 'threshold', 'topk_abs' or 'threshold_abs', not {mode!r}")
+    if mode.endswith("_abs"):  # rank by magnitude: refusal-suppressing nodes count too (Marks et al. keep both signs)
+        means, mode = np.abs(means), mode.removesuffix("_abs")
     if mode == "threshold":
         return means >= threshold
-    if mode != "topk":
-        raise ValueError(f"mode must be 'topk' or 'threshold', not {mode!r}")
     mask = np.zeros(means.shape, dtype=bool)
     if k_per_site == 0:
         return mask
@@ -80,6 +82,8 @@ def select_circuit(
     ``topk``: at every site the ``k_per_site`` nodes with the largest SIGNED mean effect (those that
     push hardest towards refusal; ties go to the lower node index); a site with fewer nodes keeps all.
     ``threshold``: every node with mean effect ``>= threshold``.
+    ``topk_abs`` / ``threshold_abs``: the same on ``|mean effect|``, so nodes that push away from
+    refusal are kept too; the circuit then tends to faithfulness 1 instead of overshooting it.
     """
     mean_effect = np.asarray(mean_effect, dtype=float)
     site_of_node = np.asarray(site_of_node)

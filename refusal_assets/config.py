@@ -212,7 +212,8 @@ class SAEConfig(_Strict):
 class CircuitConfig(_Strict):
     method: Literal["attribution", "integrated_gradients"] = "attribution"
     ig_steps: int = Field(default=10, ge=1)
-    selection: Literal["topk", "threshold"] = "topk"
+    selection: Literal["topk", "threshold", "topk_abs", "threshold_abs"] = "topk"
+    """``topk``/``threshold`` on the signed effect (refusal-promoting nodes); ``*_abs`` on its magnitude."""
     k_per_site: int = Field(default=20, ge=1)
     threshold: float = Field(default=0.05, ge=0)
     separate_safe_toxic: bool = True

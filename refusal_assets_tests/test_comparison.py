@@ -134,8 +134,18 @@ def test_select_circuit_threshold() -> None:
     mean = np.array([0.2, 0.5, 0.5, -1.0])
     assert np.flatnonzero(select_circuit(mean, site, mode="threshold", threshold=0.5)).tolist() == [1, 2]
     assert np.flatnonzero(select_circuit(mean, site, mode="threshold", threshold=0.0)).tolist() == [0, 1, 2]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="topk_abs"):
         select_circuit(mean, site, mode="bogus")  # type: ignore[arg-type]
+
+
+def test_select_circuit_by_magnitude_keeps_suppressors() -> None:
+    site = np.array([0, 0, 0, 0, 1, 1, 1])
+    mean = np.array([0.5, 2.0, 0.1, -1.0, -3.0, -0.1, -0.2])
+    # site 0: 2.0 and -1.0 (|-1.0| beats 0.5); site 1: -3.0 and -0.2
+    assert np.flatnonzero(select_circuit(mean, site, mode="topk_abs", k_per_site=2)).tolist() == [1, 3, 4, 6]
+    assert np.flatnonzero(select_circuit(mean, site, mode="threshold_abs", threshold=0.5)).tolist() == [0, 1, 3, 4]
+    # the signed modes never pick the suppressors
+    assert np.flatnonzero(select_circuit(mean, site, mode="topk", k_per_site=2)).tolist() == [0, 1, 5, 6]
 
 
 def test_deterministic_and_well_formed(disjoint: ComparisonResult) -> None:

@@ -183,7 +183,7 @@ CONFIG_ERRORS = {
     "wrong_type_fraction": (_set("sae.max_steps", 1.5), None, "project.yaml", ["sae.max_steps", "fractional"]),
     "wrong_type_nested": (_set("sae.thresholds.max_fvu", "high"), None, "project.yaml", ["sae.thresholds.max_fvu", "valid number"]),
     "wrong_type_in_model": (_set("models.0.batch_size", "many"), None, "project.yaml", ["models.0.batch_size", "valid integer"]),
-    "wrong_literal": (_set("circuits.selection", "best"), None, "project.yaml", ["circuits.selection", "'topk' or 'threshold'"]),
+    "wrong_literal": (_set("circuits.selection", "best"), None, "project.yaml", ["circuits.selection", "'topk', 'threshold', 'topk_abs' or 'threshold_abs'"]),
     "out_of_range_value": (_set("data.heldout_fraction", 1.5), None, "project.yaml", ["data.heldout_fraction", "less than 1"]),
     "one_crossfit_fold": (_set("circuits.n_folds", 1), None, "project.yaml", ["circuits.n_folds", "leave-one-out"]),
     "unknown_prompt_filter": (_set("circuits.prompt_filter", "toxic"), None, "project.yaml",
