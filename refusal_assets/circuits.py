@@ -390,15 +390,8 @@ def evaluate_sizes(score_fn: Callable[[np.ndarray], np.ndarray], effects: np.nda
             "random_faithfulness_ci": _ratio_ci(m_rand - m_empty, den, n_bootstrap, seed),
             "advantage_ci": _ratio_ci(m_c - m_rand, den, n_bootstrap, seed),
         })
-    return {"m_full": float(m_full.mean()), "m_empty": float(m_empty.mean()), "denominator_ci": _mean_ci(den, n_bootstrap, seed),
+    return {"m_full": float(m_full.mean()), "m_empty": float(m_empty.mean()), "denominator_ci": _ratio_ci(den, np.ones_like(den), n_bootstrap, seed),
             "n_prompts": n_prompts, "n_folds": int(len(np.unique(folds))), "sweep": rows}
-
-
-def _mean_ci(x: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    if len(x) < 2 or n_bootstrap < 1:
-        return float("nan"), float("nan")
-    res = stats.bootstrap((x,), np.mean, n_resamples=n_bootstrap, confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],

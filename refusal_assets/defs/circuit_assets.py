@@ -80,6 +80,9 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             sites = sorted(saes)
             refusal_ids = torch.tensor(refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device)
             sample = load_sample(storage, category).join(load_behaviour(storage, model_cfg.model_key, category), on="prompt_id", how="left")
+            if n_missing := sample["refused"].null_count():
+                raise ValueError(f"refusal_behaviour {context.partition_key} lacks {n_missing} of the {sample.height} sampled prompts: "
+                                 "it predates the current prompt_sample; materialize refusal_behaviour again")
             kw = dict(batch_size=model_cfg.batch_size, system_prompt=model_cfg.chat_template.system_prompt, device=device)
             baseline_texts, baseline_set = circ.baseline_prompts(sample, cc.prompt_filter)
             baseline = circ.compute_baseline(model, tok, baseline_texts, saes, **kw)
