@@ -67,11 +67,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _with_ci(value: float, ci) -> str:
+def format_ci(ci: tuple[float, float], digits: int = 2) -> str:
+    """``[lo, hi]`` for display, or ``n/a`` where no CI exists (too few prompts, no resamples)."""
     lo, hi = ci
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{lo:.2f}, {hi:.2f}]"
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
+
+
+def _with_ci(value: float, ci) -> str:
+    text = format_ci(ci)
+    return f"{value:.3f}" if text == "n/a" else f"{value:.3f} {text}"
 
 
 def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], input_versions: dict[str, str] | None = None) -> tuple[Path, Path]:

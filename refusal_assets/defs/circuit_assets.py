@@ -23,16 +23,12 @@ from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.defs.sae_assets import sae_folder
 from refusal_assets.models import load_model
 from refusal_assets.plots import plot_sweeps
+from refusal_assets.report import format_ci
 from refusal_assets.sae import load_sae
 from refusal_assets.sites import Site
 from refusal_assets.storage import atomic_path, read_parquet, write_text
 
 GROUPS = {"toxic": ["toxic"], "benign": ["safe", "hard"], "all": ["safe", "hard", "toxic"]}
-
-
-def _ci_text(ci) -> str:
-    lo, hi = ci
-    return "n/a" if not (np.isfinite(lo) and np.isfinite(hi)) else f"[{lo:.3f}, {hi:.3f}]"
 
 
 def load_behaviour(storage: StorageResource, model_key: str, category: str) -> pl.DataFrame:
@@ -144,7 +140,10 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
 
             # Refusal-direction baseline: one direction per site from the training prompts, scored on the held-out toxic prompts.
             toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
-            heldout_suffixes = circ.prepare_suffixes(model, tok, toxic_heldout, **kw) if toxic_heldout else []
+            score_clean = None  # the held-out toxic prompts' score without any ablation: one pass serves every site
+            if toxic_heldout:
+                heldout_suffixes = circ.prepare_suffixes(model, tok, toxic_heldout, **kw)
+                score_clean = circ.ablated_score(model, heldout_suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
             directions = {}
             for site, key in zip(model_cfg.sites, model_cfg.site_keys):
                 r = refusal_direction(storage, key, category)
@@ -153,7 +152,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
                 tensors[f"direction_{site.name}"] = r
                 entry = {"norm": float(r.norm())}
                 if toxic_heldout:
-                    entry["score_clean"] = circ.ablated_score(model, heldout_suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
+                    entry["score_clean"] = score_clean
                     entry["score_ablated"] = circ.direction_ablation_score(model, tok, toxic_heldout, site, r.to(device), refusal_ids, **kw)
                 directions[site.name] = entry
             summary["directions"] = directions
@@ -166,8 +165,8 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             md = {
                 "n_nodes": main["n_nodes"], "faithfulness": main["faithfulness"], "completeness": main["completeness"],
                 "random_faithfulness": main["random_faithfulness"],
-                "faithfulness_ci": _ci_text(main["faithfulness_ci"]), "random_faithfulness_ci": _ci_text(main["random_faithfulness_ci"]),
-                "faithfulness_minus_random_ci": _ci_text(main["advantage_ci"]),
+                "faithfulness_ci": format_ci(main["faithfulness_ci"], 3), "random_faithfulness_ci": format_ci(main["random_faithfulness_ci"], 3),
+                "faithfulness_minus_random_ci": format_ci(main["advantage_ci"], 3),
                 # the ratios' denominator: near zero, faithfulness and completeness are ill-conditioned
                 "m_full_minus_m_empty": main["sweep"]["m_full"] - main["sweep"]["m_empty"],
                 "n_prompts": main["n_prompts"], "prompt_set": main["prompt_set"], "baseline_prompts": f"{baseline_set} ({len(baseline_texts)})",
