@@ -21,12 +21,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
-from refusal_assets.sites import Site, decoder_layers, output_tensor, site_module
+from refusal_assets.hooks import site_hooks, until_stopped
+from refusal_assets.sites import Site, decoder_layers, output_tensor
 from refusal_assets.storage import atomic_path
-
-
-class _StopForward(Exception):
-    """Raised by the hook on the deepest needed block: later blocks and the LM head never run."""
 
 
 @contextlib.contextmanager
@@ -38,7 +35,6 @@ def capture(model: PreTrainedModel, sites: list[Site], stop_early: bool = True) 
     hook registered later on that block does not run.
     """
     captured: dict[Site, torch.Tensor] = {}
-    handles = []
 
     def reader(site: Site):
         def hook(_module, _inputs, output):
@@ -47,31 +43,17 @@ def capture(model: PreTrainedModel, sites: list[Site], stop_early: bool = True) 
 
         return hook
 
-    for site in sites:
-        handles.append(site_module(model, site).register_forward_hook(reader(site)))
-    if stop_early:
-        deepest = max(s.layer for s in sites)
-
-        def stop(_module, _inputs, _output):
-            raise _StopForward
-
-        # Registered last on the deepest block, so every reader on that block has already run.
-        handles.append(decoder_layers(model)[deepest].register_forward_hook(stop))
-    try:
+    stop = decoder_layers(model)[max(s.layer for s in sites)] if stop_early else None
+    with site_hooks(model, {s: reader(s) for s in sites}, stop_after=stop):
         yield captured
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
 def forward_sites(model: PreTrainedModel, batch: ChatBatch, sites: list[Site], stop_early: bool = True) -> dict[Site, torch.Tensor]:
     """Activations [B, T, d] at each site for one batch."""
     with capture(model, sites, stop_early) as captured:
-        try:
+        with until_stopped():
             model.base_model(**batch.model_inputs(), use_cache=False) if stop_early else model(**batch.model_inputs(), use_cache=False)
-        except _StopForward:
-            pass
         return dict(captured)
 
 

@@ -15,10 +15,9 @@ node outside the set (or inside it, for completeness) replaced by its mean.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.behaviour import refusal_score
 from refusal_assets.chat import ChatBatch, batches, encode_chat
+from refusal_assets.hooks import site_hooks, until_stopped
 from refusal_assets.sites import Site, output_tensor, replace_output, site_module
 
 
@@ -145,16 +145,6 @@ def split_prefix(model: PreTrainedModel, batch: ChatBatch) -> SuffixBatch:
     return SuffixBatch(output_cache(out), batch.input_ids[:, T - P :], batch.attention_mask, batch.position_ids[:, T - P :])
 
 
-@contextlib.contextmanager
-def _hooks(model: PreTrainedModel, fns: dict[Site, Callable]) -> Iterator[None]:
-    handles = [site_module(model, s).register_forward_hook(fn) for s, fn in fns.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _score(model: PreTrainedModel, batch: "ChatBatch | SuffixBatch", refusal_ids: torch.Tensor) -> torch.Tensor:
     """Refusal score [B] at the last prompt position (differentiable)."""
     if isinstance(batch, SuffixBatch):
@@ -184,7 +174,7 @@ def _site_grads(model: PreTrainedModel, batch: SuffixBatch, sites: list[Site], r
 
         return hook
 
-    with torch.enable_grad(), _hooks(model, {s: hook_for(s) for s in sites}):
+    with torch.enable_grad(), site_hooks(model, {s: hook_for(s) for s in sites}):
         score = _score(model, batch, refusal_ids)
         score.sum().backward()
     grads = {s: acts[s].grad.detach() for s in sites}
@@ -307,7 +297,7 @@ def ablated_scores(model: PreTrainedModel, suffixes: list[SuffixBatch], saes: di
 
             return hook
 
-        with _hooks(model, {s: hook_for(k, s) for k, s in enumerate(sites)}):
+        with site_hooks(model, {s: hook_for(k, s) for k, s in enumerate(sites)}):
             scores.append(_score(model, suffix, refusal_ids).cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
 
@@ -430,21 +420,11 @@ def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
 
                 return hook
 
-            from refusal_assets.activations import _StopForward
-
-            def stop(_m, _i, _o):
-                raise _StopForward
-
-            with torch.enable_grad(), _hooks(model, {up: hook_for(up), down: hook_for(down)}):
-                h = site_module(model, down).register_forward_hook(stop)
-                try:
+            with torch.enable_grad(), site_hooks(model, {up: hook_for(up), down: hook_for(down)}, stop_after=site_module(model, down)):
+                with until_stopped():
                     cache = copy.deepcopy(suffix.cache)
                     model.base_model(input_ids=suffix.suffix_ids, attention_mask=suffix.attention_mask,
                                      position_ids=suffix.position_ids, use_cache=True, **cache_kwargs(model.base_model, cache))
-                except _StopForward:
-                    pass
-                finally:
-                    h.remove()
                 x_up, x_down = captured[up], captured[down]
                 f_down = saes[down].encode(x_down.float())  # [B, P, d_sae]
                 g_down = grads[down].float()
@@ -480,7 +460,7 @@ def direction_ablation_score(model: PreTrainedModel, tokenizer: PreTrainedTokeni
     total, n = 0.0, 0
     for chunk in batches(prompts, batch_size):
         batch = encode_chat(tokenizer, chunk, system_prompt).to(device)
-        with _hooks(model, {site: hook}):
+        with site_hooks(model, {site: hook}):
             total += float(_score(model, batch, refusal_ids).sum())
         n += len(chunk)
     return total / max(n, 1)

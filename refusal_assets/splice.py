@@ -8,6 +8,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.chat import batches, encode_chat
+from refusal_assets.hooks import forward_hooks
 from refusal_assets.sites import Site, output_tensor, replace_output, site_module
 
 
@@ -24,14 +25,9 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     n_tokens = 0
 
     def run(batch, replace=None):
-        handle = None
-        if replace is not None:
-            handle = module.register_forward_hook(lambda _m, _i, out: replace_output(out, replace(output_tensor(out))))
-        try:
+        hooks = [] if replace is None else [(module, lambda _m, _i, out: replace_output(out, replace(output_tensor(out))))]
+        with forward_hooks(hooks):
             return model(**batch.model_inputs(), use_cache=False).logits.float()  # [B, T, V]
-        finally:
-            if handle:
-                handle.remove()
 
     for chunk in batches(prompts, batch_size):
         batch = encode_chat(tokenizer, chunk, system_prompt).to(device)

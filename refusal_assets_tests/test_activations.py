@@ -13,6 +13,7 @@ from refusal_assets import activations as acts
 from refusal_assets.behaviour import p_refusal, refusal_token_ids
 from refusal_assets.chat import encode_chat
 from refusal_assets.data import load_orbench
+from refusal_assets.hooks import StopForward
 from refusal_assets.sites import Site, decoder_layers
 from refusal_assets_tests.conftest import ROOT
 
@@ -98,7 +99,7 @@ def _run_inside(model, batch, stop_early: bool):
     with torch.no_grad():
         try:
             model.base_model(**batch.model_inputs(), use_cache=False) if stop_early else model(**batch.model_inputs(), use_cache=False)
-        except acts._StopForward:
+        except StopForward:
             pass
 
 
