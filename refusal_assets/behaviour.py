@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -128,20 +129,17 @@ def refusal_rates(df: pl.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
-def plot_refusal_rates(rates: dict[str, dict[str, float]], title: str, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_refusal_rates(rates: dict[str, dict[str, float]], title: str, path: Path) -> Path:
+    from refusal_assets.plots import new_figure, save_png
 
     names = [k for k in rates if k != "all"]
     vals = [rates[k]["rate"] for k in names]
     err = np.array([[rates[k]["rate"] - rates[k]["lo"] for k in names], [rates[k]["hi"] - rates[k]["rate"] for k in names]])
-    fig, ax = plt.subplots(figsize=(4, 3))
+    fig = new_figure((4, 3))
+    ax = fig.add_subplot()
     ax.bar(names, vals, yerr=err, capsize=4, color=["#4c72b0", "#dd8452", "#c44e52"][: len(names)])
     ax.set_ylim(0, 1)
     ax.set_ylabel("refusal rate (95% Wilson)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return save_png(fig, path)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
-from refusal_assets.storage import atomic_path
+from refusal_assets.plots import new_figure, save_png
 
 Mode = Literal["topk", "threshold", "topk_abs", "threshold_abs"]
 
@@ -510,14 +510,12 @@ def plot_heatmap(
     annotate_significance: np.ndarray | None = None,
 ) -> Path:
     """Write a labelled heatmap of ``matrix [n, n]``; cells where ``annotate_significance`` is True get a ``*``."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no pyplot state
-
     matrix = np.asarray(matrix, dtype=float)
     n = len(labels)
     if matrix.shape != (n, n):
         raise ValueError(f"matrix shape {matrix.shape} does not match {n} labels")
     path = Path(path)
-    fig = Figure(figsize=(1.2 + 0.8 * n, 1.0 + 0.7 * n), layout="constrained")
+    fig = new_figure((1.2 + 0.8 * n, 1.0 + 0.7 * n), constrained=True)
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis")
     fig.colorbar(image, ax=ax)
@@ -533,6 +531,4 @@ def plot_heatmap(
             star = "*" if annotate_significance is not None and annotate_significance[i, j] else ""
             colour = "black" if matrix[i, j] > mid else "white"  # readable on both ends of viridis
             ax.text(j, i, f"{matrix[i, j]:.2f}{star}", ha="center", va="center", fontsize=8, color=colour)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=150)
-    return path
+    return save_png(fig, path, dpi=150)

@@ -236,16 +236,14 @@ def profile(raw_counts: pl.DataFrame, sample_counts: pl.DataFrame, imbalance_rat
 
 def plot_profile(counts: pl.DataFrame, path: Path) -> Path:
     """Grouped bars: prompts per category and split (raw, with the sampled count hatched)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from refusal_assets.plots import new_figure, save_png
 
     cats = sorted(counts["category_key"].unique().to_list())
     splits = [s for s in SPLIT_ORDER if s in set(counts["split"].to_list())]
     x = np.arange(len(cats))
     width = 0.8 / max(len(splits), 1)
-    fig, ax = plt.subplots(figsize=(max(6, len(cats) * 0.9), 4))
+    fig = new_figure((max(6, len(cats) * 0.9), 4))
+    ax = fig.add_subplot()
     for i, split in enumerate(splits):
         sub = {r["category_key"]: r for r in counts.filter(pl.col("split") == split).iter_rows(named=True)}
         raw = [sub.get(c, {}).get("n", 0) for c in cats]
@@ -257,7 +255,4 @@ def plot_profile(counts: pl.DataFrame, path: Path) -> Path:
     ax.set_title("Prompts per category and split")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -1,4 +1,6 @@
-"""Plots shared by several stages (matplotlib, Agg backend, written atomically)."""
+"""The one plotting style: a bare matplotlib ``Figure`` (Agg, no pyplot global state), saved as PNG
+through :func:`save_png`, which writes atomically like every other asset file. Every stage's plot
+goes through :func:`new_figure` and :func:`save_png`."""
 
 from __future__ import annotations
 
@@ -13,10 +15,23 @@ from matplotlib.figure import Figure  # noqa: E402
 from refusal_assets.storage import atomic_path  # noqa: E402
 
 
+def new_figure(figsize: tuple[float, float], constrained: bool = False) -> Figure:
+    """A figure that touches no pyplot state (safe in threads and long-lived processes)."""
+    return Figure(figsize=figsize, layout="constrained" if constrained else None)
+
+
+def save_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` to ``path`` as PNG under a temporary name, renamed into place when complete."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
 def plot_sweeps(sweeps: dict[str, dict], title: str, path: Path) -> Path:
     """Cross-fitted faithfulness / completeness against circuit size, one panel per prompt group,
     bootstrap 95% CIs shaded, the random control dashed."""
-    fig = Figure(figsize=(4.2 * max(len(sweeps), 1), 3.4))
+    fig = new_figure((4.2 * max(len(sweeps), 1), 3.4))
     axes = fig.subplots(1, max(len(sweeps), 1), squeeze=False)[0]
     for ax, (group, sweep) in zip(axes, sweeps.items()):
         rows = sweep["sweep"]
@@ -38,6 +53,4 @@ def plot_sweeps(sweeps: dict[str, dict], title: str, path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    return path
+    return save_png(fig, path)

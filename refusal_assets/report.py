@@ -14,7 +14,8 @@ from pathlib import Path
 import polars as pl
 
 from refusal_assets.config import ProjectConfig
-from refusal_assets.storage import Storage, write_text
+from refusal_assets.layout import Layout
+from refusal_assets.storage import write_text
 
 PACKAGES = ["refusal_assets", "torch", "transformers", "dagster", "numpy", "scipy", "polars", "pyarrow", "safetensors"]
 
@@ -78,8 +79,8 @@ def _with_ci(value: float, ci) -> str:
     return f"{value:.3f}" if text == "n/a" else f"{value:.3f} {text}"
 
 
-def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], input_versions: dict[str, str] | None = None) -> tuple[Path, Path]:
-    folder = files.path("report")
+def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], input_versions: dict[str, str] | None = None) -> tuple[Path, Path]:
+    folder = layout.report()
     figures = folder / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     doc = _Doc(figures)
@@ -90,7 +91,7 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
     doc.h(2, "Verdict")
     comparisons = {}
     for m in cfg.models:
-        path = files.path("comparison", m.model_key, filename="comparison.json")
+        path = layout.comparison_summary(m.model_key)
         if path.is_file():
             comparisons[m.model_key] = json.loads(path.read_text())
             doc.p(f"{m.model_key}: {comparisons[m.model_key]['verdict'].upper()}. {comparisons[m.model_key]['verdict_reason']}")
@@ -99,11 +100,11 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
 
     # ---- data
     doc.h(2, "Data profile")
-    prof = files.path("data_profile", filename="profile.parquet")
+    prof = layout.profile_table()
     if prof.is_file():
         counts = pl.read_parquet(prof)
         doc.table(counts.columns, [list(r) for r in counts.iter_rows()])
-        doc.image(files.path("data_profile", filename="profile.png"), "prompts per category and split")
+        doc.image(layout.profile_plot(), "prompts per category and split")
     doc.p("The embedded sample is an illustrative set written for this project, not OR-Bench; use --data-dir with the real OR-Bench for research claims.")
 
     # ---- behaviour
@@ -112,7 +113,7 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
     for m in cfg.models:
         rows = []
         for c in categories:
-            path = files.path("refusal_behaviour", m.model_key, c, filename="behaviour.parquet")
+            path = layout.behaviour(m.model_key, c)
             if not path.is_file():
                 continue
             df = pl.read_parquet(path)
@@ -127,7 +128,7 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
     rows = []
     for m in cfg.models:
         for key in m.site_keys:
-            path = files.path("sae", key, filename="history.json")
+            path = layout.sae_history(key)
             if path.is_file():
                 h = json.loads(path.read_text())
                 met, sp = h.get("metrics", {}), h.get("splice", {})
@@ -136,7 +137,7 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
     doc.table(["site", "FVU", "L0", "dead fraction", "loss recovered", "KL spliced"], rows)
     for m in cfg.models:
         for key in m.site_keys:
-            doc.image(files.path("sae", key, filename="training.png"), f"SAE training {key}")
+            doc.image(layout.sae_plot(key), f"SAE training {key}")
 
     # ---- circuits
     doc.h(2, "Circuits")
@@ -146,7 +147,7 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
     for m in cfg.models:
         rows = []
         for c in categories:
-            path = files.path("circuit", m.model_key, c, filename="circuit.json")
+            path = layout.circuit_summary(m.model_key, c)
             if path.is_file():
                 s = json.loads(path.read_text())
                 for g, v in s["groups"].items():
@@ -163,7 +164,7 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
                   "of nodes at every site. m(M) - m(∅) is the ratios' denominator: near zero, the ratios are ill-conditioned.")
             doc.table(["category", "group", "prompts", "nodes", "faithfulness", "completeness", "random control", "m(M) - m(∅)", "edges"], rows)
             for c in categories:
-                doc.image(files.path("circuit", m.model_key, c, filename="faithfulness.png"), f"faithfulness sweep {m.model_key}/{c}")
+                doc.image(layout.circuit_plot(m.model_key, c), f"faithfulness sweep {m.model_key}/{c}")
 
     # ---- comparison
     doc.h(2, "Cross-category comparison")
@@ -176,12 +177,12 @@ def write_report(cfg: ProjectConfig, files: Storage, categories: list[str], inpu
             if res.get("fallback_categories"):
                 doc.p(f"Too few refused {g} prompts, so these circuits use every {g} prompt: {', '.join(res['fallback_categories'])}.")
             doc.table(["a", "b", "Jaccard", "normalised", "p (permutation)", "q (BH)", "significant"], pairs)
-            doc.image(files.path("comparison", model_key, filename=f"jaccard_{g}.png"), f"Jaccard {g} ({model_key}); * = significant after BH")
-        doc.image(files.path("comparison", model_key, filename="jaccard_cross.png"), f"toxic vs benign circuits ({model_key})")
+            doc.image(layout.jaccard_plot(model_key, g), f"Jaccard {g} ({model_key}); * = significant after BH")
+        doc.image(layout.jaccard_plot(model_key, "cross"), f"toxic vs benign circuits ({model_key})")
         doc.h(3, f"Refusal directions ({model_key})")
         doc.p("Difference of means (toxic - safe) at the last post-instruction token per category (Arditi et al. 2024); cosines across categories.")
         for site in comp.get("direction_cosines", {}):
-            doc.image(files.path("comparison", model_key, filename=f"direction_cosine_{site}.png"), f"refusal-direction cosine at {site}")
+            doc.image(layout.direction_cosine_plot(model_key, site), f"refusal-direction cosine at {site}")
 
     # ---- reproducibility
     doc.h(2, "Reproducibility")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
+from refusal_assets.plots import new_figure, save_png
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -348,7 +348,7 @@ def evaluate_sae(sae: TopKSAE, vectors: Tensor, batch_size: int = EVAL_BATCH) ->
 
 def plot_history(history: dict[str, Any], path: Path, title: str) -> Path:
     """PNG of training loss, validation FVU and dead-latent fraction against step."""
-    fig = Figure(figsize=(12, 3.5), layout="constrained")  # no pyplot: no global figure state
+    fig = new_figure((12, 3.5), constrained=True)
     panels = (("train_loss", "train loss"), ("val_fvu", "validation FVU"), ("dead_fraction", "dead fraction"))
     for ax, (key, label) in zip(fig.subplots(1, 3), panels):
         ax.plot(history["step"], history[key], marker=".")
@@ -358,10 +358,7 @@ def plot_history(history: dict[str, Any], path: Path, title: str) -> Path:
         for ax in fig.axes:
             ax.axvline(history["best_step"], color="grey", linestyle="--", linewidth=1)
     fig.suptitle(title)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
+    return save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------ SAELens format

@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import dagster as dg
-from safetensors.torch import load_file
 
 from refusal_assets import comparison as cmp
 from refusal_assets.config import ProjectConfig
@@ -13,20 +12,9 @@ from refusal_assets.defs.automation import rebuild_condition
 from refusal_assets.defs.metadata import png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
+from refusal_assets.layout import Layout
 from refusal_assets.report import write_report
 from refusal_assets.storage import write_text
-
-
-def load_circuit(storage: StorageResource, model_key: str, category: str) -> tuple[dict, dict]:
-    folder = storage.files.path("circuit", model_key, category)
-    path = folder / "circuit.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"circuit not found: {path} (materialize circuit {category}|{model_key} first)")
-    try:
-        tensors = {k: v.numpy() for k, v in load_file(str(folder / "effects.safetensors")).items()}
-    except Exception as e:
-        raise ValueError(f"{folder / 'effects.safetensors'}: unreadable ({e}); rematerialize this circuit partition") from e
-    return json.loads(path.read_text()), tensors
 
 
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
@@ -42,9 +30,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         model_key = context.partition_key
         t0 = time.perf_counter()
         categories = parts.category.get_partition_keys()
-        circuits = {c: load_circuit(storage, model_key, c) for c in categories}
+        layout = Layout(storage.files)
+        circuits = {c: layout.load_circuit(model_key, c) for c in categories}
         site_of_node = next(iter(circuits.values()))[1]["site_of_node"]
-        folder = storage.files.path("comparison", model_key)
         groups = sorted({g for summary, _ in circuits.values() for g in summary["groups"]})
         out: dict = {"model": model_key, "categories": categories, "groups": {}}
         md: dict = {}
@@ -65,7 +53,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
                 md[f"fallback_categories_{group}"] = ", ".join(fallback)
                 context.log.warning(f"{group}: {fallback} use all their prompts, not only '{cc.prompt_filter}' ones (too few)")
             png = cmp.plot_heatmap(result.jaccard, result.categories, f"{model_key}: circuit Jaccard ({group})",
-                                   folder / f"jaccard_{group}.png", annotate_significance=result.significant)
+                                   layout.jaccard_plot(model_key, group), annotate_significance=result.significant)
             md[f"heatmap_{group}"] = png_markdown(png, f"Jaccard {group}")
             md[f"verdict_{group}"] = result.verdict
             context.log.info(f"{group}: {result.verdict_reason}")
@@ -81,7 +69,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
                                for b in categories] for a in categories])
             out["cross_jaccard"] = cross.tolist()
             md["heatmap_cross"] = png_markdown(cmp.plot_heatmap(cross, categories, f"{model_key}: Jaccard toxic (rows) vs benign (cols)",
-                                                                folder / "jaccard_cross.png"), "cross")
+                                                                layout.jaccard_plot(model_key, "cross")), "cross")
         # Refusal directions (difference of means), cosine across categories per site.
         sites = next(iter(circuits.values()))[0]["sites"]
         out["direction_cosines"] = {}
@@ -90,13 +78,13 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             if len(dirs) >= 2:
                 labels, cos = cmp.refusal_direction_cosines(dirs)
                 out["direction_cosines"][site] = {"labels": labels, "matrix": cos.tolist()}
-                cmp.plot_heatmap(cos, labels, f"{model_key}: refusal-direction cosine ({site})", folder / f"direction_cosine_{site}.png")
+                cmp.plot_heatmap(cos, labels, f"{model_key}: refusal-direction cosine ({site})", layout.direction_cosine_plot(model_key, site))
         main = out["groups"].get("toxic") or next(iter(out["groups"].values()), None)
         if main is None:
             raise ValueError(f"comparison for {model_key}: fewer than two categories have circuits")
         out["verdict"], out["verdict_reason"] = main["verdict"], main["verdict_reason"]
         out["seconds"] = time.perf_counter() - t0
-        write_text(json.dumps(out, indent=1, default=float), folder / "comparison.json")
+        write_text(json.dumps(out, indent=1, default=float), layout.comparison_summary(model_key))
         return dg.MaterializeResult(metadata={
             "verdict": out["verdict"], "verdict_reason": out["verdict_reason"], "shared_fraction": main["shared_fraction"],
             "n_categories": len(categories), "seconds": round(out["seconds"], 1), **md,
@@ -113,7 +101,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             record = context.instance.get_latest_materialization_event(dg.AssetKey(key))
             if record is not None and record.asset_materialization is not None:
                 versions[key] = record.asset_materialization.tags.get("dagster/data_version", "") if record.asset_materialization.tags else ""
-        html, md_path = write_report(cfg, storage.files, parts.category.get_partition_keys(), input_versions=versions)
+        html, md_path = write_report(cfg, Layout(storage.files), parts.category.get_partition_keys(), input_versions=versions)
         return dg.MaterializeResult(metadata={"path": str(html), "markdown": str(md_path)})
 
     return [comparison, report]

@@ -10,7 +10,8 @@ from refusal_assets.defs.automation import rebuild_condition
 from refusal_assets.defs.metadata import png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
-from refusal_assets.storage import read_parquet, write_parquet
+from refusal_assets.layout import Layout
+from refusal_assets.storage import write_parquet
 
 
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
@@ -28,7 +29,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         cat = df.filter(pl.col("category_key") == category)
         if cat.height == 0:
             raise data.DataError(f"{folder}: category {category!r} has no prompts in the data any more; reload the code location")
-        path = write_parquet(cat.to_arrow(), storage.files.path("orbench_prompts", category, filename="prompts.parquet"))
+        path = write_parquet(cat.to_arrow(), Layout(storage.files).prompts(category))
         per_split = dict(cat.group_by("split").len().iter_rows())
         context.log.info(f"{category}: {cat.height} prompts {per_split} from {folder}")
         return dg.MaterializeResult(metadata={
@@ -45,9 +46,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
     )
     def prompt_sample(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         category = context.partition_key
-        prompts = pl.from_arrow(read_parquet(storage.files.path("orbench_prompts", category, filename="prompts.parquet")))
-        sample = data.sample_category(prompts, category, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction)
-        path = write_parquet(sample.to_arrow(), storage.files.path("prompt_sample", category, filename="sample.parquet"))
+        layout = Layout(storage.files)
+        sample = data.sample_category(layout.load_prompts(category), category, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction)
+        path = write_parquet(sample.to_arrow(), layout.sample(category))
         counts = sample.group_by("split", "heldout").len().sort("split", "heldout")
         return dg.MaterializeResult(metadata={
             "n_prompts": sample.height, "n_heldout": int(sample["heldout"].sum()), "seed": cfg.data.seed,
@@ -60,17 +61,15 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         description="Counts per category x split (all and sampled), the imbalance warnings, and a plot.",
     )
     def data_profile(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-        raw, sampled = [], []
-        for category in parts.category.get_partition_keys():
-            raw.append(pl.from_arrow(read_parquet(storage.files.path("orbench_prompts", category, filename="prompts.parquet"))))
-            sampled.append(pl.from_arrow(read_parquet(storage.files.path("prompt_sample", category, filename="sample.parquet"))))
+        layout = Layout(storage.files)
+        raw = [layout.load_prompts(c) for c in parts.category.get_partition_keys()]
+        sampled = [layout.load_sample(c) for c in parts.category.get_partition_keys()]
         count = lambda frames: pl.concat(frames).group_by("category_key", "split").len("n")  # noqa: E731
         prof = data.profile(count(raw), count(sampled))
         for w in prof.warnings:
             context.log.warning(w)
-        folder = storage.files.path("data_profile")
-        write_parquet(prof.counts.to_arrow(), folder / "profile.parquet")
-        png = data.plot_profile(prof.counts, folder / "profile.png")
+        write_parquet(prof.counts.to_arrow(), layout.profile_table())
+        png = data.plot_profile(prof.counts, layout.profile_plot())
         return dg.MaterializeResult(metadata={
             "n_categories": len(raw), "n_prompts": int(prof.counts["n"].sum()), "n_sampled": int(prof.counts["n_sampled"].sum()),
             "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in prof.warnings) or "none"),
@@ -88,5 +87,3 @@ def _table_md(df: pl.DataFrame) -> str:
 def _preview(df: pl.DataFrame) -> str:
     return _table_md(df.select("split", pl.col("prompt").str.slice(0, 80)).head(5))
 
-
-prompt_sample_key = dg.AssetKey("prompt_sample")

@@ -4,7 +4,6 @@
 import time
 from collections import defaultdict
 
-import polars as pl
 import dagster as dg
 
 from refusal_assets import activations as acts_core
@@ -15,26 +14,17 @@ from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.metadata import materialize_each, multi_key, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
+from refusal_assets.layout import Layout
 from refusal_assets.models import load_model
 from refusal_assets.sites import Site
-from refusal_assets.storage import read_parquet, write_parquet
-
-
-def activations_path(storage: StorageResource, site_key: str, category: str):
-    return storage.files.path("activations", site_key, category, filename="activations.parquet")
-
-
-def load_sample(storage: StorageResource, category: str) -> pl.DataFrame:
-    return pl.from_arrow(read_parquet(storage.files.path("prompt_sample", category, filename="sample.parquet"), "prompt sample"))
+from refusal_assets.storage import write_parquet
 
 
 def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
-    from refusal_assets.defs.data_assets import prompt_sample_key
-
     @dg.asset(
         partitions_def=parts.model_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
         code_version=cfg.section_hash("models"), automation_condition=rebuild_condition(),
-        deps=[dg.AssetDep(prompt_sample_key, partition_mapping=parts.by_category())],
+        deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category())],
         description="Each prompt's greedy chat generation, a refusal judgement, p_ref and the refusal score.",
     )
     def refusal_behaviour(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
@@ -44,15 +34,15 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             t0 = time.perf_counter()
             model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
             load_s = time.perf_counter() - t0
-            df = behaviour.run_behaviour(model, tokenizer, load_sample(storage, category), model_cfg, device, context.log.info)
-            folder = storage.files.path("refusal_behaviour", model_cfg.model_key, category)
-            write_parquet(df.to_arrow(), folder / "behaviour.parquet")
+            layout = Layout(storage.files)
+            df = behaviour.run_behaviour(model, tokenizer, layout.load_sample(category), model_cfg, device, context.log.info)
+            write_parquet(df.to_arrow(), layout.behaviour(model_cfg.model_key, category))
             rates = behaviour.refusal_rates(df)
-            behaviour.plot_refusal_rates(rates, f"{model_cfg.model_key} / {category}", folder / "refusal_rates.png")
+            png = behaviour.plot_refusal_rates(rates, f"{model_cfg.model_key} / {category}", layout.behaviour_plot(model_cfg.model_key, category))
             md = {
                 "refusal_rate": rates["all"]["rate"], "n_prompts": df.height, "load_seconds": round(load_s, 2),
                 "seconds": round(time.perf_counter() - t0, 2), "device": device,
-                "plot": png_markdown(folder / "refusal_rates.png", "refusal rate per split"),
+                "plot": png_markdown(png, "refusal rate per split"),
             }
             for split, r in rates.items():
                 if split != "all":
@@ -65,7 +55,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
         partitions_def=parts.site_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
         code_version=cfg.section_hash("models"), automation_condition=rebuild_condition(),
         backfill_policy=dg.BackfillPolicy.single_run(), output_required=False,
-        deps=[dg.AssetDep(prompt_sample_key, partition_mapping=parts.by_category())],
+        deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category())],
         check_specs=[dg.AssetCheckSpec("finite_vectors", asset="activations", blocking=True,
                                        description="No NaN or inf in any activation vector.")],
         description="Residual / MLP / attention activations at the post-instruction positions (and every prompt token), float16 Parquet.",
@@ -77,6 +67,7 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
             k = multi_key(parts.site_category, key)
             model_key, site_name = k["site"].split("__", 1)
             groups[model_key][k["category"]][Site.parse(site_name)] = key
+        layout = Layout(storage.files)
         with compute.claim() as device:
             metadata: dict[str, dict] = {}
             n_bad_total = 0
@@ -84,8 +75,8 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
                 model_cfg = cfg.model(model_key)
                 model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
                 for category, sites in sorted(by_category.items()):
-                    paths = {s: activations_path(storage, f"{model_key}__{s.name}", category) for s in sites}
-                    sample = load_sample(storage, category)
+                    paths = {s: layout.activations(f"{model_key}__{s.name}", category) for s in sites}
+                    sample = layout.load_sample(category)
                     t0 = time.perf_counter()
                     non_finite: dict = {}
                     n_rows = acts_core.collect_activations(

@@ -1,0 +1,116 @@
+"""Where every asset's files live, with their readers: the one place a storage path is spelled.
+
+``<root>/<asset>/<partition parts>/<file>``; assets, the report and tests reach files only through
+a :class:`Layout`, so moving a file is one edit here (and no asset module imports another for a
+path). Writers stay the atomic helpers of :mod:`refusal_assets.storage`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from safetensors.torch import load_file
+
+from refusal_assets.storage import Storage, read_parquet
+
+
+class Layout:
+    """Paths of one storage root, one method per asset file (folders for multi-file assets)."""
+
+    def __init__(self, files: Storage | str | Path):
+        self.files = files if isinstance(files, Storage) else Storage(files)
+
+    # ---- stage 1: data
+    def prompts(self, category: str) -> Path:
+        return self.files.path("orbench_prompts", category, filename="prompts.parquet")
+
+    def sample(self, category: str) -> Path:
+        return self.files.path("prompt_sample", category, filename="sample.parquet")
+
+    def data_profile(self) -> Path:
+        return self.files.path("data_profile")
+
+    def profile_table(self) -> Path:
+        return self.data_profile() / "profile.parquet"
+
+    def profile_plot(self) -> Path:
+        return self.data_profile() / "profile.png"
+
+    def load_prompts(self, category: str) -> pl.DataFrame:
+        return pl.from_arrow(read_parquet(self.prompts(category)))
+
+    def load_sample(self, category: str) -> pl.DataFrame:
+        return pl.from_arrow(read_parquet(self.sample(category), "prompt sample"))
+
+    # ---- stage 2: behaviour and activations
+    def behaviour_folder(self, model_key: str, category: str) -> Path:
+        return self.files.path("refusal_behaviour", model_key, category)
+
+    def behaviour(self, model_key: str, category: str) -> Path:
+        return self.behaviour_folder(model_key, category) / "behaviour.parquet"
+
+    def behaviour_plot(self, model_key: str, category: str) -> Path:
+        return self.behaviour_folder(model_key, category) / "refusal_rates.png"
+
+    def load_behaviour(self, model_key: str, category: str) -> pl.DataFrame:
+        """The ``refused`` judgement and refusal score of each sampled prompt."""
+        path = self.behaviour(model_key, category)
+        return pl.from_arrow(read_parquet(path, "refusal behaviour")).select("prompt_id", "refused", "refusal_score")
+
+    def activations(self, site_key: str, category: str) -> Path:
+        return self.files.path("activations", site_key, category, filename="activations.parquet")
+
+    # ---- stage 3: SAEs
+    def sae(self, site_key: str) -> Path:
+        """The SAELens-layout folder (cfg.json + sae_weights.safetensors) of one site."""
+        return self.files.path("sae", site_key)
+
+    def sae_history(self, site_key: str) -> Path:
+        return self.sae(site_key) / "history.json"
+
+    def sae_plot(self, site_key: str) -> Path:
+        return self.sae(site_key) / "training.png"
+
+    # ---- stage 4: circuits
+    def circuit(self, model_key: str, category: str) -> Path:
+        return self.files.path("circuit", model_key, category)
+
+    def circuit_summary(self, model_key: str, category: str) -> Path:
+        """Written last: its presence marks a complete partition."""
+        return self.circuit(model_key, category) / "circuit.json"
+
+    def circuit_tensors(self, model_key: str, category: str) -> Path:
+        return self.circuit(model_key, category) / "effects.safetensors"
+
+    def circuit_plot(self, model_key: str, category: str) -> Path:
+        return self.circuit(model_key, category) / "faithfulness.png"
+
+    def load_circuit(self, model_key: str, category: str) -> tuple[dict, dict[str, np.ndarray]]:
+        """(circuit.json, {tensor name: array}) of one circuit partition; a missing or broken one is a clear error."""
+        path, tensors_path = self.circuit_summary(model_key, category), self.circuit_tensors(model_key, category)
+        if not path.is_file():
+            raise FileNotFoundError(f"circuit not found: {path} (materialize circuit {category}|{model_key} first)")
+        try:
+            tensors = {k: v.numpy() for k, v in load_file(str(tensors_path)).items()}
+        except Exception as e:
+            raise ValueError(f"{tensors_path}: unreadable ({e}); rematerialize this circuit partition") from e
+        return json.loads(path.read_text()), tensors
+
+    # ---- stage 5: comparison and report
+    def comparison(self, model_key: str) -> Path:
+        return self.files.path("comparison", model_key)
+
+    def comparison_summary(self, model_key: str) -> Path:
+        return self.comparison(model_key) / "comparison.json"
+
+    def jaccard_plot(self, model_key: str, group: str) -> Path:
+        return self.comparison(model_key) / f"jaccard_{group}.png"
+
+    def direction_cosine_plot(self, model_key: str, site: str) -> Path:
+        return self.comparison(model_key) / f"direction_cosine_{site}.png"
+
+    def report(self) -> Path:
+        return self.files.path("report")
