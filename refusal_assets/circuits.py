@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Literal, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -29,8 +30,71 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.behaviour import refusal_score
 from refusal_assets.chat import ChatBatch, batches, encode_chat
+from refusal_assets.config import CircuitConfig
 from refusal_assets.hooks import site_hooks, until_stopped
 from refusal_assets.sites import Site, output_tensor, replace_output, site_module
+
+
+Mode = Literal["topk", "threshold", "topk_abs", "threshold_abs"]
+
+
+# ---------------------------------------------------------------------------------- selection
+
+
+def select_circuits(
+    means: np.ndarray, site_of_node: np.ndarray, mode: Mode, k_per_site: int, threshold: float
+) -> np.ndarray:
+    """Circuit masks ``[batch, n_nodes]`` for mean effects ``[batch, n_nodes]``: :func:`select_circuit`
+    over a batch of resampled means at once (the comparison's permutations and bootstraps)."""
+    if mode not in ("topk", "threshold", "topk_abs", "threshold_abs"):
+        raise ValueError(f"mode must be 'topk', 'threshold', 'topk_abs' or 'threshold_abs', not {mode!r}")
+    if mode.endswith("_abs"):  # rank by magnitude: refusal-suppressing nodes count too (Marks et al. keep both signs)
+        means, mode = np.abs(means), mode.removesuffix("_abs")
+    if mode == "threshold":
+        return means >= threshold
+    mask = np.zeros(means.shape, dtype=bool)
+    if k_per_site == 0:
+        return mask
+    for site in np.unique(site_of_node):
+        nodes = np.flatnonzero(site_of_node == site)  # ascending node index
+        x = means[:, nodes]  # [batch, n_site]
+        if k_per_site >= nodes.size:
+            mask[:, nodes] = True
+            continue
+        # O(n) partition instead of a full sort (sites can hold ~10^4-10^5 latents): keep everything
+        # above the k-th largest value, then fill the remaining slots from its ties, lowest index first.
+        kth = -np.partition(-x, k_per_site - 1, axis=1)[:, k_per_site - 1 : k_per_site]  # [batch, 1]
+        above = x > kth
+        ties = x == kth
+        n_fill = k_per_site - above.sum(axis=1, keepdims=True)  # [batch, 1], >= 1
+        mask[:, nodes] = above | (ties & (np.cumsum(ties, axis=1) <= n_fill))
+    return mask
+
+
+def select_circuit(
+    mean_effect: np.ndarray,
+    site_of_node: np.ndarray,
+    mode: Mode = "topk",
+    k_per_site: int = 20,
+    threshold: float = 0.0,
+) -> np.ndarray:
+    """Circuit mask ``[n_nodes]`` (bool) from a mean effect vector ``[n_nodes]``.
+
+    ``topk``: at every site the ``k_per_site`` nodes with the largest SIGNED mean effect (those that
+    push hardest towards refusal; ties go to the lower node index); a site with fewer nodes keeps all.
+    ``threshold``: every node with mean effect ``>= threshold``.
+    ``topk_abs`` / ``threshold_abs``: the same on ``|mean effect|``, so nodes that push away from
+    refusal are kept too; the circuit then tends to faithfulness 1 instead of overshooting it.
+    """
+    mean_effect = np.asarray(mean_effect, dtype=float)
+    site_of_node = np.asarray(site_of_node)
+    if mean_effect.ndim != 1 or mean_effect.shape != site_of_node.shape:
+        raise ValueError(f"mean_effect {mean_effect.shape} and site_of_node {site_of_node.shape} must be equal 1-D")
+    if k_per_site < 0:
+        raise ValueError(f"k_per_site must be >= 0, not {k_per_site}")
+    if not np.isfinite(mean_effect).all():
+        raise ValueError("mean_effect holds non-finite values; a NaN node has no rank")
+    return select_circuits(mean_effect[None], site_of_node, mode, k_per_site, threshold)[0]
 
 
 def select_prompts(rows: pl.DataFrame, prompt_filter: str, min_prompts: int) -> tuple[pl.DataFrame, str]:
@@ -155,9 +219,20 @@ def _score(model: PreTrainedModel, batch: "ChatBatch | SuffixBatch", refusal_ids
     return refusal_score(p)
 
 
+class SiteGrads(NamedTuple):
+    """One forward and backward over a suffix batch, at every site."""
+
+    acts: dict[Site, torch.Tensor]
+    """Site outputs on the suffix [B, P, d], detached."""
+    grads: dict[Site, torch.Tensor]
+    """d(sum of refusal scores)/d(site output) [B, P, d]."""
+    score: torch.Tensor
+    """Refusal score per prompt [B]."""
+
+
 def _site_grads(model: PreTrainedModel, batch: SuffixBatch, sites: list[Site], refusal_ids: torch.Tensor,
-                patch: dict[Site, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> tuple[dict, dict, torch.Tensor]:
-    """Suffix activations and d(sum of scores)/d(activation) at every site: ({site: [B,P,d]}, {site: [B,P,d]}, score [B])."""
+                patch: dict[Site, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> SiteGrads:
+    """Suffix activations and d(sum of scores)/d(activation) at every site."""
     acts: dict[Site, torch.Tensor] = {}
     first = min(sites)
 
@@ -178,7 +253,7 @@ def _site_grads(model: PreTrainedModel, batch: SuffixBatch, sites: list[Site], r
         score = _score(model, batch, refusal_ids)
         score.sum().backward()
     grads = {s: acts[s].grad.detach() for s in sites}
-    return {s: a.detach() for s, a in acts.items()}, grads, score.detach()
+    return SiteGrads({s: a.detach() for s, a in acts.items()}, grads, score.detach())
 
 
 def _decoder_grad(sae: nn.Module, g: torch.Tensor, d_sae: int) -> torch.Tensor:
@@ -336,8 +411,51 @@ def _ratio_ci(num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int, lev
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+CI = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """Cross-fitted scores of the circuits of one size (``size_per_site`` nodes at every site)."""
+
+    size_per_site: int
+    n_nodes: int
+    """Nodes of the circuit selected on all prompts (the one the asset reports)."""
+    n_nodes_mean_fold: float
+    """Mean nodes of the out-of-fold circuits that actually scored the prompts."""
+    faithfulness: float
+    faithfulness_ci: CI
+    completeness: float
+    completeness_ci: CI
+    random_faithfulness: float
+    """The control: a random circuit with the same number of nodes per site."""
+    random_faithfulness_ci: CI
+    advantage_ci: CI
+    """CI of faithfulness minus the control's, paired by prompt."""
+
+
+@dataclass(frozen=True)
+class SizeSweep:
+    """Faithfulness and completeness over circuit sizes, with the ratios' shared denominator."""
+
+    m_full: float
+    """Mean score with no node ablated, m(M)."""
+    m_empty: float
+    """Mean score with every node ablated, m(∅)."""
+    denominator_ci: CI
+    n_prompts: int
+    n_folds: int
+    sweep: list[SweepPoint]
+
+    def at(self, size_per_site: int) -> SweepPoint:
+        return next(p for p in self.sweep if p.size_per_site == size_per_site)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 def evaluate_sizes(score_fn: Callable[[np.ndarray], np.ndarray], effects: np.ndarray, site_of_node: np.ndarray, sizes: list[int],
-                   select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, *, seed: int, n_bootstrap: int = 1000) -> dict:
+                   select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, *, seed: int, n_bootstrap: int = 1000) -> SizeSweep:
     """Cross-fitted faithfulness and completeness over circuit sizes.
 
     ``effects`` [n_prompts, n_nodes] are the per-prompt node effects and ``folds`` [n_prompts] a fold
@@ -370,18 +488,18 @@ def evaluate_sizes(score_fn: Callable[[np.ndarray], np.ndarray], effects: np.nda
                 random[i, rng.choice(members, size=int(circuit[i, members].sum()), replace=False)] = True
         m_c, m_comp, m_rand = score_fn(circuit), score_fn(~circuit), score_fn(random)
         full_circuit = select(effects.mean(0), n)  # the circuit that the asset reports at this size
-        rows.append({
-            "size_per_site": n, "n_nodes": int(full_circuit.sum()), "n_nodes_mean_fold": float(circuit.sum(1).mean()),
-            "faithfulness": faithfulness(m_c.mean(), m_empty.mean(), m_full.mean()),
-            "faithfulness_ci": _ratio_ci(m_c - m_empty, den, n_bootstrap, seed),
-            "completeness": faithfulness(m_comp.mean(), m_empty.mean(), m_full.mean()),
-            "completeness_ci": _ratio_ci(m_comp - m_empty, den, n_bootstrap, seed),
-            "random_faithfulness": faithfulness(m_rand.mean(), m_empty.mean(), m_full.mean()),
-            "random_faithfulness_ci": _ratio_ci(m_rand - m_empty, den, n_bootstrap, seed),
-            "advantage_ci": _ratio_ci(m_c - m_rand, den, n_bootstrap, seed),
-        })
-    return {"m_full": float(m_full.mean()), "m_empty": float(m_empty.mean()), "denominator_ci": _ratio_ci(den, np.ones_like(den), n_bootstrap, seed),
-            "n_prompts": n_prompts, "n_folds": int(len(np.unique(folds))), "sweep": rows}
+        rows.append(SweepPoint(
+            size_per_site=n, n_nodes=int(full_circuit.sum()), n_nodes_mean_fold=float(circuit.sum(1).mean()),
+            faithfulness=faithfulness(m_c.mean(), m_empty.mean(), m_full.mean()),
+            faithfulness_ci=_ratio_ci(m_c - m_empty, den, n_bootstrap, seed),
+            completeness=faithfulness(m_comp.mean(), m_empty.mean(), m_full.mean()),
+            completeness_ci=_ratio_ci(m_comp - m_empty, den, n_bootstrap, seed),
+            random_faithfulness=faithfulness(m_rand.mean(), m_empty.mean(), m_full.mean()),
+            random_faithfulness_ci=_ratio_ci(m_rand - m_empty, den, n_bootstrap, seed),
+            advantage_ci=_ratio_ci(m_c - m_rand, den, n_bootstrap, seed),
+        ))
+    return SizeSweep(m_full=float(m_full.mean()), m_empty=float(m_empty.mean()), denominator_ci=_ratio_ci(den, np.ones_like(den), n_bootstrap, seed),
+                     n_prompts=n_prompts, n_folds=int(len(np.unique(folds))), sweep=rows)
 
 
 def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],
@@ -464,3 +582,189 @@ def direction_ablation_score(model: PreTrainedModel, tokenizer: PreTrainedTokeni
             total += float(_score(model, batch, refusal_ids).sum())
         n += len(chunk)
     return total / max(n, 1)
+
+
+# ------------------------------------------------------------------------- the whole procedure
+
+# Prompt groups a circuit is found on: toxic and benign separately, or every prompt at once.
+GROUPS = {"toxic": ["toxic"], "benign": ["safe", "hard"], "all": ["safe", "hard", "toxic"]}
+
+
+def refusal_direction(vectors: torch.Tensor, meta: pl.DataFrame) -> torch.Tensor | None:
+    """Difference of means (toxic - safe) at the last post-instruction position (Arditi et al. 2024),
+    over the training prompts only (the held-out ones score its ablation). ``vectors`` [N, d] and
+    ``meta`` are one activations file's post-instruction rows; None without a toxic or a safe prompt."""
+    meta = meta.with_row_index("row").filter(~pl.col("heldout"))
+    last = meta.group_by("prompt_id").agg(pl.col("row").max(), pl.col("split").first())
+    last = last.filter(pl.col("split").is_in(["toxic", "safe"]))
+    rows = {s: last.filter(pl.col("split") == s)["row"].to_numpy().astype(np.int64) for s in ("toxic", "safe")}
+    if any(len(r) == 0 for r in rows.values()):
+        return None
+    v = vectors.float()
+    return v[torch.from_numpy(rows["toxic"])].mean(0) - v[torch.from_numpy(rows["safe"])].mean(0)
+
+
+@dataclass(frozen=True)
+class GroupCircuit:
+    """The circuit of one prompt group, with its cross-fitted evaluation."""
+
+    n_prompts: int
+    """Prompts the circuit was found and evaluated on (after the prompt filter)."""
+    n_prompts_in_group: int
+    prompt_set: str
+    """The prompt filter applied, or the fallback it took (see :func:`select_prompts`)."""
+    chosen: np.ndarray
+    """Circuit mask [n_nodes] selected on every prompt of the group."""
+    nodes: list[dict]
+    """The circuit's nodes (:meth:`NodeIndex.describe` + mean effect), strongest first."""
+    edges: list[dict]
+    sweep: SizeSweep
+    at_k: SweepPoint
+    """The sweep point at the configured ``k_per_site``."""
+    effects: np.ndarray
+    """Per-prompt node effects [n_prompts, n_nodes]."""
+    scores: np.ndarray
+    """Refusal score per prompt [n_prompts]."""
+    prompt_ids: list[str]
+    folds: np.ndarray
+
+    def to_json(self) -> dict:
+        """The group's entry of ``circuit.json``."""
+        at_k = asdict(self.at_k)
+        return {
+            "n_prompts": self.n_prompts, "n_prompts_in_group": self.n_prompts_in_group, "prompt_set": self.prompt_set,
+            "n_nodes": int(self.chosen.sum()), "nodes": self.nodes, "edges": self.edges,
+            **{key: at_k[key] for key in ("faithfulness", "faithfulness_ci", "completeness", "completeness_ci",
+                                          "random_faithfulness", "random_faithfulness_ci", "advantage_ci")},
+            "sweep": self.sweep.to_json(), "mean_refusal_score": float(self.scores.mean()), "prompt_ids": self.prompt_ids,
+            "folds": self.folds.tolist(),
+        }
+
+
+@dataclass(frozen=True)
+class DirectionBaseline:
+    """A refusal direction at one site, and the held-out toxic score with it projected out."""
+
+    direction: torch.Tensor  # [d]
+    score_clean: float | None
+    """Held-out toxic prompts' mean score without ablation (None without held-out toxic prompts)."""
+    score_ablated: float | None
+
+    def to_json(self) -> dict:
+        entry: dict = {"norm": float(self.direction.norm())}
+        if self.score_clean is not None:
+            entry["score_clean"], entry["score_ablated"] = self.score_clean, self.score_ablated
+        return entry
+
+
+@dataclass(frozen=True)
+class CategoryCircuit:
+    """Everything :func:`find_circuit` finds for one (model, category)."""
+
+    category: str
+    model_key: str
+    index: NodeIndex
+    prompt_filter: str
+    baseline_set: str
+    """Which prompts the mean-ablation baseline averages (see :func:`baseline_prompts`)."""
+    n_baseline: int
+    groups: dict[str, GroupCircuit]
+    directions: dict[str, DirectionBaseline]
+
+    @property
+    def main(self) -> GroupCircuit:
+        """The group the asset reports: toxic when the groups are separate."""
+        return self.groups.get("toxic") or next(iter(self.groups.values()))
+
+    def to_json(self) -> dict:
+        """``circuit.json`` (the asset adds its wall time)."""
+        return {"category": self.category, "model": self.model_key, "sites": [s.name for s in self.index.sites],
+                "n_nodes_total": self.index.n_nodes, "prompt_filter": self.prompt_filter,
+                "baseline": {"prompts": self.baseline_set, "n_prompts": self.n_baseline},
+                "groups": {g: v.to_json() for g, v in self.groups.items()},
+                "directions": {s: d.to_json() for s, d in self.directions.items()}}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``effects.safetensors``: node sites, per-prompt effects and scores per group, directions per site."""
+        out = {"site_of_node": torch.from_numpy(self.index.site_of_node.astype(np.int32))}
+        for g, v in self.groups.items():
+            out[f"effects_{g}"] = torch.from_numpy(v.effects.astype(np.float32))
+            out[f"scores_{g}"] = torch.from_numpy(v.scores.astype(np.float32))
+        for s, d in self.directions.items():
+            out[f"direction_{s}"] = d.direction
+        return {k: v.contiguous() for k, v in out.items()}
+
+
+def find_circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, saes: dict[Site, nn.Module],
+                 refusal_ids: torch.Tensor, directions: dict[Site, torch.Tensor | None], cc: CircuitConfig, *, category: str,
+                 model_key: str, batch_size: int, system_prompt: str | None = None, device: str = "cpu",
+                 log: Callable[[str], None] = lambda s: None, warn: Callable[[str], None] = lambda s: None) -> CategoryCircuit:
+    """The circuit of one category per prompt group, cross-fitted faithfulness and completeness,
+    edges, and the refusal-direction baseline.
+
+    ``sample`` is the category's prompt sample joined with its behaviour (``refused``,
+    ``refusal_score``); ``directions`` holds each site's refusal direction (:func:`refusal_direction`).
+    """
+    kw = dict(batch_size=batch_size, system_prompt=system_prompt, device=device)
+    baseline_texts, baseline_set = baseline_prompts(sample, cc.prompt_filter)
+    baseline = compute_baseline(model, tokenizer, baseline_texts, saes, **kw)
+    sites = sorted(saes)
+    index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
+
+    def select(mean_effect: np.ndarray, k: int) -> np.ndarray:
+        return select_circuit(mean_effect, index.site_of_node, mode=cc.selection, k_per_site=k, threshold=cc.threshold)
+
+    groups = {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]} if cc.separate_safe_toxic else {"all": GROUPS["all"]}
+    found: dict[str, GroupCircuit] = {}
+    for group, splits in groups.items():
+        group_rows = sample.filter(pl.col("split").is_in(splits))
+        rows, prompt_set = select_prompts(group_rows, cc.prompt_filter, cc.min_prompts)
+        if rows.height < 2:
+            warn(f"{category}/{group}: {rows.height} prompt(s); a cross-fitted circuit needs two, skipped")
+            continue
+        if prompt_set != cc.prompt_filter:
+            warn(f"{category}/{group}: prompt set {prompt_set}")
+        prompts = rows["prompt"].to_list()
+        effects, scores = node_effects(model, tokenizer, prompts, saes, baseline, refusal_ids, method=cc.method, ig_steps=cc.ig_steps, log=log, **kw)
+        mean_effect = effects.mean(0)
+        chosen = select(mean_effect, cc.k_per_site)
+        suffixes = prepare_suffixes(model, tokenizer, prompts, **kw)
+        folds = crossfit_folds(len(prompts), cc.n_folds, cc.seed)
+        sweep = evaluate_sizes(lambda keep: ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids), effects, index.site_of_node,
+                               sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, folds, seed=cc.seed, n_bootstrap=cc.n_bootstrap)
+        edges = []
+        if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
+            edges = edge_effects(model, tokenizer, prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
+                                 targets_per_site=cc.edge_targets_per_site, mean_effect=mean_effect, **kw)
+        nodes = sorted(({**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)), key=lambda n: -n["effect"])
+        at_k = sweep.at(cc.k_per_site)
+        found[group] = GroupCircuit(rows.height, group_rows.height, prompt_set, chosen, nodes, edges, sweep, at_k, effects, scores,
+                                    rows["prompt_id"].to_list(), folds)
+        lo, hi = at_k.faithfulness_ci
+        log(f"{category}/{group} ({rows.height} {prompt_set} prompts): {int(chosen.sum())} nodes, faithfulness "
+            f"{at_k.faithfulness:.3f} [{lo:.2f}, {hi:.2f}], completeness {at_k.completeness:.3f}, "
+            f"random {at_k.random_faithfulness:.3f}, m(M) - m(∅) {sweep.m_full - sweep.m_empty:.3f}")
+    if not found:
+        raise ValueError(f"circuit {category}|{model_key}: no prompt group has two prompts to cross-fit; "
+                         f"raise data.sampling.max_per_cell or set circuits.prompt_filter: all")
+    return CategoryCircuit(category, model_key, index, cc.prompt_filter, baseline_set, len(baseline_texts), found,
+                           _direction_baselines(model, tokenizer, sample, saes, baseline, index, refusal_ids, directions, **kw))
+
+
+def _direction_baselines(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, saes: dict[Site, nn.Module],
+                         baseline: Baseline, index: NodeIndex, refusal_ids: torch.Tensor, directions: dict[Site, torch.Tensor | None],
+                         *, batch_size: int, system_prompt: str | None, device: str) -> dict[str, DirectionBaseline]:
+    """Each site's refusal direction, scored by ablating it on the held-out toxic prompts."""
+    kw = dict(batch_size=batch_size, system_prompt=system_prompt, device=device)
+    toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
+    score_clean = None  # the held-out toxic prompts' score without any ablation: one pass serves every site
+    if toxic_heldout:
+        heldout_suffixes = prepare_suffixes(model, tokenizer, toxic_heldout, **kw)
+        score_clean = ablated_score(model, heldout_suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
+    out = {}
+    for site, r in directions.items():
+        if r is None:
+            continue
+        ablated = direction_ablation_score(model, tokenizer, toxic_heldout, site, r.to(device), refusal_ids, **kw) if toxic_heldout else None
+        out[site.name] = DirectionBaseline(r, score_clean, ablated)
+    return out

@@ -5,7 +5,7 @@ effect of every node (an SAE latent at some site, or a site's error node) on the
 prompt, in one node index space shared by all categories; and ``site_of_node`` ``[n_nodes]``.
 
 A circuit is a boolean node mask built from the MEAN effect over a set of prompts
-(:func:`select_circuit`). Every statistic that needs circuits of resampled prompt sets (permutation
+(:func:`refusal_assets.circuits.select_circuit`). Every statistic that needs circuits of resampled prompt sets (permutation
 null, split-half ceiling, bootstraps) rebuilds them with that same function, batched: a resample is
 a weight vector over prompts, so a batch of resampled mean vectors is one matrix product
 ``weights [batch, n_prompts] @ effects [n_prompts, n_nodes]``.
@@ -27,73 +27,14 @@ from typing import Any, Literal
 import numpy as np
 from scipy import stats
 
+from refusal_assets.circuits import Mode, select_circuits
 from refusal_assets.plots import new_figure, save_png
-
-Mode = Literal["topk", "threshold", "topk_abs", "threshold_abs"]
 
 # Rows of resampled mean vectors handled at once: bounds memory to ~_BATCH_ELEMS floats per array.
 _BATCH_ELEMS = 1 << 22
 
 # Seed streams, one per kind of resampling, so adding a statistic never shifts another's draws.
 _PERM, _PAIR_BOOT, _SPLIT, _CORE_BOOT = 0, 1, 2, 3
-
-
-# ------------------------------------------------------------------------------------- circuits
-
-
-def _select_batch(
-    means: np.ndarray, site_of_node: np.ndarray, mode: Mode, k_per_site: int, threshold: float
-) -> np.ndarray:
-    """Circuit masks ``[batch, n_nodes]`` for mean effects ``[batch, n_nodes]``."""
-    if mode not in ("topk", "threshold", "topk_abs", "threshold_abs"):
-        raise ValueError(f"mode must be 'topk', 'threshold', 'topk_abs' or 'threshold_abs', not {mode!r}")
-    if mode.endswith("_abs"):  # rank by magnitude: refusal-suppressing nodes count too (Marks et al. keep both signs)
-        means, mode = np.abs(means), mode.removesuffix("_abs")
-    if mode == "threshold":
-        return means >= threshold
-    mask = np.zeros(means.shape, dtype=bool)
-    if k_per_site == 0:
-        return mask
-    for site in np.unique(site_of_node):
-        nodes = np.flatnonzero(site_of_node == site)  # ascending node index
-        x = means[:, nodes]  # [batch, n_site]
-        if k_per_site >= nodes.size:
-            mask[:, nodes] = True
-            continue
-        # O(n) partition instead of a full sort (sites can hold ~10^4-10^5 latents): keep everything
-        # above the k-th largest value, then fill the remaining slots from its ties, lowest index first.
-        kth = -np.partition(-x, k_per_site - 1, axis=1)[:, k_per_site - 1 : k_per_site]  # [batch, 1]
-        above = x > kth
-        ties = x == kth
-        n_fill = k_per_site - above.sum(axis=1, keepdims=True)  # [batch, 1], >= 1
-        mask[:, nodes] = above | (ties & (np.cumsum(ties, axis=1) <= n_fill))
-    return mask
-
-
-def select_circuit(
-    mean_effect: np.ndarray,
-    site_of_node: np.ndarray,
-    mode: Mode = "topk",
-    k_per_site: int = 20,
-    threshold: float = 0.0,
-) -> np.ndarray:
-    """Circuit mask ``[n_nodes]`` (bool) from a mean effect vector ``[n_nodes]``.
-
-    ``topk``: at every site the ``k_per_site`` nodes with the largest SIGNED mean effect (those that
-    push hardest towards refusal; ties go to the lower node index); a site with fewer nodes keeps all.
-    ``threshold``: every node with mean effect ``>= threshold``.
-    ``topk_abs`` / ``threshold_abs``: the same on ``|mean effect|``, so nodes that push away from
-    refusal are kept too; the circuit then tends to faithfulness 1 instead of overshooting it.
-    """
-    mean_effect = np.asarray(mean_effect, dtype=float)
-    site_of_node = np.asarray(site_of_node)
-    if mean_effect.ndim != 1 or mean_effect.shape != site_of_node.shape:
-        raise ValueError(f"mean_effect {mean_effect.shape} and site_of_node {site_of_node.shape} must be equal 1-D")
-    if k_per_site < 0:
-        raise ValueError(f"k_per_site must be >= 0, not {k_per_site}")
-    if not np.isfinite(mean_effect).all():
-        raise ValueError("mean_effect holds non-finite values; a NaN node has no rank")
-    return _select_batch(mean_effect[None], site_of_node, mode, k_per_site, threshold)[0]
 
 
 # ----------------------------------------------------------------------------- set statistics
@@ -325,7 +266,7 @@ def compare_categories(
             raise ValueError(f"effects[{c!r}] holds non-finite values")
 
     def select(means: np.ndarray) -> np.ndarray:  # [batch, n_nodes] -> circuit masks [batch, n_nodes]
-        return _select_batch(means, site_of_node, mode, k_per_site, threshold)
+        return select_circuits(means, site_of_node, mode, k_per_site, threshold)
 
     batch = _batch_rows(n_nodes)
 

@@ -184,6 +184,14 @@ class SAEQualityThresholds(_Strict):
     max_dead_fraction: float = 0.5
 
 
+class SpliceEvalConfig(_Strict):
+    """How the SAE asset measures loss recovered: the model run with the SAE spliced in."""
+
+    prompts_per_category: int = Field(default=2, ge=1)
+    """Held-out prompts per category to score (the first ones of each category's sample)."""
+    batch_size: int = Field(default=8, ge=1)
+
+
 class SAEConfig(_Strict):
     architecture: Literal["topk", "batchtopk"] = "topk"
     expansion_factor: int = Field(default=8, ge=1)
@@ -206,6 +214,7 @@ class SAEConfig(_Strict):
     thresholds: SAEQualityThresholds = SAEQualityThresholds()
     pretrained: dict[str, str] = {}
     """site key -> SAELens-format folder to load instead of training."""
+    splice: SpliceEvalConfig = SpliceEvalConfig()
 
 
 # ------------------------------------------------------------------------------------- circuits
@@ -309,6 +318,10 @@ class ProjectConfig(_Strict):
         for name in sections:
             if name == "models":
                 payload[name] = [m.model_dump(mode="json", exclude={"activation_layers"}) for m in self.models]
+            elif name == "sae" and self.sae.splice == SpliceEvalConfig():
+                # the splice settings were hard-coded before they were config: at their defaults they
+                # leave the SAE code version as it was, so existing SAEs are not rebuilt for nothing
+                payload[name] = self.sae.model_dump(mode="json", exclude={"splice"})
             else:
                 payload[name] = getattr(self, name).model_dump(mode="json")
         blob = json.dumps(payload, sort_keys=True).encode()

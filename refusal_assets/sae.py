@@ -14,17 +14,19 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import polars as pl
 import torch
 import torch.nn.functional as F
-from refusal_assets.plots import new_figure, save_png
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from refusal_assets.config import SAEConfig
+from refusal_assets.plots import new_figure, save_png
 from refusal_assets.storage import atomic_path
 
 Architecture = Literal["topk", "batchtopk", "jumprelu"]
@@ -261,6 +263,15 @@ def make_optimizer(sae: TopKSAE, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(sae.parameters(), lr=lr, fused=sae.W_dec.device.type in ("cpu", "cuda"))
 
 
+class TrainedSAE(NamedTuple):
+    sae: TopKSAE
+    history: dict[str, Any]
+    train_rows: np.ndarray
+    """Rows of ``vectors`` trained on [n_train]."""
+    val_rows: np.ndarray
+    """Rows held out for validation (whole prompts, see :func:`split_by_group`) [n_val]."""
+
+
 def train_sae(
     vectors: Tensor,
     group_ids: np.ndarray,
@@ -268,10 +279,11 @@ def train_sae(
     d_sae: int | None = None,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
-) -> tuple[TopKSAE, dict[str, Any]]:
+) -> TrainedSAE:
     """Train on ``vectors [n, d_in]`` (``group_ids [n]``: the prompt of each row); returns the SAE with
-    its best-validation-FVU weights, in eval mode, and the history: per evaluation ``CURVES`` (train
-    values averaged since the previous evaluation), plus n_train, n_val, stopped_early, best_step, seconds."""
+    its best-validation-FVU weights, in eval mode, the history (per evaluation ``CURVES``: train
+    values averaged since the previous evaluation, plus n_train, n_val, stopped_early, best_step,
+    seconds) and the train/validation split of the rows."""
     t0 = time.perf_counter()
     if vectors.ndim != 2 or len(group_ids) != len(vectors):
         raise ValueError(f"need vectors [n, d_in] and group_ids [n]; got {tuple(vectors.shape)}, {len(group_ids)}")
@@ -316,7 +328,7 @@ def train_sae(
         estimate_threshold(sae, vectors, train_idx, cfg.batch_size, gen)
     hist.update(n_train=len(train_np), n_val=len(val_np), stopped_early=stopped_early, best_step=best_step)
     hist["seconds"] = time.perf_counter() - t0
-    return sae.eval(), hist
+    return TrainedSAE(sae.eval(), hist, train_np, val_np)
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -455,3 +467,68 @@ def typical_rows(vectors: Tensor, max_norm_factor: float) -> Tensor:
     """Bool mask [n] of rows whose L2 norm is at most ``max_norm_factor`` x the median norm."""
     norms = vectors.float().norm(dim=-1)
     return norms <= max_norm_factor * norms.median()
+
+
+# ------------------------------------------------------------------------------ one site's SAE
+@dataclass(frozen=True)
+class FittedSAE:
+    """The SAE of one site and what :func:`fit_site` measured about it."""
+
+    sae: TopKSAE
+    history: dict[str, Any]
+    """Training curves (see :func:`train_sae`), or ``{"pretrained": folder}`` for a loaded SAE."""
+    metrics: dict[str, float]
+    """:func:`evaluate_sae` on the validation rows; ``dead_fraction`` over every row (a latent is
+    dead when it fires on nothing), ``dead_fraction_val`` over the validation rows only."""
+    splice: dict[str, float]
+    """:func:`refusal_assets.splice.splice_metrics`: loss recovered and KL with the SAE spliced in."""
+    n_vectors: int
+    """Rows the SAE saw (after leaving out the massive-activation rows)."""
+    n_val_vectors: int
+    n_outliers: int
+    """Massive-activation rows left out (norm above ``max_norm_factor`` x the median)."""
+    max_norm: float
+    """Largest norm among the rows kept: splicing leaves positions above it clean."""
+    pretrained: Path | None
+    fit_seconds: float
+    """Filtering, training (or loading) and metrics, before the language model is loaded."""
+
+
+def fit_site(x: Tensor, prompt_ids: pl.Series, cfg: SAEConfig, load_lm: Callable[[], tuple[nn.Module, Any]], site: Any,
+             splice_prompts: list[str], *, pretrained: Path | None = None, system_prompt: str | None = None, device: str = "cpu",
+             log: Callable[[str], None] = lambda s: None) -> FittedSAE:
+    """Train (or load) the SAE of one site on its activations ``x [N, d]`` (float16; ``prompt_ids [N]``
+    the prompt of each row), measure it, and splice it into the model on ``splice_prompts``.
+
+    ``load_lm`` is called only after training, so the language model and the training data need not
+    share the device's memory.
+    """
+    from refusal_assets.splice import splice_metrics  # splice imports the model side; keep sae importable without it
+
+    t0 = time.perf_counter()
+    typical = typical_rows(x, cfg.max_norm_factor)
+    max_norm = float(x[typical].float().norm(dim=-1).max())
+    n_outliers = int((~typical).sum())
+    log(f"leaving out {n_outliers} massive-activation rows (norm > {cfg.max_norm_factor} x median)")
+    x = x[typical]
+    # prompt codes in order of appearance (as the split was always drawn): the same codes, the same split
+    group_ids = prompt_ids.filter(pl.Series(typical.numpy())).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+    if pretrained is not None:
+        sae = load_sae(pretrained)
+        history: dict[str, Any] = {"pretrained": str(pretrained)}
+        val = x[:: max(1, len(x) // 20000)].float()
+        log(f"loaded SAELens-format SAE from {pretrained}")
+    else:
+        log(f"training on {len(x)} vectors from {len(np.unique(group_ids))} prompts")
+        sae, history, _, val_rows = train_sae(x, group_ids, cfg, d_sae=cfg.expansion_factor * x.shape[1], device=device, log=log)
+        val = x[torch.from_numpy(val_rows)].float()
+    metrics = evaluate_sae(sae, val.to(device))
+    # FVU and L0 on held-out prompts; a latent is dead when it fires on no vector of the whole
+    # dataset (a few hundred validation vectors would call most rare latents dead).
+    metrics["dead_fraction_val"] = metrics["dead_fraction"]
+    metrics["dead_fraction"] = evaluate_sae(sae, x.to(device))["dead_fraction"]
+    fit_seconds = time.perf_counter() - t0
+    lm, tok = load_lm()
+    splice = splice_metrics(lm, tok, splice_prompts, site, sae, batch_size=cfg.splice.batch_size, system_prompt=system_prompt,
+                            device=device, max_norm=max_norm)
+    return FittedSAE(sae, history, metrics, splice, len(x), len(val), n_outliers, max_norm, pretrained, fit_seconds)

@@ -72,6 +72,15 @@ def write_text(text: str, final: Path) -> Path:
     return final
 
 
+def write_safetensors(tensors: dict, final: Path) -> Path:
+    """``{name: torch.Tensor}`` as one safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(final) as tmp:
+        save_file(tensors, str(tmp))
+    return final
+
+
 def write_bytes(data: bytes, final: Path) -> Path:
     with atomic_path(final) as tmp:
         tmp.write_bytes(data)

@@ -9,7 +9,7 @@ import torch
 
 from refusal_assets import circuits as circ
 from refusal_assets.behaviour import refusal_token_ids
-from refusal_assets.comparison import select_circuit
+from refusal_assets.circuits import select_circuit
 from refusal_assets.sae import TopKSAE
 from refusal_assets.sites import Site
 
@@ -83,16 +83,16 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     folds = circ.crossfit_folds(len(PROMPTS), 0, seed=0)
     result = circ.evaluate_sizes(per_prompt, effects, index.site_of_node, [1, 65],
                                  lambda m, k: select_circuit(m, index.site_of_node, k_per_site=k), folds, seed=0, n_bootstrap=200)
-    planted_only, full = result["sweep"]
-    assert full["n_nodes"] == index.n_nodes
-    assert full["faithfulness"] == pytest.approx(1.0, abs=1e-6)
-    assert full["completeness"] == pytest.approx(0.0, abs=1e-6)
+    planted_only, full = result.sweep
+    assert full.n_nodes == index.n_nodes
+    assert full.faithfulness == pytest.approx(1.0, abs=1e-6)
+    assert full.completeness == pytest.approx(0.0, abs=1e-6)
     assert circ.faithfulness(m_empty, m_empty, m_full) == 0.0
     # the planted latent alone carries the score; a random latent of the same site does not
-    assert planted_only["n_nodes"] == 1 and planted_only["faithfulness"] > 0.5
-    assert planted_only["random_faithfulness"] < 0.2 and planted_only["advantage_ci"][0] > 0
-    lo, hi = planted_only["faithfulness_ci"]
-    assert lo <= planted_only["faithfulness"] <= hi
+    assert planted_only.n_nodes == 1 and planted_only.faithfulness > 0.5
+    assert planted_only.random_faithfulness < 0.2 and planted_only.advantage_ci[0] > 0
+    lo, hi = planted_only.faithfulness_ci
+    assert lo <= planted_only.faithfulness <= hi
     only_planted = np.zeros(index.n_nodes, bool)
     only_planted[0] = True
     only_other = np.zeros(index.n_nodes, bool)
@@ -178,14 +178,14 @@ def test_crossfitting_never_scores_a_prompt_with_a_circuit_chosen_on_it():
 
     result = circ.evaluate_sizes(_additive_score_fn(effects), effects, site_of_node, [1], select, circ.crossfit_folds(4, 0, 0),
                                  seed=0, n_bootstrap=0)
-    row = result["sweep"][0]
+    row = result.sweep[0]
     # reported circuit (all prompts) is node 1; held out, prompt 0's circuit is node 0 (the others' favourite)
     # and the others' circuit is node 1 (prompt 0's favourite), which is worth nothing to them.
     m_full = effects.sum(1)  # [11, 1, 1, 1]
     expected = (1.0 + 0 + 0 + 0) / m_full.sum()
-    assert row["faithfulness"] == pytest.approx(expected)
-    assert row["n_nodes"] == 1 and np.isnan(row["faithfulness_ci"][0])
-    assert result["m_empty"] == 0.0 and result["m_full"] == pytest.approx(m_full.mean())
+    assert row.faithfulness == pytest.approx(expected)
+    assert row.n_nodes == 1 and np.isnan(row.faithfulness_ci[0])
+    assert result.m_empty == 0.0 and result.m_full == pytest.approx(m_full.mean())
 
 
 def test_random_control_matches_circuit_size_per_site_and_sits_below():
@@ -202,11 +202,11 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
 
     result = circ.evaluate_sizes(score_fn, effects, site_of_node, [1, 2], lambda m, k: select_circuit(m, site_of_node, k_per_site=k),
                                  circ.crossfit_folds(n_prompts, 4, 0), seed=0, n_bootstrap=500)
-    one, two = result["sweep"]
-    assert one["n_nodes"] == 2 and two["n_nodes"] == 4
-    assert one["faithfulness"] > 0.8 and one["random_faithfulness"] < 0.2
-    assert one["advantage_ci"][0] > 0.5 and one["faithfulness_ci"][0] > one["random_faithfulness_ci"][1]
-    assert one["completeness"] == pytest.approx(1 - one["faithfulness"])  # additive: C and its complement sum to M
+    one, two = result.sweep
+    assert one.n_nodes == 2 and two.n_nodes == 4
+    assert one.faithfulness > 0.8 and one.random_faithfulness < 0.2
+    assert one.advantage_ci[0] > 0.5 and one.faithfulness_ci[0] > one.random_faithfulness_ci[1]
+    assert one.completeness == pytest.approx(1 - one.faithfulness)  # additive: C and its complement sum to M
     # every circuit, complement and random mask the sweep scored has the expected size per prompt
     assert {int(x) for s in seen for x in s} <= {0, 2, 4, 98, 96, 100}
     with pytest.raises(ValueError, match="two folds"):

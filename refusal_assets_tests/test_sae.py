@@ -51,7 +51,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
 def trained(data) -> tuple[TopKSAE, dict]:
     x, _, groups = data
     cfg = SAEConfig(k=TRUE_K, lr=3e-3, max_steps=100, **FAST)
-    return train_sae(x, groups, cfg, d_sae=D_SAE)
+    return train_sae(x, groups, cfg, d_sae=D_SAE)[:2]
 
 
 def test_recovers_known_dictionary(trained, data):
@@ -153,7 +153,7 @@ def test_deterministic(data):
     x, _, groups = data
     x, groups = x[:4000].half(), groups[:4000]  # float16 input, as stored activations are
     cfg = SAEConfig(k=TRUE_K, max_steps=24, **{**FAST, "eval_every": 8, "dead_after_tokens": 1024})
-    (a, ha), (b, hb) = train_sae(x, groups, cfg, d_sae=D_SAE), train_sae(x, groups, cfg, d_sae=D_SAE)
+    (a, ha), (b, hb) = train_sae(x, groups, cfg, d_sae=D_SAE)[:2], train_sae(x, groups, cfg, d_sae=D_SAE)[:2]
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:
@@ -274,7 +274,7 @@ def test_batchtopk_trains_with_mean_l0_near_k(data, tmp_path):
     x, _, groups = data
     k = 6
     cfg = SAEConfig(architecture="batchtopk", k=k, lr=3e-3, max_steps=100, **FAST)
-    sae, hist = train_sae(x, groups, cfg, d_sae=D_SAE)
+    sae, hist = train_sae(x, groups, cfg, d_sae=D_SAE)[:2]
     assert not sae.training and sae.threshold.min() > 0
     _, val_idx = split_by_group(groups, cfg.val_fraction, cfg.seed)
     metrics = evaluate_sae(sae, x[val_idx])  # inference: the estimated threshold, not the batch top-k

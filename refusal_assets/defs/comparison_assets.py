@@ -8,7 +8,6 @@ import dagster as dg
 
 from refusal_assets import comparison as cmp
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.automation import rebuild_condition
 from refusal_assets.defs.metadata import png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
@@ -22,7 +21,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         partitions_def=parts.model, kinds={"scipy", "matplotlib"}, group_name="comparison",
-        code_version=cfg.section_hash("circuits", "comparison"), automation_condition=rebuild_condition(), deps=["circuit"],
+        code_version=cfg.section_hash("circuits", "comparison"), deps=["circuit"],
         description="Category x category circuit overlaps with a label-permutation null, split-half ceilings, bootstrap CIs, "
                     "Benjamini-Hochberg, the shared core vs category-specific tail, refusal-direction cosines, and the verdict.",
     )

@@ -6,7 +6,6 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.automation import rebuild_condition
 from refusal_assets.defs.metadata import png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
@@ -19,7 +18,6 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         partitions_def=parts.category, code_version=data_version, kinds={"polars", "parquet"}, group_name="data",
-        automation_condition=rebuild_condition(),
         description="Every prompt of one category from the OR-Bench-layout folder (or the hub): prompt_id, prompt, category, split.",
     )
     def orbench_prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
@@ -41,7 +39,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         partitions_def=parts.category, code_version=data_version, kinds={"polars", "parquet"}, group_name="data",
-        deps=[orbench_prompts], automation_condition=rebuild_condition(),
+        deps=[orbench_prompts],
         description="The seeded sample used downstream (per-split sizes from the sampling config) with a held-out flag.",
     )
     def prompt_sample(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
@@ -57,7 +55,6 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         code_version=data_version, kinds={"polars", "matplotlib"}, group_name="data", deps=[orbench_prompts, prompt_sample],
-        automation_condition=rebuild_condition(),
         description="Counts per category x split (all and sampled), the imbalance warnings, and a plot.",
     )
     def data_profile(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:

@@ -10,6 +10,11 @@ from typing import Any
 
 import dagster as dg
 
+from refusal_assets.circuits import CategoryCircuit
+from refusal_assets.config import SAEQualityThresholds
+from refusal_assets.sae import FittedSAE
+from refusal_assets.report import format_ci
+
 
 def png_markdown(path: Path, alt: str = "plot") -> dg.MetadataValue:
     """A PNG embedded in Markdown so the UI shows it inline."""
@@ -50,3 +55,49 @@ def materialize_each(
         yield dg.AssetMaterialization(
             asset_key=context.asset_key, partition=key, metadata={k: clean(v) for k, v in md.items()}, tags=tags
         )
+
+
+def circuit_metadata(found: CategoryCircuit, png: Path, seconds: float) -> dict[str, Any]:
+    """The circuit asset's metadata: the main group's scores, the ratios' denominator, top nodes, the plot."""
+    main = found.main
+    at_k, sweep = main.at_k, main.sweep
+    md = {
+        "n_nodes": int(main.chosen.sum()), "faithfulness": at_k.faithfulness, "completeness": at_k.completeness,
+        "random_faithfulness": at_k.random_faithfulness,
+        "faithfulness_ci": format_ci(at_k.faithfulness_ci, 3), "random_faithfulness_ci": format_ci(at_k.random_faithfulness_ci, 3),
+        "faithfulness_minus_random_ci": format_ci(at_k.advantage_ci, 3),
+        # the ratios' denominator: near zero, faithfulness and completeness are ill-conditioned
+        "m_full_minus_m_empty": sweep.m_full - sweep.m_empty,
+        "n_prompts": main.n_prompts, "prompt_set": main.prompt_set, "baseline_prompts": f"{found.baseline_set} ({found.n_baseline})",
+        "n_edges": len(main.edges), "seconds": round(seconds, 1),
+        "top_nodes": dg.MetadataValue.md("\n".join(f"- {n['site']} {'error' if n['is_error'] else 'latent ' + str(n['latent'])}: {n['effect']:.3f}" for n in main.nodes[:10])),
+        "faithfulness_plot": png_markdown(png, "faithfulness and completeness"),
+    }
+    for g, v in found.groups.items():
+        md[f"faithfulness_{g}"], md[f"completeness_{g}"], md[f"n_nodes_{g}"] = v.at_k.faithfulness, v.at_k.completeness, int(v.chosen.sum())
+    return {k: clean(v) for k, v in md.items()}
+
+
+def sae_metadata(fitted: FittedSAE, folder: Path, png: Path | None) -> dict[str, Any]:
+    """The SAE asset's metadata: quality, splice, size, the rows left out, the training curve."""
+    m, history = fitted.metrics, fitted.history
+    md = {
+        "fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"], "dead_fraction_val": m["dead_fraction_val"],
+        **{k: clean(v) for k, v in fitted.splice.items()},
+        "d_sae": int(fitted.sae.W_dec.shape[0]), "k": int(getattr(fitted.sae, "k", 0)), "n_vectors": fitted.n_vectors,
+        "n_val_vectors": fitted.n_val_vectors, "n_massive_rows_excluded": fitted.n_outliers, "max_input_norm": fitted.max_norm,
+        "seconds": round(fitted.fit_seconds, 1), "path": str(folder), "stopped_early": bool(history.get("stopped_early", False)),
+    }
+    if png is not None:
+        md["training_curve"] = png_markdown(png, "SAE training")
+    return {k: clean(v) for k, v in md.items()}
+
+
+def sae_checks(fitted: FittedSAE, thresholds: SAEQualityThresholds) -> list[dg.AssetCheckResult]:
+    """The blocking quality checks: validation FVU and dead fraction under their thresholds."""
+    fvu, dead = fitted.metrics["fvu"], fitted.metrics["dead_fraction"]
+    return [
+        dg.AssetCheckResult(check_name="fvu_below_threshold", passed=fvu <= thresholds.max_fvu, metadata={"fvu": fvu, "max_fvu": thresholds.max_fvu}),
+        dg.AssetCheckResult(check_name="dead_fraction_below_threshold", passed=dead <= thresholds.max_dead_fraction,
+                            metadata={"dead_fraction": dead, "max": thresholds.max_dead_fraction}),
+    ]

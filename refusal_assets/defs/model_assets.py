@@ -3,14 +3,13 @@
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import dagster as dg
 
 from refusal_assets import activations as acts_core
 from refusal_assets import behaviour
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.automation import rebuild_condition
-from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.metadata import materialize_each, multi_key, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
@@ -20,10 +19,10 @@ from refusal_assets.sites import Site
 from refusal_assets.storage import write_parquet
 
 
-def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
-    @dg.asset(
-        partitions_def=parts.model_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
-        code_version=cfg.section_hash("models"), automation_condition=rebuild_condition(),
+def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+    @gpu_asset(
+        partitions_def=parts.model_category, kinds={"pytorch", "parquet"}, group_name="model",
+        code_version=cfg.section_hash("models"),
         deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category())],
         description="Each prompt's greedy chat generation, a refusal judgement, p_ref and the refusal score.",
     )
@@ -51,9 +50,9 @@ def build(cfg: ProjectConfig, parts: Partitions, op_tags: dict) -> list[dg.Asset
                     md[f"mean_p_refusal_{split}"] = r["mean_p_refusal"]
             return dg.MaterializeResult(metadata=md)
 
-    @dg.asset(
-        partitions_def=parts.site_category, pool=GPU_POOL, op_tags=op_tags, kinds={"pytorch", "parquet"}, group_name="model",
-        code_version=cfg.section_hash("models"), automation_condition=rebuild_condition(),
+    @gpu_asset(
+        partitions_def=parts.site_category, kinds={"pytorch", "parquet"}, group_name="model",
+        code_version=cfg.section_hash("models"),
         backfill_policy=dg.BackfillPolicy.single_run(), output_required=False,
         deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category())],
         check_specs=[dg.AssetCheckSpec("finite_vectors", asset="activations", blocking=True,

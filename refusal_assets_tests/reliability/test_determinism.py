@@ -21,7 +21,7 @@ import torch
 from refusal_assets import activations as acts_core
 from refusal_assets import circuits as circ
 from refusal_assets.behaviour import refusal_token_ids
-from refusal_assets.comparison import select_circuit
+from refusal_assets.circuits import select_circuit
 from refusal_assets.data import load_orbench, sample_category
 from refusal_assets.sae import WEIGHTS_FILE, load_sae, save_sae, split_by_group, train_sae
 from refusal_assets.sites import Site
@@ -82,7 +82,7 @@ def _train_and_save(tiny_cfg, vectors, meta, folder, sae_cfg=None):
     """Exactly the ``sae`` asset's call: group ids from prompt ids, d_sae = expansion x d_model."""
     sae_cfg = sae_cfg or tiny_cfg.sae
     group_ids = meta["prompt_id"].cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
-    sae, history = train_sae(vectors, group_ids, sae_cfg, d_sae=sae_cfg.expansion_factor * vectors.shape[1])
+    sae, history = train_sae(vectors, group_ids, sae_cfg, d_sae=sae_cfg.expansion_factor * vectors.shape[1])[:2]
     save_sae(sae, folder, {"hook_name": folder.name, "model_name": "tiny-qwen2", "site_key": f"tiny-qwen2__{folder.name}"})
     return sae, history
 
