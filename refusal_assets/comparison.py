@@ -22,7 +22,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -140,6 +140,12 @@ def _jsonable(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------- the verdict
 
 
+class Verdict(NamedTuple):
+    verdict: Literal["modular", "monolithic", "mixed"]
+    reason: str
+    """The rule that decided, with the numbers it saw."""
+
+
 def decide_verdict(
     pairs: list[PairStats],
     shared_fraction_ci: tuple[float, float],
@@ -149,7 +155,7 @@ def decide_verdict(
     monolithic_min_shared_ci_low: float = 0.5,
     monolithic_min_normalised_jaccard: float = 0.8,
     monolithic_min_ceiling: float = 0.4,
-) -> tuple[Literal["modular", "monolithic", "mixed"], str]:
+) -> Verdict:
     """The documented rule.
 
     * ``modular``: at least ``modular_min_significant_fraction`` of the pairs differ significantly
@@ -181,11 +187,11 @@ def decide_verdict(
             "within their own category) and are left out of the median."
         )
     if n_sig >= modular_min_significant_fraction * n_pairs and median_norm < modular_max_normalised_jaccard:
-        return "modular", (
+        return Verdict("modular", (
             f"Modular: {numbers} At least {modular_min_significant_fraction:.0%} of pairs are significant and "
             f"the median normalised Jaccard is below {modular_max_normalised_jaccard}, so categories use "
             "measurably different circuits."
-        )
+        ))
     # The normalised-Jaccard route needs circuits that replicate within a category: with split-half
     # ceilings near chance, "no significant difference" means no power, not one shared circuit.
     median_ceiling = float(np.median([p.ceiling for p in pairs])) if pairs else 0.0
@@ -196,18 +202,18 @@ def decide_verdict(
             if ci_low >= monolithic_min_shared_ci_low
             else f"the median normalised Jaccard is at least {monolithic_min_normalised_jaccard}"
         )
-        return "monolithic", (
+        return Verdict("monolithic", (
             f"Monolithic: {numbers} No pair overlaps less than exchangeable labels would give, and {why}, "
             "so one circuit serves every category."
-        )
-    return "mixed", (
+        ))
+    return Verdict("mixed", (
         f"Mixed: {numbers} Neither the modular rule (>= {modular_min_significant_fraction:.0%} of pairs "
         f"significant and median normalised Jaccard < {modular_max_normalised_jaccard}) nor the monolithic rule "
         f"(no pair significant and shared CI low >= {monolithic_min_shared_ci_low} or median normalised "
         f"Jaccard >= {monolithic_min_normalised_jaccard} with a median split-half ceiling >= {monolithic_min_ceiling}) holds"
         + ("" if reliable else f"; the circuits barely replicate within a category (median ceiling {median_ceiling:.2f}), so the test has little power")
         + "."
-    )
+    ))
 
 
 # ------------------------------------------------------------------------------------ comparison
@@ -215,6 +221,172 @@ def decide_verdict(
 
 def _batch_rows(n_nodes: int) -> int:
     return max(1, _BATCH_ELEMS // max(n_nodes, 1))
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Circuit selection for batches of mean effects ``[batch, n_nodes]`` -> masks ``[batch, n_nodes]``."""
+
+    site_of_node: np.ndarray
+    mode: Mode
+    k_per_site: int
+    threshold: float
+
+    def __call__(self, means: np.ndarray) -> np.ndarray:
+        return select_circuits(means, self.site_of_node, self.mode, self.k_per_site, self.threshold)
+
+    @property
+    def batch(self) -> int:
+        """Resamples per vectorised call (memory bound, see ``_BATCH_ELEMS``)."""
+        return _batch_rows(self.site_of_node.shape[0])
+
+
+@dataclass(frozen=True)
+class SplitHalfCeilings:
+    """How reproducible each category's circuit is from independent halves of its own prompts."""
+
+    ceiling: dict[str, float]
+    """Mean split-half Jaccard per category."""
+    n_splits: int
+
+
+def split_half_ceilings(E: dict[str, np.ndarray], select: Selector, *, n_bootstrap: int, seed: int) -> SplitHalfCeilings:
+    """Mean Jaccard of circuits from random halves of each category's prompts (``E`` in sorted order)."""
+    n_splits = max(20, n_bootstrap // 5)
+    ceiling: dict[str, float] = {}
+    for ci, c in enumerate(E):
+        n = E[c].shape[0]
+        order = _rng(seed, _SPLIT, ci).permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)  # [n_splits, n]
+        js = [
+            _jaccard(select(_means_from_indices(E[c], rows[:, : n // 2])), select(_means_from_indices(E[c], rows[:, n // 2 :])))
+            for rows in np.array_split(order, math.ceil(n_splits / select.batch))  # chunks of <= batch rows
+        ]
+        ceiling[c] = float(np.concatenate(js).mean())
+    return SplitHalfCeilings(ceiling, n_splits)
+
+
+@dataclass(frozen=True)
+class PairTests:
+    """Every pair (a < b) of categories, with Benjamini-Hochberg across pairs."""
+
+    categories: list[str]
+    pairs: list[PairStats]
+
+    def matrix(self, attr: str, diag: float) -> np.ndarray:
+        """A pair statistic as a symmetric ``[n_cat, n_cat]`` matrix with ``diag`` on the diagonal."""
+        n = len(self.categories)
+        m = np.full((n, n), diag, dtype=float)
+        for (i, j), p in zip(combinations(range(n), 2), self.pairs):
+            m[i, j] = m[j, i] = getattr(p, attr)
+        return m
+
+
+def _pair_stats(E: dict[str, np.ndarray], a: str, b: str, key: tuple[int, int], circuit: dict[str, np.ndarray], mean: dict[str, np.ndarray],
+                ceilings: SplitHalfCeilings, select: Selector, *, n_permutations: int, n_bootstrap: int, seed: int,
+                min_ceiling: float) -> dict[str, Any]:
+    """One pair's statistics before the multiple-testing correction."""
+    na = E[a].shape[0]
+    pooled = np.vstack([E[a], E[b]])  # [na + nb, n_nodes]
+
+    def perm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
+        # Indices into the pooled prompts; a permutation only changes which rows feed each mean.
+        jac = _jaccard(select(_means_from_indices(pooled, ia)), select(_means_from_indices(pooled, ib)))
+        return jac.reshape(np.shape(ia)[:-1])  # scalar for the observed labels, [batch] for resamples
+
+    perm = stats.permutation_test(
+        (np.arange(na), np.arange(na, pooled.shape[0])), perm_stat, permutation_type="independent", vectorized=True,
+        n_resamples=n_permutations, alternative="less", batch=select.batch, rng=_rng(seed, _PERM, *key),
+    )
+
+    def boot_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
+        jac = _jaccard(select(_means_from_indices(E[a], ia)), select(_means_from_indices(E[b], ib)))
+        return jac.reshape(np.shape(ia)[:-1])
+
+    boot = stats.bootstrap(
+        (np.arange(na), np.arange(E[b].shape[0])), boot_stat, vectorized=True, paired=False, n_resamples=n_bootstrap,
+        confidence_level=0.95, method="percentile", batch=select.batch, rng=_rng(seed, _PAIR_BOOT, *key),
+    )
+    jac = float(_jaccard(circuit[a], circuit[b]))
+    pair_ceiling = math.sqrt(ceilings.ceiling[a] * ceilings.ceiling[b])
+    return dict(
+        a=a, b=b, jaccard=jac, weighted_overlap=weighted_overlap(mean[a], mean[b]), spearman=_spearman(mean[a], mean[b]),
+        p_value=float(perm.pvalue), ceiling=pair_ceiling,
+        normalised_jaccard=jac / pair_ceiling if pair_ceiling >= max(min_ceiling, 1e-12) else math.nan,
+        jaccard_ci=(float(boot.confidence_interval.low), float(boot.confidence_interval.high)),
+        null_mean=float(perm.null_distribution.mean()),
+    )
+
+
+def pair_statistics(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], ceilings: SplitHalfCeilings, select: Selector, *,
+                    n_permutations: int, n_bootstrap: int, alpha: float, seed: int, min_ceiling: float) -> PairTests:
+    """Per pair: Jaccard, weighted overlap, Spearman, the permutation p-value, the normalised Jaccard
+    and its bootstrap CI; then BH q-values across pairs."""
+    cats = list(E)
+    mean = {c: E[c].mean(axis=0) for c in cats}  # [n_nodes]
+    raw = [_pair_stats(E, cats[i], cats[j], (i, j), circuit, mean, ceilings, select, n_permutations=n_permutations,
+                       n_bootstrap=n_bootstrap, seed=seed, min_ceiling=min_ceiling)
+           for i, j in combinations(range(len(cats)), 2)]
+    q = stats.false_discovery_control([p["p_value"] for p in raw], method="bh")
+    return PairTests(cats, [PairStats(**p, q_value=float(qv), significant=bool(qv < alpha)) for p, qv in zip(raw, q)])
+
+
+@dataclass(frozen=True)
+class SharedCore:
+    """Nodes in every category's circuit, nodes in only one, and the core's share of a circuit."""
+
+    core: np.ndarray
+    """Node indices in every category's circuit."""
+    specific_tail: dict[str, np.ndarray]
+    """Node indices only in that category's circuit."""
+    fraction: float
+    """|core| / mean circuit size."""
+    fraction_ci: tuple[float, float]
+    """Percentile bootstrap, each category's prompts resampled independently."""
+
+
+def _core_fraction(masks: np.ndarray) -> np.ndarray:
+    """masks ``[n_cat, batch, n_nodes]`` -> |core| / mean circuit size ``[batch]`` (NaN if all empty)."""
+    core = np.count_nonzero(masks.all(axis=0), axis=-1)
+    size = np.count_nonzero(masks, axis=-1).mean(axis=0)
+    return np.where(size > 0, core / np.maximum(size, 1e-300), np.nan)
+
+
+def shared_core(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select: Selector, *, n_bootstrap: int, seed: int) -> SharedCore:
+    """Shared core and specific tails of the full-sample circuits, with the shared fraction's CI."""
+    cats = list(E)
+    masks = np.stack([circuit[c] for c in cats])  # [n_cat, n_nodes]
+    in_count = masks.sum(axis=0)  # [n_nodes]
+
+    def core_stat(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        frac = _core_fraction(np.stack([select(_means_from_indices(E[c], ic)) for c, ic in zip(cats, idx)]))
+        return frac.reshape(np.shape(idx[0])[:-1])
+
+    boot = stats.bootstrap(
+        tuple(np.arange(E[c].shape[0]) for c in cats), core_stat, vectorized=True, paired=False, n_resamples=n_bootstrap,
+        confidence_level=0.95, method="percentile", batch=max(1, select.batch // len(cats)), rng=_rng(seed, _CORE_BOOT),
+    )
+    return SharedCore(
+        core=np.flatnonzero(in_count == len(cats)),
+        specific_tail={c: np.flatnonzero(masks[ci] & (in_count == 1)) for ci, c in enumerate(cats)},
+        fraction=float(_core_fraction(masks[:, None])[0]),
+        fraction_ci=(float(boot.confidence_interval.low), float(boot.confidence_interval.high)),
+    )
+
+
+def _checked_effects(effects: dict[str, np.ndarray], n_nodes: int) -> dict[str, np.ndarray]:
+    """Effects as float arrays ``[n_prompts_c, n_nodes]``, categories sorted; bad input is a clear error."""
+    cats = sorted(effects)
+    if len(cats) < 2:
+        raise ValueError(f"need at least 2 categories to compare, got {cats}")
+    E = {c: np.asarray(effects[c], dtype=float) for c in cats}
+    for c, e in E.items():
+        if e.ndim != 2 or e.shape[1] != n_nodes:
+            raise ValueError(f"effects[{c!r}] has shape {e.shape}; expected [n_prompts, {n_nodes}]")
+        if e.shape[0] < 2:
+            raise ValueError(f"effects[{c!r}] has {e.shape[0]} prompts; the split-half ceiling needs at least 2")
+        if not np.isfinite(e).all():
+            raise ValueError(f"effects[{c!r}] holds non-finite values")
+    return E
 
 
 def compare_categories(
@@ -236,12 +408,13 @@ def compare_categories(
 ) -> ComparisonResult:
     """Compare every pair of categories' refusal circuits and give a monolithic/modular verdict.
 
-    Per pair (a < b): Jaccard of the circuits, weighted overlap and Spearman of the mean effects; a
-    one-sided label-permutation p-value for modularity (``scipy.stats.permutation_test``,
-    ``alternative="less"``: p = (1 + #{null <= observed}) / (1 + n_permutations)); Jaccard divided by
-    the pair's split-half reliability ceiling; a percentile bootstrap CI (``scipy.stats.bootstrap``,
-    each category's prompts resampled independently); BH q-values across pairs. Across categories:
-    shared core, specific tails, shared fraction with a bootstrap CI, and :func:`decide_verdict`.
+    Four steps: :func:`split_half_ceilings`; :func:`pair_statistics` per pair (a < b): Jaccard of
+    the circuits, weighted overlap and Spearman of the mean effects; a one-sided label-permutation
+    p-value for modularity (``scipy.stats.permutation_test``, ``alternative="less"``:
+    p = (1 + #{null <= observed}) / (1 + n_permutations)); Jaccard divided by the pair's split-half
+    reliability ceiling; a percentile bootstrap CI (``scipy.stats.bootstrap``, each category's prompts
+    resampled independently); BH q-values across pairs; :func:`shared_core` across categories (shared
+    core, specific tails, shared fraction with a bootstrap CI); and :func:`decide_verdict`.
 
     The split-half ceiling builds circuits from half the prompts, so it is a conservative (low)
     estimate of the full-sample reliability; normalised Jaccard can exceed 1 and is not clipped.
@@ -250,170 +423,48 @@ def compare_categories(
     chance-level ceiling is ~1 -- which would read as "monolithic" for pure noise.
     """
     site_of_node = np.asarray(site_of_node)
-    cats = sorted(effects)
-    if len(cats) < 2:
-        raise ValueError(f"need at least 2 categories to compare, got {cats}")
     if k_per_site < 0:
         raise ValueError(f"k_per_site must be >= 0, not {k_per_site}")
-    E = {c: np.asarray(effects[c], dtype=float) for c in cats}  # [n_prompts_c, n_nodes]
-    n_nodes = site_of_node.shape[0]
-    for c, e in E.items():
-        if e.ndim != 2 or e.shape[1] != n_nodes:
-            raise ValueError(f"effects[{c!r}] has shape {e.shape}; expected [n_prompts, {n_nodes}]")
-        if e.shape[0] < 2:
-            raise ValueError(f"effects[{c!r}] has {e.shape[0]} prompts; the split-half ceiling needs at least 2")
-        if not np.isfinite(e).all():
-            raise ValueError(f"effects[{c!r}] holds non-finite values")
+    E = _checked_effects(effects, site_of_node.shape[0])  # [n_prompts_c, n_nodes], sorted categories
+    cats = list(E)
+    select = Selector(site_of_node, mode, k_per_site, threshold)
+    circuit = {c: select(E[c].mean(axis=0)[None])[0] for c in cats}  # [n_nodes] bool
 
-    def select(means: np.ndarray) -> np.ndarray:  # [batch, n_nodes] -> circuit masks [batch, n_nodes]
-        return select_circuits(means, site_of_node, mode, k_per_site, threshold)
-
-    batch = _batch_rows(n_nodes)
-
-    mean = {c: E[c].mean(axis=0) for c in cats}  # [n_nodes]
-    circuit = {c: select(mean[c][None])[0] for c in cats}  # [n_nodes] bool
-
-    # Split-half ceilings: how reproducible is a category's circuit from independent halves of itself.
-    n_splits = max(20, n_bootstrap // 5)
-    ceiling: dict[str, float] = {}
-    for ci, c in enumerate(cats):
-        n = E[c].shape[0]
-        order = _rng(seed, _SPLIT, ci).permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)  # [n_splits, n]
-        js = [
-            _jaccard(select(_means_from_indices(E[c], rows[:, : n // 2])), select(_means_from_indices(E[c], rows[:, n // 2 :])))
-            for rows in np.array_split(order, math.ceil(n_splits / batch))  # chunks of <= batch rows
-        ]
-        ceiling[c] = float(np.concatenate(js).mean())
-
-    pairs_raw: list[dict[str, Any]] = []
-    for i, j in combinations(range(len(cats)), 2):
-        a, b = cats[i], cats[j]
-        na = E[a].shape[0]
-        pooled = np.vstack([E[a], E[b]])  # [na + nb, n_nodes]
-
-        def perm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
-            # Indices into the pooled prompts; a permutation only changes which rows feed each mean.
-            jac = _jaccard(select(_means_from_indices(pooled, ia)), select(_means_from_indices(pooled, ib)))
-            return jac.reshape(np.shape(ia)[:-1])  # scalar for the observed labels, [batch] for resamples
-
-        perm = stats.permutation_test(
-            (np.arange(na), np.arange(na, pooled.shape[0])),
-            perm_stat,
-            permutation_type="independent",
-            vectorized=True,
-            n_resamples=n_permutations,
-            alternative="less",
-            batch=batch,
-            rng=_rng(seed, _PERM, i, j),
-        )
-
-        def boot_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1, a: str = a, b: str = b) -> np.ndarray:
-            jac = _jaccard(select(_means_from_indices(E[a], ia)), select(_means_from_indices(E[b], ib)))
-            return jac.reshape(np.shape(ia)[:-1])
-
-        boot = stats.bootstrap(
-            (np.arange(na), np.arange(E[b].shape[0])),
-            boot_stat,
-            vectorized=True,
-            paired=False,
-            n_resamples=n_bootstrap,
-            confidence_level=0.95,
-            method="percentile",
-            batch=batch,
-            rng=_rng(seed, _PAIR_BOOT, i, j),
-        )
-        jac = float(_jaccard(circuit[a], circuit[b]))
-        pair_ceiling = math.sqrt(ceiling[a] * ceiling[b])
-        pairs_raw.append(
-            dict(
-                a=a,
-                b=b,
-                jaccard=jac,
-                weighted_overlap=weighted_overlap(mean[a], mean[b]),
-                spearman=_spearman(mean[a], mean[b]),
-                p_value=float(perm.pvalue),
-                ceiling=pair_ceiling,
-                normalised_jaccard=jac / pair_ceiling if pair_ceiling >= max(min_ceiling, 1e-12) else math.nan,
-                jaccard_ci=(float(boot.confidence_interval.low), float(boot.confidence_interval.high)),
-                null_mean=float(perm.null_distribution.mean()),
-            )
-        )
-
-    q = stats.false_discovery_control([p["p_value"] for p in pairs_raw], method="bh")
-    pairs = [PairStats(**p, q_value=float(qv), significant=bool(qv < alpha)) for p, qv in zip(pairs_raw, q)]
-
-    # Shared core and specific tails of the full-sample circuits.
-    masks = np.stack([circuit[c] for c in cats])  # [n_cat, n_nodes]
-    in_count = masks.sum(axis=0)  # [n_nodes]
-    shared_core = np.flatnonzero(in_count == len(cats))
-    specific_tail = {c: np.flatnonzero(masks[ci] & (in_count == 1)) for ci, c in enumerate(cats)}
-
-    def core_fraction(masks_: np.ndarray) -> np.ndarray:
-        """masks ``[n_cat, batch, n_nodes]`` -> |core| / mean circuit size ``[batch]`` (NaN if all empty)."""
-        core = np.count_nonzero(masks_.all(axis=0), axis=-1)
-        size = np.count_nonzero(masks_, axis=-1).mean(axis=0)
-        return np.where(size > 0, core / np.maximum(size, 1e-300), np.nan)
-
-    shared_fraction = float(core_fraction(masks[:, None])[0])
-
-    def core_stat(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        frac = core_fraction(np.stack([select(_means_from_indices(E[c], ic)) for c, ic in zip(cats, idx)]))
-        return frac.reshape(np.shape(idx[0])[:-1])
-
-    core_boot = stats.bootstrap(
-        tuple(np.arange(E[c].shape[0]) for c in cats),
-        core_stat,
-        vectorized=True,
-        paired=False,
-        n_resamples=n_bootstrap,
-        confidence_level=0.95,
-        method="percentile",
-        batch=max(1, batch // len(cats)),
-        rng=_rng(seed, _CORE_BOOT),
+    ceilings = split_half_ceilings(E, select, n_bootstrap=n_bootstrap, seed=seed)
+    tests = pair_statistics(E, circuit, ceilings, select, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
+                            seed=seed, min_ceiling=min_ceiling)
+    core = shared_core(E, circuit, select, n_bootstrap=n_bootstrap, seed=seed)
+    verdict = decide_verdict(
+        tests.pairs, core.fraction_ci,
+        modular_min_significant_fraction=modular_min_significant_fraction, modular_max_normalised_jaccard=modular_max_normalised_jaccard,
+        monolithic_min_shared_ci_low=monolithic_min_shared_ci_low, monolithic_min_normalised_jaccard=monolithic_min_normalised_jaccard,
     )
-    shared_ci = (float(core_boot.confidence_interval.low), float(core_boot.confidence_interval.high))
-
-    verdict, reason = decide_verdict(
-        pairs,
-        shared_ci,
-        modular_min_significant_fraction=modular_min_significant_fraction,
-        modular_max_normalised_jaccard=modular_max_normalised_jaccard,
-        monolithic_min_shared_ci_low=monolithic_min_shared_ci_low,
-        monolithic_min_normalised_jaccard=monolithic_min_normalised_jaccard,
-    )
-
-    def matrix(attr: str, diag: float) -> np.ndarray:
-        m = np.full((len(cats), len(cats)), diag, dtype=float)
-        for (i, j), p in zip(combinations(range(len(cats)), 2), pairs):
-            m[i, j] = m[j, i] = getattr(p, attr)
-        return m
-
     return ComparisonResult(
         categories=cats,
         n_prompts={c: int(E[c].shape[0]) for c in cats},
         circuit_size={c: int(circuit[c].sum()) for c in cats},
-        ceiling=ceiling,
-        pairs=pairs,
-        jaccard=matrix("jaccard", 1.0),
-        weighted_overlap=matrix("weighted_overlap", 1.0),
-        spearman=matrix("spearman", 1.0),
-        normalised_jaccard=matrix("normalised_jaccard", math.nan),
-        p_value=matrix("p_value", math.nan),
-        q_value=matrix("q_value", math.nan),
-        significant=matrix("significant", 0.0).astype(bool),
-        shared_core=shared_core,
-        specific_tail=specific_tail,
-        shared_fraction=shared_fraction,
-        shared_fraction_ci=shared_ci,
-        verdict=verdict,
-        verdict_reason=reason,
+        ceiling=ceilings.ceiling,
+        pairs=tests.pairs,
+        jaccard=tests.matrix("jaccard", 1.0),
+        weighted_overlap=tests.matrix("weighted_overlap", 1.0),
+        spearman=tests.matrix("spearman", 1.0),
+        normalised_jaccard=tests.matrix("normalised_jaccard", math.nan),
+        p_value=tests.matrix("p_value", math.nan),
+        q_value=tests.matrix("q_value", math.nan),
+        significant=tests.matrix("significant", 0.0).astype(bool),
+        shared_core=core.core,
+        specific_tail=core.specific_tail,
+        shared_fraction=core.fraction,
+        shared_fraction_ci=core.fraction_ci,
+        verdict=verdict.verdict,
+        verdict_reason=verdict.reason,
         params=dict(
             mode=mode,
             k_per_site=k_per_site,
             threshold=threshold,
             n_permutations=n_permutations,
             n_bootstrap=n_bootstrap,
-            n_splits=n_splits,
+            n_splits=ceilings.n_splits,
             alpha=alpha,
             seed=seed,
             modular_min_significant_fraction=modular_min_significant_fraction,
