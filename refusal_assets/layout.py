@@ -114,3 +114,14 @@ class Layout:
 
     def report(self) -> Path:
         return self.files.path("report")
+
+    def report_html(self) -> Path:
+        """Self-contained (figures embedded)."""
+        return self.report() / "report.html"
+
+    def report_markdown(self) -> Path:
+        """Its figures are files in ``report_figures()``."""
+        return self.report() / "report.md"
+
+    def report_figures(self) -> Path:
+        return self.report() / "figures"

@@ -80,8 +80,7 @@ def _with_ci(value: float, ci) -> str:
 
 
 def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], input_versions: dict[str, str] | None = None) -> tuple[Path, Path]:
-    folder = layout.report()
-    figures = folder / "figures"
+    figures = layout.report_figures()
     figures.mkdir(parents=True, exist_ok=True)
     doc = _Doc(figures)
     doc.h(1, f"Refusal circuits: monolithic or modular? ({cfg.name})")
@@ -193,6 +192,6 @@ def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], inpu
 
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>refusal_assets report</title><style>{style}</style></head><body>{''.join(doc.html)}</body></html>"
-    html_path = write_text(page, folder / "report.html")
-    md_path = write_text("\n".join(doc.md), folder / "report.md")
+    html_path = write_text(page, layout.report_html())
+    md_path = write_text("\n".join(doc.md), layout.report_markdown())
     return html_path, md_path
