@@ -34,7 +34,6 @@ from refusal_assets.config import CircuitConfig
 from refusal_assets.hooks import site_hooks, until_stopped
 from refusal_assets.sites import Site, output_tensor, replace_output, site_module
 
-
 Mode = Literal["topk", "threshold", "topk_abs", "threshold_abs"]
 
 
@@ -705,7 +704,7 @@ def find_circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sam
     ``sample`` is the category's prompt sample joined with its behaviour (``refused``,
     ``refusal_score``); ``directions`` holds each site's refusal direction (:func:`refusal_direction`).
     """
-    kw = dict(batch_size=batch_size, system_prompt=system_prompt, device=device)
+    kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
     baseline_texts, baseline_set = baseline_prompts(sample, cc.prompt_filter)
     baseline = compute_baseline(model, tokenizer, baseline_texts, saes, **kw)
     sites = sorted(saes)
@@ -730,8 +729,12 @@ def find_circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sam
         chosen = select(mean_effect, cc.k_per_site)
         suffixes = prepare_suffixes(model, tokenizer, prompts, **kw)
         folds = crossfit_folds(len(prompts), cc.n_folds, cc.seed)
-        sweep = evaluate_sizes(lambda keep: ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids), effects, index.site_of_node,
-                               sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, folds, seed=cc.seed, n_bootstrap=cc.n_bootstrap)
+
+        def score_fn(keep: np.ndarray, suffixes: list[SuffixBatch] = suffixes) -> np.ndarray:
+            return ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
+
+        sweep = evaluate_sizes(score_fn, effects, index.site_of_node, sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, folds,
+                               seed=cc.seed, n_bootstrap=cc.n_bootstrap)
         edges = []
         if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
             edges = edge_effects(model, tokenizer, prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
@@ -755,7 +758,7 @@ def _direction_baselines(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          baseline: Baseline, index: NodeIndex, refusal_ids: torch.Tensor, directions: dict[Site, torch.Tensor | None],
                          *, batch_size: int, system_prompt: str | None, device: str) -> dict[str, DirectionBaseline]:
     """Each site's refusal direction, scored by ablating it on the held-out toxic prompts."""
-    kw = dict(batch_size=batch_size, system_prompt=system_prompt, device=device)
+    kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
     toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
     score_clean = None  # the held-out toxic prompts' score without any ablation: one pass serves every site
     if toxic_heldout:

@@ -13,8 +13,8 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from refusal_assets.config import SAEConfig
 from refusal_assets.plots import new_figure, save_png
+from refusal_assets.splice import splice_metrics
 from refusal_assets.storage import atomic_path
 
 Architecture = Literal["topk", "batchtopk", "jumprelu"]
@@ -503,8 +504,6 @@ def fit_site(x: Tensor, prompt_ids: pl.Series, cfg: SAEConfig, load_lm: Callable
     ``load_lm`` is called only after training, so the language model and the training data need not
     share the device's memory.
     """
-    from refusal_assets.splice import splice_metrics  # splice imports the model side; keep sae importable without it
-
     t0 = time.perf_counter()
     typical = typical_rows(x, cfg.max_norm_factor)
     max_norm = float(x[typical].float().norm(dim=-1).max())

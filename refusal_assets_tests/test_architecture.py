@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from refusal_assets import circuits as circ
-from refusal_assets import comparison as cmp
 from refusal_assets.behaviour import refusal_token_ids
 from refusal_assets.chat import encode_chat
 from refusal_assets.config import CircuitConfig, SAEConfig

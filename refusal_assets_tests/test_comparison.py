@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from refusal_assets.circuits import select_circuit
 from refusal_assets.comparison import (
     ComparisonResult,
     compare_categories,
     plot_heatmap,
     refusal_direction_cosines,
 )
-from refusal_assets.circuits import select_circuit
 
 N_SITES, N_LATENTS, N_PROMPTS, N_STRONG = 3, 50, 40, 10
 CATS = ["cyber", "drugs", "violence", "weapons"]

@@ -12,8 +12,8 @@ import dagster as dg
 
 from refusal_assets.circuits import CategoryCircuit
 from refusal_assets.config import SAEQualityThresholds
-from refusal_assets.sae import FittedSAE
 from refusal_assets.report import format_ci
+from refusal_assets.sae import FittedSAE
 
 
 def png_markdown(path: Path, alt: str = "plot") -> dg.MetadataValue:
