@@ -118,7 +118,8 @@ def run_process_tree(cmd: list[str], grace_s: float = GRACE_S, term_grace_s: flo
             return proc.returncode
         first = received[0]
         n_seen = len(received)
-        print(f"refusal-assets: {signal.Signals(first).name} received, stopping the UI's processes", file=sys.stderr, flush=True)
+        name = signal.Signals(first).name
+        print(f"refusal-assets: {name} received, stopping the UI's processes", file=sys.stderr, flush=True)
         _signal_pid(proc.pid, signal.SIGINT)
         deadline = time.monotonic() + grace_s
         while proc.poll() is None and time.monotonic() < deadline and len(received) == n_seen:
@@ -270,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _quiet()
+    from refusal_assets.backfill import BackfillError
     from refusal_assets.config import ConfigError
     from refusal_assets.data import DataError
-    from refusal_assets.backfill import BackfillError
     from refusal_assets.models import ModelLoadError
 
     try:

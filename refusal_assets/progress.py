@@ -107,7 +107,9 @@ class ProgressSnapshot:
             tail = f"done in {_duration(self.elapsed_s)}, {rate}"
         else:
             eta = self.eta_s
-            tail = f"{_duration(self.elapsed_s)} elapsed, {rate}" + (f", ETA {_duration(eta)}" if eta is not None else "")
+            tail = f"{_duration(self.elapsed_s)} elapsed, {rate}" + (
+                f", ETA {_duration(eta)}" if eta is not None else ""
+            )
         extra = f"; {self.extra}" if self.extra else ""
         return f"{self.name}: {count} {self.unit}{pct}, {tail}{extra}"
 
@@ -116,14 +118,24 @@ class Progress:
     """Counts of one loop; logs at a cadence (see the module docstring) and drives an optional bar."""
 
     def __init__(
-        self, name: str, total: int | None, log: Callable[[str], None], *, unit: str = "items",
-        every_s: float = 10.0, every_fraction: float = 0.1, min_gap_s: float = 1.0,
-        clock: Callable[[], float] = time.monotonic, bar: bool | None = None,
+        self,
+        name: str,
+        total: int | None,
+        log: Callable[[str], None],
+        *,
+        unit: str = "items",
+        every_s: float = 10.0,
+        every_fraction: float = 0.1,
+        min_gap_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        bar: bool | None = None,
     ):
         if total is not None and total < 0:
             raise ValueError(f"progress {name!r}: total must be >= 0, got {total}")
         if every_s <= 0 or not 0 < every_fraction <= 1:
-            raise ValueError(f"progress {name!r}: every_s must be > 0 and every_fraction in (0, 1], got {every_s}, {every_fraction}")
+            raise ValueError(
+                f"progress {name!r}: every_s must be > 0 and every_fraction in (0, 1], got {every_s}, {every_fraction}"
+            )
         self.name, self.total, self.unit, self.log = name, total, unit, log
         self.every_s, self.every_fraction, self.min_gap_s, self.clock = every_s, every_fraction, min_gap_s, clock
         self.done = 0
@@ -137,8 +149,16 @@ class Progress:
             from tqdm import tqdm
 
             stream = bar_stream()
-            self._bar = tqdm(total=total, desc=name, unit=f" {unit}", position=STEP_BAR_POSITION, leave=False,
-                             file=stream, mininterval=0.5, **bar_width_kwargs(stream))
+            self._bar = tqdm(
+                total=total,
+                desc=name,
+                unit=f" {unit}",
+                position=STEP_BAR_POSITION,
+                leave=False,
+                file=stream,
+                mininterval=0.5,
+                **bar_width_kwargs(stream),
+            )
 
     def snapshot(self) -> ProgressSnapshot:
         return ProgressSnapshot(self.name, self.unit, self.done, self.total, self.clock() - self._t0, self.extra)

@@ -31,8 +31,10 @@ class _RunBar:
 
         self._tqdm = tqdm
         stream = progress.bar_stream()
-        self.bar = tqdm(total=n_runs, unit=" runs", position=0, file=stream, bar_format="{n_fmt}/{total_fmt} runs |{bar:20}| {elapsed}{postfix}",
-                        **progress.bar_width_kwargs(stream))
+        self.bar = tqdm(
+            total=n_runs, unit=" runs", position=0, file=stream,
+            bar_format="{n_fmt}/{total_fmt} runs |{bar:20}| {elapsed}{postfix}", **progress.bar_width_kwargs(stream),
+        )
         self._step = ""
         self._t0 = time.perf_counter()
         self._stop = threading.Event()

@@ -11,7 +11,17 @@ from pathlib import Path
 from refusal_assets_tests.conftest import ROOT
 
 # Every asset the tiny config defines; `dg list defs` must show all of them.
-TINY_ASSETS = {"orbench_prompts", "prompt_sample", "data_profile", "refusal_behaviour", "activations", "sae", "circuit", "comparison", "report"}
+TINY_ASSETS = {
+    "orbench_prompts",
+    "prompt_sample",
+    "data_profile",
+    "refusal_behaviour",
+    "activations",
+    "sae",
+    "circuit",
+    "comparison",
+    "report",
+}
 
 
 def _dg() -> str:
@@ -27,7 +37,9 @@ def _run_dg(args: list[str], tmp_path: Path, config: Path) -> subprocess.Complet
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")  # telemetry off, as the CLI does
-    env.update(DAGSTER_HOME=str(home), REFUSAL_ASSETS_CONFIG=str(config), REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage"))
+    env.update(
+        DAGSTER_HOME=str(home), REFUSAL_ASSETS_CONFIG=str(config), REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage")
+    )
     return subprocess.run([_dg(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -47,8 +59,11 @@ def test_dg_check_and_list_defs(tmp_path):
 def test_dg_check_defs_fails_on_a_bad_config(tmp_path):
     bad = tmp_path / "configs" / "bad.yaml"
     bad.parent.mkdir()
-    bad.write_text((ROOT / "configs" / "tiny.yaml").read_text().replace('activation_layers: ["residuals_1-2"]', 'activation_layers: ["residuals_30"]'))
+    bad.write_text(
+        (ROOT / "configs" / "tiny.yaml")
+        .read_text()
+        .replace('activation_layers: ["residuals_1-2"]', 'activation_layers: ["residuals_30"]')
+    )
     checked = _run_dg(["check", "defs"], tmp_path, bad)
     assert checked.returncode != 0
     assert "layer 30" in checked.stdout + checked.stderr
-

@@ -70,17 +70,24 @@ def test_milestones_need_the_minimum_gap_and_big_jumps_give_one_line():
     clock.tick(2)
     p.update(3)  # done: the closing line says it
     p.close()
-    assert lines == ["acts: 7/10 items (70 %), 2 s elapsed, 3.33 items/s, ETA 1 s", "acts: 10/10 items (100 %), done in 4 s, 2.44 items/s"]
+    assert lines == [
+        "acts: 7/10 items (70 %), 2 s elapsed, 3.33 items/s, ETA 1 s",
+        "acts: 10/10 items (100 %), done in 4 s, 2.44 items/s",
+    ]
 
 
 def test_extra_text_and_error_line():
     clock, lines = FakeClock(), []
     with pytest.raises(RuntimeError):
-        with progress("activations: collection", total=4, unit="prompts", log=lines.append, clock=clock, bar=False) as p:
+        with progress(
+            "activations: collection", total=4, unit="prompts", log=lines.append, clock=clock, bar=False
+        ) as p:
             clock.tick(20)
             p.update(1, extra="36 rows")
             raise RuntimeError("out of memory")
-    assert lines[1] == "activations: collection: 1/4 prompts (25 %), 20 s elapsed, 0.05 prompts/s, ETA 1 min 00 s; 36 rows"
+    assert (
+        lines[1] == "activations: collection: 1/4 prompts (25 %), 20 s elapsed, 0.05 prompts/s, ETA 1 min 00 s; 36 rows"
+    )
     assert lines[2].endswith("(stopped by an error)") and "1/4 prompts" in lines[2]
 
 

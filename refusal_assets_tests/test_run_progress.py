@@ -42,9 +42,24 @@ def test_run_draws_bars_and_logs_progress_to_dagster(tmp_path):
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "w") as err:
         done = subprocess.run(
-            [sys.executable, "-m", "refusal_assets.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
-             "--storage", str(tmp_path / "storage"), "--select", "orbench_prompts,prompt_sample,refusal_behaviour"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "refusal_assets.cli",
+                "run",
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--storage",
+                str(tmp_path / "storage"),
+                "--select",
+                "orbench_prompts,prompt_sample,refusal_behaviour",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            timeout=600,
         )
     stderr = stderr_path.read_text()
     assert done.returncode == 0, done.stdout + stderr[-3000:]
@@ -61,7 +76,11 @@ def test_run_draws_bars_and_logs_progress_to_dagster(tmp_path):
     try:
         lines = []
         for record in instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": "violence|tiny-qwen2"})):
-            lines += [e.user_message for e in instance.all_logs(record.dagster_run.run_id) if e.user_message.startswith("behaviour: generation")]
+            lines += [
+                e.user_message
+                for e in instance.all_logs(record.dagster_run.run_id)
+                if e.user_message.startswith("behaviour: generation")
+            ]
     finally:
         instance.dispose()
     assert lines[0].startswith("behaviour: generation: started, ") and lines[0].endswith(" prompts")

@@ -35,8 +35,20 @@ def test_sigterm_stops_the_whole_ui_tree(tmp_path):
     with open(log_path, "w") as log:
         # Not in a new session: the CLI itself must take care of its children, nothing else does.
         cli = subprocess.Popen(
-            [sys.executable, "-m", "refusal_assets.cli", "ui", "--config", str(ROOT / "configs" / "tiny.yaml"), "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "refusal_assets.cli",
+                "ui",
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     tree: list[psutil.Process] = []
     try:
@@ -60,7 +72,9 @@ def test_sigterm_stops_the_whole_ui_tree(tmp_path):
         rc = cli.wait(60)
         _, still = psutil.wait_procs(_alive(tree), timeout=10)
         survivors = [(p.pid, " ".join(p.cmdline())[:100]) for p in _alive(still)]
-        assert not survivors, f"still running {time.time() - t0:.0f} s after SIGTERM: {survivors}\n{log_path.read_text()[-3000:]}"
+        assert not survivors, (
+            f"still running {time.time() - t0:.0f} s after SIGTERM: {survivors}\n{log_path.read_text()[-3000:]}"
+        )
         assert rc == 128 + signal.SIGTERM
     finally:
         for p in _alive(tree):

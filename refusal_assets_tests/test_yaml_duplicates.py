@@ -35,12 +35,21 @@ def test_duplicated_nested_key(tmp_path):
     lines = text.splitlines()
     first, second = lines.index("  k: 8") + 1, lines.index("  k: 16") + 1
     path = _write(tmp_path, text)
-    with pytest.raises(ConfigError, match=rf"p\.yaml: duplicate key 'sae\.k' on line {second} \(first on line {first}\)"):
+    with pytest.raises(
+        ConfigError, match=rf"p\.yaml: duplicate key 'sae\.k' on line {second} \(first on line {first}\)"
+    ):
         load_config(path)
 
 
 def test_duplicate_in_an_included_section_file_names_that_file(tmp_path):
-    model = "id: org/Some-Model\nsource: hub\narchitecture: {n_layers: 24, d_model: 896}\nbatch_size: 4\nactivation_layers: [residuals_5]\nbatch_size: 8\n"
+    model = (
+        "id: org/Some-Model\n"
+        "source: hub\n"
+        "architecture: {n_layers: 24, d_model: 896}\n"
+        "batch_size: 4\n"
+        "activation_layers: [residuals_5]\n"
+        "batch_size: 8\n"
+    )
     included = _write(tmp_path, model, "models/m.yaml")
     project = _write(tmp_path, "data: {path: data}\nmodels: [models/m.yaml]\n")
     with pytest.raises(ConfigError) as e:
@@ -50,7 +59,9 @@ def test_duplicate_in_an_included_section_file_names_that_file(tmp_path):
 
 def test_duplicates_inside_lists_and_flow_mappings(tmp_path):
     path = _write(tmp_path, "models:\n  - id: a\n    generation: {max_new_tokens: 4, max_new_tokens: 8}\n")
-    with pytest.raises(ConfigError, match=r"duplicate key 'models\.0\.generation\.max_new_tokens' on line 3 \(first on line 3\)"):
+    with pytest.raises(
+        ConfigError, match=r"duplicate key 'models\.0\.generation\.max_new_tokens' on line 3 \(first on line 3\)"
+    ):
         read_yaml(path)
 
 
