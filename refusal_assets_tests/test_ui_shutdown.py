@@ -81,3 +81,51 @@ def test_sigterm_stops_the_whole_ui_tree(tmp_path):
             p.kill()
         if cli.poll() is None:
             cli.kill()
+
+
+STUBBORN = """
+import signal, subprocess, sys, time
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, signal.SIG_IGN)
+code = "import signal as s, time; s.signal(s.SIGINT, s.SIG_IGN); s.signal(s.SIGTERM, s.SIG_IGN); time.sleep(600)"
+grandchild = subprocess.Popen([sys.executable, "-c", code])
+print(grandchild.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_tree_that_ignores_sigint_and_sigterm_is_killed_after_the_grace_periods(tmp_path):
+    """The escalation path: SIGINT, then SIGTERM to the group, then SIGKILL, within the grace periods."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+    runner = (
+        "import sys; from refusal_assets.cli import run_process_tree; "
+        f"sys.exit(run_process_tree([sys.executable, {str(script)!r}], grace_s=1.0, term_grace_s=1.0))"
+    )
+    cli = subprocess.Popen(
+        [sys.executable, "-c", runner], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    tree: list[psutil.Process] = []
+    try:
+        grandchild_pid = int(cli.stdout.readline())
+        tree = psutil.Process(cli.pid).children(recursive=True)
+        assert grandchild_pid in {p.pid for p in tree} and len(tree) == 2
+        t0 = time.time()
+        cli.send_signal(signal.SIGTERM)
+        rc = cli.wait(30)
+        elapsed = time.time() - t0
+        assert rc == 128 + signal.SIGTERM
+        assert _alive(tree) == []
+        assert 1.5 <= elapsed < 10  # it waited out both grace periods, then killed
+        assert "SIGTERM received" in cli.stderr.read()
+    finally:
+        for p in _alive(tree):
+            p.kill()
+        if cli.poll() is None:
+            cli.kill()
+
+
+def test_a_child_that_exits_by_itself_gives_its_exit_code():
+    from refusal_assets.cli import run_process_tree
+
+    assert run_process_tree([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
