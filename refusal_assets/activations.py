@@ -8,7 +8,6 @@ block any site needs (no later blocks, no LM head). Rows:
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
 from refusal_assets.hooks import site_hooks, until_stopped
+from refusal_assets.progress import progress
 from refusal_assets.sites import Site, decoder_layers, output_tensor
 from refusal_assets.storage import atomic_path
 
@@ -89,9 +89,9 @@ def collect_activations(
     """
     rows = by_length(sample.select("prompt_id", "prompt", "split", "heldout").to_dicts())
     n_rows = {s: 0 for s in sites}
-    t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp_paths = {s: stack.enter_context(atomic_path(out_paths[s])) for s in sites}
+        prog = stack.enter_context(progress("activations: collection", total=len(rows), unit="prompts", log=log))
         writers: dict[Site, pq.ParquetWriter] = {}
         try:
             for i, chunk in enumerate(batches(rows, batch_size)):
@@ -106,8 +106,7 @@ def collect_activations(
                         writers[site] = pq.ParquetWriter(tmp_paths[site], table.schema, compression="zstd")
                     writers[site].write_table(table)
                     n_rows[site] += table.num_rows
-                done = min((i + 1) * batch_size, len(rows))
-                log(f"activations: {done}/{len(rows)} prompts, {sum(n_rows.values())} rows ({time.perf_counter() - t0:.1f} s)")
+                prog.update(len(chunk), extra=f"{sum(n_rows.values())} rows")
             for site in sites:
                 if site not in writers:  # no prompts: an empty file with the full schema, never a 0-byte one
                     d = model.config.hidden_size

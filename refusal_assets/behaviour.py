@@ -8,7 +8,6 @@ phrase, with and without a leading space, unless the config lists the tokens).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
 from refusal_assets.config import ModelConfig
+from refusal_assets.progress import progress
 
 EPS = 1e-6
 
@@ -88,13 +88,13 @@ def run_behaviour(
     rows = by_length(sample.select("prompt_id", "prompt", "split", "heldout").to_dicts())
     responses: list[str] = []
     p_refs: list[torch.Tensor] = []
-    t0 = time.perf_counter()
-    for i, chunk in enumerate(batches(rows, cfg.batch_size)):
-        batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
-        texts, first_logits = generate(model, tokenizer, batch, cfg.generation.max_new_tokens)
-        p_refs.append(last_token_refusal_prob(first_logits, ids).cpu())
-        responses.extend(texts)
-        log(f"behaviour: {min((i + 1) * cfg.batch_size, len(rows))}/{len(rows)} prompts ({time.perf_counter() - t0:.0f} s)")
+    with progress("behaviour: generation", total=len(rows), unit="prompts", log=log) as prog:
+        for chunk in batches(rows, cfg.batch_size):
+            batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
+            texts, first_logits = generate(model, tokenizer, batch, cfg.generation.max_new_tokens)
+            p_refs.append(last_token_refusal_prob(first_logits, ids).cpu())
+            responses.extend(texts)
+            prog.update(len(chunk))
     p = torch.cat(p_refs) if p_refs else torch.zeros(0)
     return pl.DataFrame({
         "prompt_id": [r["prompt_id"] for r in rows],

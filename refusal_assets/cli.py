@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -72,7 +73,104 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"warning: serving the UI on {args.host}: anyone who can reach it can launch runs", file=sys.stderr)
     cmd = [sys.executable, "-m", "dagster", "dev", "-m", "refusal_assets.definitions", "-h", args.host, "-p", str(args.port)]
     print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}\n{' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd)
+    return run_process_tree(cmd)
+
+
+# Seconds `dagster dev` gets to stop its webserver, daemon and code servers after SIGINT (its own
+# clean shutdown), then seconds the group gets after SIGTERM before SIGKILL. Kept under 30 s in
+# all so a supervisor that escalates to SIGKILL at 30 s (systemd, Kubernetes, the browser test)
+# never kills this process first and orphans the tree.
+GRACE_S = 20.0
+TERM_GRACE_S = 5.0
+
+
+def run_process_tree(cmd: list[str], grace_s: float = GRACE_S, term_grace_s: float = TERM_GRACE_S) -> int:
+    """Run ``cmd`` in its own process group and take the whole group down with this process.
+
+    ``dagster dev`` starts a webserver, a daemon and code servers; a plain ``subprocess.call``
+    dies on SIGTERM and leaves all of them running. Here SIGTERM, SIGINT and SIGHUP are caught
+    and forwarded: SIGINT to the child first (``dagster dev`` shuts its services down cleanly on
+    it), then SIGTERM and finally SIGKILL to the group for whatever is left. A second signal
+    skips the grace period. Returns the child's exit code, or 128 + the signal number when a
+    signal stopped it.
+    """
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        received.append(signum)
+
+    # Handlers before Popen: a signal in between is recorded, not lost. Python-level handlers are
+    # reset to SIG_DFL in the child at exec, so the child sees SIGINT even where this process
+    # started with SIGINT ignored (a background job of a non-interactive shell), which would
+    # otherwise make `dagster dev` ignore SIGTERM as well (it maps SIGTERM onto SIGINT's handler).
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in forwarded}
+    try:
+        # A new session: the terminal's Ctrl-C reaches only this process, which forwards it once.
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        while proc.poll() is None and not received:
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        if not received:
+            _stop_group(proc, term_grace_s, received)  # leftovers of a child that exited on its own
+            return proc.returncode
+        first = received[0]
+        n_seen = len(received)
+        name = signal.Signals(first).name
+        print(f"refusal-assets: {name} received, stopping the UI's processes", file=sys.stderr, flush=True)
+        _signal_pid(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + grace_s
+        while proc.poll() is None and time.monotonic() < deadline and len(received) == n_seen:
+            time.sleep(0.2)
+        _stop_group(proc, term_grace_s, received)
+        proc.wait()
+        return 128 + first
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member we may not signal (it changed user): still there
+        return True
+
+
+def _stop_group(proc: subprocess.Popen, term_grace_s: float, received: list[int]) -> None:
+    """SIGTERM the child's process group, wait up to ``term_grace_s`` (less if another signal
+    arrives), then SIGKILL whatever remains."""
+    pgid = proc.pid  # start_new_session: the child leads its own group
+    proc.poll()  # reap the leader if it has exited: a zombie still counts as a group member
+    if not _group_alive(pgid):
+        return
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    n_seen = len(received)
+    deadline = time.monotonic() + term_grace_s
+    while proc.poll() is None or _group_alive(pgid):
+        if time.monotonic() >= deadline or len(received) != n_seen:
+            break
+        time.sleep(0.1)
+    if _group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -100,14 +198,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_sae(args: argparse.Namespace) -> int:
+    from refusal_assets.layout import Layout
     from refusal_assets.sae import plot_history
 
-    histories = sorted(Path(args.sae_dir).rglob("history.json"))
+    histories = sorted(Path(args.sae_dir).rglob(Layout.SAE_HISTORY))
     if not histories:
-        print(f"no history.json under {args.sae_dir}", file=sys.stderr)
+        print(f"no {Layout.SAE_HISTORY} under {args.sae_dir}", file=sys.stderr)
         return 1
     for h in histories:
-        out = plot_history(json.loads(h.read_text()), h.with_name("training.png"), h.parent.name)
+        out = plot_history(json.loads(h.read_text()), h.with_name(Layout.SAE_PLOT), h.parent.name)
         print(out)
     return 0
 
@@ -173,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _quiet()
+    from refusal_assets.backfill import BackfillError
     from refusal_assets.config import ConfigError
     from refusal_assets.data import DataError
-    from refusal_assets.backfill import BackfillError
     from refusal_assets.models import ModelLoadError
 
     try:

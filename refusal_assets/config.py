@@ -329,13 +329,79 @@ class ProjectConfig(_Strict):
 
 
 # --------------------------------------------------------------------------------------- loading
-def _read_yaml(path: Path) -> Any:
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """The same key twice in one YAML mapping (PyYAML would silently keep the last one)."""
+
+    def __init__(self, key: Any, path: str, line: int, first_line: int):
+        self.key, self.path, self.line, self.first_line = key, path, line, first_line
+        dotted = f"{path}.{key}" if path else str(key)
+        super().__init__(problem=f"duplicate key '{dotted}' on line {line} (first on line {first_line})")
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` semantics (same tags, no python/* objects) that refuse a key given twice
+    in one mapping, e.g. two ``sae:`` sections, where PyYAML keeps the last one without a word.
+
+    Keys merged in with ``<<: *anchor`` may be overridden: that is what merge keys are for.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._document = node  # to name the dotted path of a duplicate, only when there is one
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first_lines:
+                        raise DuplicateKeyError(key, self._path_to(node), line, first_lines[key])
+                    first_lines[key] = line
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+    def _path_to(self, target: yaml.Node) -> str:
+        """Dotted path of ``target`` from the document root ("sae", "models.0.chat_template")."""
+
+        def walk(node: yaml.Node, path: list[str]) -> list[str] | None:
+            if node is target:
+                return path
+            if isinstance(node, yaml.MappingNode):
+                children = [(str(getattr(k, "value", "?")), v) for k, v in node.value]
+            elif isinstance(node, yaml.SequenceNode):
+                children = [(str(i), v) for i, v in enumerate(node.value)]
+            else:
+                return None
+            for name, child in children:
+                if (found := walk(child, [*path, name])) is not None:
+                    return found
+            return None
+
+        return ".".join(walk(getattr(self, "_document", target), []) or [])
+
+
+def read_yaml(path: Path) -> Any:
+    """One YAML file as Python data, with ``safe_load`` semantics and duplicate keys refused.
+    Every YAML file the project reads should come through here (errors name the file)."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:  # includes python/object tags refused by safe_load
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
 
@@ -363,7 +429,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pr
     """Load and validate a project config; ``overrides`` are dotted keys, e.g. ``{"data.path": d}``."""
     path = Path(path)
     root = _project_root_for(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     sources: dict[tuple, Path] = {}
@@ -373,7 +439,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pr
             sub = Path(value) if Path(value).is_absolute() else root / "configs" / value
             if not sub.is_file() and (root / value).is_file():
                 sub = root / value
-            loaded = _read_yaml(sub)
+            loaded = read_yaml(sub)
             sources[loc] = sub
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{sub}: expected a mapping, got {type(loaded).__name__}")

@@ -68,11 +68,13 @@ class Layout:
         """The SAELens-layout folder (cfg.json + sae_weights.safetensors) of one site."""
         return self.files.path("sae", site_key)
 
+    SAE_HISTORY, SAE_PLOT = "history.json", "training.png"
+
     def sae_history(self, site_key: str) -> Path:
-        return self.sae(site_key) / "history.json"
+        return self.sae(site_key) / self.SAE_HISTORY
 
     def sae_plot(self, site_key: str) -> Path:
-        return self.sae(site_key) / "training.png"
+        return self.sae(site_key) / self.SAE_PLOT
 
     # ---- stage 4: circuits
     def circuit(self, model_key: str, category: str) -> Path:

@@ -25,7 +25,7 @@ PACKAGE = ROOT / "refusal_assets"
 # ------------------------------------------------------------------------------------------- UI
 @pytest.fixture()
 def ui(tmp_path, monkeypatch, capsys):
-    """``refusal-assets ui ARGS`` with subprocess.call captured instead of starting dagster."""
+    """``refusal-assets ui ARGS`` with the process-tree runner captured instead of starting dagster."""
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     for var in (settings.CONFIG_ENV, settings.DATA_DIR_ENV, settings.STORAGE_ENV):
         monkeypatch.setenv(var, "")
@@ -37,7 +37,7 @@ def ui(tmp_path, monkeypatch, capsys):
         calls.append(list(cmd))
         return 0
 
-    monkeypatch.setattr(cli.subprocess, "call", fake_call)
+    monkeypatch.setattr(cli, "run_process_tree", fake_call)
 
     def run(*args: str) -> tuple[list[str], str]:
         assert cli.main(["ui", "--config", str(TINY), *args]) == 0
@@ -92,7 +92,8 @@ def test_backfill_talks_to_localhost_by_default(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ source scanning
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
-SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader"}
+# UniqueKeyLoader: config.py's SafeLoader subclass that refuses duplicate keys (asserted below).
+SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader", "UniqueKeyLoader"}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -187,9 +188,15 @@ def test_package_source_has_no_pickle_unsafe_yaml_eval_or_remote_code():
     assert len(files) >= 20 and PACKAGE / "models.py" in files
     hits = [h for f in files for h in unsafe_uses(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))]
     assert hits == []
-    # and every YAML read in the package goes through safe_load
+    # and every YAML read in the package goes through safe_load, or yaml.load with a safe loader
+    # (the AST scan above checks its Loader); UniqueKeyLoader is SafeLoader's subclass
     yaml_reads = [(f.name, m.group(0)) for f in files for m in re.finditer(r"yaml\.\w*load\w*\(", f.read_text(encoding="utf-8"))]
-    assert yaml_reads and all(call == "yaml.safe_load(" for _, call in yaml_reads), yaml_reads
+    assert yaml_reads and all(call in ("yaml.safe_load(", "yaml.load(") for _, call in yaml_reads), yaml_reads
+    import yaml
+
+    from refusal_assets.config import UniqueKeyLoader
+
+    assert issubclass(UniqueKeyLoader, yaml.SafeLoader) and not any("python" in tag for tag in UniqueKeyLoader.yaml_constructors if tag)
 
 
 def test_model_loading_asks_for_safetensors_only():
