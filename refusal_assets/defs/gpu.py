@@ -6,9 +6,20 @@ from __future__ import annotations
 GPU_POOL = "gpu"
 
 
-def gpu_op_tags(gpus: int = 1, node_selector: dict[str, str] | None = None, tolerations: list[dict] | None = None) -> dict:
+def gpu_op_tags(gpus: int | None = None, node_selector: dict[str, str] | None = None, tolerations: list[dict] | None = None) -> dict:
     """``dagster-k8s/config`` tags: the ``k8s_job_executor`` gives each tagged step its own pod
-    with a GPU; ignored by the in-process and multiprocess executors."""
+    with a GPU; ignored by the in-process and multiprocess executors. Arguments left out come from
+    ``gpu_step`` of the Kubernetes settings (``dagster_home/k8s/executor.yaml``) when that file
+    exists, so the GPU node pool is chosen in one place."""
+    if gpus is None or node_selector is None or tolerations is None:
+        from refusal_assets.defs.executor import k8s_config_path, load_k8s_settings
+
+        placement = load_k8s_settings().gpu if k8s_config_path().is_file() else None
+        if placement is not None:
+            gpus = placement.gpus if gpus is None else gpus
+            node_selector = placement.node_selector if node_selector is None else node_selector
+            tolerations = placement.tolerations if tolerations is None else tolerations
+    gpus = 1 if gpus is None else gpus
     pod_spec: dict = {}
     if node_selector:
         pod_spec["node_selector"] = node_selector
