@@ -206,12 +206,18 @@ def two_cli_runs(postgres, pg_home, tmp_path_factory, request):
     children = [Child(CLI.format(go=str(go), me=c, hold=HOLD_S, config=str(_one_category_config(tmp, c)), storage=str(storage)),
                       env=env, stderr_path=tmp / f"{c}.err") for c in CATEGORIES]
     try:
-        for child in children:
-            assert child.finish(timeout=900) == 0, (child.lines, child.stderr_tail())
+        for c, child in zip(CATEGORIES, children):
+            rc = child.finish(timeout=900)
+            (tmp / f"{c}.out").write_text("\n".join(child.lines))
+            assert rc == 0, ("\n".join(child.lines)[-4000:], child.stderr_tail())
     finally:
         for child in children:
             child.kill()
     return {"storage": storage, "t0": t0, "t1": time.time(), "lines": {c: ch.lines for c, ch in zip(CATEGORIES, children)}}
+
+
+def _runs_since(instance: dg.DagsterInstance, t0: float) -> list[dg.DagsterRun]:
+    return [r.dagster_run for r in instance.get_run_records() if r.create_timestamp.timestamp() >= t0 - 1]
 
 
 def _gpu_windows(instance: dg.DagsterInstance, runs) -> list[tuple[float, float, str]]:
@@ -227,7 +233,7 @@ def _gpu_windows(instance: dg.DagsterInstance, runs) -> list[tuple[float, float,
 
 def test_two_concurrent_cli_runs_share_the_gpu_pool(two_cli_runs, postgres, pg_home, monkeypatch):
     instance = _instance(pg_home, postgres, monkeypatch)
-    runs = [r for r in instance.get_runs() if r.create_timestamp >= two_cli_runs["t0"] - 1]
+    runs = _runs_since(instance, two_cli_runs["t0"])
     assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [(r.run_id, r.status) for r in runs]
     assert len(runs) == 2 * 3, [r.asset_selection for r in runs]  # per process: prompts, sample, behaviour
     windows = _gpu_windows(instance, runs)
@@ -259,7 +265,7 @@ def test_full_tiny_run_on_postgres(postgres, pg_home, tmp_path, monkeypatch, req
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "storage" / "report" / "report.html").is_file()
     instance = _instance(pg_home, postgres, monkeypatch)
-    runs = [r for r in instance.get_runs() if r.create_timestamp >= t0 - 1]
+    runs = _runs_since(instance, t0)
     reported = int(done.stdout.split("done: ", 1)[1].split(" runs", 1)[0])
     assert len(runs) == reported and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
     # the same runs and their materializations by plain SQL
