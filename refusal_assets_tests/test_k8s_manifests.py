@@ -17,16 +17,20 @@ import yaml
 
 pytest.importorskip("dagster_k8s", reason="dagster-k8s is the optional 'k8s' extra: pip install -e '.[k8s]'")
 
-import dagster as dg  # noqa: E402
-from dagster._config import process_config  # noqa: E402
-from dagster._core.definitions.job_base import InMemoryJob  # noqa: E402
-from dagster._core.executor.init import InitExecutorContext  # noqa: E402
-from dagster_k8s import k8s_job_executor  # noqa: E402
-from dagster_k8s.job import construct_dagster_k8s_job  # noqa: E402
-from kubernetes.client import ApiClient  # noqa: E402
+import dagster as dg
+from dagster._config import process_config
+from dagster._core.definitions.job_base import InMemoryJob
+from dagster._core.executor.init import InitExecutorContext
+from dagster_k8s import k8s_job_executor
+from dagster_k8s.job import construct_dagster_k8s_job
+from kubernetes.client import ApiClient
 
-from refusal_assets.defs.executor import ExecutorConfigError, load_k8s_settings, select_executor  # noqa: E402
-from refusal_assets_tests.conftest import ROOT  # noqa: E402
+from refusal_assets.defs.executor import (
+    ExecutorConfigError,
+    load_k8s_settings,
+    select_executor,
+)
+from refusal_assets_tests.conftest import ROOT
 
 K8S = ROOT / "dagster_home" / "k8s"
 SECRET = "dagster-postgresql-secret"

@@ -18,7 +18,7 @@ that server. ``.ci/run`` installs the package; without the binaries the module s
 from __future__ import annotations
 
 import glob
-import json
+import itertools
 import os
 import shutil
 import socket
@@ -34,12 +34,15 @@ import yaml
 pytest.importorskip("dagster_postgres", reason="dagster-postgres is in the 'test' and 'k8s' extras: pip install -e '.[test]'")
 psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 comes with dagster-postgres")
 
-import dagster as dg  # noqa: E402
-from dagster import DagsterEventType  # noqa: E402
+import dagster as dg
+from dagster import DagsterEventType
 
-from refusal_assets_tests.conftest import ROOT  # noqa: E402
-from refusal_assets_tests.reliability.helpers import TINY, Child  # noqa: E402
-from refusal_assets_tests.reliability.test_concurrency import _blocked_messages, _step_window  # noqa: E402
+from refusal_assets_tests.conftest import ROOT
+from refusal_assets_tests.reliability.helpers import TINY, Child
+from refusal_assets_tests.reliability.test_concurrency import (
+    _blocked_messages,
+    _step_window,
+)
 
 CATEGORIES = ["harassment", "illegal"]
 HOLD_S = 2.0
@@ -72,7 +75,7 @@ class PostgresServer:
             pytest.skip("running as root and runuser is missing: PostgreSQL cannot be started as root")
 
     def _run(self, *cmd: str, timeout: float = 120) -> None:
-        done = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0:
             log = (self.folder / "server.log").read_text()[-2000:] if (self.folder / "server.log").exists() else ""
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-2000:]} {log}")
@@ -238,7 +241,7 @@ def test_two_concurrent_cli_runs_share_the_gpu_pool(two_cli_runs, postgres, pg_h
     assert len(runs) == 2 * 3, [r.asset_selection for r in runs]  # per process: prompts, sample, behaviour
     windows = _gpu_windows(instance, runs)
     assert len(windows) == 2
-    (a_start, a_end, a_run), (b_start, b_end, b_run) = windows
+    (a_start, a_end, _), (b_start, b_end, b_run) = windows
     assert a_end - a_start >= HOLD_S and b_end - b_start >= HOLD_S
     assert a_end <= b_start, f"GPU steps overlapped beyond the pool limit 1: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
     blocked = _blocked_messages(instance, b_run)
@@ -261,7 +264,7 @@ def test_full_tiny_run_on_postgres(postgres, pg_home, tmp_path, monkeypatch, req
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.time()
     done = subprocess.run(["refusal-assets", "run", "--config", str(TINY), "--storage", str(tmp_path / "storage")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "storage" / "report" / "report.html").is_file()
     instance = _instance(pg_home, postgres, monkeypatch)
@@ -277,7 +280,7 @@ def test_full_tiny_run_on_postgres(postgres, pg_home, tmp_path, monkeypatch, req
     assert {dg.AssetKey(a).to_string() for a in ("orbench_prompts", "refusal_behaviour", "sae", "circuit", "comparison", "report")} <= materialized
     # no two GPU steps of the run overlapped (pool limit 1), from the step events
     windows = _gpu_windows(instance, runs)
-    assert windows and all(a[1] <= b[0] for a, b in zip(windows, windows[1:]))
+    assert windows and all(a[1] <= b[0] for a, b in itertools.pairwise(windows))
 
 
 def test_schedule_state_and_events_read_back_from_postgres(postgres, pg_home, monkeypatch):
