@@ -138,18 +138,21 @@ def postgres() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="module")
 def pg_home(postgres, tmp_path_factory) -> Iterator[Path]:
     """$DAGSTER_HOME holding the committed dagster.postgres.yaml, the DAGSTER_PG_* of the server set,
-    and the schema created once (as a first command would) before any child starts."""
+    and the instance initialised once by the CLI's own first step (schema, and the gpu pool's row:
+    see ``gpu.ensure_gpu_pool`` for the race without it) before any child starts."""
     home = tmp_path_factory.mktemp("pg_home")
     config = yaml.safe_load((ROOT / "dagster_home" / "dagster.postgres.yaml").read_text())
     assert config["concurrency"]["pools"] == {"default_limit": 1, "granularity": "op"}
     assert config["run_monitoring"]["enabled"] is True
     shutil.copy(ROOT / "dagster_home" / "dagster.postgres.yaml", home / "dagster.yaml")
+    from refusal_assets.cli import _init_instance_once  # what every refusal-assets command does first
+
     with pytest.MonkeyPatch.context() as mp:
         for k, v in postgres.env.items():
             mp.setenv(k, v)
+        _init_instance_once(home)
         instance = dg.DagsterInstance.from_config(str(home))
-        instance.get_runs()
-        instance.event_log_storage.get_pool_limits()
+        assert [(p.name, p.limit) for p in instance.event_log_storage.get_pool_limits()] == [("gpu", 1)]
         instance.dispose()
     yield home
 

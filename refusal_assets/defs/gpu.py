@@ -31,3 +31,30 @@ def gpu_op_tags(gpus: int | None = None, node_selector: dict[str, str] | None = 
             **({"pod_spec_config": pod_spec} if pod_spec else {}),
         }
     }
+
+
+def ensure_gpu_pool(instance) -> bool:
+    """Give the ``gpu`` pool its row (the instance's ``default_limit``) before any step claims it.
+
+    Dagster 1.13 creates that row on the first claim. On PostgreSQL, two runs making that first
+    claim at the same moment (two processes, or two step pods) collide on the unique key, the
+    loser's transaction is aborted, and its run fails ("current transaction is aborted"); SQLite
+    lets the same code carry on. Called once per instance by every ``refusal-assets`` command
+    (under its init lock); tolerant of another process doing the same at once. Returns whether
+    the pool now exists (False when the instance has no pool limits at all).
+    """
+    import time
+
+    from sqlalchemy.exc import DBAPIError
+
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits or instance.global_op_concurrency_default_limit is None:
+        return False
+    for attempt in range(5):
+        if any(p.name == GPU_POOL for p in storage.get_pool_limits()):
+            return True
+        try:
+            storage.initialize_concurrency_limit_to_default(GPU_POOL)
+        except DBAPIError:  # the same collision, with another initialiser: look again
+            time.sleep(0.1 * (attempt + 1))
+    return any(p.name == GPU_POOL for p in storage.get_pool_limits())
