@@ -164,3 +164,20 @@ def test_pool_limit_2_runs_two_gpu_steps_at_once_on_different_devices(tmp_path, 
     for r in results.values():
         assert instance.get_run_by_id(r["run_id"]).status == dg.DagsterRunStatus.SUCCESS
     assert not any(_held_elsewhere(ComputeResource().lock_path(d)) for d in ("cuda:0", "cuda:1"))  # freed again
+
+
+def test_ensure_gpu_pool_creates_the_row_once(tmp_path):
+    from refusal_assets.defs.gpu import ensure_gpu_pool
+
+    home = tmp_path / "with_pools"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 3\n    granularity: op\ntelemetry:\n  enabled: false\n")
+    instance = dg.DagsterInstance.from_config(str(home))
+    assert not [p for p in instance.event_log_storage.get_pool_limits() if p.name == GPU_POOL]
+    assert ensure_gpu_pool(instance) and ensure_gpu_pool(instance)  # idempotent
+    assert [(p.name, p.limit) for p in instance.event_log_storage.get_pool_limits()] == [(GPU_POOL, 3)]
+    assert instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count == 3
+    bare = tmp_path / "no_pools"
+    bare.mkdir()
+    (bare / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    assert ensure_gpu_pool(dg.DagsterInstance.from_config(str(bare))) is False  # no default limit: nothing to create

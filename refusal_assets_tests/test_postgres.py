@@ -13,6 +13,11 @@ that server. ``.ci/run`` installs the package; without the binaries the module s
   and are held 2 s: their STEP_START..STEP_SUCCESS intervals never overlap, one waited ("blocked by
   limit for pool gpu"), and every materialization is in PostgreSQL's event log;
 - run, event and schedule records read back from PostgreSQL, by Dagster and by plain SQL.
+
+The two-process test found a Dagster 1.13 race on PostgreSQL: both runs' first claim creates the
+pool's row, the loser's transaction is aborted and its run fails. ``refusal-assets`` commands now
+create the row first (``gpu.ensure_gpu_pool``, from the CLI's instance initialisation), which is
+what the ``pg_home`` fixture runs.
 """
 
 from __future__ import annotations
