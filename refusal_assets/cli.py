@@ -43,7 +43,11 @@ def _init_instance_once(home: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         import dagster as dg
 
-        dg.DagsterInstance.from_config(str(home)).dispose()
+        from refusal_assets.defs.gpu import ensure_gpu_pool
+
+        instance = dg.DagsterInstance.from_config(str(home))
+        ensure_gpu_pool(instance)  # before any run claims it: Dagster's first claim races on PostgreSQL
+        instance.dispose()
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

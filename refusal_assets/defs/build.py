@@ -15,6 +15,7 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
+from refusal_assets.defs.executor import select_executor
 from refusal_assets.defs import automation, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets
 from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.partitions import Partitions
@@ -62,5 +63,5 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
         sensors=[automation.automation_sensor()],
         schedules=[automation.report_schedule(cfg.report.schedule)],
         resources={"compute": ComputeResource(device=device), "storage": StorageResource(root=str(storage_root))},
-        executor=None,  # executor selection (in-process / multiprocess / k8s) goes here
+        executor=select_executor(cfg),  # $REFUSAL_ASSETS_EXECUTOR (k8s: one pod per step); None = Dagster's default
     )
