@@ -13,6 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from refusal_assets.config import SAEConfig
+from refusal_assets.sae_data import Rows, as_rows, chunks
 from refusal_assets.sites import Site
 from refusal_assets.storage import atomic_path
 
@@ -217,13 +219,14 @@ def _batches(index: Tensor, batch_size: int, gen: torch.Generator) -> Iterator[T
 
 
 def init_sae(
-    vectors: Tensor, index: Tensor, d_sae: int, cfg: SAEConfig, generator: torch.Generator, device: str = "cpu"
+    vectors: Tensor | Rows, index: Tensor, d_sae: int, cfg: SAEConfig, generator: torch.Generator, device: str = "cpu"
 ) -> TopKSAE:
     """A fresh SAE whose input scale and ``b_dec`` come from ``vectors[index]`` (the training rows)."""
-    d_in = vectors.shape[1]
+    rows = as_rows(vectors)
+    d_in = rows.d_in
     sq_norm, total = 0.0, torch.zeros(d_in, dtype=torch.float64)
-    for chunk in index.split(EVAL_BATCH):  # float64 sums so millions of rows do not lose precision
-        x = vectors[chunk].to(torch.float64)
+    for x in chunks(rows, index, EVAL_BATCH):  # float64 sums so millions of rows do not lose precision
+        x = x.to(torch.float64)
         sq_norm += float(x.pow(2).sum())
         total += x.sum(0).cpu()
     if sq_norm == 0.0:
@@ -237,7 +240,7 @@ def init_sae(
 
 @torch.no_grad()
 def estimate_threshold(
-    sae: TopKSAE, vectors: Tensor, index: Tensor, batch_size: int, generator: torch.Generator
+    sae: TopKSAE, vectors: Tensor | Rows, index: Tensor, batch_size: int, generator: torch.Generator
 ) -> float:
     """BatchTopK's inference cut (Bussmann et al. 2024): the mean over training batches of the smallest
     activation the batch top-k keeps, from the current weights; stored in ``sae.threshold``."""
@@ -246,8 +249,8 @@ def estimate_threshold(
     device = sae.W_dec.device
     rows = index[torch.randperm(len(index), generator=generator)][: THRESHOLD_BATCHES * batch_size]
     mins = []
-    for chunk in rows.split(batch_size):
-        z = sae.encode(vectors[chunk].to(device, torch.float32))  # [B, d_sae]
+    for x in chunks(as_rows(vectors), rows, batch_size):
+        z = sae.encode(x.to(device, torch.float32))  # [B, d_sae]
         if (z > 0).any():
             mins.append(z[z > 0].min())
     if not mins:
@@ -263,26 +266,29 @@ def make_optimizer(sae: TopKSAE, lr: float) -> torch.optim.Adam:
 
 
 def train_sae(
-    vectors: Tensor,
+    vectors: Tensor | Rows,
     group_ids: np.ndarray,
     cfg: SAEConfig,
     d_sae: int | None = None,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> tuple[TopKSAE, dict[str, Any]]:
-    """Train on ``vectors [n, d_in]`` (``group_ids [n]``: the prompt of each row); returns the SAE with
-    its best-validation-FVU weights, in eval mode, and the history: per evaluation ``CURVES`` (train
-    values averaged since the previous evaluation), plus n_train, n_val, stopped_early, best_step, seconds."""
+    """Train on ``vectors [n, d_in]`` (a tensor, or a ``sae_data.Rows`` source such as ``ParquetRows``
+    that reads batches from disk; both give the same weights) with ``group_ids [n]``: the prompt of each
+    row. Returns the SAE with its best-validation-FVU weights, in eval mode, and the history: per
+    evaluation ``CURVES`` (train values averaged since the previous evaluation), plus n_train, n_val,
+    stopped_early, best_step, seconds."""
     t0 = time.perf_counter()
-    if vectors.ndim != 2 or len(group_ids) != len(vectors):
-        raise ValueError(f"need vectors [n, d_in] and group_ids [n]; got {tuple(vectors.shape)}, {len(group_ids)}")
+    rows = as_rows(vectors)
+    if len(group_ids) != len(rows):
+        raise ValueError(f"need vectors [n, d_in] and group_ids [n]; got {len(rows)} rows, {len(group_ids)} group ids")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_np, val_np = split_by_group(np.asarray(group_ids), cfg.val_fraction, cfg.seed)
-    train_idx = torch.from_numpy(train_np).to(vectors.device)
-    x_val = vectors[torch.from_numpy(val_np).to(vectors.device)]
-    d_sae = d_sae or cfg.expansion_factor * vectors.shape[1]
-    sae = init_sae(vectors, train_idx, d_sae, cfg, gen, device).train()
+    train_idx = torch.from_numpy(train_np)
+    val_rows = _IndexedRows(rows, torch.from_numpy(val_np))
+    d_sae = d_sae or cfg.expansion_factor * rows.d_in
+    sae = init_sae(rows, train_idx, d_sae, cfg, gen, device).train()
     opt = make_optimizer(sae, cfg.lr)
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     batches = _batches(train_idx, cfg.batch_size, gen)
@@ -291,11 +297,11 @@ def train_sae(
     best_fvu, best_state, best_step, bad_evals, stopped_early = math.inf, None, 0, 0, False
     window: list[tuple[float, float, float]] = []  # train stats since the last evaluation
     for step in range(1, cfg.max_steps + 1):
-        x = vectors[next(batches)].to(device, torch.float32)
+        x = rows.take(next(batches)).to(device, torch.float32)
         window.append(train_step(sae, opt, x, since_fired, cfg))
         if step % cfg.eval_every and step != cfg.max_steps:
             continue
-        val_fvu = evaluate_sae(sae, x_val)["fvu"]  # training-mode sparsity: BatchTopK has no threshold yet
+        val_fvu = evaluate_sae(sae, val_rows)["fvu"]  # training-mode sparsity: BatchTopK has no threshold yet
         loss, fvu, aux = np.mean(window, axis=0).tolist()
         dead = float((since_fired >= cfg.dead_after_tokens).float().mean())
         window.clear()
@@ -314,22 +320,41 @@ def train_sae(
     if best_state is not None:
         sae.load_state_dict(best_state)
     if sae.architecture == "batchtopk":
-        estimate_threshold(sae, vectors, train_idx, cfg.batch_size, gen)
+        estimate_threshold(sae, rows, train_idx, cfg.batch_size, gen)
     hist.update(n_train=len(train_np), n_val=len(val_np), stopped_early=stopped_early, best_step=best_step)
     hist["seconds"] = time.perf_counter() - t0
     return sae.eval(), hist
 
 
 # ------------------------------------------------------------------------------------- metrics
+@dataclass(frozen=True)
+class _IndexedRows:
+    """``rows[index]`` as a Rows source, so validation rows are read in chunks, never all at once."""
+
+    rows: Rows
+    index: Tensor
+
+    @property
+    def d_in(self) -> int:
+        return self.rows.d_in
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, index: Tensor) -> Tensor:
+        return self.rows.take(self.index[index])
+
+
 @torch.no_grad()
-def evaluate_sae(sae: TopKSAE, vectors: Tensor, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+def evaluate_sae(sae: TopKSAE, vectors: Tensor | Rows, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """fvu = sum||x - x_hat||^2 / sum||x - mean(x)||^2; l0 = mean active latents per row;
     dead_fraction = latents that never fire on ``vectors``; mse = mean squared error per element."""
-    n, d_in = vectors.shape
+    rows = as_rows(vectors)
+    n, d_in = len(rows), rows.d_in
     device = sae.W_dec.device
     sse, sq, total = 0.0, 0.0, torch.zeros(d_in, dtype=torch.float64, device=device)
     active, fired = 0, torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-    for chunk in vectors.split(batch_size):
+    for chunk in chunks(rows, torch.arange(n), batch_size):
         x = chunk.to(device, torch.float32)
         x_hat, z = sae(x)
         on = z > 0
