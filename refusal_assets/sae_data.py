@@ -106,6 +106,7 @@ class ParquetRows:
         width: int | None = None
         n = 0
         prompt_ids: list[np.ndarray] = []
+        ids: dict[str, int] = {}
         post: list[np.ndarray] = []
         norms: list[np.ndarray] = []
         with open(flat, "wb") as out:
@@ -135,13 +136,15 @@ class ParquetRows:
                     out.write(np.ascontiguousarray(values).tobytes())
                     norms.append(np.linalg.norm(values.reshape(-1, width).astype(np.float32), axis=-1))
                     n += table.num_rows
-                    prompt_ids.append(table.column("prompt_id").to_numpy(zero_copy_only=False).astype(str))
+                    # prompt ids -> int codes per row group: a string per row would cost more than the vectors' index
+                    enc = table.column("prompt_id").combine_chunks().dictionary_encode()
+                    codes = np.array([ids.setdefault(v, len(ids)) for v in enc.dictionary.to_pylist()], dtype=np.int64)
+                    prompt_ids.append(codes[enc.indices.to_numpy(zero_copy_only=False)])
                     post.append(table.column("is_post_instruction").to_numpy(zero_copy_only=False).astype(bool)
                                 if "is_post_instruction" in table.column_names else np.zeros(table.num_rows, bool))
         assert width is not None
-        all_ids = np.concatenate(prompt_ids) if prompt_ids else np.array([], dtype=str)
-        _, group_ids = np.unique(all_ids, return_inverse=True)
-        rows = cls(flat, n, width, group_ids.astype(np.int64), np.concatenate(post) if post else np.zeros(0, bool),
+        group_ids = np.concatenate(prompt_ids) if prompt_ids else np.zeros(0, np.int64)
+        rows = cls(flat, n, width, group_ids, np.concatenate(post) if post else np.zeros(0, bool),
                    np.concatenate(norms) if norms else np.zeros(0, np.float32))
         rows._tmp = tmp
         return rows
