@@ -169,6 +169,7 @@ def run_sae_bench(
     device: str = "cpu",
     peers: bool = True,
     sparsify_optimizer: str = "signum",
+    sparsify_aux_coef: float | None = None,
     rss_rows: int | None = 20_000,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -200,7 +201,8 @@ def run_sae_bench(
     sparsify_step = None
     if peers:
         try:
-            sparsify_step = SparsifyStep(d_in, d_sae, k, cfg.aux_coef, cfg.dead_after_tokens, steps, sparsify_optimizer, seed, device)
+            aux = cfg.aux_coef if sparsify_aux_coef is None else sparsify_aux_coef  # None: the same AuxK weight as ours
+            sparsify_step = SparsifyStep(d_in, d_sae, k, aux, cfg.dead_after_tokens, steps, sparsify_optimizer, seed, device)
             trainers["sparsify"] = sparsify_step
         except ImportError as e:
             if log:
@@ -232,6 +234,7 @@ def run_sae_bench(
         out["ratio_tokens_per_s"] = results["ours"].tokens_per_s / results["sparsify"].tokens_per_s
         out["fvu_ours_minus_sparsify"] = results["ours"].heldout_fvu - results["sparsify"].heldout_fvu
         out["sparsify_optimizer"] = sparsify_optimizer
+        out["sparsify_aux_coef"] = sparsify_step.auxk_alpha
     out.update(rows=source, n_train=len(x_train), n_val=len(x_val), d_in=d_in, d_sae=d_sae, k=k,
                batch_size=batch_size, steps=steps, threads=torch.get_num_threads(), device=device)
     if rss_rows:

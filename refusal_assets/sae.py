@@ -177,7 +177,10 @@ def train_step(
     if n_dead and cfg.aux_coef > 0:
         # AuxK: the top dead latents model what the live ones missed, to give them gradient again
         k_aux = min(cfg.aux_k, n_dead)
-        aux_cols = pre.masked_fill(~dead, -1.0).topk(k_aux, dim=-1, sorted=False).indices.reshape(-1)
+        # top-k over the dead columns only: the work shrinks with the dead share instead of a full
+        # masked [B, d_sae] copy and top-k
+        dead_idx = dead.nonzero().squeeze(-1)  # [n_dead]
+        aux_cols = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices.reshape(-1)]
         aux_rows = torch.arange(B, device=x.device).repeat_interleave(k_aux)
         aux_acts = _PreActsAt.apply(pre, x_n, b_dec, sae.W_enc, sae.b_enc, aux_rows, aux_cols)
         e = err.detach()
