@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae import evaluate_sae, init_sae, make_optimizer, split_by_group, train_step, typical_rows
+from refusal_assets.sae import (
+    evaluate_sae,
+    init_sae,
+    make_optimizer,
+    split_by_group,
+    train_step,
+    typical_rows,
+)
 
 TRUE_K = 8  # true features per synthetic sample
 VAL_FRACTION = 0.1
@@ -191,7 +198,7 @@ def run_sae_bench(
     cfg = SAEConfig(architecture="topk", k=k, batch_size=batch_size, seed=seed, max_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     order = [torch.randperm(len(x_train), generator=gen)[:batch_size] for _ in range(steps)]  # same batches for both
-    batches = lambda i: x_train[order[i]].to(device, torch.float32)  # noqa: E731
+    batches = lambda i: x_train[order[i]].to(device, torch.float32)
 
     torch.manual_seed(seed)
     sae = init_sae(x_train, torch.arange(len(x_train)), d_sae, cfg, torch.Generator().manual_seed(seed), device).train()

@@ -13,7 +13,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae_data import Rows, as_rows, chunks
+from refusal_assets.sae_data import Rows, SubsetRows, as_rows, chunks
 from refusal_assets.sites import Site
 from refusal_assets.storage import atomic_path
 
@@ -290,7 +289,7 @@ def train_sae(
     gen = torch.Generator().manual_seed(cfg.seed)
     train_np, val_np = split_by_group(np.asarray(group_ids), cfg.val_fraction, cfg.seed)
     train_idx = torch.from_numpy(train_np)
-    val_rows = _IndexedRows(rows, torch.from_numpy(val_np))
+    val_rows = SubsetRows(rows, torch.from_numpy(val_np))  # read in chunks, never all at once
     d_sae = d_sae or cfg.expansion_factor * rows.d_in
     sae = init_sae(rows, train_idx, d_sae, cfg, gen, device).train()
     opt = make_optimizer(sae, cfg.lr)
@@ -331,24 +330,6 @@ def train_sae(
 
 
 # ------------------------------------------------------------------------------------- metrics
-@dataclass(frozen=True)
-class _IndexedRows:
-    """``rows[index]`` as a Rows source, so validation rows are read in chunks, never all at once."""
-
-    rows: Rows
-    index: Tensor
-
-    @property
-    def d_in(self) -> int:
-        return self.rows.d_in
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def take(self, index: Tensor) -> Tensor:
-        return self.rows.take(self.index[index])
-
-
 @torch.no_grad()
 def evaluate_sae(sae: TopKSAE, vectors: Tensor | Rows, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """fvu = sum||x - x_hat||^2 / sum||x - mean(x)||^2; l0 = mean active latents per row;

@@ -11,6 +11,7 @@ A plain memory map would count every page it ever touched in the process's RSS.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -91,7 +92,7 @@ class ParquetRows:
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @classmethod
-    def from_parquet(cls, paths: Sequence[Path], scratch: Path | None = None) -> "ParquetRows":
+    def from_parquet(cls, paths: Sequence[Path], scratch: Path | None = None) -> ParquetRows:
         """Stream ``paths`` (in order) into a flat row file under ``scratch`` (a fresh temporary
         folder when None, removed with this object)."""
         paths = [Path(p) for p in paths]
@@ -188,10 +189,8 @@ class ParquetRows:
             self._tmp = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # interpreter shutdown may have closed things already
             self.close()
-        except Exception:
-            pass
 
 
 @dataclass(frozen=True)

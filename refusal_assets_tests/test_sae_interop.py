@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae import load_pretrained, load_sae, save_sae, tl_hook_name, train_sae
+from refusal_assets.sae import (
+    load_pretrained,
+    load_sae,
+    save_sae,
+    tl_hook_name,
+    train_sae,
+)
 
 sae_lens = pytest.importorskip("sae_lens")
 
