@@ -177,7 +177,7 @@ def run_sae_bench(
     peers: bool = True,
     sparsify_optimizer: str = "signum",
     sparsify_aux_coef: float | None = None,
-    rss_rows: int | None = 20_000,
+    rss_rows: int | None = 40_000,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ours (and sparsify, when installed and ``peers``) for ``steps`` on ``rows`` (default:
@@ -273,15 +273,13 @@ def _write_synthetic_parquet(path: Path, n: int, d_in: int, seed: int, group_row
             writer.close()
 
 
-def _rss_child(n: int, d_in: int, d_sae: int, k: int, batch_size: int, steps: int, mode: str) -> dict[str, Any]:
-    """In a fresh process: write ``n`` rows to Parquet, train on them (streaming or in memory), report peak RSS."""
+def _rss_child(path: str, d_sae: int, k: int, batch_size: int, steps: int, mode: str) -> dict[str, Any]:
+    """In a fresh process: train on the rows of ``path`` (streaming or all in memory), report peak RSS."""
     from refusal_assets.sae import train_sae
     from refusal_assets.sae_data import ParquetRows
 
     with tempfile.TemporaryDirectory(prefix="sae-rss-") as tmp:
-        path = Path(tmp) / "activations.parquet"
-        _write_synthetic_parquet(path, n, d_in, seed=0)
-        rows = ParquetRows.from_parquet([path], scratch=Path(tmp) / "rows")
+        rows = ParquetRows.from_parquet([Path(path)], scratch=Path(tmp))
         source: Any = rows
         if mode == "memory":
             source = rows.take(torch.arange(len(rows)))  # the old path: every row in one tensor
@@ -289,24 +287,31 @@ def _rss_child(n: int, d_in: int, d_sae: int, k: int, batch_size: int, steps: in
         t0 = time.perf_counter()
         train_sae(source, rows.group_ids, cfg, d_sae=d_sae)
         seconds = time.perf_counter() - t0
+        n = len(rows)
         rows.close()
     return {"rows": n, "mode": mode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "train_s": seconds}
 
 
 def streaming_rss(n: int, d_in: int = 896, d_sae: int = 1792, k: int = 32, batch_size: int = 1024, steps: int = 20,
                   modes: tuple[str, ...] = ("stream", "memory")) -> dict[str, Any]:
-    """Peak RSS (MB) of training on N and 4N rows, each in its own subprocess, per mode."""
+    """Peak RSS (MB) of training on N and 4N rows, each in its own subprocess, per mode; the Parquet
+    files are written here first, so the children's peaks are reading and training only."""
     out: dict[str, Any] = {}
-    for mode in modes:
-        peaks = {}
+    with tempfile.TemporaryDirectory(prefix="sae-rss-data-") as tmp:
+        files = {}
         for rows in (n, 4 * n):
-            args = json.dumps({"n": rows, "d_in": d_in, "d_sae": d_sae, "k": k, "batch_size": batch_size, "steps": steps, "mode": mode})
-            proc = subprocess.run([sys.executable, "-m", "refusal_assets.bench_sae", "--rss-child", args],
-                                  capture_output=True, text=True, env={**os.environ}, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"RSS child ({mode}, {rows} rows) failed: {proc.stderr[-2000:]}")
-            peaks[rows] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-        out[mode] = {"n_rows": n, "peak_rss_mb_n": peaks[n], "peak_rss_mb_4n": peaks[4 * n], "ratio_4n_over_n": peaks[4 * n] / peaks[n]}
+            files[rows] = Path(tmp) / f"rows{rows}.parquet"
+            _write_synthetic_parquet(files[rows], rows, d_in, seed=0)
+        for mode in modes:
+            peaks = {}
+            for rows in (n, 4 * n):
+                args = json.dumps({"path": str(files[rows]), "d_sae": d_sae, "k": k, "batch_size": batch_size, "steps": steps, "mode": mode})
+                proc = subprocess.run([sys.executable, "-m", "refusal_assets.bench_sae", "--rss-child", args],
+                                      capture_output=True, text=True, env={**os.environ}, check=False)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"RSS child ({mode}, {rows} rows) failed: {proc.stderr[-2000:]}")
+                peaks[rows] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            out[mode] = {"n_rows": n, "peak_rss_mb_n": peaks[n], "peak_rss_mb_4n": peaks[4 * n], "ratio_4n_over_n": peaks[4 * n] / peaks[n]}
     return out
 
 
