@@ -289,7 +289,20 @@ def _rss_child(path: str, d_sae: int, k: int, batch_size: int, steps: int, mode:
         seconds = time.perf_counter() - t0
         n = len(rows)
         rows.close()
-    return {"rows": n, "mode": mode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "train_s": seconds}
+    return {"rows": n, "mode": mode, "peak_rss_mb": _peak_rss_mb(), "train_s": seconds}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's ``VmHWM`` belongs to the current address space, whereas
+    ``ru_maxrss`` after fork + exec starts from the parent's RSS at the fork and would report a big
+    parent's size for every child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; elsewhere a fallback
 
 
 def streaming_rss(n: int, d_in: int = 896, d_sae: int = 1792, k: int = 32, batch_size: int = 1024, steps: int = 20,

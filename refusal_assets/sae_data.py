@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
@@ -132,9 +133,13 @@ class ParquetRows:
                 cols = [VECTOR_COLUMN, "prompt_id"] + (["is_post_instruction"] if "is_post_instruction" in names else [])
                 for g in range(pf.num_row_groups):  # one row group in memory at a time
                     table = pf.read_row_group(g, columns=cols)
-                    vec = table.column(VECTOR_COLUMN).combine_chunks()
-                    values = vec.values.to_numpy(zero_copy_only=False).astype(np.float16, copy=False)
-                    out.write(np.ascontiguousarray(values).tobytes())
+                    flat_vals = table.column(VECTOR_COLUMN).combine_chunks().flatten()  # respects slicing
+                    if flat_vals.type == pa.float16() and flat_vals.null_count == 0:
+                        # a view of Arrow's buffer: no NumPy copy per row group
+                        values = np.frombuffer(flat_vals.buffers()[1], dtype=np.float16, count=len(flat_vals), offset=flat_vals.offset * 2)
+                    else:
+                        values = flat_vals.to_numpy(zero_copy_only=False).astype(np.float16)
+                    out.write(np.ascontiguousarray(values).data)  # no bytes copy
                     norms.append(np.linalg.norm(values.reshape(-1, width).astype(np.float32), axis=-1))
                     n += table.num_rows
                     # prompt ids -> int codes per row group: a string per row would cost more than the vectors' index
@@ -143,6 +148,8 @@ class ParquetRows:
                     prompt_ids.append(codes[enc.indices.to_numpy(zero_copy_only=False)])
                     post.append(table.column("is_post_instruction").to_numpy(zero_copy_only=False).astype(bool)
                                 if "is_post_instruction" in table.column_names else np.zeros(table.num_rows, bool))
+                    del table, flat_vals, values, enc
+                    pa.default_memory_pool().release_unused()  # else Arrow's pool keeps a share of every row group read
         assert width is not None
         group_ids = np.concatenate(prompt_ids) if prompt_ids else np.zeros(0, np.int64)
         rows = cls(flat, n, width, group_ids, np.concatenate(post) if post else np.zeros(0, bool),
