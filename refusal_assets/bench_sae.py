@@ -1,27 +1,59 @@
-"""Training-step throughput against the dense-matmul bound of the same shapes.
+"""SAE training throughput and held-out FVU, ours against EleutherAI's ``sparsify``, plus peak memory.
 
-The bound is the time of the five dense products a naive TopK step needs (encoder and decoder forward,
-grads of W_enc, W_dec and the decoder input). Our step shares ``train_step`` with ``train_sae``; it
-keeps the dense encoder forward but decodes and back-propagates through the k active latents only,
-so the ratio ours/bound can exceed 1.
+Both trainers run in one process on the same rows, shapes (``d_sae``, ``k``), batches (the same
+index sequence), steps and threads; their steps are timed interleaved (alternating which goes first)
+so load from other processes on a shared machine hits both alike. ``sparsify``'s step is its
+``Trainer`` step reproduced: ``SparseCoder.forward`` with its FVU loss and AuxK (``k_aux = d_in // 2``,
+scaled by the dead share), ``b_dec`` set to the first batch's mean, decoder re-normalised before each
+step and its gradient made orthogonal to the decoder rows, its default optimiser (SignSGD under a
+schedule-free wrapper, ``lr = 5e-3 / sqrt(d_sae / 2**14)``; or Adam with its lr rule), and its
+dead-latent bookkeeping. Where both trainers have the same knob (AuxK weight, dead threshold) they get
+the same value. Held-out FVU is measured on rows of prompts neither trainer saw.
+
+Peak RSS of streaming training (``sae_data.ParquetRows``) is measured for N and 4N rows in fresh
+subprocesses, so one run's peak cannot mask the other's.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae import init_sae, make_optimizer, train_step
+from refusal_assets.sae import (
+    evaluate_sae,
+    init_sae,
+    make_optimizer,
+    split_by_group,
+    train_step,
+    typical_rows,
+)
 
-WARMUP = 3
-POOL = 8  # distinct synthetic batches, cycled, so memory stays bounded whatever ``steps`` is
 TRUE_K = 8  # true features per synthetic sample
+VAL_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class TrainerResult:
+    name: str
+    tokens_per_s: float  # batch_size / median step seconds
+    step_s: float
+    heldout_fvu: float
+    final_train_fvu: float
 
 
 def _sync(device: str) -> None:
@@ -29,87 +61,275 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed_pair(a: Callable[[int], Any], b: Callable[[int], Any], steps: int, device: str) -> tuple[float, float]:
-    """Median seconds per call of ``a(i)`` and ``b(i)``, each timed end to end after ``WARMUP`` untimed
-    calls; interleaved so that load from other processes on a shared machine hits both alike."""
-    for i in range(WARMUP):
-        a(i), b(i)
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(steps):
-        for fn, out in zip((a, b), times):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn(i)
-            _sync(device)
-            out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
-def _synthetic_batches(n: int, batch_size: int, d_in: int, n_feat: int, gen: torch.Generator) -> torch.Tensor:
-    """``[n, batch_size, d_in]``: each row a positive mix of ``TRUE_K`` unit directions of a random dictionary."""
+def synthetic_rows(n: int, d_in: int, n_feat: int, seed: int, rows_per_prompt: int = 20) -> tuple[torch.Tensor, np.ndarray]:
+    """``[n, d_in]`` float16 rows with the structure of residual activations: a shared offset, sparse
+    positive mixes of ``TRUE_K`` directions of a random dictionary with heavy-tailed magnitudes, and
+    noise; consecutive rows share a prompt (group id)."""
+    gen = torch.Generator().manual_seed(seed)
     dictionary = F.normalize(torch.randn(n_feat, d_in, generator=gen), dim=-1)
-    idx = torch.randint(n_feat, (n * batch_size, TRUE_K), generator=gen)
-    mags = torch.rand(n * batch_size, TRUE_K, generator=gen) + 0.5
-    x = F.embedding_bag(idx, dictionary, per_sample_weights=mags, mode="sum")
-    return x.view(n, batch_size, d_in)
+    freq = torch.distributions.Exponential(1.0).sample((n_feat,)) ** 2  # uneven feature frequencies
+    idx = torch.multinomial(freq / freq.sum(), n * TRUE_K, replacement=True, generator=gen).view(n, TRUE_K)
+    mags = torch.rand(n, TRUE_K, generator=gen).pow(2) * 4 + 0.1
+    x = F.embedding_bag(idx, dictionary, per_sample_weights=mags.view(-1).view(n, TRUE_K), mode="sum")
+    x += 2.0 * F.normalize(torch.randn(d_in, generator=gen), dim=0) + 0.05 * torch.randn(n, d_in, generator=gen)
+    return x.half(), np.arange(n) // rows_per_prompt
+
+
+def site_rows(folder: Path, max_norm_factor: float = 3.0) -> tuple[torch.Tensor, np.ndarray]:
+    """Every category's rows of one site (``activations/<site_key>/*/activations.parquet``), without
+    the massive-activation rows, as the ``sae`` asset trains on them; group id = prompt."""
+    from refusal_assets.activations import read_vectors
+
+    paths = sorted(Path(folder).glob("*/activations.parquet"))
+    if not paths:
+        raise ValueError(f"{folder}: no */activations.parquet files")
+    parts = [read_vectors(p) for p in paths]
+    x = torch.cat([v for v, _ in parts])
+    pids = np.concatenate([m["prompt_id"].to_numpy().astype(str) for _, m in parts])
+    keep = typical_rows(x, max_norm_factor)
+    _, groups = np.unique(pids[keep.numpy()], return_inverse=True)
+    return x[keep], groups.astype(np.int64)
+
+
+class SparsifyStep:
+    """One ``sparsify.Trainer`` step (loss_fn ``fvu``) on a ``SparseCoder``; see the module docstring."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, aux_coef: float, dead_after: int, steps: int,
+                 optimizer: str, seed: int, device: str):
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        torch.manual_seed(seed)
+        self.sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
+        self.auxk_alpha, self.dead_after = aux_coef, dead_after
+        self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.did_fire = torch.zeros(d_sae, dtype=torch.bool, device=device)
+        self.first = True
+        self.schedulers: list[Any] = []
+        if optimizer == "signum":  # sparsify's TrainConfig default
+            from schedulefree import ScheduleFreeWrapper
+            from sparsify.sign_sgd import SignSGD
+
+            self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]), momentum=0.95)
+            self.opt.train()
+        elif optimizer == "adam":
+            from transformers import get_linear_schedule_with_warmup
+
+            self.opt = torch.optim.Adam([{"params": self.sae.parameters(), "lr": 2e-4 / (d_sae / 2**14) ** 0.5}])
+            # its default 1000 warm-up steps would outlast a short run: warm up over a tenth of it
+            self.schedulers = [get_linear_schedule_with_warmup(self.opt, min(1000, steps // 10), steps)]
+        else:
+            raise ValueError(f"unknown sparsify optimizer {optimizer!r} (signum or adam)")
+        self.optimizer = optimizer
+
+    def __call__(self, x: torch.Tensor) -> float:
+        sae = self.sae
+        if self.first:  # Trainer: b_dec = mean of the first batch
+            sae.b_dec.data = x.mean(0).to(sae.dtype)
+            self.first = False
+        sae.set_decoder_norm_to_unit_norm()
+        dead_mask = self.since_fired > self.dead_after if self.auxk_alpha > 0 else None
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        self.did_fire[out.latent_indices.flatten()] = True
+        fvu = float(out.fvu.detach())  # the Trainer's logging reads it every step
+        if self.auxk_alpha > 0:
+            float(out.auxk_loss.detach())
+        loss = out.fvu + self.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        for s in self.schedulers:
+            s.step()
+        with torch.no_grad():
+            self.since_fired += x.shape[0]
+            self.since_fired[self.did_fire] = 0
+            self.did_fire.zero_()
+        return fvu
+
+    @torch.no_grad()
+    def heldout_fvu(self, x_val: torch.Tensor, batch_size: int = 4096) -> float:
+        if self.optimizer == "signum":
+            self.opt.eval()  # schedule-free: evaluate (and save) the averaged weights, as the Trainer does
+        sse, sq, total = 0.0, 0.0, torch.zeros(x_val.shape[1], dtype=torch.float64)
+        for chunk in x_val.split(batch_size):
+            x = chunk.float()
+            top_acts, top_idx, _ = self.sae.encode(x)
+            x_hat = self.sae.decode(top_acts, top_idx)
+            sse += float((x - x_hat).double().pow(2).sum())
+            sq += float(x.double().pow(2).sum())
+            total += x.double().sum(0)
+        if self.optimizer == "signum":
+            self.opt.train()
+        return sse / (sq - float(total.pow(2).sum()) / len(x_val))
 
 
 def run_sae_bench(
+    rows: torch.Tensor | None = None,
+    groups: np.ndarray | None = None,
     d_in: int = 896,
-    expansion_factor: int = 8,
+    d_sae: int = 1792,
     k: int = 32,
     batch_size: int = 1024,
-    steps: int = 30,
+    steps: int = 300,
     seed: int = 0,
     device: str = "cpu",
+    peers: bool = True,
+    sparsify_optimizer: str = "signum",
+    sparsify_aux_coef: float | None = None,
+    rss_rows: int | None = 40_000,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s of ``train_step`` (TopK, AuxK inactive as nothing is dead yet) and of the dense bound,
-    both medians over ``steps`` interleaved timed steps."""
-    d_sae = d_in * expansion_factor
-    cfg = SAEConfig(architecture="topk", expansion_factor=expansion_factor, k=k, batch_size=batch_size, seed=seed)
+    """Train ours (and sparsify, when installed and ``peers``) for ``steps`` on ``rows`` (default:
+    synthetic ``[24 * batch_size, d_in]``), report tokens/s, held-out FVU and ours/sparsify ratio; and
+    peak RSS of streaming training at ``rss_rows`` and 4x that (skipped when None)."""
+    if rows is None:
+        rows, groups = synthetic_rows(24 * batch_size, d_in, 4 * d_sae, seed)
+        source = "synthetic"
+    else:
+        source = "activations"
+        if groups is None or len(groups) != len(rows):
+            raise ValueError("rows need one group id (prompt) each")
+    d_in = rows.shape[1]
+    train_np, val_np = split_by_group(np.asarray(groups), VAL_FRACTION, seed)
+    x_train, x_val = rows[torch.from_numpy(train_np)], rows[torch.from_numpy(val_np)]
+    if len(x_train) < batch_size:
+        raise ValueError(f"{len(x_train)} training rows are fewer than one batch of {batch_size}")
+    cfg = SAEConfig(architecture="topk", k=k, batch_size=batch_size, seed=seed, max_steps=steps)
     gen = torch.Generator().manual_seed(seed)
-    pool = _synthetic_batches(POOL, batch_size, d_in, d_sae, gen).to(device)  # [POOL, B, d_in]
-    flat = pool.view(-1, d_in)
-    sae = init_sae(flat, torch.arange(len(flat), device=device), d_sae, cfg, gen, device).train()
+    order = [torch.randperm(len(x_train), generator=gen)[:batch_size] for _ in range(steps)]  # same batches for both
+    batches = lambda i: x_train[order[i]].to(device, torch.float32)
+
+    torch.manual_seed(seed)
+    sae = init_sae(x_train, torch.arange(len(x_train)), d_sae, cfg, torch.Generator().manual_seed(seed), device).train()
     opt = make_optimizer(sae, cfg.lr)
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-    # same shapes, dense: z keeps the TopK sparsity but BLAS does not care
-    x = pool[0]
-    W_enc, W_dec = sae.W_enc.detach().clone(), sae.W_dec.detach().clone()  # [d_in, d_sae], [d_sae, d_in]
-    vals, idx = (x @ W_enc).topk(k, dim=-1)
-    z = torch.zeros(batch_size, d_sae, device=device).scatter(-1, idx, vals.relu())  # [B, d_sae]
-    g_out = torch.randn(batch_size, d_in, generator=gen).to(device)  # dL/dx_hat [B, d_in]
-    g_pre = z.clone()  # dL/dpre with the same sparsity pattern [B, d_sae]
+    trainers: dict[str, Callable[[torch.Tensor], float]] = {"ours": lambda x: train_step(sae, opt, x, since_fired, cfg)[1]}
+    sparsify_step = None
+    if peers:
+        try:
+            aux = cfg.aux_coef if sparsify_aux_coef is None else sparsify_aux_coef  # None: the same AuxK weight as ours
+            sparsify_step = SparsifyStep(d_in, d_sae, k, aux, cfg.dead_after_tokens, steps, sparsify_optimizer, seed, device)
+            trainers["sparsify"] = sparsify_step
+        except ImportError as e:
+            if log:
+                log(f"sparsify not installed ({e}); timing ours alone")
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    last_fvu: dict[str, float] = {}
+    names = list(trainers)
+    for i in range(steps):
+        x = batches(i)
+        for name in names if i % 2 == 0 else names[::-1]:
+            _sync(device)
+            t0 = time.perf_counter()
+            last_fvu[name] = trainers[name](x)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        if log and (i + 1) % 50 == 0:
+            log(f"step {i + 1}/{steps}: " + ", ".join(f"{n} {statistics.median(times[n][-50:]) * 1e3:.1f} ms fvu {last_fvu[n]:.3f}" for n in names))
+    results = {}
+    sae.eval()
+    results["ours"] = TrainerResult("ours", 0.0, 0.0, evaluate_sae(sae, x_val.to(device))["fvu"], last_fvu["ours"])
+    if sparsify_step is not None:
+        results["sparsify"] = TrainerResult("sparsify", 0.0, 0.0, sparsify_step.heldout_fvu(x_val.to(device)), last_fvu["sparsify"])
+    skip = min(5, steps // 10)  # first steps: allocator and thread-pool warm-up
+    for name, r in results.items():
+        step_s = statistics.median(times[name][skip:])
+        results[name] = TrainerResult(name, batch_size / step_s, step_s, r.heldout_fvu, r.final_train_fvu)
+    out: dict[str, Any] = {name: asdict(r) for name, r in results.items()}
+    if "sparsify" in results:
+        out["ratio_tokens_per_s"] = results["ours"].tokens_per_s / results["sparsify"].tokens_per_s
+        out["fvu_ours_minus_sparsify"] = results["ours"].heldout_fvu - results["sparsify"].heldout_fvu
+        out["sparsify_optimizer"] = sparsify_optimizer
+        out["sparsify_aux_coef"] = sparsify_step.auxk_alpha
+    out.update(rows=source, n_train=len(x_train), n_val=len(x_val), d_in=d_in, d_sae=d_sae, k=k,
+               batch_size=batch_size, steps=steps, threads=torch.get_num_threads(), device=device)
+    if rss_rows:
+        out["rss"] = streaming_rss(rss_rows, d_in=d_in, d_sae=d_sae, k=k, batch_size=batch_size)
+    return out
 
-    def dense_step(_: int) -> None:
-        x @ W_enc  # encoder forward
-        z @ W_dec  # decoder forward
-        g_out @ W_dec.T  # grad wrt decoder input z
-        z.T @ g_out  # grad wrt W_dec
-        x.T @ g_pre  # grad wrt W_enc
 
-    def our_step(i: int) -> None:
-        train_step(sae, opt, pool[i % POOL], since_fired, cfg)
+# ------------------------------------------------------------------------------------- memory
+def _write_synthetic_parquet(path: Path, n: int, d_in: int, seed: int, group_rows: int = 2048) -> None:
+    """An activations-like file of ``n`` rows written a row group at a time (bounded memory here too)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    ours, bound = _timed_pair(our_step, dense_step, steps, device)
-    ours_tps, bound_tps = batch_size / ours, batch_size / bound
-    return {
-        "ours_tokens_per_s": ours_tps,
-        "bound_tokens_per_s": bound_tps,
-        "ratio": ours_tps / bound_tps,
-        "ours_step_s": ours,
-        "bound_step_s": bound,
-        "d_in": d_in,
-        "d_sae": d_sae,
-        "k": k,
-        "batch_size": batch_size,
-        "steps": steps,
-        "threads": torch.get_num_threads(),
-        "device": device,
-    }
+    writer = None
+    try:
+        for start in range(0, n, group_rows):
+            m = min(group_rows, n - start)
+            x, _ = synthetic_rows(m, d_in, 64, seed + start)
+            table = pa.table({
+                "prompt_id": pa.array([f"p{(start + i) // 20}" for i in range(m)], pa.string()),
+                "is_post_instruction": pa.array(np.ones(m, bool)),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.numpy().reshape(-1), pa.float16()), d_in),
+            })
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _rss_child(path: str, d_sae: int, k: int, batch_size: int, steps: int, mode: str) -> dict[str, Any]:
+    """In a fresh process: train on the rows of ``path`` (streaming or all in memory), report peak RSS."""
+    from refusal_assets.sae import train_sae
+    from refusal_assets.sae_data import ParquetRows
+
+    with tempfile.TemporaryDirectory(prefix="sae-rss-") as tmp:
+        rows = ParquetRows.from_parquet([Path(path)], scratch=Path(tmp))
+        source: Any = rows
+        if mode == "memory":
+            source = rows.take(torch.arange(len(rows)))  # the old path: every row in one tensor
+        cfg = SAEConfig(k=k, batch_size=batch_size, max_steps=steps, eval_every=steps, seed=0)
+        t0 = time.perf_counter()
+        train_sae(source, rows.group_ids, cfg, d_sae=d_sae)
+        seconds = time.perf_counter() - t0
+        n = len(rows)
+        rows.close()
+    return {"rows": n, "mode": mode, "peak_rss_mb": _peak_rss_mb(), "train_s": seconds}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's ``VmHWM`` belongs to the current address space, whereas
+    ``ru_maxrss`` after fork + exec starts from the parent's RSS at the fork and would report a big
+    parent's size for every child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; elsewhere a fallback
+
+
+def streaming_rss(n: int, d_in: int = 896, d_sae: int = 1792, k: int = 32, batch_size: int = 1024, steps: int = 20,
+                  modes: tuple[str, ...] = ("stream", "memory")) -> dict[str, Any]:
+    """Peak RSS (MB) of training on N and 4N rows, each in its own subprocess, per mode; the Parquet
+    files are written here first, so the children's peaks are reading and training only."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="sae-rss-data-") as tmp:
+        files = {}
+        for rows in (n, 4 * n):
+            files[rows] = Path(tmp) / f"rows{rows}.parquet"
+            _write_synthetic_parquet(files[rows], rows, d_in, seed=0)
+        for mode in modes:
+            peaks = {}
+            for rows in (n, 4 * n):
+                args = json.dumps({"path": str(files[rows]), "d_sae": d_sae, "k": k, "batch_size": batch_size, "steps": steps, "mode": mode})
+                proc = subprocess.run([sys.executable, "-m", "refusal_assets.bench_sae", "--rss-child", args],
+                                      capture_output=True, text=True, env={**os.environ}, check=False)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"RSS child ({mode}, {rows} rows) failed: {proc.stderr[-2000:]}")
+                peaks[rows] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            out[mode] = {"n_rows": n, "peak_rss_mb_n": peaks[n], "peak_rss_mb_4n": peaks[4 * n], "ratio_4n_over_n": peaks[4 * n] / peaks[n]}
+    return out
 
 
 if __name__ == "__main__":
-    import json
-
-    print(json.dumps(run_sae_bench(), indent=2))
+    if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
+        print(json.dumps(_rss_child(**json.loads(sys.argv[2]))))
+    else:
+        print(json.dumps(run_sae_bench(log=lambda s: print(s, file=sys.stderr)), indent=2))

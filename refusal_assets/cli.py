@@ -194,9 +194,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         result = run_activation_bench(n_prompts=args.n_prompts, log=lambda s: print(s, file=sys.stderr))
     else:
-        from refusal_assets.bench_sae import run_sae_bench
+        from refusal_assets.bench_sae import run_sae_bench, site_rows
 
-        result = run_sae_bench()
+        rows, groups = site_rows(Path(args.activations)) if getattr(args, "activations", None) else (None, None)
+        result = run_sae_bench(rows, groups, steps=getattr(args, "steps", 300), log=lambda s: print(s, file=sys.stderr))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["activations", "sae"])
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--n-prompts", type=int, default=32, help="N for the activations benchmark (RSS also at 4N)")
+    p.add_argument("--activations", default=None, help="sae: a site's activations folder (storage/activations/<site_key>) to train on instead of synthetic rows")
+    p.add_argument("--steps", type=int, default=300, help="sae: training steps for ours and sparsify")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot-sae", help="regenerate SAE training plots from saved history.json files")

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from refusal_assets.config import SAEConfig
 from refusal_assets.plots import new_figure, save_png
 from refusal_assets.splice import splice_metrics
+from refusal_assets.sae_data import Rows, SubsetRows, as_rows, chunks
+from refusal_assets.sites import Site
 from refusal_assets.storage import atomic_path
 
 Architecture = Literal["topk", "batchtopk", "jumprelu"]
@@ -177,7 +179,10 @@ def train_step(
     if n_dead and cfg.aux_coef > 0:
         # AuxK: the top dead latents model what the live ones missed, to give them gradient again
         k_aux = min(cfg.aux_k, n_dead)
-        aux_cols = pre.masked_fill(~dead, -1.0).topk(k_aux, dim=-1, sorted=False).indices.reshape(-1)
+        # top-k over the dead columns only: the work shrinks with the dead share instead of a full
+        # masked [B, d_sae] copy and top-k
+        dead_idx = dead.nonzero().squeeze(-1)  # [n_dead]
+        aux_cols = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices.reshape(-1)]
         aux_rows = torch.arange(B, device=x.device).repeat_interleave(k_aux)
         aux_acts = _PreActsAt.apply(pre, x_n, b_dec, sae.W_enc, sae.b_enc, aux_rows, aux_cols)
         e = err.detach()
@@ -190,7 +195,8 @@ def train_step(
     with torch.no_grad():
         # decoder rows live on the unit sphere: drop the radial gradient, step, then re-project
         W, G = sae.W_dec, sae.W_dec.grad
-        G -= (G * W).sum(-1, keepdim=True) * W
+        # row dot products without a [d_sae, d_in] temporary (3x faster than (G * W).sum(-1) on CPU)
+        G.addcmul_(torch.einsum("ij,ij->i", G, W).unsqueeze(-1), W, value=-1.0)
         opt.step()
         W /= W.norm(dim=-1, keepdim=True)
         since_fired += B
@@ -219,13 +225,14 @@ def _batches(index: Tensor, batch_size: int, gen: torch.Generator) -> Iterator[T
 
 
 def init_sae(
-    vectors: Tensor, index: Tensor, d_sae: int, cfg: SAEConfig, generator: torch.Generator, device: str = "cpu"
+    vectors: Tensor | Rows, index: Tensor, d_sae: int, cfg: SAEConfig, generator: torch.Generator, device: str = "cpu"
 ) -> TopKSAE:
     """A fresh SAE whose input scale and ``b_dec`` come from ``vectors[index]`` (the training rows)."""
-    d_in = vectors.shape[1]
+    rows = as_rows(vectors)
+    d_in = rows.d_in
     sq_norm, total = 0.0, torch.zeros(d_in, dtype=torch.float64)
-    for chunk in index.split(EVAL_BATCH):  # float64 sums so millions of rows do not lose precision
-        x = vectors[chunk].to(torch.float64)
+    for x in chunks(rows, index, EVAL_BATCH):  # float64 sums so millions of rows do not lose precision
+        x = x.to(torch.float64)
         sq_norm += float(x.pow(2).sum())
         total += x.sum(0).cpu()
     if sq_norm == 0.0:
@@ -239,7 +246,7 @@ def init_sae(
 
 @torch.no_grad()
 def estimate_threshold(
-    sae: TopKSAE, vectors: Tensor, index: Tensor, batch_size: int, generator: torch.Generator
+    sae: TopKSAE, vectors: Tensor | Rows, index: Tensor, batch_size: int, generator: torch.Generator
 ) -> float:
     """BatchTopK's inference cut (Bussmann et al. 2024): the mean over training batches of the smallest
     activation the batch top-k keeps, from the current weights; stored in ``sae.threshold``."""
@@ -248,8 +255,8 @@ def estimate_threshold(
     device = sae.W_dec.device
     rows = index[torch.randperm(len(index), generator=generator)][: THRESHOLD_BATCHES * batch_size]
     mins = []
-    for chunk in rows.split(batch_size):
-        z = sae.encode(vectors[chunk].to(device, torch.float32))  # [B, d_sae]
+    for x in chunks(as_rows(vectors), rows, batch_size):
+        z = sae.encode(x.to(device, torch.float32))  # [B, d_sae]
         if (z > 0).any():
             mins.append(z[z > 0].min())
     if not mins:
@@ -274,27 +281,29 @@ class TrainedSAE(NamedTuple):
 
 
 def train_sae(
-    vectors: Tensor,
+    vectors: Tensor | Rows,
     group_ids: np.ndarray,
     cfg: SAEConfig,
     d_sae: int | None = None,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> TrainedSAE:
-    """Train on ``vectors [n, d_in]`` (``group_ids [n]``: the prompt of each row); returns the SAE with
-    its best-validation-FVU weights, in eval mode, the history (per evaluation ``CURVES``: train
-    values averaged since the previous evaluation, plus n_train, n_val, stopped_early, best_step,
-    seconds) and the train/validation split of the rows."""
+    """Train on ``vectors [n, d_in]`` (a tensor, or a ``sae_data.Rows`` source such as ``ParquetRows``
+    that reads batches from disk; both give the same weights) with ``group_ids [n]``: the prompt of each
+    row. Returns the SAE with its best-validation-FVU weights, in eval mode, the history (per
+    evaluation ``CURVES``: train values averaged since the previous evaluation, plus n_train, n_val,
+    stopped_early, best_step, seconds) and the train/validation split of the rows."""
     t0 = time.perf_counter()
-    if vectors.ndim != 2 or len(group_ids) != len(vectors):
-        raise ValueError(f"need vectors [n, d_in] and group_ids [n]; got {tuple(vectors.shape)}, {len(group_ids)}")
+    rows = as_rows(vectors)
+    if len(group_ids) != len(rows):
+        raise ValueError(f"need vectors [n, d_in] and group_ids [n]; got {len(rows)} rows, {len(group_ids)} group ids")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_np, val_np = split_by_group(np.asarray(group_ids), cfg.val_fraction, cfg.seed)
-    train_idx = torch.from_numpy(train_np).to(vectors.device)
-    x_val = vectors[torch.from_numpy(val_np).to(vectors.device)]
-    d_sae = d_sae or cfg.expansion_factor * vectors.shape[1]
-    sae = init_sae(vectors, train_idx, d_sae, cfg, gen, device).train()
+    train_idx = torch.from_numpy(train_np)
+    val_rows = SubsetRows(rows, torch.from_numpy(val_np))  # read in chunks, never all at once
+    d_sae = d_sae or cfg.expansion_factor * rows.d_in
+    sae = init_sae(rows, train_idx, d_sae, cfg, gen, device).train()
     opt = make_optimizer(sae, cfg.lr)
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     batches = _batches(train_idx, cfg.batch_size, gen)
@@ -303,11 +312,11 @@ def train_sae(
     best_fvu, best_state, best_step, bad_evals, stopped_early = math.inf, None, 0, 0, False
     window: list[tuple[float, float, float]] = []  # train stats since the last evaluation
     for step in range(1, cfg.max_steps + 1):
-        x = vectors[next(batches)].to(device, torch.float32)
+        x = rows.take(next(batches)).to(device, torch.float32)
         window.append(train_step(sae, opt, x, since_fired, cfg))
         if step % cfg.eval_every and step != cfg.max_steps:
             continue
-        val_fvu = evaluate_sae(sae, x_val)["fvu"]  # training-mode sparsity: BatchTopK has no threshold yet
+        val_fvu = evaluate_sae(sae, val_rows)["fvu"]  # training-mode sparsity: BatchTopK has no threshold yet
         loss, fvu, aux = np.mean(window, axis=0).tolist()
         dead = float((since_fired >= cfg.dead_after_tokens).float().mean())
         window.clear()
@@ -326,7 +335,7 @@ def train_sae(
     if best_state is not None:
         sae.load_state_dict(best_state)
     if sae.architecture == "batchtopk":
-        estimate_threshold(sae, vectors, train_idx, cfg.batch_size, gen)
+        estimate_threshold(sae, rows, train_idx, cfg.batch_size, gen)
     hist.update(n_train=len(train_np), n_val=len(val_np), stopped_early=stopped_early, best_step=best_step)
     hist["seconds"] = time.perf_counter() - t0
     return TrainedSAE(sae.eval(), hist, train_np, val_np)
@@ -334,14 +343,15 @@ def train_sae(
 
 # ------------------------------------------------------------------------------------- metrics
 @torch.no_grad()
-def evaluate_sae(sae: TopKSAE, vectors: Tensor, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+def evaluate_sae(sae: TopKSAE, vectors: Tensor | Rows, batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """fvu = sum||x - x_hat||^2 / sum||x - mean(x)||^2; l0 = mean active latents per row;
     dead_fraction = latents that never fire on ``vectors``; mse = mean squared error per element."""
-    n, d_in = vectors.shape
+    rows = as_rows(vectors)
+    n, d_in = len(rows), rows.d_in
     device = sae.W_dec.device
     sse, sq, total = 0.0, 0.0, torch.zeros(d_in, dtype=torch.float64, device=device)
     active, fired = 0, torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-    for chunk in vectors.split(batch_size):
+    for chunk in chunks(rows, torch.arange(n), batch_size):
         x = chunk.to(device, torch.float32)
         x_hat, z = sae(x)
         on = z > 0
@@ -375,31 +385,65 @@ def plot_history(history: dict[str, Any], path: Path, title: str) -> Path:
 
 
 # ------------------------------------------------------------------------------ SAELens format
+SAELENS_FORMAT = "6.0.0"  # the cfg.json layout we write (flat fields + ``metadata``) is SAELens 6's
+TL_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+
+
+def tl_hook_name(name: str) -> str:
+    """TransformerLens hook name of a site (``resid12`` -> ``blocks.12.hook_resid_post``); any other
+    name (already a hook name) is returned unchanged."""
+    try:
+        site = Site.parse(name)
+    except ValueError:
+        return name
+    return f"blocks.{site.layer}.{TL_HOOKS[site.kind]}"
+
+
 def save_sae(sae: TopKSAE, folder: Path, cfg_extra: dict[str, Any]) -> Path:
-    """Write ``sae_weights.safetensors`` then ``cfg.json`` (last: its presence marks a complete save)."""
+    """Write ``sae_weights.safetensors`` then ``cfg.json`` (last: its presence marks a complete save).
+
+    The input-norm scale is folded into the weights exactly as SAELens 6's trainer does before saving
+    (``fold_activation_norm_scaling_factor``: ``W_enc * s``, ``W_dec / s``, ``b_dec / s``), so the file
+    takes model-unit inputs with ``normalize_activations: none``; ``(x s - b) W = (x - b/s)(s W)`` and
+    ``(z W_dec + b) / s = z (W_dec/s) + b/s`` make latents and reconstructions the same up to rounding.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CFG_FILE).unlink(missing_ok=True)  # a crash below must not leave old cfg + new weights
     thresholded = sae.architecture != "topk"
-    names = ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if thresholded else ())
-    tensors = {name: getattr(sae, name).detach().float().cpu().contiguous() for name in names}
+    s = float(sae.norm_scale)
+    with torch.no_grad():
+        tensors = {
+            "W_enc": sae.W_enc * s,
+            "W_dec": sae.W_dec / s,
+            "b_enc": sae.b_enc,
+            "b_dec": sae.b_dec / s,
+        }
+        if thresholded:
+            tensors["threshold"] = sae.threshold  # compares pre-activations, which the fold leaves unchanged
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
     core = {
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         # SAELens saves BatchTopK as JumpReLU: at inference both are relu(pre) * (pre > threshold)
         "architecture": "jumprelu" if thresholded else "topk",
         "k": sae.k,
-        "activation_fn_kwargs": {"k": sae.k},
-        "normalize_activations": "expected_average_only_in",
-        "norm_scaling_factor": float(sae.norm_scale),
+        "normalize_activations": "none",
         "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "dtype": "float32",
         "device": "cpu",
+        "reshape_activations": "none",
     }
     clash = {key for key in core if key in cfg_extra and cfg_extra[key] != core[key]}
     if clash:
         raise ValueError(f"cfg_extra contradicts the SAE on {sorted(clash)}")
-    cfg = {"hook_name": None, "model_name": None, **cfg_extra, **core}
+    extra = dict(cfg_extra)
+    if extra.get("hook_name"):
+        extra["hook_name"] = tl_hook_name(str(extra["hook_name"]))
+    # "folded_norm_scaling_factor" records the fold (informational; the weights already include it)
+    metadata = {"sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": SAELENS_FORMAT,
+                "hook_name": None, "model_name": None, **extra, "folded_norm_scaling_factor": s}
+    cfg = {"hook_name": None, "model_name": None, **extra, **core, "metadata": metadata}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp))
     with atomic_path(folder / CFG_FILE) as tmp:
@@ -407,9 +451,11 @@ def save_sae(sae: TopKSAE, folder: Path, cfg_extra: dict[str, Any]) -> Path:
     return folder
 
 
-def load_sae(folder: Path) -> TopKSAE:
+def load_sae(folder: Path, d_in: int | None = None) -> TopKSAE:
     """Read a SAELens-format folder (ours or others'): architectures topk, standard (ReLU or a v5
-    ``activation_fn_str: topk``), jumprelu / batchtopk. Never unpickles."""
+    ``activation_fn_str: topk``), jumprelu / batchtopk, with SAELens's own latents (TopK's
+    ``rescale_acts_by_decoder_norm`` is folded into the weights). ``d_in``: the site's width, checked
+    before any tensor is read. Never unpickles."""
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
     for path in (cfg_path, weights_path):
@@ -419,17 +465,20 @@ def load_sae(folder: Path) -> TopKSAE:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights_path}: truncated or corrupt safetensors file ({e})") from e
 
     def need(key: str) -> Any:
         if cfg.get(key) is None:
             raise ValueError(f"{cfg_path}: missing key {key!r}")
         return cfg[key]
 
-    d_in, d_sae = int(need("d_in")), int(need("d_sae"))
+    file_d_in, d_sae = int(need("d_in")), int(need("d_sae"))
+    if d_in is not None and file_d_in != d_in:
+        raise ValueError(f"{cfg_path}: SAE has d_in {file_d_in} but the site's activations have width {d_in}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights_path}: truncated or corrupt safetensors file ({e})") from e
+    d_in = file_d_in
     arch = cfg.get("architecture", "standard")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     act_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
@@ -446,6 +495,8 @@ def load_sae(folder: Path) -> TopKSAE:
     norm = cfg.get("normalize_activations") or "none"
     if norm not in ("none", "expected_average_only_in"):
         raise ValueError(f"{cfg_path}: unsupported normalize_activations {norm!r}")
+    # SAELens's trainer folds the scale before saving, so a SAELens file means identity here; a file that
+    # states its factor (pre-fold releases, our files before the fold) gets it applied, as from_pretrained does
     scale = float(cfg.get("norm_scaling_factor") or 1.0) if norm == "expected_average_only_in" else 1.0
 
     sae = TopKSAE(d_in, d_sae, k, architecture, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
@@ -460,8 +511,39 @@ def load_sae(folder: Path) -> TopKSAE:
                 got = tuple(tensors[name].shape)
                 raise ValueError(f"{weights_path}: tensor {name!r} has shape {got}, expected {shape}")
             getattr(sae, name).copy_(tensors[name].float())
+        if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+            # SAELens ranks pre * ||W_dec_i|| and decodes z / ||W_dec_i||: fold both into the weights
+            n = sae.W_dec.norm(dim=-1)
+            sae.W_enc.mul_(n)
+            sae.b_enc.mul_(n)
+            sae.W_dec.div_(n[:, None])
         sae.norm_scale.fill_(scale)
     return sae.eval()
+
+
+def load_pretrained(spec: str, d_in: int, resolve: Callable[[str], Path] = Path) -> TopKSAE:
+    """A pretrained SAE for a site of width ``d_in``: a SAELens-format folder (``resolve`` turns the
+    config's string into a path), or ``saelens:<release>/<sae_id>`` fetched through ``sae_lens``
+    (optional extra ``peers``), which folds a release's norm scale as ``from_pretrained`` does."""
+    if not spec.startswith("saelens:"):
+        return load_sae(resolve(spec), d_in=d_in)
+    release, _, sae_id = spec.removeprefix("saelens:").partition("/")
+    if not release or not sae_id:
+        raise ValueError(f"pretrained {spec!r}: expected saelens:<release>/<sae_id>")
+    try:
+        from sae_lens import SAE
+    except ImportError as e:
+        raise ValueError(f"pretrained {spec!r} needs the sae-lens package: pip install 'refusal-assets[peers]' ({e})") from e
+    import tempfile
+
+    loaded = SAE.from_pretrained(release, sae_id, device="cpu")
+    sae_obj = loaded[0] if isinstance(loaded, tuple) else loaded  # pre-6 versions returned (sae, cfg, sparsity)
+    with tempfile.TemporaryDirectory(prefix="saelens-") as tmp:
+        sae_obj.save_model(tmp)  # its own file layout, read back by the same loader as any folder
+        try:
+            return load_sae(Path(tmp), d_in=d_in)
+        except ValueError as e:
+            raise ValueError(f"pretrained {spec!r}: {e}") from e
 
 
 def typical_rows(vectors: Tensor, max_norm_factor: float) -> Tensor:
