@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from refusal_assets.circuits import CategoryCircuit
 from refusal_assets.config import SAEQualityThresholds
-from refusal_assets.report import format_ci
+from refusal_assets.report import ReportFiles, format_ci, summaries_markdown
 from refusal_assets.sae import FittedSAE
 
 
@@ -154,3 +154,15 @@ def sae_checks(fitted: FittedSAE, thresholds: SAEQualityThresholds) -> list[dg.A
         dg.AssetCheckResult(check_name="dead_fraction_below_threshold", passed=dead <= thresholds.max_dead_fraction,
                             metadata={"dead_fraction": dead, "max": thresholds.max_dead_fraction}),
     ]
+
+
+def report_metadata(written: ReportFiles) -> dict[str, Any]:
+    """The report asset's metadata: the answer (verdict, one line per test, sample) as Markdown, each
+    model's summary figure, and the two files."""
+    md: dict[str, Any] = {"verdict": dg.MetadataValue.md(summaries_markdown(written.summaries)),
+                          "path": file_path(written.html), "markdown": file_path(written.markdown)}
+    for s in written.summaries:
+        md[f"verdict_{s.model_key}"] = s.verdict
+        if s.figure is not None and s.figure.is_file():
+            md[f"summary_figure_{s.model_key}"] = png_markdown(s.figure, f"summary {s.model_key}")
+    return md
