@@ -5,7 +5,6 @@ They never block (a weak result is still a result); each says why in its metadat
 their asset, so the UI shows a check status per partition and a run of one partition checks it.
 """
 
-from __future__ import annotations
 
 import json
 import math
