@@ -246,7 +246,14 @@ def profile_pivot(counts: pl.DataFrame) -> pl.DataFrame:
 
 def plot_profile(counts: pl.DataFrame, path: Path) -> Path:
     """Grouped bars: prompts per category and split (raw, with the sampled count hatched)."""
-    from refusal_assets.plots import new_figure, save_png
+    from refusal_assets.plots import save_png
+
+    return save_png(profile_figure(counts), path)
+
+
+def profile_figure(counts: pl.DataFrame):
+    """The figure of :func:`plot_profile` (a matplotlib ``Figure``), legend outside the bars."""
+    from refusal_assets.plots import new_figure
 
     cats = sorted(counts["category_key"].unique().to_list())
     splits = [s for s in SPLIT_ORDER if s in set(counts["split"].to_list())]
@@ -265,4 +272,4 @@ def plot_profile(counts: pl.DataFrame, path: Path) -> Path:
     ax.set_ylabel("prompts")
     ax.set_title("Prompts per category and split")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
-    return save_png(fig, path)
+    return fig
