@@ -225,6 +225,7 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         dialog = page.get_by_role("dialog")
         dialog.get_by_text(f"tiny-qwen2: {verdict.upper()}").wait_for(timeout=30_000)
         assert "Shared core" in dialog.inner_text() and "Sample:" in dialog.inner_text()
+        page.wait_for_timeout(800)  # let the dialog finish fading in
         page.screenshot(path=str(ARTIFACTS / "ui_report_verdict.png"))
         page.keyboard.press("Escape")
 
@@ -234,6 +235,7 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         page.get_by_text("faithfulness_ci_lo").first.wait_for(timeout=60_000)
         page.locator("tr", has=page.get_by_text("top_nodes", exact=True)).get_by_text("Show schema").click()
         page.get_by_text("mean attribution-patching effect on the refusal score").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(800)  # let the dialog finish fading in
         page.screenshot(path=str(ARTIFACTS / "ui_circuit_partition.png"))
         page.keyboard.press("Escape")
 
@@ -243,6 +245,7 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         page.get_by_text("dagster/row_count").first.wait_for(timeout=60_000)
         page.get_by_text("Show Table Schema").first.click()
         page.get_by_role("dialog").get_by_text("refusal_score").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(800)  # let the dialog finish fading in
         page.screenshot(path=str(ARTIFACTS / "ui_behaviour_column_schema.png"))
 
         # the report the run wrote, answer first
