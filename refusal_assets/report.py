@@ -3,7 +3,7 @@
 Answer first: the first screen holds, per model, a :class:`ModelSummary` (the verdict, one line per
 test, one summary figure, what the sample can and cannot show); then behaviour, SAEs, circuits,
 comparison, data profile and methods. A new test adds one function to :data:`SUMMARY_TESTS` (it
-gets the model's :class:`SummaryInputs` and returns its :class:`TestLine`\ s) and, if it has one,
+gets the model's :class:`SummaryInputs` and returns its :class:`TestLine` lines) and, if it has one,
 a section of its own.
 """
 
@@ -301,7 +301,7 @@ def plot_summary(comp: dict, title: str, path: Path) -> Path:
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     show_ci = n <= 6  # more categories: the CIs are in the comparison tables
     image = None
-    for ax, (name, labels, m, extra) in zip(axes, panels):
+    for ax, (name, labels, m, extra) in zip(axes, panels, strict=True):
         k = len(labels)
         shown = m.copy()
         shown[np.triu_indices(k, 0)] = np.nan  # symmetric: the lower triangle carries everything; the diagonal is not a pair

@@ -42,16 +42,16 @@ def _circuit_group(n_used: int, prompt_set: str, advantage_lo: float) -> dict:
             "random_faithfulness": 0.1, "random_faithfulness_ci": [0.0, 0.2], "advantage_ci": [advantage_lo, 0.8], "sweep": sweep}
 
 
-@pytest.fixture()
-def two_models(tiny_cfg, tmp_path):
-    """Storage with every file the report reads, for the tiny model and a copy of it."""
+def two_model_storage(tiny_cfg, root):
+    """Storage under ``root`` with every file the report reads, for the tiny model and a copy of it
+    (``second``): one with a shared circuit core, one without. Returns (config, layout)."""
     cfg = tiny_cfg.model_copy(update={"models": [tiny_cfg.models[0], tiny_cfg.models[0].model_copy(update={"key": "second"})]})
-    layout, rng = Layout(tmp_path), np.random.default_rng(0)
+    layout, rng = Layout(root), np.random.default_rng(0)
     counts = pl.DataFrame({"category_key": [c for c in CATS for _ in range(3)], "split": ["safe", "hard", "toxic"] * 4,
                            "n": [14] * 12, "n_sampled": [8] * 12}).with_columns(pl.col("n", "n_sampled").cast(pl.UInt32))
     write_parquet(counts.to_arrow(), layout.profile_table())
     data.plot_profile(counts, layout.profile_plot())
-    for m, n_shared in zip(cfg.models, (8, 0)):
+    for m, n_shared in zip(cfg.models, (8, 0), strict=True):
         key = m.model_key
         for i, c in enumerate(CATS):
             write_parquet(_behaviour(rng, 0.6 if key == "second" else 0.0).to_arrow(), layout.behaviour(key, c))
@@ -65,6 +65,11 @@ def two_models(tiny_cfg, tmp_path):
                 "verdict_reason": result.verdict_reason, "direction_cosines": {"resid2": {"labels": labels, "matrix": cos.tolist()}}}
         write_text(json.dumps(comp), layout.comparison_summary(key))
     return cfg, layout
+
+
+@pytest.fixture()
+def two_models(tiny_cfg, tmp_path):
+    return two_model_storage(tiny_cfg, tmp_path)
 
 
 def test_first_screen_summary_per_model(two_models):

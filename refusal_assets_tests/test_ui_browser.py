@@ -17,6 +17,7 @@ import dagster as dg
 import pytest
 
 from refusal_assets_tests.conftest import ROOT
+from refusal_assets_tests.test_report import CATS, two_model_storage
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("REFUSAL_ASSETS_ARTIFACTS", ROOT / "build" / "test-artifacts"))
@@ -145,8 +146,6 @@ def test_materialize_a_partition_from_the_ui(ui_server):
 
 # ------------------------------------------------------------------ the science in the UI and the report
 
-from refusal_assets_tests.test_report import CATS, two_models  # noqa: E402,F401  (the synthetic two-model storage)
-
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"]
 
@@ -175,11 +174,11 @@ def assert_first_screen(page, html: Path, model_keys: list[str], shot: Path) -> 
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
-def test_report_answer_is_on_the_first_screen(two_models):
+def test_report_answer_is_on_the_first_screen(tiny_cfg, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
     from refusal_assets.report import write_report
 
-    cfg, layout = two_models
+    cfg, layout = two_model_storage(tiny_cfg, tmp_path)
     written = write_report(cfg, layout, CATS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:

@@ -6,7 +6,7 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import parquet_metadata, png_markdown
+from refusal_assets.defs.metadata import file_path, parquet_metadata, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
@@ -32,7 +32,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         context.log.info(f"{category}: {cat.height} prompts {per_split} from {folder}")
         return dg.MaterializeResult(metadata={
             "n_prompts": cat.height, **{f"n_{s}": per_split.get(s, 0) for s in cfg.data.splits},
-            "source": str(folder), "files": ", ".join(report.files), **parquet_metadata(path),
+            "source": file_path(folder), "files": ", ".join(report.files), **parquet_metadata(path),
             "n_dropped_empty_all_categories": report.n_dropped_empty, "n_dropped_duplicate_all_categories": report.n_dropped_duplicate,
             "preview": dg.MetadataValue.md(_preview(cat)),
         })
