@@ -325,7 +325,8 @@ def plot_summary(comp: dict, title: str, path: Path) -> Path:
                     dark = i != j and not (math.isfinite(m[i, j]) and m[i, j] > 0.5)  # white on viridis' dark end, black elsewhere
                     ax.text(j, i, text, ha="center", va="center", fontsize=6 if show_ci else 6.5, color="white" if dark else "black")
     fig.colorbar(image, ax=list(axes), shrink=0.8, pad=0.01)
-    fig.suptitle(f"{title}   (* q < alpha after BH; [95% CI]; r = split-half ceiling)", fontsize=9)
+    ci_note = "[95% bootstrap CI]" if show_ci else "CIs in the comparison tables"
+    fig.suptitle(f"{title}   (* q < alpha after BH; {ci_note}; r = split-half ceiling)", fontsize=9)
     return save_png(fig, path, dpi=110)
 
 
