@@ -234,15 +234,33 @@ def profile(raw_counts: pl.DataFrame, sample_counts: pl.DataFrame, imbalance_rat
     return Profile(counts=counts, warnings=warnings)
 
 
+def profile_pivot(counts: pl.DataFrame) -> pl.DataFrame:
+    """One row per category, one column per split: ``"all (sampled)"`` counts, then the totals, so
+    ten categories take ten rows, not thirty."""
+    splits = [sp for sp in SPLIT_ORDER if sp in set(counts["split"].to_list())]
+    cell = pl.format("{} ({})", pl.col("n"), pl.col("n_sampled"))
+    wide = counts.with_columns(cell.alias("cell")).pivot(on="split", index="category_key", values="cell").fill_null("0 (0)")
+    totals = counts.group_by("category_key").agg(pl.col("n").sum().alias("total"), pl.col("n_sampled").sum().alias("sampled"))
+    return wide.select("category_key", *splits).join(totals, on="category_key").sort("category_key").rename({"category_key": "category"})
+
+
 def plot_profile(counts: pl.DataFrame, path: Path) -> Path:
     """Grouped bars: prompts per category and split (raw, with the sampled count hatched)."""
-    from refusal_assets.plots import new_figure, save_png
+    from refusal_assets.plots import save_png
+
+    return save_png(profile_figure(counts), path)
+
+
+def profile_figure(counts: pl.DataFrame):
+    """The figure of :func:`plot_profile` (a matplotlib ``Figure``), legend outside the bars."""
+    from refusal_assets.plots import new_figure
 
     cats = sorted(counts["category_key"].unique().to_list())
     splits = [s for s in SPLIT_ORDER if s in set(counts["split"].to_list())]
     x = np.arange(len(cats))
     width = 0.8 / max(len(splits), 1)
-    fig = new_figure((max(6, len(cats) * 0.9), 4))
+    # constrained layout leaves room for the legend outside the axes, where it covers no bar
+    fig = new_figure((max(6, len(cats) * 0.9) + 1.6, 4), constrained=True)
     ax = fig.add_subplot()
     for i, split in enumerate(splits):
         sub = {r["category_key"]: r for r in counts.filter(pl.col("split") == split).iter_rows(named=True)}
@@ -253,6 +271,5 @@ def plot_profile(counts: pl.DataFrame, path: Path) -> Path:
     ax.set_xticks(x + width * (len(splits) - 1) / 2, cats, rotation=30, ha="right")
     ax.set_ylabel("prompts")
     ax.set_title("Prompts per category and split")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return save_png(fig, path)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    return fig

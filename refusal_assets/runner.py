@@ -111,6 +111,11 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
     instance = dg.DagsterInstance.get()
     resources = defs.resources
     plan = _plan(defs, select)
+    # the WARN checks of weak results (defs/checks.py) run in the same run as the asset they check
+    checks_of: dict[dg.AssetKey, list] = {}
+    for c in defs.asset_checks or []:
+        for key in {k.asset_key for k in c.check_keys}:
+            checks_of.setdefault(key, []).append(c)
     run_config = {} if verbose else {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     n_runs = sum(1 if (keys is None or single) else len(keys) for _, keys, single in plan)
     print(f"config {settings.config_path()} -> storage {root}; instance {instance.root_directory}; {n_runs} runs", flush=True)
@@ -143,7 +148,7 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
                     run_bar.start_step(f"[{i}/{n_runs}] {name} {label}".rstrip())
                 t0 = time.perf_counter()
                 result = dg.materialize(
-                    [assets_def], instance=instance, resources=resources, run_config=run_config, raise_on_error=False, **kwargs
+                    [assets_def, *checks_of.get(assets_def.key, [])], instance=instance, resources=resources, run_config=run_config, raise_on_error=False, **kwargs
                 )
                 seconds = time.perf_counter() - t0
                 step_seconds += _step_seconds(result)

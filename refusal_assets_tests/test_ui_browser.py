@@ -17,6 +17,7 @@ import dagster as dg
 import pytest
 
 from refusal_assets_tests.conftest import ROOT
+from refusal_assets_tests.test_report import CATS, two_model_storage
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("REFUSAL_ASSETS_ARTIFACTS", ROOT / "build" / "test-artifacts"))
@@ -141,3 +142,113 @@ def test_materialize_a_partition_from_the_ui(ui_server):
     assert instance.get_backfill(backfill_id) is not None
     _wait_for_partitions(instance, {"privacy", "harassment", "violence"}, tmp)
     assert _materialized(instance) == {"privacy", "harassment", "violence"}
+
+
+# ------------------------------------------------------------------ the science in the UI and the report
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+
+
+def _skip_dialog(page) -> None:
+    """The first-visit newsletter dialog."""
+    if page.get_by_role("button", name="Skip").count():
+        page.get_by_role("button", name="Skip").click()
+
+
+def assert_first_screen(page, html: Path, model_keys: list[str], shot: Path) -> None:
+    """``html`` at 1400 x 900: every model's verdict and summary figure lie inside the first screen."""
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(html.as_uri(), wait_until="load")
+    page.screenshot(path=str(shot))
+    for key in model_keys:
+        card = page.locator(f'article.model[data-model="{key}"]')
+        for part in (card.locator(".verdict"), card.locator("img.summary")):
+            box = part.bounding_box()
+            assert box is not None, f"{key}: {part} not rendered"
+            assert box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1400 and box["y"] + box["height"] <= 900, (key, box)
+        figure = card.locator("img.summary").bounding_box()
+        assert figure["width"] >= 300 and figure["height"] >= 100, (key, figure)  # legible, not a thumbnail
+        assert page.evaluate("img => img.complete && img.naturalWidth > 0", card.locator("img.summary").element_handle())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+def test_report_answer_is_on_the_first_screen(tiny_cfg, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
+    from refusal_assets.report import write_report
+
+    cfg, layout = two_model_storage(tiny_cfg, tmp_path)
+    written = write_report(cfg, layout, CATS)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        assert_first_screen(browser.new_page(), written.html, [m.model_key for m in cfg.models], ARTIFACTS / "report_first_screen_two_models.png")
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_ui(tmp_path_factory):
+    """The whole tiny graph materialized by `refusal-assets run`, then the UI over that instance."""
+    tmp = tmp_path_factory.mktemp("tiny_ui")
+    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
+    env.update(DAGSTER_HOME=str(tmp / "home"), REFUSAL_ASSETS_STORAGE=str(tmp / "storage"))
+    (tmp / "home").mkdir()
+    config = ROOT / "configs" / "tiny.yaml"
+    run = subprocess.run([sys.executable, "-m", "refusal_assets.cli", "run", "--config", str(config), "--storage", str(tmp / "storage")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with serve_ui(config, env, tmp / "ui.log") as url:
+        yield url, tmp
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+def test_report_and_circuit_in_the_ui(tiny_ui):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
+    url, tmp = tiny_ui
+    instance = dg.DagsterInstance.from_config(str(tmp / "home"))
+    latest = instance.get_latest_materialization_event(dg.AssetKey("report")).asset_materialization
+    verdict = latest.metadata["verdict_tiny-qwen2"].value
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+
+        # the report asset: its verdict as Markdown, the owners and stage tag
+        page.goto(f"{url}/assets/report", wait_until="networkidle")
+        _skip_dialog(page)
+        page.get_by_text("summary_figure_tiny-qwen2").first.wait_for(timeout=60_000)
+        assert page.get_by_text("refusal-assets", exact=True).count() and page.get_by_text("stage: report").count()
+        page.locator("tr", has=page.get_by_text("verdict", exact=True)).get_by_text("Show Markdown").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text(f"tiny-qwen2: {verdict.upper()}").wait_for(timeout=30_000)
+        assert "Shared core" in dialog.inner_text() and "Sample:" in dialog.inner_text()
+        page.wait_for_timeout(800)  # let the dialog finish fading in
+        page.screenshot(path=str(ARTIFACTS / "ui_report_verdict.png"))
+        page.keyboard.press("Escape")
+
+        # one circuit partition: CI bounds as floats, the top nodes as a table with its column schema
+        page.goto(f"{url}/assets/circuit?view=partitions&partition=harassment|tiny-qwen2", wait_until="networkidle")
+        _skip_dialog(page)
+        page.get_by_text("faithfulness_ci_lo").first.wait_for(timeout=60_000)
+        page.locator("tr", has=page.get_by_text("top_nodes", exact=True)).get_by_text("Show schema").click()
+        page.get_by_text("mean attribution-patching effect on the refusal score").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(800)  # let the dialog finish fading in
+        page.screenshot(path=str(ARTIFACTS / "ui_circuit_partition.png"))
+        page.keyboard.press("Escape")
+
+        # a Parquet partition: dagster/column_schema from the file's schema, and its row count
+        page.goto(f"{url}/assets/refusal_behaviour?view=partitions&partition=harassment|tiny-qwen2", wait_until="networkidle")
+        _skip_dialog(page)
+        page.get_by_text("dagster/row_count").first.wait_for(timeout=60_000)
+        page.get_by_text("Show Table Schema").first.click()
+        page.get_by_role("dialog").get_by_text("refusal_score").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(800)  # let the dialog finish fading in
+        page.screenshot(path=str(ARTIFACTS / "ui_behaviour_column_schema.png"))
+
+        # the report the run wrote, answer first
+        assert_first_screen(page, tmp / "storage" / "report" / "report.html", ["tiny-qwen2"], ARTIFACTS / "report_first_screen_tiny.png")
+        browser.close()
+    for name in ("ui_report_verdict.png", "ui_circuit_partition.png", "ui_behaviour_column_schema.png", "report_first_screen_tiny.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000, name

@@ -15,9 +15,10 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
+from refusal_assets.defs import automation, checks, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets
 from refusal_assets.defs.executor import select_executor
-from refusal_assets.defs import automation, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets
 from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
+from refusal_assets.defs.metadata import with_owners_and_tags
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 
@@ -43,9 +44,10 @@ def gpu_asset() -> Callable[..., Callable]:
 
 
 def with_shared_options(assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefinition]:
-    """The rebuild condition on every asset outside :data:`MANUAL_ASSETS`."""
+    """The rebuild condition on every asset outside :data:`MANUAL_ASSETS`; owners and tags on every asset."""
     condition = automation.rebuild_condition()
-    return [a if set(a.keys) & MANUAL_ASSETS or not a.keys else a.with_attributes(automation_condition=condition) for a in assets]
+    assets = [a if set(a.keys) & MANUAL_ASSETS or not a.keys else a.with_attributes(automation_condition=condition) for a in assets]
+    return [with_owners_and_tags(a) for a in assets]
 
 
 def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> dg.Definitions:
@@ -60,6 +62,7 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
     ])
     return dg.Definitions(
         assets=assets,
+        asset_checks=checks.build(cfg, parts),  # WARN checks of weak results (defs/checks.py)
         sensors=[automation.automation_sensor()],
         schedules=[automation.report_schedule(cfg.report.schedule)],
         resources={"compute": ComputeResource(device=device), "storage": StorageResource(root=str(storage_root))},

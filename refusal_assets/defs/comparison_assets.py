@@ -8,7 +8,7 @@ import dagster as dg
 
 from refusal_assets import comparison as cmp
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import png_markdown
+from refusal_assets.defs.metadata import ci_metadata, file_path, png_markdown, report_metadata
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
@@ -77,7 +77,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             if len(dirs) >= 2:
                 labels, cos = cmp.refusal_direction_cosines(dirs)
                 out["direction_cosines"][site] = {"labels": labels, "matrix": cos.tolist()}
-                cmp.plot_heatmap(cos, labels, f"{model_key}: refusal-direction cosine ({site})", layout.direction_cosine_plot(model_key, site))
+                md[f"direction_cosine_{site}"] = png_markdown(cmp.plot_heatmap(cos, labels, f"{model_key}: refusal-direction cosine ({site})", layout.direction_cosine_plot(model_key, site)), f"refusal-direction cosine {site}")
         main = out["groups"].get("toxic") or next(iter(out["groups"].values()), None)
         if main is None:
             raise ValueError(f"comparison for {model_key}: fewer than two categories have circuits")
@@ -85,7 +85,8 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         out["seconds"] = time.perf_counter() - t0
         write_text(json.dumps(out, indent=1, default=float), layout.comparison_summary(model_key))
         return dg.MaterializeResult(metadata={
-            "verdict": out["verdict"], "verdict_reason": out["verdict_reason"], "shared_fraction": main["shared_fraction"],
+            "verdict": out["verdict"], "verdict_reason": out["verdict_reason"], "shared_fraction": main["shared_fraction"], **ci_metadata("shared_fraction_ci", main["shared_fraction_ci"]),
+            "path": file_path(layout.comparison_summary(model_key)),
             "n_categories": len(categories), "seconds": round(out["seconds"], 1), **md,
         })
 
@@ -100,7 +101,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             record = context.instance.get_latest_materialization_event(dg.AssetKey(key))
             if record is not None and record.asset_materialization is not None:
                 versions[key] = record.asset_materialization.tags.get("dagster/data_version", "") if record.asset_materialization.tags else ""
-        html, md_path = write_report(cfg, Layout(storage.files), parts.category.get_partition_keys(), input_versions=versions)
-        return dg.MaterializeResult(metadata={"path": str(html), "markdown": str(md_path)})
+        written = write_report(cfg, Layout(storage.files), parts.category.get_partition_keys(), input_versions=versions)
+        return dg.MaterializeResult(metadata=report_metadata(written))
 
     return [comparison, report]

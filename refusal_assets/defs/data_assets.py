@@ -6,7 +6,7 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import png_markdown
+from refusal_assets.defs.metadata import file_path, parquet_metadata, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
@@ -32,7 +32,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         context.log.info(f"{category}: {cat.height} prompts {per_split} from {folder}")
         return dg.MaterializeResult(metadata={
             "n_prompts": cat.height, **{f"n_{s}": per_split.get(s, 0) for s in cfg.data.splits},
-            "source": str(folder), "files": ", ".join(report.files), "path": str(path),
+            "source": file_path(folder), "files": ", ".join(report.files), **parquet_metadata(path),
             "n_dropped_empty_all_categories": report.n_dropped_empty, "n_dropped_duplicate_all_categories": report.n_dropped_duplicate,
             "preview": dg.MetadataValue.md(_preview(cat)),
         })
@@ -50,7 +50,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         counts = sample.group_by("split", "heldout").len().sort("split", "heldout")
         return dg.MaterializeResult(metadata={
             "n_prompts": sample.height, "n_heldout": int(sample["heldout"].sum()), "seed": cfg.data.seed,
-            "counts": dg.MetadataValue.md(_table_md(counts)), "path": str(path),
+            "counts": dg.MetadataValue.md(_table_md(counts)), **parquet_metadata(path),
         })
 
     @dg.asset(
@@ -65,12 +65,13 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         prof = data.profile(count(raw), count(sampled))
         for w in prof.warnings:
             context.log.warning(w)
-        write_parquet(prof.counts.to_arrow(), layout.profile_table())
+        table = write_parquet(prof.counts.to_arrow(), layout.profile_table())
         png = data.plot_profile(prof.counts, layout.profile_plot())
         return dg.MaterializeResult(metadata={
             "n_categories": len(raw), "n_prompts": int(prof.counts["n"].sum()), "n_sampled": int(prof.counts["n_sampled"].sum()),
             "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in prof.warnings) or "none"),
-            "counts": dg.MetadataValue.md(_table_md(prof.counts)), "plot": png_markdown(png, "prompts per category and split"),
+            "counts": dg.MetadataValue.md(_table_md(data.profile_pivot(prof.counts))), "plot": png_markdown(png, "prompts per category and split"),
+            **parquet_metadata(table),
         })
 
     return [orbench_prompts, prompt_sample, data_profile]

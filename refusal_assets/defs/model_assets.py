@@ -10,7 +10,7 @@ import dagster as dg
 from refusal_assets import activations as acts_core
 from refusal_assets import behaviour
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import materialize_each, multi_key, png_markdown
+from refusal_assets.defs.metadata import ci_metadata, materialize_each, multi_key, parquet_metadata, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
@@ -35,18 +35,18 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             load_s = time.perf_counter() - t0
             layout = Layout(storage.files)
             df = behaviour.run_behaviour(model, tokenizer, layout.load_sample(category), model_cfg, device, context.log.info)
-            write_parquet(df.to_arrow(), layout.behaviour(model_cfg.model_key, category))
+            table = write_parquet(df.to_arrow(), layout.behaviour(model_cfg.model_key, category))
             rates = behaviour.refusal_rates(df)
             png = behaviour.plot_refusal_rates(rates, f"{model_cfg.model_key} / {category}", layout.behaviour_plot(model_cfg.model_key, category))
             md = {
                 "refusal_rate": rates["all"]["rate"], "n_prompts": df.height, "load_seconds": round(load_s, 2),
                 "seconds": round(time.perf_counter() - t0, 2), "device": device,
-                "plot": png_markdown(png, "refusal rate per split"),
+                "plot": png_markdown(png, "refusal rate per split"), **parquet_metadata(table),
             }
             for split, r in rates.items():
                 if split != "all":
                     md[f"refusal_rate_{split}"] = r["rate"]
-                    md[f"refusal_rate_{split}_ci"] = f"[{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
+                    md |= {**ci_metadata(f"refusal_rate_{split}_ci", (r["lo"], r["hi"]), 2), f"n_{split}": r["n"]}
                     md[f"mean_p_refusal_{split}"] = r["mean_p_refusal"]
             return dg.MaterializeResult(metadata=md)
 
@@ -89,7 +89,7 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                         n_bad_total += n_bad
                         metadata[key] = {
                             "n_rows": n_rows[site], "d_model": model_cfg.architecture.d_model, "n_prompts": sample.height, "n_non_finite_rows": n_bad,
-                            "seconds_for_all_sites_of_this_category": round(seconds, 2), "path": str(paths[site]),
+                            "seconds_for_all_sites_of_this_category": round(seconds, 2), **parquet_metadata(paths[site]),
                         }
             yield from materialize_each(context, metadata)
             yield dg.AssetCheckResult(
