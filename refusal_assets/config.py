@@ -261,6 +261,19 @@ class ComparisonConfig(_Strict):
     n_bootstrap: int = Field(default=500, ge=10)
     alpha: float = Field(default=0.05, gt=0, lt=1)
     seed: int = 0
+    n_splits: int = Field(default=4, ge=1)
+    """Half-sample splits per pair (and per bootstrap resample) for the normalised Jaccard."""
+    min_ceiling: float = Field(default=0.2, ge=0, le=1)
+    """Below this within-category split-half Jaccard a pair is not normalised (noise circuits)."""
+    equivalence_margin: float = Field(default=0.2, gt=0, lt=1)
+    """Shared = the cross-category statistic's CI lies within this margin of the within-category
+    ceiling (normalised CI low >= 1 - margin; transfer CI low >= 1 - margin)."""
+    modular_max_normalised: float = Field(default=0.5, gt=0, lt=1)
+    """Specific = significant and the normalised CI high below this (transfer CI high below it)."""
+    min_decided_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Fewer decided pairs than this fraction: insufficient evidence."""
+    majority: float = Field(default=0.5, gt=0, le=1)
+    """Fraction of decided pairs that must agree for modular / monolithic."""
 
 
 class ReportConfig(_Strict):

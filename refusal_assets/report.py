@@ -170,6 +170,9 @@ def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], inpu
     for model_key, comp in comparisons.items():
         doc.h(3, model_key)
         for g, res in comp["groups"].items():
+            if "pairs" not in res:  # fewer than two categories with enough refusing prompts
+                doc.p(f"{g} prompts: {res['verdict_reason']}")
+                continue
             pairs = [[p["a"], p["b"], p["jaccard"], p.get("normalised_jaccard"), p["p_value"], p["q_value"], "yes" if p["significant"] else "no"] for p in res["pairs"]]
             doc.p(f"{g} prompts: verdict {res['verdict']}; shared core {len(res['shared_core'])} nodes, shared fraction {res['shared_fraction']:.3f} "
                   f"(95% CI {res['shared_fraction_ci'][0]:.3f} to {res['shared_fraction_ci'][1]:.3f}).")

@@ -114,8 +114,10 @@ def test_pure_noise_is_not_monolithic() -> None:
     result = compare_categories(effects, SITE_OF_NODE, **dict(TOPK, k_per_site=2))
     assert max(result.ceiling.values()) < 0.2
     assert np.all(np.isnan([p.normalised_jaccard for p in result.pairs]))
-    assert result.verdict == "mixed", result.verdict_reason
+    # No signal is "insufficient evidence" (issue 14), not "mixed": nothing was decided either way.
+    assert result.verdict == "insufficient evidence", result.verdict_reason
     assert "too low to normalise" in result.verdict_reason
+    assert all(p.call == "undecided" for p in result.pairs)
 
 
 def test_select_circuit_topk_per_site_and_ties() -> None:

@@ -35,22 +35,30 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         groups = sorted({g for summary, _ in circuits.values() for g in summary["groups"]})
         out: dict = {"model": model_key, "categories": categories, "groups": {}}
         md: dict = {}
+        error_nodes = np.zeros(len(site_of_node), bool)
+        error_nodes[np.flatnonzero(np.diff(np.append(site_of_node, -1)) != 0)] = True  # the last node of every site
         for group in groups:
-            effects = {c: t[f"effects_{group}"] for c, (s, t) in circuits.items() if f"effects_{group}" in t}
+            # Categories whose circuit could not use the configured prompt filter (too few refusing
+            # prompts) mix refused and complied prompts: reported, but out of the verdict.
+            fallback = sorted(c for c, (summary, _) in circuits.items()
+                              if group in summary["groups"] and summary["groups"][group].get("prompt_set", cc.prompt_filter) != cc.prompt_filter)
+            effects = {c: t[f"effects_{group}"] for c, (s, t) in circuits.items() if f"effects_{group}" in t and c not in fallback}
+            if fallback:
+                md[f"fallback_categories_{group}"] = ", ".join(fallback)
+                context.log.warning(f"{group}: {fallback} use all their prompts, not only '{cc.prompt_filter}' ones (too few): left out")
             if len(effects) < 2:
+                out["groups"][group] = {"verdict": "insufficient evidence", "fallback_categories": fallback,
+                                        "verdict_reason": f"Insufficient evidence: only {sorted(effects)} have at least {cc.min_prompts} "
+                                                          f"'{cc.prompt_filter}' prompts; a comparison needs two categories."}
+                md[f"verdict_{group}"] = "insufficient evidence"
                 continue
             result = cmp.compare_categories(
                 effects, site_of_node, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold,
-                n_permutations=comp.n_permutations, n_bootstrap=comp.n_bootstrap, alpha=comp.alpha, seed=comp.seed,
+                n_permutations=comp.n_permutations, n_bootstrap=comp.n_bootstrap, n_splits=comp.n_splits, alpha=comp.alpha, seed=comp.seed,
+                error_nodes=error_nodes, rule=cmp.VerdictRule.from_config(comp), min_ceiling=comp.min_ceiling,
             )
             out["groups"][group] = result.to_dict()
-            # categories whose circuit could not use the configured prompt filter (too few refused prompts)
-            fallback = sorted(c for c, (summary, _) in circuits.items()
-                              if group in summary["groups"] and summary["groups"][group].get("prompt_set", cc.prompt_filter) != cc.prompt_filter)
             out["groups"][group]["fallback_categories"] = fallback
-            if fallback:
-                md[f"fallback_categories_{group}"] = ", ".join(fallback)
-                context.log.warning(f"{group}: {fallback} use all their prompts, not only '{cc.prompt_filter}' ones (too few)")
             png = cmp.plot_heatmap(result.jaccard, result.categories, f"{model_key}: circuit Jaccard ({group})",
                                    layout.jaccard_plot(model_key, group), annotate_significance=result.significant)
             md[f"heatmap_{group}"] = png_markdown(png, f"Jaccard {group}")
@@ -85,7 +93,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         out["seconds"] = time.perf_counter() - t0
         write_text(json.dumps(out, indent=1, default=float), layout.comparison_summary(model_key))
         return dg.MaterializeResult(metadata={
-            "verdict": out["verdict"], "verdict_reason": out["verdict_reason"], "shared_fraction": main["shared_fraction"],
+            "verdict": out["verdict"], "verdict_reason": out["verdict_reason"], "shared_fraction": main.get("shared_fraction"),
             "n_categories": len(categories), "seconds": round(out["seconds"], 1), **md,
         })
 
