@@ -45,6 +45,13 @@ def _init_instance_once(home: Path) -> None:
         dg.DagsterInstance.from_config(str(home)).dispose()
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _set_env(args)
+    from refusal_assets.calibration import run_calibrate
+
+    return run_calibrate(settings.load_project(), as_json=args.json, n_replicates=args.replicates)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     _set_env(args)
     from refusal_assets.defs.build import discover_categories
@@ -166,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--n-prompts", type=int, default=32, help="N for the activations benchmark (RSS also at 4N)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("calibrate", help="run the comparison on planted monolithic / modular answers; verdicts and CI coverage")
+    common(p)
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.add_argument("--replicates", type=int, default=200, help="synthetic replicates per planted answer")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("plot-sae", help="regenerate SAE training plots from saved history.json files")
     p.add_argument("--sae-dir", default="storage", help="folder searched for history.json")

@@ -86,29 +86,41 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 CI = tuple[float, float]
 
 
-def bca_ci(data: tuple[np.ndarray, ...], statistic, estimate: float, *, n_resamples: int, batch: int,
-           rng: np.random.Generator, paired: bool = False) -> CI:
-    """95% BCa bootstrap CI (``scipy.stats.bootstrap(method="BCa")``) that always contains ``estimate``.
+def bootstrap_ci(data: tuple[np.ndarray, ...], statistic, estimate: float, *, n_resamples: int, batch: int,
+                 rng: np.random.Generator, paired: bool = False, method: Literal["normal", "BCa"] = "normal") -> CI:
+    """95% bootstrap CI over prompts that always contains ``estimate``.
 
-    Top-k set statistics are biased in a bootstrap (resamples repeat prompts, so their circuits are
-    noisier than the sample's): the percentile interval then sits below the estimate; BCa's bias
-    correction moves it back. A degenerate bootstrap distribution (every resample gives the same
-    value, e.g. identical circuits) is the point interval; BCa's rare extreme corrections that still
-    leave the estimate outside are widened to include it, which can only raise coverage."""
+    ``normal`` (the default): estimate ± t(0.975, n_min - 1) × the bootstrap standard error. Top-k set statistics
+    are biased in a bootstrap (resampled prompts repeat, so resampled circuits are noisier and overlap
+    less): percentile intervals then sit below the estimate, and BCa's bias correction aims at the
+    infinite-sample value, not at the statistic's expectation at this sample size, which is what the
+    comparison compares (numerator and ceiling at the same size). The spread of the bootstrap is
+    still a fair (if slightly wide) measure of the estimate's own spread, so the interval is centred on
+    the estimate. Its coverage is measured by ``refusal-assets calibrate``. ``BCa``:
+    ``scipy.stats.bootstrap(method="BCa")``, widened to include the estimate. A degenerate bootstrap
+    (every resample the same value, e.g. identical circuits) gives the point interval."""
     if not math.isfinite(estimate):
         return (math.nan, math.nan)
     with warnings.catch_warnings():
         # Degenerate or NaN-holding distributions: handled below, the warning adds nothing.
         warnings.simplefilter("ignore")
         res = stats.bootstrap(data, statistic, vectorized=True, paired=paired, n_resamples=n_resamples, confidence_level=0.95,
-                              method="BCa", batch=batch, rng=rng)
+                              method="percentile" if method == "normal" else method, batch=batch, rng=rng)
     dist = np.asarray(res.bootstrap_distribution, dtype=float)
     dist = dist[np.isfinite(dist)]
+    if not dist.size:
+        return (math.nan, math.nan)
+    if np.ptp(dist) == 0 and dist[0] == estimate:
+        return (estimate, estimate)
+    if method == "normal":
+        # Student's t with the smallest sample's degrees of freedom: the bootstrap SE of a statistic
+        # of a dozen prompts is itself uncertain (1.96 under-covers at the default sizes; measured).
+        df = max(min(len(d) for d in data) - 1, 1)
+        half = float(stats.t.ppf(0.975, df)) * float(dist.std(ddof=1))
+        return (estimate - half, estimate + half)
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if dist.size and np.ptp(dist) == 0:
-        lo = hi = float(dist[0])
-    elif not (math.isfinite(lo) and math.isfinite(hi)):  # BCa undefined (e.g. a constant jackknife): percentile
-        lo, hi = (float(v) for v in np.quantile(dist, [0.025, 0.975])) if dist.size else (math.nan, math.nan)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # BCa undefined (e.g. a constant jackknife): percentile
+        lo, hi = (float(v) for v in np.quantile(dist, [0.025, 0.975]))
     return (min(lo, estimate), max(hi, estimate))
 
 
@@ -141,8 +153,8 @@ class PairStats:
     cross_half_jaccard: float  # mean Jaccard of a half-circuit of a with a half-circuit of b (disjoint halves)
     ceiling: float  # mean within-category split-half Jaccard at the same half size (both categories)
     normalised_jaccard: float  # cross_half_jaccard / ceiling; NaN where the ceiling is below min_ceiling
-    normalised_jaccard_ci: CI  # BCa bootstrap over prompts
-    jaccard_ci: CI  # BCa bootstrap over prompts, of the full-sample Jaccard
+    normalised_jaccard_ci: CI  # bootstrap over prompts (see bootstrap_ci)
+    jaccard_ci: CI  # bootstrap over prompts, of the full-sample Jaccard (see bootstrap_ci)
     null_mean: float  # mean Jaccard under exchangeable labels, for scale
     call: PairCall  # what this pair says, see decide_verdict
 
@@ -421,7 +433,7 @@ def _pair_stats(E: dict[str, np.ndarray], a: str, b: str, key: tuple[int, int], 
         return jac.reshape(_lead_shape(ia, ib))
 
     jac = float(_jaccard(circuit[a], circuit[b]))
-    jac_ci = bca_ci((np.arange(na), np.arange(nb)), boot_stat, jac, n_resamples=n_bootstrap, batch=select.batch, rng=_rng(seed, _PAIR_BOOT, *key))
+    jac_ci = bootstrap_ci((np.arange(na), np.arange(nb)), boot_stat, jac, n_resamples=n_bootstrap, batch=select.batch, rng=_rng(seed, _PAIR_BOOT, *key))
 
     halves = HalfSampleOverlap.draw(na, nb, n_splits, _rng(seed, _HALF, *key))
     half_batch = max(1, select.batch // (4 * n_splits))
@@ -436,7 +448,7 @@ def _pair_stats(E: dict[str, np.ndarray], a: str, b: str, key: tuple[int, int], 
     cross_half, ceiling = float(cross[0] / n_splits), float(within[0] / n_splits)
     reliable = ceiling >= max(min_ceiling, 1e-12)
     norm = cross_half / ceiling if reliable else math.nan
-    norm_ci = (bca_ci((np.arange(na), np.arange(nb)), norm_stat, norm, n_resamples=n_bootstrap, batch=half_batch,
+    norm_ci = (bootstrap_ci((np.arange(na), np.arange(nb)), norm_stat, norm, n_resamples=n_bootstrap, batch=half_batch,
                       rng=_rng(seed, _NORM_BOOT, *key)) if reliable else (math.nan, math.nan))
     min_p = min_permutation_p(na, nb, n_permutations)
     return dict(
@@ -451,7 +463,7 @@ def pair_statistics(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], se
                     n_bootstrap: int, n_splits: int, alpha: float, seed: int, min_ceiling: float,
                     rule: VerdictRule = VerdictRule()) -> PairTests:
     """Per pair: Jaccard, weighted overlap, Spearman, the permutation p-value (and whether it can reach
-    alpha at all), the half-sample normalised Jaccard with its BCa CI; BH q-values over the testable
+    alpha at all), the half-sample normalised Jaccard with its bootstrap CI; BH q-values over the testable
     pairs only (an untestable pair is no test, not a negative one); each pair's call."""
     cats = list(E)
     mean = {c: E[c].mean(axis=0) for c in cats}  # [n_nodes]
@@ -480,7 +492,7 @@ class SharedCore:
     fraction: float
     """|core| / mean circuit size."""
     fraction_ci: tuple[float, float]
-    """BCa bootstrap, each category's prompts resampled independently."""
+    """Bootstrap CI (see :func:`bootstrap_ci`), each category's prompts resampled independently."""
 
 
 def _core_fraction(masks: np.ndarray) -> np.ndarray:
@@ -504,7 +516,7 @@ def shared_core(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select
         return _core_fraction(np.stack(masks)).reshape(lead)
 
     fraction = float(_core_fraction(masks[:, None])[0])
-    ci = bca_ci(tuple(np.arange(E[c].shape[0]) for c in cats), core_stat, fraction, n_resamples=n_bootstrap,
+    ci = bootstrap_ci(tuple(np.arange(E[c].shape[0]) for c in cats), core_stat, fraction, n_resamples=n_bootstrap,
                 batch=max(1, select.batch // len(cats)), rng=_rng(seed, _CORE_BOOT))
     return SharedCore(
         core=np.flatnonzero(in_count == len(cats)),
@@ -558,7 +570,7 @@ def compare_categories(
     """Compare every pair of categories' refusal circuits and give the overlap test's verdict.
 
     Steps: :func:`split_half_ceilings` (per category, for scale); :func:`pair_statistics` per pair
-    (a < b): Jaccard of the full-sample circuits with a BCa CI; weighted overlap and Spearman of the
+    (a < b): Jaccard of the full-sample circuits with a bootstrap CI (:func:`bootstrap_ci`); weighted overlap and Spearman of the
     mean effects; a one-sided label-permutation p-value for modularity (``scipy.stats.permutation_test``,
     ``alternative="less"``: p = (1 + #{null <= observed}) / (1 + n_permutations)) and whether it can
     reach ``alpha`` at all; the normalised Jaccard from half-sample circuits, numerator and ceiling at
