@@ -36,7 +36,7 @@ class SyntheticDesign:
     n_strong: int = 12
     """Latents per site that carry a category's mechanism (the spectrum decays over them)."""
     k_per_site: int = 8
-    noise: float = 0.3
+    noise: float = 0.2
     """Per-prompt noise sd, relative to the strongest latent's mean effect (1.0)."""
 
 

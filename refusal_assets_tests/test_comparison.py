@@ -199,3 +199,68 @@ def test_plot_heatmap(tmp_path, disjoint: ComparisonResult) -> None:
     )
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------ issue 14: sound statistics
+from refusal_assets.calibration import SyntheticDesign, calibrate_synthetic, planted_effects  # noqa: E402
+from refusal_assets.comparison import min_permutation_p  # noqa: E402
+
+
+def test_min_permutation_p_and_untestable_pairs_leave_the_count() -> None:
+    assert min_permutation_p(3, 3, 1000) == pytest.approx(2 / 20)  # 20 relabellings, halved by the swap symmetry
+    assert min_permutation_p(3, 4, 1000) == pytest.approx(1 / 35)
+    assert min_permutation_p(20, 20, 200) == pytest.approx(1 / 201)  # the Monte Carlo floor
+    # 3 prompts per category: even perfectly disjoint circuits cannot reach p < 0.05, so no pair is
+    # significant, none is in BH, and the verdict is "insufficient evidence", not "monolithic".
+    effects = {c: e[:3] for c, e in make_effects(n_shared=0).items()}
+    result = compare_categories(effects, SITE_OF_NODE, **FAST)
+    assert all(not p.testable and not p.significant and np.isnan(p.q_value) for p in result.pairs)
+    assert result.verdict != "monolithic"
+    assert "untestable" in result.verdict_reason
+
+
+def test_identical_categories_normalise_to_one_and_estimates_sit_in_their_cis() -> None:
+    design = SyntheticDesign(n_categories=3, n_prompts=14)
+    rng = np.random.default_rng(5)
+    norms = []
+    for _ in range(6):
+        result = compare_categories(planted_effects("monolithic", design, rng), np.repeat(np.arange(design.n_sites), design.n_latents),
+                                    mode="topk", k_per_site=design.k_per_site, n_permutations=50, n_bootstrap=60)
+        for p in result.pairs:
+            norms.append(p.normalised_jaccard)
+            for est, (lo, hi) in ((p.jaccard, p.jaccard_ci), (p.normalised_jaccard, p.normalised_jaccard_ci)):
+                assert lo <= est <= hi
+            assert p.half_size == design.n_prompts // 2
+        lo, hi = result.shared_fraction_ci
+        assert lo <= result.shared_fraction <= hi
+    # numerator and ceiling at the same size: ~1 (the old full-sample numerator gave 1.2-1.7)
+    assert abs(np.mean(norms) - 1) < 0.1
+
+
+def test_error_nodes_are_left_out_and_their_share_reported() -> None:
+    effects = make_effects(n_shared=N_STRONG)
+    error_nodes = np.zeros(SITE_OF_NODE.size, bool)
+    error_nodes[N_LATENTS - 1 :: N_LATENTS] = True  # the last node of every site
+    for e in effects.values():
+        e[:, error_nodes] = 5.0  # the strongest node of every site, if it were allowed
+    result = compare_categories(effects, SITE_OF_NODE, error_nodes=error_nodes, **TOPK)
+    assert not set(result.shared_core.tolist()) & set(np.flatnonzero(error_nodes).tolist())
+    assert len(result.shared_core) == N_SITES * N_STRONG  # the planted latents, in the caller's node indices
+    assert set(result.shared_core.tolist()) == {s * N_LATENTS + i for s in range(N_SITES) for i in range(N_STRONG)}
+    for share in result.error_share.values():
+        assert share == pytest.approx(15 / (15 + 30), abs=0.05)  # 3 x 5.0 vs 30 latents at ~1.0
+    with pytest.raises(ValueError, match="error_nodes"):
+        compare_categories(effects, SITE_OF_NODE, error_nodes=error_nodes[:-1], **TOPK)
+
+
+def test_calibration_small() -> None:
+    """Planted answers decide correctly, every CI covers, the normalised statistic is ~1 when identical."""
+    report = calibrate_synthetic(SyntheticDesign(n_categories=3), n_replicates=24, n_permutations=100, n_bootstrap=100)
+    mono, mod = report.runs
+    assert mono.planted == "monolithic" and mono.correct_fraction >= 0.9, mono.verdicts
+    assert mod.planted == "modular" and mod.correct_fraction >= 0.9, mod.verdicts
+    for run in report.runs:
+        assert run.estimate_inside_ci
+        assert all(v >= 0.9 for v in run.coverage.values()), run.coverage
+    assert abs(report.normalised_expectation_identical - 1) <= 0.1
+    assert report.passed
