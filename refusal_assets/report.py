@@ -94,6 +94,11 @@ def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], inpu
         if path.is_file():
             comparisons[m.model_key] = json.loads(path.read_text())
             doc.p(f"{m.model_key}: {comparisons[m.model_key]['verdict'].upper()}. {comparisons[m.model_key]['verdict_reason']}")
+            # ---- issue 14: the combined-verdict table (refusal_assets.verdict renders it)
+            if "combined" in comparisons[m.model_key]:
+                from refusal_assets.verdict import render as render_verdict
+
+                render_verdict(doc, m.model_key, comparisons[m.model_key]["combined"])
         else:
             doc.p(f"{m.model_key}: no comparison materialized.")
 

@@ -264,3 +264,21 @@ def test_calibration_small() -> None:
         assert all(v >= 0.9 for v in run.coverage.values()), run.coverage
     assert abs(report.normalised_expectation_identical - 1) <= 0.1
     assert report.passed
+
+
+def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
+    from refusal_assets.verdict import TestLine, combine, overlap_line
+
+    def line(test, level, says):
+        return TestLine(test, level, says, "x", 0.5, (0.4, 0.6), "r")
+
+    agree = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular")], {"alpha": 0.05})
+    assert agree.verdict == "modular" and agree.disagree == [] and agree.thresholds == {"alpha": 0.05}
+    split = combine([line("overlap", "features", "modular"), line("direction ablation", "execution", "monolithic"),
+                     line("transfer", "execution", "insufficient evidence")])
+    assert split.verdict == "mixed" and split.disagree == ["overlap", "direction ablation"]
+    assert "Feature level: modular; execution level: monolithic" in split.reason
+    assert combine([line("overlap", "features", "insufficient evidence")]).verdict == "insufficient evidence"
+    result = compare_categories(make_effects(n_shared=N_STRONG // 2), SITE_OF_NODE, **FAST).to_dict()
+    ov = overlap_line(result)
+    assert ov.says == "modular" and ov.ci[0] <= ov.value <= ov.ci[1] and ov.value == pytest.approx(1 / 3, abs=0.05)

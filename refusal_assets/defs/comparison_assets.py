@@ -14,6 +14,7 @@ from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
 from refusal_assets.report import write_report
 from refusal_assets.storage import write_text
+from refusal_assets.verdict import combine, overlap_line
 
 
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
@@ -89,7 +90,12 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         main = out["groups"].get("toxic") or next(iter(out["groups"].values()), None)
         if main is None:
             raise ValueError(f"comparison for {model_key}: fewer than two categories have circuits")
-        out["verdict"], out["verdict_reason"] = main["verdict"], main["verdict_reason"]
+        # One answer from every test's line; today the overlap test of the main group (transfer and
+        # direction tests add their lines here).
+        thresholds = {k: getattr(comp, k) for k in ("alpha", "equivalence_margin", "modular_max_normalised", "min_decided_fraction", "majority", "min_ceiling")}
+        combined = combine([overlap_line(main)], thresholds)
+        out["combined"] = combined.to_dict()
+        out["verdict"], out["verdict_reason"] = combined.verdict, combined.reason
         out["seconds"] = time.perf_counter() - t0
         write_text(json.dumps(out, indent=1, default=float), layout.comparison_summary(model_key))
         return dg.MaterializeResult(metadata={
