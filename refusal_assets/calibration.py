@@ -95,8 +95,9 @@ def _pair_values(result, stat: str) -> list[tuple[float, float, float]]:
 
 
 def run_planted(planted: Planted, design: SyntheticDesign, *, n_replicates: int, n_permutations: int, n_bootstrap: int,
-                seed: int = 0, rule: VerdictRule = VerdictRule()) -> tuple[PlantedRun, list]:
+                seed: int = 0, rule: VerdictRule | None = None) -> tuple[PlantedRun, list]:
     """``n_replicates`` fresh samples of one planted answer, each through the full comparison."""
+    rule = rule or VerdictRule()
     site_of_node = np.repeat(np.arange(design.n_sites), design.n_latents)
     values: dict[str, list[tuple[float, float, float]]] = {s: [] for s in CI_STATS}
     verdicts: dict[str, int] = {}
@@ -123,8 +124,9 @@ def run_planted(planted: Planted, design: SyntheticDesign, *, n_replicates: int,
 
 
 def calibrate_synthetic(design: SyntheticDesign = SyntheticDesign(), *, n_replicates: int = 200, n_permutations: int = 200,
-                        n_bootstrap: int = 200, seed: int = 0, rule: VerdictRule = VerdictRule()) -> CalibrationReport:
+                        n_bootstrap: int = 200, seed: int = 0, rule: VerdictRule | None = None) -> CalibrationReport:
     """Both planted answers at ``design``'s sizes; see the module docstring for what is measured."""
+    rule = rule or VerdictRule()
     runs, norm_identical = [], math.nan
     for planted in ("monolithic", "modular"):
         run, norm = run_planted(planted, design, n_replicates=n_replicates, n_permutations=n_permutations, n_bootstrap=n_bootstrap,

@@ -224,7 +224,7 @@ class VerdictRule:
     at least this fraction shared and none specific or partial."""
 
     @classmethod
-    def from_config(cls, comp: Any) -> "VerdictRule":
+    def from_config(cls, comp: Any) -> VerdictRule:
         """From a :class:`refusal_assets.config.ComparisonConfig`."""
         return cls(comp.equivalence_margin, comp.modular_max_normalised, comp.min_decided_fraction, comp.majority)
 
@@ -376,7 +376,7 @@ class HalfSampleOverlap:
     m: int
 
     @classmethod
-    def draw(cls, n_a: int, n_b: int, n_splits: int, rng: np.random.Generator) -> "HalfSampleOverlap":
+    def draw(cls, n_a: int, n_b: int, n_splits: int, rng: np.random.Generator) -> HalfSampleOverlap:
         return cls(rng.random((n_splits, n_a)), rng.random((n_splits, n_b)), min(n_a, n_b) // 2)
 
     def sums(self, Ea: np.ndarray, Eb: np.ndarray, ia: np.ndarray, ib: np.ndarray, select: Selector) -> tuple[np.ndarray, np.ndarray]:

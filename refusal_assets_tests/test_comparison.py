@@ -202,8 +202,8 @@ def test_plot_heatmap(tmp_path, disjoint: ComparisonResult) -> None:
 
 
 # ------------------------------------------------------------------ issue 14: sound statistics
-from refusal_assets.calibration import SyntheticDesign, calibrate_synthetic, planted_effects  # noqa: E402
-from refusal_assets.comparison import min_permutation_p  # noqa: E402
+from refusal_assets.calibration import SyntheticDesign, calibrate_synthetic, planted_effects
+from refusal_assets.comparison import min_permutation_p
 
 
 def test_min_permutation_p_and_untestable_pairs_leave_the_count() -> None:
