@@ -274,6 +274,13 @@ class ComparisonConfig(_Strict):
     """Fewer decided pairs than this fraction: insufficient evidence."""
     majority: float = Field(default=0.5, gt=0, le=1)
     """Fraction of decided pairs that must agree for modular / monolithic."""
+    transfer: bool = True
+    """Run the functional tests (asset ``transfer``: circuit transfer, direction cross-ablation,
+    induced refusal); off leaves the verdict to circuit overlap."""
+    direction_layers: int = Field(default=4, ge=1)
+    """Candidate layers (evenly spaced below 0.8 L) for each category's refusal direction."""
+    direction_positions: int = Field(default=2, ge=1)
+    """Candidate post-instruction positions (the last ones) for each category's refusal direction."""
 
 
 class ReportConfig(_Strict):

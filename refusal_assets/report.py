@@ -186,6 +186,10 @@ def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], inpu
             doc.table(["a", "b", "Jaccard", "normalised", "p (permutation)", "q (BH)", "significant"], pairs)
             doc.image(layout.jaccard_plot(model_key, g), f"Jaccard {g} ({model_key}); * = significant after BH")
         doc.image(layout.jaccard_plot(model_key, "cross"), f"toxic vs benign circuits ({model_key})")
+        # ---- issue 14: functional tests (refusal_assets.verdict renders them)
+        from refusal_assets.verdict import render_transfer
+
+        render_transfer(doc, model_key, comp.get("transfer") or {})
         doc.h(3, f"Refusal directions ({model_key})")
         doc.p("Difference of means (toxic - safe) at the last post-instruction token per category (Arditi et al. 2024); cosines across categories.")
         for site in comp.get("direction_cosines", {}):

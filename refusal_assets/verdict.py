@@ -104,3 +104,63 @@ def render(doc: Any, model_key: str, combined: dict) -> None:
         doc.p(f"Tests that disagree: {', '.join(combined['disagree'])}.")
     if combined.get("thresholds"):
         doc.p("Thresholds (comparison config): " + ", ".join(f"{k} = {v}" for k, v in combined["thresholds"].items()) + ".")
+
+
+def _median_ratio_line(test: str, res: dict) -> TestLine:
+    """A functional test's line: the median off-diagonal ratio (A's mechanism on B over B's own) and its CI."""
+    cats = res["categories"]
+    cells = [(res["ratio"][i][j], res["ratio_lo"][i][j], res["ratio_hi"][i][j], a, b)
+             for i, a in enumerate(cats) for j, b in enumerate(cats) if i != j and res["ratio"][i][j] is not None]
+    if not cells:
+        return TestLine(test, "execution", res["verdict"], "median cross/own ratio", math.nan, (math.nan, math.nan), res["reason"])
+    cells.sort(key=lambda c: c[0])
+    v, lo, hi, a, b = cells[len(cells) // 2]
+    return TestLine(test, "execution", res["verdict"], f"median cross/own ratio ({a} on {b})", v,
+                    (math.nan if lo is None else lo, math.nan if hi is None else hi), res["reason"])
+
+
+def transfer_lines(transfer: dict) -> list[TestLine]:
+    """Lines of the functional tests in ``transfer.json`` (none where they did not run)."""
+    lines = []
+    if "circuit_transfer" in transfer:
+        lines.append(_median_ratio_line("circuit transfer", transfer["circuit_transfer"]))
+    directions = transfer.get("directions", {})
+    if "ablation" in directions:
+        lines.append(_median_ratio_line("direction cross-ablation", directions["ablation"]))
+    if "induced" in directions:
+        lines.append(_median_ratio_line("induced refusal", directions["induced"]))
+    return lines
+
+
+def _cell(v, lo, hi) -> str:
+    return "n/a" if v is None else _fmt(v, (math.nan if lo is None else lo, math.nan if hi is None else hi))
+
+
+def render_transfer(doc: Any, model_key: str, transfer: dict) -> None:
+    """The functional tests' matrices (score change and ratio to B's own, with CIs) and the pooled direction."""
+    if not transfer or not transfer.get("enabled", True):
+        return
+    doc.h(3, f"Functional cross-category tests ({model_key})")
+    doc.p("Rows A: whose circuit or direction; columns B: whose prompts. Cells: mean change of B's refusal score [95% CI], then "
+          "the ratio to B's own mechanism; 'n/a' where B's own change has a CI that includes 0 (the ratio is not a number). "
+          "The control is a random circuit of B's size per site, or a random direction.")
+    if transfer.get("fallback_categories"):
+        doc.p(f"Left out (too few refusing prompts for the configured filter): {', '.join(transfer['fallback_categories'])}.")
+    tests = [transfer.get("circuit_transfer"), transfer.get("circuit_faithfulness"),
+             transfer.get("directions", {}).get("ablation"), transfer.get("directions", {}).get("induced")]
+    for res in (t for t in tests if t):
+        cats = res["categories"]
+        rows = [[a, *(f"{_cell(res['change'][i][j], res['change_lo'][i][j], res['change_hi'][i][j])}; ratio "
+                      f"{_cell(res['ratio'][i][j], res['ratio_lo'][i][j], res['ratio_hi'][i][j])}" for j in range(len(cats)))]
+                for i, a in enumerate(cats)]
+        rows.append(["random control", *(_cell(v, *ci) for v, ci in zip(res["control"], res["control_ci"]))])
+        doc.p(f"{res['test']}: {res['reason']}")
+        doc.table(["A \\ B", *cats], rows)
+    directions = transfer.get("directions", {})
+    if directions.get("pooled_remaining"):
+        doc.p("Pooled all-category direction (the monolithic baseline): share of each category's held-out refusal (score above its "
+              "harmless mean) left after ablating it.")
+        doc.table(["category", "refusal left [95% CI]"], [[c, _cell(v, *ci)] for c, (v, ci) in directions["pooled_remaining"].items()])
+    if directions.get("selected"):
+        doc.table(["direction", "layer", "position", "norm", "train drop"],
+                  [[c, s["layer"], s["position"], f"{s['norm']:.2f}", f"{s['train_drop']:.3f}"] for c, s in directions["selected"].items()])

@@ -15,7 +15,7 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs import automation, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets
+from refusal_assets.defs import automation, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets, transfer_assets
 from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
@@ -55,6 +55,7 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
         *model_assets.build(cfg, parts, gpu),
         *sae_assets.build(cfg, parts, gpu),
         *circuit_assets.build(cfg, parts, gpu),
+        *transfer_assets.build(cfg, parts, gpu),
         *comparison_assets.build(cfg, parts),
     ])
     return dg.Definitions(

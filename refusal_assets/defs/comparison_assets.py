@@ -14,7 +14,7 @@ from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
 from refusal_assets.report import write_report
 from refusal_assets.storage import write_text
-from refusal_assets.verdict import combine, overlap_line
+from refusal_assets.verdict import combine, overlap_line, transfer_lines
 
 
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
@@ -22,7 +22,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         partitions_def=parts.model, kinds={"scipy", "matplotlib"}, group_name="comparison",
-        code_version=cfg.section_hash("circuits", "comparison"), deps=["circuit"],
+        code_version=cfg.section_hash("circuits", "comparison"), deps=["circuit", "transfer"],
         description="Category x category circuit overlaps with a label-permutation null, split-half ceilings, bootstrap CIs, "
                     "Benjamini-Hochberg, the shared core vs category-specific tail, refusal-direction cosines, and the verdict.",
     )
@@ -93,7 +93,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         # One answer from every test's line; today the overlap test of the main group (transfer and
         # direction tests add their lines here).
         thresholds = {k: getattr(comp, k) for k in ("alpha", "equivalence_margin", "modular_max_normalised", "min_decided_fraction", "majority", "min_ceiling")}
-        combined = combine([overlap_line(main)], thresholds)
+        transfer = layout.load_transfer(model_key) or {}
+        out["transfer"] = transfer
+        combined = combine([overlap_line(main), *transfer_lines(transfer)], thresholds)
         out["combined"] = combined.to_dict()
         out["verdict"], out["verdict_reason"] = combined.verdict, combined.reason
         out["seconds"] = time.perf_counter() - t0
