@@ -49,7 +49,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _set_env(args)
     from refusal_assets.calibration import run_calibrate
 
-    return run_calibrate(settings.load_project(), as_json=args.json, n_replicates=args.replicates)
+    return run_calibrate(settings.load_project(), as_json=args.json, n_replicates=args.replicates, model_level=not args.synthetic_only)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--replicates", type=int, default=200, help="synthetic replicates per planted answer")
+    p.add_argument("--synthetic-only", action="store_true", help="skip the planted tiny-model level")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("plot-sae", help="regenerate SAE training plots from saved history.json files")

@@ -1,11 +1,17 @@
 """The combined verdict per model: what each cross-category test says, with its CI, and one answer.
 
 Each test contributes a :class:`TestLine` (its own verdict, a headline statistic with a 95% CI, the
-level it speaks at); :func:`combine` turns the lines into a :class:`CombinedVerdict`. Tests that
-say ``insufficient evidence`` do not vote; if none decides, neither does the combination. Tests
-that decide and disagree give ``mixed`` and are named: refusal can be executed by one shared
-direction while upstream harm features differ by category (DESIGN.md §2, two levels), so
-disagreement between a feature-level and an execution-level test is an answer, not an error.
+level it speaks at, and whether it tests necessity or sufficiency); :func:`combine` turns the lines
+into a :class:`CombinedVerdict`. Tests that say ``insufficient evidence`` do not vote; if none
+decides, neither does the combination. Deciding necessity tests that disagree give ``mixed``, and
+every disagreeing test is named: refusal can be executed by one shared direction while upstream
+harm features differ by category (DESIGN.md §2, two levels), so disagreement is an answer.
+
+Induced refusal is a *sufficiency* test and does not vote: any direction taken after the point
+where categories are told apart feeds the one refusal output, so adding it induces refusal in every
+category whether the mechanisms upstream are shared or not (on the planted modular tiny model of
+``refusal-assets calibrate`` it says "monolithic" while every necessity test says "modular"). It is
+reported, and named when it disagrees.
 
 Rendering for the report is :func:`render`, given any object with ``h``, ``p`` and ``table``.
 """
@@ -32,6 +38,11 @@ class TestLine:
     value: float
     ci: tuple[float, float]
     reason: str
+    role: Literal["necessity", "sufficiency"] = "necessity"
+    """Necessity tests (does removing A's mechanism remove B's refusal; do the circuits coincide)
+    vote; sufficiency tests (does adding A's direction cause refusal) are reported only."""
+
+
 
 
 @dataclass(frozen=True)
@@ -68,16 +79,20 @@ def overlap_line(result: dict) -> TestLine:
 
 def combine(lines: list[TestLine], thresholds: dict[str, Any] | None = None) -> CombinedVerdict:
     """One answer from the tests' lines (see the module docstring)."""
-    decided = [ln for ln in lines if ln.says != "insufficient evidence"]
+    decided_all = [ln for ln in lines if ln.says != "insufficient evidence"]
+    decided = [ln for ln in decided_all if ln.role == "necessity"]
     answers = {ln.says for ln in decided}
     if not decided:
         need = "; ".join(f"{ln.test}: {ln.reason}" for ln in lines) or "no test ran"
-        return CombinedVerdict("insufficient evidence", f"Insufficient evidence: no test decides. {need}", lines, [], thresholds or {})
+        return CombinedVerdict("insufficient evidence", f"Insufficient evidence: no necessity test decides. {need}", lines, [], thresholds or {})
     if len(answers) == 1:
         (answer,) = answers
         names = ", ".join(ln.test for ln in decided)
-        return CombinedVerdict(answer, f"{answer.capitalize()}: every deciding test ({names}) says {answer}.", lines, [], thresholds or {})
-    disagree = [ln.test for ln in decided]
+        dissent = [ln for ln in decided_all if ln.says != answer]
+        note = "".join(f" {ln.test} (a sufficiency test, not voting) says {ln.says}." for ln in dissent)
+        return CombinedVerdict(answer, f"{answer.capitalize()}: every deciding necessity test ({names}) says {answer}.{note}", lines,
+                               [ln.test for ln in dissent], thresholds or {})
+    disagree = [ln.test for ln in decided_all]
     by_level = {lvl: sorted({ln.says for ln in decided if ln.level == lvl}) for lvl in ("features", "execution")}
     return CombinedVerdict("mixed", (
         "Mixed: the tests disagree -- " + "; ".join(f"{ln.test} says {ln.says}" for ln in decided)
@@ -98,8 +113,9 @@ def render(doc: Any, model_key: str, combined: dict) -> None:
     """The per-model verdict table: one row per test, the combined verdict, the thresholds."""
     doc.h(3, f"Combined verdict ({model_key}): {combined['verdict']}")
     doc.p(combined["reason"])
-    doc.table(["test", "level", "says", "statistic", "value [95% CI]"],
-              [[ln["test"], ln["level"], ln["says"], ln["statistic"], _fmt(ln["value"], tuple(ln["ci"]))] for ln in combined["lines"]])
+    doc.table(["test", "level", "role", "says", "statistic", "value [95% CI]"],
+              [[ln["test"], ln["level"], ln.get("role", "necessity"), ln["says"], ln["statistic"], _fmt(ln["value"], tuple(ln["ci"]))]
+               for ln in combined["lines"]])
     if combined.get("disagree"):
         doc.p(f"Tests that disagree: {', '.join(combined['disagree'])}.")
     if combined.get("thresholds"):
@@ -128,7 +144,8 @@ def transfer_lines(transfer: dict) -> list[TestLine]:
     if "ablation" in directions:
         lines.append(_median_ratio_line("direction cross-ablation", directions["ablation"]))
     if "induced" in directions:
-        lines.append(_median_ratio_line("induced refusal", directions["induced"]))
+        line = _median_ratio_line("induced refusal", directions["induced"])
+        lines.append(TestLine(**{**asdict(line), "role": "sufficiency"}))
     return lines
 
 

@@ -279,6 +279,11 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
     assert split.verdict == "mixed" and split.disagree == ["overlap", "direction ablation"]
     assert "Feature level: modular; execution level: monolithic" in split.reason
     assert combine([line("overlap", "features", "insufficient evidence")]).verdict == "insufficient evidence"
+    # a sufficiency test reports but does not vote; its disagreement is named
+    induced = TestLine("induced refusal", "execution", "monolithic", "x", 1.0, (0.9, 1.1), "r", role="sufficiency")
+    mod = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular"), induced])
+    assert mod.verdict == "modular" and mod.disagree == ["induced refusal"] and "not voting" in mod.reason
+    assert combine([induced]).verdict == "insufficient evidence"
     result = compare_categories(make_effects(n_shared=N_STRONG // 2), SITE_OF_NODE, **FAST).to_dict()
     ov = overlap_line(result)
     assert ov.says == "modular" and ov.ci[0] <= ov.value <= ov.ci[1] and ov.value == pytest.approx(1 / 3, abs=0.05)

@@ -107,3 +107,16 @@ def test_circuit_transfer_shared_vs_disjoint_mechanisms():
     loss, keep = run(disjoint=True)
     assert loss.verdict == "modular", loss.reason
     assert np.nanmax(np.where(np.eye(3, dtype=bool), np.nan, loss.ratio_hi)) < 0.5
+
+
+@pytest.mark.parametrize("planted", ["monolithic", "modular"])
+def test_planted_tiny_model_gives_the_planted_answer(tiny_model, planted):
+    """Level 2 of the calibration at a smaller size: every necessity test and the combined verdict
+    recover the plant; induced refusal (sufficiency) says shared either way (see refusal_assets.verdict)."""
+    from refusal_assets.calibration import calibrate_model
+
+    model, tok = tiny_model
+    r = calibrate_model(model, tok, planted, n_categories=3, n_prompts=8, n_bootstrap=60, n_permutations=60)
+    assert (r.overlap, r.circuit_transfer, r.direction_ablation) == (planted,) * 3, r.reasons
+    assert r.combined == planted, r.reasons["combined"]
+    assert r.induced_refusal == "monolithic", r.reasons["induced refusal"]
