@@ -241,10 +241,13 @@ def candidate_grid(n_layers: int, n_positions: int, n_layer_candidates: int, n_p
 
 def select_directions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, toxic: dict[str, list[str]], harmless: dict[str, list[str]],
                       refusal_ids: torch.Tensor, *, n_layer_candidates: int, n_position_candidates: int, batch_size: int,
-                      system_prompt: str | None = None, device: str = "cpu", pooled: bool = True) -> dict[str, SelectedDirection]:
+                      system_prompt: str | None = None, device: str = "cpu", pooled: bool = True,
+                      pooled_selection_prompts: int = 4) -> dict[str, SelectedDirection]:
     """Per category (and ``"pooled"`` over all): the difference-of-means direction at the (layer,
     position) whose ablation lowers the category's training toxic scores most. Every candidate of a
-    category is scored in one batched :func:`direction_scores` call."""
+    category is scored in one batched :func:`direction_scores` call; the pooled direction (its mean
+    over every training prompt) is selected on ``pooled_selection_prompts`` per category, which
+    bounds its cost by that of one category."""
     kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
     h_tox = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in toxic.items()}  # [n, L, P, d]
     h_harm = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in harmless.items()}
@@ -258,7 +261,7 @@ def select_directions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         diff = mean_tox - mean_harm
         grid = candidate_grid(diff.shape[0], diff.shape[1], n_layer_candidates, n_position_candidates)
         cands = torch.stack([diff[layer, p] for layer, p in grid])  # [K, d]
-        prompts = [p for c in tox_cats for p in toxic[c]]
+        prompts = [p for c in tox_cats for p in (toxic[c][:pooled_selection_prompts] if name == "pooled" else toxic[c])]
         clean = direction_scores(model, tokenizer, prompts, cands[:1], mode="none", refusal_ids=refusal_ids, **kw)[0]
         ablated = direction_scores(model, tokenizer, prompts, cands, mode="ablate", refusal_ids=refusal_ids, **kw)  # [K, n]
         drops = (clean[None] - ablated).mean(1)

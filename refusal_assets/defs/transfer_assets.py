@@ -106,7 +106,7 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             if len(usable) >= 2:
                 selected = tr.select_directions(model, tok, usable, {c: harmless_train[c] for c in usable}, ids,
                                                 n_layer_candidates=comp.direction_layers, n_position_candidates=comp.direction_positions,
-                                                device=device, **kw)
+                                                pooled_selection_prompts=comp.pooled_selection_prompts, device=device, **kw)
                 tests = tr.direction_tests(model, tok, selected, toxic_eval, harmless_eval, ids, rule, n_bootstrap=comp.n_bootstrap,
                                            seed=comp.seed, device=device, **kw)
                 out["directions"] = tests.to_dict()
