@@ -242,15 +242,18 @@ def candidate_grid(n_layers: int, n_positions: int, n_layer_candidates: int, n_p
 def select_directions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, toxic: dict[str, list[str]], harmless: dict[str, list[str]],
                       refusal_ids: torch.Tensor, *, n_layer_candidates: int, n_position_candidates: int, batch_size: int,
                       system_prompt: str | None = None, device: str = "cpu", pooled: bool = True,
-                      pooled_selection_prompts: int = 4) -> dict[str, SelectedDirection]:
+                      pooled_selection_prompts: int = 4, hidden: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, SelectedDirection]:
     """Per category (and ``"pooled"`` over all): the difference-of-means direction at the (layer,
     position) whose ablation lowers the category's training toxic scores most. Every candidate of a
     category is scored in one batched :func:`direction_scores` call; the pooled direction (its mean
     over every training prompt) is selected on ``pooled_selection_prompts`` per category, which
-    bounds its cost by that of one category."""
+    bounds its cost by that of one category. ``hidden``, if given, receives the activations
+    (``{"toxic": {c: [n, L, P, d]}, "harmless": ...}``) for :func:`direction_cosines`."""
     kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
     h_tox = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in toxic.items()}  # [n, L, P, d]
     h_harm = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in harmless.items()}
+    if hidden is not None:
+        hidden.update(toxic=h_tox, harmless=h_harm)
     groups = {c: ([c], [c]) for c in toxic if c in harmless and h_tox[c].shape[0] and h_harm[c].shape[0]}
     if pooled:
         groups["pooled"] = (list(groups), list(groups))
@@ -335,6 +338,51 @@ def direction_tests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         {c: {"layer": s.layer, "position": s.position, "norm": float(s.direction.norm()), "train_drop": s.train_drop} for c, s in selected.items()},
         cosine,
     )
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of ``[..., d]`` arrays."""
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+
+def direction_cosines(tox: dict[str, np.ndarray], harm: dict[str, np.ndarray], *, n_splits: int = 50, n_permutations: int = 500,
+                      alpha: float = 0.05, seed: int = 0) -> dict:
+    """Cosines of difference-of-means directions at one (layer, position), not bare: per pair, the
+    full-sample cosine; a split-half ceiling (cosine of the directions of two disjoint halves of one
+    category's toxic prompts) and the cross-category cosine of half-sample directions at the same size,
+    whose ratio is ~1 when the two categories share a direction; and a one-sided label-permutation p
+    (toxic prompts shuffled between the two categories, harmless means kept) for a cosine lower than
+    exchangeable labels give. ``tox[c]`` [n_c, d], ``harm[c]`` [m_c, d]."""
+    from math import comb
+
+    cats = sorted(tox)
+    rng = np.random.default_rng(seed)
+    mu_h = {c: harm[c].mean(0) for c in cats}
+    pairs = []
+    for i, a in enumerate(cats):
+        for b in cats[i + 1 :]:
+            na, nb = len(tox[a]), len(tox[b])
+            m = min(na, nb) // 2
+            full = float(_cos(tox[a].mean(0) - mu_h[a], tox[b].mean(0) - mu_h[b]))
+            cross, within = [], []
+            for _ in range(n_splits):
+                pa, pb = rng.permutation(na), rng.permutation(nb)
+                a1, a2 = tox[a][pa[:m]].mean(0) - mu_h[a], tox[a][pa[m : 2 * m]].mean(0) - mu_h[a]
+                b1, b2 = tox[b][pb[:m]].mean(0) - mu_h[b], tox[b][pb[m : 2 * m]].mean(0) - mu_h[b]
+                cross.append((_cos(a1, b1) + _cos(a2, b2) + _cos(a1, b2) + _cos(a2, b1)) / 4)
+                within.append((_cos(a1, a2) + _cos(b1, b2)) / 2)
+            pooled = np.concatenate([tox[a], tox[b]])
+            null = np.empty(n_permutations)
+            for k in range(n_permutations):
+                p = rng.permutation(na + nb)
+                null[k] = _cos(pooled[p[:na]].mean(0) - mu_h[a], pooled[p[na:]].mean(0) - mu_h[b])
+            ceiling = float(np.mean(within))
+            min_p = max(1 / (comb(na + nb, na) / (2 if na == nb else 1)), 1 / (1 + n_permutations))
+            pairs.append({"a": a, "b": b, "cosine": full, "half_size": m, "cross_half_cosine": float(np.mean(cross)), "ceiling": ceiling,
+                          "normalised": float(np.mean(cross)) / ceiling if ceiling > 0 else math.nan,
+                          "p_value": float((1 + (null <= full).sum()) / (1 + n_permutations)), "min_p": min_p,
+                          "testable": min_p < alpha, "null_mean": float(null.mean())})
+    return {"categories": cats, "pairs": pairs}
 
 
 # ---------------------------------------------------------------------------- circuit transfer

@@ -178,6 +178,19 @@ def render_transfer(doc: Any, model_key: str, transfer: dict) -> None:
         doc.p("Pooled all-category direction (the monolithic baseline): share of each category's held-out refusal (score above its "
               "harmless mean) left after ablating it.")
         doc.table(["category", "refusal left [95% CI]"], [[c, _cell(v, *ci)] for c, (v, ci) in directions["pooled_remaining"].items()])
+    render_cosines(doc, directions.get("cosine_tests"))
     if directions.get("selected"):
         doc.table(["direction", "layer", "position", "norm", "train drop"],
                   [[c, s["layer"], s["position"], f"{s['norm']:.2f}", f"{s['train_drop']:.3f}"] for c, s in directions["selected"].items()])
+
+
+def render_cosines(doc: Any, cosine_tests: dict) -> None:
+    """Direction cosines with their split-half ceiling and permutation null (reported, not voting)."""
+    if not cosine_tests or not cosine_tests.get("pairs"):
+        return
+    doc.p(f"Refusal-direction cosines at layer {cosine_tests['layer']}, post-instruction position {cosine_tests['position']} "
+          "(the pooled direction's): full-sample cosine; half-sample cross-category cosine over the within-category split-half "
+          "ceiling at the same size (~1 = one shared direction); one-sided permutation p for a cosine lower than exchangeable labels.")
+    doc.table(["a", "b", "cosine", "normalised", "ceiling", "p (permutation)", "testable"],
+              [[p["a"], p["b"], f"{p['cosine']:.3f}", "n/a" if p["normalised"] is None else f"{p['normalised']:.3f}", f"{p['ceiling']:.3f}",
+                f"{p['p_value']:.3f}", "yes" if p["testable"] else "no"] for p in cosine_tests["pairs"]])

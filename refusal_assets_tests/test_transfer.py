@@ -120,3 +120,17 @@ def test_planted_tiny_model_gives_the_planted_answer(tiny_model, planted):
     assert (r.overlap, r.circuit_transfer, r.direction_ablation) == (planted,) * 3, r.reasons
     assert r.combined == planted, r.reasons["combined"]
     assert r.induced_refusal == "monolithic", r.reasons["induced refusal"]
+
+
+def test_direction_cosines_ceiling_and_null():
+    rng = np.random.default_rng(0)
+    d, n = 32, 12
+    r_shared, r_other = np.eye(d)[0], np.eye(d)[1]
+    harm = {c: rng.normal(0, 1, (n, d)) for c in "abc"}
+    tox = {"a": r_shared * 3 + rng.normal(0, 1, (n, d)), "b": r_shared * 3 + rng.normal(0, 1, (n, d)),
+           "c": r_other * 3 + rng.normal(0, 1, (n, d))}
+    out = tr.direction_cosines(tox, harm, n_splits=40, n_permutations=200)
+    by = {(p["a"], p["b"]): p for p in out["pairs"]}
+    assert abs(by[("a", "b")]["normalised"] - 1) < 0.25 and by[("a", "b")]["p_value"] > 0.05  # one shared direction
+    assert by[("a", "c")]["normalised"] < 0.5 and by[("a", "c")]["p_value"] < 0.05 and by[("a", "c")]["testable"]
+    assert all(p["half_size"] == n // 2 for p in out["pairs"])

@@ -104,12 +104,19 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             harmless_eval = {c: prompts_of(c, "safe", True) for c in categories}
             usable = {c: p for c, p in toxic_train.items() if p and harmless_train[c] and c not in fallback}
             if len(usable) >= 2:
+                hidden: dict = {}
                 selected = tr.select_directions(model, tok, usable, {c: harmless_train[c] for c in usable}, ids,
                                                 n_layer_candidates=comp.direction_layers, n_position_candidates=comp.direction_positions,
-                                                pooled_selection_prompts=comp.pooled_selection_prompts, device=device, **kw)
+                                                pooled_selection_prompts=comp.pooled_selection_prompts, hidden=hidden, device=device, **kw)
                 tests = tr.direction_tests(model, tok, selected, toxic_eval, harmless_eval, ids, rule, n_bootstrap=comp.n_bootstrap,
                                            seed=comp.seed, device=device, **kw)
                 out["directions"] = tests.to_dict()
+                # cosines at the pooled direction's layer and position, with ceiling and null
+                layer, pos = selected["pooled"].layer, selected["pooled"].position
+                out["directions"]["cosine_tests"] = {"layer": layer, "position": pos, **tr.direction_cosines(
+                    {c: h[:, layer, pos].numpy() for c, h in hidden["toxic"].items()},
+                    {c: h[:, layer, pos].numpy() for c, h in hidden["harmless"].items()},
+                    n_permutations=comp.n_permutations, alpha=comp.alpha, seed=comp.seed)}
                 context.log.info(tests.ablation.reason)
                 context.log.info(tests.induced.reason)
             out["seconds"] = {"circuit_transfer": t_circ, "total": time.perf_counter() - t0}
