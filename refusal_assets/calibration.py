@@ -301,7 +301,7 @@ def calibrate_model(model, tokenizer, planted: Planted, *, n_categories: int = 4
     error_nodes[index.error_node(0)] = True
     overlap = compare_categories(effects, index.site_of_node, mode="topk", k_per_site=2, n_permutations=n_permutations,
                                  n_bootstrap=n_bootstrap, seed=seed, error_nodes=error_nodes, rule=rule)
-    loss, keep = tr.circuit_transfer(score_fns, circuits, own, index.site_of_node, rule, n_bootstrap=n_bootstrap, seed=seed)
+    loss, _faithfulness = tr.circuit_transfer(score_fns, circuits, own, index.site_of_node, rule, n_bootstrap=n_bootstrap, seed=seed)
     half = n_prompts // 2  # directions from the first half, every reported number on the second
     selected = tr.select_directions(m, tok, {c: p[:half] for c, p in toxic.items()}, {c: p[:half] for c, p in harmless.items()}, ids,
                                     n_layer_candidates=2, n_position_candidates=1, **kw)

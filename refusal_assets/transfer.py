@@ -234,7 +234,7 @@ def candidate_grid(n_layers: int, n_positions: int, n_layer_candidates: int, n_p
     """(layer, position) candidates: evenly spaced layers below 0.8 L (Arditi et al. drop the last
     layers, whose directions act on the output directly) x the last post-instruction positions."""
     top = max(1, int(0.8 * n_layers))
-    layers = sorted({int(round(x)) for x in np.linspace(min(1, top - 1), top - 1, min(n_layer_candidates, top))})
+    layers = sorted({round(x) for x in np.linspace(min(1, top - 1), top - 1, min(n_layer_candidates, top))})
     positions = list(range(max(0, n_positions - n_position_candidates), n_positions))
     return [(layer, p) for layer in layers for p in positions]
 

@@ -38,7 +38,7 @@ def planted_direction(tiny_model):
 def test_direction_ablation_and_addition_move_refusal_batched_as_separately(planted_direction):
     model, tok, ids, u = planted_direction
     other = torch.nn.functional.normalize(torch.randn(u.shape[0], generator=torch.Generator().manual_seed(1)), dim=0)
-    kw = dict(refusal_ids=ids, batch_size=3)
+    kw = {"refusal_ids": ids, "batch_size": 3}
     clean = tr.direction_scores(model, tok, PROMPTS, u[None], mode="none", **kw)[0]
     ablated = tr.direction_scores(model, tok, PROMPTS, torch.stack([u, other]), mode="ablate", **kw)  # [2, n]
     assert ablated.shape == (2, len(PROMPTS))
