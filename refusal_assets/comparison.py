@@ -542,6 +542,23 @@ def _checked_effects(effects: dict[str, np.ndarray], n_nodes: int) -> dict[str, 
     return E
 
 
+def fallback_categories(summaries: dict[str, dict], group: str, prompt_filter: str) -> list[str]:
+    """Categories whose ``group`` circuit could not use the configured prompt filter (too few
+    refusing prompts: it mixes refused and complied prompts), from their ``circuit.json`` summaries.
+    They are reported and left out of the verdict."""
+    return sorted(c for c, summary in summaries.items()
+                  if group in summary["groups"] and summary["groups"][group].get("prompt_set", prompt_filter) != prompt_filter)
+
+
+def error_node_mask(site_of_node: np.ndarray) -> np.ndarray:
+    """[n_nodes] bool: the error node of every site (the last node of each site's block, see
+    :class:`refusal_assets.circuits.NodeIndex`)."""
+    site_of_node = np.asarray(site_of_node)
+    mask = np.zeros(site_of_node.shape[0], bool)
+    mask[np.flatnonzero(np.diff(np.append(site_of_node, np.iinfo(np.int64).min)) != 0)] = True
+    return mask
+
+
 def error_share(E: dict[str, np.ndarray], error_nodes: np.ndarray) -> dict[str, float]:
     """Per category, the share of sum |mean effect| that sits on error nodes (what the SAEs miss)."""
     out = {}

@@ -287,3 +287,17 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
     result = compare_categories(make_effects(n_shared=N_STRONG // 2), SITE_OF_NODE, **FAST).to_dict()
     ov = overlap_line(result)
     assert ov.says == "modular" and ov.ci[0] <= ov.value <= ov.ci[1] and ov.value == pytest.approx(1 / 3, abs=0.05)
+
+
+def test_fallback_categories_and_error_node_mask() -> None:
+    from refusal_assets.circuits import NodeIndex
+    from refusal_assets.comparison import error_node_mask, fallback_categories
+    from refusal_assets.sites import Site
+
+    summaries = {"a": {"groups": {"toxic": {"prompt_set": "score_positive"}}},
+                 "b": {"groups": {"toxic": {"prompt_set": "all (score_positive: only 1 < 2)"}}},
+                 "c": {"groups": {"benign": {"prompt_set": "all (score_positive: only 0 < 2)"}}}}
+    assert fallback_categories(summaries, "toxic", "score_positive") == ["b"]
+    assert fallback_categories(summaries, "benign", "score_positive") == ["c"]
+    index = NodeIndex([Site(1, "resid"), Site(2, "resid")], [3, 4])
+    assert np.flatnonzero(error_node_mask(index.site_of_node)).tolist() == [index.error_node(0), index.error_node(1)]

@@ -36,13 +36,11 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         groups = sorted({g for summary, _ in circuits.values() for g in summary["groups"]})
         out: dict = {"model": model_key, "categories": categories, "groups": {}}
         md: dict = {}
-        error_nodes = np.zeros(len(site_of_node), bool)
-        error_nodes[np.flatnonzero(np.diff(np.append(site_of_node, -1)) != 0)] = True  # the last node of every site
+        error_nodes = cmp.error_node_mask(site_of_node)
         for group in groups:
             # Categories whose circuit could not use the configured prompt filter (too few refusing
             # prompts) mix refused and complied prompts: reported, but out of the verdict.
-            fallback = sorted(c for c, (summary, _) in circuits.items()
-                              if group in summary["groups"] and summary["groups"][group].get("prompt_set", cc.prompt_filter) != cc.prompt_filter)
+            fallback = cmp.fallback_categories({c: summary for c, (summary, _) in circuits.items()}, group, cc.prompt_filter)
             effects = {c: t[f"effects_{group}"] for c, (s, t) in circuits.items() if f"effects_{group}" in t and c not in fallback}
             if fallback:
                 md[f"fallback_categories_{group}"] = ", ".join(fallback)
