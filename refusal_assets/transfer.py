@@ -12,11 +12,12 @@ a ratio over a denominator that may be zero is not a number; DESIGN.md §2):
   on the cached prefixes (:func:`refusal_assets.circuits.ablated_scores`).
 * **direction cross-ablation** (Arditi et al. 2024): each category's difference-of-means direction
   r_A, chosen over layers x post-instruction positions by its ablation effect on A's training
-  prompts, is projected out of the residual stream at every layer and position on B's held-out
-  toxic prompts; the drop of B's refusal score against r_B's. One pooled all-category direction is
+  prompts, is projected out of the residual stream at every layer, at the post-instruction positions
+  (the prefix stays cached; see :func:`direction_scores`), on B's held-out toxic prompts; the drop of
+  B's refusal score against r_B's. One pooled all-category direction is
   the monolithic baseline: what remains of each category's refusal after ablating it.
-* **induced refusal**: r_A (its own norm) added at its layer, every position, on B's held-out
-  harmless prompts; the rise of B's refusal score.
+* **induced refusal**: r_A (its own norm) added at its layer, post-instruction positions, on B's
+  held-out harmless prompts; the rise of B's refusal score.
 
 Every test's pair calls and verdict follow :class:`refusal_assets.comparison.VerdictRule`
 (shared: ratio CI low >= 1 - margin; specific: ratio CI high < modular_max_normalised).
@@ -34,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.behaviour import refusal_score_from_logits
-from refusal_assets.chat import batches, encode_chat
+from refusal_assets.circuits import SuffixBatch, prepare_suffixes
 from refusal_assets.comparison import CI, VerdictRule, _jsonable, bootstrap_ci
 from refusal_assets.hooks import forward_hooks
 from refusal_assets.sites import decoder_layers, output_tensor, replace_output
@@ -143,22 +144,25 @@ def verdict_from_calls(test: str, calls: list[str], rule: VerdictRule) -> tuple[
 # ------------------------------------------------------------------------- directions
 
 
+def suffixes_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts, *, batch_size: int,
+                system_prompt: str | None = None, device: str = "cpu") -> list[SuffixBatch]:
+    """Prompts as cached prefixes (:func:`refusal_assets.circuits.prepare_suffixes`): one pass over
+    each prompt's prefix, after which every intervention costs only the post-instruction tokens."""
+    if prompts and isinstance(prompts[0], SuffixBatch):
+        return list(prompts)
+    return prepare_suffixes(model, tokenizer, list(prompts), batch_size=batch_size, system_prompt=system_prompt, device=device)
+
+
 @torch.no_grad()
-def post_instruction_hidden(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, batch_size: int,
+def post_instruction_hidden(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts, *, batch_size: int,
                             system_prompt: str | None = None, device: str = "cpu") -> torch.Tensor:
     """Residual stream at the input of every layer, post-instruction positions only: [n, L, P, d]
-    (one forward per batch; the post-instruction span has the same length P in every prompt)."""
+    (the suffix forward on the cached prefix; the post-instruction span has the same length P in
+    every prompt)."""
     out = []
-    for chunk in batches(prompts, batch_size):
-        batch = encode_chat(tokenizer, chunk, system_prompt).to(device)
-        counts = batch.post_instruction.sum(-1)
-        if not bool((counts == counts[0]).all()):
-            raise ValueError(f"post-instruction spans differ in length across prompts: {counts.tolist()}")
-        pos = batch.post_instruction.nonzero(as_tuple=True)[1].view(len(chunk), -1)  # [B, P]
-        hs = model(**batch.model_inputs(), use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states
-        layers = torch.stack(hs[:-1], 1).float()  # [B, L, T, d]: hs[l] is layer l's input
-        idx = pos[:, None, :, None].expand(-1, layers.shape[1], -1, layers.shape[-1])
-        out.append(torch.gather(layers, 2, idx).cpu())
+    for suffix in suffixes_of(model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device):
+        hs = suffix.run(model, output_hidden_states=True, logits_to_keep=1).hidden_states
+        out.append(torch.stack(hs[:-1], 1).float().cpu())  # [B, L, P, d]: hs[l] is layer l's input
     if not out:
         raise ValueError("post_instruction_hidden: no prompts")
     return torch.cat(out)
@@ -170,53 +174,56 @@ def _residual_modules(model: PreTrainedModel) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def direction_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], directions: torch.Tensor, *,
+def direction_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts, directions: torch.Tensor, *,
                      mode: str, refusal_ids: torch.Tensor, layers: list[int] | None = None, batch_size: int,
                      system_prompt: str | None = None, device: str = "cpu") -> np.ndarray:
-    """Refusal scores [K, n] of ``prompts`` under each of K interventions, batched: every row of a
-    forward carries its own direction, so K directions x n prompts cost ceil(K n / batch_size) passes.
+    """Refusal scores [K, n] of ``prompts`` (texts, or their :func:`suffixes_of`) under each of K
+    interventions at the post-instruction positions, on the cached prefixes: one suffix pass per
+    direction and batch, so K directions cost K passes of P tokens, not K full prompts.
 
     ``mode="ablate"``: project the unit direction out of the residual stream at every layer
-    (embedding output and every block output) and every position. ``mode="add"``: add the direction
-    (as given, with its norm) at the input of ``layers[k]`` at every position (Arditi et al.'s
-    activation addition). ``mode="none"`` ignores ``directions`` (the clean scores, K = 1)."""
+    (embedding output and every block output). ``mode="add"``: add the direction (as given, with its
+    norm) at the input of ``layers[k]`` (Arditi et al.'s activation addition). ``mode="none"``: the
+    clean scores (K = 1). Arditi et al. intervene at every position; here the prefix (system turn and
+    the user's text) stays clean and cached, which is where the circuits intervene too (DESIGN.md §2:
+    the post-instruction positions) and what keeps the main job within its budget; attention from
+    the post-instruction positions still reads the prefix's clean keys and values, so the ablation
+    is, if anything, weaker than Arditi et al.'s."""
     directions = directions.float().to(device)
     K = directions.shape[0]
     if mode not in ("ablate", "add", "none"):
         raise ValueError(f"direction_scores: mode must be 'ablate', 'add' or 'none', not {mode!r}")
     if mode == "add" and (layers is None or len(layers) != K):
         raise ValueError(f"direction_scores: mode 'add' needs one layer per direction ({K}), got {layers}")
+    suffixes = suffixes_of(model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device)
     unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    jobs = [(k, i) for k in range(K) for i in range(len(prompts))]
-    scores = np.zeros((K, len(prompts)))
     mods = _residual_modules(model)
-    for chunk in batches(jobs, batch_size):
-        ks = torch.tensor([k for k, _ in chunk], device=device)
-        batch = encode_chat(tokenizer, [prompts[i] for _, i in chunk], system_prompt).to(device)
-        row_dir = (unit if mode == "ablate" else directions)[ks]  # [B, d]
-        hooks = []
+    rows = []
+    for k in range(1 if mode == "none" else K):
         if mode == "ablate":
-            def ablate(_m, _i, output, r=row_dir):
+            r = unit[k]
+
+            def ablate(_m, _i, output, r=r):
                 x = output_tensor(output)
-                rr = r.to(x.dtype)[:, None, :]
-                return replace_output(output, x - (x * rr).sum(-1, keepdim=True) * rr)
+                rr = r.to(x.dtype)
+                return replace_output(output, x - (x @ rr)[..., None] * rr)
 
             hooks = [(m, ablate) for m in mods]
         elif mode == "add":
-            for layer in sorted({layers[k] for k, _ in chunk}):
-                rows = torch.tensor([layers[k] == layer for k, _ in chunk], device=device)[:, None, None]
+            def add(_m, _i, output, v=directions[k]):
+                x = output_tensor(output)
+                return replace_output(output, x + v.to(x.dtype))
 
-                def add(_m, _i, output, r=row_dir, rows=rows):
-                    x = output_tensor(output)
-                    return replace_output(output, x + torch.where(rows, r.to(x.dtype)[:, None, :], torch.zeros_like(x[:, :1])))
-
-                hooks.append((mods[layer], add))  # module `layer` outputs the input of block `layer`
+            hooks = [(mods[layers[k]], add)]  # module `layer` outputs the input of block `layer`
+        else:
+            hooks = []
+        scores = []
         with forward_hooks(hooks):
-            logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1]
-        s = refusal_score_from_logits(logits, refusal_ids).cpu().numpy()
-        for (k, i), v in zip(chunk, s):
-            scores[k, i] = v
-    return scores
+            for suffix in suffixes:
+                logits = suffix.run(model, logits_to_keep=1).logits[:, -1]
+                scores.append(refusal_score_from_logits(logits, refusal_ids).cpu().numpy())
+        rows.append(np.concatenate(scores) if scores else np.zeros(0))
+    return np.stack(rows)
 
 
 @dataclass(frozen=True)
@@ -228,6 +235,15 @@ class SelectedDirection:
     direction: torch.Tensor  # [d], difference of means (toxic - harmless), raw norm
     train_drop: float
     """Mean drop of the training toxic prompts' score when it is ablated (what selected it)."""
+
+
+def _head(suffix: SuffixBatch, n: int) -> SuffixBatch:
+    """The first ``n`` rows of a suffix batch (its cache sliced along the batch)."""
+    import copy
+
+    cache = copy.deepcopy(suffix.cache)
+    cache.batch_select_indices(torch.arange(min(n, len(suffix.suffix_ids)), device=suffix.suffix_ids.device))
+    return SuffixBatch(cache, suffix.suffix_ids[:n], suffix.attention_mask[:n], suffix.position_ids[:n])
 
 
 def candidate_grid(n_layers: int, n_positions: int, n_layer_candidates: int, n_position_candidates: int) -> list[tuple[int, int]]:
@@ -250,11 +266,12 @@ def select_directions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     bounds its cost by that of one category. ``hidden``, if given, receives the activations
     (``{"toxic": {c: [n, L, P, d]}, "harmless": ...}``) for :func:`direction_cosines`."""
     kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
-    h_tox = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in toxic.items()}  # [n, L, P, d]
-    h_harm = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in harmless.items()}
+    toxic = {c: suffixes_of(model, tokenizer, p, **kw) if p else [] for c, p in toxic.items()}  # each prefix computed once
+    h_tox = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in toxic.items() if p}  # [n, L, P, d]
+    h_harm = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in harmless.items() if p}
     if hidden is not None:
         hidden.update(toxic=h_tox, harmless=h_harm)
-    groups = {c: ([c], [c]) for c in toxic if c in harmless and h_tox[c].shape[0] and h_harm[c].shape[0]}
+    groups = {c: ([c], [c]) for c in toxic if c in h_tox and c in h_harm}
     if pooled:
         groups["pooled"] = (list(groups), list(groups))
     out = {}
@@ -264,7 +281,8 @@ def select_directions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         diff = mean_tox - mean_harm
         grid = candidate_grid(diff.shape[0], diff.shape[1], n_layer_candidates, n_position_candidates)
         cands = torch.stack([diff[layer, p] for layer, p in grid])  # [K, d]
-        prompts = [p for c in tox_cats for p in (toxic[c][:pooled_selection_prompts] if name == "pooled" else toxic[c])]
+        # the pooled direction is selected on the first batch of each category, at most pooled_selection_prompts of it
+        prompts = [_head(toxic[c][0], pooled_selection_prompts) for c in tox_cats] if name == "pooled" else toxic[name]
         clean = direction_scores(model, tokenizer, prompts, cands[:1], mode="none", refusal_ids=refusal_ids, **kw)[0]
         ablated = direction_scores(model, tokenizer, prompts, cands, mode="ablate", refusal_ids=refusal_ids, **kw)  # [K, n]
         drops = (clean[None] - ablated).mean(1)
@@ -291,8 +309,9 @@ class DirectionTests:
 def direction_tests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, selected: dict[str, SelectedDirection],
                     toxic_eval: dict[str, list[str]], harmless_eval: dict[str, list[str]], refusal_ids: torch.Tensor, rule: VerdictRule, *,
                     n_bootstrap: int, seed: int, batch_size: int, system_prompt: str | None = None, device: str = "cpu") -> DirectionTests:
-    """Cross-ablation, induced refusal and the pooled baseline on held-out prompts (one batched pass
-    per prompt set: every direction, the pooled one and a random control ride in the same call)."""
+    """Cross-ablation, induced refusal and the pooled baseline on held-out prompts: each prompt set's
+    prefixes are cached once, then every direction (the categories', the pooled one, a random
+    control) costs one suffix pass."""
     kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device, "refusal_ids": refusal_ids}
     cats = sorted(c for c in selected if c != "pooled")
     gen = torch.Generator().manual_seed(seed)
@@ -302,6 +321,9 @@ def direction_tests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     abl_ctrl, ind_ctrl, remaining = {}, {}, {}
     for b in cats:
         tox, harm = toxic_eval.get(b, []), harmless_eval.get(b, [])
+        cache_kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
+        tox = suffixes_of(model, tokenizer, tox, **cache_kw) if tox else []  # one prefix pass, reused by every direction
+        harm = suffixes_of(model, tokenizer, harm, **cache_kw) if harm else []
         names = [*cats, *(["pooled"] if "pooled" in selected else [])]
         dirs = torch.stack([selected[a].direction for a in names])  # [K, d]
         rand = torch.randn(1, d, generator=gen)
