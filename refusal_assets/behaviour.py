@@ -2,7 +2,10 @@
 
 Refusal score = log p_ref - log(1 - p_ref), where p_ref is the next-token probability mass, at
 the last prompt position, on the model's refusal-opening tokens (the first token of each refusal
-phrase, with and without a leading space, unless the config lists the tokens).
+phrase, with and without a leading space, unless the config lists the tokens). It is computed from
+the logits as logsumexp(refusal logits) - logsumexp(other logits) (:func:`refusal_score_from_logits`):
+the same value, but finite and with a non-zero gradient for any confidence (a clamp on p_ref would
+zero every node effect of a prompt refused with |score| > 13.8, routine for a 7B chat model).
 """
 
 from __future__ import annotations
@@ -50,8 +53,23 @@ def judge_refusal(response: str, phrases: list[str]) -> bool:
     return any(norm(p) in text for p in phrases)
 
 
+def refusal_score_from_logits(logits: torch.Tensor, refusal_ids: torch.Tensor) -> torch.Tensor:
+    """Refusal log-odds [B] from next-token logits [B, vocab]: logsumexp over the refusal tokens minus
+    logsumexp over every other token (= log p_ref - log(1 - p_ref), unclamped, differentiable everywhere)."""
+    logits = logits.float()
+    is_ref = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    is_ref[refusal_ids.to(logits.device)] = True
+    if bool(is_ref.all()) or not bool(is_ref.any()):
+        raise ValueError(f"refusal score: {int(is_ref.sum())} of {logits.shape[-1]} vocabulary tokens are refusal tokens; need some of each")
+    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    ref = torch.logsumexp(torch.where(is_ref, logits, neg_inf), dim=-1)
+    rest = torch.logsumexp(torch.where(is_ref, neg_inf, logits), dim=-1)
+    return ref - rest
+
+
 def refusal_score(p_ref: torch.Tensor) -> torch.Tensor:
-    """log-odds of the refusal mass; clamped so p=0 or 1 stay finite."""
+    """log-odds of an already computed refusal mass (stored probabilities only; model code uses
+    :func:`refusal_score_from_logits`, which needs no clamp); clamped so p=0 or 1 stay finite."""
     p = p_ref.clamp(EPS, 1 - EPS)
     return torch.log(p) - torch.log1p(-p)
 
@@ -88,14 +106,17 @@ def run_behaviour(
     rows = by_length(sample.select("prompt_id", "prompt", "split", "heldout").to_dicts())
     responses: list[str] = []
     p_refs: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
     with progress("behaviour: generation", total=len(rows), unit="prompts", log=log) as prog:
         for chunk in batches(rows, cfg.batch_size):
             batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
             texts, first_logits = generate(model, tokenizer, batch, cfg.generation.max_new_tokens)
             p_refs.append(last_token_refusal_prob(first_logits, ids).cpu())
+            scores.append(refusal_score_from_logits(first_logits, ids).cpu())
             responses.extend(texts)
             prog.update(len(chunk))
     p = torch.cat(p_refs) if p_refs else torch.zeros(0)
+    score = torch.cat(scores) if scores else torch.zeros(0)
     return pl.DataFrame({
         "prompt_id": [r["prompt_id"] for r in rows],
         "split": [r["split"] for r in rows],
@@ -103,7 +124,7 @@ def run_behaviour(
         "response": responses,
         "refused": [judge_refusal(r, cfg.refusal.phrases) for r in responses],
         "p_refusal": p.numpy().astype(np.float64),
-        "refusal_score": refusal_score(p).numpy().astype(np.float64),
+        "refusal_score": score.numpy().astype(np.float64),
     })
 
 

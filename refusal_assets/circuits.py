@@ -28,7 +28,7 @@ from scipy import stats
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.behaviour import refusal_score
+from refusal_assets.behaviour import refusal_score_from_logits
 from refusal_assets.chat import ChatBatch, batches, encode_chat
 from refusal_assets.config import CircuitConfig
 from refusal_assets.hooks import site_hooks, until_stopped
@@ -214,8 +214,7 @@ def _score(model: PreTrainedModel, batch: "ChatBatch | SuffixBatch", refusal_ids
         logits = batch.run(model, logits_to_keep=1).logits[:, -1].float()
     else:
         logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1].float()
-    p = torch.softmax(logits, -1)[:, refusal_ids].sum(-1)
-    return refusal_score(p)
+    return refusal_score_from_logits(logits, refusal_ids)
 
 
 class SiteGrads(NamedTuple):

@@ -50,6 +50,13 @@ def _init_instance_once(home: Path) -> None:
         instance.dispose()
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _set_env(args)
+    from refusal_assets.calibration import run_calibrate
+
+    return run_calibrate(settings.load_project(), as_json=args.json, n_replicates=args.replicates, model_level=not args.synthetic_only)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     _set_env(args)
     from refusal_assets.defs.build import discover_categories
@@ -272,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--activations", default=None, help="sae: a site's activations folder (storage/activations/<site_key>) to train on instead of synthetic rows")
     p.add_argument("--steps", type=int, default=300, help="sae: training steps for ours and sparsify")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("calibrate", help="run the comparison on planted monolithic / modular answers; verdicts and CI coverage")
+    common(p)
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.add_argument("--replicates", type=int, default=200, help="synthetic replicates per planted answer")
+    p.add_argument("--synthetic-only", action="store_true", help="skip the planted tiny-model level")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("plot-sae", help="regenerate SAE training plots from saved history.json files")
     p.add_argument("--sae-dir", default="storage", help="folder searched for history.json")

@@ -34,7 +34,7 @@ from refusal_assets.plots import new_figure, save_png
 _BATCH_ELEMS = 1 << 22
 
 # Seed streams, one per kind of resampling, so adding a statistic never shifts another's draws.
-_PERM, _PAIR_BOOT, _SPLIT, _CORE_BOOT = 0, 1, 2, 3
+_PERM, _PAIR_BOOT, _SPLIT, _CORE_BOOT, _HALF, _NORM_BOOT = 0, 1, 2, 3, 4, 5
 
 
 # ----------------------------------------------------------------------------- set statistics
@@ -71,27 +71,92 @@ def _means_from_indices(effects: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return (counts / m) @ effects
 
 
+def _lead_shape(*idx: np.ndarray) -> tuple[int, ...]:
+    """Batch shape of resample index arrays ``[..., n_c]``: scipy's BCa jackknife passes the left-out
+    sample as ``[batch, n - 1]`` and the others as ``[1, n]``, so the shapes broadcast."""
+    return np.broadcast_shapes(*(np.shape(i)[:-1] for i in idx))
+
+
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
+# ----------------------------------------------------------------------------- bootstrap CIs
+
+CI = tuple[float, float]
+
+
+def bootstrap_ci(data: tuple[np.ndarray, ...], statistic, estimate: float, *, n_resamples: int, batch: int,
+                 rng: np.random.Generator, paired: bool = False, method: Literal["normal", "BCa"] = "normal") -> CI:
+    """95% bootstrap CI over prompts that always contains ``estimate``.
+
+    ``normal`` (the default): estimate ± t(0.975, n_min - 1) × the bootstrap standard error. Top-k set statistics
+    are biased in a bootstrap (resampled prompts repeat, so resampled circuits are noisier and overlap
+    less): percentile intervals then sit below the estimate, and BCa's bias correction aims at the
+    infinite-sample value, not at the statistic's expectation at this sample size, which is what the
+    comparison compares (numerator and ceiling at the same size). The spread of the bootstrap is
+    still a fair (if slightly wide) measure of the estimate's own spread, so the interval is centred on
+    the estimate. Its coverage is measured by ``refusal-assets calibrate``. ``BCa``:
+    ``scipy.stats.bootstrap(method="BCa")``, widened to include the estimate. A degenerate bootstrap
+    (every resample the same value, e.g. identical circuits) gives the point interval."""
+    if not math.isfinite(estimate):
+        return (math.nan, math.nan)
+    with warnings.catch_warnings():
+        # Degenerate or NaN-holding distributions: handled below, the warning adds nothing.
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap(data, statistic, vectorized=True, paired=paired, n_resamples=n_resamples, confidence_level=0.95,
+                              method="percentile" if method == "normal" else method, batch=batch, rng=rng)
+    dist = np.asarray(res.bootstrap_distribution, dtype=float)
+    dist = dist[np.isfinite(dist)]
+    if not dist.size:
+        return (math.nan, math.nan)
+    if np.ptp(dist) == 0 and dist[0] == estimate:
+        return (estimate, estimate)
+    if method == "normal":
+        # Student's t with the smallest sample's degrees of freedom: the bootstrap SE of a statistic
+        # of a dozen prompts is itself uncertain (1.96 under-covers at the default sizes; measured).
+        df = max(min(len(d) for d in data) - 1, 1)
+        half = float(stats.t.ppf(0.975, df)) * float(dist.std(ddof=1))
+        return (estimate - half, estimate + half)
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # BCa undefined (e.g. a constant jackknife): percentile
+        lo, hi = (float(v) for v in np.quantile(dist, [0.025, 0.975]))
+    return (min(lo, estimate), max(hi, estimate))
+
+
+def min_permutation_p(n_a: int, n_b: int, n_permutations: int) -> float:
+    """The smallest p a two-sample label-permutation test of a symmetric statistic can give:
+    1 / (#distinct relabellings), doubled when the groups are equal-sized (swapping them gives the same
+    circuits), and never below the Monte Carlo floor 1 / (1 + n_permutations)."""
+    n_distinct = math.comb(n_a + n_b, n_a) / (2 if n_a == n_b else 1)
+    return max(1.0 / n_distinct, 1.0 / (1 + n_permutations))
+
+
 # ---------------------------------------------------------------------------------------- result
+
+PairCall = Literal["shared", "specific", "partial", "undecided"]
 
 
 @dataclass(frozen=True)
 class PairStats:
     a: str
     b: str
-    jaccard: float
+    jaccard: float  # full-sample circuits
     weighted_overlap: float
     spearman: float
     p_value: float  # one-sided label-permutation p for MODULARITY (overlap lower than exchangeable)
-    q_value: float  # Benjamini-Hochberg over all pairs
-    significant: bool  # q_value < alpha
-    ceiling: float  # geometric mean of the two categories' split-half ceilings
-    normalised_jaccard: float  # jaccard / ceiling; NaN where the ceiling is below min_ceiling
-    jaccard_ci: tuple[float, float]  # percentile bootstrap over prompts
+    min_p: float  # the smallest p the permutation test can give with these group sizes
+    testable: bool  # min_p < alpha: a significant result is attainable at all
+    q_value: float  # Benjamini-Hochberg over the testable pairs; NaN for untestable ones
+    significant: bool  # testable and q_value < alpha
+    half_size: int  # prompts per half-sample circuit: min(n_a, n_b) // 2, for numerator and ceiling alike
+    cross_half_jaccard: float  # mean Jaccard of a half-circuit of a with a half-circuit of b (disjoint halves)
+    ceiling: float  # mean within-category split-half Jaccard at the same half size (both categories)
+    normalised_jaccard: float  # cross_half_jaccard / ceiling; NaN where the ceiling is below min_ceiling
+    normalised_jaccard_ci: CI  # bootstrap over prompts (see bootstrap_ci)
+    jaccard_ci: CI  # bootstrap over prompts, of the full-sample Jaccard (see bootstrap_ci)
     null_mean: float  # mean Jaccard under exchangeable labels, for scale
+    call: PairCall  # what this pair says, see decide_verdict
 
 
 @dataclass(frozen=True)
@@ -99,20 +164,21 @@ class ComparisonResult:
     categories: list[str]  # sorted; the order of every matrix
     n_prompts: dict[str, int]
     circuit_size: dict[str, int]
-    ceiling: dict[str, float]  # split-half Jaccard reliability of each category's circuit
+    ceiling: dict[str, float]  # split-half Jaccard reliability of each category's circuit (halves of its own size)
     pairs: list[PairStats]
     jaccard: np.ndarray  # [n_cat, n_cat], 1 on the diagonal
     weighted_overlap: np.ndarray  # [n_cat, n_cat], 1 on the diagonal
     spearman: np.ndarray  # [n_cat, n_cat], 1 on the diagonal
     normalised_jaccard: np.ndarray  # [n_cat, n_cat], NaN on the diagonal (no test of a category with itself)
     p_value: np.ndarray  # [n_cat, n_cat], NaN on the diagonal
-    q_value: np.ndarray  # [n_cat, n_cat], NaN on the diagonal
+    q_value: np.ndarray  # [n_cat, n_cat], NaN on the diagonal and for untestable pairs
     significant: np.ndarray  # [n_cat, n_cat] bool, False on the diagonal
     shared_core: np.ndarray  # node indices in every category's circuit
     specific_tail: dict[str, np.ndarray]  # node indices only in that category's circuit
     shared_fraction: float  # |core| / mean circuit size
     shared_fraction_ci: tuple[float, float]
-    verdict: Literal["modular", "monolithic", "mixed"]
+    error_share: dict[str, float]  # share of the mean |effect| that sits on error nodes (left out of every circuit here)
+    verdict: Literal["modular", "monolithic", "mixed", "insufficient evidence"]
     verdict_reason: str
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -140,80 +206,109 @@ def _jsonable(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------- the verdict
 
 
+@dataclass(frozen=True)
+class VerdictRule:
+    """Thresholds of the overlap verdict (``comparison:`` config fields, echoed in the output)."""
+
+    equivalence_margin: float = 0.2
+    """A pair is ``shared`` when the lower end of its normalised-Jaccard CI is at least 1 - margin:
+    cross-category overlap equivalent to the within-category ceiling (an equivalence test, never
+    "failed to reject")."""
+    modular_max_normalised_jaccard: float = 0.5
+    """A pair is ``specific`` when it differs significantly AND the upper end of its normalised-Jaccard
+    CI is below this."""
+    min_decided_fraction: float = 0.5
+    """Fewer pairs than this fraction decided (shared / specific / partial): ``insufficient evidence``."""
+    majority: float = 0.5
+    """``modular``: at least this fraction of decided pairs specific and none shared; ``monolithic``:
+    at least this fraction shared and none specific or partial."""
+
+    @classmethod
+    def from_config(cls, comp: Any) -> VerdictRule:
+        """From a :class:`refusal_assets.config.ComparisonConfig`."""
+        return cls(comp.equivalence_margin, comp.modular_max_normalised, comp.min_decided_fraction, comp.majority)
+
+
 class Verdict(NamedTuple):
-    verdict: Literal["modular", "monolithic", "mixed"]
+    verdict: Literal["modular", "monolithic", "mixed", "insufficient evidence"]
     reason: str
     """The rule that decided, with the numbers it saw."""
 
 
-def decide_verdict(
-    pairs: list[PairStats],
-    shared_fraction_ci: tuple[float, float],
-    *,
-    modular_min_significant_fraction: float = 0.5,
-    modular_max_normalised_jaccard: float = 0.5,
-    monolithic_min_shared_ci_low: float = 0.5,
-    monolithic_min_normalised_jaccard: float = 0.8,
-    monolithic_min_ceiling: float = 0.4,
-) -> Verdict:
-    """The documented rule.
+def classify_pair(significant: bool, normalised_ci: CI, rule: VerdictRule) -> PairCall:
+    """``shared``: normalised CI low >= 1 - margin; ``specific``: significant and CI high below
+    ``modular_max_normalised_jaccard``; ``partial``: significant, or the CI lies wholly below the
+    equivalence bound (clearly not shared, not clearly disjoint); ``undecided``: anything else (a CI
+    spanning both answers, an undefined ceiling, an untestable pair)."""
+    lo, hi = normalised_ci
+    if math.isfinite(lo) and lo >= 1 - rule.equivalence_margin:
+        return "shared"
+    if significant and math.isfinite(hi) and hi < rule.modular_max_normalised_jaccard:
+        return "specific"
+    if significant or (math.isfinite(hi) and hi < 1 - rule.equivalence_margin):
+        return "partial"
+    return "undecided"
 
-    * ``modular``: at least ``modular_min_significant_fraction`` of the pairs differ significantly
-      after Benjamini-Hochberg (their circuits overlap less than exchangeable labels would give) AND
-      the median normalised Jaccard is below ``modular_max_normalised_jaccard``.
-    * ``monolithic``: no pair is significant after BH AND either the lower end of the shared-fraction
-      95% CI is at least ``monolithic_min_shared_ci_low`` or the median normalised Jaccard is at least
-      ``monolithic_min_normalised_jaccard`` (pairwise overlap near the reliability ceiling; with many
-      categories the all-category core can be small even when every pair overlaps well).
+
+def prompts_to_decide(pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule, alpha: float) -> int:
+    """A rough per-category sample that would decide the undecided pairs: CI widths shrink as 1/sqrt(n),
+    so n * (half-width / distance to the nearer decision bound)^2, and at least the size at which the
+    permutation test can reach alpha."""
+    need = 0
+    for p in pairs:
+        if p.call != "undecided":
+            continue
+        n = min(n_prompts[p.a], n_prompts[p.b])
+        k = n
+        while min_permutation_p(k, k, 10**9) >= alpha:
+            k += 1
+        lo, hi = p.normalised_jaccard_ci
+        est = p.normalised_jaccard
+        if math.isfinite(est) and math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+            gap = max(min(abs(est - (1 - rule.equivalence_margin)), abs(est - rule.modular_max_normalised_jaccard)), 0.05)
+            k = max(k, math.ceil(n * ((hi - lo) / 2 / gap) ** 2))
+        else:  # no usable ceiling: the circuits do not replicate; at least four times the sample
+            k = max(k, 4 * n)
+        need = max(need, k)
+    return need
+
+
+def decide_verdict(pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule = VerdictRule(), *, alpha: float = 0.05) -> Verdict:
+    """The overlap test's verdict from the pairs' calls (:func:`classify_pair`).
+
+    * ``insufficient evidence``: fewer than ``min_decided_fraction`` of the pairs decided;
+    * ``monolithic``: at least ``majority`` of the decided pairs ``shared``, none ``specific`` or ``partial``;
+    * ``modular``: at least ``majority`` of the decided pairs ``specific``, none ``shared``;
     * ``mixed``: anything else.
-
-    NaN normalised Jaccards (pair ceiling below ``min_ceiling``) are left out of the median; if all
-    are NaN neither median condition holds. Note half-shared circuits have Jaccard 1/3, so they count
-    as modular.
+    Half-shared circuits have Jaccard 1/3, so they count as specific.
     """
-    n_pairs = len(pairs)
-    n_sig = sum(p.significant for p in pairs)
+    calls = [p.call for p in pairs]
+    count = {c: calls.count(c) for c in ("shared", "specific", "partial", "undecided")}
+    decided = len(calls) - count["undecided"]
     norm = np.array([p.normalised_jaccard for p in pairs], dtype=float)
     median_norm = float(np.median(norm[np.isfinite(norm)])) if np.isfinite(norm).any() else math.nan
-    ci_low = shared_fraction_ci[0]
+    n_untestable = sum(not p.testable for p in pairs)
     numbers = (
-        f"{n_sig} of {n_pairs} category pairs differ significantly after Benjamini-Hochberg; "
-        f"the median normalised Jaccard is {median_norm:.3f}; the shared-core fraction 95% CI is "
-        f"[{shared_fraction_ci[0]:.3f}, {shared_fraction_ci[1]:.3f}]."
+        f"of {len(pairs)} category pairs, {count['shared']} shared (normalised-Jaccard CI low >= {1 - rule.equivalence_margin:g}), "
+        f"{count['specific']} specific (significant after Benjamini-Hochberg, CI high < {rule.modular_max_normalised_jaccard:g}), "
+        f"{count['partial']} partial, {count['undecided']} undecided; the median normalised Jaccard is {median_norm:.3f}."
     )
+    if n_untestable:
+        numbers += f" {n_untestable} pair(s) are untestable (the smallest attainable permutation p is >= {alpha:g}) and count as no test."
     if n_unreliable := int((~np.isfinite(norm)).sum()):
-        numbers += (
-            f" {n_unreliable} pair(s) have a split-half ceiling too low to normalise (circuits do not reproduce "
-            "within their own category) and are left out of the median."
-        )
-    if n_sig >= modular_min_significant_fraction * n_pairs and median_norm < modular_max_normalised_jaccard:
-        return Verdict("modular", (
-            f"Modular: {numbers} At least {modular_min_significant_fraction:.0%} of pairs are significant and "
-            f"the median normalised Jaccard is below {modular_max_normalised_jaccard}, so categories use "
-            "measurably different circuits."
+        numbers += (f" {n_unreliable} pair(s) have a split-half ceiling too low to normalise (circuits do not reproduce "
+                    "within their own category).")
+    if decided < rule.min_decided_fraction * max(len(pairs), 1) or decided == 0:
+        need = prompts_to_decide(pairs, n_prompts, rule, alpha)
+        return Verdict("insufficient evidence", (
+            f"Insufficient evidence: {numbers} Fewer than {rule.min_decided_fraction:.0%} of the pairs are decided; "
+            f"about {need} refusing prompts per category would decide them."
         ))
-    # The normalised-Jaccard route needs circuits that replicate within a category: with split-half
-    # ceilings near chance, "no significant difference" means no power, not one shared circuit.
-    median_ceiling = float(np.median([p.ceiling for p in pairs])) if pairs else 0.0
-    reliable = median_ceiling >= monolithic_min_ceiling
-    if n_sig == 0 and (ci_low >= monolithic_min_shared_ci_low or (reliable and median_norm >= monolithic_min_normalised_jaccard)):
-        why = (
-            f"the shared-fraction CI lower end is at least {monolithic_min_shared_ci_low}"
-            if ci_low >= monolithic_min_shared_ci_low
-            else f"the median normalised Jaccard is at least {monolithic_min_normalised_jaccard}"
-        )
-        return Verdict("monolithic", (
-            f"Monolithic: {numbers} No pair overlaps less than exchangeable labels would give, and {why}, "
-            "so one circuit serves every category."
-        ))
-    return Verdict("mixed", (
-        f"Mixed: {numbers} Neither the modular rule (>= {modular_min_significant_fraction:.0%} of pairs "
-        f"significant and median normalised Jaccard < {modular_max_normalised_jaccard}) nor the monolithic rule "
-        f"(no pair significant and shared CI low >= {monolithic_min_shared_ci_low} or median normalised "
-        f"Jaccard >= {monolithic_min_normalised_jaccard} with a median split-half ceiling >= {monolithic_min_ceiling}) holds"
-        + ("" if reliable else f"; the circuits barely replicate within a category (median ceiling {median_ceiling:.2f}), so the test has little power")
-        + "."
-    ))
+    if count["shared"] >= rule.majority * decided and count["specific"] == 0 and count["partial"] == 0:
+        return Verdict("monolithic", f"Monolithic: {numbers} Cross-category overlap is equivalent to the within-category ceiling.")
+    if count["specific"] >= rule.majority * decided and count["shared"] == 0:
+        return Verdict("modular", f"Modular: {numbers} Categories use measurably different circuits.")
+    return Verdict("mixed", f"Mixed: {numbers} Neither every decided pair shared nor most of them specific.")
 
 
 # ------------------------------------------------------------------------------------ comparison
@@ -258,7 +353,7 @@ def split_half_ceilings(E: dict[str, np.ndarray], select: Selector, *, n_bootstr
         n = E[c].shape[0]
         order = _rng(seed, _SPLIT, ci).permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)  # [n_splits, n]
         js = [
-            _jaccard(select(_means_from_indices(E[c], rows[:, : n // 2])), select(_means_from_indices(E[c], rows[:, n // 2 :])))
+            _jaccard(select(_means_from_indices(E[c], rows[:, : n // 2])), select(_means_from_indices(E[c], rows[:, n // 2 : 2 * (n // 2)])))
             for rows in np.array_split(order, math.ceil(n_splits / select.batch))  # chunks of <= batch rows
         ]
         ceiling[c] = float(np.concatenate(js).mean())
@@ -266,8 +361,43 @@ def split_half_ceilings(E: dict[str, np.ndarray], select: Selector, *, n_bootstr
 
 
 @dataclass(frozen=True)
+class HalfSampleOverlap:
+    """Numerator and ceiling at the same sample size: circuits of disjoint halves of ``m`` prompts.
+
+    For a pair (a, b) with m = min(n_a, n_b) // 2, each split draws halves a1, a2 of a and b1, b2 of
+    b; ``cross`` = mean of J(a_i, b_j), ``within`` = mean of J(a1, a2) and J(b1, b2). When a and b are
+    the same population, the four halves are exchangeable, so E[cross] = E[within] exactly and the
+    ratio of their means over splits is ~1 (a full-sample numerator over a half-sample ceiling is not).
+    A split orders the prompts by a fixed random key per prompt: copies of a prompt in a bootstrap
+    resample share a key and so land in the same half (a copy in both halves would inflate ``within``)."""
+
+    keys_a: np.ndarray  # [n_splits, n_a]
+    keys_b: np.ndarray  # [n_splits, n_b]
+    m: int
+
+    @classmethod
+    def draw(cls, n_a: int, n_b: int, n_splits: int, rng: np.random.Generator) -> HalfSampleOverlap:
+        return cls(rng.random((n_splits, n_a)), rng.random((n_splits, n_b)), min(n_a, n_b) // 2)
+
+    def sums(self, Ea: np.ndarray, Eb: np.ndarray, ia: np.ndarray, ib: np.ndarray, select: Selector) -> tuple[np.ndarray, np.ndarray]:
+        """Sums over splits of cross and within Jaccards for resamples ``ia [batch, n_a]``, ``ib [batch, n_b]``."""
+        ia, ib = np.atleast_2d(ia), np.atleast_2d(ib)
+        m = self.m
+        cross = np.zeros(max(ia.shape[0], ib.shape[0]))  # BCa's jackknife holds one sample fixed as [1, n]
+        within = np.zeros_like(cross)
+        for ka, kb in zip(self.keys_a, self.keys_b):
+            sa = np.take_along_axis(ia, np.argsort(ka[ia], axis=1, kind="stable"), axis=1)
+            sb = np.take_along_axis(ib, np.argsort(kb[ib], axis=1, kind="stable"), axis=1)
+            a1, a2 = select(_means_from_indices(Ea, sa[:, :m])), select(_means_from_indices(Ea, sa[:, m : 2 * m]))
+            b1, b2 = select(_means_from_indices(Eb, sb[:, :m])), select(_means_from_indices(Eb, sb[:, m : 2 * m]))
+            cross += (_jaccard(a1, b1) + _jaccard(a2, b2) + _jaccard(a1, b2) + _jaccard(a2, b1)) / 4
+            within += (_jaccard(a1, a2) + _jaccard(b1, b2)) / 2
+        return cross, within
+
+
+@dataclass(frozen=True)
 class PairTests:
-    """Every pair (a < b) of categories, with Benjamini-Hochberg across pairs."""
+    """Every pair (a < b) of categories, with Benjamini-Hochberg across the testable pairs."""
 
     categories: list[str]
     pairs: list[PairStats]
@@ -282,10 +412,10 @@ class PairTests:
 
 
 def _pair_stats(E: dict[str, np.ndarray], a: str, b: str, key: tuple[int, int], circuit: dict[str, np.ndarray], mean: dict[str, np.ndarray],
-                ceilings: SplitHalfCeilings, select: Selector, *, n_permutations: int, n_bootstrap: int, seed: int,
+                select: Selector, *, n_permutations: int, n_bootstrap: int, n_splits: int, seed: int, alpha: float,
                 min_ceiling: float) -> dict[str, Any]:
     """One pair's statistics before the multiple-testing correction."""
-    na = E[a].shape[0]
+    na, nb = E[a].shape[0], E[b].shape[0]
     pooled = np.vstack([E[a], E[b]])  # [na + nb, n_nodes]
 
     def perm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -299,35 +429,56 @@ def _pair_stats(E: dict[str, np.ndarray], a: str, b: str, key: tuple[int, int], 
     )
 
     def boot_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
-        jac = _jaccard(select(_means_from_indices(E[a], ia)), select(_means_from_indices(E[b], ib)))
-        return jac.reshape(np.shape(ia)[:-1])
+        jac = _jaccard(select(_means_from_indices(E[a], ia.reshape(-1, ia.shape[-1]))), select(_means_from_indices(E[b], ib.reshape(-1, ib.shape[-1]))))
+        return jac.reshape(_lead_shape(ia, ib))
 
-    boot = stats.bootstrap(
-        (np.arange(na), np.arange(E[b].shape[0])), boot_stat, vectorized=True, paired=False, n_resamples=n_bootstrap,
-        confidence_level=0.95, method="percentile", batch=select.batch, rng=_rng(seed, _PAIR_BOOT, *key),
-    )
     jac = float(_jaccard(circuit[a], circuit[b]))
-    pair_ceiling = math.sqrt(ceilings.ceiling[a] * ceilings.ceiling[b])
+    jac_ci = bootstrap_ci((np.arange(na), np.arange(nb)), boot_stat, jac, n_resamples=n_bootstrap, batch=select.batch, rng=_rng(seed, _PAIR_BOOT, *key))
+
+    halves = HalfSampleOverlap.draw(na, nb, n_splits, _rng(seed, _HALF, *key))
+    half_batch = max(1, select.batch // (4 * n_splits))
+
+    def norm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
+        cross, within = halves.sums(E[a], E[b], ia.reshape(-1, ia.shape[-1]), ib.reshape(-1, ib.shape[-1]), select)
+        # A resample whose halves do not replicate at all has no ceiling to normalise by.
+        out = np.where(within > 0, cross / np.maximum(within, 1e-300), np.nan)
+        return out.reshape(_lead_shape(ia, ib))
+
+    cross, within = halves.sums(E[a], E[b], np.arange(na), np.arange(nb), select)
+    cross_half, ceiling = float(cross[0] / n_splits), float(within[0] / n_splits)
+    reliable = ceiling >= max(min_ceiling, 1e-12)
+    norm = cross_half / ceiling if reliable else math.nan
+    norm_ci = (bootstrap_ci((np.arange(na), np.arange(nb)), norm_stat, norm, n_resamples=n_bootstrap, batch=half_batch,
+                      rng=_rng(seed, _NORM_BOOT, *key)) if reliable else (math.nan, math.nan))
+    min_p = min_permutation_p(na, nb, n_permutations)
     return dict(
         a=a, b=b, jaccard=jac, weighted_overlap=weighted_overlap(mean[a], mean[b]), spearman=_spearman(mean[a], mean[b]),
-        p_value=float(perm.pvalue), ceiling=pair_ceiling,
-        normalised_jaccard=jac / pair_ceiling if pair_ceiling >= max(min_ceiling, 1e-12) else math.nan,
-        jaccard_ci=(float(boot.confidence_interval.low), float(boot.confidence_interval.high)),
+        p_value=float(perm.pvalue), min_p=min_p, testable=min_p < alpha, half_size=halves.m, cross_half_jaccard=cross_half,
+        ceiling=ceiling, normalised_jaccard=norm, normalised_jaccard_ci=norm_ci, jaccard_ci=jac_ci,
         null_mean=float(perm.null_distribution.mean()),
     )
 
 
-def pair_statistics(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], ceilings: SplitHalfCeilings, select: Selector, *,
-                    n_permutations: int, n_bootstrap: int, alpha: float, seed: int, min_ceiling: float) -> PairTests:
-    """Per pair: Jaccard, weighted overlap, Spearman, the permutation p-value, the normalised Jaccard
-    and its bootstrap CI; then BH q-values across pairs."""
+def pair_statistics(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select: Selector, *, n_permutations: int,
+                    n_bootstrap: int, n_splits: int, alpha: float, seed: int, min_ceiling: float,
+                    rule: VerdictRule = VerdictRule()) -> PairTests:
+    """Per pair: Jaccard, weighted overlap, Spearman, the permutation p-value (and whether it can reach
+    alpha at all), the half-sample normalised Jaccard with its bootstrap CI; BH q-values over the testable
+    pairs only (an untestable pair is no test, not a negative one); each pair's call."""
     cats = list(E)
     mean = {c: E[c].mean(axis=0) for c in cats}  # [n_nodes]
-    raw = [_pair_stats(E, cats[i], cats[j], (i, j), circuit, mean, ceilings, select, n_permutations=n_permutations,
-                       n_bootstrap=n_bootstrap, seed=seed, min_ceiling=min_ceiling)
+    raw = [_pair_stats(E, cats[i], cats[j], (i, j), circuit, mean, select, n_permutations=n_permutations,
+                       n_bootstrap=n_bootstrap, n_splits=n_splits, seed=seed, alpha=alpha, min_ceiling=min_ceiling)
            for i, j in combinations(range(len(cats)), 2)]
-    q = stats.false_discovery_control([p["p_value"] for p in raw], method="bh")
-    return PairTests(cats, [PairStats(**p, q_value=float(qv), significant=bool(qv < alpha)) for p, qv in zip(raw, q)])
+    testable = [k for k, p in enumerate(raw) if p["testable"]]
+    q = np.full(len(raw), math.nan)
+    if testable:
+        q[testable] = stats.false_discovery_control([raw[k]["p_value"] for k in testable], method="bh")
+    pairs = []
+    for p, qv in zip(raw, q):
+        sig = bool(p["testable"] and qv < alpha)
+        pairs.append(PairStats(**p, q_value=float(qv), significant=sig, call=classify_pair(sig, p["normalised_jaccard_ci"], rule)))
+    return PairTests(cats, pairs)
 
 
 @dataclass(frozen=True)
@@ -341,7 +492,7 @@ class SharedCore:
     fraction: float
     """|core| / mean circuit size."""
     fraction_ci: tuple[float, float]
-    """Percentile bootstrap, each category's prompts resampled independently."""
+    """Bootstrap CI (see :func:`bootstrap_ci`), each category's prompts resampled independently."""
 
 
 def _core_fraction(masks: np.ndarray) -> np.ndarray:
@@ -355,21 +506,23 @@ def shared_core(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select
     """Shared core and specific tails of the full-sample circuits, with the shared fraction's CI."""
     cats = list(E)
     masks = np.stack([circuit[c] for c in cats])  # [n_cat, n_nodes]
+    site_of_node = select.site_of_node
     in_count = masks.sum(axis=0)  # [n_nodes]
 
     def core_stat(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        frac = _core_fraction(np.stack([select(_means_from_indices(E[c], ic)) for c, ic in zip(cats, idx)]))
-        return frac.reshape(np.shape(idx[0])[:-1])
+        lead = _lead_shape(*idx)
+        masks = [np.broadcast_to(select(_means_from_indices(E[c], ic.reshape(-1, ic.shape[-1]))), (math.prod(lead), len(site_of_node)))
+                 for c, ic in zip(cats, idx)]
+        return _core_fraction(np.stack(masks)).reshape(lead)
 
-    boot = stats.bootstrap(
-        tuple(np.arange(E[c].shape[0]) for c in cats), core_stat, vectorized=True, paired=False, n_resamples=n_bootstrap,
-        confidence_level=0.95, method="percentile", batch=max(1, select.batch // len(cats)), rng=_rng(seed, _CORE_BOOT),
-    )
+    fraction = float(_core_fraction(masks[:, None])[0])
+    ci = bootstrap_ci(tuple(np.arange(E[c].shape[0]) for c in cats), core_stat, fraction, n_resamples=n_bootstrap,
+                batch=max(1, select.batch // len(cats)), rng=_rng(seed, _CORE_BOOT))
     return SharedCore(
         core=np.flatnonzero(in_count == len(cats)),
         specific_tail={c: np.flatnonzero(masks[ci] & (in_count == 1)) for ci, c in enumerate(cats)},
-        fraction=float(_core_fraction(masks[:, None])[0]),
-        fraction_ci=(float(boot.confidence_interval.low), float(boot.confidence_interval.high)),
+        fraction=fraction,
+        fraction_ci=ci,
     )
 
 
@@ -389,6 +542,32 @@ def _checked_effects(effects: dict[str, np.ndarray], n_nodes: int) -> dict[str, 
     return E
 
 
+def fallback_categories(summaries: dict[str, dict], group: str, prompt_filter: str) -> list[str]:
+    """Categories whose ``group`` circuit could not use the configured prompt filter (too few
+    refusing prompts: it mixes refused and complied prompts), from their ``circuit.json`` summaries.
+    They are reported and left out of the verdict."""
+    return sorted(c for c, summary in summaries.items()
+                  if group in summary["groups"] and summary["groups"][group].get("prompt_set", prompt_filter) != prompt_filter)
+
+
+def error_node_mask(site_of_node: np.ndarray) -> np.ndarray:
+    """[n_nodes] bool: the error node of every site (the last node of each site's block, see
+    :class:`refusal_assets.circuits.NodeIndex`)."""
+    site_of_node = np.asarray(site_of_node)
+    mask = np.zeros(site_of_node.shape[0], bool)
+    mask[np.flatnonzero(np.diff(np.append(site_of_node, np.iinfo(np.int64).min)) != 0)] = True
+    return mask
+
+
+def error_share(E: dict[str, np.ndarray], error_nodes: np.ndarray) -> dict[str, float]:
+    """Per category, the share of sum |mean effect| that sits on error nodes (what the SAEs miss)."""
+    out = {}
+    for c, e in E.items():
+        total = np.abs(e.mean(0)).sum()
+        out[c] = float(np.abs(e.mean(0)[error_nodes]).sum() / total) if total > 0 else math.nan
+    return out
+
+
 def compare_categories(
     effects: dict[str, np.ndarray],
     site_of_node: np.ndarray,
@@ -398,50 +577,60 @@ def compare_categories(
     threshold: float = 0.0,
     n_permutations: int = 500,
     n_bootstrap: int = 500,
+    n_splits: int = 4,
     alpha: float = 0.05,
     seed: int = 0,
-    modular_min_significant_fraction: float = 0.5,
-    modular_max_normalised_jaccard: float = 0.5,
-    monolithic_min_shared_ci_low: float = 0.5,
-    monolithic_min_normalised_jaccard: float = 0.8,
+    error_nodes: np.ndarray | None = None,
+    rule: VerdictRule = VerdictRule(),
     min_ceiling: float = 0.2,
 ) -> ComparisonResult:
-    """Compare every pair of categories' refusal circuits and give a monolithic/modular verdict.
+    """Compare every pair of categories' refusal circuits and give the overlap test's verdict.
 
-    Four steps: :func:`split_half_ceilings`; :func:`pair_statistics` per pair (a < b): Jaccard of
-    the circuits, weighted overlap and Spearman of the mean effects; a one-sided label-permutation
-    p-value for modularity (``scipy.stats.permutation_test``, ``alternative="less"``:
-    p = (1 + #{null <= observed}) / (1 + n_permutations)); Jaccard divided by the pair's split-half
-    reliability ceiling; a percentile bootstrap CI (``scipy.stats.bootstrap``, each category's prompts
-    resampled independently); BH q-values across pairs; :func:`shared_core` across categories (shared
-    core, specific tails, shared fraction with a bootstrap CI); and :func:`decide_verdict`.
+    Steps: :func:`split_half_ceilings` (per category, for scale); :func:`pair_statistics` per pair
+    (a < b): Jaccard of the full-sample circuits with a bootstrap CI (:func:`bootstrap_ci`); weighted overlap and Spearman of the
+    mean effects; a one-sided label-permutation p-value for modularity (``scipy.stats.permutation_test``,
+    ``alternative="less"``: p = (1 + #{null <= observed}) / (1 + n_permutations)) and whether it can
+    reach ``alpha`` at all; the normalised Jaccard from half-sample circuits, numerator and ceiling at
+    the same size (:class:`HalfSampleOverlap`), with a BCa CI; BH q-values over the testable pairs;
+    :func:`shared_core` across categories; and :func:`decide_verdict` (an equivalence rule for
+    "monolithic").
 
-    The split-half ceiling builds circuits from half the prompts, so it is a conservative (low)
-    estimate of the full-sample reliability; normalised Jaccard can exceed 1 and is not clipped.
-    Where the pair ceiling is below ``min_ceiling`` the normalised Jaccard is NaN: circuits that do
-    not reproduce within their own category are mostly noise picks, and chance overlap divided by a
-    chance-level ceiling is ~1 -- which would read as "monolithic" for pure noise.
+    ``error_nodes`` [n_nodes] bool: nodes left out of every circuit (the SAE error terms are not
+    interpretable features; two categories sharing "what the SAE missed" says nothing about shared
+    features); their share of |effect| is reported instead. Where a pair's ceiling is below
+    ``min_ceiling`` the normalised Jaccard is NaN: circuits that do not reproduce within their own
+    category are noise picks, and chance over chance is ~1.
     """
     site_of_node = np.asarray(site_of_node)
     if k_per_site < 0:
         raise ValueError(f"k_per_site must be >= 0, not {k_per_site}")
+    if n_splits < 1:
+        raise ValueError(f"n_splits must be >= 1, not {n_splits}")
     E = _checked_effects(effects, site_of_node.shape[0])  # [n_prompts_c, n_nodes], sorted categories
+    err_share: dict[str, float] = {}
+    if error_nodes is not None:
+        error_nodes = np.asarray(error_nodes, dtype=bool)
+        if error_nodes.shape != site_of_node.shape:
+            raise ValueError(f"error_nodes {error_nodes.shape} must match site_of_node {site_of_node.shape}")
+        err_share = error_share(E, error_nodes)
+        keep = ~error_nodes
+        E = {c: e[:, keep] for c, e in E.items()}
+        node_ids, site_of_node = np.flatnonzero(keep), site_of_node[keep]
+    else:
+        node_ids = np.arange(site_of_node.shape[0])
     cats = list(E)
     select = Selector(site_of_node, mode, k_per_site, threshold)
     circuit = {c: select(E[c].mean(axis=0)[None])[0] for c in cats}  # [n_nodes] bool
 
     ceilings = split_half_ceilings(E, select, n_bootstrap=n_bootstrap, seed=seed)
-    tests = pair_statistics(E, circuit, ceilings, select, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
-                            seed=seed, min_ceiling=min_ceiling)
+    tests = pair_statistics(E, circuit, select, n_permutations=n_permutations, n_bootstrap=n_bootstrap, n_splits=n_splits, alpha=alpha,
+                            seed=seed, min_ceiling=min_ceiling, rule=rule)
     core = shared_core(E, circuit, select, n_bootstrap=n_bootstrap, seed=seed)
-    verdict = decide_verdict(
-        tests.pairs, core.fraction_ci,
-        modular_min_significant_fraction=modular_min_significant_fraction, modular_max_normalised_jaccard=modular_max_normalised_jaccard,
-        monolithic_min_shared_ci_low=monolithic_min_shared_ci_low, monolithic_min_normalised_jaccard=monolithic_min_normalised_jaccard,
-    )
+    n_prompts = {c: int(E[c].shape[0]) for c in cats}
+    verdict = decide_verdict(tests.pairs, n_prompts, rule, alpha=alpha)
     return ComparisonResult(
         categories=cats,
-        n_prompts={c: int(E[c].shape[0]) for c in cats},
+        n_prompts=n_prompts,
         circuit_size={c: int(circuit[c].sum()) for c in cats},
         ceiling=ceilings.ceiling,
         pairs=tests.pairs,
@@ -452,10 +641,11 @@ def compare_categories(
         p_value=tests.matrix("p_value", math.nan),
         q_value=tests.matrix("q_value", math.nan),
         significant=tests.matrix("significant", 0.0).astype(bool),
-        shared_core=core.core,
-        specific_tail=core.specific_tail,
+        shared_core=node_ids[core.core],  # back to the caller's node indices
+        specific_tail={c: node_ids[t] for c, t in core.specific_tail.items()},
         shared_fraction=core.fraction,
         shared_fraction_ci=core.fraction_ci,
+        error_share=err_share,
         verdict=verdict.verdict,
         verdict_reason=verdict.reason,
         params=dict(
@@ -464,14 +654,12 @@ def compare_categories(
             threshold=threshold,
             n_permutations=n_permutations,
             n_bootstrap=n_bootstrap,
-            n_splits=ceilings.n_splits,
+            n_splits=n_splits,
+            n_ceiling_splits=ceilings.n_splits,
             alpha=alpha,
             seed=seed,
-            modular_min_significant_fraction=modular_min_significant_fraction,
-            modular_max_normalised_jaccard=modular_max_normalised_jaccard,
-            monolithic_min_shared_ci_low=monolithic_min_shared_ci_low,
-            monolithic_min_normalised_jaccard=monolithic_min_normalised_jaccard,
             min_ceiling=min_ceiling,
+            **asdict(rule),
         ),
     )
 

@@ -261,6 +261,29 @@ class ComparisonConfig(_Strict):
     n_bootstrap: int = Field(default=500, ge=10)
     alpha: float = Field(default=0.05, gt=0, lt=1)
     seed: int = 0
+    n_splits: int = Field(default=4, ge=1)
+    """Half-sample splits per pair (and per bootstrap resample) for the normalised Jaccard."""
+    min_ceiling: float = Field(default=0.2, ge=0, le=1)
+    """Below this within-category split-half Jaccard a pair is not normalised (noise circuits)."""
+    equivalence_margin: float = Field(default=0.2, gt=0, lt=1)
+    """Shared = the cross-category statistic's CI lies within this margin of the within-category
+    ceiling (normalised CI low >= 1 - margin; transfer CI low >= 1 - margin)."""
+    modular_max_normalised: float = Field(default=0.5, gt=0, lt=1)
+    """Specific = significant and the normalised CI high below this (transfer CI high below it)."""
+    min_decided_fraction: float = Field(default=0.5, gt=0, le=1)
+    """Fewer decided pairs than this fraction: insufficient evidence."""
+    majority: float = Field(default=0.5, gt=0, le=1)
+    """Fraction of decided pairs that must agree for modular / monolithic."""
+    transfer: bool = True
+    """Run the functional tests (asset ``transfer``: circuit transfer, direction cross-ablation,
+    induced refusal); off leaves the verdict to circuit overlap."""
+    direction_layers: int = Field(default=3, ge=1)
+    """Candidate layers (evenly spaced below 0.8 L) for each category's refusal direction."""
+    direction_positions: int = Field(default=1, ge=1)
+    """Candidate post-instruction positions (the last ones) for each category's refusal direction.
+    Every candidate costs one full forward per training toxic prompt: keep the grid small."""
+    pooled_selection_prompts: int = Field(default=4, ge=1)
+    """Training toxic prompts per category that select the pooled direction's layer and position."""
 
 
 class ReportConfig(_Strict):

@@ -114,6 +114,21 @@ class Layout:
     def direction_cosine_plot(self, model_key: str, site: str) -> Path:
         return self.comparison(model_key) / f"direction_cosine_{site}.png"
 
+    def transfer(self, model_key: str) -> Path:
+        return self.files.path("transfer", model_key)
+
+    def transfer_summary(self, model_key: str) -> Path:
+        """Written last: its presence marks a complete partition."""
+        return self.transfer(model_key) / "transfer.json"
+
+    def transfer_plot(self, model_key: str, test: str) -> Path:
+        return self.transfer(model_key) / f"{test}.png"
+
+    def load_transfer(self, model_key: str) -> dict | None:
+        """transfer.json of one model, or None where the functional tests did not run."""
+        path = self.transfer_summary(model_key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def report(self) -> Path:
         return self.files.path("report")
 

@@ -29,6 +29,8 @@ from refusal_assets.config import ProjectConfig
 from refusal_assets.layout import Layout
 from refusal_assets.plots import new_figure, save_png
 from refusal_assets.storage import write_text
+from refusal_assets.verdict import render as render_verdict
+from refusal_assets.verdict import render_transfer
 
 PACKAGES = ["refusal_assets", "torch", "transformers", "dagster", "numpy", "scipy", "polars", "pyarrow", "safetensors"]
 
@@ -164,6 +166,9 @@ def overlap_tests(inp: SummaryInputs) -> list[TestLine]:
     """Circuit overlap against the label-permutation null, per prompt group."""
     out = []
     for g, res in _groups(inp.comparison):
+        if "pairs" not in res:  # fewer than two categories with enough refusing prompts
+            out.append(TestLine(f"Circuit overlap, {g}", res.get("verdict_reason", "not testable")))
+            continue
         pairs = res["pairs"]
         n_sig = sum(p["significant"] for p in pairs)
         jac = [p["jaccard"] for p in pairs if p["jaccard"] is not None]
@@ -228,7 +233,22 @@ def circuit_quality_tests(inp: SummaryInputs) -> list[TestLine]:
         f"the m(M) - m(∅) CI excludes 0 in {len(den_ok)} of {n}" + ("" if len(den_ok) == n else " (elsewhere the ratios are ill-conditioned)") + "."))]
 
 
-SUMMARY_TESTS: list[Callable[[SummaryInputs], list[TestLine]]] = [overlap_tests, shared_core_tests, direction_tests, circuit_quality_tests]
+def functional_tests(inp: SummaryInputs) -> list[TestLine]:
+    """The functional cross-category tests (circuit transfer, direction cross-ablation, induced
+    refusal, pooled direction) as the combined verdict recorded them (see :mod:`refusal_assets.verdict`)."""
+    combined = (inp.comparison or {}).get("combined") or {}
+    out = []
+    for ln in combined.get("lines", []):
+        if ln.get("level") != "execution":
+            continue
+        lo, hi = _ci_json(ln.get("ci"))
+        vote = "" if ln.get("role", "necessity") == "necessity" else ", reported, does not vote"
+        out.append(TestLine(ln["test"], f"says {ln['says']}{vote}: {ln['statistic']} {_fmt(ln.get('value'))} "
+                                        f"(95% CI {format_ci((lo, hi))}). {ln.get('reason', '')}".rstrip()))
+    return out
+
+
+SUMMARY_TESTS: list[Callable[[SummaryInputs], list[TestLine]]] = [functional_tests, overlap_tests, shared_core_tests, direction_tests, circuit_quality_tests]
 """The tests the first screen lists, in order; each returns its lines (none when it did not run)."""
 
 
@@ -386,6 +406,10 @@ def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], inpu
     _answer_block(doc, summaries)
     comparisons = {m.model_key: json.loads(layout.comparison_summary(m.model_key).read_text())
                    for m in cfg.models if layout.comparison_summary(m.model_key).is_file()}
+    # ---- the combined verdict of every test, per model (refusal_assets.verdict renders it)
+    for model_key, comp in comparisons.items():
+        if "combined" in comp:
+            render_verdict(doc, model_key, comp["combined"])
 
     # ---- behaviour
     doc.h(2, "Behaviour: refusal and over-refusal")
@@ -448,6 +472,9 @@ def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], inpu
         doc.h(3, model_key)
         doc.p(f"Verdict {comp['verdict'].upper()}. {comp['verdict_reason']}")
         for g, res in comp["groups"].items():
+            if "pairs" not in res:  # fewer than two categories with enough refusing prompts
+                doc.p(f"{g} prompts: {res['verdict_reason']}")
+                continue
             pairs = [[p["a"], p["b"], p["jaccard"], format_ci(_ci_json(p.get("jaccard_ci"))), p.get("normalised_jaccard"), p["p_value"], p["q_value"],
                       "yes" if p["significant"] else "no"] for p in res["pairs"]]
             doc.p(f"{g} prompts: verdict {res['verdict']}; shared core {len(res['shared_core'])} nodes, shared fraction {res['shared_fraction']:.3f} "
@@ -457,6 +484,8 @@ def write_report(cfg: ProjectConfig, layout: Layout, categories: list[str], inpu
             doc.table(["a", "b", "Jaccard", "95% CI", "normalised", "p (permutation)", "q (BH)", "significant"], pairs)
             doc.image(layout.jaccard_plot(model_key, g), f"Jaccard {g} ({model_key}); * = significant after BH")
         doc.image(layout.jaccard_plot(model_key, "cross"), f"toxic vs benign circuits ({model_key})")
+        # ---- issue 14: functional tests (refusal_assets.verdict renders them)
+        render_transfer(doc, model_key, comp.get("transfer") or {})
         doc.h(3, f"Refusal directions ({model_key})")
         doc.p("Difference of means (toxic - safe) at the last post-instruction token per category (Arditi et al. 2024); cosines across categories.")
         for site in comp.get("direction_cosines", {}):

@@ -156,3 +156,20 @@ def test_greedy_generation_does_not_depend_on_padding(tiny_model):
     batched = texts(encode_chat(tok, [longer, short]))
     assert batched[1] == alone[0]
     assert batched[0] == texts(encode_chat(tok, [longer]))[0]
+
+
+def test_refusal_score_from_logits_is_log_odds_unclamped_with_gradients():
+    from refusal_assets.behaviour import refusal_score_from_logits
+
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
+    ids = torch.tensor([1, 3])
+    s = refusal_score_from_logits(logits, ids)
+    torch.testing.assert_close(s, torch.tensor([math.log(0.6 / 0.4), 0.0]))
+    # a confident refusal: p_ref = 1 - 1e-20 in float64 terms; the clamp would give 13.8 and no gradient
+    extreme = torch.tensor([[0.0, 60.0, 0.0, 60.0]], requires_grad=True)
+    s = refusal_score_from_logits(extreme, ids)
+    assert s.item() == pytest.approx(60.0, abs=1e-4)  # log(2 e^60) - log(2)
+    s.sum().backward()
+    assert (extreme.grad.abs() > 0.1).all()  # every logit still moves the score
+    with pytest.raises(ValueError, match="refusal tokens"):
+        refusal_score_from_logits(logits, torch.arange(4))

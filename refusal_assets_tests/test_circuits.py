@@ -232,3 +232,17 @@ def test_prompt_selection_and_baseline_follow_behaviour():
     assert circ.baseline_prompts(sample, "all") == (["p4", "p5", "p6", "p7"], "safe")
     everyone_refuses = sample.with_columns(pl.lit(True).alias("refused"))
     assert circ.baseline_prompts(everyone_refuses, "refused")[1] == "safe"
+
+
+def test_confident_refusal_still_has_node_effects(planted):
+    """Score > 20 (p_ref within 2e-9 of 1): the unclamped score keeps every gradient, so the planted
+    latent still gets its effect (a clamp at 1e-6 would zero them all)."""
+    model, tok, saes, baseline, refusal_ids = planted
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight[refusal_ids] *= 40.0  # refusal logit = 120 * u . RMSNorm(resid1)
+    post = circ._post_positions(circ.encode_chat(tok, PROMPTS))
+    baseline = circ.Baseline({SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]})
+    effects, scores = circ.node_effects(model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2)
+    assert (scores > 20).all()
+    assert (effects[:, 0] > 1.0).all() and int(np.argmax(effects.mean(0))) == 0

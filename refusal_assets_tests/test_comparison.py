@@ -114,8 +114,10 @@ def test_pure_noise_is_not_monolithic() -> None:
     result = compare_categories(effects, SITE_OF_NODE, **dict(TOPK, k_per_site=2))
     assert max(result.ceiling.values()) < 0.2
     assert np.all(np.isnan([p.normalised_jaccard for p in result.pairs]))
-    assert result.verdict == "mixed", result.verdict_reason
+    # No signal is "insufficient evidence" (issue 14), not "mixed": nothing was decided either way.
+    assert result.verdict == "insufficient evidence", result.verdict_reason
     assert "too low to normalise" in result.verdict_reason
+    assert all(p.call == "undecided" for p in result.pairs)
 
 
 def test_select_circuit_topk_per_site_and_ties() -> None:
@@ -197,3 +199,105 @@ def test_plot_heatmap(tmp_path, disjoint: ComparisonResult) -> None:
     )
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------ issue 14: sound statistics
+from refusal_assets.calibration import SyntheticDesign, calibrate_synthetic, planted_effects
+from refusal_assets.comparison import min_permutation_p
+
+
+def test_min_permutation_p_and_untestable_pairs_leave_the_count() -> None:
+    assert min_permutation_p(3, 3, 1000) == pytest.approx(2 / 20)  # 20 relabellings, halved by the swap symmetry
+    assert min_permutation_p(3, 4, 1000) == pytest.approx(1 / 35)
+    assert min_permutation_p(20, 20, 200) == pytest.approx(1 / 201)  # the Monte Carlo floor
+    # 3 prompts per category: even perfectly disjoint circuits cannot reach p < 0.05, so no pair is
+    # significant, none is in BH, and the verdict is "insufficient evidence", not "monolithic".
+    effects = {c: e[:3] for c, e in make_effects(n_shared=0).items()}
+    result = compare_categories(effects, SITE_OF_NODE, **FAST)
+    assert all(not p.testable and not p.significant and np.isnan(p.q_value) for p in result.pairs)
+    assert result.verdict != "monolithic"
+    assert "untestable" in result.verdict_reason
+
+
+def test_identical_categories_normalise_to_one_and_estimates_sit_in_their_cis() -> None:
+    design = SyntheticDesign(n_categories=3, n_prompts=14)
+    rng = np.random.default_rng(5)
+    norms = []
+    for _ in range(6):
+        result = compare_categories(planted_effects("monolithic", design, rng), np.repeat(np.arange(design.n_sites), design.n_latents),
+                                    mode="topk", k_per_site=design.k_per_site, n_permutations=50, n_bootstrap=60)
+        for p in result.pairs:
+            norms.append(p.normalised_jaccard)
+            for est, (lo, hi) in ((p.jaccard, p.jaccard_ci), (p.normalised_jaccard, p.normalised_jaccard_ci)):
+                assert lo <= est <= hi
+            assert p.half_size == design.n_prompts // 2
+        lo, hi = result.shared_fraction_ci
+        assert lo <= result.shared_fraction <= hi
+    # numerator and ceiling at the same size: ~1 (the old full-sample numerator gave 1.2-1.7)
+    assert abs(np.mean(norms) - 1) < 0.1
+
+
+def test_error_nodes_are_left_out_and_their_share_reported() -> None:
+    effects = make_effects(n_shared=N_STRONG)
+    error_nodes = np.zeros(SITE_OF_NODE.size, bool)
+    error_nodes[N_LATENTS - 1 :: N_LATENTS] = True  # the last node of every site
+    for e in effects.values():
+        e[:, error_nodes] = 5.0  # the strongest node of every site, if it were allowed
+    result = compare_categories(effects, SITE_OF_NODE, error_nodes=error_nodes, **TOPK)
+    assert not set(result.shared_core.tolist()) & set(np.flatnonzero(error_nodes).tolist())
+    assert len(result.shared_core) == N_SITES * N_STRONG  # the planted latents, in the caller's node indices
+    assert set(result.shared_core.tolist()) == {s * N_LATENTS + i for s in range(N_SITES) for i in range(N_STRONG)}
+    for share in result.error_share.values():
+        assert share == pytest.approx(15 / (15 + 30), abs=0.05)  # 3 x 5.0 vs 30 latents at ~1.0
+    with pytest.raises(ValueError, match="error_nodes"):
+        compare_categories(effects, SITE_OF_NODE, error_nodes=error_nodes[:-1], **TOPK)
+
+
+def test_calibration_small() -> None:
+    """Planted answers decide correctly, every CI covers, the normalised statistic is ~1 when identical."""
+    report = calibrate_synthetic(SyntheticDesign(n_categories=3), n_replicates=24, n_permutations=100, n_bootstrap=100)
+    mono, mod = report.runs
+    assert mono.planted == "monolithic" and mono.correct_fraction >= 0.9, mono.verdicts
+    assert mod.planted == "modular" and mod.correct_fraction >= 0.9, mod.verdicts
+    for run in report.runs:
+        assert run.estimate_inside_ci
+        assert all(v >= 0.9 for v in run.coverage.values()), run.coverage
+    assert abs(report.normalised_expectation_identical - 1) <= 0.1
+    assert report.passed
+
+
+def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
+    from refusal_assets.verdict import TestLine, combine, overlap_line
+
+    def line(test, level, says):
+        return TestLine(test, level, says, "x", 0.5, (0.4, 0.6), "r")
+
+    agree = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular")], {"alpha": 0.05})
+    assert agree.verdict == "modular" and agree.disagree == [] and agree.thresholds == {"alpha": 0.05}
+    split = combine([line("overlap", "features", "modular"), line("direction ablation", "execution", "monolithic"),
+                     line("transfer", "execution", "insufficient evidence")])
+    assert split.verdict == "mixed" and split.disagree == ["overlap", "direction ablation"]
+    assert "Feature level: modular; execution level: monolithic" in split.reason
+    assert combine([line("overlap", "features", "insufficient evidence")]).verdict == "insufficient evidence"
+    # a sufficiency test reports but does not vote; its disagreement is named
+    induced = TestLine("induced refusal", "execution", "monolithic", "x", 1.0, (0.9, 1.1), "r", role="sufficiency")
+    mod = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular"), induced])
+    assert mod.verdict == "modular" and mod.disagree == ["induced refusal"] and "not voting" in mod.reason
+    assert combine([induced]).verdict == "insufficient evidence"
+    result = compare_categories(make_effects(n_shared=N_STRONG // 2), SITE_OF_NODE, **FAST).to_dict()
+    ov = overlap_line(result)
+    assert ov.says == "modular" and ov.ci[0] <= ov.value <= ov.ci[1] and ov.value == pytest.approx(1 / 3, abs=0.05)
+
+
+def test_fallback_categories_and_error_node_mask() -> None:
+    from refusal_assets.circuits import NodeIndex
+    from refusal_assets.comparison import error_node_mask, fallback_categories
+    from refusal_assets.sites import Site
+
+    summaries = {"a": {"groups": {"toxic": {"prompt_set": "score_positive"}}},
+                 "b": {"groups": {"toxic": {"prompt_set": "all (score_positive: only 1 < 2)"}}},
+                 "c": {"groups": {"benign": {"prompt_set": "all (score_positive: only 0 < 2)"}}}}
+    assert fallback_categories(summaries, "toxic", "score_positive") == ["b"]
+    assert fallback_categories(summaries, "benign", "score_positive") == ["c"]
+    index = NodeIndex([Site(1, "resid"), Site(2, "resid")], [3, 4])
+    assert np.flatnonzero(error_node_mask(index.site_of_node)).tolist() == [index.error_node(0), index.error_node(1)]

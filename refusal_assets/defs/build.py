@@ -15,7 +15,7 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs import automation, checks, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets
+from refusal_assets.defs import automation, checks, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets, transfer_assets
 from refusal_assets.defs.executor import select_executor
 from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.metadata import with_owners_and_tags
@@ -58,6 +58,7 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
         *model_assets.build(cfg, parts, gpu),
         *sae_assets.build(cfg, parts, gpu),
         *circuit_assets.build(cfg, parts, gpu),
+        *transfer_assets.build(cfg, parts, gpu),
         *comparison_assets.build(cfg, parts),
     ])
     return dg.Definitions(

@@ -14,6 +14,7 @@ from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
 from refusal_assets.report import write_report
 from refusal_assets.storage import write_text
+from refusal_assets.verdict import combine, overlap_line, transfer_lines
 
 
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
@@ -21,7 +22,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
 
     @dg.asset(
         partitions_def=parts.model, kinds={"scipy", "matplotlib"}, group_name="comparison",
-        code_version=cfg.section_hash("circuits", "comparison"), deps=["circuit"],
+        code_version=cfg.section_hash("circuits", "comparison"), deps=["circuit", "transfer"],
         description="Category x category circuit overlaps with a label-permutation null, split-half ceilings, bootstrap CIs, "
                     "Benjamini-Hochberg, the shared core vs category-specific tail, refusal-direction cosines, and the verdict.",
     )
@@ -35,22 +36,28 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         groups = sorted({g for summary, _ in circuits.values() for g in summary["groups"]})
         out: dict = {"model": model_key, "categories": categories, "groups": {}}
         md: dict = {}
+        error_nodes = cmp.error_node_mask(site_of_node)
         for group in groups:
-            effects = {c: t[f"effects_{group}"] for c, (s, t) in circuits.items() if f"effects_{group}" in t}
+            # Categories whose circuit could not use the configured prompt filter (too few refusing
+            # prompts) mix refused and complied prompts: reported, but out of the verdict.
+            fallback = cmp.fallback_categories({c: summary for c, (summary, _) in circuits.items()}, group, cc.prompt_filter)
+            effects = {c: t[f"effects_{group}"] for c, (s, t) in circuits.items() if f"effects_{group}" in t and c not in fallback}
+            if fallback:
+                md[f"fallback_categories_{group}"] = ", ".join(fallback)
+                context.log.warning(f"{group}: {fallback} use all their prompts, not only '{cc.prompt_filter}' ones (too few): left out")
             if len(effects) < 2:
+                out["groups"][group] = {"verdict": "insufficient evidence", "fallback_categories": fallback,
+                                        "verdict_reason": f"Insufficient evidence: only {sorted(effects)} have at least {cc.min_prompts} "
+                                                          f"'{cc.prompt_filter}' prompts; a comparison needs two categories."}
+                md[f"verdict_{group}"] = "insufficient evidence"
                 continue
             result = cmp.compare_categories(
                 effects, site_of_node, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold,
-                n_permutations=comp.n_permutations, n_bootstrap=comp.n_bootstrap, alpha=comp.alpha, seed=comp.seed,
+                n_permutations=comp.n_permutations, n_bootstrap=comp.n_bootstrap, n_splits=comp.n_splits, alpha=comp.alpha, seed=comp.seed,
+                error_nodes=error_nodes, rule=cmp.VerdictRule.from_config(comp), min_ceiling=comp.min_ceiling,
             )
             out["groups"][group] = result.to_dict()
-            # categories whose circuit could not use the configured prompt filter (too few refused prompts)
-            fallback = sorted(c for c, (summary, _) in circuits.items()
-                              if group in summary["groups"] and summary["groups"][group].get("prompt_set", cc.prompt_filter) != cc.prompt_filter)
             out["groups"][group]["fallback_categories"] = fallback
-            if fallback:
-                md[f"fallback_categories_{group}"] = ", ".join(fallback)
-                context.log.warning(f"{group}: {fallback} use all their prompts, not only '{cc.prompt_filter}' ones (too few)")
             png = cmp.plot_heatmap(result.jaccard, result.categories, f"{model_key}: circuit Jaccard ({group})",
                                    layout.jaccard_plot(model_key, group), annotate_significance=result.significant)
             md[f"heatmap_{group}"] = png_markdown(png, f"Jaccard {group}")
@@ -81,11 +88,19 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         main = out["groups"].get("toxic") or next(iter(out["groups"].values()), None)
         if main is None:
             raise ValueError(f"comparison for {model_key}: fewer than two categories have circuits")
-        out["verdict"], out["verdict_reason"] = main["verdict"], main["verdict_reason"]
+        # One answer from every test's line; today the overlap test of the main group (transfer and
+        # direction tests add their lines here).
+        thresholds = {k: getattr(comp, k) for k in ("alpha", "equivalence_margin", "modular_max_normalised", "min_decided_fraction", "majority", "min_ceiling")}
+        transfer = layout.load_transfer(model_key) or {}
+        out["transfer"] = transfer
+        combined = combine([overlap_line(main), *transfer_lines(transfer)], thresholds)
+        out["combined"] = combined.to_dict()
+        out["verdict"], out["verdict_reason"] = combined.verdict, combined.reason
         out["seconds"] = time.perf_counter() - t0
         write_text(json.dumps(out, indent=1, default=float), layout.comparison_summary(model_key))
         return dg.MaterializeResult(metadata={
-            "verdict": out["verdict"], "verdict_reason": out["verdict_reason"], "shared_fraction": main["shared_fraction"], **ci_metadata("shared_fraction_ci", main["shared_fraction_ci"]),
+            "verdict": out["verdict"], "verdict_reason": out["verdict_reason"], "shared_fraction": main.get("shared_fraction"),
+            **(ci_metadata("shared_fraction_ci", main["shared_fraction_ci"]) if main.get("shared_fraction_ci") else {}),
             "path": file_path(layout.comparison_summary(model_key)),
             "n_categories": len(categories), "seconds": round(out["seconds"], 1), **md,
         })

@@ -1,0 +1,314 @@
+"""Calibration of the comparison on planted answers (``refusal-assets calibrate --json``).
+
+Synthetic per-prompt node effects with a known answer: ``monolithic`` (every category draws its
+prompts from one mechanism: the same latent means) and ``modular`` (each category its own disjoint
+latents). Latent strengths follow a decaying spectrum, so the top-k boundary is noisy and the
+statistics vary from replicate to replicate; that is what makes CI coverage measurable.
+
+Coverage of a CI statistic = the share of (replicate, pair) CIs that contain the statistic's
+expectation at this sample size, estimated by the mean of its point estimates over the replicates
+(the quantity a replicate's CI is an interval for). The normalised Jaccard's expectation under
+identical categories must be ~1 (numerator and ceiling at the same size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from refusal_assets.comparison import VerdictRule, compare_categories
+
+Planted = Literal["monolithic", "modular"]
+CI_STATS = ("jaccard", "normalised_jaccard", "shared_fraction")
+
+
+@dataclass(frozen=True)
+class SyntheticDesign:
+    """Sizes of one synthetic comparison (defaults: the default config's per-category sample)."""
+
+    n_categories: int = 4
+    n_prompts: int = 14
+    n_sites: int = 2
+    n_latents: int = 64
+    n_strong: int = 12
+    """Latents per site that carry a category's mechanism (the spectrum decays over them)."""
+    k_per_site: int = 8
+    noise: float = 0.2
+    """Per-prompt noise sd, relative to the strongest latent's mean effect (1.0)."""
+
+
+def planted_effects(planted: Planted, design: SyntheticDesign, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per category ``[n_prompts, n_sites * n_latents]`` effects of the planted mechanism."""
+    spectrum = np.exp(-np.arange(design.n_strong) / 4.0)  # 1, 0.78, 0.61, ...: a noisy top-k boundary
+    out = {}
+    for c in range(design.n_categories):
+        start = 0 if planted == "monolithic" else c * design.n_strong
+        if start + design.n_strong > design.n_latents:
+            raise ValueError(f"modular design needs n_latents >= n_categories * n_strong = {design.n_categories * design.n_strong}")
+        mean = np.zeros((design.n_sites, design.n_latents))
+        mean[:, start : start + design.n_strong] = spectrum
+        out[f"cat{c}"] = mean.ravel() + rng.normal(0.0, design.noise, (design.n_prompts, mean.size))
+    return out
+
+
+@dataclass(frozen=True)
+class PlantedRun:
+    planted: Planted
+    n_replicates: int
+    verdicts: dict[str, int]
+    """Verdict -> replicates."""
+    correct_fraction: float
+    coverage: dict[str, float]
+    """CI statistic -> share of CIs that contain its expectation."""
+    expectation: dict[str, float]
+    """CI statistic -> mean point estimate over replicates and pairs."""
+    estimate_inside_ci: bool
+    """Every point estimate lies inside its own CI."""
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    design: SyntheticDesign
+    runs: list[PlantedRun]
+    normalised_expectation_identical: float
+    """Mean normalised Jaccard under identical categories (the monolithic plant): should be ~1."""
+    params: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return (all(r.correct_fraction >= 0.9 for r in self.runs)
+                and all(v >= 0.9 for r in self.runs for v in r.coverage.values() if math.isfinite(v))
+                and all(r.estimate_inside_ci for r in self.runs)
+                and abs(self.normalised_expectation_identical - 1) <= 0.1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _pair_values(result, stat: str) -> list[tuple[float, float, float]]:
+    if stat == "shared_fraction":
+        return [(result.shared_fraction, *result.shared_fraction_ci)]
+    return [(getattr(p, stat), *getattr(p, f"{stat}_ci")) for p in result.pairs]
+
+
+def run_planted(planted: Planted, design: SyntheticDesign, *, n_replicates: int, n_permutations: int, n_bootstrap: int,
+                seed: int = 0, rule: VerdictRule | None = None) -> tuple[PlantedRun, list]:
+    """``n_replicates`` fresh samples of one planted answer, each through the full comparison."""
+    rule = rule or VerdictRule()
+    site_of_node = np.repeat(np.arange(design.n_sites), design.n_latents)
+    values: dict[str, list[tuple[float, float, float]]] = {s: [] for s in CI_STATS}
+    verdicts: dict[str, int] = {}
+    for r in range(n_replicates):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0 if planted == "monolithic" else 1, r)))
+        result = compare_categories(planted_effects(planted, design, rng), site_of_node, mode="topk", k_per_site=design.k_per_site,
+                                    n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed + r, rule=rule)
+        verdicts[result.verdict] = verdicts.get(result.verdict, 0) + 1
+        for s in CI_STATS:
+            values[s].extend(_pair_values(result, s))
+    coverage, expectation, inside = {}, {}, True
+    for s, rows in values.items():
+        arr = np.array(rows, dtype=float)  # [n, 3]: estimate, lo, hi
+        ok = np.isfinite(arr).all(axis=1)
+        arr = arr[ok]
+        if not len(arr):
+            coverage[s] = expectation[s] = math.nan
+            continue
+        truth = float(arr[:, 0].mean())
+        expectation[s] = truth
+        coverage[s] = float(((arr[:, 1] <= truth + 1e-12) & (truth - 1e-12 <= arr[:, 2])).mean())
+        inside &= bool(((arr[:, 1] <= arr[:, 0] + 1e-12) & (arr[:, 0] <= arr[:, 2] + 1e-12)).all())
+    return PlantedRun(planted, n_replicates, verdicts, verdicts.get(planted, 0) / n_replicates, coverage, expectation, inside), values["normalised_jaccard"]
+
+
+def calibrate_synthetic(design: SyntheticDesign = SyntheticDesign(), *, n_replicates: int = 200, n_permutations: int = 200,
+                        n_bootstrap: int = 200, seed: int = 0, rule: VerdictRule | None = None) -> CalibrationReport:
+    """Both planted answers at ``design``'s sizes; see the module docstring for what is measured."""
+    rule = rule or VerdictRule()
+    runs, norm_identical = [], math.nan
+    for planted in ("monolithic", "modular"):
+        run, norm = run_planted(planted, design, n_replicates=n_replicates, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+                                seed=seed, rule=rule)
+        runs.append(run)
+        if planted == "monolithic":
+            est = np.array([v[0] for v in norm], dtype=float)
+            norm_identical = float(np.nanmean(est)) if np.isfinite(est).any() else math.nan
+    return CalibrationReport(design, runs, norm_identical, dict(n_replicates=n_replicates, n_permutations=n_permutations,
+                                                                 n_bootstrap=n_bootstrap, seed=seed, **asdict(rule)))
+
+
+def design_from_config(cfg) -> SyntheticDesign:
+    """The default design at the config's per-category sample size (toxic prompts per category)."""
+    return SyntheticDesign(n_prompts=int(cfg.data.sampling.max_per_cell))
+
+
+def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = True) -> int:
+    """``refusal-assets calibrate``: both levels at the config's sample sizes; prints verdicts and
+    coverages; exit 0 when every check holds, 1 otherwise."""
+    import json
+    from pathlib import Path
+
+    comp = cfg.comparison
+    rule = VerdictRule.from_config(comp)
+    design = design_from_config(cfg)
+    report = calibrate_synthetic(design, n_replicates=n_replicates, n_permutations=min(comp.n_permutations, 200),
+                                 n_bootstrap=min(comp.n_bootstrap, 200), seed=comp.seed, rule=rule)
+    out: dict = {"synthetic": report.to_dict()}
+    passed = report.passed
+    if model_level:
+        from refusal_assets.config import load_config
+        from refusal_assets.models import load_model
+
+        tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+        model, tok = load_model(tiny.models[0], tiny.resolve, "cpu", log=lambda s: None)
+        runs = [calibrate_model(model, tok, planted, n_categories=design.n_categories, n_prompts=design.n_prompts,
+                                n_bootstrap=min(comp.n_bootstrap, 200), n_permutations=min(comp.n_permutations, 200), seed=comp.seed, rule=rule)
+                for planted in ("monolithic", "modular")]
+        out["tiny_model"] = [asdict(r) for r in runs]
+        passed &= all(r.combined == r.planted for r in runs)
+    out["passed"] = passed
+    if as_json:
+        print(json.dumps(out, default=float))
+    else:
+        for r in report.runs:
+            print(f"synthetic, planted {r.planted}: verdicts {r.verdicts}; coverage {r.coverage}; point inside CI {r.estimate_inside_ci}")
+        print(f"normalised Jaccard under identical categories: {report.normalised_expectation_identical:.3f}")
+        for r in out.get("tiny_model", []):
+            print(f"tiny model, planted {r['planted']}: combined {r['combined']} (overlap {r['overlap']}, circuit transfer {r['circuit_transfer']}, "
+                  f"direction ablation {r['direction_ablation']}, induced refusal {r['induced_refusal']})")
+        print(f"passed: {passed}")
+    return 0 if passed else 1
+
+
+# ------------------------------------------------------------------ level 2: a tiny planted model
+
+
+@dataclass(frozen=True)
+class ModelCalibration:
+    planted: Planted
+    overlap: str
+    circuit_transfer: str
+    direction_ablation: str
+    induced_refusal: str
+    combined: str
+    reasons: dict[str, str]
+
+
+def planted_model(model, tokenizer, planted: Planted, n_categories: int, *, alpha: float = 6.0, beta: float = 8.0):
+    """A copy of a tiny Qwen2-style model whose refusal is a planted mechanism, and its marker tokens.
+
+    MLPs are off; attention is off except in block 0, where zero queries and keys give uniform causal
+    attention and the values copy the first 32 residual dimensions, so every post-instruction position
+    carries the mean of the prompt's earlier embeddings there. Ordinary tokens have nothing in those
+    dimensions; the marker token ``<catC>`` that opens category C's toxic prompts carries
+    ``alpha * e_m``: ``m = 0`` for every category (``monolithic``: one shared mechanism) or ``m = C``
+    (``modular``: disjoint ones). The refusal logits read ``beta * sum_m e_m`` after the final norm.
+    Returns (model, tokenizer, markers, refusal_ids)."""
+    import copy
+
+    import torch
+
+    model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
+    markers = [f"<cat{c}>" for c in range(n_categories)]
+    tokenizer.add_tokens(markers, special_tokens=True)
+    model.resize_token_embeddings(len(tokenizer))
+    d = model.config.hidden_size
+    if d < 64 or n_categories + 1 > 32:
+        raise ValueError(f"planted_model needs d_model >= 64 and at most 31 categories (d_model {d}, {n_categories} categories)")
+    head = model.config.hidden_size // model.config.num_attention_heads
+    n_kv = model.config.num_key_value_heads
+    group = model.config.num_attention_heads // n_kv
+    with torch.no_grad():
+        for i, block in enumerate(model.model.layers):
+            block.mlp.down_proj.weight.zero_()
+            attn = block.self_attn
+            if i > 0:
+                attn.o_proj.weight.zero_()
+                continue
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            attn.o_proj.weight.zero_()
+            for h in range(n_kv):  # kv head h reads dims [h*head, (h+1)*head); its first query head writes them back
+                attn.v_proj.weight[h * head : (h + 1) * head, h * head : (h + 1) * head] = torch.eye(head)
+                q = h * group
+                attn.o_proj.weight[h * head : (h + 1) * head, q * head : (q + 1) * head] = torch.eye(head)
+            block.input_layernorm.weight.fill_(1.0)
+        emb = model.get_input_embeddings().weight
+        width = n_kv * head  # the dimensions the attention copies
+        emb[:, :width] = 0.0
+        ids = [tokenizer.convert_tokens_to_ids(m) for m in markers]
+        for c, tid in enumerate(ids):
+            emb[tid, 0 if planted == "monolithic" else c] = alpha
+        model.model.norm.weight.fill_(1.0)
+        refusal_ids = torch.tensor(sorted(set(tokenizer.encode(" Sorry", add_special_tokens=False)[:1])))
+        readout = torch.zeros(d)
+        readout[: (1 if planted == "monolithic" else n_categories)] = beta
+        model.lm_head.weight[refusal_ids] = readout
+    return model.eval(), tokenizer, markers, refusal_ids
+
+
+def calibrate_model(model, tokenizer, planted: Planted, *, n_categories: int = 4, n_prompts: int = 14, n_bootstrap: int = 100,
+                    n_permutations: int = 100, seed: int = 0, rule: VerdictRule | None = None) -> ModelCalibration:
+    """Every test of the comparison on a planted tiny model (:func:`planted_model`): node effects by
+    attribution patching, circuit overlap, circuit transfer, direction cross-ablation and induced
+    refusal, and the combined verdict."""
+    import torch
+
+    from refusal_assets import circuits as circ
+    from refusal_assets import transfer as tr
+    from refusal_assets.sae import TopKSAE
+    from refusal_assets.sites import Site
+    from refusal_assets.verdict import combine, overlap_line, transfer_lines
+
+    rule = rule or VerdictRule()
+    m, tok, markers, ids = planted_model(model, tokenizer, planted, n_categories)
+    rng = np.random.default_rng(seed)
+    words = ["the", "river", "stone", "blue", "quiet", "market", "seven", "letter", "garden", "window", "cloud", "paper"]
+
+    def text(marker: str = "") -> str:
+        body = " ".join(rng.choice(words, size=int(rng.integers(3, 9))))
+        return f"{marker} {body}".strip()
+
+    cats = [f"cat{c}" for c in range(n_categories)]
+    toxic = {c: [text(markers[i]) for _ in range(n_prompts)] for i, c in enumerate(cats)}
+    harmless = {c: [text() for _ in range(n_prompts)] for c in cats}
+    d = m.config.hidden_size
+    site = Site(1, "resid")
+    sae = TopKSAE(d, d, k=d)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(d))
+        sae.W_enc.copy_(torch.eye(d))
+    saes = {site: sae.eval()}
+    kw = {"batch_size": 16}
+    effects, score_fns, circuits, own = {}, {}, {}, {}
+    index = circ.NodeIndex([site], [d])
+
+    def select(mean: np.ndarray) -> np.ndarray:
+        return circ.select_circuit(mean, index.site_of_node, mode="topk", k_per_site=2)
+
+    for c in cats:
+        baseline = circ.compute_baseline(m, tok, harmless[c], saes, **kw)
+        effects[c], _ = circ.node_effects(m, tok, toxic[c], saes, baseline, ids, **kw)
+        suffixes = circ.prepare_suffixes(m, tok, toxic[c], **kw)
+        score_fns[c] = lambda keep, s=suffixes, b=baseline: circ.ablated_scores(m, s, saes, b, keep, ids)
+        circuits[c] = select(effects[c].mean(0))
+        own[c] = tr.loo_masks(effects[c], select)
+    error_nodes = np.zeros(index.n_nodes, bool)
+    error_nodes[index.error_node(0)] = True
+    overlap = compare_categories(effects, index.site_of_node, mode="topk", k_per_site=2, n_permutations=n_permutations,
+                                 n_bootstrap=n_bootstrap, seed=seed, error_nodes=error_nodes, rule=rule)
+    loss, _faithfulness = tr.circuit_transfer(score_fns, circuits, own, index.site_of_node, rule, n_bootstrap=n_bootstrap, seed=seed)
+    half = n_prompts // 2  # directions from the first half, every reported number on the second
+    selected = tr.select_directions(m, tok, {c: p[:half] for c, p in toxic.items()}, {c: p[:half] for c, p in harmless.items()}, ids,
+                                    n_layer_candidates=2, n_position_candidates=1, **kw)
+    dirs = tr.direction_tests(m, tok, selected, {c: p[half:] for c, p in toxic.items()}, {c: p[half:] for c, p in harmless.items()},
+                              ids, rule, n_bootstrap=n_bootstrap, seed=seed, **kw)
+    transfer = {"circuit_transfer": loss.to_dict(), "directions": dirs.to_dict()}
+    combined = combine([overlap_line(overlap.to_dict()), *transfer_lines(transfer)])
+    return ModelCalibration(planted, overlap.verdict, loss.verdict, dirs.ablation.verdict, dirs.induced.verdict, combined.verdict,
+                            {"overlap": overlap.verdict_reason, "circuit transfer": loss.reason, "direction ablation": dirs.ablation.reason,
+                             "induced refusal": dirs.induced.reason, "combined": combined.reason})
