@@ -32,6 +32,7 @@ from refusal_assets.behaviour import refusal_score_from_logits
 from refusal_assets.chat import ChatBatch, batches, encode_chat
 from refusal_assets.config import CircuitConfig
 from refusal_assets.hooks import site_hooks, until_stopped
+from refusal_assets.progress import progress
 from refusal_assets.sites import Site, output_tensor, replace_output, site_module
 
 Mode = Literal["topk", "threshold", "topk_abs", "threshold_abs"]
@@ -296,25 +297,26 @@ def node_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
     out, scores = [], []
-    for i, chunk in enumerate(batches(prompts, batch_size)):
-        suffix = split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device))
-        acts, grads, score = _site_grads(model, suffix, sites, refusal_ids)
-        if method == "integrated_gradients":
-            grads = {s: _ig_grads(model, suffix, s, sites, saes[s], baseline, refusal_ids, ig_steps) for s in sites}
-        effects = torch.zeros(len(chunk), index.n_nodes)
-        for k, s in enumerate(sites):
-            x, g = acts[s].float(), grads[s].float()  # [B, P, d]
-            B, P, d = x.shape
-            with torch.no_grad():
-                f = saes[s].encode(x)  # [B, P, d_sae]
-                err = x - saes[s].decode(f)
-            g_f = _decoder_grad(saes[s], g.reshape(B * P, d), f.shape[-1]).view(B, P, -1)
-            sl = index.site_slice(k)
-            effects[:, sl.start : sl.stop - 1] = (g_f * (f - baseline.f_mean[s])).sum(1)
-            effects[:, sl.stop - 1] = (g * (err - baseline.err_mean[s])).sum((1, 2))
-        out.append(effects.numpy())
-        scores.append(score.cpu().numpy())
-        log(f"node effects: {min((i + 1) * batch_size, len(prompts))}/{len(prompts)} prompts")
+    with progress("node effects", total=len(prompts), unit="prompts", log=log) as prog:
+        for chunk in batches(prompts, batch_size):
+            suffix = split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device))
+            acts, grads, score = _site_grads(model, suffix, sites, refusal_ids)
+            if method == "integrated_gradients":
+                grads = {s: _ig_grads(model, suffix, s, sites, saes[s], baseline, refusal_ids, ig_steps) for s in sites}
+            effects = torch.zeros(len(chunk), index.n_nodes)
+            for k, s in enumerate(sites):
+                x, g = acts[s].float(), grads[s].float()  # [B, P, d]
+                B, P, d = x.shape
+                with torch.no_grad():
+                    f = saes[s].encode(x)  # [B, P, d_sae]
+                    err = x - saes[s].decode(f)
+                g_f = _decoder_grad(saes[s], g.reshape(B * P, d), f.shape[-1]).view(B, P, -1)
+                sl = index.site_slice(k)
+                effects[:, sl.start : sl.stop - 1] = (g_f * (f - baseline.f_mean[s])).sum(1)
+                effects[:, sl.stop - 1] = (g * (err - baseline.err_mean[s])).sum((1, 2))
+            out.append(effects.numpy())
+            scores.append(score.cpu().numpy())
+            prog.update(len(chunk))
     return np.concatenate(out), np.concatenate(scores)
 
 
@@ -453,7 +455,8 @@ class SizeSweep:
 
 
 def evaluate_sizes(score_fn: Callable[[np.ndarray], np.ndarray], effects: np.ndarray, site_of_node: np.ndarray, sizes: list[int],
-                   select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, *, seed: int, n_bootstrap: int = 1000) -> SizeSweep:
+                   select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, *, seed: int, n_bootstrap: int = 1000,
+                   log: Callable[[str], None] | None = None) -> SizeSweep:
     """Cross-fitted faithfulness and completeness over circuit sizes.
 
     ``effects`` [n_prompts, n_nodes] are the per-prompt node effects and ``folds`` [n_prompts] a fold
@@ -477,27 +480,37 @@ def evaluate_sizes(score_fn: Callable[[np.ndarray], np.ndarray], effects: np.nda
     rng = np.random.default_rng(seed)
     site_members = [np.flatnonzero(site_of_node == s) for s in np.unique(site_of_node)]
     rows = []
-    for n in sizes:
-        circuits = {f: select(mean, n) for f, mean in fold_means.items()}
-        circuit = np.stack([circuits[f] for f in folds])  # [n_prompts, n_nodes]
-        random = np.zeros_like(circuit)
-        for i in range(n_prompts):
-            for members in site_members:
-                random[i, rng.choice(members, size=int(circuit[i, members].sum()), replace=False)] = True
-        m_c, m_comp, m_rand = score_fn(circuit), score_fn(~circuit), score_fn(random)
-        full_circuit = select(effects.mean(0), n)  # the circuit that the asset reports at this size
-        rows.append(SweepPoint(
-            size_per_site=n, n_nodes=int(full_circuit.sum()), n_nodes_mean_fold=float(circuit.sum(1).mean()),
-            faithfulness=faithfulness(m_c.mean(), m_empty.mean(), m_full.mean()),
-            faithfulness_ci=_ratio_ci(m_c - m_empty, den, n_bootstrap, seed),
-            completeness=faithfulness(m_comp.mean(), m_empty.mean(), m_full.mean()),
-            completeness_ci=_ratio_ci(m_comp - m_empty, den, n_bootstrap, seed),
-            random_faithfulness=faithfulness(m_rand.mean(), m_empty.mean(), m_full.mean()),
-            random_faithfulness_ci=_ratio_ci(m_rand - m_empty, den, n_bootstrap, seed),
-            advantage_ci=_ratio_ci(m_c - m_rand, den, n_bootstrap, seed),
-        ))
+    with progress("faithfulness sweep", total=len(sizes), unit="sizes", log=log or (lambda _: None)) as prog:
+        for n in sizes:
+            rows.append(_sweep_point(n, score_fn, effects, select, folds, fold_means, site_members, m_full, m_empty, den, rng, n_bootstrap, seed))
+            prog.update(1)
     return SizeSweep(m_full=float(m_full.mean()), m_empty=float(m_empty.mean()), denominator_ci=_ratio_ci(den, np.ones_like(den), n_bootstrap, seed),
                      n_prompts=n_prompts, n_folds=int(len(np.unique(folds))), sweep=rows)
+
+
+def _sweep_point(n: int, score_fn: Callable[[np.ndarray], np.ndarray], effects: np.ndarray, select: Callable[[np.ndarray, int], np.ndarray],
+                 folds: np.ndarray, fold_means: dict, site_members: list[np.ndarray], m_full: np.ndarray, m_empty: np.ndarray,
+                 den: np.ndarray, rng: np.random.Generator, n_bootstrap: int, seed: int) -> SweepPoint:
+    """One size of :func:`evaluate_sizes`: the cross-fitted circuit, its complement and the random control."""
+    n_prompts = len(folds)
+    circuits = {f: select(mean, n) for f, mean in fold_means.items()}
+    circuit = np.stack([circuits[f] for f in folds])  # [n_prompts, n_nodes]
+    random = np.zeros_like(circuit)
+    for i in range(n_prompts):
+        for members in site_members:
+            random[i, rng.choice(members, size=int(circuit[i, members].sum()), replace=False)] = True
+    m_c, m_comp, m_rand = score_fn(circuit), score_fn(~circuit), score_fn(random)
+    full_circuit = select(effects.mean(0), n)  # the circuit that the asset reports at this size
+    return SweepPoint(
+        size_per_site=n, n_nodes=int(full_circuit.sum()), n_nodes_mean_fold=float(circuit.sum(1).mean()),
+        faithfulness=faithfulness(m_c.mean(), m_empty.mean(), m_full.mean()),
+        faithfulness_ci=_ratio_ci(m_c - m_empty, den, n_bootstrap, seed),
+        completeness=faithfulness(m_comp.mean(), m_empty.mean(), m_full.mean()),
+        completeness_ci=_ratio_ci(m_comp - m_empty, den, n_bootstrap, seed),
+        random_faithfulness=faithfulness(m_rand.mean(), m_empty.mean(), m_full.mean()),
+        random_faithfulness_ci=_ratio_ci(m_rand - m_empty, den, n_bootstrap, seed),
+        advantage_ci=_ratio_ci(m_c - m_rand, den, n_bootstrap, seed),
+    )
 
 
 def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],
@@ -733,7 +746,7 @@ def find_circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sam
             return ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
 
         sweep = evaluate_sizes(score_fn, effects, index.site_of_node, sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, folds,
-                               seed=cc.seed, n_bootstrap=cc.n_bootstrap)
+                               seed=cc.seed, n_bootstrap=cc.n_bootstrap, log=log)
         edges = []
         if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
             edges = edge_effects(model, tokenizer, prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
