@@ -157,3 +157,21 @@ def test_splice_identity_changes_nothing_and_zero_recovers_nothing(tiny_model):
     assert zero["loss_recovered"] == pytest.approx(0, abs=1e-5) and zero["kl_spliced"] > 0
     assert zero["refusal_score_abs_change"] > 0
     assert "refusal_score_change" not in splice_metrics(model, tok, prompts[:1], Site(1, "resid"), Identity(), batch_size=2)
+
+
+def test_fit_site_pretrained_is_measured_on_the_same_held_out_rows(tiny_model, tmp_path):
+    from refusal_assets.sae import TopKSAE, save_sae
+
+    model, tok = tiny_model
+    d = model.config.hidden_size
+    x = torch.randn(N_PROMPTS * PER_PROMPT, d, generator=torch.Generator().manual_seed(2)).half()
+    pids = pl.Series([f"p{i // PER_PROMPT:02d}" for i in range(len(x))])
+    prompts = pl.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(N_PROMPTS)], "prompt": ["Hello there"] * N_PROMPTS})
+    save_sae(TopKSAE(d, 2 * d, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "pre", {"hook_name": "resid1"})
+    cfg = SAEConfig(k=8, eval_fraction=0.2)
+    loaded = fit_site(x, pids, cfg, lambda: (model, tok), Site(1, "resid"), prompts, pretrained="pre", resolve=lambda s: tmp_path / s)
+    assert loaded.history == {"pretrained": "pre"} and loaded.pretrained == "pre"
+    assert loaded.metrics["n_eval_prompts"] == 10 and loaded.sae.d_sae == 2 * d and np.isfinite(loaded.metrics["fvu"])
+    save_sae(TopKSAE(d + 1, 8, 4), tmp_path / "wide", {"hook_name": "resid1"})
+    with pytest.raises(ValueError, match=rf"wide/cfg.json: SAE has d_in {d + 1} but the site's activations have width {d}"):
+        fit_site(x, pids, cfg, lambda: (model, tok), Site(1, "resid"), prompts, pretrained=str(tmp_path / "wide"))
