@@ -203,6 +203,10 @@ class SAEConfig(_Strict):
     aux_coef: float = Field(default=1 / 32, ge=0)
     dead_after_tokens: int = Field(default=50_000, ge=1)
     val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    """Share of the prompts whose rows decide early stopping (never trained on)."""
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    """Share of the prompts held out for the reported metrics (FVU, dead fraction, splice): neither
+    trained on nor used for early stopping, so the numbers are not tuned on their own data."""
     eval_every: int = Field(default=100, ge=1)
     patience: int = Field(default=5, ge=1)
     """Early stopping: evaluations without validation-FVU improvement before stopping."""
@@ -215,6 +219,13 @@ class SAEConfig(_Strict):
     pretrained: dict[str, str] = {}
     """site key -> SAELens-format folder to load instead of training."""
     splice: SpliceEvalConfig = SpliceEvalConfig()
+
+    @model_validator(mode="after")
+    def _split(self) -> "SAEConfig":
+        if self.val_fraction + self.eval_fraction >= 1:
+            raise ValueError(f"sae.val_fraction ({self.val_fraction}) + sae.eval_fraction ({self.eval_fraction}) must be < 1: "
+                             "some prompts must be left to train on")
+        return self
 
 
 # ------------------------------------------------------------------------------------- circuits

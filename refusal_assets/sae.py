@@ -9,10 +9,11 @@ follows Bussmann et al. 2024 and is saved, as SAELens does, as a JumpReLU SAE wi
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -287,19 +288,31 @@ def train_sae(
     d_sae: int | None = None,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainedSAE:
     """Train on ``vectors [n, d_in]`` (a tensor, or a ``sae_data.Rows`` source such as ``ParquetRows``
     that reads batches from disk; both give the same weights) with ``group_ids [n]``: the prompt of each
     row. Returns the SAE with its best-validation-FVU weights, in eval mode, the history (per
     evaluation ``CURVES``: train values averaged since the previous evaluation, plus n_train, n_val,
-    stopped_early, best_step, seconds) and the train/validation split of the rows."""
+    stopped_early, best_step, seconds) and the train/validation split of the rows.
+
+    ``split``: explicit (train rows, early-stopping rows), e.g. from :func:`split_prompts` after
+    de-duplication; None draws :func:`split_by_group` over ``group_ids``."""
     t0 = time.perf_counter()
     rows = as_rows(vectors)
     if len(group_ids) != len(rows):
         raise ValueError(f"need vectors [n, d_in] and group_ids [n]; got {len(rows)} rows, {len(group_ids)} group ids")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_np, val_np = split_by_group(np.asarray(group_ids), cfg.val_fraction, cfg.seed)
+    if split is None:
+        train_np, val_np = split_by_group(np.asarray(group_ids), cfg.val_fraction, cfg.seed)
+    else:
+        train_np, val_np = (np.asarray(a, dtype=np.int64) for a in split)
+        if len(train_np) == 0 or len(val_np) == 0:
+            raise ValueError(f"need training and validation rows; got {len(train_np)} and {len(val_np)}")
+        shared = set(np.asarray(group_ids)[train_np].tolist()) & set(np.asarray(group_ids)[val_np].tolist())
+        if shared:
+            raise ValueError(f"split: {len(shared)} prompts have rows in both training and validation, e.g. group {min(shared)}")
     train_idx = torch.from_numpy(train_np)
     val_rows = SubsetRows(rows, torch.from_numpy(val_np))  # read in chunks, never all at once
     d_sae = d_sae or cfg.expansion_factor * rows.d_in
@@ -548,8 +561,110 @@ def load_pretrained(spec: str, d_in: int, resolve: Callable[[str], Path] = Path)
 
 def typical_rows(vectors: Tensor, max_norm_factor: float) -> Tensor:
     """Bool mask [n] of rows whose L2 norm is at most ``max_norm_factor`` x the median norm."""
-    norms = vectors.float().norm(dim=-1)
+    return typical_norms(vectors.float().norm(dim=-1), max_norm_factor)
+
+
+def typical_norms(norms: Tensor, max_norm_factor: float) -> Tensor:
+    """:func:`typical_rows` from the rows' norms ``[n]`` (e.g. ``ParquetRows.norms``, read once from disk)."""
+    norms = torch.as_tensor(norms, dtype=torch.float32)
     return norms <= max_norm_factor * norms.median()
+
+
+def row_norms(rows: Rows, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """L2 norm of every row [n] (float32); a ``ParquetRows`` already holds them."""
+    norms = getattr(rows, "norms", None)
+    if norms is not None and len(norms) == len(rows):
+        return np.asarray(norms, dtype=np.float32)
+    return torch.cat([x.float().norm(dim=-1) for x in chunks(rows, torch.arange(len(rows)), batch_size)]).numpy()
+
+
+# -------------------------------------------------------------- de-duplication and the split
+class PromptSplit(NamedTuple):
+    """Row indices of a three-way split by prompt: every prompt's rows go wholly to one part."""
+
+    train: np.ndarray
+    val: np.ndarray
+    """Early-stopping rows."""
+    eval: np.ndarray
+    """Held-out rows for the reported metrics."""
+
+
+def split_prompts(group_ids: np.ndarray, val_fraction: float, eval_fraction: float, seed: int) -> PromptSplit:
+    """Rows (train, early-stopping validation, held-out evaluation); ``val_fraction`` and
+    ``eval_fraction`` of the groups (prompts) go wholly to validation and evaluation, drawn from one
+    permutation of the sorted group ids so the split does not depend on row order or file layout."""
+    group_ids = np.asarray(group_ids)
+    groups = np.unique(group_ids)
+    if len(groups) < 3:
+        raise ValueError(f"need at least 3 groups (prompts) to split train/validation/evaluation, got {len(groups)}")
+    n_eval = min(max(1, round(eval_fraction * len(groups))), len(groups) - 2)
+    n_val = min(max(1, round(val_fraction * len(groups))), len(groups) - 1 - n_eval)
+    perm = np.random.default_rng(seed).permutation(groups)
+    part = np.zeros(len(group_ids), np.int8)  # 0 train, 1 val, 2 eval
+    part[np.isin(group_ids, perm[:n_eval])] = 2
+    part[np.isin(group_ids, perm[n_eval : n_eval + n_val])] = 1
+    return PromptSplit(np.flatnonzero(part == 0), np.flatnonzero(part == 1), np.flatnonzero(part == 2))
+
+
+def row_keys(rows: Rows, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """A 64-bit digest of each row's bytes [n] (uint64): equal rows, equal keys. One sequential pass;
+    8 bytes per row stay in memory, so de-duplication works on rows that do not fit in RAM. (Two
+    different rows share a key with probability ~n^2 / 2^65: about 1e-6 at 5M rows.)"""
+    keys = np.empty(len(rows), np.uint64)
+    start = 0
+    for x in chunks(rows, torch.arange(len(rows)), batch_size):
+        a = np.ascontiguousarray(x.cpu().numpy())
+        flat = a.view(np.uint8).reshape(len(a), -1)
+        for j in range(len(a)):
+            keys[start + j] = int.from_bytes(hashlib.blake2b(flat[j].data, digest_size=8).digest(), "little")
+        start += len(a)
+    return keys
+
+
+class SiteRows(NamedTuple):
+    """What :func:`distinct_split` decided about a site's rows (indices into the rows it was given)."""
+
+    split: PromptSplit
+    """Distinct rows of each part; a val/eval row equal to a training row is left out (it is not held out)."""
+    template: np.ndarray
+    """Bool [n]: the row's vector occurs in more than one prompt (the fixed system prompt and chat
+    header before the user's text; causal attention makes those positions identical in every prompt)."""
+    n_distinct: int
+
+
+def distinct_split(group_ids: np.ndarray, keys: np.ndarray, cfg: SAEConfig) -> SiteRows:
+    """The three-way prompt split, then de-duplication of each part.
+
+    We de-duplicate rather than down-weight the template rows: a repeated vector carries no new
+    information, and counted once per prompt the chat-template prefix (about half of all rows on the
+    default model) makes the SAE spend latents and loss on tokens the circuits never read, and makes a
+    held-out FVU that is mostly rows seen in training. Dropping repeats keeps every distinct vector
+    once, needs no weighted loss in the trainer, and keeps streaming a plain index subset.
+    """
+    group_ids, keys = np.asarray(group_ids), np.asarray(keys)
+    parts = split_prompts(group_ids, cfg.val_fraction, cfg.eval_fraction, cfg.seed)
+    pairs = pl.DataFrame({"key": keys, "group": group_ids}).unique()
+    shared = pairs.group_by("key").len().filter(pl.col("len") > 1)["key"].to_numpy()
+    template = np.isin(keys, shared)
+
+    def first(idx: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        _, at = np.unique(keys[idx], return_index=True)
+        idx = np.sort(idx[at])  # the first occurrence of each vector, in row order
+        return idx if exclude is None else idx[~np.isin(keys[idx], keys[exclude])]
+
+    train = first(parts.train)
+    return SiteRows(PromptSplit(train, first(parts.val, train), first(parts.eval, train)), template, int(len(np.unique(keys))))
+
+
+@torch.no_grad()
+def fired_latents(sae: TopKSAE, vectors: Tensor | Rows, batch_size: int = EVAL_BATCH) -> Tensor:
+    """Bool [d_sae]: latents that fire on at least one row."""
+    rows = as_rows(vectors)
+    device = sae.W_dec.device
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+    for x in chunks(rows, torch.arange(len(rows)), batch_size):
+        fired |= (sae.encode(x.to(device, torch.float32)) > 0).any(0)
+    return fired
 
 
 # ------------------------------------------------------------------------------ one site's SAE
@@ -559,57 +674,138 @@ class FittedSAE:
 
     sae: TopKSAE
     history: dict[str, Any]
-    """Training curves (see :func:`train_sae`), or ``{"pretrained": folder}`` for a loaded SAE."""
+    """Training curves (see :func:`train_sae`), or ``{"pretrained": spec}`` for a loaded SAE."""
     metrics: dict[str, float]
-    """:func:`evaluate_sae` on the validation rows; ``dead_fraction`` over every row (a latent is
-    dead when it fires on nothing), ``dead_fraction_val`` over the validation rows only."""
+    """On the held-out evaluation prompts' distinct rows (never trained on, not used for early
+    stopping): ``fvu`` (all of them), ``fvu_post_instruction`` (the post-instruction positions the
+    circuits read), ``l0``, ``mse``; ``fvu_val`` on the early-stopping rows; ``dead_fraction``: latents
+    that fire on no non-template row of the site (template rows: vectors repeated across prompts),
+    ``dead_fraction_with_template`` counting template rows too, ``dead_fraction_val`` over the
+    early-stopping rows' non-template rows only; and the row counts of each part."""
     splice: dict[str, float]
-    """:func:`refusal_assets.splice.splice_metrics`: loss recovered and KL with the SAE spliced in."""
+    """:func:`refusal_assets.splice.splice_metrics` on held-out evaluation prompts only: loss recovered,
+    KL, ΔCE and the refusal-score change with the SAE spliced in without its error term."""
     n_vectors: int
     """Rows the SAE saw (after leaving out the massive-activation rows)."""
     n_val_vectors: int
+    """Distinct early-stopping rows."""
     n_outliers: int
     """Massive-activation rows left out (norm above ``max_norm_factor`` x the median)."""
     max_norm: float
     """Largest norm among the rows kept: splicing leaves positions above it clean."""
-    pretrained: Path | None
+    pretrained: str | None
     fit_seconds: float
-    """Filtering, training (or loading) and metrics, before the language model is loaded."""
+    """Filtering, de-duplication, training (or loading) and metrics, before the language model is loaded."""
+    eval_prompt_ids: list[str]
+    """The held-out evaluation prompts (metrics and splice)."""
 
 
-def fit_site(x: Tensor, prompt_ids: pl.Series, cfg: SAEConfig, load_lm: Callable[[], tuple[nn.Module, Any]], site: Any,
-             splice_prompts: list[str], *, pretrained: Path | None = None, system_prompt: str | None = None, device: str = "cpu",
-             log: Callable[[str], None] = lambda s: None) -> FittedSAE:
-    """Train (or load) the SAE of one site on its activations ``x [N, d]`` (float16; ``prompt_ids [N]``
-    the prompt of each row), measure it, and splice it into the model on ``splice_prompts``.
+def fit_site(rows: Tensor | Rows, prompt_ids: pl.Series | Sequence[str], cfg: SAEConfig, load_lm: Callable[[], tuple[nn.Module, Any]],
+             site: Any, prompts: pl.DataFrame, *, post_instruction: np.ndarray | None = None, pretrained: str | None = None,
+             resolve: Callable[[str], Path] = Path, refusal_ids: Callable[[Any], list[int]] | None = None,
+             system_prompt: str | None = None, device: str = "cpu", log: Callable[[str], None] = lambda s: None) -> FittedSAE:
+    """Train (or load) the SAE of one site, measure it on held-out prompts, and splice it into the model.
+
+    ``rows``: the site's activations ``[N, d]`` (a float16 tensor, or a ``sae_data.Rows`` such as
+    ``ParquetRows`` that stays on disk: same rows, same SAE); ``prompt_ids [N]`` the prompt of each row
+    (the split is drawn over these explicit ids, so both paths split alike); ``post_instruction [N]``
+    marks the post-instruction positions. ``prompts`` (``prompt_id``, ``prompt``, optional
+    ``category``): the texts; the splice scores up to ``cfg.splice.prompts_per_category`` of each
+    category's held-out evaluation prompts. ``pretrained``: a :func:`load_pretrained` spec (a folder,
+    through ``resolve``, or ``saelens:<release>/<id>``). ``refusal_ids(tokenizer)``: the refusal-opening
+    tokens, for the refusal-score change.
 
     ``load_lm`` is called only after training, so the language model and the training data need not
     share the device's memory.
     """
     t0 = time.perf_counter()
-    typical = typical_rows(x, cfg.max_norm_factor)
-    max_norm = float(x[typical].float().norm(dim=-1).max())
+    base = as_rows(rows)
+    pids = np.asarray(prompt_ids.to_list() if isinstance(prompt_ids, pl.Series) else list(prompt_ids), dtype=object)
+    if len(pids) != len(base):
+        raise ValueError(f"need one prompt id per row: {len(base)} rows, {len(pids)} prompt ids")
+    post = np.zeros(len(base), bool) if post_instruction is None else np.asarray(post_instruction, dtype=bool)
+    if len(post) != len(base):
+        raise ValueError(f"need one post_instruction flag per row: {len(base)} rows, {len(post)} flags")
+    norms = row_norms(base)
+    if not np.isfinite(norms).all():
+        raise ValueError(f"{int((~np.isfinite(norms)).sum())} rows with NaN/inf; refusing to train an SAE on them")
+    typical = typical_norms(torch.from_numpy(norms), cfg.max_norm_factor).numpy()
+    max_norm = float(norms[typical].max())
     n_outliers = int((~typical).sum())
     log(f"leaving out {n_outliers} massive-activation rows (norm > {cfg.max_norm_factor} x median)")
-    x = x[typical]
-    # prompt codes in order of appearance (as the split was always drawn): the same codes, the same split
-    group_ids = prompt_ids.filter(pl.Series(typical.numpy())).cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
+    keep = np.flatnonzero(typical)
+    x = SubsetRows(base, torch.from_numpy(keep))  # never materialised: read in batches
+    _, group_ids = np.unique(pids[keep].astype(str), return_inverse=True)  # sorted codes: independent of row order
+    group_ids = group_ids.astype(np.int64)
+    post = post[keep]
+    keys = row_keys(x)
+    site_rows = distinct_split(group_ids, keys, cfg)
+    sp = site_rows.split
+    log(f"{len(x)} rows hold {site_rows.n_distinct} distinct vectors; {int(site_rows.template.sum())} rows are template "
+        f"rows (a vector in more than one prompt)")
     if pretrained is not None:
-        sae = load_sae(pretrained)
+        sae = load_pretrained(pretrained, d_in=base.d_in, resolve=resolve)
         history: dict[str, Any] = {"pretrained": str(pretrained)}
-        val = x[:: max(1, len(x) // 20000)].float()
-        log(f"loaded SAELens-format SAE from {pretrained}")
+        log(f"loaded pretrained SAE {pretrained}")
     else:
-        log(f"training on {len(x)} vectors from {len(np.unique(group_ids))} prompts")
-        sae, history, _, val_rows = train_sae(x, group_ids, cfg, d_sae=cfg.expansion_factor * x.shape[1], device=device, log=log)
-        val = x[torch.from_numpy(val_rows)].float()
-    metrics = evaluate_sae(sae, val.to(device))
-    # FVU and L0 on held-out prompts; a latent is dead when it fires on no vector of the whole
-    # dataset (a few hundred validation vectors would call most rare latents dead).
-    metrics["dead_fraction_val"] = metrics["dead_fraction"]
-    metrics["dead_fraction"] = evaluate_sae(sae, x.to(device))["dead_fraction"]
+        log(f"training on {len(x)} vectors from {len(np.unique(group_ids))} prompts: {len(sp.train)} distinct training rows, "
+            f"{len(sp.val)} early-stopping rows, {len(sp.eval)} held-out evaluation rows")
+        sae, history, _, _ = train_sae(x, group_ids, cfg, d_sae=cfg.expansion_factor * base.d_in, device=device, log=log,
+                                       split=(sp.train, sp.val))
+
+    def sub(idx: np.ndarray) -> SubsetRows:
+        return SubsetRows(x, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+
+    held = evaluate_sae(sae, sub(sp.eval))
+    eval_post = sp.eval[post[sp.eval]]
+    nan = float("nan")
+    metrics: dict[str, float] = {
+        "fvu": held["fvu"], "l0": held["l0"], "mse": held["mse"],
+        "fvu_post_instruction": evaluate_sae(sae, sub(eval_post))["fvu"] if len(eval_post) > 1 else nan,
+        "fvu_val": evaluate_sae(sae, sub(sp.val))["fvu"],
+    }
+    non_template = np.flatnonzero(~site_rows.template)
+    fired = fired_latents(sae, sub(non_template))
+    # template vectors are few once distinct: the first row of each is enough to see what fires on them
+    fired_all = fired.clone()
+    template_rows = np.flatnonzero(site_rows.template)
+    if len(template_rows):
+        _, first_at = np.unique(keys[template_rows], return_index=True)
+        fired_all |= fired_latents(sae, sub(template_rows[first_at]))
+    val_nt = sp.val[~site_rows.template[sp.val]]
+    metrics.update(
+        dead_fraction=1.0 - float(fired.float().mean()),
+        dead_fraction_with_template=1.0 - float(fired_all.float().mean()),
+        dead_fraction_val=1.0 - float(fired_latents(sae, sub(val_nt)).float().mean()) if len(val_nt) else nan,
+        n_rows=len(x), n_distinct_rows=site_rows.n_distinct, n_template_rows=int(site_rows.template.sum()),
+        n_train_rows=len(sp.train), n_val_rows=len(sp.val), n_eval_rows=len(sp.eval), n_eval_post_instruction_rows=len(eval_post),
+        n_eval_prompts=len(np.unique(group_ids[sp.eval])),
+    )
+    # every row of an evaluation prompt may be a training duplicate; the prompt is still held out
+    held_out = set(np.unique(pids[keep][split_prompts(group_ids, cfg.val_fraction, cfg.eval_fraction, cfg.seed).eval]).astype(str))
+    eval_prompt_ids = sorted(held_out)
+    splice_prompts = _held_out_texts(prompts, held_out, cfg.splice.prompts_per_category)
     fit_seconds = time.perf_counter() - t0
+    log(f"held-out FVU {metrics['fvu']:.4f} (post-instruction {metrics['fvu_post_instruction']:.4f}), "
+        f"L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.3f}; splicing into {len(splice_prompts)} held-out prompts")
     lm, tok = load_lm()
+    ids = torch.tensor(refusal_ids(tok), dtype=torch.long) if refusal_ids is not None else None
     splice = splice_metrics(lm, tok, splice_prompts, site, sae, batch_size=cfg.splice.batch_size, system_prompt=system_prompt,
-                            device=device, max_norm=max_norm)
-    return FittedSAE(sae, history, metrics, splice, len(x), len(val), n_outliers, max_norm, pretrained, fit_seconds)
+                            device=device, max_norm=max_norm, refusal_ids=ids)
+    return FittedSAE(sae, history, metrics, splice, len(x), len(sp.val), n_outliers, max_norm, pretrained, fit_seconds, eval_prompt_ids)
+
+
+def _held_out_texts(prompts: pl.DataFrame, held_out: set[str], per_category: int) -> list[str]:
+    """Up to ``per_category`` texts of held-out prompts per category, in ``prompts``'s order."""
+    for col in ("prompt_id", "prompt"):
+        if col not in prompts.columns:
+            raise ValueError(f"prompts: missing column {col!r} (have {prompts.columns})")
+    df = prompts.filter(pl.col("prompt_id").cast(pl.String).is_in(sorted(held_out)))
+    if "category" in df.columns:
+        df = df.with_row_index("_order").filter(pl.int_range(pl.len()).over("category") < per_category).sort("_order")
+    else:
+        df = df.head(per_category)
+    texts = df["prompt"].to_list()
+    if not texts:
+        raise ValueError(f"prompts: none of the {len(held_out)} held-out evaluation prompts has a text")
+    return texts

@@ -185,7 +185,8 @@ def test_fit_site_filters_outliers_trains_and_splices(tiny_model):
         order.append("lm")
         return model, tok
 
-    fitted = fit_site(x.half(), prompt_ids, cfg, load_lm, SITES[0], ["Hello there", "What is the capital of France?"], log=order.append)
+    prompts = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(50)], "prompt": ["Hello there", "What is the capital of France?"] * 25})
+    fitted = fit_site(x.half(), prompt_ids, cfg, load_lm, SITES[0], prompts, log=order.append)
     assert fitted.n_outliers == 3 and fitted.n_vectors == 597
     assert fitted.max_norm == pytest.approx(float(x[3:].half().float().norm(dim=-1).max()), rel=1e-3)
     assert fitted.sae.W_dec.shape == (128, 64) and fitted.pretrained is None

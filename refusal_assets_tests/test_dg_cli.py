@@ -19,6 +19,7 @@ TINY_ASSETS = {
     "activations",
     "sae",
     "circuit",
+    "transfer",
     "comparison",
     "report",
 }

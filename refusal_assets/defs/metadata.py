@@ -132,22 +132,29 @@ def top_nodes_table(nodes: list[dict]) -> dg.MetadataValue:
 
 
 def sae_metadata(fitted: FittedSAE, folder: Path, png: Path | None) -> dict[str, Any]:
-    """The SAE asset's metadata: quality, splice, size, the rows left out, the training curve."""
+    """The SAE asset's metadata: quality on held-out prompts, splice, size, the rows left out, the curve.
+
+    ``fvu`` is the FVU on the distinct rows of the held-out evaluation prompts (neither trained on nor
+    used for early stopping); ``dead_fraction`` counts latents that fire on no non-template row.
+    """
     m, history = fitted.metrics, fitted.history
     md = {
-        "fvu": m["fvu"], "l0": m["l0"], "dead_fraction": m["dead_fraction"], "dead_fraction_val": m["dead_fraction_val"],
+        **{k: clean(v) for k, v in m.items()},
         **{k: clean(v) for k, v in fitted.splice.items()},
         "d_sae": int(fitted.sae.W_dec.shape[0]), "k": int(getattr(fitted.sae, "k", 0)), "n_vectors": fitted.n_vectors,
         "n_val_vectors": fitted.n_val_vectors, "n_massive_rows_excluded": fitted.n_outliers, "max_input_norm": fitted.max_norm,
         "seconds": round(fitted.fit_seconds, 1), "path": file_path(folder), "stopped_early": bool(history.get("stopped_early", False)),
     }
+    if history.get("seconds") is not None:
+        md["train_seconds"] = round(float(history["seconds"]), 1)
     if png is not None:
         md["training_curve"] = png_markdown(png, "SAE training")
     return {k: clean(v) for k, v in md.items()}
 
 
 def sae_checks(fitted: FittedSAE, thresholds: SAEQualityThresholds) -> list[dg.AssetCheckResult]:
-    """The blocking quality checks: validation FVU and dead fraction under their thresholds."""
+    """The blocking quality checks: held-out FVU (distinct rows of the evaluation prompts) and the dead
+    fraction (non-template rows) under their thresholds."""
     fvu, dead = fitted.metrics["fvu"], fitted.metrics["dead_fraction"]
     return [
         dg.AssetCheckResult(check_name="fvu_below_threshold", passed=fvu <= thresholds.max_fvu, metadata={"fvu": fvu, "max_fvu": thresholds.max_fvu}),

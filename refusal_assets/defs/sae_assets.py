@@ -4,17 +4,17 @@ import json
 from collections.abc import Callable
 
 import polars as pl
-import torch
 import dagster as dg
 
-from refusal_assets import activations as acts_core
 from refusal_assets import sae as sae_core
+from refusal_assets.behaviour import refusal_token_ids
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import sae_checks, sae_metadata
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
 from refusal_assets.models import load_model
+from refusal_assets.sae_data import ParquetRows
 from refusal_assets.sites import Site
 from refusal_assets.storage import write_text
 
@@ -35,25 +35,31 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
     def sae(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
         site_key, layout, categories = context.partition_key, Layout(storage.files), parts.category.get_partition_keys()
         model_cfg, site = cfg.model(site_key.split("__", 1)[0]), Site.parse(site_key.split("__", 1)[1])
-        with compute.claim() as device:
-            read = [acts_core.read_vectors(layout.activations(site_key, c)) for c in categories]
-            x = torch.cat([v for v, _ in read])  # [N, d] float16
-            if (n_bad := acts_core.non_finite_rows(x)) > 0:
-                raise ValueError(f"activations of {site_key}: {n_bad} rows with NaN/inf; refusing to train an SAE on them")
-            n_splice = cfg.sae.splice.prompts_per_category
-            splice_prompts = [p for c in categories for p in layout.load_sample(c).filter(pl.col("heldout"))["prompt"].to_list()[:n_splice]]
-            pretrained = cfg.sae.pretrained.get(site_key)
-            fitted = sae_core.fit_site(
-                x, pl.concat([m for _, m in read])["prompt_id"], cfg.sae, lambda: load_model(model_cfg, cfg.resolve, device, context.log.info),
-                site, splice_prompts, pretrained=cfg.resolve(pretrained) if pretrained else None,
-                system_prompt=model_cfg.chat_template.system_prompt, device=device, log=context.log.info,
-            )
-            folder = layout.sae(site_key)
-            sae_core.save_sae(fitted.sae, folder, {"hook_name": f"{site.name}", "model_name": model_cfg.id, "site_key": site_key,
-                                                   "dataset": "refusal_assets sample", "max_input_norm": fitted.max_norm})
-            write_text(json.dumps({**fitted.history, "metrics": fitted.metrics, "splice": fitted.splice}, indent=1, default=float),
-                       layout.sae_history(site_key))
-            png = sae_core.plot_history(fitted.history, layout.sae_plot(site_key), site_key) if not pretrained else None
-            return dg.MaterializeResult(metadata=sae_metadata(fitted, folder, png), check_results=sae_checks(fitted, thresholds))
+        paths = [layout.activations(site_key, c) for c in categories]
+        # the small per-row columns in memory; the vectors stream from the Parquet files (ParquetRows)
+        meta = pl.concat([pl.read_parquet(p, columns=["prompt_id", "is_post_instruction"]) for p in paths])
+        prompts = pl.concat([layout.load_sample(c).select("prompt_id", "prompt", "category") for c in categories])
+        spec = cfg.sae.pretrained.get(site_key)
+        rows = ParquetRows.from_parquet(paths)
+        try:
+            with compute.claim() as device:
+                try:
+                    fitted = sae_core.fit_site(
+                        rows, meta["prompt_id"], cfg.sae, lambda: load_model(model_cfg, cfg.resolve, device, context.log.info), site, prompts,
+                        post_instruction=meta["is_post_instruction"].to_numpy(), pretrained=spec, resolve=cfg.resolve,
+                        refusal_ids=lambda tok: refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens),
+                        system_prompt=model_cfg.chat_template.system_prompt, device=device, log=context.log.info,
+                    )
+                except ValueError as e:
+                    raise ValueError(f"sae {site_key} (activations {paths[0].parent.parent}): {e}") from e
+        finally:
+            rows.close()
+        folder = layout.sae(site_key)
+        sae_core.save_sae(fitted.sae, folder, {"hook_name": f"{site.name}", "model_name": model_cfg.id, "site_key": site_key,
+                                               "dataset": "refusal_assets sample", "max_input_norm": fitted.max_norm})
+        write_text(json.dumps({**fitted.history, "metrics": fitted.metrics, "splice": fitted.splice,
+                               "eval_prompt_ids": fitted.eval_prompt_ids}, indent=1, default=float), layout.sae_history(site_key))
+        png = sae_core.plot_history(fitted.history, layout.sae_plot(site_key), site_key) if not spec else None
+        return dg.MaterializeResult(metadata=sae_metadata(fitted, folder, png), check_results=sae_checks(fitted, thresholds))
 
     return [sae]
