@@ -165,7 +165,7 @@ def _ci_json(ci) -> tuple[float, float]:
 def overlap_tests(inp: SummaryInputs) -> list[TestLine]:
     """Circuit overlap against the label-permutation null, per prompt group."""
     out = []
-    for g, res in _groups(inp.comparison):
+    for g, res in _groups(inp.comparison, tested_only=False):
         if "pairs" not in res:  # fewer than two categories with enough refusing prompts
             out.append(TestLine(f"Circuit overlap, {g}", res.get("verdict_reason", "not testable")))
             continue
@@ -252,14 +252,16 @@ SUMMARY_TESTS: list[Callable[[SummaryInputs], list[TestLine]]] = [functional_tes
 """The tests the first screen lists, in order; each returns its lines (none when it did not run)."""
 
 
-def _groups(comp: dict | None) -> list[tuple[str, dict]]:
-    """The comparison's prompt groups, the one the verdict rests on (toxic) first."""
+def _groups(comp: dict | None, tested_only: bool = True) -> list[tuple[str, dict]]:
+    """The comparison's prompt groups, the one the verdict rests on (toxic) first; by default only
+    those with category pairs (a group with fewer than two categories that have enough refusing
+    prompts carries just its verdict and reason)."""
     groups = (comp or {}).get("groups", {})
-    return sorted(groups.items(), key=lambda kv: (kv[0] != "toxic", kv[0]))
+    return sorted(((g, r) for g, r in groups.items() if "pairs" in r or not tested_only), key=lambda kv: (kv[0] != "toxic", kv[0]))
 
 
 def _main_group(comp: dict | None) -> dict | None:
-    groups = (comp or {}).get("groups", {})
+    groups = dict(_groups(comp))
     return groups.get("toxic") or next(iter(groups.values()), None)
 
 
