@@ -25,8 +25,11 @@ def _set_env(args: argparse.Namespace) -> None:
         os.environ[settings.DATA_DIR_ENV] = str(Path(args.data_dir).resolve())
     if getattr(args, "storage", None):
         os.environ[settings.STORAGE_ENV] = str(Path(args.storage).resolve())
-    home = Path(os.environ.get("DAGSTER_HOME", "dagster_home")).resolve()
+    # one instance per config name under $DAGSTER_HOME (see settings.instance_home)
+    cfg = settings.load_project()
+    home = settings.instance_home(Path(os.environ.get("DAGSTER_HOME", "dagster_home")).resolve(), cfg)
     home.mkdir(parents=True, exist_ok=True)
+    (home / settings.INSTANCE_MARKER).write_text(cfg.name + "\n")
     if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster_home" / "dagster.yaml").is_file():
         (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text())
     os.environ["DAGSTER_HOME"] = str(home)

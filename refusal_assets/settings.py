@@ -38,3 +38,22 @@ def storage_root(cfg: ProjectConfig) -> Path:
 
         return cfg.root / "storage" / f"{cfg.name}--{safe_part(Path(data_dir).resolve().name, 'data folder name')}"
     return cfg.root / "storage" / cfg.name
+
+
+INSTANCE_MARKER = ".refusal_assets_config"
+
+
+def instance_home(base: Path, cfg: ProjectConfig) -> Path:
+    """The Dagster instance of one config: ``<base>/<config name>/``, where ``base`` is
+    ``$DAGSTER_HOME`` (default ``./dagster_home``).
+
+    An instance per config name, not a key prefix per config: the asset keys stay the fixed
+    interface other tools read (``sae``, ``circuit`` ...), and two configs that share category or
+    site keys (tiny and default share four categories) never see each other's materializations,
+    so switching configs never marks the other's partitions as changed. A ``base`` that already is
+    this config's instance (marked by the CLI, e.g. a ``dagster dev`` child) is used as it is.
+    """
+    marker = base / INSTANCE_MARKER
+    if marker.is_file() and marker.read_text().strip() == cfg.name:
+        return base
+    return base / cfg.name

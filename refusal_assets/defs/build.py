@@ -1,8 +1,9 @@
 """Assemble the Definitions for one project config.
 
 Options every asset of a kind shares are set here, once: GPU steps get the ``gpu`` pool and the
-Kubernetes pod request through :func:`gpu_asset`; every asset but the report gets the rebuild
-condition, mapped over the assembled assets. The asset modules declare only what differs.
+Kubernetes pod request through :func:`gpu_asset`; every asset gets the rebuild condition (see
+:func:`with_shared_options`), mapped over the assembled assets. The asset modules declare only
+what differs.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs import automation, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets
+from refusal_assets.defs import automation, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets, sources
 from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 
-# Assets rebuilt only when asked (the report is driven by its schedule, see automation.report_schedule).
-MANUAL_ASSETS = {dg.AssetKey("report")}
+# Assets that read one model's settings along two paths (one and two hops away): held while the
+# nearer path has updated but the farther one is still building, so each is built once per change.
+HELD_ASSETS = {dg.AssetKey("circuit"), dg.AssetKey("report")}
 
 
 def discover_categories(cfg: ProjectConfig) -> list[str]:
@@ -41,10 +43,19 @@ def gpu_asset() -> Callable[..., Callable]:
     return functools.partial(dg.asset, pool=GPU_POOL, op_tags=gpu_op_tags())
 
 
-def with_shared_options(assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefinition]:
-    """The rebuild condition on every asset outside :data:`MANUAL_ASSETS`."""
-    condition = automation.rebuild_condition()
-    return [a if set(a.keys) & MANUAL_ASSETS or not a.keys else a.with_attributes(automation_condition=condition) for a in assets]
+def with_shared_options(assets: list[dg.AssetsDefinition], build_missing_roots: bool = False) -> list[dg.AssetsDefinition]:
+    """The rebuild condition on every asset (held for :data:`HELD_ASSETS`); root assets (no
+    parents) also build when missing if ``automation.build_missing_roots`` is on."""
+    out = []
+    for a in assets:
+        if not a.keys:
+            out.append(a)
+            continue
+        hold = bool(set(a.keys) & HELD_ASSETS)
+        is_root = not any(dep.asset_key not in a.keys for spec in a.specs for dep in spec.deps)
+        condition = automation.root_condition(build_missing_roots, hold) if is_root else automation.rebuild_condition(hold)
+        out.append(a.with_attributes(automation_condition=condition))
+    return out
 
 
 def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> dg.Definitions:
@@ -56,11 +67,11 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
         *sae_assets.build(cfg, parts, gpu),
         *circuit_assets.build(cfg, parts, gpu),
         *comparison_assets.build(cfg, parts),
-    ])
+    ], build_missing_roots=cfg.automation.build_missing_roots)
     return dg.Definitions(
-        assets=assets,
-        sensors=[automation.automation_sensor()],
-        schedules=[automation.report_schedule(cfg.report.schedule)],
+        assets=[*sources.build(cfg, parts), *assets],
+        sensors=[automation.automation_sensor(), sources.config_sensor(cfg)],
+        schedules=[automation.comparison_schedule(cfg.report.schedule, parts.model)],
         resources={"compute": ComputeResource(device=device), "storage": StorageResource(root=str(storage_root))},
         executor=None,  # executor selection (in-process / multiprocess / k8s) goes here
     )
