@@ -26,7 +26,8 @@ def upstream_settling() -> dg.AutomationCondition:
     return AC.any_deps_match(AC.any_deps_match(AC.newly_updated() | AC.will_be_requested())).with_label("upstream still updating")
 
 
-def rebuild_condition(hold_while_upstream_settles: bool = False) -> dg.AutomationCondition:
+def rebuild_condition(hold_while_upstream_settles: bool = False, ignore: dg.AssetSelection | None = None) -> dg.AutomationCondition:
+    """``ignore``: parents whose updates alone do not trigger a rebuild (see ``build.REBUILD_OPTIONS``)."""
     # eager(): a partition whose parents updated, or a new partition whose parents all exist.
     # eager() alone ignores code-version changes; code_version_changed() alone would also request
     # never-built partitions, so it is restricted to partitions that exist and can run now.
@@ -36,19 +37,20 @@ def rebuild_condition(hold_while_upstream_settles: bool = False) -> dg.Automatio
         & ~AC.in_progress()
         & ~AC.any_deps_missing()
     )
-    condition = AC.eager() | changed.with_label("config changed")
+    eager = AC.eager().ignore(ignore) if ignore is not None else AC.eager()
+    condition = eager | changed.with_label("config changed")
     if hold_while_upstream_settles:
         return (condition & ~upstream_settling() & ~blocked_by_failed_check()).with_label("rebuild once upstream settles, unless blocked")
     return (condition & ~blocked_by_failed_check()).with_label("rebuild unless blocked")
 
 
-def root_condition(build_missing: bool, hold: bool = False) -> dg.AutomationCondition:
+def root_condition(build_missing: bool) -> dg.AutomationCondition:
     """A root asset's condition: the rebuild condition, plus (``automation.build_missing_roots``)
     building never-materialized partitions, which makes a fresh instance build itself."""
     if not build_missing:
-        return rebuild_condition(hold)
+        return rebuild_condition()
     missing = (AC.missing() & ~AC.in_progress() & ~AC.execution_failed()).with_label("missing root")
-    return (rebuild_condition(hold) | missing).with_label("rebuild, or build when missing")
+    return (rebuild_condition() | missing).with_label("rebuild, or build when missing")
 
 
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:

@@ -21,9 +21,17 @@ from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 
-# Assets that read one model's settings along two paths (one and two hops away): held while the
-# nearer path has updated but the farther one is still building, so each is built once per change.
-HELD_ASSETS = {dg.AssetKey("circuit"), dg.AssetKey("report")}
+# circuit reads a model's settings along two paths (refusal_behaviour, one hop; sae, two hops): it
+# is held while the nearer path has updated but the farther one is still building, so a change
+# builds it once. The report reads refusal_behaviour and sae for its tables, but everything they
+# feed reaches it through comparison (data_profile too: a data change reruns every comparison): it
+# follows comparison only, so a change
+# rebuilds it once, after the comparisons. (Automation's "will be requested" does not cross edges
+# between different partitionings, so a hold cannot see a circuit requested in the same tick.)
+REBUILD_OPTIONS: dict[dg.AssetKey, dict] = {
+    dg.AssetKey("circuit"): {"hold_while_upstream_settles": True},
+    dg.AssetKey("report"): {"ignore": dg.AssetSelection.assets("refusal_behaviour", "sae", "data_profile")},
+}
 
 
 def discover_categories(cfg: ProjectConfig) -> list[str]:
@@ -44,16 +52,16 @@ def gpu_asset() -> Callable[..., Callable]:
 
 
 def with_shared_options(assets: list[dg.AssetsDefinition], build_missing_roots: bool = False) -> list[dg.AssetsDefinition]:
-    """The rebuild condition on every asset (held for :data:`HELD_ASSETS`); root assets (no
+    """The rebuild condition on every asset (with its :data:`REBUILD_OPTIONS`); root assets (no
     parents) also build when missing if ``automation.build_missing_roots`` is on."""
     out = []
     for a in assets:
         if not a.keys:
             out.append(a)
             continue
-        hold = bool(set(a.keys) & HELD_ASSETS)
         is_root = not any(dep.asset_key not in a.keys for spec in a.specs for dep in spec.deps)
-        condition = automation.root_condition(build_missing_roots, hold) if is_root else automation.rebuild_condition(hold)
+        options = next((REBUILD_OPTIONS[k] for k in a.keys if k in REBUILD_OPTIONS), {})
+        condition = automation.root_condition(build_missing_roots) if is_root else automation.rebuild_condition(**options)
         out.append(a.with_attributes(automation_condition=condition))
     return out
 
