@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("backfill", help="launch an asset backfill on the running instance (see `ui`)")
     common(p)
     p.add_argument("--select", required=True, help="comma-separated asset keys, e.g. activations,sae")
-    p.add_argument("--partitions", help="comma-separated partition keys (default: all)")
+    p.add_argument("--partitions", help="comma-separated partition keys (default: all), e.g. 'privacy|tiny-qwen2' for circuit, "
+                                        "'all|tiny-qwen2__resid1' (or just the site key) for sae")
     p.add_argument("--url", default="http://127.0.0.1:3000", help="webserver URL")
     p.set_defaults(func=cmd_backfill)
 

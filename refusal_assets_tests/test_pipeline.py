@@ -22,8 +22,8 @@ def cli_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _materializations(home: Path, key: str) -> dict[str, dict]:
-    instance = dg.DagsterInstance.from_config(str(home))
+def _materializations(home: Path, key: str, config_name: str = "tiny") -> dict[str, dict]:
+    instance = dg.DagsterInstance.from_config(str(home / config_name))  # one instance per config name under $DAGSTER_HOME
     records = instance.fetch_materializations(dg.AssetKey(key), limit=1000).records
     out = {}
     for r in records:

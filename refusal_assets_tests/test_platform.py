@@ -24,8 +24,8 @@ SAE_KEYS = [sae_partition_key(f"{A}__resid1"), sae_partition_key(f"{A}__resid2")
 
 
 @pytest.fixture()
-def materialized(tiny_run, tiny_cfg, tmp_path):
-    base, storage = copy_tiny_run(tiny_run, tmp_path)
+def materialized(shared_tiny_run, tiny_cfg, tmp_path):
+    base, storage = copy_tiny_run(shared_tiny_run, tmp_path)
     instance = dg.DagsterInstance.from_config(str(settings.instance_home(base, tiny_cfg)))
     yield instance, base, storage
     instance.dispose()
@@ -101,10 +101,10 @@ def _graphql(url: str, query: str, variables: dict | None = None) -> dict:
 
 
 @pytest.mark.slow
-def test_ui_graphql_reports_nothing_stale_after_a_run(tiny_run, tiny_cfg, tmp_path):
+def test_ui_graphql_reports_nothing_stale_after_a_run(shared_tiny_run, tiny_cfg, tmp_path):
     from refusal_assets_tests.test_ui_browser import serve_ui
 
-    base, storage = copy_tiny_run(tiny_run, tmp_path)
+    base, storage = copy_tiny_run(shared_tiny_run, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
     env.update(DAGSTER_HOME=str(base), REFUSAL_ASSETS_STORAGE=str(storage))
     not_fresh: dict = {}

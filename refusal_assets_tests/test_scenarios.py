@@ -1,7 +1,7 @@
 """A researcher's week on the tiny config: what Dagster's automation requests after each change.
 
 Every scenario starts from a copy of one real `refusal-assets run` of the tiny config (the shared
-``tiny_run`` fixture) and drives ``dg.evaluate_automation_conditions`` with its cursor, tick by
+``shared_tiny_run`` fixture) and drives ``dg.evaluate_automation_conditions`` with its cursor, tick by
 tick, as the daemon does; requested partitions are executed with the graph's wiring replica (see
 ``automation_world``) so a scenario takes seconds. The expected sets are exact, and each scenario
 ends with nothing stale as the UI computes it. The README's table "what each change rebuilds"
@@ -25,9 +25,9 @@ SITES = [f"{A}__resid1", f"{A}__resid2"]
 
 
 @pytest.fixture()
-def week(tiny_run, tiny_cfg, tmp_path):
+def week(shared_tiny_run, tiny_cfg, tmp_path):
     """(instance, cursor, storage) after the full run, with a first evaluation done."""
-    base, storage = copy_tiny_run(tiny_run, tmp_path)
+    base, storage = copy_tiny_run(shared_tiny_run, tmp_path)
     instance = dg.DagsterInstance.from_config(str(settings.instance_home(base, tiny_cfg)))
     first = dg.evaluate_automation_conditions(defs=build_defs(tiny_cfg, storage), instance=instance)
     assert requested(first) == {}, "a full run leaves nothing for automation to do"

@@ -26,7 +26,7 @@ def upstream_settling() -> dg.AutomationCondition:
     return AC.any_deps_match(AC.any_deps_match(AC.newly_updated() | AC.will_be_requested())).with_label("upstream still updating")
 
 
-def rebuild_condition(hold_while_upstream_settles: bool = False, ignore: dg.AssetSelection | None = None) -> dg.AutomationCondition:
+def rebuild_condition(hold_while_upstream_settles: bool = False, ignore: tuple[str, ...] = ()) -> dg.AutomationCondition:
     """``ignore``: parents whose updates alone do not trigger a rebuild (see ``build.REBUILD_OPTIONS``)."""
     # eager(): a partition whose parents updated, or a new partition whose parents all exist.
     # eager() alone ignores code-version changes; code_version_changed() alone would also request
@@ -37,11 +37,14 @@ def rebuild_condition(hold_while_upstream_settles: bool = False, ignore: dg.Asse
         & ~AC.in_progress()
         & ~AC.any_deps_missing()
     )
-    eager = AC.eager().ignore(ignore) if ignore is not None else AC.eager()
+    eager = AC.eager().ignore(dg.AssetSelection.assets(*ignore)) if ignore else AC.eager()
     condition = eager | changed.with_label("config changed")
+    label = "rebuild"
+    if ignore:
+        label += f" (not on updates of {', '.join(ignore)} alone)"
     if hold_while_upstream_settles:
-        return (condition & ~upstream_settling() & ~blocked_by_failed_check()).with_label("rebuild once upstream settles, unless blocked")
-    return (condition & ~blocked_by_failed_check()).with_label("rebuild unless blocked")
+        condition, label = condition & ~upstream_settling(), label + " once upstream settles"
+    return (condition & ~blocked_by_failed_check()).with_label(label + ", unless blocked")
 
 
 def root_condition(build_missing: bool) -> dg.AutomationCondition:
