@@ -25,8 +25,9 @@ from refusal_assets.defs.resources import ComputeResource, StorageResource
 # is held while the nearer path has updated but the farther one is still building, so a change
 # builds it once. The report reads refusal_behaviour and sae for its tables, but everything they
 # feed reaches it through comparison (data_profile too: a data change reruns every comparison): it
-# follows comparison only, so a change rebuilds it once, after the comparisons. (Automation's "will be requested" does not cross edges
-# between different partitionings, so a hold cannot see a circuit requested in the same tick.)
+# follows comparison only, so a change rebuilds it once, after the comparisons. (Automation's "will
+# be requested" does not cross edges between different partitionings, so a hold cannot see a
+# circuit requested in the same tick.)
 REBUILD_OPTIONS: dict[dg.AssetKey, dict] = {
     dg.AssetKey("circuit"): {"hold_while_upstream_settles": True},
     dg.AssetKey("report"): {"ignore": ("data_profile", "refusal_behaviour", "sae")},

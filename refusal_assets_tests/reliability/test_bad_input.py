@@ -451,7 +451,7 @@ def test_non_finite_activations_fail_the_check_and_the_sae_refuses_them(fault, t
     # the sae asset run afterwards refuses the file and writes nothing
     monkeypatch.setattr(acts_core, "forward_sites", real_forward)
     before = files_under(storage)
-    result = materialize([assets["sae"]], resources, "tiny-qwen2__resid1")
+    result = materialize([assets["sae"]], resources, "all|tiny-qwen2__resid1")  # sae: scope|site
     assert not result.success
     (failure,) = failure_messages(result)
     assert "NaN" in failure and "tiny-qwen2__resid1" in failure and f"{n_prompts} rows" in failure, failure
