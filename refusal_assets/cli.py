@@ -29,7 +29,7 @@ def _set_env(args: argparse.Namespace) -> None:
     cfg = settings.load_project()
     home = settings.instance_home(Path(os.environ.get("DAGSTER_HOME", "dagster_home")).resolve(), cfg)
     home.mkdir(parents=True, exist_ok=True)
-    (home / settings.INSTANCE_MARKER).write_text(cfg.name + "\n")
+    (home / settings.INSTANCE_MARKER).write_text(settings.run_name(cfg) + "\n")
     if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster_home" / "dagster.yaml").is_file():
         (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text())
     os.environ["DAGSTER_HOME"] = str(home)

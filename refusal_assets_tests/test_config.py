@@ -150,7 +150,7 @@ def test_backfill_completes_bare_sae_site_keys():
     assert backfill_params("activations,sae", ["x"])["partitionNames"] == ["x"]
 
 
-def test_instance_per_config_name(tiny_cfg, tmp_path):
+def test_instance_per_config_name(tiny_cfg, tmp_path, monkeypatch):
     from refusal_assets import settings
     from refusal_assets_tests.automation_world import variant
 
@@ -160,3 +160,9 @@ def test_instance_per_config_name(tiny_cfg, tmp_path):
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / settings.INSTANCE_MARKER).write_text("tiny\n")
     assert settings.instance_home(tmp_path / "tiny", tiny_cfg) == tmp_path / "tiny", "already this config's instance"
+    # another dataset (--data-dir) is another instance, as it is another storage folder, and its SAEs train on all its categories
+    monkeypatch.setenv(settings.DATA_DIR_ENV, str(tmp_path / "xstest"))
+    monkeypatch.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
+    assert settings.instance_home(tmp_path, tiny_cfg) == tmp_path / "tiny--xstest"
+    assert settings.storage_root(tiny_cfg).name == "tiny--xstest"
+    assert settings.load_project().sae.train_categories is None

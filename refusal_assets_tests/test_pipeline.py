@@ -129,7 +129,7 @@ def test_data_dir_with_config_taking_categories_from_data(cli_env, capsys):
     rc = cli.main(["run", "--config", str(cfg), "--select", "orbench_prompts", "--data-dir", str(folder)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert sorted(_materializations(cli_env / "dagster_home", "orbench_prompts")) == ["insults", "locks", "slurs"]
+    assert sorted(_materializations(cli_env / "dagster_home", "orbench_prompts", "tiny--bench")) == ["insults", "locks", "slurs"]
     assert out.strip().splitlines()[-1].startswith("outputs: ")
 
 
