@@ -57,7 +57,7 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "prompt,cat
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def shared_tiny_run(tmp_path_factory):
     """One real `refusal-assets run` of the tiny config, shared by the tests that need a fully
     materialized instance: each copies it (:func:`copy_tiny_run`) instead of running again.
     Returns ``(base, storage)``: ``base`` is the $DAGSTER_HOME the CLI was given (the instance is
@@ -65,7 +65,7 @@ def tiny_run(tmp_path_factory):
     import subprocess
     import sys
 
-    tmp = tmp_path_factory.mktemp("tiny_run")
+    tmp = tmp_path_factory.mktemp("shared_tiny_run")
     base, storage = tmp / "home", tmp / "storage"
     env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG", "REFUSAL_ASSETS_STORAGE")}
     env["DAGSTER_HOME"] = str(base)
@@ -75,11 +75,11 @@ def tiny_run(tmp_path_factory):
     return base, storage
 
 
-def copy_tiny_run(tiny_run, dst: Path) -> tuple[Path, Path]:
+def copy_tiny_run(shared_tiny_run, dst: Path) -> tuple[Path, Path]:
     """A private copy of the shared materialized instance and its storage under ``dst``."""
     import shutil
 
-    base, storage = tiny_run
+    base, storage = shared_tiny_run
     shutil.copytree(base, dst / "home")
     shutil.copytree(storage, dst / "storage")
     return dst / "home", dst / "storage"
