@@ -61,7 +61,7 @@ def test_tiny_graph_end_to_end(tiny_run, capsys):
     acts = _materializations(home, "activations")
     assert len(acts) == 8 and all(m["d_model"] == 64 and m["n_rows"] > 0 for m in acts.values())
     saes = _materializations(home, "sae")
-    assert sorted(saes) == ["tiny-qwen2__resid1", "tiny-qwen2__resid2"]
+    assert sorted(saes) == ["all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"]  # sae: scope|site
     assert all(0 <= m["fvu"] < 1 and m["l0"] <= 8 and 0 <= m["dead_fraction"] <= 1 for m in saes.values())
     circuits = _materializations(home, "circuit")
     assert len(circuits) == 4 and all({"n_nodes", "faithfulness", "completeness"} <= set(m) for m in circuits.values())
