@@ -25,10 +25,24 @@ class BackfillError(RuntimeError):
     pass
 
 
+SAE_SCOPE = "all"  # defs.partitions.SAE_SCOPE (not imported: this module stays free of Dagster)
+
+
+def normalize_partitions(keys: list[str], partitions: list[str]) -> list[str]:
+    """``sae`` is partitioned site x scope, so its keys read ``all|<site key>``; when ``sae`` is the
+    only selected asset, a bare site key is accepted and completed. Other assets' keys (and
+    ``sae`` keys already in ``scope|site`` form) pass unchanged."""
+    if keys != ["sae"]:
+        return partitions
+    return [p if "|" in p else f"{SAE_SCOPE}|{p}" for p in partitions]
+
+
 def backfill_params(select: str, partitions: list[str] | None) -> dict:
     keys = [k.strip() for k in select.split(",") if k.strip()]
     if not keys:
         raise BackfillError("--select names no asset")
+    if partitions:
+        partitions = normalize_partitions(keys, partitions)
     params: dict = {"assetSelection": [{"path": k.split("/")} for k in keys], "title": f"refusal-assets backfill {select}"}
     if partitions:
         params["partitionNames"] = partitions

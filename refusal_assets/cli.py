@@ -26,8 +26,11 @@ def _set_env(args: argparse.Namespace) -> None:
         os.environ[settings.DATA_DIR_ENV] = str(Path(args.data_dir).resolve())
     if getattr(args, "storage", None):
         os.environ[settings.STORAGE_ENV] = str(Path(args.storage).resolve())
-    home = Path(os.environ.get("DAGSTER_HOME", "dagster_home")).resolve()
+    # one instance per config name under $DAGSTER_HOME (see settings.instance_home)
+    cfg = settings.load_project()
+    home = settings.instance_home(Path(os.environ.get("DAGSTER_HOME", "dagster_home")).resolve(), cfg)
     home.mkdir(parents=True, exist_ok=True)
+    (home / settings.INSTANCE_MARKER).write_text(settings.run_name(cfg) + "\n")
     if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster_home" / "dagster.yaml").is_file():
         (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text())
     os.environ["DAGSTER_HOME"] = str(home)
@@ -263,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("backfill", help="launch an asset backfill on the running instance (see `ui`)")
     common(p)
     p.add_argument("--select", required=True, help="comma-separated asset keys, e.g. activations,sae")
-    p.add_argument("--partitions", help="comma-separated partition keys (default: all)")
+    p.add_argument("--partitions", help="comma-separated partition keys (default: all), e.g. 'privacy|tiny-qwen2' for circuit, "
+                                        "'all|tiny-qwen2__resid1' (or just the site key) for sae")
     p.add_argument("--url", default="http://127.0.0.1:3000", help="webserver URL")
     p.set_defaults(func=cmd_backfill)
 

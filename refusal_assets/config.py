@@ -219,6 +219,22 @@ class SAEConfig(_Strict):
     pretrained: dict[str, str] = {}
     """site key -> SAELens-format folder to load instead of training."""
     splice: SpliceEvalConfig = SpliceEvalConfig()
+    train_categories: list[str] | None = None
+    """Categories whose activations train the SAEs. A pinned list keeps the SAEs (and so every
+    circuit) as they are when a category is added: the new category gets its own prompts,
+    behaviour, activations and circuits, read through the existing SAEs. ``null`` = every category
+    of the config: then adding a category retrains every SAE and reruns every circuit."""
+
+    @field_validator("train_categories")
+    @classmethod
+    def _train_categories(cls, v: list[str] | None) -> list[str] | None:
+        from refusal_assets.storage import category_key
+
+        if v is not None and not v:
+            raise ValueError("an empty list trains the SAEs on nothing; omit the key (null) to train on every category")
+        for c in v or []:
+            category_key(c)
+        return v
 
     @model_validator(mode="after")
     def _split(self) -> "SAEConfig":
@@ -299,7 +315,15 @@ class ComparisonConfig(_Strict):
 
 class ReportConfig(_Strict):
     schedule: str = "0 6 * * *"
-    """Cron for the scheduled report refresh."""
+    """Cron for the scheduled refresh: one ``comparison`` run per model, then the report follows."""
+
+
+class AutomationConfig(_Strict):
+    build_missing_roots: bool = False
+    """Let the automation sensor build never-materialized root assets (``orbench_prompts``) on its
+    own, so a fresh instance with the UI running builds the whole graph unattended. Off by default:
+    the first build is a deliberate ``refusal-assets run`` or a UI materialization, and automation
+    then only keeps what exists up to date."""
 
 
 class ProjectConfig(_Strict):
@@ -311,6 +335,7 @@ class ProjectConfig(_Strict):
     circuits: CircuitConfig = CircuitConfig()
     comparison: ComparisonConfig = ComparisonConfig()
     report: ReportConfig = ReportConfig()
+    automation: AutomationConfig = AutomationConfig()
     root: Path = Path(".")
     """Project root; relative paths in the config resolve against it (set by the loader)."""
 
@@ -345,21 +370,49 @@ class ProjectConfig(_Strict):
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named config sections: an asset's ``code_version``.
 
-        A model's ``activation_layers`` are left out: the sites are partition keys, so adding a
-        layer adds partitions instead of invalidating the existing ones.
+        Only settings that change an output are hashed (see :data:`NOT_HASHED`): check thresholds
+        and batch sizes are speed or judgement knobs, so editing them rebuilds nothing. The data
+        section leaves out ``categories`` (they are partition keys: adding one adds partitions),
+        and ``models`` is never a section: each model's settings are the data version of its own
+        ``model_config`` / ``site_config`` source partition (:meth:`model_hash`), so editing one
+        model stales only that model's partitions.
         """
         payload: dict[str, Any] = {}
         for name in sections:
             if name == "models":
-                payload[name] = [m.model_dump(mode="json", exclude={"activation_layers"}) for m in self.models]
-            elif name == "sae" and self.sae.splice == SpliceEvalConfig():
+                raise ValueError("the models section is hashed per model (ProjectConfig.model_hash), not as a code version")
+            payload[name] = getattr(self, name).model_dump(mode="json", exclude=NOT_HASHED.get(name))
+            if name == "sae" and self.sae.splice == SpliceEvalConfig(batch_size=self.sae.splice.batch_size):
                 # the splice settings were hard-coded before they were config: at their defaults they
                 # leave the SAE code version as it was, so existing SAEs are not rebuilt for nothing
-                payload[name] = self.sae.model_dump(mode="json", exclude={"splice"})
-            else:
-                payload[name] = getattr(self, name).model_dump(mode="json")
+                payload[name].pop("splice", None)
+            if name == "sae" and self.sae.train_categories is None:
+                payload[name].pop("train_categories", None)  # absent = the hash SAEs had before the field existed
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def model_hash(self, model_key: str, part: Literal["behaviour", "activations"] = "behaviour") -> str:
+        """One model's output-relevant settings, hashed: the data version of its ``model_config``
+        partition (``behaviour``: everything that changes a generation, a refusal judgement or a
+        circuit) or of its sites' ``site_config`` partitions (``activations``: only what changes an
+        activation vector, so a new ``max_new_tokens`` or refusal phrase does not re-extract
+        activations and retrain SAEs). ``activation_layers`` are partition keys and ``batch_size``
+        only sets speed, so neither is hashed."""
+        m = self.model(model_key)
+        exclude: set[str] = {"activation_layers", "batch_size"}
+        if part == "activations":
+            exclude |= {"generation", "refusal"}
+        blob = json.dumps(m.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+NOT_HASHED: dict[str, Any] = {
+    # partition keys, not settings of an output
+    "data": {"categories"},
+    # read only by the asset checks / speed only (the splice batch size scores the same prompts)
+    "sae": {"thresholds": True, "splice": {"batch_size"}},
+}
+"""Per section, the fields that stay out of its code version (a pydantic ``exclude``)."""
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -480,7 +533,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pr
             return loaded
         return value
 
-    for section in ("data", "sae", "circuits", "comparison", "report"):
+    for section in ("data", "sae", "circuits", "comparison", "report", "automation"):
         if section in raw:
             raw[section] = include(raw[section], (section,))
     if isinstance(raw.get("models"), list):

@@ -71,6 +71,7 @@ def _console_bar_wanted() -> bool:
     if progress.BAR_ENV in os.environ:
         return progress.bars_enabled()
     return sys.stderr.isatty()
+from refusal_assets.defs.sources import record_config_versions
 
 
 def _plan(defs: dg.Definitions, select: str) -> list[tuple[dg.AssetsDefinition, list[str] | None, bool]]:
@@ -93,7 +94,7 @@ def _plan(defs: dg.Definitions, select: str) -> list[tuple[dg.AssetsDefinition, 
         raise SystemExit(f"error: --select {select!r} names no known asset ({type(e).__name__}); known: {known}") from None
     if not keys:
         raise SystemExit(f"error: the selection {select!r} matches no asset; known: {sorted(k.to_user_string() for k in graph.get_all_asset_keys())}")
-    order = [k for level in graph.toposorted_asset_keys_by_level for k in sorted(level) if k in keys]
+    order = [k for level in graph.toposorted_asset_keys_by_level for k in sorted(level) if k in keys and k in graph.materializable_asset_keys]
     unbound = {a.key: a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}  # resources not yet bound
     plan = []
     for key in order:
@@ -109,6 +110,8 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
     root = settings.storage_root(cfg)
     defs = build_defs(cfg, root)
     instance = dg.DagsterInstance.get()
+    # the models' settings as the data versions of model_config / site_config, before any step reads them
+    record_config_versions(instance, cfg)
     resources = defs.resources
     plan = _plan(defs, select)
     # the WARN checks of weak results (defs/checks.py) run in the same run as the asset they check

@@ -20,11 +20,23 @@ def config_path() -> Path:
 
 def load_project() -> ProjectConfig:
     """The project config named by ``$REFUSAL_ASSETS_CONFIG``, with ``$REFUSAL_ASSETS_DATA_DIR``
-    (a local OR-Bench-layout folder) applied on top."""
+    (a local OR-Bench-layout folder) applied on top. Another folder is another dataset: its SAEs
+    train on every category it has (a config's pinned ``sae.train_categories`` name the categories
+    of the config's own data)."""
     overrides = {}
     if data_dir := os.environ.get(DATA_DIR_ENV):
-        overrides = {"data.source": "local", "data.path": str(Path(data_dir).expanduser().resolve())}
+        overrides = {"data.source": "local", "data.path": str(Path(data_dir).expanduser().resolve()), "sae.train_categories": None}
     return load_config(config_path(), overrides)
+
+
+def run_name(cfg: ProjectConfig) -> str:
+    """``<config name>``, or ``<config name>--<data folder name>`` with ``--data-dir``: names the
+    storage folder and the Dagster instance, so another dataset never mixes with the config's own."""
+    if data_dir := os.environ.get(DATA_DIR_ENV):
+        from refusal_assets.storage import safe_part
+
+        return f"{cfg.name}--{safe_part(Path(data_dir).resolve().name, 'data folder name')}"
+    return cfg.name
 
 
 def storage_root(cfg: ProjectConfig) -> Path:
@@ -33,8 +45,25 @@ def storage_root(cfg: ProjectConfig) -> Path:
     overwrites the config's own outputs)."""
     if env := os.environ.get(STORAGE_ENV):
         return Path(env).expanduser().resolve()
-    if data_dir := os.environ.get(DATA_DIR_ENV):
-        from refusal_assets.storage import safe_part
+    return cfg.root / "storage" / run_name(cfg)
 
-        return cfg.root / "storage" / f"{cfg.name}--{safe_part(Path(data_dir).resolve().name, 'data folder name')}"
-    return cfg.root / "storage" / cfg.name
+
+INSTANCE_MARKER = ".refusal_assets_config"
+
+
+def instance_home(base: Path, cfg: ProjectConfig) -> Path:
+    """The Dagster instance of one config: ``<base>/<config name>/`` (``<base>/<config
+    name>--<data folder>/`` with ``--data-dir``, as :func:`run_name`), where ``base`` is
+    ``$DAGSTER_HOME`` (default ``./dagster_home``).
+
+    An instance per config name, not a key prefix per config: the asset keys stay the fixed
+    interface other tools read (``sae``, ``circuit`` ...), and two configs that share category or
+    site keys (tiny and default share four categories) never see each other's materializations,
+    so switching configs never marks the other's partitions as changed. A ``base`` that already is
+    this config's instance (marked by the CLI, e.g. a ``dagster dev`` child) is used as it is.
+    """
+    name = run_name(cfg)
+    marker = base / INSTANCE_MARKER
+    if marker.is_file() and marker.read_text().strip() == name:
+        return base
+    return base / name

@@ -54,3 +54,32 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "prompt,cat
         w.writerow(header.split(","))
         w.writerows(rows)
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_run(tmp_path_factory):
+    """One real `refusal-assets run` of the tiny config, shared by the tests that need a fully
+    materialized instance: each copies it (:func:`copy_tiny_run`) instead of running again.
+    Returns ``(base, storage)``: ``base`` is the $DAGSTER_HOME the CLI was given (the instance is
+    ``base/tiny``, one instance per config name)."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("shared_tiny_run")
+    base, storage = tmp / "home", tmp / "storage"
+    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG", "REFUSAL_ASSETS_STORAGE")}
+    env["DAGSTER_HOME"] = str(base)
+    proc = subprocess.run([sys.executable, "-m", "refusal_assets.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                           "--storage", str(storage)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return base, storage
+
+
+def copy_tiny_run(shared_tiny_run, dst: Path) -> tuple[Path, Path]:
+    """A private copy of the shared materialized instance and its storage under ``dst``."""
+    import shutil
+
+    base, storage = shared_tiny_run
+    shutil.copytree(base, dst / "home")
+    shutil.copytree(storage, dst / "storage")
+    return dst / "home", dst / "storage"

@@ -5,6 +5,7 @@ import pytest
 
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.build import build_defs
+from refusal_assets.defs.sources import record_config_versions
 
 
 def _variant(cfg: ProjectConfig, **changes) -> ProjectConfig:
@@ -21,7 +22,7 @@ def _variant(cfg: ProjectConfig, **changes) -> ProjectConfig:
 def _materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
     """Record a materialization of every partition with the asset's current code version, as a run would."""
     graph = defs.resolve_asset_graph()
-    for key in graph.get_all_asset_keys():
+    for key in graph.materializable_asset_keys:
         node = graph.get(key)
         code_version = node.assets_def.code_versions_by_key[key]
         partitions = node.partitions_def.get_partition_keys() if node.partitions_def else [None]
@@ -34,7 +35,7 @@ def _requested(result) -> dict[str, set]:
     for r in result.results:
         if r.true_subset.size:
             key = r.key.to_user_string() if hasattr(r.key, "to_user_string") else str(r.key)
-            out[key] = set(r.true_subset.expensively_compute_partition_keys() or []) or {None}
+            out[key] = set(r.true_subset.expensively_compute_partition_keys()) if r.true_subset.is_partitioned else {None}
     return out
 
 
@@ -42,6 +43,7 @@ def _requested(result) -> dict[str, set]:
 def world(tiny_cfg, tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     defs = build_defs(tiny_cfg, tmp_path)
+    record_config_versions(instance, tiny_cfg)  # what the config sensor / `refusal-assets run` record
     _materialize_all(defs, instance)
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     return instance, first
@@ -57,12 +59,13 @@ def test_sae_config_edit_requests_exactly_the_sae_partitions(tiny_cfg, tmp_path,
     instance, first = world
     edited = _variant(tiny_cfg, sae__k=7)
     defs = build_defs(edited, tmp_path)
+    record_config_versions(instance, edited)
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
-    assert _requested(result) == {"sae": {"tiny-qwen2__resid1", "tiny-qwen2__resid2"}}
+    assert _requested(result) == {"sae": {"all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"}}
     # once the SAEs are rebuilt, their downstream (and only that) follows
     graph = defs.resolve_asset_graph()
     cv = graph.get(dg.AssetKey("sae")).assets_def.code_versions_by_key[dg.AssetKey("sae")]
-    for p in ("tiny-qwen2__resid1", "tiny-qwen2__resid2"):
+    for p in ("all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"):
         instance.report_runless_asset_event(dg.AssetMaterialization("sae", partition=p, tags={"dagster/code_version": cv}))
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
     requested = _requested(after)
@@ -74,6 +77,7 @@ def test_adding_a_site_requests_exactly_the_new_partitions(tiny_cfg, tmp_path, w
     instance, first = world
     grown = _variant(tiny_cfg, models__0__activation_layers=["residuals_1-3"])
     defs = build_defs(grown, tmp_path)
+    record_config_versions(instance, grown)  # the new site's site_config partition
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     requested = _requested(result)
     assert set(requested) == {"activations"}

@@ -97,3 +97,72 @@ def test_section_hash_changes_only_with_its_section(tiny_cfg):
     changed = ProjectConfig.model_validate({**tiny_cfg.model_dump(), "sae": {**tiny_cfg.sae.model_dump(), "k": 99}})
     assert changed.section_hash("sae") != tiny_cfg.section_hash("sae")
     assert changed.section_hash("data") == tiny_cfg.section_hash("data")
+
+
+def test_output_neutral_knobs_stay_out_of_the_hashes(tiny_cfg):
+    from refusal_assets_tests.automation_world import variant
+
+    knobs = variant(tiny_cfg, sae__thresholds={"max_fvu": 0.01, "max_dead_fraction": 0.01}, models__0__batch_size=1,
+                    sae__splice={"prompts_per_category": 2, "batch_size": 1}, data__categories=["harassment", "illegal", "privacy", "violence", "hate"])
+    for section in ("data", "sae", "circuits", "comparison", "report"):
+        assert knobs.section_hash(section) == tiny_cfg.section_hash(section), section
+    key = tiny_cfg.models[0].model_key
+    assert knobs.model_hash(key) == tiny_cfg.model_hash(key)
+    assert knobs.model_hash(key, "activations") == tiny_cfg.model_hash(key, "activations")
+    # settings that change outputs do change them
+    assert variant(tiny_cfg, sae__k=7).section_hash("sae") != tiny_cfg.section_hash("sae")
+    assert variant(tiny_cfg, sae__splice={"prompts_per_category": 3, "batch_size": 8}).section_hash("sae") != tiny_cfg.section_hash("sae")
+    assert variant(tiny_cfg, data__seed=1).section_hash("data") != tiny_cfg.section_hash("data")
+
+
+def test_model_hash_is_per_model_and_per_use(tiny_cfg):
+    from refusal_assets_tests.automation_world import variant
+
+    a = tiny_cfg.models[0].model_key
+    two = variant(tiny_cfg, models=[tiny_cfg.models[0].model_dump(), {**tiny_cfg.models[0].model_dump(), "id": "tiny-b", "key": "tiny-b"}])
+    assert two.model_hash(a) == tiny_cfg.model_hash(a), "adding model B leaves model A's version alone"
+    assert two.model_hash("tiny-b") != two.model_hash(a)
+    longer = variant(tiny_cfg, models__0__generation={"max_new_tokens": 9})
+    assert longer.model_hash(a) != tiny_cfg.model_hash(a)
+    assert longer.model_hash(a, "activations") == tiny_cfg.model_hash(a, "activations"), "generation settings do not change activations"
+    prompted = variant(tiny_cfg, models__0__chat_template={"system_prompt": "Be brief."})
+    assert prompted.model_hash(a, "activations") != tiny_cfg.model_hash(a, "activations")
+    with pytest.raises(ValueError, match="per model"):
+        tiny_cfg.section_hash("models")
+
+
+def test_train_categories_must_be_categories_of_the_config(tiny_cfg, tmp_path):
+    from refusal_assets.defs.build import build_defs
+    from refusal_assets_tests.automation_world import variant
+
+    with pytest.raises(ConfigError, match=r"sae\.train_categories.*\['hate'\]"):
+        build_defs(variant(tiny_cfg, sae__train_categories=["harassment", "hate"]), tmp_path)
+    with pytest.raises(ConfigError, match="train_categories"):
+        load_config(_project(tmp_path, MODEL, {"sae": {"train_categories": []}}))
+
+
+def test_backfill_completes_bare_sae_site_keys():
+    from refusal_assets.backfill import backfill_params
+
+    assert backfill_params("sae", ["tiny-qwen2__resid1", "all|tiny-qwen2__resid2"])["partitionNames"] == [
+        "all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"]
+    assert backfill_params("circuit", ["privacy|tiny-qwen2"])["partitionNames"] == ["privacy|tiny-qwen2"]
+    assert backfill_params("activations,sae", ["x"])["partitionNames"] == ["x"]
+
+
+def test_instance_per_config_name(tiny_cfg, tmp_path, monkeypatch):
+    from refusal_assets import settings
+    from refusal_assets_tests.automation_world import variant
+
+    other = variant(tiny_cfg, name="tiny-alt")
+    assert settings.instance_home(tmp_path, tiny_cfg) == tmp_path / "tiny"
+    assert settings.instance_home(tmp_path, other) == tmp_path / "tiny-alt"
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / settings.INSTANCE_MARKER).write_text("tiny\n")
+    assert settings.instance_home(tmp_path / "tiny", tiny_cfg) == tmp_path / "tiny", "already this config's instance"
+    # another dataset (--data-dir) is another instance, as it is another storage folder, and its SAEs train on all its categories
+    monkeypatch.setenv(settings.DATA_DIR_ENV, str(tmp_path / "xstest"))
+    monkeypatch.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
+    assert settings.instance_home(tmp_path, tiny_cfg) == tmp_path / "tiny--xstest"
+    assert settings.storage_root(tiny_cfg).name == "tiny--xstest"
+    assert settings.load_project().sae.train_categories is None

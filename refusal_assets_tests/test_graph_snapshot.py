@@ -89,7 +89,10 @@ def test_asset_graph_matches_snapshot(name):
 def test_snapshot_notices_a_changed_mapping(tiny_cfg):
     """The snapshot is sensitive to what it claims to freeze: a dependency with another mapping differs."""
     snap = graph_snapshot(build_defs(tiny_cfg, ROOT / "storage" / "unused"))
-    assert snap["circuit"]["deps"]["sae"] == "AllPartitionMapping"
-    assert snap["sae"]["deps"]["activations"] == {"MultiToSingleDimensionPartitionMapping": "site"}
+    # exact mappings: a model's circuits read that model's SAEs; SAEs read the training categories
+    assert snap["circuit"]["deps"]["sae"]["MultiPartitionMapping"]["site"] == {
+        "downstream_dimension": "model", "mapping": {"StaticPartitionMapping": {"tiny-qwen2__resid1": ["tiny-qwen2"], "tiny-qwen2__resid2": ["tiny-qwen2"]}}}
+    assert snap["sae"]["deps"]["activations"]["MultiPartitionMapping"]["category"]["downstream_dimension"] == "scope"
+    assert snap["refusal_behaviour"]["deps"]["model_config"] == {"MultiToSingleDimensionPartitionMapping": "model"}
     assert snap["activations"]["pools"] == ["gpu"] and snap["comparison"]["pools"] == []
     assert snap["circuit"]["automation"] is not None

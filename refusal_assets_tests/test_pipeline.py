@@ -22,8 +22,8 @@ def cli_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _materializations(home: Path, key: str) -> dict[str, dict]:
-    instance = dg.DagsterInstance.from_config(str(home))
+def _materializations(home: Path, key: str, config_name: str = "tiny") -> dict[str, dict]:
+    instance = dg.DagsterInstance.from_config(str(home / config_name))  # one instance per config name under $DAGSTER_HOME
     records = instance.fetch_materializations(dg.AssetKey(key), limit=1000).records
     out = {}
     for r in records:
@@ -61,7 +61,7 @@ def test_tiny_graph_end_to_end(tiny_run, capsys):
     acts = _materializations(home, "activations")
     assert len(acts) == 8 and all(m["d_model"] == 64 and m["n_rows"] > 0 for m in acts.values())
     saes = _materializations(home, "sae")
-    assert sorted(saes) == ["tiny-qwen2__resid1", "tiny-qwen2__resid2"]
+    assert sorted(saes) == ["all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"]  # sae: scope|site
     assert all(0 <= m["fvu"] < 1 and m["l0"] <= 8 and 0 <= m["dead_fraction"] <= 1 for m in saes.values())
     circuits = _materializations(home, "circuit")
     assert len(circuits) == 4 and all({"n_nodes", "faithfulness", "completeness"} <= set(m) for m in circuits.values())
@@ -129,7 +129,7 @@ def test_data_dir_with_config_taking_categories_from_data(cli_env, capsys):
     rc = cli.main(["run", "--config", str(cfg), "--select", "orbench_prompts", "--data-dir", str(folder)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert sorted(_materializations(cli_env / "dagster_home", "orbench_prompts")) == ["insults", "locks", "slurs"]
+    assert sorted(_materializations(cli_env / "dagster_home", "orbench_prompts", "tiny--bench")) == ["insults", "locks", "slurs"]
     assert out.strip().splitlines()[-1].startswith("outputs: ")
 
 

@@ -66,7 +66,7 @@ def ui_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
     env.update(DAGSTER_HOME=str(home), REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage"))
     with serve_ui(ROOT / "configs" / "tiny.yaml", env, tmp_path / "ui.log") as url:
-        yield url, home, tmp_path
+        yield url, home / "tiny", tmp_path  # the CLI keeps one instance per config name under $DAGSTER_HOME
 
 
 def _materialized(instance: dg.DagsterInstance) -> set[str]:

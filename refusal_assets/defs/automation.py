@@ -1,41 +1,82 @@
-"""When assets rebuild on their own: new partitions once their inputs exist, and materialized
-partitions whose config (code version) changed. Nothing else."""
+"""When assets rebuild on their own: new partitions once their inputs exist, materialized
+partitions whose config (code version) or inputs (a model's settings, an upstream partition)
+changed, never on a failed blocking check. Nothing else."""
 
 from __future__ import annotations
 
 import dagster as dg
 
+AC = dg.AutomationCondition
 
-def rebuild_condition() -> dg.AutomationCondition:
+
+def blocked_by_failed_check() -> dg.AutomationCondition:
+    """Some parent partition's latest blocking check failed.
+
+    Blocking checks stop downstream steps only inside one run; automation builds ``sae`` and
+    ``circuit`` in separate runs, so the gate has to be in the condition. (``all_deps_blocking_checks_passed``
+    does not gate in 1.13; this form does, with partitioned check specs.)
+    """
+    return AC.any_deps_match(AC.any_checks_match(AC.check_failed(), blocking_only=True)).with_label("a parent's blocking check failed")
+
+
+def upstream_settling() -> dg.AutomationCondition:
+    """A grandparent partition just updated or is requested now. ``circuit`` reads
+    ``refusal_behaviour`` (one hop from the model's settings) and ``sae`` (two hops): without
+    this hold, a model edit builds each circuit twice, once per path."""
+    return AC.any_deps_match(AC.any_deps_match(AC.newly_updated() | AC.will_be_requested())).with_label("upstream still updating")
+
+
+def rebuild_condition(hold_while_upstream_settles: bool = False, ignore: tuple[str, ...] = ()) -> dg.AutomationCondition:
+    """``ignore``: parents whose updates alone do not trigger a rebuild (see ``build.REBUILD_OPTIONS``)."""
     # eager(): a partition whose parents updated, or a new partition whose parents all exist.
     # eager() alone ignores code-version changes; code_version_changed() alone would also request
     # never-built partitions, so it is restricted to partitions that exist and can run now.
     changed = (
-        dg.AutomationCondition.code_version_changed().since_last_handled()
-        & ~dg.AutomationCondition.missing()
-        & ~dg.AutomationCondition.in_progress()
-        & ~dg.AutomationCondition.any_deps_missing()
+        AC.code_version_changed().since_last_handled()
+        & ~AC.missing()
+        & ~AC.in_progress()
+        & ~AC.any_deps_missing()
     )
-    return dg.AutomationCondition.eager() | changed.with_label("config changed")
+    eager = AC.eager().ignore(dg.AssetSelection.assets(*ignore)) if ignore else AC.eager()
+    condition = eager | changed.with_label("config changed")
+    label = "rebuild"
+    if ignore:
+        label += f" (not on updates of {', '.join(ignore)} alone)"
+    if hold_while_upstream_settles:
+        condition, label = condition & ~upstream_settling(), label + " once upstream settles"
+    return (condition & ~blocked_by_failed_check()).with_label(label + ", unless blocked")
+
+
+def root_condition(build_missing: bool) -> dg.AutomationCondition:
+    """A root asset's condition: the rebuild condition, plus (``automation.build_missing_roots``)
+    building never-materialized partitions, which makes a fresh instance build itself."""
+    if not build_missing:
+        return rebuild_condition()
+    missing = (AC.missing() & ~AC.in_progress() & ~AC.execution_failed()).with_label("missing root")
+    return (rebuild_condition() | missing).with_label("rebuild, or build when missing")
 
 
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:
     # Open-source Dagster starts the default automation sensor stopped; this one runs by default.
+    # Sources are in the target so the observations of model_config / site_config are evaluated.
     return dg.AutomationConditionSensorDefinition(
-        "refusal_assets_automation", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING,
+        "refusal_assets_automation", target=dg.AssetSelection.all(include_sources=True), default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
     )
 
 
-def report_schedule(cron: str) -> dg.ScheduleDefinition:
-    """Scheduled reruns (the seed users' cron): the report, and anything upstream that is stale.
+def comparison_schedule(cron: str, model_partitions: dg.PartitionsDefinition) -> dg.ScheduleDefinition:
+    """Scheduled reruns (the seed users' cron): one ``comparison`` run per model partition (a job
+    over a partitioned asset needs a partition key per run), then the report follows by automation
+    once its comparisons are new."""
+    job = dg.define_asset_job("refresh_comparison", selection=dg.AssetSelection.assets("comparison"), partitions_def=model_partitions,
+                              description="Rebuild one model's comparison; the report follows (automation).")
 
-    Staleness does not propagate over edges with 100+ upstream partitions, so the report is driven
-    by a schedule rather than by automation alone.
-    """
-    job = dg.define_asset_job(
-        "refresh_report",
-        selection=dg.AssetSelection.assets("report") | dg.AssetSelection.assets("comparison"),
-        description="Rebuild the comparison for every model and the report.",
-    )
-    return dg.ScheduleDefinition(name="refresh_report_schedule", job=job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED)
+    @dg.schedule(name="refresh_report_schedule", job=job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description="Rerun every model's comparison on the config's report.schedule cron; the report is rebuilt after them.")
+    def _schedule(context: dg.ScheduleEvaluationContext):
+        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
+        for model in model_partitions.get_partition_keys():
+            yield dg.RunRequest(run_key=f"{model}-{tick}", partition_key=model)
+
+    return _schedule

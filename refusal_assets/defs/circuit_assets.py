@@ -25,7 +25,8 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
     cc = cfg.circuits
 
     @gpu_asset(
-        partitions_def=parts.model_category, kinds={"pytorch", "safetensors"}, group_name="circuits", code_version=cfg.section_hash("models", "circuits"),
+        partitions_def=parts.model_category, kinds={"pytorch", "safetensors"}, group_name="circuits", code_version=cfg.section_hash("circuits"),
+        # the model's settings reach a circuit through refusal_behaviour (same partition) and its SAEs
         deps=[
             dg.AssetDep("sae", partition_mapping=parts.circuit_from_sae()),
             dg.AssetDep("activations", partition_mapping=parts.circuit_from_activations()),

@@ -10,7 +10,7 @@ import dagster as dg
 from refusal_assets import activations as acts_core
 from refusal_assets import behaviour
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import ci_metadata, materialize_each, multi_key, parquet_metadata, png_markdown
+from refusal_assets.defs.metadata import ci_metadata, clean, multi_key, parquet_metadata, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
@@ -19,11 +19,16 @@ from refusal_assets.sites import Site
 from refusal_assets.storage import write_parquet
 
 
+CODE_VERSION = "2"
+"""Version of the behaviour and activation code; bump it when their outputs change for the same settings."""
+
+
 def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     @gpu_asset(
         partitions_def=parts.model_category, kinds={"pytorch", "parquet"}, group_name="model",
-        code_version=cfg.section_hash("models"),
-        deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category())],
+        code_version=CODE_VERSION,  # the model's settings are the model_config source's data version
+        deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category()),
+              dg.AssetDep("model_config", partition_mapping=parts.by_model())],
         description="Each prompt's greedy chat generation, a refusal judgement, p_ref and the refusal score.",
     )
     def refusal_behaviour(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
@@ -52,9 +57,10 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
 
     @gpu_asset(
         partitions_def=parts.site_category, kinds={"pytorch", "parquet"}, group_name="model",
-        code_version=cfg.section_hash("models"),
+        code_version=CODE_VERSION,  # the model's settings are the site_config source's data version
         backfill_policy=dg.BackfillPolicy.single_run(), output_required=False,
-        deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category())],
+        deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category()),
+              dg.AssetDep("site_config", partition_mapping=parts.by_site())],
         check_specs=[dg.AssetCheckSpec("finite_vectors", asset="activations", blocking=True,
                                        description="No NaN or inf in any activation vector.")],
         description="Residual / MLP / attention activations at the post-instruction positions (and every prompt token), float16 Parquet.",
@@ -91,10 +97,14 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                             "n_rows": n_rows[site], "d_model": model_cfg.architecture.d_model, "n_prompts": sample.height, "n_non_finite_rows": n_bad,
                             "seconds_for_all_sites_of_this_category": round(seconds, 2), **parquet_metadata(paths[site]),
                         }
-            yield from materialize_each(context, metadata)
-            yield dg.AssetCheckResult(
+            # Per-partition metadata on the run's one materialization: Dagster then records each
+            # partition with its input provenance (bare AssetMaterialization events carry none,
+            # and the UI would show every partition of a single-run backfill as stale).
+            for key, md in metadata.items():
+                context.add_asset_metadata({k: clean(v) for k, v in md.items()}, partition_key=key)
+            return dg.MaterializeResult(check_results=[dg.AssetCheckResult(
                 check_name="finite_vectors", asset_key="activations", passed=n_bad_total == 0,
                 metadata={"n_non_finite_rows": n_bad_total, "partitions": len(metadata)},
-            )
+            )])
 
     return [refusal_behaviour, activations]

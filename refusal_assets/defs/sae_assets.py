@@ -1,4 +1,4 @@
-"""Stage 3: one sparse autoencoder per site, trained on every category's activations."""
+"""Stage 3: one sparse autoencoder per site, trained on the activations of ``sae.train_categories``."""
 
 import json
 from collections.abc import Callable
@@ -9,7 +9,7 @@ import dagster as dg
 from refusal_assets import sae as sae_core
 from refusal_assets.behaviour import refusal_token_ids
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import sae_checks, sae_metadata
+from refusal_assets.defs.metadata import multi_key, sae_checks, sae_metadata
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
@@ -23,17 +23,19 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
     thresholds = cfg.sae.thresholds
 
     @gpu_asset(
-        partitions_def=parts.site, kinds={"pytorch", "safetensors"}, group_name="sae", code_version=cfg.section_hash("sae"),
-        deps=[dg.AssetDep("activations", partition_mapping=parts.sae_from_site_category())],
+        partitions_def=parts.sae, kinds={"pytorch", "safetensors"}, group_name="sae", code_version=cfg.section_hash("sae"),
+        deps=[dg.AssetDep("activations", partition_mapping=parts.sae_from_activations())],
+        # partitioned check specs: automation's gate (automation.blocked_by_failed_check) reads each partition's result
         check_specs=[
-            dg.AssetCheckSpec("fvu_below_threshold", asset="sae", blocking=True, description=f"validation FVU <= {thresholds.max_fvu}"),
-            dg.AssetCheckSpec("dead_fraction_below_threshold", asset="sae", blocking=True,
+            dg.AssetCheckSpec("fvu_below_threshold", asset="sae", blocking=True, partitions_def=parts.sae,
+                              description=f"validation FVU <= {thresholds.max_fvu}"),
+            dg.AssetCheckSpec("dead_fraction_below_threshold", asset="sae", blocking=True, partitions_def=parts.sae,
                               description=f"dead latents <= {thresholds.max_dead_fraction}"),
         ],
         description="TopK SAE per site (SAELens layout: cfg.json + sae_weights.safetensors), with FVU, L0, dead fraction and loss recovered.",
     )
     def sae(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
-        site_key, layout, categories = context.partition_key, Layout(storage.files), parts.category.get_partition_keys()
+        site_key, layout, categories = multi_key(parts.sae, context.partition_key)["site"], Layout(storage.files), parts.sae_train_categories
         model_cfg, site = cfg.model(site_key.split("__", 1)[0]), Site.parse(site_key.split("__", 1)[1])
         paths = [layout.activations(site_key, c) for c in categories]
         # the small per-row columns in memory; the vectors stream from the Parquet files (ParquetRows)

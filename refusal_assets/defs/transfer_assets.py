@@ -34,12 +34,15 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
 
     @gpu_asset(
         partitions_def=parts.model, kinds={"pytorch", "scipy"}, group_name="comparison",
-        code_version=cfg.section_hash("models", "circuits", "comparison"),
+        # Model settings reach it as data versions through circuit and refusal_behaviour (their
+        # model_config source), so only circuits and comparison are hashed here. The SAEs and the
+        # sample it also reads are not direct deps: every one it reads is an input of this model's
+        # circuits (an exact mapping), while an AllPartitionMapping on them would stale every model's
+        # transfer whenever any model's SAE changes.
+        code_version=cfg.section_hash("circuits", "comparison"),
         deps=[
             dg.AssetDep("circuit", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")),
             dg.AssetDep("refusal_behaviour", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")),
-            dg.AssetDep("prompt_sample", partition_mapping=dg.AllPartitionMapping()),
-            dg.AssetDep("sae", partition_mapping=dg.AllPartitionMapping()),
         ],
         description="Functional cross-category tests: A's circuit ablated on B's refusing prompts vs B's own (transfer, faithfulness), "
                     "A's refusal direction ablated on B's held-out toxic prompts and added to B's harmless ones, a pooled direction, "

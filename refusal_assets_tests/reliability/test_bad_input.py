@@ -424,7 +424,7 @@ def test_truncated_or_corrupt_sae_files_are_value_errors_naming_the_file(tmp_pat
 @pytest.mark.parametrize("fault", ["nan", "inf", "float16_overflow"])
 def test_non_finite_activations_fail_the_check_and_the_sae_refuses_them(fault, tmp_path, tiny_model, monkeypatch):
     storage = tmp_path / "storage"
-    cfg = tiny_cfg_with({"data.categories": ["harassment"]})  # the SAE reads every category: keep one
+    cfg = tiny_cfg_with({"data.categories": ["harassment"], "sae.train_categories": ["harassment"]})  # the SAE reads every category: keep one
     assets, resources = tiny_assets(cfg, storage)
     assert materialize([assets["orbench_prompts"], assets["prompt_sample"]], resources, "harassment").success
 
@@ -451,7 +451,7 @@ def test_non_finite_activations_fail_the_check_and_the_sae_refuses_them(fault, t
     # the sae asset run afterwards refuses the file and writes nothing
     monkeypatch.setattr(acts_core, "forward_sites", real_forward)
     before = files_under(storage)
-    result = materialize([assets["sae"]], resources, "tiny-qwen2__resid1")
+    result = materialize([assets["sae"]], resources, "all|tiny-qwen2__resid1")  # sae: scope|site
     assert not result.success
     (failure,) = failure_messages(result)
     assert "NaN" in failure and "tiny-qwen2__resid1" in failure and f"{n_prompts} rows" in failure, failure
