@@ -49,37 +49,54 @@ def capture(model: PreTrainedModel, sites: list[Site], stop_early: bool = True) 
 
 
 @torch.no_grad()
-def forward_sites(model: PreTrainedModel, batch: ChatBatch, sites: list[Site], stop_early: bool = True) -> dict[Site, torch.Tensor]:
+def forward_sites(
+    model: PreTrainedModel, batch: ChatBatch, sites: list[Site], stop_early: bool = True
+) -> dict[Site, torch.Tensor]:
     """Activations [B, T, d] at each site for one batch."""
     with capture(model, sites, stop_early) as captured:
         with until_stopped():
-            model.base_model(**batch.model_inputs(), use_cache=False) if stop_early else model(**batch.model_inputs(), use_cache=False)
+            model.base_model(**batch.model_inputs(), use_cache=False) if stop_early else model(
+                **batch.model_inputs(), use_cache=False
+            )
         return dict(captured)
 
 
 def _row_table(acts: torch.Tensor, batch: ChatBatch, meta: list[dict], all_positions: bool) -> pa.Table:
     """Flatten the kept positions of one batch into Arrow rows (float16 vectors)."""
-    keep = batch.post_instruction | (batch.attention_mask.bool() if all_positions else torch.zeros_like(batch.post_instruction))
+    keep = batch.post_instruction | (
+        batch.attention_mask.bool() if all_positions else torch.zeros_like(batch.post_instruction)
+    )
     b_idx, t_idx = keep.nonzero(as_tuple=True)  # [N], [N]
     first_real = (batch.attention_mask == 0).sum(-1)  # [B]: left-padding length
     vectors = acts[b_idx, t_idx].to(torch.float16).cpu().numpy()  # [N, d]
     d = vectors.shape[1]
     flat = pa.array(vectors.reshape(-1), type=pa.float16())
     b_np = b_idx.cpu().numpy()
-    return pa.table({
-        "prompt_id": pa.array([meta[b]["prompt_id"] for b in b_np], pa.string()),
-        "split": pa.array([meta[b]["split"] for b in b_np], pa.string()),
-        "heldout": pa.array([meta[b]["heldout"] for b in b_np], pa.bool_()),
-        "token_index": pa.array((t_idx - first_real[b_idx]).cpu().numpy().astype(np.int32)),
-        "is_post_instruction": pa.array(batch.post_instruction[b_idx, t_idx].cpu().numpy()),
-        "vector": pa.FixedSizeListArray.from_arrays(flat, d),
-    })
+    return pa.table(
+        {
+            "prompt_id": pa.array([meta[b]["prompt_id"] for b in b_np], pa.string()),
+            "split": pa.array([meta[b]["split"] for b in b_np], pa.string()),
+            "heldout": pa.array([meta[b]["heldout"] for b in b_np], pa.bool_()),
+            "token_index": pa.array((t_idx - first_real[b_idx]).cpu().numpy().astype(np.int32)),
+            "is_post_instruction": pa.array(batch.post_instruction[b_idx, t_idx].cpu().numpy()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, d),
+        }
+    )
 
 
 def collect_activations(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, sites: list[Site],
-    out_paths: dict[Site, Path], *, batch_size: int, system_prompt: str | None = None, all_positions: bool = True,
-    device: str = "cpu", log: Callable[[str], None] = print, non_finite: dict[Site, int] | None = None,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sample: pl.DataFrame,
+    sites: list[Site],
+    out_paths: dict[Site, Path],
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    all_positions: bool = True,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+    non_finite: dict[Site, int] | None = None,
 ) -> dict[Site, int]:
     """Stream every site's activations for ``sample`` to ``out_paths[site]``; returns rows per site
     (and fills ``non_finite[site]`` with the rows holding NaN/inf, counted on the way).
@@ -101,7 +118,9 @@ def collect_activations(
                     table = _row_table(acts[site], batch, chunk, all_positions)
                     if non_finite is not None:
                         # counted after the float16 cast: a value beyond 65504 is stored as inf
-                        non_finite[site] = non_finite.get(site, 0) + non_finite_rows(acts[site][batch.attention_mask.bool()].to(torch.float16))
+                        non_finite[site] = non_finite.get(site, 0) + non_finite_rows(
+                            acts[site][batch.attention_mask.bool()].to(torch.float16)
+                        )
                     if site not in writers:
                         writers[site] = pq.ParquetWriter(tmp_paths[site], table.schema, compression="zstd")
                     writers[site].write_table(table)
@@ -110,10 +129,16 @@ def collect_activations(
             for site in sites:
                 if site not in writers:  # no prompts: an empty file with the full schema, never a 0-byte one
                     d = model.config.hidden_size
-                    empty = pa.table({"prompt_id": pa.array([], pa.string()), "split": pa.array([], pa.string()),
-                                      "heldout": pa.array([], pa.bool_()), "token_index": pa.array([], pa.int32()),
-                                      "is_post_instruction": pa.array([], pa.bool_()),
-                                      "vector": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float16()), d)})
+                    empty = pa.table(
+                        {
+                            "prompt_id": pa.array([], pa.string()),
+                            "split": pa.array([], pa.string()),
+                            "heldout": pa.array([], pa.bool_()),
+                            "token_index": pa.array([], pa.int32()),
+                            "is_post_instruction": pa.array([], pa.bool_()),
+                            "vector": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float16()), d),
+                        }
+                    )
                     pq.write_table(empty, tmp_paths[site])
         finally:
             for w in writers.values():

@@ -43,7 +43,10 @@ def backfill_params(select: str, partitions: list[str] | None) -> dict:
         raise BackfillError("--select names no asset")
     if partitions:
         partitions = normalize_partitions(keys, partitions)
-    params: dict = {"assetSelection": [{"path": k.split("/")} for k in keys], "title": f"refusal-assets backfill {select}"}
+    params: dict = {
+        "assetSelection": [{"path": k.split("/")} for k in keys],
+        "title": f"refusal-assets backfill {select}",
+    }
     if partitions:
         params["partitionNames"] = partitions
     else:
@@ -53,12 +56,16 @@ def backfill_params(select: str, partitions: list[str] | None) -> dict:
 
 def launch_backfill(url: str, select: str, partitions: list[str] | None = None, timeout: float = 60) -> str:
     body = json.dumps({"query": MUTATION, "variables": {"params": backfill_params(select, partitions)}}).encode()
-    request = urllib.request.Request(url.rstrip("/") + "/graphql", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url.rstrip("/") + "/graphql", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             payload = json.loads(response.read())
     except urllib.error.URLError as e:
-        raise BackfillError(f"cannot reach the Dagster webserver at {url} ({e.reason}); start it with `refusal-assets ui`") from e
+        raise BackfillError(
+            f"cannot reach the Dagster webserver at {url} ({e.reason}); start it with `refusal-assets ui`"
+        ) from e
     if payload.get("errors"):
         raise BackfillError(f"GraphQL error: {payload['errors'][0].get('message')}")
     result = payload["data"]["launchPartitionBackfill"]

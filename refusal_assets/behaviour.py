@@ -26,7 +26,9 @@ from refusal_assets.progress import progress
 EPS = 1e-6
 
 
-def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, phrases: list[str], tokens: list[str] | None = None) -> list[int]:
+def refusal_token_ids(
+    tokenizer: PreTrainedTokenizerBase, phrases: list[str], tokens: list[str] | None = None
+) -> list[int]:
     """Token ids that open a refusal: the configured tokens, else each phrase's first token."""
     ids: set[int] = set()
     if tokens:
@@ -46,6 +48,7 @@ def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, phrases: list[str], to
 
 def judge_refusal(response: str, phrases: list[str]) -> bool:
     """A response refuses when it contains any refusal phrase (case-insensitive substring match)."""
+
     def norm(t: str) -> str:
         return t.lower().replace("’", "'")
 
@@ -60,7 +63,10 @@ def refusal_score_from_logits(logits: torch.Tensor, refusal_ids: torch.Tensor) -
     is_ref = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     is_ref[refusal_ids.to(logits.device)] = True
     if bool(is_ref.all()) or not bool(is_ref.any()):
-        raise ValueError(f"refusal score: {int(is_ref.sum())} of {logits.shape[-1]} vocabulary tokens are refusal tokens; need some of each")
+        raise ValueError(
+            f"refusal score: {int(is_ref.sum())} of {logits.shape[-1]} vocabulary tokens are refusal tokens; "
+            "need some of each"
+        )
     neg_inf = torch.tensor(float("-inf"), device=logits.device)
     ref = torch.logsumexp(torch.where(is_ref, logits, neg_inf), dim=-1)
     rest = torch.logsumexp(torch.where(is_ref, neg_inf, logits), dim=-1)
@@ -86,20 +92,31 @@ def p_refusal(model: PreTrainedModel, batch: ChatBatch, refusal_ids: torch.Tenso
 
 
 @torch.no_grad()
-def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: ChatBatch, max_new_tokens: int) -> tuple[list[str], torch.Tensor]:
+def generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: ChatBatch, max_new_tokens: int
+) -> tuple[list[str], torch.Tensor]:
     """Greedy responses and the first step's next-token logits [B, vocab] (the prompt's own
     prediction, so p_ref costs no extra forward pass)."""
     out = model.generate(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-        do_sample=False, pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     texts = tokenizer.batch_decode(out.sequences[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
     return texts, out.logits[0]
 
 
 def run_behaviour(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, cfg: ModelConfig,
-    device: str = "cpu", log: Callable[[str], None] = print,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sample: pl.DataFrame,
+    cfg: ModelConfig,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
 ) -> pl.DataFrame:
     """One row per prompt: ``prompt_id, split, heldout, response, refused, p_refusal, refusal_score``."""
     ids = torch.tensor(refusal_token_ids(tokenizer, cfg.refusal.phrases, cfg.refusal.refusal_tokens), device=device)
@@ -117,15 +134,17 @@ def run_behaviour(
             prog.update(len(chunk))
     p = torch.cat(p_refs) if p_refs else torch.zeros(0)
     score = torch.cat(scores) if scores else torch.zeros(0)
-    return pl.DataFrame({
-        "prompt_id": [r["prompt_id"] for r in rows],
-        "split": [r["split"] for r in rows],
-        "heldout": [r["heldout"] for r in rows],
-        "response": responses,
-        "refused": [judge_refusal(r, cfg.refusal.phrases) for r in responses],
-        "p_refusal": p.numpy().astype(np.float64),
-        "refusal_score": score.numpy().astype(np.float64),
-    })
+    return pl.DataFrame(
+        {
+            "prompt_id": [r["prompt_id"] for r in rows],
+            "split": [r["split"] for r in rows],
+            "heldout": [r["heldout"] for r in rows],
+            "response": responses,
+            "refused": [judge_refusal(r, cfg.refusal.phrases) for r in responses],
+            "p_refusal": p.numpy().astype(np.float64),
+            "refusal_score": score.numpy().astype(np.float64),
+        }
+    )
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -146,7 +165,13 @@ def refusal_rates(df: pl.DataFrame) -> dict[str, dict[str, float]]:
     for name, sub in groups:
         k, n = int(sub["refused"].sum()), sub.height
         lo, hi = wilson_interval(k, n)
-        out[name] = {"rate": k / n if n else math.nan, "lo": lo, "hi": hi, "n": n, "mean_p_refusal": float(sub["p_refusal"].mean()) if n else math.nan}
+        out[name] = {
+            "rate": k / n if n else math.nan,
+            "lo": lo,
+            "hi": hi,
+            "n": n,
+            "mean_p_refusal": float(sub["p_refusal"].mean()) if n else math.nan,
+        }
     return out
 
 
@@ -155,7 +180,9 @@ def plot_refusal_rates(rates: dict[str, dict[str, float]], title: str, path: Pat
 
     names = [k for k in rates if k != "all"]
     vals = [rates[k]["rate"] for k in names]
-    err = np.array([[rates[k]["rate"] - rates[k]["lo"] for k in names], [rates[k]["hi"] - rates[k]["rate"] for k in names]])
+    err = np.array(
+        [[rates[k]["rate"] - rates[k]["lo"] for k in names], [rates[k]["hi"] - rates[k]["rate"] for k in names]]
+    )
     fig = new_figure((4, 3))
     ax = fig.add_subplot()
     ax.bar(names, vals, yerr=err, capsize=4, color=["#4c72b0", "#dd8452", "#c44e52"][: len(names)])

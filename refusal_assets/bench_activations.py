@@ -97,8 +97,16 @@ def _keep_mask(batch, all_positions: bool) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- the three ways
 @torch.no_grad()
-def naive_pass(model, tokenizer, prompts: list[str], sites: list[Site], batch_size: int, system_prompt: str | None,
-               all_positions: bool, device: str) -> dict[Site | str, list[np.ndarray]]:
+def naive_pass(
+    model,
+    tokenizer,
+    prompts: list[str],
+    sites: list[Site],
+    batch_size: int,
+    system_prompt: str | None,
+    all_positions: bool,
+    device: str,
+) -> dict[Site | str, list[np.ndarray]]:
     """(a) Full forward with every hidden state; slice the requested ones at the kept positions.
 
     Also returns, under ``"rows"``, each kept row's (prompt number, token index from the first real token)."""
@@ -114,22 +122,45 @@ def naive_pass(model, tokenizer, prompts: list[str], sites: list[Site], batch_si
             out[s].append(hs[s.layer + 1][keep].to(torch.float16).cpu().numpy())
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         pad = (batch.attention_mask == 0).sum(-1)
-        out["rows"].append(np.stack([(b_idx + i * batch_size).cpu().numpy(), (t_idx - pad[b_idx]).cpu().numpy()], axis=1))
+        out["rows"].append(
+            np.stack([(b_idx + i * batch_size).cpu().numpy(), (t_idx - pad[b_idx]).cpu().numpy()], axis=1)
+        )
     return out
 
 
-def collector_pass(model, tokenizer, sample: pl.DataFrame, sites: list[Site], batch_size: int, system_prompt: str | None,
-                   all_positions: bool, device: str, folder: Path) -> dict[Site, int]:
+def collector_pass(
+    model,
+    tokenizer,
+    sample: pl.DataFrame,
+    sites: list[Site],
+    batch_size: int,
+    system_prompt: str | None,
+    all_positions: bool,
+    device: str,
+    folder: Path,
+) -> dict[Site, int]:
     """(b) Our collector, writing one Parquet file per site under ``folder``."""
     from refusal_assets.activations import collect_activations
 
     paths = {s: folder / f"{s.name}.parquet" for s in sites}
-    return collect_activations(model, tokenizer, sample, sites, paths, batch_size=batch_size, system_prompt=system_prompt,
-                               all_positions=all_positions, device=device, log=lambda _s: None)
+    return collect_activations(
+        model,
+        tokenizer,
+        sample,
+        sites,
+        paths,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        all_positions=all_positions,
+        device=device,
+        log=lambda _s: None,
+    )
 
 
 @torch.no_grad()
-def bare_pass(model, tokenizer, prompts: list[str], depth: int, batch_size: int, system_prompt: str | None, device: str) -> None:
+def bare_pass(
+    model, tokenizer, prompts: list[str], depth: int, batch_size: int, system_prompt: str | None, device: str
+) -> None:
     """(c) The decoder cut after block ``depth`` (inclusive): no hooks, nothing kept, nothing written."""
     from refusal_assets.chat import batches, encode_chat
 
@@ -146,7 +177,9 @@ def bare_pass(model, tokenizer, prompts: list[str], depth: int, batch_size: int,
         base.layers = layers
 
 
-def count_tokens(tokenizer, prompts: list[str], batch_size: int, system_prompt: str | None, all_positions: bool) -> tuple[int, int]:
+def count_tokens(
+    tokenizer, prompts: list[str], batch_size: int, system_prompt: str | None, all_positions: bool
+) -> tuple[int, int]:
     """(real prompt tokens, kept rows per site)."""
     from refusal_assets.chat import batches, encode_chat
 
@@ -199,30 +232,60 @@ def rss_child_main(args_json: str) -> None:
     reset = _reset_peak()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
-        rows = collector_pass(model, tokenizer, sample, sites, mc.batch_size, mc.chat_template.system_prompt,
-                              mc.all_token_positions, device, Path(tmp))
+        rows = collector_pass(
+            model,
+            tokenizer,
+            sample,
+            sites,
+            mc.batch_size,
+            mc.chat_template.system_prompt,
+            mc.all_token_positions,
+            device,
+            Path(tmp),
+        )
     seconds = time.perf_counter() - t0
-    print(_RSS_MARK + json.dumps({
-        "n_prompts": args["n_prompts"], "peak_rss_mb": round(_rss_mb(), 1), "rss_after_load_mb": round(after_load, 1),
-        "collect_peak_rss_mb": round(_vm_hwm_mb(), 1) if reset and _vm_hwm_mb() is not None else None,
-        "rows_per_site": next(iter(rows.values())), "seconds": round(seconds, 2),
-    }), flush=True)
+    print(
+        _RSS_MARK
+        + json.dumps(
+            {
+                "n_prompts": args["n_prompts"],
+                "peak_rss_mb": round(_rss_mb(), 1),
+                "rss_after_load_mb": round(after_load, 1),
+                "collect_peak_rss_mb": round(_vm_hwm_mb(), 1) if reset and _vm_hwm_mb() is not None else None,
+                "rows_per_site": next(iter(rows.values())),
+                "seconds": round(seconds, 2),
+            }
+        ),
+        flush=True,
+    )
 
 
 def measure_rss(config_path: str | None, n_prompts: int, sites: list[Site], device: str, threads: int) -> dict:
-    args = json.dumps({"config_path": config_path, "n_prompts": n_prompts, "sites": [s.name for s in sites],
-                       "device": device, "threads": threads})
+    args = json.dumps(
+        {
+            "config_path": config_path,
+            "n_prompts": n_prompts,
+            "sites": [s.name for s in sites],
+            "device": device,
+            "threads": threads,
+        }
+    )
     code = "import sys; from refusal_assets.bench_activations import rss_child_main; rss_child_main(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=os.environ.copy())
     for line in proc.stdout.splitlines():
         if line.startswith(_RSS_MARK):
-            return json.loads(line[len(_RSS_MARK):])
+            return json.loads(line[len(_RSS_MARK) :])
     raise RuntimeError(f"RSS child for {n_prompts} prompts failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
 # ------------------------------------------------------------------------------------------- main
-def run_activation_bench(config_path: str | None = None, n_prompts: int = 32, log: Callable[[str], None] = print,
-                         repeats: int = 3, measure_memory: bool = True) -> dict:
+def run_activation_bench(
+    config_path: str | None = None,
+    n_prompts: int = 32,
+    log: Callable[[str], None] = print,
+    repeats: int = 3,
+    measure_memory: bool = True,
+) -> dict:
     """Time (a) naive, (b) our collector, (c) a bare truncated forward; peak RSS of (b) for N and 4N prompts."""
     from refusal_assets.activations import read_vectors
     from refusal_assets.models import load_model
@@ -242,7 +305,10 @@ def run_activation_bench(config_path: str | None = None, n_prompts: int = 32, lo
     prompts = sample["prompt"].to_list()
     bs, sp, allpos = mc.batch_size, mc.chat_template.system_prompt, mc.all_token_positions
     n_tokens, n_rows = count_tokens(tokenizer, prompts, bs, sp, allpos)
-    log(f"bench: {n_prompts} prompts, {n_tokens} tokens, {n_rows} rows per site, sites {[s.name for s in sites]}, batch {bs}")
+    log(
+        f"bench: {n_prompts} prompts, {n_tokens} tokens, {n_rows} rows per site, sites {[s.name for s in sites]}, "
+        f"batch {bs}"
+    )
 
     result: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-acts-") as tmp:
@@ -255,7 +321,9 @@ def run_activation_bench(config_path: str | None = None, n_prompts: int = 32, lo
 
         ways: dict[str, Callable[[list[str]], object]] = {
             "bare": lambda ps: bare_pass(model, tokenizer, ps, depth, bs, sp, device),
-            "collector": lambda ps: collector_pass(model, tokenizer, sample.head(len(ps)), sites, bs, sp, allpos, device, folder),
+            "collector": lambda ps: collector_pass(
+                model, tokenizer, sample.head(len(ps)), sites, bs, sp, allpos, device, folder
+            ),
             "naive": naive,
         }
         for name, fn in ways.items():  # warm-up: a couple of prompts each
@@ -295,47 +363,66 @@ def run_activation_bench(config_path: str | None = None, n_prompts: int = 32, lo
     tps = {k: n_tokens / v for k, v in med.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     paired = [c / b for c, b in zip(times["collector"], times["bare"])]
-    result.update({
-        "model": mc.model_key, "n_layers": mc.architecture.n_layers, "n_prompts": n_prompts, "n_tokens": n_tokens,
-        "rows_per_site": n_rows, "sites": [s.name for s in sites], "batch_size": bs, "device": device,
-        "batches": "prompts ordered by length; the same batches for all three ways",
-        "torch_threads": threads, "repeats": repeats,
-        "seconds": {k: round(v, 3) for k, v in med.items()},
-        "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
-        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
-        "ratio": round(tps["collector"] / tps["naive"], 3),
-        "overhead_vs_bare": round(med["collector"] / med["bare"], 3),
-        # cross-checks when the machine is shared: CPU time of this process (all its threads) instead
-        # of wall time, and the median of the per-repeat collector/bare pairs (run back to back)
-        "cpu_seconds": {k: round(v, 3) for k, v in cpu_med.items()},
-        "ratio_cpu": round(cpu_med["naive"] / cpu_med["collector"], 3),
-        "overhead_vs_bare_cpu": round(cpu_med["collector"] / cpu_med["bare"], 3),
-        "overhead_vs_bare_paired": round(statistics.median(paired), 3),
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "max_abs_diff_vs_naive": max_diff,
-        "parquet_bytes": bytes_written,
-    })
+    result.update(
+        {
+            "model": mc.model_key,
+            "n_layers": mc.architecture.n_layers,
+            "n_prompts": n_prompts,
+            "n_tokens": n_tokens,
+            "rows_per_site": n_rows,
+            "sites": [s.name for s in sites],
+            "batch_size": bs,
+            "device": device,
+            "batches": "prompts ordered by length; the same batches for all three ways",
+            "torch_threads": threads,
+            "repeats": repeats,
+            "seconds": {k: round(v, 3) for k, v in med.items()},
+            "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+            "ratio": round(tps["collector"] / tps["naive"], 3),
+            "overhead_vs_bare": round(med["collector"] / med["bare"], 3),
+            # cross-checks when the machine is shared: CPU time of this process (all its threads) instead
+            # of wall time, and the median of the per-repeat collector/bare pairs (run back to back)
+            "cpu_seconds": {k: round(v, 3) for k, v in cpu_med.items()},
+            "ratio_cpu": round(cpu_med["naive"] / cpu_med["collector"], 3),
+            "overhead_vs_bare_cpu": round(cpu_med["collector"] / cpu_med["bare"], 3),
+            "overhead_vs_bare_paired": round(statistics.median(paired), 3),
+            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "max_abs_diff_vs_naive": max_diff,
+            "parquet_bytes": bytes_written,
+        }
+    )
+    # free the model before the RSS children load their own; the closures above share the variable,
+    # so it is rebound rather than deleted
     ways.clear()
-    del model, naive
+    model = None
+    del naive
     if measure_memory:
         log(f"bench: peak RSS of the collector alone, {n_prompts} and {4 * n_prompts} prompts (fresh processes)")
         small = measure_rss(config_path, n_prompts, sites, device, threads)
         large = measure_rss(config_path, 4 * n_prompts, sites, device, threads)
-        result.update({
-            "peak_rss_mb": {"N": small["peak_rss_mb"], "4N": large["peak_rss_mb"]},
-            "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
-            # the same over the collection phase alone (peak reset after loading the model), where the kernel allows it
-            "collect_rss_ratio": round(large["collect_peak_rss_mb"] / small["collect_peak_rss_mb"], 3)
-            if small["collect_peak_rss_mb"] and large["collect_peak_rss_mb"] else None,
-            "rss_detail": {"N": small, "4N": large},
-        })
+        result.update(
+            {
+                "peak_rss_mb": {"N": small["peak_rss_mb"], "4N": large["peak_rss_mb"]},
+                "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+                # the same over the collection phase alone (peak reset after loading the model), where the kernel
+                # allows it
+                "collect_rss_ratio": round(large["collect_peak_rss_mb"] / small["collect_peak_rss_mb"], 3)
+                if small["collect_peak_rss_mb"] and large["collect_peak_rss_mb"]
+                else None,
+                "rss_detail": {"N": small, "4N": large},
+            }
+        )
     result["targets"] = TARGETS
     result["meets_targets"] = {
         "ratio": result["ratio"] >= TARGETS["ratio_min"],
         "overhead_vs_bare": result["overhead_vs_bare"] <= TARGETS["overhead_vs_bare_max"],
         **({"rss_ratio": result["rss_ratio"] <= TARGETS["rss_ratio_max"]} if measure_memory else {}),
     }
-    log("bench: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items())
+    log(
+        "bench: "
+        + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items())
         + f"; ratio {result['ratio']}, overhead_vs_bare {result['overhead_vs_bare']}"
-        + (f", rss_ratio {result['rss_ratio']}" if measure_memory else ""))
+        + (f", rss_ratio {result['rss_ratio']}" if measure_memory else "")
+    )
     return result

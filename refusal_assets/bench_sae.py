@@ -61,7 +61,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def synthetic_rows(n: int, d_in: int, n_feat: int, seed: int, rows_per_prompt: int = 20) -> tuple[torch.Tensor, np.ndarray]:
+def synthetic_rows(
+    n: int, d_in: int, n_feat: int, seed: int, rows_per_prompt: int = 20
+) -> tuple[torch.Tensor, np.ndarray]:
     """``[n, d_in]`` float16 rows with the structure of residual activations: a shared offset, sparse
     positive mixes of ``TRUE_K`` directions of a random dictionary with heavy-tailed magnitudes, and
     noise; consecutive rows share a prompt (group id)."""
@@ -94,8 +96,18 @@ def site_rows(folder: Path, max_norm_factor: float = 3.0) -> tuple[torch.Tensor,
 class SparsifyStep:
     """One ``sparsify.Trainer`` step (loss_fn ``fvu``) on a ``SparseCoder``; see the module docstring."""
 
-    def __init__(self, d_in: int, d_sae: int, k: int, aux_coef: float, dead_after: int, steps: int,
-                 optimizer: str, seed: int, device: str):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        aux_coef: float,
+        dead_after: int,
+        steps: int,
+        optimizer: str,
+        seed: int,
+        device: str,
+    ):
         from sparsify import SparseCoder, SparseCoderConfig
 
         torch.manual_seed(seed)
@@ -109,7 +121,9 @@ class SparsifyStep:
             from schedulefree import ScheduleFreeWrapper
             from sparsify.sign_sgd import SignSGD
 
-            self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]), momentum=0.95)
+            self.opt = ScheduleFreeWrapper(
+                SignSGD([{"params": self.sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]), momentum=0.95
+            )
             self.opt.train()
         elif optimizer == "adam":
             from transformers import get_linear_schedule_with_warmup
@@ -198,18 +212,24 @@ def run_sae_bench(
     cfg = SAEConfig(architecture="topk", k=k, batch_size=batch_size, seed=seed, max_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     order = [torch.randperm(len(x_train), generator=gen)[:batch_size] for _ in range(steps)]  # same batches for both
-    batches = lambda i: x_train[order[i]].to(device, torch.float32)
+
+    def batches(i: int) -> torch.Tensor:
+        return x_train[order[i]].to(device, torch.float32)
 
     torch.manual_seed(seed)
     sae = init_sae(x_train, torch.arange(len(x_train)), d_sae, cfg, torch.Generator().manual_seed(seed), device).train()
     opt = make_optimizer(sae, cfg.lr)
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-    trainers: dict[str, Callable[[torch.Tensor], float]] = {"ours": lambda x: train_step(sae, opt, x, since_fired, cfg)[1]}
+    trainers: dict[str, Callable[[torch.Tensor], float]] = {
+        "ours": lambda x: train_step(sae, opt, x, since_fired, cfg)[1]
+    }
     sparsify_step = None
     if peers:
         try:
             aux = cfg.aux_coef if sparsify_aux_coef is None else sparsify_aux_coef  # None: the same AuxK weight as ours
-            sparsify_step = SparsifyStep(d_in, d_sae, k, aux, cfg.dead_after_tokens, steps, sparsify_optimizer, seed, device)
+            sparsify_step = SparsifyStep(
+                d_in, d_sae, k, aux, cfg.dead_after_tokens, steps, sparsify_optimizer, seed, device
+            )
             trainers["sparsify"] = sparsify_step
         except ImportError as e:
             if log:
@@ -226,12 +246,19 @@ def run_sae_bench(
             _sync(device)
             times[name].append(time.perf_counter() - t0)
         if log and (i + 1) % 50 == 0:
-            log(f"step {i + 1}/{steps}: " + ", ".join(f"{n} {statistics.median(times[n][-50:]) * 1e3:.1f} ms fvu {last_fvu[n]:.3f}" for n in names))
+            log(
+                f"step {i + 1}/{steps}: "
+                + ", ".join(
+                    f"{n} {statistics.median(times[n][-50:]) * 1e3:.1f} ms fvu {last_fvu[n]:.3f}" for n in names
+                )
+            )
     results = {}
     sae.eval()
     results["ours"] = TrainerResult("ours", 0.0, 0.0, evaluate_sae(sae, x_val.to(device))["fvu"], last_fvu["ours"])
     if sparsify_step is not None:
-        results["sparsify"] = TrainerResult("sparsify", 0.0, 0.0, sparsify_step.heldout_fvu(x_val.to(device)), last_fvu["sparsify"])
+        results["sparsify"] = TrainerResult(
+            "sparsify", 0.0, 0.0, sparsify_step.heldout_fvu(x_val.to(device)), last_fvu["sparsify"]
+        )
     skip = min(5, steps // 10)  # first steps: allocator and thread-pool warm-up
     for name, r in results.items():
         step_s = statistics.median(times[name][skip:])
@@ -242,8 +269,18 @@ def run_sae_bench(
         out["fvu_ours_minus_sparsify"] = results["ours"].heldout_fvu - results["sparsify"].heldout_fvu
         out["sparsify_optimizer"] = sparsify_optimizer
         out["sparsify_aux_coef"] = sparsify_step.auxk_alpha
-    out.update(rows=source, n_train=len(x_train), n_val=len(x_val), d_in=d_in, d_sae=d_sae, k=k,
-               batch_size=batch_size, steps=steps, threads=torch.get_num_threads(), device=device)
+    out.update(
+        rows=source,
+        n_train=len(x_train),
+        n_val=len(x_val),
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        batch_size=batch_size,
+        steps=steps,
+        threads=torch.get_num_threads(),
+        device=device,
+    )
     if rss_rows:
         out["rss"] = streaming_rss(rss_rows, d_in=d_in, d_sae=d_sae, k=k, batch_size=batch_size)
     return out
@@ -260,11 +297,13 @@ def _write_synthetic_parquet(path: Path, n: int, d_in: int, seed: int, group_row
         for start in range(0, n, group_rows):
             m = min(group_rows, n - start)
             x, _ = synthetic_rows(m, d_in, 64, seed + start)
-            table = pa.table({
-                "prompt_id": pa.array([f"p{(start + i) // 20}" for i in range(m)], pa.string()),
-                "is_post_instruction": pa.array(np.ones(m, bool)),
-                "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.numpy().reshape(-1), pa.float16()), d_in),
-            })
+            table = pa.table(
+                {
+                    "prompt_id": pa.array([f"p{(start + i) // 20}" for i in range(m)], pa.string()),
+                    "is_post_instruction": pa.array(np.ones(m, bool)),
+                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.numpy().reshape(-1), pa.float16()), d_in),
+                }
+            )
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
@@ -305,8 +344,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; elsewhere a fallback
 
 
-def streaming_rss(n: int, d_in: int = 896, d_sae: int = 1792, k: int = 32, batch_size: int = 1024, steps: int = 20,
-                  modes: tuple[str, ...] = ("stream", "memory")) -> dict[str, Any]:
+def streaming_rss(
+    n: int,
+    d_in: int = 896,
+    d_sae: int = 1792,
+    k: int = 32,
+    batch_size: int = 1024,
+    steps: int = 20,
+    modes: tuple[str, ...] = ("stream", "memory"),
+) -> dict[str, Any]:
     """Peak RSS (MB) of training on N and 4N rows, each in its own subprocess, per mode; the Parquet
     files are written here first, so the children's peaks are reading and training only."""
     out: dict[str, Any] = {}
@@ -318,13 +364,32 @@ def streaming_rss(n: int, d_in: int = 896, d_sae: int = 1792, k: int = 32, batch
         for mode in modes:
             peaks = {}
             for rows in (n, 4 * n):
-                args = json.dumps({"path": str(files[rows]), "d_sae": d_sae, "k": k, "batch_size": batch_size, "steps": steps, "mode": mode})
-                proc = subprocess.run([sys.executable, "-m", "refusal_assets.bench_sae", "--rss-child", args],
-                                      capture_output=True, text=True, env={**os.environ}, check=False)
+                args = json.dumps(
+                    {
+                        "path": str(files[rows]),
+                        "d_sae": d_sae,
+                        "k": k,
+                        "batch_size": batch_size,
+                        "steps": steps,
+                        "mode": mode,
+                    }
+                )
+                proc = subprocess.run(
+                    [sys.executable, "-m", "refusal_assets.bench_sae", "--rss-child", args],
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ},
+                    check=False,
+                )
                 if proc.returncode != 0:
                     raise RuntimeError(f"RSS child ({mode}, {rows} rows) failed: {proc.stderr[-2000:]}")
                 peaks[rows] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-            out[mode] = {"n_rows": n, "peak_rss_mb_n": peaks[n], "peak_rss_mb_4n": peaks[4 * n], "ratio_4n_over_n": peaks[4 * n] / peaks[n]}
+            out[mode] = {
+                "n_rows": n,
+                "peak_rss_mb_n": peaks[n],
+                "peak_rss_mb_4n": peaks[4 * n],
+                "ratio_4n_over_n": peaks[4 * n] / peaks[n],
+            }
     return out
 
 

@@ -47,7 +47,9 @@ def planted_effects(planted: Planted, design: SyntheticDesign, rng: np.random.Ge
     for c in range(design.n_categories):
         start = 0 if planted == "monolithic" else c * design.n_strong
         if start + design.n_strong > design.n_latents:
-            raise ValueError(f"modular design needs n_latents >= n_categories * n_strong = {design.n_categories * design.n_strong}")
+            raise ValueError(
+                f"modular design needs n_latents >= n_categories * n_strong = {design.n_categories * design.n_strong}"
+            )
         mean = np.zeros((design.n_sites, design.n_latents))
         mean[:, start : start + design.n_strong] = spectrum
         out[f"cat{c}"] = mean.ravel() + rng.normal(0.0, design.noise, (design.n_prompts, mean.size))
@@ -79,10 +81,12 @@ class CalibrationReport:
 
     @property
     def passed(self) -> bool:
-        return (all(r.correct_fraction >= 0.9 for r in self.runs)
-                and all(v >= 0.9 for r in self.runs for v in r.coverage.values() if math.isfinite(v))
-                and all(r.estimate_inside_ci for r in self.runs)
-                and abs(self.normalised_expectation_identical - 1) <= 0.1)
+        return (
+            all(r.correct_fraction >= 0.9 for r in self.runs)
+            and all(v >= 0.9 for r in self.runs for v in r.coverage.values() if math.isfinite(v))
+            and all(r.estimate_inside_ci for r in self.runs)
+            and abs(self.normalised_expectation_identical - 1) <= 0.1
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -94,8 +98,16 @@ def _pair_values(result, stat: str) -> list[tuple[float, float, float]]:
     return [(getattr(p, stat), *getattr(p, f"{stat}_ci")) for p in result.pairs]
 
 
-def run_planted(planted: Planted, design: SyntheticDesign, *, n_replicates: int, n_permutations: int, n_bootstrap: int,
-                seed: int = 0, rule: VerdictRule | None = None) -> tuple[PlantedRun, list]:
+def run_planted(
+    planted: Planted,
+    design: SyntheticDesign,
+    *,
+    n_replicates: int,
+    n_permutations: int,
+    n_bootstrap: int,
+    seed: int = 0,
+    rule: VerdictRule | None = None,
+) -> tuple[PlantedRun, list]:
     """``n_replicates`` fresh samples of one planted answer, each through the full comparison."""
     rule = rule or VerdictRule()
     site_of_node = np.repeat(np.arange(design.n_sites), design.n_latents)
@@ -103,8 +115,16 @@ def run_planted(planted: Planted, design: SyntheticDesign, *, n_replicates: int,
     verdicts: dict[str, int] = {}
     for r in range(n_replicates):
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0 if planted == "monolithic" else 1, r)))
-        result = compare_categories(planted_effects(planted, design, rng), site_of_node, mode="topk", k_per_site=design.k_per_site,
-                                    n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed + r, rule=rule)
+        result = compare_categories(
+            planted_effects(planted, design, rng),
+            site_of_node,
+            mode="topk",
+            k_per_site=design.k_per_site,
+            n_permutations=n_permutations,
+            n_bootstrap=n_bootstrap,
+            seed=seed + r,
+            rule=rule,
+        )
         verdicts[result.verdict] = verdicts.get(result.verdict, 0) + 1
         for s in CI_STATS:
             values[s].extend(_pair_values(result, s))
@@ -120,23 +140,45 @@ def run_planted(planted: Planted, design: SyntheticDesign, *, n_replicates: int,
         expectation[s] = truth
         coverage[s] = float(((arr[:, 1] <= truth + 1e-12) & (truth - 1e-12 <= arr[:, 2])).mean())
         inside &= bool(((arr[:, 1] <= arr[:, 0] + 1e-12) & (arr[:, 0] <= arr[:, 2] + 1e-12)).all())
-    return PlantedRun(planted, n_replicates, verdicts, verdicts.get(planted, 0) / n_replicates, coverage, expectation, inside), values["normalised_jaccard"]
+    return PlantedRun(
+        planted, n_replicates, verdicts, verdicts.get(planted, 0) / n_replicates, coverage, expectation, inside
+    ), values["normalised_jaccard"]
 
 
-def calibrate_synthetic(design: SyntheticDesign = SyntheticDesign(), *, n_replicates: int = 200, n_permutations: int = 200,
-                        n_bootstrap: int = 200, seed: int = 0, rule: VerdictRule | None = None) -> CalibrationReport:
+def calibrate_synthetic(
+    design: SyntheticDesign = SyntheticDesign(),
+    *,
+    n_replicates: int = 200,
+    n_permutations: int = 200,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    rule: VerdictRule | None = None,
+) -> CalibrationReport:
     """Both planted answers at ``design``'s sizes; see the module docstring for what is measured."""
     rule = rule or VerdictRule()
     runs, norm_identical = [], math.nan
     for planted in ("monolithic", "modular"):
-        run, norm = run_planted(planted, design, n_replicates=n_replicates, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                                seed=seed, rule=rule)
+        run, norm = run_planted(
+            planted,
+            design,
+            n_replicates=n_replicates,
+            n_permutations=n_permutations,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            rule=rule,
+        )
         runs.append(run)
         if planted == "monolithic":
             est = np.array([v[0] for v in norm], dtype=float)
             norm_identical = float(np.nanmean(est)) if np.isfinite(est).any() else math.nan
-    return CalibrationReport(design, runs, norm_identical, dict(n_replicates=n_replicates, n_permutations=n_permutations,
-                                                                 n_bootstrap=n_bootstrap, seed=seed, **asdict(rule)))
+    return CalibrationReport(
+        design,
+        runs,
+        norm_identical,
+        dict(
+            n_replicates=n_replicates, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed, **asdict(rule)
+        ),
+    )
 
 
 def design_from_config(cfg) -> SyntheticDesign:
@@ -153,8 +195,14 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
     comp = cfg.comparison
     rule = VerdictRule.from_config(comp)
     design = design_from_config(cfg)
-    report = calibrate_synthetic(design, n_replicates=n_replicates, n_permutations=min(comp.n_permutations, 200),
-                                 n_bootstrap=min(comp.n_bootstrap, 200), seed=comp.seed, rule=rule)
+    report = calibrate_synthetic(
+        design,
+        n_replicates=n_replicates,
+        n_permutations=min(comp.n_permutations, 200),
+        n_bootstrap=min(comp.n_bootstrap, 200),
+        seed=comp.seed,
+        rule=rule,
+    )
     out: dict = {"synthetic": report.to_dict()}
     passed = report.passed
     if model_level:
@@ -163,9 +211,20 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
 
         tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
         model, tok = load_model(tiny.models[0], tiny.resolve, "cpu", log=lambda s: None)
-        runs = [calibrate_model(model, tok, planted, n_categories=design.n_categories, n_prompts=design.n_prompts,
-                                n_bootstrap=min(comp.n_bootstrap, 200), n_permutations=min(comp.n_permutations, 200), seed=comp.seed, rule=rule)
-                for planted in ("monolithic", "modular")]
+        runs = [
+            calibrate_model(
+                model,
+                tok,
+                planted,
+                n_categories=design.n_categories,
+                n_prompts=design.n_prompts,
+                n_bootstrap=min(comp.n_bootstrap, 200),
+                n_permutations=min(comp.n_permutations, 200),
+                seed=comp.seed,
+                rule=rule,
+            )
+            for planted in ("monolithic", "modular")
+        ]
         out["tiny_model"] = [asdict(r) for r in runs]
         passed &= all(r.combined == r.planted for r in runs)
     out["passed"] = passed
@@ -173,11 +232,17 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
         print(json.dumps(out, default=float))
     else:
         for r in report.runs:
-            print(f"synthetic, planted {r.planted}: verdicts {r.verdicts}; coverage {r.coverage}; point inside CI {r.estimate_inside_ci}")
+            print(
+                f"synthetic, planted {r.planted}: verdicts {r.verdicts}; coverage {r.coverage}; point inside CI "
+                f"{r.estimate_inside_ci}"
+            )
         print(f"normalised Jaccard under identical categories: {report.normalised_expectation_identical:.3f}")
         for r in out.get("tiny_model", []):
-            print(f"tiny model, planted {r['planted']}: combined {r['combined']} (overlap {r['overlap']}, circuit transfer {r['circuit_transfer']}, "
-                  f"direction ablation {r['direction_ablation']}, induced refusal {r['induced_refusal']})")
+            print(
+                f"tiny model, planted {r['planted']}: combined {r['combined']} (overlap {r['overlap']}, circuit "
+                f"transfer {r['circuit_transfer']}, direction ablation {r['direction_ablation']}, induced refusal "
+                f"{r['induced_refusal']})"
+            )
         print(f"passed: {passed}")
     return 0 if passed else 1
 
@@ -216,7 +281,9 @@ def planted_model(model, tokenizer, planted: Planted, n_categories: int, *, alph
     model.resize_token_embeddings(len(tokenizer))
     d = model.config.hidden_size
     if d < 64 or n_categories + 1 > 32:
-        raise ValueError(f"planted_model needs d_model >= 64 and at most 31 categories (d_model {d}, {n_categories} categories)")
+        raise ValueError(
+            f"planted_model needs d_model >= 64 and at most 31 categories (d_model {d}, {n_categories} categories)"
+        )
     head = model.config.hidden_size // model.config.num_attention_heads
     n_kv = model.config.num_key_value_heads
     group = model.config.num_attention_heads // n_kv
@@ -251,8 +318,18 @@ def planted_model(model, tokenizer, planted: Planted, n_categories: int, *, alph
     return model.eval(), tokenizer, markers, refusal_ids
 
 
-def calibrate_model(model, tokenizer, planted: Planted, *, n_categories: int = 4, n_prompts: int = 14, n_bootstrap: int = 100,
-                    n_permutations: int = 100, seed: int = 0, rule: VerdictRule | None = None) -> ModelCalibration:
+def calibrate_model(
+    model,
+    tokenizer,
+    planted: Planted,
+    *,
+    n_categories: int = 4,
+    n_prompts: int = 14,
+    n_bootstrap: int = 100,
+    n_permutations: int = 100,
+    seed: int = 0,
+    rule: VerdictRule | None = None,
+) -> ModelCalibration:
     """Every test of the comparison on a planted tiny model (:func:`planted_model`): node effects by
     attribution patching, circuit overlap, circuit transfer, direction cross-ablation and induced
     refusal, and the combined verdict."""
@@ -267,7 +344,20 @@ def calibrate_model(model, tokenizer, planted: Planted, *, n_categories: int = 4
     rule = rule or VerdictRule()
     m, tok, markers, ids = planted_model(model, tokenizer, planted, n_categories)
     rng = np.random.default_rng(seed)
-    words = ["the", "river", "stone", "blue", "quiet", "market", "seven", "letter", "garden", "window", "cloud", "paper"]
+    words = [
+        "the",
+        "river",
+        "stone",
+        "blue",
+        "quiet",
+        "market",
+        "seven",
+        "letter",
+        "garden",
+        "window",
+        "cloud",
+        "paper",
+    ]
 
     def text(marker: str = "") -> str:
         body = " ".join(rng.choice(words, size=int(rng.integers(3, 9))))
@@ -299,16 +389,57 @@ def calibrate_model(model, tokenizer, planted: Planted, *, n_categories: int = 4
         own[c] = tr.loo_masks(effects[c], select)
     error_nodes = np.zeros(index.n_nodes, bool)
     error_nodes[index.error_node(0)] = True
-    overlap = compare_categories(effects, index.site_of_node, mode="topk", k_per_site=2, n_permutations=n_permutations,
-                                 n_bootstrap=n_bootstrap, seed=seed, error_nodes=error_nodes, rule=rule)
-    loss, _faithfulness = tr.circuit_transfer(score_fns, circuits, own, index.site_of_node, rule, n_bootstrap=n_bootstrap, seed=seed)
+    overlap = compare_categories(
+        effects,
+        index.site_of_node,
+        mode="topk",
+        k_per_site=2,
+        n_permutations=n_permutations,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        error_nodes=error_nodes,
+        rule=rule,
+    )
+    loss, _faithfulness = tr.circuit_transfer(
+        score_fns, circuits, own, index.site_of_node, rule, n_bootstrap=n_bootstrap, seed=seed
+    )
     half = n_prompts // 2  # directions from the first half, every reported number on the second
-    selected = tr.select_directions(m, tok, {c: p[:half] for c, p in toxic.items()}, {c: p[:half] for c, p in harmless.items()}, ids,
-                                    n_layer_candidates=2, n_position_candidates=1, **kw)
-    dirs = tr.direction_tests(m, tok, selected, {c: p[half:] for c, p in toxic.items()}, {c: p[half:] for c, p in harmless.items()},
-                              ids, rule, n_bootstrap=n_bootstrap, seed=seed, **kw)
+    selected = tr.select_directions(
+        m,
+        tok,
+        {c: p[:half] for c, p in toxic.items()},
+        {c: p[:half] for c, p in harmless.items()},
+        ids,
+        n_layer_candidates=2,
+        n_position_candidates=1,
+        **kw,
+    )
+    dirs = tr.direction_tests(
+        m,
+        tok,
+        selected,
+        {c: p[half:] for c, p in toxic.items()},
+        {c: p[half:] for c, p in harmless.items()},
+        ids,
+        rule,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        **kw,
+    )
     transfer = {"circuit_transfer": loss.to_dict(), "directions": dirs.to_dict()}
     combined = combine([overlap_line(overlap.to_dict()), *transfer_lines(transfer)])
-    return ModelCalibration(planted, overlap.verdict, loss.verdict, dirs.ablation.verdict, dirs.induced.verdict, combined.verdict,
-                            {"overlap": overlap.verdict_reason, "circuit transfer": loss.reason, "direction ablation": dirs.ablation.reason,
-                             "induced refusal": dirs.induced.reason, "combined": combined.reason})
+    return ModelCalibration(
+        planted,
+        overlap.verdict,
+        loss.verdict,
+        dirs.ablation.verdict,
+        dirs.induced.verdict,
+        combined.verdict,
+        {
+            "overlap": overlap.verdict_reason,
+            "circuit transfer": loss.reason,
+            "direction ablation": dirs.ablation.reason,
+            "induced refusal": dirs.induced.reason,
+            "combined": combined.reason,
+        },
+    )

@@ -16,14 +16,18 @@ class ChatBatch:
     post_instruction: torch.Tensor  # [B, T] bool: template tokens after the user message
 
     def to(self, device: str | torch.device) -> "ChatBatch":
-        return ChatBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.post_instruction)))
+        return ChatBatch(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.post_instruction))
+        )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 
 def render(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None) -> str:
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}
+    ]
     if not tokenizer.chat_template:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; this project studies chat models")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -40,9 +44,19 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, prompts: list[str], system_p
     for text, prompt in zip(texts, prompts):
         at = text.rfind(prompt)
         if at < 0:
-            raise ValueError(f"the chat template of {tokenizer.name_or_path!r} altered the prompt text {prompt[:60]!r}; cannot locate the post-instruction tokens")
+            raise ValueError(
+                f"the chat template of {tokenizer.name_or_path!r} altered the prompt text {prompt[:60]!r}; "
+                "cannot locate the post-instruction tokens"
+            )
         ends.append(at + len(prompt))
-    enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_offsets_mapping=True, return_tensors="pt")
+    enc = tokenizer(
+        texts,
+        add_special_tokens=False,
+        padding=True,
+        padding_side="left",
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
     attention_mask = enc["attention_mask"]
     prompt_end = torch.tensor(ends)  # [B]
     starts = enc["offset_mapping"][..., 0]  # [B, T]

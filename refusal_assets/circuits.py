@@ -144,7 +144,12 @@ class NodeIndex:
     def describe(self, node: int) -> dict:
         s = int(self.site_of_node[node])
         local = node - int(self.offsets[s])
-        return {"node": int(node), "site": self.sites[s].name, "latent": None if local == self.d_saes[s] else int(local), "is_error": local == self.d_saes[s]}
+        return {
+            "node": int(node),
+            "site": self.sites[s].name,
+            "latent": None if local == self.d_saes[s] else int(local),
+            "is_error": local == self.d_saes[s],
+        }
 
 
 @dataclass
@@ -194,8 +199,14 @@ class SuffixBatch:
 
     def run(self, model: PreTrainedModel, **kwargs):
         cache = copy.deepcopy(self.cache)  # a forward appends to the cache: keep the prefix pristine
-        return model(input_ids=self.suffix_ids, attention_mask=self.attention_mask, position_ids=self.position_ids,
-                     use_cache=True, **cache_kwargs(model, cache), **kwargs)
+        return model(
+            input_ids=self.suffix_ids,
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            use_cache=True,
+            **cache_kwargs(model, cache),
+            **kwargs,
+        )
 
 
 @torch.no_grad()
@@ -204,9 +215,15 @@ def split_prefix(model: PreTrainedModel, batch: ChatBatch) -> SuffixBatch:
     T, P = batch.input_ids.shape[1], pos.shape[1]
     if not bool((pos == torch.arange(T - P, T, device=pos.device)).all()):
         raise ValueError("the post-instruction tokens do not end the prompt; check the chat template")
-    out = model.base_model(input_ids=batch.input_ids[:, : T - P], attention_mask=batch.attention_mask[:, : T - P],
-                           position_ids=batch.position_ids[:, : T - P], use_cache=True)
-    return SuffixBatch(output_cache(out), batch.input_ids[:, T - P :], batch.attention_mask, batch.position_ids[:, T - P :])
+    out = model.base_model(
+        input_ids=batch.input_ids[:, : T - P],
+        attention_mask=batch.attention_mask[:, : T - P],
+        position_ids=batch.position_ids[:, : T - P],
+        use_cache=True,
+    )
+    return SuffixBatch(
+        output_cache(out), batch.input_ids[:, T - P :], batch.attention_mask, batch.position_ids[:, T - P :]
+    )
 
 
 def _score(model: PreTrainedModel, batch: "ChatBatch | SuffixBatch", refusal_ids: torch.Tensor) -> torch.Tensor:
@@ -229,8 +246,13 @@ class SiteGrads(NamedTuple):
     """Refusal score per prompt [B]."""
 
 
-def _site_grads(model: PreTrainedModel, batch: SuffixBatch, sites: list[Site], refusal_ids: torch.Tensor,
-                patch: dict[Site, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> SiteGrads:
+def _site_grads(
+    model: PreTrainedModel,
+    batch: SuffixBatch,
+    sites: list[Site],
+    refusal_ids: torch.Tensor,
+    patch: dict[Site, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> SiteGrads:
     """Suffix activations and d(sum of scores)/d(activation) at every site."""
     acts: dict[Site, torch.Tensor] = {}
     first = min(sites)
@@ -264,8 +286,15 @@ def _decoder_grad(sae: nn.Module, g: torch.Tensor, d_sae: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_baseline(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],
-                     batch_size: int, system_prompt: str | None = None, device: str = "cpu") -> Baseline:
+def compute_baseline(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    saes: dict[Site, nn.Module],
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> Baseline:
     """Means of latents and errors over ``prompts`` (the safe split) at each post-instruction offset."""
     from refusal_assets.activations import forward_sites
 
@@ -289,10 +318,21 @@ def compute_baseline(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return Baseline({s: f_sum[s] / n for s in sites}, {s: e_sum[s] / n for s in sites})
 
 
-def node_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],
-                 baseline: Baseline, refusal_ids: torch.Tensor, *, batch_size: int, system_prompt: str | None = None,
-                 method: str = "attribution", ig_steps: int = 10, device: str = "cpu",
-                 log: Callable[[str], None] = lambda s: None) -> tuple[np.ndarray, np.ndarray]:
+def node_effects(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    saes: dict[Site, nn.Module],
+    baseline: Baseline,
+    refusal_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    method: str = "attribution",
+    ig_steps: int = 10,
+    device: str = "cpu",
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-prompt node effects [n_prompts, n_nodes] on the refusal score, and the scores [n_prompts]."""
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
@@ -326,6 +366,7 @@ def _ig_grads(model, suffix: SuffixBatch, site, sites, sae, baseline, refusal_id
         x_bar = sae.decode(baseline.f_mean[site]) + baseline.err_mean[site]  # [P, d]
     total = 0
     for alpha in (torch.arange(steps, dtype=torch.float32) + 0.5) / steps:
+
         def patch(x, a=float(alpha)):
             return x_bar.to(x.dtype) + a * (x - x_bar.to(x.dtype))
 
@@ -334,15 +375,31 @@ def _ig_grads(model, suffix: SuffixBatch, site, sites, sae, baseline, refusal_id
     return total / steps
 
 
-def prepare_suffixes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, batch_size: int,
-                     system_prompt: str | None = None, device: str = "cpu") -> list[SuffixBatch]:
+def prepare_suffixes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> list[SuffixBatch]:
     """Prefix caches for ``prompts``, computed once and reused by every ablation of a sweep."""
-    return [split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device)) for chunk in batches(prompts, batch_size)]
+    return [
+        split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device))
+        for chunk in batches(prompts, batch_size)
+    ]
 
 
 @torch.no_grad()
-def ablated_scores(model: PreTrainedModel, suffixes: list[SuffixBatch], saes: dict[Site, nn.Module],
-                   baseline: Baseline, keep: np.ndarray, refusal_ids: torch.Tensor) -> np.ndarray:
+def ablated_scores(
+    model: PreTrainedModel,
+    suffixes: list[SuffixBatch],
+    saes: dict[Site, nn.Module],
+    baseline: Baseline,
+    keep: np.ndarray,
+    refusal_ids: torch.Tensor,
+) -> np.ndarray:
     """Per-prompt refusal scores [n_prompts] with every node outside the kept set mean-ablated at the
     post-instruction positions. ``keep`` is one mask [n_nodes] for every prompt or one per prompt
     [n_prompts, n_nodes], so a whole cross-fitted sweep point (each prompt ablated by the circuit of
@@ -377,8 +434,14 @@ def ablated_scores(model: PreTrainedModel, suffixes: list[SuffixBatch], saes: di
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
-def ablated_score(model: PreTrainedModel, suffixes: list[SuffixBatch], saes: dict[Site, nn.Module],
-                  baseline: Baseline, keep: np.ndarray, refusal_ids: torch.Tensor) -> float:
+def ablated_score(
+    model: PreTrainedModel,
+    suffixes: list[SuffixBatch],
+    saes: dict[Site, nn.Module],
+    baseline: Baseline,
+    keep: np.ndarray,
+    refusal_ids: torch.Tensor,
+) -> float:
     """Mean refusal score with every node outside ``keep`` [n_nodes] mean-ablated at the post-instruction positions."""
     scores = ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
     return float(scores.mean()) if len(scores) else float("nan")
@@ -402,12 +465,22 @@ def crossfit_folds(n_prompts: int, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
-def _ratio_ci(num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+def _ratio_ci(
+    num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap CI over prompts of mean(num) / mean(den) (paired resampling)."""
     if len(num) < 2 or n_bootstrap < 1:
         return float("nan"), float("nan")
-    res = stats.bootstrap((num, den), lambda a, b, axis=-1: a.mean(axis) / b.mean(axis), paired=True, vectorized=True,
-                          n_resamples=n_bootstrap, confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        (num, den),
+        lambda a, b, axis=-1: a.mean(axis) / b.mean(axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=n_bootstrap,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -454,9 +527,18 @@ class SizeSweep:
         return asdict(self)
 
 
-def evaluate_sizes(score_fn: Callable[[np.ndarray], np.ndarray], effects: np.ndarray, site_of_node: np.ndarray, sizes: list[int],
-                   select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, *, seed: int, n_bootstrap: int = 1000,
-                   log: Callable[[str], None] | None = None) -> SizeSweep:
+def evaluate_sizes(
+    score_fn: Callable[[np.ndarray], np.ndarray],
+    effects: np.ndarray,
+    site_of_node: np.ndarray,
+    sizes: list[int],
+    select: Callable[[np.ndarray, int], np.ndarray],
+    folds: np.ndarray,
+    *,
+    seed: int,
+    n_bootstrap: int = 1000,
+    log: Callable[[str], None] | None = None,
+) -> SizeSweep:
     """Cross-fitted faithfulness and completeness over circuit sizes.
 
     ``effects`` [n_prompts, n_nodes] are the per-prompt node effects and ``folds`` [n_prompts] a fold
@@ -482,15 +564,49 @@ def evaluate_sizes(score_fn: Callable[[np.ndarray], np.ndarray], effects: np.nda
     rows = []
     with progress("faithfulness sweep", total=len(sizes), unit="sizes", log=log or (lambda _: None)) as prog:
         for n in sizes:
-            rows.append(_sweep_point(n, score_fn, effects, select, folds, fold_means, site_members, m_full, m_empty, den, rng, n_bootstrap, seed))
+            rows.append(
+                _sweep_point(
+                    n,
+                    score_fn,
+                    effects,
+                    select,
+                    folds,
+                    fold_means,
+                    site_members,
+                    m_full,
+                    m_empty,
+                    den,
+                    rng,
+                    n_bootstrap,
+                    seed,
+                )
+            )
             prog.update(1)
-    return SizeSweep(m_full=float(m_full.mean()), m_empty=float(m_empty.mean()), denominator_ci=_ratio_ci(den, np.ones_like(den), n_bootstrap, seed),
-                     n_prompts=n_prompts, n_folds=int(len(np.unique(folds))), sweep=rows)
+    return SizeSweep(
+        m_full=float(m_full.mean()),
+        m_empty=float(m_empty.mean()),
+        denominator_ci=_ratio_ci(den, np.ones_like(den), n_bootstrap, seed),
+        n_prompts=n_prompts,
+        n_folds=int(len(np.unique(folds))),
+        sweep=rows,
+    )
 
 
-def _sweep_point(n: int, score_fn: Callable[[np.ndarray], np.ndarray], effects: np.ndarray, select: Callable[[np.ndarray, int], np.ndarray],
-                 folds: np.ndarray, fold_means: dict, site_members: list[np.ndarray], m_full: np.ndarray, m_empty: np.ndarray,
-                 den: np.ndarray, rng: np.random.Generator, n_bootstrap: int, seed: int) -> SweepPoint:
+def _sweep_point(
+    n: int,
+    score_fn: Callable[[np.ndarray], np.ndarray],
+    effects: np.ndarray,
+    select: Callable[[np.ndarray, int], np.ndarray],
+    folds: np.ndarray,
+    fold_means: dict,
+    site_members: list[np.ndarray],
+    m_full: np.ndarray,
+    m_empty: np.ndarray,
+    den: np.ndarray,
+    rng: np.random.Generator,
+    n_bootstrap: int,
+    seed: int,
+) -> SweepPoint:
     """One size of :func:`evaluate_sizes`: the cross-fitted circuit, its complement and the random control."""
     n_prompts = len(folds)
     circuits = {f: select(mean, n) for f, mean in fold_means.items()}
@@ -502,7 +618,9 @@ def _sweep_point(n: int, score_fn: Callable[[np.ndarray], np.ndarray], effects: 
     m_c, m_comp, m_rand = score_fn(circuit), score_fn(~circuit), score_fn(random)
     full_circuit = select(effects.mean(0), n)  # the circuit that the asset reports at this size
     return SweepPoint(
-        size_per_site=n, n_nodes=int(full_circuit.sum()), n_nodes_mean_fold=float(circuit.sum(1).mean()),
+        size_per_site=n,
+        n_nodes=int(full_circuit.sum()),
+        n_nodes_mean_fold=float(circuit.sum(1).mean()),
         faithfulness=faithfulness(m_c.mean(), m_empty.mean(), m_full.mean()),
         faithfulness_ci=_ratio_ci(m_c - m_empty, den, n_bootstrap, seed),
         completeness=faithfulness(m_comp.mean(), m_empty.mean(), m_full.mean()),
@@ -513,10 +631,22 @@ def _sweep_point(n: int, score_fn: Callable[[np.ndarray], np.ndarray], effects: 
     )
 
 
-def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], saes: dict[Site, nn.Module],
-                 baseline: Baseline, refusal_ids: torch.Tensor, circuit: np.ndarray, *, batch_size: int, max_edges: int,
-                 targets_per_site: int = 10, mean_effect: np.ndarray | None = None, system_prompt: str | None = None,
-                 device: str = "cpu") -> list[dict]:
+def edge_effects(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    saes: dict[Site, nn.Module],
+    baseline: Baseline,
+    refusal_ids: torch.Tensor,
+    circuit: np.ndarray,
+    *,
+    batch_size: int,
+    max_edges: int,
+    targets_per_site: int = 10,
+    mean_effect: np.ndarray | None = None,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> list[dict]:
     """Edges between circuit latents of consecutive sites: mean over prompts of
     Σ_pos (∂m/∂f_d)(∂f_d/∂f_u)(f_u - f̄_u), by one backward per downstream node (the
     ``targets_per_site`` downstream latents with the largest node effect)."""
@@ -549,11 +679,19 @@ def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
 
                 return hook
 
-            with torch.enable_grad(), site_hooks(model, {up: hook_for(up), down: hook_for(down)}, stop_after=site_module(model, down)):
+            with (
+                torch.enable_grad(),
+                site_hooks(model, {up: hook_for(up), down: hook_for(down)}, stop_after=site_module(model, down)),
+            ):
                 with until_stopped():
                     cache = copy.deepcopy(suffix.cache)
-                    model.base_model(input_ids=suffix.suffix_ids, attention_mask=suffix.attention_mask,
-                                     position_ids=suffix.position_ids, use_cache=True, **cache_kwargs(model.base_model, cache))
+                    model.base_model(
+                        input_ids=suffix.suffix_ids,
+                        attention_mask=suffix.attention_mask,
+                        position_ids=suffix.position_ids,
+                        use_cache=True,
+                        **cache_kwargs(model.base_model, cache),
+                    )
                 x_up, x_down = captured[up], captured[down]
                 f_down = saes[down].encode(x_down.float())  # [B, P, d_sae]
                 g_down = grads[down].float()
@@ -562,7 +700,9 @@ def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
                 with torch.no_grad():
                     delta_up = saes[up].encode(acts[up].float()) - baseline.f_mean[up]  # [B, P, d_sae_up]
                 for j in down_nodes:
-                    (h_up,) = torch.autograd.grad((g_f_down[..., j].detach() * f_down[..., j]).sum(), x_up, retain_graph=True)
+                    (h_up,) = torch.autograd.grad(
+                        (g_f_down[..., j].detach() * f_down[..., j]).sum(), x_up, retain_graph=True
+                    )
                     h_f = _decoder_grad(saes[up], h_up.float().reshape(B * P, d), delta_up.shape[-1]).view(B, P, -1)
                     contrib = (h_f[..., up_nodes] * delta_up[..., up_nodes]).sum((0, 1))  # [n_up]
                     for u, c in zip(up_nodes.tolist(), contrib.tolist()):
@@ -575,9 +715,18 @@ def edge_effects(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
 
 
 @torch.no_grad()
-def direction_ablation_score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], site: Site,
-                             direction: torch.Tensor, refusal_ids: torch.Tensor, *, batch_size: int,
-                             system_prompt: str | None = None, device: str = "cpu") -> float:
+def direction_ablation_score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    site: Site,
+    direction: torch.Tensor,
+    refusal_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> float:
     """Mean refusal score with the unit ``direction`` [d] projected out of ``site`` at every position."""
     r = direction / direction.norm().clamp_min(1e-8)
 
@@ -643,11 +792,27 @@ class GroupCircuit:
         """The group's entry of ``circuit.json``."""
         at_k = asdict(self.at_k)
         return {
-            "n_prompts": self.n_prompts, "n_prompts_in_group": self.n_prompts_in_group, "prompt_set": self.prompt_set,
-            "n_nodes": int(self.chosen.sum()), "nodes": self.nodes, "edges": self.edges,
-            **{key: at_k[key] for key in ("faithfulness", "faithfulness_ci", "completeness", "completeness_ci",
-                                          "random_faithfulness", "random_faithfulness_ci", "advantage_ci")},
-            "sweep": self.sweep.to_json(), "mean_refusal_score": float(self.scores.mean()), "prompt_ids": self.prompt_ids,
+            "n_prompts": self.n_prompts,
+            "n_prompts_in_group": self.n_prompts_in_group,
+            "prompt_set": self.prompt_set,
+            "n_nodes": int(self.chosen.sum()),
+            "nodes": self.nodes,
+            "edges": self.edges,
+            **{
+                key: at_k[key]
+                for key in (
+                    "faithfulness",
+                    "faithfulness_ci",
+                    "completeness",
+                    "completeness_ci",
+                    "random_faithfulness",
+                    "random_faithfulness_ci",
+                    "advantage_ci",
+                )
+            },
+            "sweep": self.sweep.to_json(),
+            "mean_refusal_score": float(self.scores.mean()),
+            "prompt_ids": self.prompt_ids,
             "folds": self.folds.tolist(),
         }
 
@@ -689,11 +854,16 @@ class CategoryCircuit:
 
     def to_json(self) -> dict:
         """``circuit.json`` (the asset adds its wall time)."""
-        return {"category": self.category, "model": self.model_key, "sites": [s.name for s in self.index.sites],
-                "n_nodes_total": self.index.n_nodes, "prompt_filter": self.prompt_filter,
-                "baseline": {"prompts": self.baseline_set, "n_prompts": self.n_baseline},
-                "groups": {g: v.to_json() for g, v in self.groups.items()},
-                "directions": {s: d.to_json() for s, d in self.directions.items()}}
+        return {
+            "category": self.category,
+            "model": self.model_key,
+            "sites": [s.name for s in self.index.sites],
+            "n_nodes_total": self.index.n_nodes,
+            "prompt_filter": self.prompt_filter,
+            "baseline": {"prompts": self.baseline_set, "n_prompts": self.n_baseline},
+            "groups": {g: v.to_json() for g, v in self.groups.items()},
+            "directions": {s: d.to_json() for s, d in self.directions.items()},
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``effects.safetensors``: node sites, per-prompt effects and scores per group, directions per site."""
@@ -706,10 +876,23 @@ class CategoryCircuit:
         return {k: v.contiguous() for k, v in out.items()}
 
 
-def find_circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, saes: dict[Site, nn.Module],
-                 refusal_ids: torch.Tensor, directions: dict[Site, torch.Tensor | None], cc: CircuitConfig, *, category: str,
-                 model_key: str, batch_size: int, system_prompt: str | None = None, device: str = "cpu",
-                 log: Callable[[str], None] = lambda s: None, warn: Callable[[str], None] = lambda s: None) -> CategoryCircuit:
+def find_circuit(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sample: pl.DataFrame,
+    saes: dict[Site, nn.Module],
+    refusal_ids: torch.Tensor,
+    directions: dict[Site, torch.Tensor | None],
+    cc: CircuitConfig,
+    *,
+    category: str,
+    model_key: str,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+    log: Callable[[str], None] = lambda s: None,
+    warn: Callable[[str], None] = lambda s: None,
+) -> CategoryCircuit:
     """The circuit of one category per prompt group, cross-fitted faithfulness and completeness,
     edges, and the refusal-direction baseline.
 
@@ -725,7 +908,9 @@ def find_circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sam
     def select(mean_effect: np.ndarray, k: int) -> np.ndarray:
         return select_circuit(mean_effect, index.site_of_node, mode=cc.selection, k_per_site=k, threshold=cc.threshold)
 
-    groups = {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]} if cc.separate_safe_toxic else {"all": GROUPS["all"]}
+    groups = (
+        {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]} if cc.separate_safe_toxic else {"all": GROUPS["all"]}
+    )
     found: dict[str, GroupCircuit] = {}
     for group, splits in groups.items():
         group_rows = sample.filter(pl.col("split").is_in(splits))
@@ -736,7 +921,18 @@ def find_circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sam
         if prompt_set != cc.prompt_filter:
             warn(f"{category}/{group}: prompt set {prompt_set}")
         prompts = rows["prompt"].to_list()
-        effects, scores = node_effects(model, tokenizer, prompts, saes, baseline, refusal_ids, method=cc.method, ig_steps=cc.ig_steps, log=log, **kw)
+        effects, scores = node_effects(
+            model,
+            tokenizer,
+            prompts,
+            saes,
+            baseline,
+            refusal_ids,
+            method=cc.method,
+            ig_steps=cc.ig_steps,
+            log=log,
+            **kw,
+        )
         mean_effect = effects.mean(0)
         chosen = select(mean_effect, cc.k_per_site)
         suffixes = prepare_suffixes(model, tokenizer, prompts, **kw)
@@ -745,30 +941,88 @@ def find_circuit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sam
         def score_fn(keep: np.ndarray, suffixes: list[SuffixBatch] = suffixes) -> np.ndarray:
             return ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
 
-        sweep = evaluate_sizes(score_fn, effects, index.site_of_node, sorted(set(cc.eval_sizes) | {cc.k_per_site}), select, folds,
-                               seed=cc.seed, n_bootstrap=cc.n_bootstrap, log=log)
+        sweep = evaluate_sizes(
+            score_fn,
+            effects,
+            index.site_of_node,
+            sorted(set(cc.eval_sizes) | {cc.k_per_site}),
+            select,
+            folds,
+            seed=cc.seed,
+            n_bootstrap=cc.n_bootstrap,
+            log=log,
+        )
         edges = []
         if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
-            edges = edge_effects(model, tokenizer, prompts, saes, baseline, refusal_ids, chosen, max_edges=cc.max_edges,
-                                 targets_per_site=cc.edge_targets_per_site, mean_effect=mean_effect, **kw)
-        nodes = sorted(({**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)), key=lambda n: -n["effect"])
+            edges = edge_effects(
+                model,
+                tokenizer,
+                prompts,
+                saes,
+                baseline,
+                refusal_ids,
+                chosen,
+                max_edges=cc.max_edges,
+                targets_per_site=cc.edge_targets_per_site,
+                mean_effect=mean_effect,
+                **kw,
+            )
+        nodes = sorted(
+            ({**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)),
+            key=lambda n: -n["effect"],
+        )
         at_k = sweep.at(cc.k_per_site)
-        found[group] = GroupCircuit(rows.height, group_rows.height, prompt_set, chosen, nodes, edges, sweep, at_k, effects, scores,
-                                    rows["prompt_id"].to_list(), folds)
+        found[group] = GroupCircuit(
+            rows.height,
+            group_rows.height,
+            prompt_set,
+            chosen,
+            nodes,
+            edges,
+            sweep,
+            at_k,
+            effects,
+            scores,
+            rows["prompt_id"].to_list(),
+            folds,
+        )
         lo, hi = at_k.faithfulness_ci
-        log(f"{category}/{group} ({rows.height} {prompt_set} prompts): {int(chosen.sum())} nodes, faithfulness "
+        log(
+            f"{category}/{group} ({rows.height} {prompt_set} prompts): {int(chosen.sum())} nodes, faithfulness "
             f"{at_k.faithfulness:.3f} [{lo:.2f}, {hi:.2f}], completeness {at_k.completeness:.3f}, "
-            f"random {at_k.random_faithfulness:.3f}, m(M) - m(∅) {sweep.m_full - sweep.m_empty:.3f}")
+            f"random {at_k.random_faithfulness:.3f}, m(M) - m(∅) {sweep.m_full - sweep.m_empty:.3f}"
+        )
     if not found:
-        raise ValueError(f"circuit {category}|{model_key}: no prompt group has two prompts to cross-fit; "
-                         f"raise data.sampling.max_per_cell or set circuits.prompt_filter: all")
-    return CategoryCircuit(category, model_key, index, cc.prompt_filter, baseline_set, len(baseline_texts), found,
-                           _direction_baselines(model, tokenizer, sample, saes, baseline, index, refusal_ids, directions, **kw))
+        raise ValueError(
+            f"circuit {category}|{model_key}: no prompt group has two prompts to cross-fit; "
+            f"raise data.sampling.max_per_cell or set circuits.prompt_filter: all"
+        )
+    return CategoryCircuit(
+        category,
+        model_key,
+        index,
+        cc.prompt_filter,
+        baseline_set,
+        len(baseline_texts),
+        found,
+        _direction_baselines(model, tokenizer, sample, saes, baseline, index, refusal_ids, directions, **kw),
+    )
 
 
-def _direction_baselines(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: pl.DataFrame, saes: dict[Site, nn.Module],
-                         baseline: Baseline, index: NodeIndex, refusal_ids: torch.Tensor, directions: dict[Site, torch.Tensor | None],
-                         *, batch_size: int, system_prompt: str | None, device: str) -> dict[str, DirectionBaseline]:
+def _direction_baselines(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sample: pl.DataFrame,
+    saes: dict[Site, nn.Module],
+    baseline: Baseline,
+    index: NodeIndex,
+    refusal_ids: torch.Tensor,
+    directions: dict[Site, torch.Tensor | None],
+    *,
+    batch_size: int,
+    system_prompt: str | None,
+    device: str,
+) -> dict[str, DirectionBaseline]:
     """Each site's refusal direction, scored by ablating it on the held-out toxic prompts."""
     kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
     toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
@@ -780,6 +1034,10 @@ def _direction_baselines(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     for site, r in directions.items():
         if r is None:
             continue
-        ablated = direction_ablation_score(model, tokenizer, toxic_heldout, site, r.to(device), refusal_ids, **kw) if toxic_heldout else None
+        ablated = (
+            direction_ablation_score(model, tokenizer, toxic_heldout, site, r.to(device), refusal_ids, **kw)
+            if toxic_heldout
+            else None
+        )
         out[site.name] = DirectionBaseline(r, score_clean, ablated)
     return out

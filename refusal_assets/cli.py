@@ -57,7 +57,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _set_env(args)
     from refusal_assets.calibration import run_calibrate
 
-    return run_calibrate(settings.load_project(), as_json=args.json, n_replicates=args.replicates, model_level=not args.synthetic_only)
+    return run_calibrate(
+        settings.load_project(), as_json=args.json, n_replicates=args.replicates, model_level=not args.synthetic_only
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -67,7 +69,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = settings.load_project()
     cats = discover_categories(cfg)
     print(f"config {settings.config_path()}: OK")
-    print(f"  data: {cfg.data.source} {cfg.data.path if cfg.data.source == 'local' else cfg.data.hub_dataset}; {len(cats)} categories: {', '.join(cats)}")
+    print(
+        f"  data: {cfg.data.source} {cfg.data.path if cfg.data.source == 'local' else cfg.data.hub_dataset}; "
+        f"{len(cats)} categories: {', '.join(cats)}"
+    )
     for m in cfg.models:
         print(f"  model {m.model_key} ({m.id}, {m.source}): {len(m.sites)} sites: {', '.join(s.name for s in m.sites)}")
     print(f"  storage: {settings.storage_root(cfg)}")
@@ -85,7 +90,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _set_env(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving the UI on {args.host}: anyone who can reach it can launch runs", file=sys.stderr)
-    cmd = [sys.executable, "-m", "dagster", "dev", "-m", "refusal_assets.definitions", "-h", args.host, "-p", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-m",
+        "refusal_assets.definitions",
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+    ]
     print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}\n{' '.join(cmd)}", flush=True)
     return run_process_tree(cmd)
 
@@ -253,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="materialize the selection for every partition of the config")
     common(p)
-    p.add_argument("--select", default="*", help="Dagster asset selection, e.g. 'orbench_prompts' or 'key:sae+' (default: everything)")
+    p.add_argument(
+        "--select",
+        default="*",
+        help="Dagster asset selection, e.g. 'orbench_prompts' or 'key:sae+' (default: everything)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's own event log on the console")
     p.set_defaults(func=cmd_run)
 
@@ -266,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("backfill", help="launch an asset backfill on the running instance (see `ui`)")
     common(p)
     p.add_argument("--select", required=True, help="comma-separated asset keys, e.g. activations,sae")
-    p.add_argument("--partitions", help="comma-separated partition keys (default: all), e.g. 'privacy|tiny-qwen2' for circuit, "
-                                        "'all|tiny-qwen2__resid1' (or just the site key) for sae")
+    p.add_argument(
+        "--partitions",
+        help="comma-separated partition keys (default: all), e.g. 'privacy|tiny-qwen2' for circuit, "
+        "'all|tiny-qwen2__resid1' (or just the site key) for sae",
+    )
     p.add_argument("--url", default="http://127.0.0.1:3000", help="webserver URL")
     p.set_defaults(func=cmd_backfill)
 
@@ -280,11 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["activations", "sae"])
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--n-prompts", type=int, default=32, help="N for the activations benchmark (RSS also at 4N)")
-    p.add_argument("--activations", default=None, help="sae: a site's activations folder (storage/activations/<site_key>) to train on instead of synthetic rows")
+    p.add_argument(
+        "--activations",
+        default=None,
+        help="sae: a site's activations folder (storage/activations/<site_key>) to train on instead of synthetic rows",
+    )
     p.add_argument("--steps", type=int, default=300, help="sae: training steps for ours and sparsify")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("calibrate", help="run the comparison on planted monolithic / modular answers; verdicts and CI coverage")
+    p = sub.add_parser(
+        "calibrate", help="run the comparison on planted monolithic / modular answers; verdicts and CI coverage"
+    )
     common(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--replicates", type=int, default=200, help="synthetic replicates per planted answer")

@@ -5,9 +5,9 @@ effect of every node (an SAE latent at some site, or a site's error node) on the
 prompt, in one node index space shared by all categories; and ``site_of_node`` ``[n_nodes]``.
 
 A circuit is a boolean node mask built from the MEAN effect over a set of prompts
-(:func:`refusal_assets.circuits.select_circuit`). Every statistic that needs circuits of resampled prompt sets (permutation
-null, split-half ceiling, bootstraps) rebuilds them with that same function, batched: a resample is
-a weight vector over prompts, so a batch of resampled mean vectors is one matrix product
+(:func:`refusal_assets.circuits.select_circuit`). Every statistic that needs circuits of resampled
+prompt sets (permutation null, split-half ceiling, bootstraps) rebuilds them with that same function,
+batched: a resample is a weight vector over prompts, so a batch of resampled mean vectors is one matrix product
 ``weights [batch, n_prompts] @ effects [n_prompts, n_nodes]``.
 
 All randomness comes from ``np.random.SeedSequence(seed, spawn_key=(stream, i, j))`` with
@@ -86,8 +86,17 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 CI = tuple[float, float]
 
 
-def bootstrap_ci(data: tuple[np.ndarray, ...], statistic, estimate: float, *, n_resamples: int, batch: int,
-                 rng: np.random.Generator, paired: bool = False, method: Literal["normal", "BCa"] = "normal") -> CI:
+def bootstrap_ci(
+    data: tuple[np.ndarray, ...],
+    statistic,
+    estimate: float,
+    *,
+    n_resamples: int,
+    batch: int,
+    rng: np.random.Generator,
+    paired: bool = False,
+    method: Literal["normal", "BCa"] = "normal",
+) -> CI:
     """95% bootstrap CI over prompts that always contains ``estimate``.
 
     ``normal`` (the default): estimate ± t(0.975, n_min - 1) × the bootstrap standard error. Top-k set statistics
@@ -104,8 +113,17 @@ def bootstrap_ci(data: tuple[np.ndarray, ...], statistic, estimate: float, *, n_
     with warnings.catch_warnings():
         # Degenerate or NaN-holding distributions: handled below, the warning adds nothing.
         warnings.simplefilter("ignore")
-        res = stats.bootstrap(data, statistic, vectorized=True, paired=paired, n_resamples=n_resamples, confidence_level=0.95,
-                              method="percentile" if method == "normal" else method, batch=batch, rng=rng)
+        res = stats.bootstrap(
+            data,
+            statistic,
+            vectorized=True,
+            paired=paired,
+            n_resamples=n_resamples,
+            confidence_level=0.95,
+            method="percentile" if method == "normal" else method,
+            batch=batch,
+            rng=rng,
+        )
     dist = np.asarray(res.bootstrap_distribution, dtype=float)
     dist = dist[np.isfinite(dist)]
     if not dist.size:
@@ -177,7 +195,9 @@ class ComparisonResult:
     specific_tail: dict[str, np.ndarray]  # node indices only in that category's circuit
     shared_fraction: float  # |core| / mean circuit size
     shared_fraction_ci: tuple[float, float]
-    error_share: dict[str, float]  # share of the mean |effect| that sits on error nodes (left out of every circuit here)
+    error_share: dict[
+        str, float
+    ]  # share of the mean |effect| that sits on error nodes (left out of every circuit here)
     verdict: Literal["modular", "monolithic", "mixed", "insufficient evidence"]
     verdict_reason: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -265,7 +285,9 @@ def prompts_to_decide(pairs: list[PairStats], n_prompts: dict[str, int], rule: V
         lo, hi = p.normalised_jaccard_ci
         est = p.normalised_jaccard
         if math.isfinite(est) and math.isfinite(lo) and math.isfinite(hi) and hi > lo:
-            gap = max(min(abs(est - (1 - rule.equivalence_margin)), abs(est - rule.modular_max_normalised_jaccard)), 0.05)
+            gap = max(
+                min(abs(est - (1 - rule.equivalence_margin)), abs(est - rule.modular_max_normalised_jaccard)), 0.05
+            )
             k = max(k, math.ceil(n * ((hi - lo) / 2 / gap) ** 2))
         else:  # no usable ceiling: the circuits do not replicate; at least four times the sample
             k = max(k, 4 * n)
@@ -273,7 +295,9 @@ def prompts_to_decide(pairs: list[PairStats], n_prompts: dict[str, int], rule: V
     return need
 
 
-def decide_verdict(pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule = VerdictRule(), *, alpha: float = 0.05) -> Verdict:
+def decide_verdict(
+    pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule = VerdictRule(), *, alpha: float = 0.05
+) -> Verdict:
     """The overlap test's verdict from the pairs' calls (:func:`classify_pair`).
 
     * ``insufficient evidence``: fewer than ``min_decided_fraction`` of the pairs decided;
@@ -289,23 +313,34 @@ def decide_verdict(pairs: list[PairStats], n_prompts: dict[str, int], rule: Verd
     median_norm = float(np.median(norm[np.isfinite(norm)])) if np.isfinite(norm).any() else math.nan
     n_untestable = sum(not p.testable for p in pairs)
     numbers = (
-        f"of {len(pairs)} category pairs, {count['shared']} shared (normalised-Jaccard CI low >= {1 - rule.equivalence_margin:g}), "
-        f"{count['specific']} specific (significant after Benjamini-Hochberg, CI high < {rule.modular_max_normalised_jaccard:g}), "
-        f"{count['partial']} partial, {count['undecided']} undecided; the median normalised Jaccard is {median_norm:.3f}."
+        f"of {len(pairs)} category pairs, {count['shared']} shared (normalised-Jaccard CI low >= "
+        f"{1 - rule.equivalence_margin:g}), {count['specific']} specific (significant after Benjamini-Hochberg, CI "
+        f"high < {rule.modular_max_normalised_jaccard:g}), {count['partial']} partial, {count['undecided']} undecided; "
+        f"the median normalised Jaccard is {median_norm:.3f}."
     )
     if n_untestable:
-        numbers += f" {n_untestable} pair(s) are untestable (the smallest attainable permutation p is >= {alpha:g}) and count as no test."
+        numbers += (
+            f" {n_untestable} pair(s) are untestable (the smallest attainable permutation p is >= {alpha:g}) "
+            "and count as no test."
+        )
     if n_unreliable := int((~np.isfinite(norm)).sum()):
-        numbers += (f" {n_unreliable} pair(s) have a split-half ceiling too low to normalise (circuits do not reproduce "
-                    "within their own category).")
+        numbers += (
+            f" {n_unreliable} pair(s) have a split-half ceiling too low to normalise (circuits do not reproduce "
+            "within their own category)."
+        )
     if decided < rule.min_decided_fraction * max(len(pairs), 1) or decided == 0:
         need = prompts_to_decide(pairs, n_prompts, rule, alpha)
-        return Verdict("insufficient evidence", (
-            f"Insufficient evidence: {numbers} Fewer than {rule.min_decided_fraction:.0%} of the pairs are decided; "
-            f"about {need} refusing prompts per category would decide them."
-        ))
+        return Verdict(
+            "insufficient evidence",
+            (
+                f"Insufficient evidence: {numbers} Fewer than {rule.min_decided_fraction:.0%} of the pairs are "
+                f"decided; about {need} refusing prompts per category would decide them."
+            ),
+        )
     if count["shared"] >= rule.majority * decided and count["specific"] == 0 and count["partial"] == 0:
-        return Verdict("monolithic", f"Monolithic: {numbers} Cross-category overlap is equivalent to the within-category ceiling.")
+        return Verdict(
+            "monolithic", f"Monolithic: {numbers} Cross-category overlap is equivalent to the within-category ceiling."
+        )
     if count["specific"] >= rule.majority * decided and count["shared"] == 0:
         return Verdict("modular", f"Modular: {numbers} Categories use measurably different circuits.")
     return Verdict("mixed", f"Mixed: {numbers} Neither every decided pair shared nor most of them specific.")
@@ -345,7 +380,9 @@ class SplitHalfCeilings:
     n_splits: int
 
 
-def split_half_ceilings(E: dict[str, np.ndarray], select: Selector, *, n_bootstrap: int, seed: int) -> SplitHalfCeilings:
+def split_half_ceilings(
+    E: dict[str, np.ndarray], select: Selector, *, n_bootstrap: int, seed: int
+) -> SplitHalfCeilings:
     """Mean Jaccard of circuits from random halves of each category's prompts (``E`` in sorted order)."""
     n_splits = max(20, n_bootstrap // 5)
     ceiling: dict[str, float] = {}
@@ -353,7 +390,10 @@ def split_half_ceilings(E: dict[str, np.ndarray], select: Selector, *, n_bootstr
         n = E[c].shape[0]
         order = _rng(seed, _SPLIT, ci).permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)  # [n_splits, n]
         js = [
-            _jaccard(select(_means_from_indices(E[c], rows[:, : n // 2])), select(_means_from_indices(E[c], rows[:, n // 2 : 2 * (n // 2)])))
+            _jaccard(
+                select(_means_from_indices(E[c], rows[:, : n // 2])),
+                select(_means_from_indices(E[c], rows[:, n // 2 : 2 * (n // 2)])),
+            )
             for rows in np.array_split(order, math.ceil(n_splits / select.batch))  # chunks of <= batch rows
         ]
         ceiling[c] = float(np.concatenate(js).mean())
@@ -379,7 +419,9 @@ class HalfSampleOverlap:
     def draw(cls, n_a: int, n_b: int, n_splits: int, rng: np.random.Generator) -> HalfSampleOverlap:
         return cls(rng.random((n_splits, n_a)), rng.random((n_splits, n_b)), min(n_a, n_b) // 2)
 
-    def sums(self, Ea: np.ndarray, Eb: np.ndarray, ia: np.ndarray, ib: np.ndarray, select: Selector) -> tuple[np.ndarray, np.ndarray]:
+    def sums(
+        self, Ea: np.ndarray, Eb: np.ndarray, ia: np.ndarray, ib: np.ndarray, select: Selector
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Sums over splits of cross and within Jaccards for resamples ``ia [batch, n_a]``, ``ib [batch, n_b]``."""
         ia, ib = np.atleast_2d(ia), np.atleast_2d(ib)
         m = self.m
@@ -411,9 +453,22 @@ class PairTests:
         return m
 
 
-def _pair_stats(E: dict[str, np.ndarray], a: str, b: str, key: tuple[int, int], circuit: dict[str, np.ndarray], mean: dict[str, np.ndarray],
-                select: Selector, *, n_permutations: int, n_bootstrap: int, n_splits: int, seed: int, alpha: float,
-                min_ceiling: float) -> dict[str, Any]:
+def _pair_stats(
+    E: dict[str, np.ndarray],
+    a: str,
+    b: str,
+    key: tuple[int, int],
+    circuit: dict[str, np.ndarray],
+    mean: dict[str, np.ndarray],
+    select: Selector,
+    *,
+    n_permutations: int,
+    n_bootstrap: int,
+    n_splits: int,
+    seed: int,
+    alpha: float,
+    min_ceiling: float,
+) -> dict[str, Any]:
     """One pair's statistics before the multiple-testing correction."""
     na, nb = E[a].shape[0], E[b].shape[0]
     pooled = np.vstack([E[a], E[b]])  # [na + nb, n_nodes]
@@ -424,16 +479,32 @@ def _pair_stats(E: dict[str, np.ndarray], a: str, b: str, key: tuple[int, int], 
         return jac.reshape(np.shape(ia)[:-1])  # scalar for the observed labels, [batch] for resamples
 
     perm = stats.permutation_test(
-        (np.arange(na), np.arange(na, pooled.shape[0])), perm_stat, permutation_type="independent", vectorized=True,
-        n_resamples=n_permutations, alternative="less", batch=select.batch, rng=_rng(seed, _PERM, *key),
+        (np.arange(na), np.arange(na, pooled.shape[0])),
+        perm_stat,
+        permutation_type="independent",
+        vectorized=True,
+        n_resamples=n_permutations,
+        alternative="less",
+        batch=select.batch,
+        rng=_rng(seed, _PERM, *key),
     )
 
     def boot_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
-        jac = _jaccard(select(_means_from_indices(E[a], ia.reshape(-1, ia.shape[-1]))), select(_means_from_indices(E[b], ib.reshape(-1, ib.shape[-1]))))
+        jac = _jaccard(
+            select(_means_from_indices(E[a], ia.reshape(-1, ia.shape[-1]))),
+            select(_means_from_indices(E[b], ib.reshape(-1, ib.shape[-1]))),
+        )
         return jac.reshape(_lead_shape(ia, ib))
 
     jac = float(_jaccard(circuit[a], circuit[b]))
-    jac_ci = bootstrap_ci((np.arange(na), np.arange(nb)), boot_stat, jac, n_resamples=n_bootstrap, batch=select.batch, rng=_rng(seed, _PAIR_BOOT, *key))
+    jac_ci = bootstrap_ci(
+        (np.arange(na), np.arange(nb)),
+        boot_stat,
+        jac,
+        n_resamples=n_bootstrap,
+        batch=select.batch,
+        rng=_rng(seed, _PAIR_BOOT, *key),
+    )
 
     halves = HalfSampleOverlap.draw(na, nb, n_splits, _rng(seed, _HALF, *key))
     half_batch = max(1, select.batch // (4 * n_splits))
@@ -448,28 +519,74 @@ def _pair_stats(E: dict[str, np.ndarray], a: str, b: str, key: tuple[int, int], 
     cross_half, ceiling = float(cross[0] / n_splits), float(within[0] / n_splits)
     reliable = ceiling >= max(min_ceiling, 1e-12)
     norm = cross_half / ceiling if reliable else math.nan
-    norm_ci = (bootstrap_ci((np.arange(na), np.arange(nb)), norm_stat, norm, n_resamples=n_bootstrap, batch=half_batch,
-                      rng=_rng(seed, _NORM_BOOT, *key)) if reliable else (math.nan, math.nan))
+    norm_ci = (
+        bootstrap_ci(
+            (np.arange(na), np.arange(nb)),
+            norm_stat,
+            norm,
+            n_resamples=n_bootstrap,
+            batch=half_batch,
+            rng=_rng(seed, _NORM_BOOT, *key),
+        )
+        if reliable
+        else (math.nan, math.nan)
+    )
     min_p = min_permutation_p(na, nb, n_permutations)
     return dict(
-        a=a, b=b, jaccard=jac, weighted_overlap=weighted_overlap(mean[a], mean[b]), spearman=_spearman(mean[a], mean[b]),
-        p_value=float(perm.pvalue), min_p=min_p, testable=min_p < alpha, half_size=halves.m, cross_half_jaccard=cross_half,
-        ceiling=ceiling, normalised_jaccard=norm, normalised_jaccard_ci=norm_ci, jaccard_ci=jac_ci,
+        a=a,
+        b=b,
+        jaccard=jac,
+        weighted_overlap=weighted_overlap(mean[a], mean[b]),
+        spearman=_spearman(mean[a], mean[b]),
+        p_value=float(perm.pvalue),
+        min_p=min_p,
+        testable=min_p < alpha,
+        half_size=halves.m,
+        cross_half_jaccard=cross_half,
+        ceiling=ceiling,
+        normalised_jaccard=norm,
+        normalised_jaccard_ci=norm_ci,
+        jaccard_ci=jac_ci,
         null_mean=float(perm.null_distribution.mean()),
     )
 
 
-def pair_statistics(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select: Selector, *, n_permutations: int,
-                    n_bootstrap: int, n_splits: int, alpha: float, seed: int, min_ceiling: float,
-                    rule: VerdictRule = VerdictRule()) -> PairTests:
+def pair_statistics(
+    E: dict[str, np.ndarray],
+    circuit: dict[str, np.ndarray],
+    select: Selector,
+    *,
+    n_permutations: int,
+    n_bootstrap: int,
+    n_splits: int,
+    alpha: float,
+    seed: int,
+    min_ceiling: float,
+    rule: VerdictRule = VerdictRule(),
+) -> PairTests:
     """Per pair: Jaccard, weighted overlap, Spearman, the permutation p-value (and whether it can reach
     alpha at all), the half-sample normalised Jaccard with its bootstrap CI; BH q-values over the testable
     pairs only (an untestable pair is no test, not a negative one); each pair's call."""
     cats = list(E)
     mean = {c: E[c].mean(axis=0) for c in cats}  # [n_nodes]
-    raw = [_pair_stats(E, cats[i], cats[j], (i, j), circuit, mean, select, n_permutations=n_permutations,
-                       n_bootstrap=n_bootstrap, n_splits=n_splits, seed=seed, alpha=alpha, min_ceiling=min_ceiling)
-           for i, j in combinations(range(len(cats)), 2)]
+    raw = [
+        _pair_stats(
+            E,
+            cats[i],
+            cats[j],
+            (i, j),
+            circuit,
+            mean,
+            select,
+            n_permutations=n_permutations,
+            n_bootstrap=n_bootstrap,
+            n_splits=n_splits,
+            seed=seed,
+            alpha=alpha,
+            min_ceiling=min_ceiling,
+        )
+        for i, j in combinations(range(len(cats)), 2)
+    ]
     testable = [k for k, p in enumerate(raw) if p["testable"]]
     q = np.full(len(raw), math.nan)
     if testable:
@@ -477,7 +594,11 @@ def pair_statistics(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], se
     pairs = []
     for p, qv in zip(raw, q):
         sig = bool(p["testable"] and qv < alpha)
-        pairs.append(PairStats(**p, q_value=float(qv), significant=sig, call=classify_pair(sig, p["normalised_jaccard_ci"], rule)))
+        pairs.append(
+            PairStats(
+                **p, q_value=float(qv), significant=sig, call=classify_pair(sig, p["normalised_jaccard_ci"], rule)
+            )
+        )
     return PairTests(cats, pairs)
 
 
@@ -502,7 +623,9 @@ def _core_fraction(masks: np.ndarray) -> np.ndarray:
     return np.where(size > 0, core / np.maximum(size, 1e-300), np.nan)
 
 
-def shared_core(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select: Selector, *, n_bootstrap: int, seed: int) -> SharedCore:
+def shared_core(
+    E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select: Selector, *, n_bootstrap: int, seed: int
+) -> SharedCore:
     """Shared core and specific tails of the full-sample circuits, with the shared fraction's CI."""
     cats = list(E)
     masks = np.stack([circuit[c] for c in cats])  # [n_cat, n_nodes]
@@ -511,13 +634,23 @@ def shared_core(E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select
 
     def core_stat(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
         lead = _lead_shape(*idx)
-        masks = [np.broadcast_to(select(_means_from_indices(E[c], ic.reshape(-1, ic.shape[-1]))), (math.prod(lead), len(site_of_node)))
-                 for c, ic in zip(cats, idx)]
+        masks = [
+            np.broadcast_to(
+                select(_means_from_indices(E[c], ic.reshape(-1, ic.shape[-1]))), (math.prod(lead), len(site_of_node))
+            )
+            for c, ic in zip(cats, idx)
+        ]
         return _core_fraction(np.stack(masks)).reshape(lead)
 
     fraction = float(_core_fraction(masks[:, None])[0])
-    ci = bootstrap_ci(tuple(np.arange(E[c].shape[0]) for c in cats), core_stat, fraction, n_resamples=n_bootstrap,
-                batch=max(1, select.batch // len(cats)), rng=_rng(seed, _CORE_BOOT))
+    ci = bootstrap_ci(
+        tuple(np.arange(E[c].shape[0]) for c in cats),
+        core_stat,
+        fraction,
+        n_resamples=n_bootstrap,
+        batch=max(1, select.batch // len(cats)),
+        rng=_rng(seed, _CORE_BOOT),
+    )
     return SharedCore(
         core=np.flatnonzero(in_count == len(cats)),
         specific_tail={c: np.flatnonzero(masks[ci] & (in_count == 1)) for ci, c in enumerate(cats)},
@@ -546,8 +679,11 @@ def fallback_categories(summaries: dict[str, dict], group: str, prompt_filter: s
     """Categories whose ``group`` circuit could not use the configured prompt filter (too few
     refusing prompts: it mixes refused and complied prompts), from their ``circuit.json`` summaries.
     They are reported and left out of the verdict."""
-    return sorted(c for c, summary in summaries.items()
-                  if group in summary["groups"] and summary["groups"][group].get("prompt_set", prompt_filter) != prompt_filter)
+    return sorted(
+        c
+        for c, summary in summaries.items()
+        if group in summary["groups"] and summary["groups"][group].get("prompt_set", prompt_filter) != prompt_filter
+    )
 
 
 def error_node_mask(site_of_node: np.ndarray) -> np.ndarray:
@@ -587,13 +723,13 @@ def compare_categories(
     """Compare every pair of categories' refusal circuits and give the overlap test's verdict.
 
     Steps: :func:`split_half_ceilings` (per category, for scale); :func:`pair_statistics` per pair
-    (a < b): Jaccard of the full-sample circuits with a bootstrap CI (:func:`bootstrap_ci`); weighted overlap and Spearman of the
-    mean effects; a one-sided label-permutation p-value for modularity (``scipy.stats.permutation_test``,
-    ``alternative="less"``: p = (1 + #{null <= observed}) / (1 + n_permutations)) and whether it can
-    reach ``alpha`` at all; the normalised Jaccard from half-sample circuits, numerator and ceiling at
-    the same size (:class:`HalfSampleOverlap`), with a BCa CI; BH q-values over the testable pairs;
-    :func:`shared_core` across categories; and :func:`decide_verdict` (an equivalence rule for
-    "monolithic").
+    (a < b): Jaccard of the full-sample circuits with a bootstrap CI (:func:`bootstrap_ci`); weighted
+    overlap and Spearman of the mean effects; a one-sided label-permutation p-value for modularity
+    (``scipy.stats.permutation_test``, ``alternative="less"``: p = (1 + #{null <= observed}) /
+    (1 + n_permutations)) and whether it can reach ``alpha`` at all; the normalised Jaccard from half-sample
+    circuits, numerator and ceiling at the same size (:class:`HalfSampleOverlap`), with a BCa CI; BH
+    q-values over the testable pairs; :func:`shared_core` across categories; and :func:`decide_verdict`
+    (an equivalence rule for "monolithic").
 
     ``error_nodes`` [n_nodes] bool: nodes left out of every circuit (the SAE error terms are not
     interpretable features; two categories sharing "what the SAE missed" says nothing about shared
@@ -623,8 +759,18 @@ def compare_categories(
     circuit = {c: select(E[c].mean(axis=0)[None])[0] for c in cats}  # [n_nodes] bool
 
     ceilings = split_half_ceilings(E, select, n_bootstrap=n_bootstrap, seed=seed)
-    tests = pair_statistics(E, circuit, select, n_permutations=n_permutations, n_bootstrap=n_bootstrap, n_splits=n_splits, alpha=alpha,
-                            seed=seed, min_ceiling=min_ceiling, rule=rule)
+    tests = pair_statistics(
+        E,
+        circuit,
+        select,
+        n_permutations=n_permutations,
+        n_bootstrap=n_bootstrap,
+        n_splits=n_splits,
+        alpha=alpha,
+        seed=seed,
+        min_ceiling=min_ceiling,
+        rule=rule,
+    )
     core = shared_core(E, circuit, select, n_bootstrap=n_bootstrap, seed=seed)
     n_prompts = {c: int(E[c].shape[0]) for c in cats}
     verdict = decide_verdict(tests.pairs, n_prompts, rule, alpha=alpha)

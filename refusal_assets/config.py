@@ -239,8 +239,10 @@ class SAEConfig(_Strict):
     @model_validator(mode="after")
     def _split(self) -> "SAEConfig":
         if self.val_fraction + self.eval_fraction >= 1:
-            raise ValueError(f"sae.val_fraction ({self.val_fraction}) + sae.eval_fraction ({self.eval_fraction}) must be < 1: "
-                             "some prompts must be left to train on")
+            raise ValueError(
+                f"sae.val_fraction ({self.val_fraction}) + sae.eval_fraction ({self.eval_fraction}) must be < 1: "
+                "some prompts must be left to train on"
+            )
         return self
 
 
@@ -279,7 +281,9 @@ class CircuitConfig(_Strict):
     @classmethod
     def _folds(cls, v: int) -> int:
         if v == 1:
-            raise ValueError("n_folds must be 0 (leave-one-out) or at least 2: one fold leaves nothing to select a circuit on")
+            raise ValueError(
+                "n_folds must be 0 (leave-one-out) or at least 2: one fold leaves nothing to select a circuit on"
+            )
         return v
 
 
@@ -380,7 +384,9 @@ class ProjectConfig(_Strict):
         payload: dict[str, Any] = {}
         for name in sections:
             if name == "models":
-                raise ValueError("the models section is hashed per model (ProjectConfig.model_hash), not as a code version")
+                raise ValueError(
+                    "the models section is hashed per model (ProjectConfig.model_hash), not as a code version"
+                )
             payload[name] = getattr(self, name).model_dump(mode="json", exclude=NOT_HASHED.get(name))
             if name == "sae" and self.sae.splice == SpliceEvalConfig(batch_size=self.sae.splice.batch_size):
                 # the splice settings were hard-coded before they were config: at their defaults they

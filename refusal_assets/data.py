@@ -26,7 +26,13 @@ from refusal_assets.config import SPLIT_FILES, DataConfig, SamplingConfig
 from refusal_assets.storage import category_key
 
 SPLIT_ORDER = ["safe", "hard", "toxic"]
-PROMPT_SCHEMA = {"prompt_id": pl.Utf8, "prompt": pl.Utf8, "category": pl.Utf8, "category_key": pl.Utf8, "split": pl.Utf8}
+PROMPT_SCHEMA = {
+    "prompt_id": pl.Utf8,
+    "prompt": pl.Utf8,
+    "category": pl.Utf8,
+    "category_key": pl.Utf8,
+    "split": pl.Utf8,
+}
 
 
 class DataError(ValueError):
@@ -102,13 +108,16 @@ def fetch_from_hub(cfg: DataConfig, cache_dir: Path, splits: Sequence[str]) -> P
             hf_hub_download(cfg.hub_dataset, filename, repo_type="dataset", local_dir=cache_dir)
     except Exception as e:  # network, auth, missing file: all end the same way for the user
         raise DataError(
-            f"cannot fetch {wanted} from the hub dataset {cfg.hub_dataset!r} into {cache_dir} ({type(e).__name__}: {e}). "
+            f"cannot fetch {wanted} from the hub dataset {cfg.hub_dataset!r} into {cache_dir} "
+            f"({type(e).__name__}: {e}). "
             "Without network access, download the CSV files elsewhere and pass --data-dir FOLDER."
         ) from e
     return cache_dir
 
 
-def load_orbench(folder: Path, splits: Sequence[str] = SPLIT_ORDER, categories: Sequence[str] | None = None) -> tuple[pl.DataFrame, LoadReport]:
+def load_orbench(
+    folder: Path, splits: Sequence[str] = SPLIT_ORDER, categories: Sequence[str] | None = None
+) -> tuple[pl.DataFrame, LoadReport]:
     """Read the split files of an OR-Bench-layout folder into one frame.
 
     Columns: ``prompt_id, prompt, category, category_key, split``. At least one requested split
@@ -170,7 +179,9 @@ def _category_seed(seed: int, category: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(category.encode())) % 2**32
 
 
-def sample_category(df: pl.DataFrame, category: str, sampling: SamplingConfig, seed: int, heldout_fraction: float) -> pl.DataFrame:
+def sample_category(
+    df: pl.DataFrame, category: str, sampling: SamplingConfig, seed: int, heldout_fraction: float
+) -> pl.DataFrame:
     """The seeded sample of one category with a ``heldout`` flag, split by split.
 
     ``equalize`` takes the same number of prompts from each split of the category (the smallest
@@ -205,7 +216,9 @@ class Profile:
     warnings: list[str]
 
 
-def profile(raw_counts: pl.DataFrame, sample_counts: pl.DataFrame, imbalance_ratio: float = 2.0, min_cell: int = 10) -> Profile:
+def profile(
+    raw_counts: pl.DataFrame, sample_counts: pl.DataFrame, imbalance_ratio: float = 2.0, min_cell: int = 10
+) -> Profile:
     """Counts per category x split and the seed's imbalance warnings.
 
     Both inputs have columns ``category_key, split, n``. Warnings: a split missing from a category,
@@ -230,7 +243,9 @@ def profile(raw_counts: pl.DataFrame, sample_counts: pl.DataFrame, imbalance_rat
     if totals.len() and totals.max() > imbalance_ratio * max(totals.min(), 1):
         warnings.append(f"category sizes range from {totals.min()} to {totals.max()} (ratio > {imbalance_ratio})")
     sampled = sample_counts.rename({"n": "n_sampled"})
-    counts = raw_counts.join(sampled, on=["category_key", "split"], how="left").fill_null(0).sort(["category_key", "split"])
+    counts = (
+        raw_counts.join(sampled, on=["category_key", "split"], how="left").fill_null(0).sort(["category_key", "split"])
+    )
     return Profile(counts=counts, warnings=warnings)
 
 
@@ -239,9 +254,20 @@ def profile_pivot(counts: pl.DataFrame) -> pl.DataFrame:
     ten categories take ten rows, not thirty."""
     splits = [sp for sp in SPLIT_ORDER if sp in set(counts["split"].to_list())]
     cell = pl.format("{} ({})", pl.col("n"), pl.col("n_sampled"))
-    wide = counts.with_columns(cell.alias("cell")).pivot(on="split", index="category_key", values="cell").fill_null("0 (0)")
-    totals = counts.group_by("category_key").agg(pl.col("n").sum().alias("total"), pl.col("n_sampled").sum().alias("sampled"))
-    return wide.select("category_key", *splits).join(totals, on="category_key").sort("category_key").rename({"category_key": "category"})
+    wide = (
+        counts.with_columns(cell.alias("cell"))
+        .pivot(on="split", index="category_key", values="cell")
+        .fill_null("0 (0)")
+    )
+    totals = counts.group_by("category_key").agg(
+        pl.col("n").sum().alias("total"), pl.col("n_sampled").sum().alias("sampled")
+    )
+    return (
+        wide.select("category_key", *splits)
+        .join(totals, on="category_key")
+        .sort("category_key")
+        .rename({"category_key": "category"})
+    )
 
 
 def plot_profile(counts: pl.DataFrame, path: Path) -> Path:
@@ -267,7 +293,15 @@ def profile_figure(counts: pl.DataFrame):
         raw = [sub.get(c, {}).get("n", 0) for c in cats]
         sampled = [sub.get(c, {}).get("n_sampled", 0) for c in cats]
         bars = ax.bar(x + i * width, raw, width, label=f"{split} (all)", alpha=0.45)
-        ax.bar(x + i * width, sampled, width, color=bars.patches[0].get_facecolor(), alpha=1.0, hatch="//", label=f"{split} (sampled)")
+        ax.bar(
+            x + i * width,
+            sampled,
+            width,
+            color=bars.patches[0].get_facecolor(),
+            alpha=1.0,
+            hatch="//",
+            label=f"{split} (sampled)",
+        )
     ax.set_xticks(x + width * (len(splits) - 1) / 2, cats, rotation=30, ha="right")
     ax.set_ylabel("prompts")
     ax.set_title("Prompts per category and split")

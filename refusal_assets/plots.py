@@ -36,15 +36,27 @@ def plot_sweeps(sweeps: dict[str, dict], title: str, path: Path) -> Path:
     for ax, (group, sweep) in zip(axes, sweeps.items()):
         rows = sweep["sweep"]
         n = [r["n_nodes"] for r in rows]
-        for key, style, label, color in (("faithfulness", "o-", "faithfulness", "C0"), ("completeness", "s-", "completeness", "C1"),
-                                         ("random_faithfulness", "x--", "random circuit", "grey")):
+        for key, style, label, color in (
+            ("faithfulness", "o-", "faithfulness", "C0"),
+            ("completeness", "s-", "completeness", "C1"),
+            ("random_faithfulness", "x--", "random circuit", "grey"),
+        ):
             ax.plot(n, [r[key] for r in rows], style, color=color, label=label)
             if all(f"{key}_ci" in r for r in rows):
-                ax.fill_between(n, [r[f"{key}_ci"][0] for r in rows], [r[f"{key}_ci"][1] for r in rows], color=color, alpha=0.15, lw=0)
+                ax.fill_between(
+                    n,
+                    [r[f"{key}_ci"][0] for r in rows],
+                    [r[f"{key}_ci"][1] for r in rows],
+                    color=color,
+                    alpha=0.15,
+                    lw=0,
+                )
         ax.axhline(1, color="k", lw=0.5)
         ax.axhline(0, color="k", lw=0.5)
         # the axis follows the point estimates: a CI whose denominator nears 0 would otherwise flatten every curve
-        points = [r[k] for r in rows for k in ("faithfulness", "completeness", "random_faithfulness") if math.isfinite(r[k])]
+        points = [
+            r[k] for r in rows for k in ("faithfulness", "completeness", "random_faithfulness") if math.isfinite(r[k])
+        ]
         ax.set_ylim(min(points + [0.0]) - 0.25, max(points + [1.0]) + 0.25)
         ax.set_xscale("log")
         ax.set_xlabel("nodes in circuit")

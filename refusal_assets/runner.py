@@ -18,6 +18,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from refusal_assets import progress, settings
 from refusal_assets.defs.build import build_defs
+from refusal_assets.defs.sources import record_config_versions
 from refusal_assets.layout import Layout
 
 
@@ -33,8 +34,12 @@ class _RunBar:
         self._tqdm = tqdm
         stream = progress.bar_stream()
         self.bar = tqdm(
-            total=n_runs, unit=" runs", position=0, file=stream,
-            bar_format="{n_fmt}/{total_fmt} runs |{bar:20}| {elapsed}{postfix}", **progress.bar_width_kwargs(stream),
+            total=n_runs,
+            unit=" runs",
+            position=0,
+            file=stream,
+            bar_format="{n_fmt}/{total_fmt} runs |{bar:20}| {elapsed}{postfix}",
+            **progress.bar_width_kwargs(stream),
         )
         self._step = ""
         self._t0 = time.perf_counter()
@@ -71,7 +76,6 @@ def _console_bar_wanted() -> bool:
     if progress.BAR_ENV in os.environ:
         return progress.bars_enabled()
     return sys.stderr.isatty()
-from refusal_assets.defs.sources import record_config_versions
 
 
 def _plan(defs: dg.Definitions, select: str) -> list[tuple[dg.AssetsDefinition, list[str] | None, bool]]:
@@ -86,21 +90,35 @@ def _plan(defs: dg.Definitions, select: str) -> list[tuple[dg.AssetsDefinition, 
             for part in parts[1:]:
                 selection = selection | dg.AssetSelection.from_string(part)
         except Exception as e:
-            raise SystemExit(f"error: invalid --select {select!r} ({e}); e.g. 'orbench_prompts', 'key:sae+', 'comparison,report'")
+            raise SystemExit(
+                f"error: invalid --select {select!r} ({e}); e.g. 'orbench_prompts', 'key:sae+', 'comparison,report'"
+            )
     known = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
     try:
         keys = selection.resolve(graph)
     except Exception as e:
-        raise SystemExit(f"error: --select {select!r} names no known asset ({type(e).__name__}); known: {known}") from None
+        raise SystemExit(
+            f"error: --select {select!r} names no known asset ({type(e).__name__}); known: {known}"
+        ) from None
     if not keys:
-        raise SystemExit(f"error: the selection {select!r} matches no asset; known: {sorted(k.to_user_string() for k in graph.get_all_asset_keys())}")
-    order = [k for level in graph.toposorted_asset_keys_by_level for k in sorted(level) if k in keys and k in graph.materializable_asset_keys]
+        raise SystemExit(
+            f"error: the selection {select!r} matches no asset; "
+            f"known: {sorted(k.to_user_string() for k in graph.get_all_asset_keys())}"
+        )
+    order = [
+        k
+        for level in graph.toposorted_asset_keys_by_level
+        for k in sorted(level)
+        if k in keys and k in graph.materializable_asset_keys
+    ]
     unbound = {a.key: a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}  # resources not yet bound
     plan = []
     for key in order:
         assets_def = unbound[key]
         pdef = assets_def.partitions_def
-        single_run = assets_def.backfill_policy is not None and assets_def.backfill_policy.max_partitions_per_run is None
+        single_run = (
+            assets_def.backfill_policy is not None and assets_def.backfill_policy.max_partitions_per_run is None
+        )
         plan.append((assets_def, pdef.get_partition_keys() if pdef else None, single_run))
     return plan
 
@@ -121,7 +139,10 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
             checks_of.setdefault(key, []).append(c)
     run_config = {} if verbose else {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     n_runs = sum(1 if (keys is None or single) else len(keys) for _, keys, single in plan)
-    print(f"config {settings.config_path()} -> storage {root}; instance {instance.root_directory}; {n_runs} runs", flush=True)
+    print(
+        f"config {settings.config_path()} -> storage {root}; instance {instance.root_directory}; {n_runs} runs",
+        flush=True,
+    )
     run_bar: _RunBar | None = None
     bar_env_before = os.environ.get(progress.BAR_ENV)
     if _console_bar_wanted():
@@ -142,7 +163,12 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
             if keys is None:
                 batches = [("", {})]
             elif single_run:
-                batches = [(f"{len(keys)} partitions", {"tags": {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}})]
+                batches = [
+                    (
+                        f"{len(keys)} partitions",
+                        {"tags": {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}},
+                    )
+                ]
             else:
                 batches = [(k, {"partition_key": k}) for k in keys]
             for label, kwargs in batches:
@@ -151,7 +177,12 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
                     run_bar.start_step(f"[{i}/{n_runs}] {name} {label}".rstrip())
                 t0 = time.perf_counter()
                 result = dg.materialize(
-                    [assets_def, *checks_of.get(assets_def.key, [])], instance=instance, resources=resources, run_config=run_config, raise_on_error=False, **kwargs
+                    [assets_def, *checks_of.get(assets_def.key, [])],
+                    instance=instance,
+                    resources=resources,
+                    run_config=run_config,
+                    raise_on_error=False,
+                    **kwargs,
                 )
                 seconds = time.perf_counter() - t0
                 step_seconds += _step_seconds(result)
@@ -164,7 +195,9 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
                     for event in result.all_events:
                         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
                             err = event.step_failure_data.error
-                            while err.cause is not None and err.cls_name.startswith("Dagster"):  # the user-code exception, not Dagster's wrappers
+                            while err.cause is not None and err.cls_name.startswith(
+                                "Dagster"
+                            ):  # the user-code exception, not Dagster's wrappers
                                 err = err.cause
                             print(err.to_string() if verbose else f"{err.cls_name}: {err.message.strip()}")
                     print(f"stopped: {name} {label} failed; see run {result.run_id} in the UI (refusal-assets ui)")
@@ -177,9 +210,16 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
         else:
             os.environ[progress.BAR_ENV] = bar_env_before
     wall = time.perf_counter() - t_start
-    print(f"done: {i} runs in {wall:.1f} s; steps' compute {step_seconds:.1f} s; Dagster overhead {wall - step_seconds:.1f} s ({100 * (wall - step_seconds) / max(wall, 1e-9):.0f} %)")
+    print(
+        f"done: {i} runs in {wall:.1f} s; steps' compute {step_seconds:.1f} s; "
+        f"Dagster overhead {wall - step_seconds:.1f} s ({100 * (wall - step_seconds) / max(wall, 1e-9):.0f} %)"
+    )
     report = Layout(root).report_html()
-    print(f"report: {report}" if report.is_file() and any(a.key.to_user_string() == "report" for a, _, _ in plan) else f"outputs: {root}")
+    print(
+        f"report: {report}"
+        if report.is_file() and any(a.key.to_user_string() == "report" for a, _, _ in plan)
+        else f"outputs: {root}"
+    )
     return 0
 
 

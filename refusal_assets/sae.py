@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from refusal_assets.config import SAEConfig
 from refusal_assets.plots import new_figure, save_png
-from refusal_assets.splice import splice_metrics
 from refusal_assets.sae_data import Rows, SubsetRows, as_rows, chunks
 from refusal_assets.sites import Site
+from refusal_assets.splice import splice_metrics
 from refusal_assets.storage import atomic_path
 
 Architecture = Literal["topk", "batchtopk", "jumprelu"]
@@ -125,7 +125,7 @@ class _PreActsAt(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         x_c, W_enc, rows, cols, vals = ctx.saved_tensors
         g = g * (vals > 0)  # ReLU
-        (B, d_in), d_sae = x_c.shape, W_enc.shape[1]
+        (B, _), d_sae = x_c.shape, W_enc.shape[1]
         S_T = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, B), check_invariants=False)
         grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         grad_W = torch.sparse.mm(S_T, x_c).T if ctx.needs_input_grad[3] else None  # [d_in, d_sae]
@@ -312,7 +312,9 @@ def train_sae(
             raise ValueError(f"need training and validation rows; got {len(train_np)} and {len(val_np)}")
         shared = set(np.asarray(group_ids)[train_np].tolist()) & set(np.asarray(group_ids)[val_np].tolist())
         if shared:
-            raise ValueError(f"split: {len(shared)} prompts have rows in both training and validation, e.g. group {min(shared)}")
+            raise ValueError(
+                f"split: {len(shared)} prompts have rows in both training and validation, e.g. group {min(shared)}"
+            )
     train_idx = torch.from_numpy(train_np)
     val_rows = SubsetRows(rows, torch.from_numpy(val_np))  # read in chunks, never all at once
     d_sae = d_sae or cfg.expansion_factor * rows.d_in
@@ -454,8 +456,14 @@ def save_sae(sae: TopKSAE, folder: Path, cfg_extra: dict[str, Any]) -> Path:
     if extra.get("hook_name"):
         extra["hook_name"] = tl_hook_name(str(extra["hook_name"]))
     # "folded_norm_scaling_factor" records the fold (informational; the weights already include it)
-    metadata = {"sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": SAELENS_FORMAT,
-                "hook_name": None, "model_name": None, **extra, "folded_norm_scaling_factor": s}
+    metadata = {
+        "sae_lens_version": SAELENS_FORMAT,
+        "sae_lens_training_version": SAELENS_FORMAT,
+        "hook_name": None,
+        "model_name": None,
+        **extra,
+        "folded_norm_scaling_factor": s,
+    }
     cfg = {"hook_name": None, "model_name": None, **extra, **core, "metadata": metadata}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp))
@@ -546,7 +554,9 @@ def load_pretrained(spec: str, d_in: int, resolve: Callable[[str], Path] = Path)
     try:
         from sae_lens import SAE
     except ImportError as e:
-        raise ValueError(f"pretrained {spec!r} needs the sae-lens package: pip install 'refusal-assets[peers]' ({e})") from e
+        raise ValueError(
+            f"pretrained {spec!r} needs the sae-lens package: pip install 'refusal-assets[peers]' ({e})"
+        ) from e
     import tempfile
 
     loaded = SAE.from_pretrained(release, sae_id, device="cpu")
@@ -653,7 +663,9 @@ def distinct_split(group_ids: np.ndarray, keys: np.ndarray, cfg: SAEConfig) -> S
         return idx if exclude is None else idx[~np.isin(keys[idx], keys[exclude])]
 
     train = first(parts.train)
-    return SiteRows(PromptSplit(train, first(parts.val, train), first(parts.eval, train)), template, int(len(np.unique(keys))))
+    return SiteRows(
+        PromptSplit(train, first(parts.val, train), first(parts.eval, train)), template, int(len(np.unique(keys)))
+    )
 
 
 @torch.no_grad()
@@ -700,10 +712,22 @@ class FittedSAE:
     """The held-out evaluation prompts (metrics and splice)."""
 
 
-def fit_site(rows: Tensor | Rows, prompt_ids: pl.Series | Sequence[str], cfg: SAEConfig, load_lm: Callable[[], tuple[nn.Module, Any]],
-             site: Any, prompts: pl.DataFrame, *, post_instruction: np.ndarray | None = None, pretrained: str | None = None,
-             resolve: Callable[[str], Path] = Path, refusal_ids: Callable[[Any], list[int]] | None = None,
-             system_prompt: str | None = None, device: str = "cpu", log: Callable[[str], None] = lambda s: None) -> FittedSAE:
+def fit_site(
+    rows: Tensor | Rows,
+    prompt_ids: pl.Series | Sequence[str],
+    cfg: SAEConfig,
+    load_lm: Callable[[], tuple[nn.Module, Any]],
+    site: Any,
+    prompts: pl.DataFrame,
+    *,
+    post_instruction: np.ndarray | None = None,
+    pretrained: str | None = None,
+    resolve: Callable[[str], Path] = Path,
+    refusal_ids: Callable[[Any], list[int]] | None = None,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+    log: Callable[[str], None] = lambda s: None,
+) -> FittedSAE:
     """Train (or load) the SAE of one site, measure it on held-out prompts, and splice it into the model.
 
     ``rows``: the site's activations ``[N, d]`` (a float16 tensor, or a ``sae_data.Rows`` such as
@@ -741,17 +765,23 @@ def fit_site(rows: Tensor | Rows, prompt_ids: pl.Series | Sequence[str], cfg: SA
     keys = row_keys(x)
     site_rows = distinct_split(group_ids, keys, cfg)
     sp = site_rows.split
-    log(f"{len(x)} rows hold {site_rows.n_distinct} distinct vectors; {int(site_rows.template.sum())} rows are template "
-        f"rows (a vector in more than one prompt)")
+    log(
+        f"{len(x)} rows hold {site_rows.n_distinct} distinct vectors; {int(site_rows.template.sum())} rows are "
+        f"template rows (a vector in more than one prompt)"
+    )
     if pretrained is not None:
         sae = load_pretrained(pretrained, d_in=base.d_in, resolve=resolve)
         history: dict[str, Any] = {"pretrained": str(pretrained)}
         log(f"loaded pretrained SAE {pretrained}")
     else:
-        log(f"training on {len(x)} vectors from {len(np.unique(group_ids))} prompts: {len(sp.train)} distinct training rows, "
-            f"{len(sp.val)} early-stopping rows, {len(sp.eval)} held-out evaluation rows")
-        sae, history, _, _ = train_sae(x, group_ids, cfg, d_sae=cfg.expansion_factor * base.d_in, device=device, log=log,
-                                       split=(sp.train, sp.val))
+        log(
+            f"training on {len(x)} vectors from {len(np.unique(group_ids))} prompts: "
+            f"{len(sp.train)} distinct training rows, "
+            f"{len(sp.val)} early-stopping rows, {len(sp.eval)} held-out evaluation rows"
+        )
+        sae, history, _, _ = train_sae(
+            x, group_ids, cfg, d_sae=cfg.expansion_factor * base.d_in, device=device, log=log, split=(sp.train, sp.val)
+        )
 
     def sub(idx: np.ndarray) -> SubsetRows:
         return SubsetRows(x, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
@@ -760,7 +790,9 @@ def fit_site(rows: Tensor | Rows, prompt_ids: pl.Series | Sequence[str], cfg: SA
     eval_post = sp.eval[post[sp.eval]]
     nan = float("nan")
     metrics: dict[str, float] = {
-        "fvu": held["fvu"], "l0": held["l0"], "mse": held["mse"],
+        "fvu": held["fvu"],
+        "l0": held["l0"],
+        "mse": held["mse"],
         "fvu_post_instruction": evaluate_sae(sae, sub(eval_post))["fvu"] if len(eval_post) > 1 else nan,
         "fvu_val": evaluate_sae(sae, sub(sp.val))["fvu"],
     }
@@ -777,22 +809,54 @@ def fit_site(rows: Tensor | Rows, prompt_ids: pl.Series | Sequence[str], cfg: SA
         dead_fraction=1.0 - float(fired.float().mean()),
         dead_fraction_with_template=1.0 - float(fired_all.float().mean()),
         dead_fraction_val=1.0 - float(fired_latents(sae, sub(val_nt)).float().mean()) if len(val_nt) else nan,
-        n_rows=len(x), n_distinct_rows=site_rows.n_distinct, n_template_rows=int(site_rows.template.sum()),
-        n_train_rows=len(sp.train), n_val_rows=len(sp.val), n_eval_rows=len(sp.eval), n_eval_post_instruction_rows=len(eval_post),
+        n_rows=len(x),
+        n_distinct_rows=site_rows.n_distinct,
+        n_template_rows=int(site_rows.template.sum()),
+        n_train_rows=len(sp.train),
+        n_val_rows=len(sp.val),
+        n_eval_rows=len(sp.eval),
+        n_eval_post_instruction_rows=len(eval_post),
         n_eval_prompts=len(np.unique(group_ids[sp.eval])),
     )
     # every row of an evaluation prompt may be a training duplicate; the prompt is still held out
-    held_out = set(np.unique(pids[keep][split_prompts(group_ids, cfg.val_fraction, cfg.eval_fraction, cfg.seed).eval]).astype(str))
+    held_out = set(
+        np.unique(pids[keep][split_prompts(group_ids, cfg.val_fraction, cfg.eval_fraction, cfg.seed).eval]).astype(str)
+    )
     eval_prompt_ids = sorted(held_out)
     splice_prompts = _held_out_texts(prompts, held_out, cfg.splice.prompts_per_category)
     fit_seconds = time.perf_counter() - t0
-    log(f"held-out FVU {metrics['fvu']:.4f} (post-instruction {metrics['fvu_post_instruction']:.4f}), "
-        f"L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.3f}; splicing into {len(splice_prompts)} held-out prompts")
+    log(
+        f"held-out FVU {metrics['fvu']:.4f} (post-instruction {metrics['fvu_post_instruction']:.4f}), "
+        f"L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.3f}; "
+        f"splicing into {len(splice_prompts)} held-out prompts"
+    )
     lm, tok = load_lm()
     ids = torch.tensor(refusal_ids(tok), dtype=torch.long) if refusal_ids is not None else None
-    splice = splice_metrics(lm, tok, splice_prompts, site, sae, batch_size=cfg.splice.batch_size, system_prompt=system_prompt,
-                            device=device, max_norm=max_norm, refusal_ids=ids)
-    return FittedSAE(sae, history, metrics, splice, len(x), len(sp.val), n_outliers, max_norm, pretrained, fit_seconds, eval_prompt_ids)
+    splice = splice_metrics(
+        lm,
+        tok,
+        splice_prompts,
+        site,
+        sae,
+        batch_size=cfg.splice.batch_size,
+        system_prompt=system_prompt,
+        device=device,
+        max_norm=max_norm,
+        refusal_ids=ids,
+    )
+    return FittedSAE(
+        sae,
+        history,
+        metrics,
+        splice,
+        len(x),
+        len(sp.val),
+        n_outliers,
+        max_norm,
+        pretrained,
+        fit_seconds,
+        eval_prompt_ids,
+    )
 
 
 def _held_out_texts(prompts: pl.DataFrame, held_out: set[str], per_category: int) -> list[str]:

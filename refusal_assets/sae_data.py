@@ -130,13 +130,17 @@ class ParquetRows:
                     width = list_size
                 elif list_size != width:
                     raise ValueError(f"{path}: vectors of width {list_size}, but earlier files have {width}")
-                cols = [VECTOR_COLUMN, "prompt_id"] + (["is_post_instruction"] if "is_post_instruction" in names else [])
+                cols = [VECTOR_COLUMN, "prompt_id"] + (
+                    ["is_post_instruction"] if "is_post_instruction" in names else []
+                )
                 for g in range(pf.num_row_groups):  # one row group in memory at a time
                     table = pf.read_row_group(g, columns=cols)
                     flat_vals = table.column(VECTOR_COLUMN).combine_chunks().flatten()  # respects slicing
                     if flat_vals.type == pa.float16() and flat_vals.null_count == 0:
                         # a view of Arrow's buffer: no NumPy copy per row group
-                        values = np.frombuffer(flat_vals.buffers()[1], dtype=np.float16, count=len(flat_vals), offset=flat_vals.offset * 2)
+                        values = np.frombuffer(
+                            flat_vals.buffers()[1], dtype=np.float16, count=len(flat_vals), offset=flat_vals.offset * 2
+                        )
                     else:
                         values = flat_vals.to_numpy(zero_copy_only=False).astype(np.float16)
                     out.write(np.ascontiguousarray(values).data)  # no bytes copy
@@ -146,14 +150,23 @@ class ParquetRows:
                     enc = table.column("prompt_id").combine_chunks().dictionary_encode()
                     codes = np.array([ids.setdefault(v, len(ids)) for v in enc.dictionary.to_pylist()], dtype=np.int64)
                     prompt_ids.append(codes[enc.indices.to_numpy(zero_copy_only=False)])
-                    post.append(table.column("is_post_instruction").to_numpy(zero_copy_only=False).astype(bool)
-                                if "is_post_instruction" in table.column_names else np.zeros(table.num_rows, bool))
+                    post.append(
+                        table.column("is_post_instruction").to_numpy(zero_copy_only=False).astype(bool)
+                        if "is_post_instruction" in table.column_names
+                        else np.zeros(table.num_rows, bool)
+                    )
                     del table, flat_vals, values, enc
                     pa.default_memory_pool().release_unused()  # else Arrow's pool keeps a share of every row group read
         assert width is not None
         group_ids = np.concatenate(prompt_ids) if prompt_ids else np.zeros(0, np.int64)
-        rows = cls(flat, n, width, group_ids, np.concatenate(post) if post else np.zeros(0, bool),
-                   np.concatenate(norms) if norms else np.zeros(0, np.float32))
+        rows = cls(
+            flat,
+            n,
+            width,
+            group_ids,
+            np.concatenate(post) if post else np.zeros(0, bool),
+            np.concatenate(norms) if norms else np.zeros(0, np.float32),
+        )
         rows._tmp = tmp
         return rows
 

@@ -25,7 +25,11 @@ def load_project() -> ProjectConfig:
     of the config's own data)."""
     overrides = {}
     if data_dir := os.environ.get(DATA_DIR_ENV):
-        overrides = {"data.source": "local", "data.path": str(Path(data_dir).expanduser().resolve()), "sae.train_categories": None}
+        overrides = {
+            "data.source": "local",
+            "data.path": str(Path(data_dir).expanduser().resolve()),
+            "sae.train_categories": None,
+        }
     return load_config(config_path(), overrides)
 
 

@@ -60,11 +60,15 @@ def expand_sites(specs: list[str], n_layers: int) -> list[Site]:
                         raise ValueError(f"activation_layers: empty range in {spec!r}")
                     layers = list(range(start, end + 1))
         else:
-            raise ValueError(f"activation_layers: cannot parse {spec!r} (e.g. 'all', 'residuals_0-31', 'residuals_10-', 'mlp_all', 'residuals_5')")
+            raise ValueError(
+                f"activation_layers: cannot parse {spec!r} "
+                "(e.g. 'all', 'residuals_0-31', 'residuals_10-', 'mlp_all', 'residuals_5')"
+            )
         bad = [layer for layer in layers if layer >= n_layers]
         if bad:
             raise ValueError(
-                f"activation_layers: {spec!r} asks for layer {bad[0]} but the model has {n_layers} layers (0-{n_layers - 1})"
+                f"activation_layers: {spec!r} asks for layer {bad[0]} "
+                f"but the model has {n_layers} layers (0-{n_layers - 1})"
             )
         sites.update(Site(layer, kind) for layer in layers)
     return sorted(sites)

@@ -14,9 +14,19 @@ from refusal_assets.sites import Site, output_tensor, replace_output, site_modul
 
 
 @torch.no_grad()
-def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], site: Site, sae: nn.Module,
-                   *, batch_size: int, system_prompt: str | None = None, device: str = "cpu",
-                   max_norm: float = float("inf"), refusal_ids: torch.Tensor | None = None) -> dict[str, float]:
+def splice_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    site: Site,
+    sae: nn.Module,
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+    max_norm: float = float("inf"),
+    refusal_ids: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Next-token loss on the chat-formatted prompts with the site clean, replaced by the SAE's
     reconstruction (without its error term), and zero-ablated; ``loss_recovered`` = (zero - spliced)
     / (zero - clean), ``delta_ce`` = spliced - clean, and the mean KL(clean || spliced) per token.
@@ -31,7 +41,9 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     scores: dict[str, list[torch.Tensor]] = {"clean": [], "spliced": []}
 
     def run(batch, replace=None):
-        hooks = [] if replace is None else [(module, lambda _m, _i, out: replace_output(out, replace(output_tensor(out))))]
+        hooks = (
+            [] if replace is None else [(module, lambda _m, _i, out: replace_output(out, replace(output_tensor(out))))]
+        )
         with forward_hooks(hooks):
             return model(**batch.model_inputs(), use_cache=False).logits.float()  # [B, T, V]
 
@@ -40,6 +52,7 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
         targets = batch.input_ids[:, 1:]
         mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool()  # [B, T-1]
         clean_full = run(batch)  # [B, T, V]
+
         def keep_sinks(x: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             return torch.where(x.float().norm(dim=-1, keepdim=True) > max_norm, x, new.to(x.dtype))
 
@@ -62,14 +75,21 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     m = {k: v / max(n_tokens, 1) for k, v in sums.items()}
     denom = m["zero"] - m["clean"]
     out = {
-        "loss_clean": m["clean"], "loss_spliced": m["spliced"], "loss_zero_ablated": m["zero"], "kl_spliced": m["kl"],
+        "loss_clean": m["clean"],
+        "loss_spliced": m["spliced"],
+        "loss_zero_ablated": m["zero"],
+        "kl_spliced": m["kl"],
         "delta_ce": m["spliced"] - m["clean"],
-        "loss_recovered": (m["zero"] - m["spliced"]) / denom if denom else float("nan"), "n_tokens": n_tokens,
+        "loss_recovered": (m["zero"] - m["spliced"]) / denom if denom else float("nan"),
+        "n_tokens": n_tokens,
         "n_prompts": len(prompts),
     }
     if refusal_ids is not None and scores["clean"]:
         clean_s, spliced_s = torch.cat(scores["clean"]).double(), torch.cat(scores["spliced"]).double()
-        out.update(refusal_score_clean=float(clean_s.mean()), refusal_score_spliced=float(spliced_s.mean()),
-                   refusal_score_change=float((spliced_s - clean_s).mean()),
-                   refusal_score_abs_change=float((spliced_s - clean_s).abs().mean()))
+        out.update(
+            refusal_score_clean=float(clean_s.mean()),
+            refusal_score_spliced=float(spliced_s.mean()),
+            refusal_score_change=float((spliced_s - clean_s).mean()),
+            refusal_score_abs_change=float((spliced_s - clean_s).abs().mean()),
+        )
     return out

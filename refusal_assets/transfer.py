@@ -47,8 +47,14 @@ def _mean_ci(x: np.ndarray, n_bootstrap: int, seed: int) -> CI:
     x = np.asarray(x, dtype=float)
     if len(x) < 2:
         return (math.nan, math.nan)
-    return bootstrap_ci((x,), lambda a, axis=-1: a.mean(axis), float(x.mean()), n_resamples=n_bootstrap, batch=n_bootstrap,
-                        rng=np.random.default_rng(seed))
+    return bootstrap_ci(
+        (x,),
+        lambda a, axis=-1: a.mean(axis),
+        float(x.mean()),
+        n_resamples=n_bootstrap,
+        batch=n_bootstrap,
+        rng=np.random.default_rng(seed),
+    )
 
 
 def _ratio_ci(num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int) -> CI:
@@ -60,8 +66,15 @@ def _ratio_ci(num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int) -> 
         d = b.mean(axis)
         return np.where(d != 0, a.mean(axis) / np.where(d != 0, d, 1), np.nan)
 
-    return bootstrap_ci((num, den), stat, float(num.mean() / den.mean()), n_resamples=n_bootstrap, batch=n_bootstrap,
-                        rng=np.random.default_rng(seed), paired=True)
+    return bootstrap_ci(
+        (num, den),
+        stat,
+        float(num.mean() / den.mean()),
+        n_resamples=n_bootstrap,
+        batch=n_bootstrap,
+        rng=np.random.default_rng(seed),
+        paired=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -87,8 +100,16 @@ class CrossMatrix:
         return _jsonable(asdict(self))
 
 
-def cross_matrix(test: str, categories: list[str], changes: dict[tuple[str, str], np.ndarray], control: dict[str, np.ndarray],
-                 rule: VerdictRule, *, n_bootstrap: int, seed: int) -> CrossMatrix:
+def cross_matrix(
+    test: str,
+    categories: list[str],
+    changes: dict[tuple[str, str], np.ndarray],
+    control: dict[str, np.ndarray],
+    rule: VerdictRule,
+    *,
+    n_bootstrap: int,
+    seed: int,
+) -> CrossMatrix:
     """``changes[(a, b)]`` per-prompt score changes [n_b] of B's prompts by A's mechanism -> the matrix,
     ratios, pair calls and the test's verdict. Positive changes = the mechanism carries refusal."""
     n = len(categories)
@@ -119,19 +140,39 @@ def cross_matrix(test: str, categories: list[str], changes: dict[tuple[str, str]
                     calls[f"{a}|{b}"] = "undecided"
     verdict, reason = verdict_from_calls(test, list(calls.values()), rule)
     ctrl = [float(control[b].mean()) if b in control else math.nan for b in categories]
-    ctrl_ci = [_mean_ci(control[b], n_bootstrap, seed + 7 * j) if b in control else (math.nan, math.nan) for j, b in enumerate(categories)]
+    ctrl_ci = [
+        _mean_ci(control[b], n_bootstrap, seed + 7 * j) if b in control else (math.nan, math.nan)
+        for j, b in enumerate(categories)
+    ]
     n_prompts = [len(changes[(b, b)]) if (b, b) in changes else 0 for b in categories]
-    return CrossMatrix(test, categories, m["change"], m["lo"], m["hi"], m["ratio"], m["rlo"], m["rhi"], np.array(ctrl), ctrl_ci,
-                       n_prompts, calls, verdict, reason)
+    return CrossMatrix(
+        test,
+        categories,
+        m["change"],
+        m["lo"],
+        m["hi"],
+        m["ratio"],
+        m["rlo"],
+        m["rhi"],
+        np.array(ctrl),
+        ctrl_ci,
+        n_prompts,
+        calls,
+        verdict,
+        reason,
+    )
 
 
 def verdict_from_calls(test: str, calls: list[str], rule: VerdictRule) -> tuple[str, str]:
     """The same counting rule as :func:`refusal_assets.comparison.decide_verdict`, on ordered pairs."""
     count = {c: calls.count(c) for c in ("shared", "specific", "partial", "undecided")}
     decided = len(calls) - count["undecided"]
-    numbers = (f"{test}: of {len(calls)} ordered pairs, {count['shared']} shared (ratio CI low >= {1 - rule.equivalence_margin:g}), "
-               f"{count['specific']} specific (ratio CI high < {rule.modular_max_normalised_jaccard:g}), {count['partial']} partial, "
-               f"{count['undecided']} undecided (CI spans both answers, or the own change's CI includes 0).")
+    numbers = (
+        f"{test}: of {len(calls)} ordered pairs, {count['shared']} shared (ratio CI low >= "
+        f"{1 - rule.equivalence_margin:g}), {count['specific']} specific (ratio CI high < "
+        f"{rule.modular_max_normalised_jaccard:g}), {count['partial']} partial, {count['undecided']} undecided (CI "
+        "spans both answers, or the own change's CI includes 0)."
+    )
     if decided == 0 or decided < rule.min_decided_fraction * len(calls):
         return "insufficient evidence", f"Insufficient evidence: {numbers}"
     if count["shared"] >= rule.majority * decided and count["specific"] == 0 and count["partial"] == 0:
@@ -144,23 +185,41 @@ def verdict_from_calls(test: str, calls: list[str], rule: VerdictRule) -> tuple[
 # ------------------------------------------------------------------------- directions
 
 
-def suffixes_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts, *, batch_size: int,
-                system_prompt: str | None = None, device: str = "cpu") -> list[SuffixBatch]:
+def suffixes_of(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts,
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> list[SuffixBatch]:
     """Prompts as cached prefixes (:func:`refusal_assets.circuits.prepare_suffixes`): one pass over
     each prompt's prefix, after which every intervention costs only the post-instruction tokens."""
     if prompts and isinstance(prompts[0], SuffixBatch):
         return list(prompts)
-    return prepare_suffixes(model, tokenizer, list(prompts), batch_size=batch_size, system_prompt=system_prompt, device=device)
+    return prepare_suffixes(
+        model, tokenizer, list(prompts), batch_size=batch_size, system_prompt=system_prompt, device=device
+    )
 
 
 @torch.no_grad()
-def post_instruction_hidden(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts, *, batch_size: int,
-                            system_prompt: str | None = None, device: str = "cpu") -> torch.Tensor:
+def post_instruction_hidden(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts,
+    *,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> torch.Tensor:
     """Residual stream at the input of every layer, post-instruction positions only: [n, L, P, d]
     (the suffix forward on the cached prefix; the post-instruction span has the same length P in
     every prompt)."""
     out = []
-    for suffix in suffixes_of(model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device):
+    for suffix in suffixes_of(
+        model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device
+    ):
         hs = suffix.run(model, output_hidden_states=True, logits_to_keep=1).hidden_states
         out.append(torch.stack(hs[:-1], 1).float().cpu())  # [B, L, P, d]: hs[l] is layer l's input
     if not out:
@@ -174,9 +233,19 @@ def _residual_modules(model: PreTrainedModel) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def direction_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts, directions: torch.Tensor, *,
-                     mode: str, refusal_ids: torch.Tensor, layers: list[int] | None = None, batch_size: int,
-                     system_prompt: str | None = None, device: str = "cpu") -> np.ndarray:
+def direction_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts,
+    directions: torch.Tensor,
+    *,
+    mode: str,
+    refusal_ids: torch.Tensor,
+    layers: list[int] | None = None,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
     """Refusal scores [K, n] of ``prompts`` (texts, or their :func:`suffixes_of`) under each of K
     interventions at the post-instruction positions, on the cached prefixes: one suffix pass per
     direction and batch, so K directions cost K passes of P tokens, not K full prompts.
@@ -210,6 +279,7 @@ def direction_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
             hooks = [(m, ablate) for m in mods]
         elif mode == "add":
+
             def add(_m, _i, output, v=directions[k]):
                 x = output_tensor(output)
                 return replace_output(output, x + v.to(x.dtype))
@@ -246,7 +316,9 @@ def _head(suffix: SuffixBatch, n: int) -> SuffixBatch:
     return SuffixBatch(cache, suffix.suffix_ids[:n], suffix.attention_mask[:n], suffix.position_ids[:n])
 
 
-def candidate_grid(n_layers: int, n_positions: int, n_layer_candidates: int, n_position_candidates: int) -> list[tuple[int, int]]:
+def candidate_grid(
+    n_layers: int, n_positions: int, n_layer_candidates: int, n_position_candidates: int
+) -> list[tuple[int, int]]:
     """(layer, position) candidates: evenly spaced layers below 0.8 L (Arditi et al. drop the last
     layers, whose directions act on the output directly) x the last post-instruction positions."""
     top = max(1, int(0.8 * n_layers))
@@ -255,10 +327,22 @@ def candidate_grid(n_layers: int, n_positions: int, n_layer_candidates: int, n_p
     return [(layer, p) for layer in layers for p in positions]
 
 
-def select_directions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, toxic: dict[str, list[str]], harmless: dict[str, list[str]],
-                      refusal_ids: torch.Tensor, *, n_layer_candidates: int, n_position_candidates: int, batch_size: int,
-                      system_prompt: str | None = None, device: str = "cpu", pooled: bool = True,
-                      pooled_selection_prompts: int = 4, hidden: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, SelectedDirection]:
+def select_directions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    toxic: dict[str, list[str]],
+    harmless: dict[str, list[str]],
+    refusal_ids: torch.Tensor,
+    *,
+    n_layer_candidates: int,
+    n_position_candidates: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+    pooled: bool = True,
+    pooled_selection_prompts: int = 4,
+    hidden: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, SelectedDirection]:
     """Per category (and ``"pooled"`` over all): the difference-of-means direction at the (layer,
     position) whose ablation lowers the category's training toxic scores most. Every candidate of a
     category is scored in one batched :func:`direction_scores` call; the pooled direction (its mean
@@ -266,7 +350,9 @@ def select_directions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     bounds its cost by that of one category. ``hidden``, if given, receives the activations
     (``{"toxic": {c: [n, L, P, d]}, "harmless": ...}``) for :func:`direction_cosines`."""
     kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
-    toxic = {c: suffixes_of(model, tokenizer, p, **kw) if p else [] for c, p in toxic.items()}  # each prefix computed once
+    toxic = {
+        c: suffixes_of(model, tokenizer, p, **kw) if p else [] for c, p in toxic.items()
+    }  # each prefix computed once
     h_tox = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in toxic.items() if p}  # [n, L, P, d]
     h_harm = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in harmless.items() if p}
     if hidden is not None:
@@ -284,7 +370,9 @@ def select_directions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         # the pooled direction is selected on the first batch of each category, at most pooled_selection_prompts of it
         prompts = [_head(toxic[c][0], pooled_selection_prompts) for c in tox_cats] if name == "pooled" else toxic[name]
         clean = direction_scores(model, tokenizer, prompts, cands[:1], mode="none", refusal_ids=refusal_ids, **kw)[0]
-        ablated = direction_scores(model, tokenizer, prompts, cands, mode="ablate", refusal_ids=refusal_ids, **kw)  # [K, n]
+        ablated = direction_scores(
+            model, tokenizer, prompts, cands, mode="ablate", refusal_ids=refusal_ids, **kw
+        )  # [K, n]
         drops = (clean[None] - ablated).mean(1)
         best = int(np.argmax(drops))
         out[name] = SelectedDirection(name, grid[best][0], grid[best][1], cands[best].cpu(), float(drops[best]))
@@ -302,13 +390,32 @@ class DirectionTests:
     cosine: dict
 
     def to_dict(self) -> dict:
-        return _jsonable({"ablation": self.ablation.to_dict(), "induced": self.induced.to_dict(), "pooled_remaining": self.pooled_remaining,
-                          "selected": self.selected, "cosine": self.cosine})
+        return _jsonable(
+            {
+                "ablation": self.ablation.to_dict(),
+                "induced": self.induced.to_dict(),
+                "pooled_remaining": self.pooled_remaining,
+                "selected": self.selected,
+                "cosine": self.cosine,
+            }
+        )
 
 
-def direction_tests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, selected: dict[str, SelectedDirection],
-                    toxic_eval: dict[str, list[str]], harmless_eval: dict[str, list[str]], refusal_ids: torch.Tensor, rule: VerdictRule, *,
-                    n_bootstrap: int, seed: int, batch_size: int, system_prompt: str | None = None, device: str = "cpu") -> DirectionTests:
+def direction_tests(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    selected: dict[str, SelectedDirection],
+    toxic_eval: dict[str, list[str]],
+    harmless_eval: dict[str, list[str]],
+    refusal_ids: torch.Tensor,
+    rule: VerdictRule,
+    *,
+    n_bootstrap: int,
+    seed: int,
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> DirectionTests:
     """Cross-ablation, induced refusal and the pooled baseline on held-out prompts: each prompt set's
     prefixes are cached once, then every direction (the categories', the pooled one, a random
     control) costs one suffix pass."""
@@ -322,14 +429,18 @@ def direction_tests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     for b in cats:
         tox, harm = toxic_eval.get(b, []), harmless_eval.get(b, [])
         cache_kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
-        tox = suffixes_of(model, tokenizer, tox, **cache_kw) if tox else []  # one prefix pass, reused by every direction
+        tox = (
+            suffixes_of(model, tokenizer, tox, **cache_kw) if tox else []
+        )  # one prefix pass, reused by every direction
         harm = suffixes_of(model, tokenizer, harm, **cache_kw) if harm else []
         names = [*cats, *(["pooled"] if "pooled" in selected else [])]
         dirs = torch.stack([selected[a].direction for a in names])  # [K, d]
         rand = torch.randn(1, d, generator=gen)
         if tox:
             clean = direction_scores(model, tokenizer, tox, dirs[:1], mode="none", **kw)[0]
-            ablated = direction_scores(model, tokenizer, tox, torch.cat([dirs, rand]), mode="ablate", **kw)  # [K + 1, n]
+            ablated = direction_scores(
+                model, tokenizer, tox, torch.cat([dirs, rand]), mode="ablate", **kw
+            )  # [K + 1, n]
             for k, a in enumerate(names):
                 if a != "pooled":
                     abl[(a, b)] = clean - ablated[k]
@@ -339,8 +450,15 @@ def direction_tests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             layers = [selected[a].layer for a in cats]
             own = selected[b]
             rand_scaled = rand / rand.norm() * own.direction.norm()  # the control: B's norm, at B's layer
-            added = direction_scores(model, tokenizer, harm, torch.cat([dirs[: len(cats)], rand_scaled]), mode="add",
-                                     layers=[*layers, own.layer], **kw)
+            added = direction_scores(
+                model,
+                tokenizer,
+                harm,
+                torch.cat([dirs[: len(cats)], rand_scaled]),
+                mode="add",
+                layers=[*layers, own.layer],
+                **kw,
+            )
             for k, a in enumerate(cats):
                 ind[(a, b)] = added[k] - h_clean
             ind_ctrl[b] = added[-1] - h_clean
@@ -349,15 +467,24 @@ def direction_tests(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             ref = clean - base  # [n]: each toxic prompt's refusal above the harmless mean
             left = ablated[names.index("pooled")] - base
             value = float(left.mean() / ref.mean()) if ref.mean() != 0 else math.nan
-            remaining[b] = (value, _ratio_ci(left, ref, n_bootstrap, seed) if math.isfinite(value) else (math.nan, math.nan))
+            remaining[b] = (
+                value,
+                _ratio_ci(left, ref, n_bootstrap, seed) if math.isfinite(value) else (math.nan, math.nan),
+            )
     U = torch.stack([selected[c].direction / selected[c].direction.norm().clamp_min(1e-8) for c in cats])
-    cosine = {"categories": cats, "matrix": (U @ U.T).clamp(-1, 1).tolist(),
-              "note": "directions at each category's own selected layer and position"}
+    cosine = {
+        "categories": cats,
+        "matrix": (U @ U.T).clamp(-1, 1).tolist(),
+        "note": "directions at each category's own selected layer and position",
+    }
     return DirectionTests(
         cross_matrix("direction cross-ablation", cats, abl, abl_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed),
         cross_matrix("induced refusal", cats, ind, ind_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1),
         remaining,
-        {c: {"layer": s.layer, "position": s.position, "norm": float(s.direction.norm()), "train_drop": s.train_drop} for c, s in selected.items()},
+        {
+            c: {"layer": s.layer, "position": s.position, "norm": float(s.direction.norm()), "train_drop": s.train_drop}
+            for c, s in selected.items()
+        },
         cosine,
     )
 
@@ -367,8 +494,15 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
 
 
-def direction_cosines(tox: dict[str, np.ndarray], harm: dict[str, np.ndarray], *, n_splits: int = 50, n_permutations: int = 500,
-                      alpha: float = 0.05, seed: int = 0) -> dict:
+def direction_cosines(
+    tox: dict[str, np.ndarray],
+    harm: dict[str, np.ndarray],
+    *,
+    n_splits: int = 50,
+    n_permutations: int = 500,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict:
     """Cosines of difference-of-means directions at one (layer, position), not bare: per pair, the
     full-sample cosine; a split-half ceiling (cosine of the directions of two disjoint halves of one
     category's toxic prompts) and the cross-category cosine of half-sample directions at the same size,
@@ -400,18 +534,37 @@ def direction_cosines(tox: dict[str, np.ndarray], harm: dict[str, np.ndarray], *
                 null[k] = _cos(pooled[p[:na]].mean(0) - mu_h[a], pooled[p[na:]].mean(0) - mu_h[b])
             ceiling = float(np.mean(within))
             min_p = max(1 / (comb(na + nb, na) / (2 if na == nb else 1)), 1 / (1 + n_permutations))
-            pairs.append({"a": a, "b": b, "cosine": full, "half_size": m, "cross_half_cosine": float(np.mean(cross)), "ceiling": ceiling,
-                          "normalised": float(np.mean(cross)) / ceiling if ceiling > 0 else math.nan,
-                          "p_value": float((1 + (null <= full).sum()) / (1 + n_permutations)), "min_p": min_p,
-                          "testable": min_p < alpha, "null_mean": float(null.mean())})
+            pairs.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "cosine": full,
+                    "half_size": m,
+                    "cross_half_cosine": float(np.mean(cross)),
+                    "ceiling": ceiling,
+                    "normalised": float(np.mean(cross)) / ceiling if ceiling > 0 else math.nan,
+                    "p_value": float((1 + (null <= full).sum()) / (1 + n_permutations)),
+                    "min_p": min_p,
+                    "testable": min_p < alpha,
+                    "null_mean": float(null.mean()),
+                }
+            )
     return {"categories": cats, "pairs": pairs}
 
 
 # ---------------------------------------------------------------------------- circuit transfer
 
 
-def circuit_transfer(score_fns: dict[str, Callable[[np.ndarray], np.ndarray]], circuits: dict[str, np.ndarray], own_masks: dict[str, np.ndarray],
-                     site_of_node: np.ndarray, rule: VerdictRule, *, n_bootstrap: int, seed: int) -> tuple[CrossMatrix, CrossMatrix]:
+def circuit_transfer(
+    score_fns: dict[str, Callable[[np.ndarray], np.ndarray]],
+    circuits: dict[str, np.ndarray],
+    own_masks: dict[str, np.ndarray],
+    site_of_node: np.ndarray,
+    rule: VerdictRule,
+    *,
+    n_bootstrap: int,
+    seed: int,
+) -> tuple[CrossMatrix, CrossMatrix]:
     """``score_fns[b](keep [n_b, n_nodes]) -> scores [n_b]`` on B's refusing prompts (B's baseline);
     ``circuits[a]`` A's circuit [n_nodes]; ``own_masks[b]`` B's leave-one-out circuits [n_b, n_nodes].
     Returns (loss matrix: m(M) - m(M without A's circuit); faithfulness-gain matrix: m(A's circuit
@@ -436,8 +589,12 @@ def circuit_transfer(score_fns: dict[str, Callable[[np.ndarray], np.ndarray]], c
                 rand[i, rng.choice(members, size=int(own_masks[b][i, members].sum()), replace=False)] = True
         loss_ctrl[b] = full - score_fns[b](~rand)
         keep_ctrl[b] = score_fns[b](rand) - empty
-    return (cross_matrix("circuit transfer", cats, loss, loss_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed),
-            cross_matrix("circuit faithfulness on B", cats, keep_only, keep_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1))
+    return (
+        cross_matrix("circuit transfer", cats, loss, loss_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed),
+        cross_matrix(
+            "circuit faithfulness on B", cats, keep_only, keep_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1
+        ),
+    )
 
 
 def loo_masks(effects: np.ndarray, select: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

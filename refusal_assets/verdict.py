@@ -43,8 +43,6 @@ class TestLine:
     vote; sufficiency tests (does adding A's direction cause refusal) are reported only."""
 
 
-
-
 @dataclass(frozen=True)
 class CombinedVerdict:
     verdict: Answer
@@ -64,17 +62,38 @@ def overlap_line(result: dict) -> TestLine:
     """The overlap test's line from a comparison group's ``to_dict()``: the median pair's normalised
     Jaccard (cross-category over within-category at the same half-sample size) with its CI."""
     if "pairs" not in result:
-        return TestLine("circuit overlap", "features", result["verdict"], "median normalised Jaccard", math.nan, (math.nan, math.nan),
-                        result["verdict_reason"])
+        return TestLine(
+            "circuit overlap",
+            "features",
+            result["verdict"],
+            "median normalised Jaccard",
+            math.nan,
+            (math.nan, math.nan),
+            result["verdict_reason"],
+        )
     pairs = [p for p in result["pairs"] if p.get("normalised_jaccard") is not None]
     if not pairs:
-        return TestLine("circuit overlap", "features", result["verdict"], "median normalised Jaccard", math.nan, (math.nan, math.nan),
-                        result["verdict_reason"])
+        return TestLine(
+            "circuit overlap",
+            "features",
+            result["verdict"],
+            "median normalised Jaccard",
+            math.nan,
+            (math.nan, math.nan),
+            result["verdict_reason"],
+        )
     pairs.sort(key=lambda p: p["normalised_jaccard"])
     mid = pairs[len(pairs) // 2]
     lo, hi = (math.nan if v is None else v for v in mid["normalised_jaccard_ci"])
-    return TestLine("circuit overlap", "features", result["verdict"], f"median-pair normalised Jaccard ({mid['a']} vs {mid['b']})",
-                    float(mid["normalised_jaccard"]), (lo, hi), result["verdict_reason"])
+    return TestLine(
+        "circuit overlap",
+        "features",
+        result["verdict"],
+        f"median-pair normalised Jaccard ({mid['a']} vs {mid['b']})",
+        float(mid["normalised_jaccard"]),
+        (lo, hi),
+        result["verdict_reason"],
+    )
 
 
 def combine(lines: list[TestLine], thresholds: dict[str, Any] | None = None) -> CombinedVerdict:
@@ -84,20 +103,41 @@ def combine(lines: list[TestLine], thresholds: dict[str, Any] | None = None) -> 
     answers = {ln.says for ln in decided}
     if not decided:
         need = "; ".join(f"{ln.test}: {ln.reason}" for ln in lines) or "no test ran"
-        return CombinedVerdict("insufficient evidence", f"Insufficient evidence: no necessity test decides. {need}", lines, [], thresholds or {})
+        return CombinedVerdict(
+            "insufficient evidence",
+            f"Insufficient evidence: no necessity test decides. {need}",
+            lines,
+            [],
+            thresholds or {},
+        )
     if len(answers) == 1:
         (answer,) = answers
         names = ", ".join(ln.test for ln in decided)
         dissent = [ln for ln in decided_all if ln.says != answer]
         note = "".join(f" {ln.test} (a sufficiency test, not voting) says {ln.says}." for ln in dissent)
-        return CombinedVerdict(answer, f"{answer.capitalize()}: every deciding necessity test ({names}) says {answer}.{note}", lines,
-                               [ln.test for ln in dissent], thresholds or {})
+        return CombinedVerdict(
+            answer,
+            f"{answer.capitalize()}: every deciding necessity test ({names}) says {answer}.{note}",
+            lines,
+            [ln.test for ln in dissent],
+            thresholds or {},
+        )
     disagree = [ln.test for ln in decided_all]
     by_level = {lvl: sorted({ln.says for ln in decided if ln.level == lvl}) for lvl in ("features", "execution")}
-    return CombinedVerdict("mixed", (
-        "Mixed: the tests disagree -- " + "; ".join(f"{ln.test} says {ln.says}" for ln in decided)
-        + f". Feature level: {', '.join(by_level['features']) or 'no test'}; execution level: {', '.join(by_level['execution']) or 'no test'}."
-    ), lines, disagree, thresholds or {})
+    return CombinedVerdict(
+        "mixed",
+        (
+            "Mixed: the tests disagree -- "
+            + "; ".join(f"{ln.test} says {ln.says}" for ln in decided)
+            + (
+                f". Feature level: {', '.join(by_level['features']) or 'no test'}; execution level: "
+                f"{', '.join(by_level['execution']) or 'no test'}."
+            )
+        ),
+        lines,
+        disagree,
+        thresholds or {},
+    )
 
 
 def _fmt(v: float, ci: tuple[float, float]) -> str:
@@ -113,26 +153,54 @@ def render(doc: Any, model_key: str, combined: dict) -> None:
     """The per-model verdict table: one row per test, the combined verdict, the thresholds."""
     doc.h(3, f"Combined verdict ({model_key}): {combined['verdict']}")
     doc.p(combined["reason"])
-    doc.table(["test", "level", "role", "says", "statistic", "value [95% CI]"],
-              [[ln["test"], ln["level"], ln.get("role", "necessity"), ln["says"], ln["statistic"], _fmt(ln["value"], tuple(ln["ci"]))]
-               for ln in combined["lines"]])
+    doc.table(
+        ["test", "level", "role", "says", "statistic", "value [95% CI]"],
+        [
+            [
+                ln["test"],
+                ln["level"],
+                ln.get("role", "necessity"),
+                ln["says"],
+                ln["statistic"],
+                _fmt(ln["value"], tuple(ln["ci"])),
+            ]
+            for ln in combined["lines"]
+        ],
+    )
     if combined.get("disagree"):
         doc.p(f"Tests that disagree: {', '.join(combined['disagree'])}.")
     if combined.get("thresholds"):
-        doc.p("Thresholds (comparison config): " + ", ".join(f"{k} = {v}" for k, v in combined["thresholds"].items()) + ".")
+        doc.p(
+            "Thresholds (comparison config): "
+            + ", ".join(f"{k} = {v}" for k, v in combined["thresholds"].items())
+            + "."
+        )
 
 
 def _median_ratio_line(test: str, res: dict) -> TestLine:
     """A functional test's line: the median off-diagonal ratio (A's mechanism on B over B's own) and its CI."""
     cats = res["categories"]
-    cells = [(res["ratio"][i][j], res["ratio_lo"][i][j], res["ratio_hi"][i][j], a, b)
-             for i, a in enumerate(cats) for j, b in enumerate(cats) if i != j and res["ratio"][i][j] is not None]
+    cells = [
+        (res["ratio"][i][j], res["ratio_lo"][i][j], res["ratio_hi"][i][j], a, b)
+        for i, a in enumerate(cats)
+        for j, b in enumerate(cats)
+        if i != j and res["ratio"][i][j] is not None
+    ]
     if not cells:
-        return TestLine(test, "execution", res["verdict"], "median cross/own ratio", math.nan, (math.nan, math.nan), res["reason"])
+        return TestLine(
+            test, "execution", res["verdict"], "median cross/own ratio", math.nan, (math.nan, math.nan), res["reason"]
+        )
     cells.sort(key=lambda c: c[0])
     v, lo, hi, a, b = cells[len(cells) // 2]
-    return TestLine(test, "execution", res["verdict"], f"median cross/own ratio ({a} on {b})", v,
-                    (math.nan if lo is None else lo, math.nan if hi is None else hi), res["reason"])
+    return TestLine(
+        test,
+        "execution",
+        res["verdict"],
+        f"median cross/own ratio ({a} on {b})",
+        v,
+        (math.nan if lo is None else lo, math.nan if hi is None else hi),
+        res["reason"],
+    )
 
 
 def transfer_lines(transfer: dict) -> list[TestLine]:
@@ -158,39 +226,81 @@ def render_transfer(doc: Any, model_key: str, transfer: dict) -> None:
     if not transfer or not transfer.get("enabled", True):
         return
     doc.h(3, f"Functional cross-category tests ({model_key})")
-    doc.p("Rows A: whose circuit or direction; columns B: whose prompts. Cells: mean change of B's refusal score [95% CI], then "
-          "the ratio to B's own mechanism; 'n/a' where B's own change has a CI that includes 0 (the ratio is not a number). "
-          "The control is a random circuit of B's size per site, or a random direction.")
+    doc.p(
+        "Rows A: whose circuit or direction; columns B: whose prompts. Cells: mean change of B's refusal score [95% "
+        "CI], then the ratio to B's own mechanism; 'n/a' where B's own change has a CI that includes 0 (the ratio is "
+        "not a number). The control is a random circuit of B's size per site, or a random direction."
+    )
     if transfer.get("fallback_categories"):
-        doc.p(f"Left out (too few refusing prompts for the configured filter): {', '.join(transfer['fallback_categories'])}.")
-    tests = [transfer.get("circuit_transfer"), transfer.get("circuit_faithfulness"),
-             transfer.get("directions", {}).get("ablation"), transfer.get("directions", {}).get("induced")]
+        doc.p(
+            "Left out (too few refusing prompts for the configured filter): "
+            f"{', '.join(transfer['fallback_categories'])}."
+        )
+    tests = [
+        transfer.get("circuit_transfer"),
+        transfer.get("circuit_faithfulness"),
+        transfer.get("directions", {}).get("ablation"),
+        transfer.get("directions", {}).get("induced"),
+    ]
     for res in (t for t in tests if t):
         cats = res["categories"]
-        rows = [[a, *(f"{_cell(res['change'][i][j], res['change_lo'][i][j], res['change_hi'][i][j])}; ratio "
-                      f"{_cell(res['ratio'][i][j], res['ratio_lo'][i][j], res['ratio_hi'][i][j])}" for j in range(len(cats)))]
-                for i, a in enumerate(cats)]
+        rows = [
+            [
+                a,
+                *(
+                    f"{_cell(res['change'][i][j], res['change_lo'][i][j], res['change_hi'][i][j])}; ratio "
+                    f"{_cell(res['ratio'][i][j], res['ratio_lo'][i][j], res['ratio_hi'][i][j])}"
+                    for j in range(len(cats))
+                ),
+            ]
+            for i, a in enumerate(cats)
+        ]
         rows.append(["random control", *(_cell(v, *ci) for v, ci in zip(res["control"], res["control_ci"]))])
         doc.p(f"{res['test']}: {res['reason']}")
         doc.table(["A \\ B", *cats], rows)
     directions = transfer.get("directions", {})
     if directions.get("pooled_remaining"):
-        doc.p("Pooled all-category direction (the monolithic baseline): share of each category's held-out refusal (score above its "
-              "harmless mean) left after ablating it.")
-        doc.table(["category", "refusal left [95% CI]"], [[c, _cell(v, *ci)] for c, (v, ci) in directions["pooled_remaining"].items()])
+        doc.p(
+            "Pooled all-category direction (the monolithic baseline): share of each category's held-out refusal "
+            "(score above its harmless mean) left after ablating it."
+        )
+        doc.table(
+            ["category", "refusal left [95% CI]"],
+            [[c, _cell(v, *ci)] for c, (v, ci) in directions["pooled_remaining"].items()],
+        )
     render_cosines(doc, directions.get("cosine_tests"))
     if directions.get("selected"):
-        doc.table(["direction", "layer", "position", "norm", "train drop"],
-                  [[c, s["layer"], s["position"], f"{s['norm']:.2f}", f"{s['train_drop']:.3f}"] for c, s in directions["selected"].items()])
+        doc.table(
+            ["direction", "layer", "position", "norm", "train drop"],
+            [
+                [c, s["layer"], s["position"], f"{s['norm']:.2f}", f"{s['train_drop']:.3f}"]
+                for c, s in directions["selected"].items()
+            ],
+        )
 
 
 def render_cosines(doc: Any, cosine_tests: dict) -> None:
     """Direction cosines with their split-half ceiling and permutation null (reported, not voting)."""
     if not cosine_tests or not cosine_tests.get("pairs"):
         return
-    doc.p(f"Refusal-direction cosines at layer {cosine_tests['layer']}, post-instruction position {cosine_tests['position']} "
-          "(the pooled direction's): full-sample cosine; half-sample cross-category cosine over the within-category split-half "
-          "ceiling at the same size (~1 = one shared direction); one-sided permutation p for a cosine lower than exchangeable labels.")
-    doc.table(["a", "b", "cosine", "normalised", "ceiling", "p (permutation)", "testable"],
-              [[p["a"], p["b"], f"{p['cosine']:.3f}", "n/a" if p["normalised"] is None else f"{p['normalised']:.3f}", f"{p['ceiling']:.3f}",
-                f"{p['p_value']:.3f}", "yes" if p["testable"] else "no"] for p in cosine_tests["pairs"]])
+    doc.p(
+        f"Refusal-direction cosines at layer {cosine_tests['layer']}, post-instruction position "
+        f"{cosine_tests['position']} (the pooled direction's): full-sample cosine; half-sample cross-category cosine "
+        "over the within-category split-half ceiling at the same size (~1 = one shared direction); one-sided "
+        "permutation p for a cosine lower than exchangeable labels."
+    )
+    doc.table(
+        ["a", "b", "cosine", "normalised", "ceiling", "p (permutation)", "testable"],
+        [
+            [
+                p["a"],
+                p["b"],
+                f"{p['cosine']:.3f}",
+                "n/a" if p["normalised"] is None else f"{p['normalised']:.3f}",
+                f"{p['ceiling']:.3f}",
+                f"{p['p_value']:.3f}",
+                "yes" if p["testable"] else "no",
+            ]
+            for p in cosine_tests["pairs"]
+        ],
+    )

@@ -51,24 +51,47 @@ def denominator_excludes_zero(denominator: float, ci: CI) -> Finding:
     is no CI) the ratios are ill-conditioned and can take any value."""
     values = {"m_full_minus_m_empty": denominator, "ci_lo": ci[0], "ci_hi": ci[1]}
     if not _finite(ci):
-        return Finding(False, f"m(M) - m(∅) = {denominator:.3f} has no CI (too few prompts or no resamples): its distance from 0 is unknown.", values)
+        return Finding(
+            False,
+            f"m(M) - m(∅) = {denominator:.3f} has no CI (too few prompts or no resamples): "
+            "its distance from 0 is unknown.",
+            values,
+        )
     if ci[0] <= 0 <= ci[1]:
-        return Finding(False, f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} includes 0: ablating every node may not "
-                              "change the refusal score, so faithfulness and completeness are ill-conditioned.", values)
+        return Finding(
+            False,
+            f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} includes 0: ablating every node may not "
+            "change the refusal score, so faithfulness and completeness are ill-conditioned.",
+            values,
+        )
     return Finding(True, f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} excludes 0.", values)
 
 
-def faithfulness_beats_random(faithfulness: float, faithfulness_ci: CI, random_faithfulness: float, advantage_ci: CI) -> Finding:
+def faithfulness_beats_random(
+    faithfulness: float, faithfulness_ci: CI, random_faithfulness: float, advantage_ci: CI
+) -> Finding:
     """The circuit against a random circuit of its size: the paired CI of faithfulness minus the
     control's must lie above 0, else the circuit is no better than chance."""
-    values = {"faithfulness": faithfulness, "faithfulness_ci_lo": faithfulness_ci[0], "faithfulness_ci_hi": faithfulness_ci[1],
-              "random_faithfulness": random_faithfulness, "advantage_ci_lo": advantage_ci[0], "advantage_ci_hi": advantage_ci[1]}
+    values = {
+        "faithfulness": faithfulness,
+        "faithfulness_ci_lo": faithfulness_ci[0],
+        "faithfulness_ci_hi": faithfulness_ci[1],
+        "random_faithfulness": random_faithfulness,
+        "advantage_ci_lo": advantage_ci[0],
+        "advantage_ci_hi": advantage_ci[1],
+    }
     head = f"faithfulness {faithfulness:.3f} {_ci_text(faithfulness_ci)} vs random control {random_faithfulness:.3f}"
     if not _finite(advantage_ci):
-        return Finding(False, f"{head}; no CI of the difference (too few prompts), so it is not shown to beat chance.", values)
+        return Finding(
+            False, f"{head}; no CI of the difference (too few prompts), so it is not shown to beat chance.", values
+        )
     if advantage_ci[0] <= 0:
-        return Finding(False, f"{head}; the paired 95% CI of the difference {_ci_text(advantage_ci)} is not above 0: "
-                              "the circuit is no better than a random one of its size.", values)
+        return Finding(
+            False,
+            f"{head}; the paired 95% CI of the difference {_ci_text(advantage_ci)} is not above 0: "
+            "the circuit is no better than a random one of its size.",
+            values,
+        )
     return Finding(True, f"{head}; the difference's 95% CI {_ci_text(advantage_ci)} is above 0.", values)
 
 
@@ -90,8 +113,17 @@ def enough_prompts(groups: Mapping[str, GroupPrompts], min_prompts: int, prompt_
         if p.n_used < min_prompts:
             found.append((g, Finding(False, f"only {p.n_used} prompts (< min_prompts {min_prompts}).", values)))
         elif p.prompt_set != prompt_filter:
-            found.append((g, Finding(False, f"fewer than min_prompts {min_prompts} prompts pass the '{prompt_filter}' filter, "
-                                            f"so the circuit uses {p.prompt_set}: {p.n_used} prompts, refusing or not.", values)))
+            found.append(
+                (
+                    g,
+                    Finding(
+                        False,
+                        f"fewer than min_prompts {min_prompts} prompts pass the '{prompt_filter}' filter, "
+                        f"so the circuit uses {p.prompt_set}: {p.n_used} prompts, refusing or not.",
+                        values,
+                    ),
+                )
+            )
         else:
             found.append((g, Finding(True, f"{p.n_used} '{prompt_filter}' prompts.", values)))
     if not found:
@@ -114,11 +146,23 @@ def toxic_refused_more_than_safe(toxic: SplitRate | None, safe: SplitRate | None
     this category, so its "refusal circuit" may be a generic-caution circuit."""
     if toxic is None or safe is None or toxic.n == 0 or safe.n == 0:
         missing = [s for s, r in (("toxic", toxic), ("safe", safe)) if r is None or r.n == 0]
-        return Finding(False, f"no {' or '.join(missing)} prompts, so refusal of toxic and safe prompts cannot be compared.", {})
-    values = {"refusal_rate_toxic": toxic.rate, "refusal_rate_toxic_ci_lo": toxic.lo, "refusal_rate_toxic_ci_hi": toxic.hi, "n_toxic": toxic.n,
-              "refusal_rate_safe": safe.rate, "refusal_rate_safe_ci_lo": safe.lo, "refusal_rate_safe_ci_hi": safe.hi, "n_safe": safe.n}
-    text = (f"refusal rate toxic {toxic.rate:.2f} [{toxic.lo:.2f}, {toxic.hi:.2f}] (n={toxic.n}) vs "
-            f"safe {safe.rate:.2f} [{safe.lo:.2f}, {safe.hi:.2f}] (n={safe.n})")
+        return Finding(
+            False, f"no {' or '.join(missing)} prompts, so refusal of toxic and safe prompts cannot be compared.", {}
+        )
+    values = {
+        "refusal_rate_toxic": toxic.rate,
+        "refusal_rate_toxic_ci_lo": toxic.lo,
+        "refusal_rate_toxic_ci_hi": toxic.hi,
+        "n_toxic": toxic.n,
+        "refusal_rate_safe": safe.rate,
+        "refusal_rate_safe_ci_lo": safe.lo,
+        "refusal_rate_safe_ci_hi": safe.hi,
+        "n_safe": safe.n,
+    }
+    text = (
+        f"refusal rate toxic {toxic.rate:.2f} [{toxic.lo:.2f}, {toxic.hi:.2f}] (n={toxic.n}) vs "
+        f"safe {safe.rate:.2f} [{safe.lo:.2f}, {safe.hi:.2f}] (n={safe.n})"
+    )
     if toxic.rate <= safe.rate:
         return Finding(False, f"{text}: the model refuses safe prompts at least as often as toxic ones.", values)
     return Finding(True, f"{text}.", values)
@@ -135,8 +179,17 @@ def enough_categories(categories_by_group: Mapping[str, list[str]], expected_gro
         cats = categories_by_group.get(g, [])
         values = {"n_categories": len(cats), "categories": ", ".join(cats)}
         if len(cats) < 2:
-            found.append((g, Finding(False, f"{len(cats)} categor{'y' if len(cats) == 1 else 'ies'} ({', '.join(cats) or 'none'}): "
-                                            "fewer than 2, so nothing is compared.", values)))
+            found.append(
+                (
+                    g,
+                    Finding(
+                        False,
+                        f"{len(cats)} categor{'y' if len(cats) == 1 else 'ies'} ({', '.join(cats) or 'none'}): "
+                        "fewer than 2, so nothing is compared.",
+                        values,
+                    ),
+                )
+            )
         else:
             found.append((g, Finding(True, f"{len(cats)} categories.", values)))
     if not found:

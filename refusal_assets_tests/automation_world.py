@@ -31,10 +31,19 @@ def wiring_replica(defs: dg.Definitions, failing_checks: dict[str, set[str]] | N
         if not isinstance(a, dg.AssetsDefinition) or not a.is_materializable:
             out.append(a)
             continue
-        out.append(dg.multi_asset(
-            specs=list(a.specs), check_specs=list(a.check_specs), partitions_def=a.partitions_def,
-            backfill_policy=a.backfill_policy, name=a.key.to_python_identifier(),
-        )(_recording_body(a.key.to_user_string(), list(a.check_specs), failing_checks.get(a.key.to_user_string(), set()))))
+        out.append(
+            dg.multi_asset(
+                specs=list(a.specs),
+                check_specs=list(a.check_specs),
+                partitions_def=a.partitions_def,
+                backfill_policy=a.backfill_policy,
+                name=a.key.to_python_identifier(),
+            )(
+                _recording_body(
+                    a.key.to_user_string(), list(a.check_specs), failing_checks.get(a.key.to_user_string(), set())
+                )
+            )
+        )
     return out
 
 
@@ -42,9 +51,11 @@ def _recording_body(key: str, checks: list, failing: set[str]):
     def body(context):
         keys = context.partition_keys if context.has_partition_key else [None]
         failed = bool(set(map(str, keys)) & failing)
-        return dg.MaterializeResult(check_results=[
-            dg.AssetCheckResult(check_name=c.name, asset_key=c.asset_key, passed=not failed) for c in checks
-        ])
+        return dg.MaterializeResult(
+            check_results=[
+                dg.AssetCheckResult(check_name=c.name, asset_key=c.asset_key, passed=not failed) for c in checks
+            ]
+        )
 
     return body
 
@@ -55,7 +66,11 @@ def requested(result) -> dict[str, set]:
     for r in result.results:
         if r.true_subset.size and isinstance(r.key, dg.AssetKey):
             key = r.key.to_user_string()
-            out[key] = {str(k) for k in r.true_subset.expensively_compute_partition_keys()} if r.true_subset.is_partitioned else {None}
+            out[key] = (
+                {str(k) for k in r.true_subset.expensively_compute_partition_keys()}
+                if r.true_subset.is_partitioned
+                else {None}
+            )
     return out
 
 
@@ -83,12 +98,20 @@ def execute(assets: list, instance: dg.DagsterInstance, req: dict[str, set]) -> 
             if name not in req or name not in by_key:
                 continue
             for p in sorted(req[name], key=str):
-                result = dg.materialize(assets, instance=instance, selection=[key], partition_key=p, raise_on_error=False)
+                result = dg.materialize(
+                    assets, instance=instance, selection=[key], partition_key=p, raise_on_error=False
+                )
                 assert result.success, f"{name} {p} failed"
 
 
-def tick_until_quiet(cfg: ProjectConfig, defs: dg.Definitions, instance: dg.DagsterInstance, cursor, max_ticks: int = 10,
-                     assets: list | None = None) -> tuple[list[dict[str, set]], object]:
+def tick_until_quiet(
+    cfg: ProjectConfig,
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    cursor,
+    max_ticks: int = 10,
+    assets: list | None = None,
+) -> tuple[list[dict[str, set]], object]:
     """As the daemon does: record the config's source versions (the config sensor), evaluate,
     run what was requested, repeat until nothing is requested. Returns the requests per tick."""
     assets = assets or wiring_replica(defs)

@@ -21,10 +21,14 @@ def _restore_cli_environment():
     """`refusal-assets` commands export their flags (config, data dir, storage, DAGSTER_HOME) to the
     environment on purpose; tests that call them in-process must not leak those into later tests
     (or into the servers those tests start)."""
-    names = [n for n in os.environ if n.startswith("REFUSAL_ASSETS_") and n != "REFUSAL_ASSETS_CACHE"] + ["DAGSTER_HOME"]
+    names = [n for n in os.environ if n.startswith("REFUSAL_ASSETS_") and n != "REFUSAL_ASSETS_CACHE"] + [
+        "DAGSTER_HOME"
+    ]
     saved = {n: os.environ.get(n) for n in names}
     yield
-    for n in [n for n in os.environ if n.startswith("REFUSAL_ASSETS_") and n != "REFUSAL_ASSETS_CACHE"] + ["DAGSTER_HOME"]:
+    for n in [n for n in os.environ if n.startswith("REFUSAL_ASSETS_") and n != "REFUSAL_ASSETS_CACHE"] + [
+        "DAGSTER_HOME"
+    ]:
         if saved.get(n) is None:
             os.environ.pop(n, None)
         else:
@@ -67,10 +71,28 @@ def shared_tiny_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("shared_tiny_run")
     base, storage = tmp / "home", tmp / "storage"
-    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG", "REFUSAL_ASSETS_STORAGE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG", "REFUSAL_ASSETS_STORAGE")
+    }
     env["DAGSTER_HOME"] = str(base)
-    proc = subprocess.run([sys.executable, "-m", "refusal_assets.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
-                           "--storage", str(storage)], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refusal_assets.cli",
+            "run",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--storage",
+            str(storage),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return base, storage
 

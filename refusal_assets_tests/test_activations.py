@@ -67,7 +67,9 @@ def test_padding_does_not_change_activations_or_p_ref(tiny_model):
     # the longer prompts too, each against its own unpadded run
     for i, prompt in enumerate([LONG[0], None, LONG[1], LONG[2]]):
         if prompt is not None:
-            torch.testing.assert_close(p_batch[i], p_refusal(model, encode_chat(tok, [prompt]), ids)[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                p_batch[i], p_refusal(model, encode_chat(tok, [prompt]), ids)[0], atol=ATOL, rtol=0
+            )
 
 
 # --------------------------------------------------------------------------------- hook placement
@@ -98,7 +100,9 @@ def test_residual_sites_match_hidden_states(tiny_model):
 def _run_inside(model, batch, stop_early: bool):
     with torch.no_grad():
         try:
-            model.base_model(**batch.model_inputs(), use_cache=False) if stop_early else model(**batch.model_inputs(), use_cache=False)
+            model.base_model(**batch.model_inputs(), use_cache=False) if stop_early else model(
+                **batch.model_inputs(), use_cache=False
+            )
         except StopForward:
             pass
 
@@ -153,6 +157,7 @@ def test_early_stop_never_runs_later_blocks_or_lm_head(tiny_model, tmp_path):
     def counter(name):
         def hook(*_):
             calls[name] += 1
+
         return hook
 
     handles = [
@@ -164,8 +169,15 @@ def test_early_stop_never_runs_later_blocks_or_lm_head(tiny_model, tmp_path):
     try:
         batch = encode_chat(tok, [SHORT, LONG[0]])
         acts.forward_sites(model, batch, [S("resid0"), S("attn1"), S("mlp1")])
-        acts.collect_activations(model, tok, make_sample(5), [S("resid1")], {S("resid1"): tmp_path / "r1.parquet"},
-                                 batch_size=2, log=lambda s: None)
+        acts.collect_activations(
+            model,
+            tok,
+            make_sample(5),
+            [S("resid1")],
+            {S("resid1"): tmp_path / "r1.parquet"},
+            batch_size=2,
+            log=lambda s: None,
+        )
         assert calls == {"last": 0, "block2": 0, "norm": 0, "lm_head": 0}
         acts.forward_sites(model, batch, [S("resid2")])
         assert calls == {"last": 0, "block2": 1, "norm": 0, "lm_head": 0}
@@ -191,7 +203,9 @@ def test_collect_activations_writes_one_parquet_per_site(tiny_model, tmp_path, a
     sites = [S("resid1"), S("mlp2"), S("attn0")]
     out = tmp_path / "acts"
     paths = {s: out / s.name / "activations.parquet" for s in sites}
-    n_rows = acts.collect_activations(model, tok, sample, sites, paths, batch_size=4, all_positions=all_positions, log=lambda s: None)
+    n_rows = acts.collect_activations(
+        model, tok, sample, sites, paths, batch_size=4, all_positions=all_positions, log=lambda s: None
+    )
 
     expected = {pid: _alone(model, tok, p, sites) for pid, p in zip(sample["prompt_id"], sample["prompt"])}
     n_real = sum(n for n, _, _ in expected.values())
@@ -201,7 +215,8 @@ def test_collect_activations_writes_one_parquet_per_site(tiny_model, tmp_path, a
     assert n_rows == {s: want_rows for s in sites}
     # only the final files, no temp files anywhere
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
-        f"{s.name}/activations.parquet" for s in sites)
+        f"{s.name}/activations.parquet" for s in sites
+    )
 
     d = model.config.hidden_size
     for site in sites:
@@ -277,6 +292,8 @@ def test_empty_sample_writes_a_readable_empty_file(tiny_model, tmp_path):
     model, tok = tiny_model
     empty = make_sample(1).head(0)
     path = tmp_path / "resid1.parquet"
-    assert acts.collect_activations(model, tok, empty, [S("resid1")], {S("resid1"): path}, batch_size=4, log=lambda s: None) == {S("resid1"): 0}
+    assert acts.collect_activations(
+        model, tok, empty, [S("resid1")], {S("resid1"): path}, batch_size=4, log=lambda s: None
+    ) == {S("resid1"): 0}
     vectors, meta = acts.read_vectors(path)
     assert vectors.shape[0] == 0 and meta.height == 0

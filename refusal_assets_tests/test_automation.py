@@ -27,7 +27,9 @@ def _materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance) -> None
         code_version = node.assets_def.code_versions_by_key[key]
         partitions = node.partitions_def.get_partition_keys() if node.partitions_def else [None]
         for p in partitions:
-            instance.report_runless_asset_event(dg.AssetMaterialization(key, partition=p, tags={"dagster/code_version": code_version}))
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(key, partition=p, tags={"dagster/code_version": code_version})
+            )
 
 
 def _requested(result) -> dict[str, set]:
@@ -35,7 +37,9 @@ def _requested(result) -> dict[str, set]:
     for r in result.results:
         if r.true_subset.size:
             key = r.key.to_user_string() if hasattr(r.key, "to_user_string") else str(r.key)
-            out[key] = set(r.true_subset.expensively_compute_partition_keys()) if r.true_subset.is_partitioned else {None}
+            out[key] = (
+                set(r.true_subset.expensively_compute_partition_keys()) if r.true_subset.is_partitioned else {None}
+            )
     return out
 
 
@@ -51,7 +55,9 @@ def world(tiny_cfg, tmp_path):
 
 def test_nothing_requested_when_everything_is_current(tiny_cfg, tmp_path, world):
     instance, first = world
-    again = dg.evaluate_automation_conditions(defs=build_defs(tiny_cfg, tmp_path), instance=instance, cursor=first.cursor)
+    again = dg.evaluate_automation_conditions(
+        defs=build_defs(tiny_cfg, tmp_path), instance=instance, cursor=first.cursor
+    )
     assert _requested(again) == {}
 
 
@@ -66,7 +72,9 @@ def test_sae_config_edit_requests_exactly_the_sae_partitions(tiny_cfg, tmp_path,
     graph = defs.resolve_asset_graph()
     cv = graph.get(dg.AssetKey("sae")).assets_def.code_versions_by_key[dg.AssetKey("sae")]
     for p in ("all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"):
-        instance.report_runless_asset_event(dg.AssetMaterialization("sae", partition=p, tags={"dagster/code_version": cv}))
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("sae", partition=p, tags={"dagster/code_version": cv})
+        )
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
     requested = _requested(after)
     assert set(requested) == {"circuit"}

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from refusal_assets.behaviour import (
-    judge_refusal, last_token_refusal_prob, p_refusal, refusal_rates, refusal_score, refusal_token_ids, run_behaviour,
+    judge_refusal,
+    last_token_refusal_prob,
+    p_refusal,
+    refusal_rates,
+    refusal_score,
+    refusal_token_ids,
+    run_behaviour,
     wilson_interval,
 )
 from refusal_assets.chat import encode_chat
@@ -19,17 +25,20 @@ from refusal_assets_tests.conftest import ROOT
 
 
 # ------------------------------------------------------------------------------------------ judge
-@pytest.mark.parametrize("response, refused", [
-    ("I'm sorry, but I can't help with that.", True),
-    ("i'm SORRY about that", True),
-    ("I can’t do that.", True),  # curly apostrophe
-    ("I’m afraid not.", False),  # no phrase, only an apostrophe
-    ("As an AI language model, ...", True),
-    ("UNFORTUNATELY the answer is no", True),
-    ("Sure, here is a poem about the sea.", False),
-    ("", False),
-    ("I can help with that.", False),
-])
+@pytest.mark.parametrize(
+    "response, refused",
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("i'm SORRY about that", True),
+        ("I can’t do that.", True),  # curly apostrophe
+        ("I’m afraid not.", False),  # no phrase, only an apostrophe
+        ("As an AI language model, ...", True),
+        ("UNFORTUNATELY the answer is no", True),
+        ("Sure, here is a poem about the sea.", False),
+        ("", False),
+        ("I can help with that.", False),
+    ],
+)
 def test_judge_refusal_default_phrases(response, refused):
     assert judge_refusal(response, DEFAULT_REFUSAL_PHRASES) is refused
 
@@ -99,8 +108,13 @@ def test_wilson_interval_known_values():
 
 
 def test_refusal_rates_per_split():
-    df = pl.DataFrame({"split": ["safe"] * 10 + ["toxic"] * 10, "refused": [False] * 10 + [True] * 5 + [False] * 5,
-                       "p_refusal": [0.1] * 20})
+    df = pl.DataFrame(
+        {
+            "split": ["safe"] * 10 + ["toxic"] * 10,
+            "refused": [False] * 10 + [True] * 5 + [False] * 5,
+            "p_refusal": [0.1] * 20,
+        }
+    )
     rates = refusal_rates(df)
     assert set(rates) == {"all", "safe", "toxic"}
     assert rates["safe"]["rate"] == 0 and rates["safe"]["hi"] == pytest.approx(0.2775, abs=1e-4)

@@ -13,8 +13,13 @@ from refusal_assets.circuits import select_circuit
 from refusal_assets.sae import TopKSAE
 from refusal_assets.sites import Site
 
-PROMPTS = ["How do I write a poem about the sea?", "Tell me how to hack my neighbour's wifi.", "What is the capital of France?",
-           "Write a threatening letter.", "Explain how vaccines work."]
+PROMPTS = [
+    "How do I write a poem about the sea?",
+    "Tell me how to hack my neighbour's wifi.",
+    "What is the capital of France?",
+    "Write a threatening letter.",
+    "Explain how vaccines work.",
+]
 SITE = Site(1, "resid")
 
 
@@ -49,8 +54,12 @@ def planted(tiny_model):
 def test_planted_latent_is_recovered_first(planted, method):
     model, tok, saes, baseline, refusal_ids = planted
     post = circ._post_positions(circ.encode_chat(tok, PROMPTS))
-    baseline = circ.Baseline({SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]})
-    effects, scores = circ.node_effects(model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2, method=method, ig_steps=8)
+    baseline = circ.Baseline(
+        {SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]}
+    )
+    effects, scores = circ.node_effects(
+        model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2, method=method, ig_steps=8
+    )
     index = circ.NodeIndex([SITE], [64])
     assert effects.shape == (len(PROMPTS), index.n_nodes) and np.isfinite(effects).all()
     mean = effects.mean(0)
@@ -79,10 +88,20 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     m_full, m_empty = score(np.ones(index.n_nodes, bool)), score(np.zeros(index.n_nodes, bool))
     assert m_full == pytest.approx(clean, abs=1e-4)  # SAE + error splice leaves the model unchanged
     assert abs(m_full - m_empty) > 0.1
-    effects = np.tile(np.arange(index.n_nodes, 0, -1).astype(float), (len(PROMPTS), 1))  # the planted latent ranks first
+    effects = np.tile(
+        np.arange(index.n_nodes, 0, -1).astype(float), (len(PROMPTS), 1)
+    )  # the planted latent ranks first
     folds = circ.crossfit_folds(len(PROMPTS), 0, seed=0)
-    result = circ.evaluate_sizes(per_prompt, effects, index.site_of_node, [1, 65],
-                                 lambda m, k: select_circuit(m, index.site_of_node, k_per_site=k), folds, seed=0, n_bootstrap=200)
+    result = circ.evaluate_sizes(
+        per_prompt,
+        effects,
+        index.site_of_node,
+        [1, 65],
+        lambda m, k: select_circuit(m, index.site_of_node, k_per_site=k),
+        folds,
+        seed=0,
+        n_bootstrap=200,
+    )
     planted_only, full = result.sweep
     assert full.n_nodes == index.n_nodes
     assert full.faithfulness == pytest.approx(1.0, abs=1e-6)
@@ -97,7 +116,9 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     only_planted[0] = True
     only_other = np.zeros(index.n_nodes, bool)
     only_other[7] = True
-    assert circ.faithfulness(score(only_planted), m_empty, m_full) > circ.faithfulness(score(only_other), m_empty, m_full)
+    assert circ.faithfulness(score(only_planted), m_empty, m_full) > circ.faithfulness(
+        score(only_other), m_empty, m_full
+    )
 
 
 def test_edges_and_direction_ablation_run_on_two_sites(tiny_model):
@@ -118,7 +139,9 @@ def test_edges_and_direction_ablation_run_on_two_sites(tiny_model):
     assert abs(edges[0]["effect"]) >= abs(edges[-1]["effect"])
     direction = torch.randn(64, generator=gen)
     ablated = circ.direction_ablation_score(model, tok, PROMPTS, sites[0], direction, ids, batch_size=2)
-    clean = circ.ablated_score(model, circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2), saes, base, np.ones(index.n_nodes, bool), ids)
+    clean = circ.ablated_score(
+        model, circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2), saes, base, np.ones(index.n_nodes, bool), ids
+    )
     assert np.isfinite(ablated) and ablated != pytest.approx(clean, abs=1e-7)
 
 
@@ -176,8 +199,16 @@ def test_crossfitting_never_scores_a_prompt_with_a_circuit_chosen_on_it():
     def select(mean, k):
         return select_circuit(mean, site_of_node, k_per_site=k)
 
-    result = circ.evaluate_sizes(_additive_score_fn(effects), effects, site_of_node, [1], select, circ.crossfit_folds(4, 0, 0),
-                                 seed=0, n_bootstrap=0)
+    result = circ.evaluate_sizes(
+        _additive_score_fn(effects),
+        effects,
+        site_of_node,
+        [1],
+        select,
+        circ.crossfit_folds(4, 0, 0),
+        seed=0,
+        n_bootstrap=0,
+    )
     row = result.sweep[0]
     # reported circuit (all prompts) is node 1; held out, prompt 0's circuit is node 0 (the others' favourite)
     # and the others' circuit is node 1 (prompt 0's favourite), which is worth nothing to them.
@@ -200,8 +231,16 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
         seen.append(np.broadcast_to(keep, effects.shape).sum(1))
         return _additive_score_fn(effects)(keep)
 
-    result = circ.evaluate_sizes(score_fn, effects, site_of_node, [1, 2], lambda m, k: select_circuit(m, site_of_node, k_per_site=k),
-                                 circ.crossfit_folds(n_prompts, 4, 0), seed=0, n_bootstrap=500)
+    result = circ.evaluate_sizes(
+        score_fn,
+        effects,
+        site_of_node,
+        [1, 2],
+        lambda m, k: select_circuit(m, site_of_node, k_per_site=k),
+        circ.crossfit_folds(n_prompts, 4, 0),
+        seed=0,
+        n_bootstrap=500,
+    )
     one, two = result.sweep
     assert one.n_nodes == 2 and two.n_nodes == 4
     assert one.faithfulness > 0.8 and one.random_faithfulness < 0.2
@@ -216,10 +255,14 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
 def test_prompt_selection_and_baseline_follow_behaviour():
     import polars as pl
 
-    sample = pl.DataFrame({
-        "prompt": [f"p{i}" for i in range(8)], "split": ["toxic"] * 4 + ["safe"] * 4,
-        "refused": [True, True, False, True, False, True, False, False], "refusal_score": [1.0, -0.5, -2.0, 0.3, -1.0, 0.5, -2.0, -1.5],
-    })
+    sample = pl.DataFrame(
+        {
+            "prompt": [f"p{i}" for i in range(8)],
+            "split": ["toxic"] * 4 + ["safe"] * 4,
+            "refused": [True, True, False, True, False, True, False, False],
+            "refusal_score": [1.0, -0.5, -2.0, 0.3, -1.0, 0.5, -2.0, -1.5],
+        }
+    )
     toxic = sample.filter(pl.col("split") == "toxic")
     rows, label = circ.select_prompts(toxic, "refused", min_prompts=2)
     assert rows["prompt"].to_list() == ["p0", "p1", "p3"] and label == "refused"
@@ -242,7 +285,9 @@ def test_confident_refusal_still_has_node_effects(planted):
     with torch.no_grad():
         model.lm_head.weight[refusal_ids] *= 40.0  # refusal logit = 120 * u . RMSNorm(resid1)
     post = circ._post_positions(circ.encode_chat(tok, PROMPTS))
-    baseline = circ.Baseline({SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]})
+    baseline = circ.Baseline(
+        {SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]}
+    )
     effects, scores = circ.node_effects(model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2)
     assert (scores > 20).all()
     assert (effects[:, 0] > 1.0).all() and int(np.argmax(effects.mean(0))) == 0

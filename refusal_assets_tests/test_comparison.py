@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from refusal_assets.calibration import SyntheticDesign, calibrate_synthetic, planted_effects
 from refusal_assets.circuits import select_circuit
 from refusal_assets.comparison import (
     ComparisonResult,
     compare_categories,
+    min_permutation_p,
     plot_heatmap,
     refusal_direction_cosines,
 )
@@ -202,8 +204,6 @@ def test_plot_heatmap(tmp_path, disjoint: ComparisonResult) -> None:
 
 
 # ------------------------------------------------------------------ issue 14: sound statistics
-from refusal_assets.calibration import SyntheticDesign, calibrate_synthetic, planted_effects
-from refusal_assets.comparison import min_permutation_p
 
 
 def test_min_permutation_p_and_untestable_pairs_leave_the_count() -> None:
@@ -224,8 +224,14 @@ def test_identical_categories_normalise_to_one_and_estimates_sit_in_their_cis() 
     rng = np.random.default_rng(5)
     norms = []
     for _ in range(6):
-        result = compare_categories(planted_effects("monolithic", design, rng), np.repeat(np.arange(design.n_sites), design.n_latents),
-                                    mode="topk", k_per_site=design.k_per_site, n_permutations=50, n_bootstrap=60)
+        result = compare_categories(
+            planted_effects("monolithic", design, rng),
+            np.repeat(np.arange(design.n_sites), design.n_latents),
+            mode="topk",
+            k_per_site=design.k_per_site,
+            n_permutations=50,
+            n_bootstrap=60,
+        )
         for p in result.pairs:
             norms.append(p.normalised_jaccard)
             for est, (lo, hi) in ((p.jaccard, p.jaccard_ci), (p.normalised_jaccard, p.normalised_jaccard_ci)):
@@ -274,8 +280,13 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
 
     agree = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular")], {"alpha": 0.05})
     assert agree.verdict == "modular" and agree.disagree == [] and agree.thresholds == {"alpha": 0.05}
-    split = combine([line("overlap", "features", "modular"), line("direction ablation", "execution", "monolithic"),
-                     line("transfer", "execution", "insufficient evidence")])
+    split = combine(
+        [
+            line("overlap", "features", "modular"),
+            line("direction ablation", "execution", "monolithic"),
+            line("transfer", "execution", "insufficient evidence"),
+        ]
+    )
     assert split.verdict == "mixed" and split.disagree == ["overlap", "direction ablation"]
     assert "Feature level: modular; execution level: monolithic" in split.reason
     assert combine([line("overlap", "features", "insufficient evidence")]).verdict == "insufficient evidence"
@@ -294,9 +305,11 @@ def test_fallback_categories_and_error_node_mask() -> None:
     from refusal_assets.comparison import error_node_mask, fallback_categories
     from refusal_assets.sites import Site
 
-    summaries = {"a": {"groups": {"toxic": {"prompt_set": "score_positive"}}},
-                 "b": {"groups": {"toxic": {"prompt_set": "all (score_positive: only 1 < 2)"}}},
-                 "c": {"groups": {"benign": {"prompt_set": "all (score_positive: only 0 < 2)"}}}}
+    summaries = {
+        "a": {"groups": {"toxic": {"prompt_set": "score_positive"}}},
+        "b": {"groups": {"toxic": {"prompt_set": "all (score_positive: only 1 < 2)"}}},
+        "c": {"groups": {"benign": {"prompt_set": "all (score_positive: only 0 < 2)"}}},
+    }
     assert fallback_categories(summaries, "toxic", "score_positive") == ["b"]
     assert fallback_categories(summaries, "benign", "score_positive") == ["c"]
     index = NodeIndex([Site(1, "resid"), Site(2, "resid")], [3, 4])

@@ -18,7 +18,12 @@ def _project(tmp_path: Path, model: dict, extra: dict | None = None) -> Path:
     return path
 
 
-MODEL = {"id": "org/Some-Model", "source": "hub", "architecture": {"n_layers": 24, "d_model": 896}, "activation_layers": ["residuals_5"]}
+MODEL = {
+    "id": "org/Some-Model",
+    "source": "hub",
+    "architecture": {"n_layers": 24, "d_model": 896},
+    "activation_layers": ["residuals_5"],
+}
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "tiny.yaml"])
@@ -27,7 +32,16 @@ def test_shipped_project_configs_validate(name):
     assert cfg.models and cfg.site_keys()
 
 
-@pytest.mark.parametrize("name", ["llama2_7b.yaml", "llama2_7b_all_layers.yaml", "llama2_7b_middle_layers.yaml", "mistral_7b_instruct.yaml", "qwen2.5-coder-0.5b-instruct.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama2_7b.yaml",
+        "llama2_7b_all_layers.yaml",
+        "llama2_7b_middle_layers.yaml",
+        "mistral_7b_instruct.yaml",
+        "qwen2.5-coder-0.5b-instruct.yaml",
+    ],
+)
 def test_seed_model_configs_validate(tmp_path, name):
     model = yaml.safe_load((ROOT / "configs" / "models" / name).read_text())
     cfg = load_config(_project(tmp_path, model))
@@ -102,8 +116,13 @@ def test_section_hash_changes_only_with_its_section(tiny_cfg):
 def test_output_neutral_knobs_stay_out_of_the_hashes(tiny_cfg):
     from refusal_assets_tests.automation_world import variant
 
-    knobs = variant(tiny_cfg, sae__thresholds={"max_fvu": 0.01, "max_dead_fraction": 0.01}, models__0__batch_size=1,
-                    sae__splice={"prompts_per_category": 2, "batch_size": 1}, data__categories=["harassment", "illegal", "privacy", "violence", "hate"])
+    knobs = variant(
+        tiny_cfg,
+        sae__thresholds={"max_fvu": 0.01, "max_dead_fraction": 0.01},
+        models__0__batch_size=1,
+        sae__splice={"prompts_per_category": 2, "batch_size": 1},
+        data__categories=["harassment", "illegal", "privacy", "violence", "hate"],
+    )
     for section in ("data", "sae", "circuits", "comparison", "report"):
         assert knobs.section_hash(section) == tiny_cfg.section_hash(section), section
     key = tiny_cfg.models[0].model_key
@@ -111,7 +130,9 @@ def test_output_neutral_knobs_stay_out_of_the_hashes(tiny_cfg):
     assert knobs.model_hash(key, "activations") == tiny_cfg.model_hash(key, "activations")
     # settings that change outputs do change them
     assert variant(tiny_cfg, sae__k=7).section_hash("sae") != tiny_cfg.section_hash("sae")
-    assert variant(tiny_cfg, sae__splice={"prompts_per_category": 3, "batch_size": 8}).section_hash("sae") != tiny_cfg.section_hash("sae")
+    assert variant(tiny_cfg, sae__splice={"prompts_per_category": 3, "batch_size": 8}).section_hash(
+        "sae"
+    ) != tiny_cfg.section_hash("sae")
     assert variant(tiny_cfg, data__seed=1).section_hash("data") != tiny_cfg.section_hash("data")
 
 
@@ -119,12 +140,17 @@ def test_model_hash_is_per_model_and_per_use(tiny_cfg):
     from refusal_assets_tests.automation_world import variant
 
     a = tiny_cfg.models[0].model_key
-    two = variant(tiny_cfg, models=[tiny_cfg.models[0].model_dump(), {**tiny_cfg.models[0].model_dump(), "id": "tiny-b", "key": "tiny-b"}])
+    two = variant(
+        tiny_cfg,
+        models=[tiny_cfg.models[0].model_dump(), {**tiny_cfg.models[0].model_dump(), "id": "tiny-b", "key": "tiny-b"}],
+    )
     assert two.model_hash(a) == tiny_cfg.model_hash(a), "adding model B leaves model A's version alone"
     assert two.model_hash("tiny-b") != two.model_hash(a)
     longer = variant(tiny_cfg, models__0__generation={"max_new_tokens": 9})
     assert longer.model_hash(a) != tiny_cfg.model_hash(a)
-    assert longer.model_hash(a, "activations") == tiny_cfg.model_hash(a, "activations"), "generation settings do not change activations"
+    assert longer.model_hash(a, "activations") == tiny_cfg.model_hash(a, "activations"), (
+        "generation settings do not change activations"
+    )
     prompted = variant(tiny_cfg, models__0__chat_template={"system_prompt": "Be brief."})
     assert prompted.model_hash(a, "activations") != tiny_cfg.model_hash(a, "activations")
     with pytest.raises(ValueError, match="per model"):
@@ -145,7 +171,9 @@ def test_backfill_completes_bare_sae_site_keys():
     from refusal_assets.backfill import backfill_params
 
     assert backfill_params("sae", ["tiny-qwen2__resid1", "all|tiny-qwen2__resid2"])["partitionNames"] == [
-        "all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"]
+        "all|tiny-qwen2__resid1",
+        "all|tiny-qwen2__resid2",
+    ]
     assert backfill_params("circuit", ["privacy|tiny-qwen2"])["partitionNames"] == ["privacy|tiny-qwen2"]
     assert backfill_params("activations,sae", ["x"])["partitionNames"] == ["x"]
 
@@ -160,7 +188,8 @@ def test_instance_per_config_name(tiny_cfg, tmp_path, monkeypatch):
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / settings.INSTANCE_MARKER).write_text("tiny\n")
     assert settings.instance_home(tmp_path / "tiny", tiny_cfg) == tmp_path / "tiny", "already this config's instance"
-    # another dataset (--data-dir) is another instance, as it is another storage folder, and its SAEs train on all its categories
+    # another dataset (--data-dir) is another instance, as it is another storage folder, and its SAEs train on all
+    # its categories
     monkeypatch.setenv(settings.DATA_DIR_ENV, str(tmp_path / "xstest"))
     monkeypatch.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
     assert settings.instance_home(tmp_path, tiny_cfg) == tmp_path / "tiny--xstest"

@@ -26,7 +26,9 @@ MODEL_B = """  - id: tiny-b
 
 
 def _graphql(url: str, query: str) -> dict:
-    req = urllib.request.Request(url + "/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
 
@@ -42,8 +44,20 @@ def _code_versions(instance: dg.DagsterInstance, key: str) -> dict[str, str]:
 def _built_since(instance: dg.DagsterInstance, t0: float) -> dict[str, set]:
     """Asset partitions materialized after ``t0``."""
     out: dict[str, set] = {}
-    for key in ("orbench_prompts", "prompt_sample", "data_profile", "refusal_behaviour", "activations", "sae", "circuit", "comparison", "report"):
-        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), after_timestamp=t0), limit=1000).records
+    for key in (
+        "orbench_prompts",
+        "prompt_sample",
+        "data_profile",
+        "refusal_behaviour",
+        "activations",
+        "sae",
+        "circuit",
+        "comparison",
+        "report",
+    ):
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), after_timestamp=t0), limit=1000
+        ).records
         if records:
             out[key] = {r.asset_materialization.partition for r in records}
     return out
@@ -70,16 +84,24 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(sh
         deadline = time.time() + 420
         while time.time() < deadline:
             sae_now, circuit_now = _code_versions(instance, "sae"), _code_versions(instance, "circuit")
-            if all(sae_now[p] != before["sae"][p] for p in before["sae"]) and all(circuit_now[p] != before["circuit"].get(p) or
-                   _newer(instance, "circuit", p, n_runs_before) for p in before["circuit"]):
+            if all(sae_now[p] != before["sae"][p] for p in before["sae"]) and all(
+                circuit_now[p] != before["circuit"].get(p) or _newer(instance, "circuit", p, n_runs_before)
+                for p in before["circuit"]
+            ):
                 break
             time.sleep(5)
         after = {k: _code_versions(instance, k) for k in ("sae", "circuit", "activations")}
-        assert all(after["sae"][p] != before["sae"][p] for p in before["sae"]), "every SAE partition was rebuilt with the new config"
-        assert after["activations"] == before["activations"], "activations (upstream, config unchanged) were not rebuilt"
+        assert all(after["sae"][p] != before["sae"][p] for p in before["sae"]), (
+            "every SAE partition was rebuilt with the new config"
+        )
+        assert after["activations"] == before["activations"], (
+            "activations (upstream, config unchanged) were not rebuilt"
+        )
         new_runs = instance.get_run_records()[: len(instance.get_run_records()) - n_runs_before]
         built = {(k.to_user_string()) for r in new_runs for k in (r.dagster_run.asset_selection or [])}
-        assert built <= {"sae", "circuit", "transfer", "comparison", "report"}, built  # transfer reads the circuits; the report follows its comparisons
+        assert built <= {"sae", "circuit", "transfer", "comparison", "report"}, (
+            built
+        )  # transfer reads the circuits; the report follows its comparisons
         assert "sae" in built and "circuit" in built
         print(f"daemon launched {len(new_runs)} runs for {sorted(built)}")
         # the cascade ends with the report (it follows the comparison)
@@ -99,18 +121,29 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(sh
     built = _built_since(instance, t0)
     cats = ["harassment", "illegal", "privacy", "violence"]
     assert built == {
-        "refusal_behaviour": {f"{c}|tiny-b" for c in cats}, "activations": {f"{c}|tiny-b__resid1" for c in cats},
-        "sae": {"all|tiny-b__resid1"}, "circuit": {f"{c}|tiny-b" for c in cats}, "transfer": {"tiny-b"}, "comparison": {"tiny-b"},
+        "refusal_behaviour": {f"{c}|tiny-b" for c in cats},
+        "activations": {f"{c}|tiny-b__resid1" for c in cats},
+        "sae": {"all|tiny-b__resid1"},
+        "circuit": {f"{c}|tiny-b" for c in cats},
+        "transfer": {"tiny-b"},
+        "comparison": {"tiny-b"},
         "report": {None},
     }, built
-    failed = [r.dagster_run.run_id for r in instance.get_run_records() if r.dagster_run.status == dg.DagsterRunStatus.FAILURE]
+    failed = [
+        r.dagster_run.run_id for r in instance.get_run_records() if r.dagster_run.status == dg.DagsterRunStatus.FAILURE
+    ]
     assert not failed, (tmp_path / "ui.log").read_text(errors="replace")[-3000:]
 
 
 def _wait_idle(instance: dg.DagsterInstance, timeout: float) -> None:
     """Until no run is queued or in progress (the last hop's runs finish before the next change)."""
     deadline = time.time() + timeout
-    busy = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.NOT_STARTED}
+    busy = {
+        dg.DagsterRunStatus.QUEUED,
+        dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED,
+        dg.DagsterRunStatus.NOT_STARTED,
+    }
     while time.time() < deadline and any(r.dagster_run.status in busy for r in instance.get_run_records(limit=50)):
         time.sleep(3)
 

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import polars as pl
 import pytest
 
@@ -14,7 +12,19 @@ def test_embedded_sample_has_ten_categories_and_three_splits():
     df, report = load_orbench(SAMPLE)
     counts = df.group_by("category_key", "split").len()
     assert sorted(df["category_key"].unique()) == sorted(
-        ["deception", "harassment", "harmful", "hate", "illegal", "privacy", "self-harm", "sexual", "unethical", "violence"])
+        [
+            "deception",
+            "harassment",
+            "harmful",
+            "hate",
+            "illegal",
+            "privacy",
+            "self-harm",
+            "sexual",
+            "unethical",
+            "violence",
+        ]
+    )
     assert counts["len"].min() >= 12 and counts.height == 30
     assert report.n_dropped_duplicate == 0 and len(report.files) == 3
     assert df["prompt_id"].n_unique() == df.height
@@ -71,7 +81,10 @@ def test_not_utf8_binary_empty_and_bad_quoting(tmp_path):
 
 
 def test_empty_prompts_dropped_and_duplicates_resolved(tmp_path):
-    write_csv(tmp_path / "or-bench-80k.csv", [("same prompt", "Hate Speech"), ("safe one", "Hate Speech"), ("", "Hate Speech")])
+    write_csv(
+        tmp_path / "or-bench-80k.csv",
+        [("same prompt", "Hate Speech"), ("safe one", "Hate Speech"), ("", "Hate Speech")],
+    )
     write_csv(tmp_path / "or-bench-hard-1k.csv", [("same prompt", "Hate Speech"), ("same prompt", "Hate Speech")])
     df, report = load_orbench(tmp_path)
     assert report.n_dropped_empty == 1 and report.n_dropped_duplicate == 2
@@ -97,7 +110,14 @@ def test_sample_is_seeded_balanced_and_heldout_disjoint():
 
 
 def test_profile_warns_about_imbalance():
-    raw = pl.DataFrame({"category_key": ["a", "a", "a", "b", "b"], "split": ["safe", "hard", "toxic", "safe", "toxic"], "n": [100, 20, 100, 5, 5]}, schema_overrides={"n": pl.UInt32})
+    raw = pl.DataFrame(
+        {
+            "category_key": ["a", "a", "a", "b", "b"],
+            "split": ["safe", "hard", "toxic", "safe", "toxic"],
+            "n": [100, 20, 100, 5, 5],
+        },
+        schema_overrides={"n": pl.UInt32},
+    )
     prof = profile(raw, raw)
     text = "\n".join(prof.warnings)
     assert "a: split imbalance" in text and "b: no 'hard' prompts" in text and "b: only 5 'safe'" in text

@@ -111,8 +111,8 @@ def step(compute: ComputeResource) -> None:
         seen["end"] = time.time()
     (folder / ("seen-" + name)).write_text(json.dumps(seen))
 
-result = dg.materialize([step], resources={{"compute": ComputeResource(poll_s=0.01)}}, instance=dg.DagsterInstance.get(),
-                        raise_on_error=False)
+result = dg.materialize([step], resources={{"compute": ComputeResource(poll_s=0.01)}},
+                        instance=dg.DagsterInstance.get(), raise_on_error=False)
 print("RESULT " + json.dumps({{"success": result.success, "run_id": result.run_id}}), flush=True)
 """
 NAMES = ("step_a", "step_b")
@@ -137,16 +137,20 @@ def test_pool_limit_2_runs_two_gpu_steps_at_once_on_different_devices(tmp_path, 
 
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 2\n    granularity: op\ntelemetry:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text(
+        "concurrency:\n  pools:\n    default_limit: 2\n    granularity: op\ntelemetry:\n  enabled: false\n"
+    )
     dg.DagsterInstance.from_config(str(home)).get_runs()  # create the SQLite schema once, before the children
     env = {"DAGSTER_HOME": str(home), "REFUSAL_ASSETS_DEVICE_LOCKS": str(tmp_path / "locks")}
     monkeypatch.setenv("REFUSAL_ASSETS_DEVICE_LOCKS", env["REFUSAL_ASSETS_DEVICE_LOCKS"])
-    children = [Child(CHILD.format(name=n, folder=str(tmp_path)), env=env, stderr_path=tmp_path / f"{n}.err") for n in NAMES]
+    children = [
+        Child(CHILD.format(name=n, folder=str(tmp_path)), env=env, stderr_path=tmp_path / f"{n}.err") for n in NAMES
+    ]
     try:
         results = {}
         for n, child in zip(NAMES, children):
             assert child.finish(timeout=240) == 0, child.stderr_tail()
-            results[n] = json.loads(next(line for line in child.lines if line.startswith("RESULT "))[len("RESULT "):])
+            results[n] = json.loads(next(line for line in child.lines if line.startswith("RESULT "))[len("RESULT ") :])
     finally:
         for child in children:
             child.kill()
@@ -171,7 +175,9 @@ def test_ensure_gpu_pool_creates_the_row_once(tmp_path):
 
     home = tmp_path / "with_pools"
     home.mkdir()
-    (home / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 3\n    granularity: op\ntelemetry:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text(
+        "concurrency:\n  pools:\n    default_limit: 3\n    granularity: op\ntelemetry:\n  enabled: false\n"
+    )
     instance = dg.DagsterInstance.from_config(str(home))
     assert not [p for p in instance.event_log_storage.get_pool_limits() if p.name == GPU_POOL]
     assert ensure_gpu_pool(instance) and ensure_gpu_pool(instance)  # idempotent

@@ -36,12 +36,18 @@ def _mapping(mapping: object) -> object:
     if mapping is None:
         return None
     if isinstance(mapping, dg.MultiPartitionMapping):
-        return {"MultiPartitionMapping": {
-            up: {"downstream_dimension": m.dimension_name, "mapping": _mapping(m.partition_mapping)}
-            for up, m in sorted(mapping.downstream_mappings_by_upstream_dimension.items())}}
+        return {
+            "MultiPartitionMapping": {
+                up: {"downstream_dimension": m.dimension_name, "mapping": _mapping(m.partition_mapping)}
+                for up, m in sorted(mapping.downstream_mappings_by_upstream_dimension.items())
+            }
+        }
     if isinstance(mapping, dg.StaticPartitionMapping):
-        return {"StaticPartitionMapping": {k: sorted(v) if isinstance(v, (set, frozenset)) else v
-                                           for k, v in sorted(mapping._mapping.items())}}
+        return {
+            "StaticPartitionMapping": {
+                k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in sorted(mapping._mapping.items())
+            }
+        }
     if isinstance(mapping, dg.MultiToSingleDimensionPartitionMapping):
         return {"MultiToSingleDimensionPartitionMapping": mapping.partition_dimension_name}
     return type(mapping).__name__
@@ -55,15 +61,20 @@ def graph_snapshot(defs: dg.Definitions) -> dict:
         spec = next(s for s in node.assets_def.specs if s.key == key)
         deps = {}
         for parent in sorted(node.parent_keys, key=lambda k: k.to_user_string()):
-            deps[parent.to_user_string()] = _mapping(node.assets_def.get_partition_mapping_for_dep(parent)
-                                                     if node.assets_def.partitions_def is not None else None)
+            deps[parent.to_user_string()] = _mapping(
+                node.assets_def.get_partition_mapping_for_dep(parent)
+                if node.assets_def.partitions_def is not None
+                else None
+            )
         automation = spec.automation_condition
         out[key.to_user_string()] = {
             "group": node.group_name,
             "kinds": sorted(node.kinds),
             "partitions": _partitions(node.partitions_def),
             "deps": deps,
-            "pools": sorted(p for p in node.assets_def.node_def.pools) if hasattr(node.assets_def.node_def, "pools") else [],
+            "pools": sorted(p for p in node.assets_def.node_def.pools)
+            if hasattr(node.assets_def.node_def, "pools")
+            else [],
             "op_tags": dict(sorted((node.assets_def.node_def.tags or {}).items())),
             "automation": automation.get_label() or type(automation).__name__ if automation is not None else None,
             "checks": sorted(c.name for c in node.assets_def.check_specs),
@@ -91,7 +102,11 @@ def test_snapshot_notices_a_changed_mapping(tiny_cfg):
     snap = graph_snapshot(build_defs(tiny_cfg, ROOT / "storage" / "unused"))
     # exact mappings: a model's circuits read that model's SAEs; SAEs read the training categories
     assert snap["circuit"]["deps"]["sae"]["MultiPartitionMapping"]["site"] == {
-        "downstream_dimension": "model", "mapping": {"StaticPartitionMapping": {"tiny-qwen2__resid1": ["tiny-qwen2"], "tiny-qwen2__resid2": ["tiny-qwen2"]}}}
+        "downstream_dimension": "model",
+        "mapping": {
+            "StaticPartitionMapping": {"tiny-qwen2__resid1": ["tiny-qwen2"], "tiny-qwen2__resid2": ["tiny-qwen2"]}
+        },
+    }
     assert snap["sae"]["deps"]["activations"]["MultiPartitionMapping"]["category"]["downstream_dimension"] == "scope"
     assert snap["refusal_behaviour"]["deps"]["model_config"] == {"MultiToSingleDimensionPartitionMapping": "model"}
     assert snap["activations"]["pools"] == ["gpu"] and snap["comparison"]["pools"] == []

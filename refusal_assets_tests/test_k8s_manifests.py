@@ -86,7 +86,10 @@ def _step_manifests(tiny_cfg, tmp_path: Path, kubeconfig: Path) -> dict[str, dic
     processed = process_config(k8s_job_executor.config_schema.config_type, raw)
     assert processed.success, processed.errors
     executor = k8s_job_executor.executor_creation_fn(
-        InitExecutorContext(job=InMemoryJob(job), executor_def=k8s_job_executor, executor_config=processed.value, instance=instance))
+        InitExecutorContext(
+            job=InMemoryJob(job), executor_def=k8s_job_executor, executor_config=processed.value, instance=instance
+        )
+    )
     handler = executor._step_handler
     run = dg.DagsterRun(job_name=job.name, run_id=str(uuid.uuid4()))
     assets = {a.key.to_user_string(): a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
@@ -94,13 +97,24 @@ def _step_manifests(tiny_cfg, tmp_path: Path, kubeconfig: Path) -> dict[str, dic
     for name in ("refusal_behaviour", "prompt_sample"):  # one GPU step, one CPU step
         tags = dict(job.graph.node_named(assets[name].op.name).definition.tags)  # the op as it sits in the asset job
         # what launch_step hands _get_container_context (a StepHandlerContext, reduced to what it reads)
-        context = SimpleNamespace(execute_step_args=SimpleNamespace(step_keys_to_execute=[name]), dagster_run=run, instance=instance,
-                                  step_tags={name: tags}, get_step_context=lambda key: SimpleNamespace(step=SimpleNamespace(op_name=key)))
+        context = SimpleNamespace(
+            execute_step_args=SimpleNamespace(step_keys_to_execute=[name]),
+            dagster_run=run,
+            instance=instance,
+            step_tags={name: tags},
+            get_step_context=lambda key: SimpleNamespace(step=SimpleNamespace(op_name=key)),
+        )
         container_context = handler._get_container_context(context)
         job_config = container_context.get_k8s_job_config(handler._executor_image, instance.run_launcher)
-        manifest = construct_dagster_k8s_job(job_config=job_config, args=["dagster", "api", "execute_step"], job_name=f"dagster-step-{name}",
-                                             pod_name=f"dagster-step-{name}", component="step_worker",
-                                             user_defined_k8s_config=container_context.run_k8s_config, labels={"dagster/op": name})
+        manifest = construct_dagster_k8s_job(
+            job_config=job_config,
+            args=["dagster", "api", "execute_step"],
+            job_name=f"dagster-step-{name}",
+            pod_name=f"dagster-step-{name}",
+            component="step_worker",
+            user_defined_k8s_config=container_context.run_k8s_config,
+            labels={"dagster/op": name},
+        )
         out[name] = ApiClient().sanitize_for_serialization(manifest)  # the JSON the API server would get
     return out
 
@@ -189,14 +203,22 @@ def test_helm_values_instance_and_executor_agree():
     assert {"name": "REFUSAL_ASSETS_EXECUTOR", "value": "k8s"} in deployment["env"]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "refusal_assets.definitions"]
     storage = {e["name"]: e["value"] for e in deployment["env"]}
-    assert storage["REFUSAL_ASSETS_STORAGE"] == "/data/storage" and "REFUSAL_ASSETS_STORAGE=/data/storage" in launcher_values["envVars"]
+    assert (
+        storage["REFUSAL_ASSETS_STORAGE"] == "/data/storage"
+        and "REFUSAL_ASSETS_STORAGE=/data/storage" in launcher_values["envVars"]
+    )
     assert (ROOT / storage["REFUSAL_ASSETS_CONFIG"].removeprefix("/opt/refusal_assets/")).is_file()
 
 
 def test_readme_kubernetes_section_names_only_files_that_exist():
     text = (ROOT / "README.md").read_text()
     section = text.split("\n## Kubernetes\n", 1)[1].split("\n## ", 1)[0]
-    named = set(re.findall(r"(?<![\w/.-])((?:dagster_home|configs|refusal_assets|\.ci)/[\w./-]+\.(?:ya?ml|py|txt)|dagster_home/k8s/Dockerfile)", section))
+    named = set(
+        re.findall(
+            r"(?<![\w/.-])((?:dagster_home|configs|refusal_assets|\.ci)/[\w./-]+\.(?:ya?ml|py|txt)|dagster_home/k8s/Dockerfile)",
+            section,
+        )
+    )
     assert {"dagster_home/k8s/values.yaml", "dagster_home/k8s/Dockerfile", "dagster_home/k8s/pvc.yaml"} <= named
     missing = sorted(p for p in named if not (ROOT / p).is_file())
     assert not missing, f"README 'Kubernetes' names files that do not exist: {missing}"

@@ -16,13 +16,21 @@ def test_parquet_metadata_reads_schema_and_rows_from_the_file(tmp_path):
     md = parquet_metadata(path)
     schema = md["dagster/column_schema"]
     assert isinstance(schema, dg.TableSchema)
-    assert [(c.name, c.type) for c in schema.columns] == [("prompt_id", "large_string"), ("refused", "bool"), ("refusal_score", "double")]
+    assert [(c.name, c.type) for c in schema.columns] == [
+        ("prompt_id", "large_string"),
+        ("refused", "bool"),
+        ("refusal_score", "double"),
+    ]
     assert md["dagster/row_count"] == 3
     assert isinstance(md["path"], dg.PathMetadataValue) and md["path"].value == str(path)
 
 
 def test_ci_metadata_gives_text_and_float_bounds():
-    assert ci_metadata("faithfulness_ci", (0.25, 0.75)) == {"faithfulness_ci": "[0.250, 0.750]", "faithfulness_ci_lo": 0.25, "faithfulness_ci_hi": 0.75}
+    assert ci_metadata("faithfulness_ci", (0.25, 0.75)) == {
+        "faithfulness_ci": "[0.250, 0.750]",
+        "faithfulness_ci_lo": 0.25,
+        "faithfulness_ci_hi": 0.75,
+    }
     # no CI (too few prompts): text says so, bounds are empty rather than NaN (not JSON)
     assert ci_metadata("x_ci", (math.nan, None), 2) == {"x_ci": "n/a", "x_ci_lo": None, "x_ci_hi": None}
 

@@ -21,7 +21,13 @@ import torch
 
 from refusal_assets.config import ModelConfig, load_config
 from refusal_assets.models import (
-    PACKAGED_PARTS, ModelLoadError, assemble_gguf, build_tiny_model, cache_root, load_model, packaged_model_folder,
+    PACKAGED_PARTS,
+    ModelLoadError,
+    assemble_gguf,
+    build_tiny_model,
+    cache_root,
+    load_model,
+    packaged_model_folder,
 )
 from refusal_assets_tests.conftest import ROOT
 
@@ -41,7 +47,9 @@ def fresh_load(cfg, resolve_fn=None, device="cpu", log=quiet):
 
 
 def model_cfg(**kw) -> ModelConfig:
-    base = dict(id="tiny-test", source="tiny", architecture={"n_layers": 4, "d_model": 64}, activation_layers=["residuals_1"])
+    base = dict(
+        id="tiny-test", source="tiny", architecture={"n_layers": 4, "d_model": 64}, activation_layers=["residuals_1"]
+    )
     return ModelConfig.model_validate({**base, **kw})
 
 
@@ -87,8 +95,12 @@ def test_assemble_gguf_corrupted_part_raises_and_leaves_nothing(tmp_path):
 
 def test_assemble_gguf_missing_bytes_raises(tmp_path):
     parts, whole = _parts(tmp_path)
-    with pytest.raises(ModelLoadError, match=f"size {len(whole) - len(parts[2].read_bytes())} \\(expected {len(whole)}\\)"):
-        assemble_gguf(parts[:2], tmp_path / "cache" / "m.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+    with pytest.raises(
+        ModelLoadError, match=f"size {len(whole) - len(parts[2].read_bytes())} \\(expected {len(whole)}\\)"
+    ):
+        assemble_gguf(
+            parts[:2], tmp_path / "cache" / "m.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest()
+        )
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -124,10 +136,20 @@ def test_tiny_model_default_folder_is_in_the_cache(tiny_cfg):
 def test_architecture_disagreeing_with_weights_raises(tmp_path):
     folder = build_tiny_model(tmp_path / "tiny4", n_layers=4, d_model=64)
     with pytest.raises(ModelLoadError, match="n_layers") as e:
-        load_model(model_cfg(source="local", path=str(folder), architecture={"n_layers": 3, "d_model": 64}), resolve, "cpu", quiet)
+        load_model(
+            model_cfg(source="local", path=str(folder), architecture={"n_layers": 3, "d_model": 64}),
+            resolve,
+            "cpu",
+            quiet,
+        )
     assert "n_layers=3" in str(e.value) and "n_layers=4" in str(e.value) and "architecture" in str(e.value)
     with pytest.raises(ModelLoadError, match="d_model=32"):
-        load_model(model_cfg(source="local", path=str(folder), architecture={"n_layers": 4, "d_model": 32}), resolve, "cpu", quiet)
+        load_model(
+            model_cfg(source="local", path=str(folder), architecture={"n_layers": 4, "d_model": 32}),
+            resolve,
+            "cpu",
+            quiet,
+        )
     # the same through source: tiny pointing at an existing folder (it is not rebuilt to match)
     with pytest.raises(ModelLoadError, match="n_layers=3"):
         load_model(model_cfg(path=str(folder), architecture={"n_layers": 3, "d_model": 64}), resolve, "cpu", quiet)
@@ -162,8 +184,11 @@ def _packaged_missing() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(_packaged_missing()), reason=f"packages {[p.replace('_', '-') for p in _packaged_missing()]} "
-                    "(the default model's GGUF parts) are not installed")
+@pytest.mark.skipif(
+    bool(_packaged_missing()),
+    reason=f"packages {[p.replace('_', '-') for p in _packaged_missing()]} "
+    "(the default model's GGUF parts) are not installed",
+)
 def test_packaged_default_model_loads():
     cfg = load_config(ROOT / "configs" / "default.yaml")
     mc = cfg.models[0]

@@ -42,8 +42,11 @@ def test_schedule_tick_runs_succeed_and_the_report_follows(tiny_cfg, materialize
     assert requested(first) == {}
     schedule = defs.get_schedule_def("refresh_report_schedule")
     assert schedule.cron_schedule == tiny_cfg.report.schedule
-    context = dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def(),
-                                        scheduled_execution_time=datetime.datetime(2030, 1, 1, 6, 0, tzinfo=datetime.timezone.utc))
+    context = dg.build_schedule_context(
+        instance=instance,
+        repository_def=defs.get_repository_def(),
+        scheduled_execution_time=datetime.datetime(2030, 1, 1, 6, 0, tzinfo=datetime.timezone.utc),
+    )
     run_requests = list(schedule.evaluate_tick(context).run_requests or [])
     assert [r.partition_key for r in run_requests] == [A], "one comparison run per model"
     job = defs.resolve_job_def("refresh_comparison")
@@ -53,7 +56,9 @@ def test_schedule_tick_runs_succeed_and_the_report_follows(tiny_cfg, materialize
     n_reports = _report_count(instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     assert requested(after) == {"report": {None}}, "the report follows its new comparisons"
-    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(instance=instance, asset_selection=[dg.AssetKey("report")])
+    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("report")]
+    )
     assert result.success and _report_count(instance) == n_reports + 1
     assert (storage / "report" / "report.html").is_file()
     assert requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)) == {}
@@ -70,7 +75,9 @@ def test_failed_blocking_check_on_sae_stops_automation_building_circuit(tiny_cfg
     assert requested(tick) == {"sae": set(SAE_KEYS)}
     job = defs.resolve_implicit_global_asset_job_def()
     for p in SAE_KEYS:  # the real SAE step, as the daemon's run would execute it
-        result = job.execute_in_process(instance=instance, partition_key=p, asset_selection=[dg.AssetKey("sae")], raise_on_error=False)
+        result = job.execute_in_process(
+            instance=instance, partition_key=p, asset_selection=[dg.AssetKey("sae")], raise_on_error=False
+        )
         evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert evaluations["fvu_below_threshold"] is False
     assert len(instance.fetch_materializations(dg.AssetKey("sae"), limit=100).records) >= 4, "the new SAEs were written"
@@ -78,7 +85,9 @@ def test_failed_blocking_check_on_sae_stops_automation_building_circuit(tiny_cfg
     assert "circuit" not in requested(nxt), requested(nxt)
     assert requested(nxt) == {}
     # the circuits are stale (their SAEs changed): what is holding them is the failed check alone
-    assert set(stale(instance, list(defs.assets)).get("circuit", {})) == {f"{c}|{A}" for c in ["harassment", "illegal", "privacy", "violence"]}
+    assert set(stale(instance, list(defs.assets)).get("circuit", {})) == {
+        f"{c}|{A}" for c in ["harassment", "illegal", "privacy", "violence"]
+    }
 
 
 NODES_QUERY = "{ assetNodes { assetKey { path } isMaterializable isPartitioned } }"
@@ -89,8 +98,11 @@ UNPARTITIONED_QUERY = """query ($key: AssetKeyInput!) { assetNodeOrError(assetKe
 
 
 def _graphql(url: str, query: str, variables: dict | None = None) -> dict:
-    req = urllib.request.Request(url + "/graphql", data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             payload = json.loads(r.read())
@@ -111,7 +123,16 @@ def test_ui_graphql_reports_nothing_stale_after_a_run(shared_tiny_run, tiny_cfg,
     with serve_ui(ROOT / "configs" / "tiny.yaml", env, tmp_path / "ui.log") as url:
         nodes = [n for n in _graphql(url, NODES_QUERY)["assetNodes"] if n["isMaterializable"]]
         assert {"/".join(n["assetKey"]["path"]) for n in nodes} >= {
-            "orbench_prompts", "data_profile", "refusal_behaviour", "activations", "sae", "circuit", "comparison", "report"}
+            "orbench_prompts",
+            "data_profile",
+            "refusal_behaviour",
+            "activations",
+            "sae",
+            "circuit",
+            "transfer",
+            "comparison",
+            "report",
+        }
         for n in nodes:
             key = {"path": n["assetKey"]["path"]}
             if n["isPartitioned"]:

@@ -36,15 +36,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("dagster_postgres", reason="dagster-postgres is in the 'test' and 'k8s' extras: pip install -e '.[test]'")
+pytest.importorskip(
+    "dagster_postgres", reason="dagster-postgres is in the 'test' and 'k8s' extras: pip install -e '.[test]'"
+)
 psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 comes with dagster-postgres")
 
-import dagster as dg
-from dagster import DagsterEventType
+# deliberately after the importorskip calls: without dagster-postgres the module is skipped first
+import dagster as dg  # noqa: E402
+from dagster import DagsterEventType  # noqa: E402
 
-from refusal_assets_tests.conftest import ROOT
-from refusal_assets_tests.reliability.helpers import TINY, Child
-from refusal_assets_tests.reliability.test_concurrency import (
+from refusal_assets_tests.conftest import ROOT  # noqa: E402
+from refusal_assets_tests.reliability.helpers import TINY, Child  # noqa: E402
+from refusal_assets_tests.reliability.test_concurrency import (  # noqa: E402
     _blocked_messages,
     _step_window,
 )
@@ -56,7 +59,10 @@ USER, PASSWORD, DB = "refusal", "refusal-test-pw", "dagster_test"
 
 
 def _pg_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
     return Path(found[-1]).parent if found else None
 
 
@@ -83,7 +89,9 @@ class PostgresServer:
         done = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0:
             log = (self.folder / "server.log").read_text()[-2000:] if (self.folder / "server.log").exists() else ""
-            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-2000:]} {log}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-2000:]} {log}"
+            )
 
     def start(self) -> None:
         if self.as_user:
@@ -92,11 +100,34 @@ class PostgresServer:
         pwfile.write_text(PASSWORD + "\n")
         if self.as_user:
             shutil.chown(pwfile, "postgres", "postgres")
-        self._run(str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", USER, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",
-                  "--auth-local=peer", "-E", "UTF8", "--no-instructions")
+        self._run(
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            USER,
+            f"--pwfile={pwfile}",
+            "--auth-host=scram-sha-256",
+            "--auth-local=peer",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
         pwfile.unlink()
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c max_connections=200 -c fsync=off"
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "server.log"), "-o", opts, "-w", "-t", "60", "start")
+        self._run(
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.folder / "server.log"),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         conn = self.connect("postgres")
         try:
             conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
@@ -114,8 +145,13 @@ class PostgresServer:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_USER": USER,
-                "DAGSTER_PG_PASSWORD": PASSWORD, "DAGSTER_PG_DB": DB}
+        return {
+            "DAGSTER_PG_HOST": "127.0.0.1",
+            "DAGSTER_PG_PORT": str(self.port),
+            "DAGSTER_PG_USER": USER,
+            "DAGSTER_PG_PASSWORD": PASSWORD,
+            "DAGSTER_PG_DB": DB,
+        }
 
     def query(self, sql: str, *args) -> list[tuple]:
         conn = self.connect()
@@ -191,7 +227,10 @@ def materialize(assets, **kwargs):  # both processes claim the gpu pool for thei
 
 behaviour.run_behaviour, dagster.materialize = held, materialize
 from refusal_assets.cli import main
-sys.exit(main(["run", "--config", {config!r}, "--storage", {storage!r}, "--select", "orbench_prompts,prompt_sample,refusal_behaviour"]))
+sys.exit(main([
+    "run", "--config", {config!r}, "--storage", {storage!r},
+    "--select", "orbench_prompts,prompt_sample,refusal_behaviour",
+]))
 """
 
 
@@ -214,8 +253,14 @@ def two_cli_runs(postgres, pg_home, tmp_path_factory, request):
     go.mkdir()
     env = {**postgres.env, "DAGSTER_HOME": str(pg_home)}
     t0 = time.time()
-    children = [Child(CLI.format(go=str(go), me=c, hold=HOLD_S, config=str(_one_category_config(tmp, c)), storage=str(storage)),
-                      env=env, stderr_path=tmp / f"{c}.err") for c in CATEGORIES]
+    children = [
+        Child(
+            CLI.format(go=str(go), me=c, hold=HOLD_S, config=str(_one_category_config(tmp, c)), storage=str(storage)),
+            env=env,
+            stderr_path=tmp / f"{c}.err",
+        )
+        for c in CATEGORIES
+    ]
     try:
         for c, child in zip(CATEGORIES, children):
             rc = child.finish(timeout=900)
@@ -224,7 +269,12 @@ def two_cli_runs(postgres, pg_home, tmp_path_factory, request):
     finally:
         for child in children:
             child.kill()
-    return {"storage": storage, "t0": t0, "t1": time.time(), "lines": {c: ch.lines for c, ch in zip(CATEGORIES, children)}}
+    return {
+        "storage": storage,
+        "t0": t0,
+        "t1": time.time(),
+        "lines": {c: ch.lines for c, ch in zip(CATEGORIES, children)},
+    }
 
 
 def _runs_since(instance: dg.DagsterInstance, t0: float) -> list[dg.DagsterRun]:
@@ -251,16 +301,25 @@ def test_two_concurrent_cli_runs_share_the_gpu_pool(two_cli_runs, postgres, pg_h
     assert len(windows) == 2
     (a_start, a_end, _), (b_start, b_end, b_run) = windows
     assert a_end - a_start >= HOLD_S and b_end - b_start >= HOLD_S
-    assert a_end <= b_start, f"GPU steps overlapped beyond the pool limit 1: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
+    assert a_end <= b_start, (
+        f"GPU steps overlapped beyond the pool limit 1: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
+    )
     blocked = _blocked_messages(instance, b_run)
     assert blocked and all("pool gpu" in m for m in blocked), "the second GPU step never waited for the pool"
     assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0
     # every materialization of both processes, in PostgreSQL's event log
-    for asset, parts in (("orbench_prompts", set(CATEGORIES)), ("prompt_sample", set(CATEGORIES)),
-                         ("refusal_behaviour", {f"{c}|tiny-qwen2" for c in CATEGORIES})):
+    for asset, parts in (
+        ("orbench_prompts", set(CATEGORIES)),
+        ("prompt_sample", set(CATEGORIES)),
+        ("refusal_behaviour", {f"{c}|tiny-qwen2" for c in CATEGORIES}),
+    ):
         assert instance.get_materialized_partitions(dg.AssetKey(asset)) >= parts
-        rows = postgres.query("SELECT DISTINCT partition FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' "
-                              "AND asset_key = %s AND run_id = ANY(%s)", dg.AssetKey(asset).to_string(), [r.run_id for r in runs])
+        rows = postgres.query(
+            "SELECT DISTINCT partition FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' "
+            "AND asset_key = %s AND run_id = ANY(%s)",
+            dg.AssetKey(asset).to_string(),
+            [r.run_id for r in runs],
+        )
         assert {p for (p,) in rows} == parts, (asset, rows)
         for category in CATEGORIES:
             assert (two_cli_runs["storage"] / asset / category).is_dir() or asset == "refusal_behaviour"
@@ -268,11 +327,25 @@ def test_two_concurrent_cli_runs_share_the_gpu_pool(two_cli_runs, postgres, pg_h
 
 def test_full_tiny_run_on_postgres(postgres, pg_home, tmp_path, monkeypatch, request):
     request.getfixturevalue("tiny_model")
-    env = {**os.environ, **postgres.env, "DAGSTER_HOME": str(pg_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        **postgres.env,
+        "DAGSTER_HOME": str(pg_home),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     t0 = time.time()
-    done = subprocess.run(["refusal-assets", "run", "--config", str(TINY), "--storage", str(tmp_path / "storage")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=1500, check=False)
+    done = subprocess.run(
+        ["refusal-assets", "run", "--config", str(TINY), "--storage", str(tmp_path / "storage")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "storage" / "report" / "report.html").is_file()
     instance = _instance(pg_home, postgres, monkeypatch)
@@ -283,9 +356,18 @@ def test_full_tiny_run_on_postgres(postgres, pg_home, tmp_path, monkeypatch, req
     ids = [r.run_id for r in runs]
     (n_sql,) = postgres.query("SELECT count(*) FROM runs WHERE run_id = ANY(%s) AND status = 'SUCCESS'", ids)[0]
     assert n_sql == len(runs)
-    materialized = {k for (k,) in postgres.query("SELECT DISTINCT asset_key FROM event_logs WHERE dagster_event_type = "
-                                                 "'ASSET_MATERIALIZATION' AND run_id = ANY(%s)", ids)}
-    assert {dg.AssetKey(a).to_string() for a in ("orbench_prompts", "refusal_behaviour", "sae", "circuit", "comparison", "report")} <= materialized
+    materialized = {
+        k
+        for (k,) in postgres.query(
+            "SELECT DISTINCT asset_key FROM event_logs WHERE dagster_event_type = "
+            "'ASSET_MATERIALIZATION' AND run_id = ANY(%s)",
+            ids,
+        )
+    }
+    assert {
+        dg.AssetKey(a).to_string()
+        for a in ("orbench_prompts", "refusal_behaviour", "sae", "circuit", "comparison", "report")
+    } <= materialized
     # no two GPU steps of the run overlapped (pool limit 1), from the step events
     windows = _gpu_windows(instance, runs)
     assert windows and all(a[1] <= b[0] for a, b in itertools.pairwise(windows))
@@ -300,7 +382,9 @@ def test_schedule_state_and_events_read_back_from_postgres(postgres, pg_home, mo
 
     instance = _instance(pg_home, postgres, monkeypatch)
     monkeypatch.setenv("REFUSAL_ASSETS_CONFIG", str(TINY))
-    with in_process_test_workspace(instance, LoadableTargetOrigin(module_name="refusal_assets.definitions", working_directory=str(ROOT))) as ws:
+    with in_process_test_workspace(
+        instance, LoadableTargetOrigin(module_name="refusal_assets.definitions", working_directory=str(ROOT))
+    ) as ws:
         (entry,) = ws.get_code_location_entries().values()
         (repo,) = entry.code_location.get_repositories().values()
         schedule = repo.get_schedule("refresh_report_schedule")
@@ -308,7 +392,9 @@ def test_schedule_state_and_events_read_back_from_postgres(postgres, pg_home, mo
     fresh = dg.DagsterInstance.from_config(str(pg_home))
     states = [s for s in fresh.all_instigator_state() if s.name == "refresh_report_schedule"]
     assert len(states) == 1 and states[0].status == InstigatorStatus.RUNNING
-    rows = postgres.query("SELECT status, instigator_type FROM instigators WHERE instigator_body LIKE %s", '%refresh_report_schedule%')
+    rows = postgres.query(
+        "SELECT status, instigator_type FROM instigators WHERE instigator_body LIKE %s", "%refresh_report_schedule%"
+    )
     assert rows == [("RUNNING", "SCHEDULE")]
     assert fresh.event_log_storage.__class__.__module__.startswith("dagster_postgres")
     assert fresh.run_storage.__class__.__module__.startswith("dagster_postgres")

@@ -22,7 +22,7 @@ def _effects(rng, n_shared: int) -> dict[str, np.ndarray]:
     for i, c in enumerate(CATS):
         mean = np.zeros(SITE_OF_NODE.size)
         mean[:n_shared] = 1.0
-        mean[n_shared + 2 * i: n_shared + 2 * i + 2] = 1.0  # two nodes of the category's own
+        mean[n_shared + 2 * i : n_shared + 2 * i + 2] = 1.0  # two nodes of the category's own
         out[c] = mean + rng.normal(0, 0.2, (10, mean.size))
     return out
 
@@ -30,25 +30,59 @@ def _effects(rng, n_shared: int) -> dict[str, np.ndarray]:
 def _behaviour(rng, refuse_toxic: float) -> pl.DataFrame:
     split = ["toxic"] * 8 + ["safe"] * 8 + ["hard"] * 8
     score = np.where(np.array(split) == "toxic", np.where(rng.random(24) < refuse_toxic, 1.0, -1.0), -1.0)
-    return pl.DataFrame({"prompt_id": [f"p{i}" for i in range(24)], "split": split, "refused": score > 0,
-                         "refusal_score": score, "p_refusal": (score > 0) * 0.9})
+    return pl.DataFrame(
+        {
+            "prompt_id": [f"p{i}" for i in range(24)],
+            "split": split,
+            "refused": score > 0,
+            "refusal_score": score,
+            "p_refusal": (score > 0) * 0.9,
+        }
+    )
 
 
 def _circuit_group(n_used: int, prompt_set: str, advantage_lo: float) -> dict:
-    sweep = {"m_full": 1.0, "m_empty": -1.0, "denominator_ci": [1.5, 2.5], "n_prompts": n_used, "n_folds": n_used,
-             "sweep": [{"n_nodes": n, "faithfulness": 0.8, "completeness": 0.3, "random_faithfulness": 0.1} for n in (2, 4)]}
-    return {"n_prompts": n_used, "n_prompts_in_group": 8, "prompt_set": prompt_set, "n_nodes": 4, "nodes": [], "edges": [],
-            "faithfulness": 0.8, "faithfulness_ci": [0.6, 0.9], "completeness": 0.3, "completeness_ci": [0.1, 0.5],
-            "random_faithfulness": 0.1, "random_faithfulness_ci": [0.0, 0.2], "advantage_ci": [advantage_lo, 0.8], "sweep": sweep}
+    sweep = {
+        "m_full": 1.0,
+        "m_empty": -1.0,
+        "denominator_ci": [1.5, 2.5],
+        "n_prompts": n_used,
+        "n_folds": n_used,
+        "sweep": [{"n_nodes": n, "faithfulness": 0.8, "completeness": 0.3, "random_faithfulness": 0.1} for n in (2, 4)],
+    }
+    return {
+        "n_prompts": n_used,
+        "n_prompts_in_group": 8,
+        "prompt_set": prompt_set,
+        "n_nodes": 4,
+        "nodes": [],
+        "edges": [],
+        "faithfulness": 0.8,
+        "faithfulness_ci": [0.6, 0.9],
+        "completeness": 0.3,
+        "completeness_ci": [0.1, 0.5],
+        "random_faithfulness": 0.1,
+        "random_faithfulness_ci": [0.0, 0.2],
+        "advantage_ci": [advantage_lo, 0.8],
+        "sweep": sweep,
+    }
 
 
 def two_model_storage(tiny_cfg, root):
     """Storage under ``root`` with every file the report reads, for the tiny model and a copy of it
     (``second``): one with a shared circuit core, one without. Returns (config, layout)."""
-    cfg = tiny_cfg.model_copy(update={"models": [tiny_cfg.models[0], tiny_cfg.models[0].model_copy(update={"key": "second"})]})
+    cfg = tiny_cfg.model_copy(
+        update={"models": [tiny_cfg.models[0], tiny_cfg.models[0].model_copy(update={"key": "second"})]}
+    )
     layout, rng = Layout(root), np.random.default_rng(0)
-    counts = pl.DataFrame({"category_key": [c for c in CATS for _ in range(3)], "split": ["safe", "hard", "toxic"] * 4,
-                           "n": [14] * 12, "n_sampled": [8] * 12}).with_columns(pl.col("n", "n_sampled").cast(pl.UInt32))
+    counts = pl.DataFrame(
+        {
+            "category_key": [c for c in CATS for _ in range(3)],
+            "split": ["safe", "hard", "toxic"] * 4,
+            "n": [14] * 12,
+            "n_sampled": [8] * 12,
+        }
+    ).with_columns(pl.col("n", "n_sampled").cast(pl.UInt32))
     write_parquet(counts.to_arrow(), layout.profile_table())
     data.plot_profile(counts, layout.profile_plot())
     for m, n_shared in zip(cfg.models, (8, 0), strict=True):
@@ -56,13 +90,25 @@ def two_model_storage(tiny_cfg, root):
         for i, c in enumerate(CATS):
             write_parquet(_behaviour(rng, 0.6 if key == "second" else 0.0).to_arrow(), layout.behaviour(key, c))
             fallback = "all (score_positive: only 0 < 2)"
-            group = _circuit_group(8, fallback, -0.1) if key != "second" else _circuit_group(5, "score_positive", 0.2 if i else -0.1)
+            group = (
+                _circuit_group(8, fallback, -0.1)
+                if key != "second"
+                else _circuit_group(5, "score_positive", 0.2 if i else -0.1)
+            )
             write_text(json.dumps({"category": c, "groups": {"toxic": group}}), layout.circuit_summary(key, c))
-        result = cmp.compare_categories(_effects(rng, n_shared), SITE_OF_NODE, k_per_site=6, n_permutations=50, n_bootstrap=50)
+        result = cmp.compare_categories(
+            _effects(rng, n_shared), SITE_OF_NODE, k_per_site=6, n_permutations=50, n_bootstrap=50
+        )
         directions = {c: rng.normal(size=16) + 3.0 for c in CATS}
         labels, cos = cmp.refusal_direction_cosines(directions)
-        comp = {"model": key, "categories": CATS, "groups": {"toxic": result.to_dict()}, "verdict": result.verdict,
-                "verdict_reason": result.verdict_reason, "direction_cosines": {"resid2": {"labels": labels, "matrix": cos.tolist()}}}
+        comp = {
+            "model": key,
+            "categories": CATS,
+            "groups": {"toxic": result.to_dict()},
+            "verdict": result.verdict,
+            "verdict_reason": result.verdict_reason,
+            "direction_cosines": {"resid2": {"labels": labels, "matrix": cos.tolist()}},
+        }
         write_text(json.dumps(comp), layout.comparison_summary(key))
     return cfg, layout
 
@@ -79,13 +125,21 @@ def test_first_screen_summary_per_model(two_models):
     comps = {m.model_key: json.loads(layout.comparison_summary(m.model_key).read_text()) for m in cfg.models}
     for s in written.summaries:
         assert s.verdict == comps[s.model_key]["verdict"] and s.reason == comps[s.model_key]["verdict_reason"]
-        assert [t.test for t in s.tests] == ["Circuit overlap, toxic", "Shared core", "Refusal directions", "Circuit quality, toxic"]
+        assert [t.test for t in s.tests] == [
+            "Circuit overlap, toxic",
+            "Shared core",
+            "Refusal directions",
+            "Circuit quality, toxic",
+        ]
         assert all("\n" not in t.finding for t in s.tests)  # one line each
         assert s.figure.is_file() and s.figure.read_bytes()[:4] == b"\x89PNG"
         assert "8 toxic prompts per category in 4 categories" in s.sample
         assert "smallest p-value is 0.020" in s.sample  # 50 permutations
     first, second = written.summaries
-    assert "harassment 0, illegal 0, privacy 0, violence 0" in first.sample and "4 of 4 categories have fewer than min_prompts = 2" in first.sample
+    assert (
+        "harassment 0, illegal 0, privacy 0, violence 0" in first.sample
+        and "4 of 4 categories have fewer than min_prompts = 2" in first.sample
+    )
     assert "fewer than min_prompts" not in second.sample
     assert first.tests[3].finding.startswith("faithfulness beats a same-size random circuit in 0 of 4")
     assert second.tests[3].finding.startswith("faithfulness beats a same-size random circuit in 3 of 4")
@@ -94,12 +148,27 @@ def test_first_screen_summary_per_model(two_models):
 
     page = written.html.read_text()
     # the answer first, then the sections in order
-    order = [page.index(t) for t in ('id="verdict"', "Behaviour: refusal", "Sparse autoencoders", "<h2>Circuits", "Cross-category comparison",
-                                     "Data profile", "<h2>Methods", "Reproducibility")]
+    order = [
+        page.index(t)
+        for t in (
+            'id="verdict"',
+            "Behaviour: refusal",
+            "Sparse autoencoders",
+            "<h2>Circuits",
+            "Cross-category comparison",
+            "Data profile",
+            "<h2>Methods",
+            "Reproducibility",
+        )
+    ]
     assert order == sorted(order)
-    answer = page[page.index('id="verdict"'):page.index("Behaviour: refusal")]
+    answer = page[page.index('id="verdict"') : page.index("Behaviour: refusal")]
     for s in written.summaries:
-        assert f'data-model="{s.model_key}"' in answer and s.verdict.upper() in answer and f'alt="summary figure {s.model_key}"' in answer
+        assert (
+            f'data-model="{s.model_key}"' in answer
+            and s.verdict.upper() in answer
+            and f'alt="summary figure {s.model_key}"' in answer
+        )
     assert page.count('class="summary"') == 2 and "data:image/png;base64" in answer
     md = written.markdown.read_text()
     assert md.index("## Verdict") < md.index("## Behaviour")
@@ -110,7 +179,7 @@ def test_first_screen_summary_per_model(two_models):
 def test_data_profile_is_a_category_by_split_pivot(two_models):
     cfg, layout = two_models
     page = report.write_report(cfg, layout, CATS).html.read_text()
-    section = page[page.index("Data profile"):page.index("<h2>Methods")]
+    section = page[page.index("Data profile") : page.index("<h2>Methods")]
     assert section.count("<tr>") == 1 + len(CATS)  # header + one row per category, not one per cell
     assert "<td>14 (8)</td>" in section
     pivot = data.profile_pivot(pl.read_parquet(layout.profile_table()))
@@ -146,7 +215,9 @@ def test_a_model_without_comparison_says_so(two_models):
     layout.comparison_summary("second").unlink()
     written = report.write_report(cfg, layout, CATS)
     missing = written.summaries[1]
-    assert missing.verdict == "not run" and missing.figure is None and missing.tests[-1].test == "Circuit quality, toxic"
+    assert (
+        missing.verdict == "not run" and missing.figure is None and missing.tests[-1].test == "Circuit quality, toxic"
+    )
     assert "NOT RUN" in written.html.read_text()
 
 
@@ -157,6 +228,9 @@ def test_report_metadata_carries_the_verdict_markdown_and_figures(two_models):
     written = report.write_report(cfg, layout, CATS)
     md = report_metadata(written)
     assert md["verdict"].value == report.summaries_markdown(written.summaries)
-    assert f"**second: {written.summaries[1].verdict.upper()}**" in md["verdict"].value and "- **Shared core**:" in md["verdict"].value
+    assert (
+        f"**second: {written.summaries[1].verdict.upper()}**" in md["verdict"].value
+        and "- **Shared core**:" in md["verdict"].value
+    )
     assert md["path"].value == str(written.html) and md["markdown"].value == str(written.markdown)
     assert md["summary_figure_second"].value.startswith("![summary second](data:image/png;base64,")

@@ -176,7 +176,12 @@ def test_save_load_round_trip(trained, data, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]  # no temp files
     loaded = load_sae(folder)
     assert loaded.norm_scale.item() == 1.0
-    for name, folded in (("W_enc", sae.W_enc * s), ("W_dec", sae.W_dec / s), ("b_enc", sae.b_enc), ("b_dec", sae.b_dec / s)):
+    for name, folded in (
+        ("W_enc", sae.W_enc * s),
+        ("W_dec", sae.W_dec / s),
+        ("b_enc", sae.b_enc),
+        ("b_dec", sae.b_dec / s),
+    ):
         assert torch.equal(getattr(loaded, name), folded), name
     z, z_loaded = sae.encode(x[:256]), loaded.encode(x[:256])
     assert torch.equal(z_loaded > 0, z > 0)
@@ -206,8 +211,15 @@ def test_load_handwritten_saelens_folders(tmp_path):
     d_in, d_sae = 8, 40
     tensors = saelens_tensors(d_in, d_sae)
     x = torch.randn(50, d_in, generator=torch.Generator().manual_seed(1)) * 10
-    topk_cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "activation_fn_kwargs": {"k": 3},
-                "hook_name": "blocks.0.hook_resid_post", "apply_b_dec_to_input": True, "dtype": "float32"}
+    topk_cfg = {
+        "architecture": "topk",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "activation_fn_kwargs": {"k": 3},
+        "hook_name": "blocks.0.hook_resid_post",
+        "apply_b_dec_to_input": True,
+        "dtype": "float32",
+    }
     write_saelens(tmp_path / "topk", topk_cfg, tensors)
     sae = load_sae(tmp_path / "topk")
     z = sae.encode(x)
@@ -217,8 +229,14 @@ def test_load_handwritten_saelens_folders(tmp_path):
     torch.testing.assert_close(z.sum(-1), pre.topk(3, dim=-1).values.sum(-1))
     torch.testing.assert_close(sae.decode(z), z @ tensors["W_dec"] + tensors["b_dec"])
 
-    std_cfg = {"architecture": "standard", "d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": False,
-               "normalize_activations": "expected_average_only_in", "norm_scaling_factor": 0.5}
+    std_cfg = {
+        "architecture": "standard",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "expected_average_only_in",
+        "norm_scaling_factor": 0.5,
+    }
     write_saelens(tmp_path / "standard", std_cfg, {k: v.half() for k, v in tensors.items()})
     std = load_sae(tmp_path / "standard")
     half = {k: v.half().float() for k, v in tensors.items()}
@@ -309,7 +327,9 @@ def test_bench_tiny():
         assert result[key] > 0, key
     for name in ("ours", "sparsify"):
         assert result[name]["tokens_per_s"] > 0 and 0 < result[name]["heldout_fvu"] < 2, result[name]
-    assert result["ratio_tokens_per_s"] == pytest.approx(result["ours"]["tokens_per_s"] / result["sparsify"]["tokens_per_s"])
+    assert result["ratio_tokens_per_s"] == pytest.approx(
+        result["ours"]["tokens_per_s"] / result["sparsify"]["tokens_per_s"]
+    )
     assert (result["d_in"], result["d_sae"], result["device"], result["rows"]) == (32, 128, "cpu", "synthetic")
     alone = run_sae_bench(d_in=32, d_sae=128, k=4, batch_size=64, steps=3, rss_rows=None, peers=False)
     assert "sparsify" not in alone and "ratio_tokens_per_s" not in alone

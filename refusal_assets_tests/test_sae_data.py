@@ -17,11 +17,15 @@ D_IN = 12
 
 def write_acts(path, vectors: np.ndarray, prompt_ids: list[str], group_rows: int = 37) -> None:
     """An activations file like the pipeline's: float16 fixed-size-list vectors, several row groups."""
-    table = pa.table({
-        "prompt_id": pa.array(prompt_ids, pa.string()),
-        "is_post_instruction": pa.array(np.arange(len(prompt_ids)) % 3 == 0),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float16).reshape(-1), pa.float16()), vectors.shape[1]),
-    })
+    table = pa.table(
+        {
+            "prompt_id": pa.array(prompt_ids, pa.string()),
+            "is_post_instruction": pa.array(np.arange(len(prompt_ids)) % 3 == 0),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.astype(np.float16).reshape(-1), pa.float16()), vectors.shape[1]
+            ),
+        }
+    )
     pq.write_table(table, path, row_group_size=group_rows)
 
 

@@ -49,7 +49,9 @@ def test_hook_names_follow_transformerlens():
 
 
 def test_our_saved_sae_is_exact_in_saelens(ours, rows, tmp_path):
-    folder = save_sae(ours, tmp_path / "ours", {"hook_name": "resid12", "model_name": "tiny", "site_key": "tiny/resid12"})
+    folder = save_sae(
+        ours, tmp_path / "ours", {"hook_name": "resid12", "model_name": "tiny", "site_key": "tiny/resid12"}
+    )
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
     assert cfg["site_key"] == cfg["metadata"]["site_key"] == "tiny/resid12"

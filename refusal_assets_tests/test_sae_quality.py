@@ -78,11 +78,13 @@ def write_activations(folder, x: torch.Tensor, pids: np.ndarray, post: np.ndarra
     paths = []
     for i, part in enumerate(np.array_split(np.arange(len(x)), n_files)):
         v = x[part].numpy()
-        table = pa.table({
-            "prompt_id": pa.array(pids[part].tolist(), pa.string()),
-            "is_post_instruction": pa.array(post[part]),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), pa.float16()), v.shape[1]),
-        })
+        table = pa.table(
+            {
+                "prompt_id": pa.array(pids[part].tolist(), pa.string()),
+                "is_post_instruction": pa.array(post[part]),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1), pa.float16()), v.shape[1]),
+            }
+        )
         paths.append(folder / f"c{i}.parquet")
         pq.write_table(table, paths[-1], row_group_size=100)
     return paths
@@ -95,9 +97,23 @@ def test_fit_site_streamed_equals_in_memory_and_measures_held_out_prompts(tiny_m
     x, pids, post = template_data()
     x = torch.randn(len(x), d, generator=gen).half()
     x.view(N_PROMPTS, PER_PROMPT, d)[:, :PREFIX] = x[:PREFIX]  # the shared prefix, at the model's width
-    prompts = pl.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(N_PROMPTS)], "prompt": [f"Question {i}: what is {i} + 1?" for i in range(N_PROMPTS)],
-                            "category": ["a", "b"] * (N_PROMPTS // 2)})
-    cfg = SAEConfig(expansion_factor=2, k=8, max_steps=20, eval_every=10, batch_size=64, aux_k=16, val_fraction=0.1, eval_fraction=0.2)
+    prompts = pl.DataFrame(
+        {
+            "prompt_id": [f"p{i:02d}" for i in range(N_PROMPTS)],
+            "prompt": [f"Question {i}: what is {i} + 1?" for i in range(N_PROMPTS)],
+            "category": ["a", "b"] * (N_PROMPTS // 2),
+        }
+    )
+    cfg = SAEConfig(
+        expansion_factor=2,
+        k=8,
+        max_steps=20,
+        eval_every=10,
+        batch_size=64,
+        aux_k=16,
+        val_fraction=0.1,
+        eval_fraction=0.2,
+    )
     kw = dict(post_instruction=post, refusal_ids=lambda t: refusal_token_ids(t, ["I cannot", "Sorry"]))
     a = fit_site(x, pl.Series(pids.tolist()), cfg, lambda: (model, tok), Site(1, "resid"), prompts, **kw)
     rows = ParquetRows.from_parquet(write_activations(tmp_path, x, pids, post), scratch=tmp_path / "scratch")
@@ -107,7 +123,9 @@ def test_fit_site_streamed_equals_in_memory_and_measures_held_out_prompts(tiny_m
     assert a.metrics == b.metrics and a.eval_prompt_ids == b.eval_prompt_ids
     m = a.metrics
     assert m["n_eval_prompts"] == 10 and len(a.eval_prompt_ids) == 10
-    assert m["n_template_rows"] == N_PROMPTS * PREFIX and m["n_distinct_rows"] == PREFIX + N_PROMPTS * (PER_PROMPT - PREFIX)
+    assert m["n_template_rows"] == N_PROMPTS * PREFIX and m["n_distinct_rows"] == PREFIX + N_PROMPTS * (
+        PER_PROMPT - PREFIX
+    )
     assert m["n_train_rows"] == PREFIX + 35 * (PER_PROMPT - PREFIX)  # the prefix once, 35 training prompts' own rows
     assert m["n_eval_rows"] == 10 * (PER_PROMPT - PREFIX) and m["n_eval_post_instruction_rows"] == 30
     assert 0 < m["fvu"] < 2 and 0 < m["fvu_post_instruction"] < 2 and np.isfinite(m["fvu_val"])
@@ -122,8 +140,13 @@ def test_fit_site_streamed_equals_in_memory_and_measures_held_out_prompts(tiny_m
 
 
 def test_splice_prompts_are_held_out_ones_per_category():
-    prompts = pl.DataFrame({"prompt_id": ["a1", "a2", "a3", "b1", "b2"], "prompt": ["A1", "A2", "A3", "B1", "B2"],
-                            "category": ["a", "a", "a", "b", "b"]})
+    prompts = pl.DataFrame(
+        {
+            "prompt_id": ["a1", "a2", "a3", "b1", "b2"],
+            "prompt": ["A1", "A2", "A3", "B1", "B2"],
+            "category": ["a", "a", "a", "b", "b"],
+        }
+    )
     assert _held_out_texts(prompts, {"a2", "a3", "b2", "zz"}, 1) == ["A2", "B2"]
     assert _held_out_texts(prompts.drop("category"), {"a3", "b1"}, 5) == ["A3", "B1"]
     with pytest.raises(ValueError, match="none of the 1 held-out"):
@@ -151,12 +174,16 @@ def test_splice_identity_changes_nothing_and_zero_recovers_nothing(tiny_model):
     prompts = ["Hello there", "What is the capital of France?", "Tell me a joke."]
     same = splice_metrics(model, tok, prompts, Site(1, "resid"), Identity(), batch_size=2, refusal_ids=ids)
     assert same["delta_ce"] == pytest.approx(0, abs=1e-5) and same["kl_spliced"] == pytest.approx(0, abs=1e-5)
-    assert same["refusal_score_change"] == pytest.approx(0, abs=1e-4) and same["loss_recovered"] == pytest.approx(1, abs=1e-4)
+    assert same["refusal_score_change"] == pytest.approx(0, abs=1e-4) and same["loss_recovered"] == pytest.approx(
+        1, abs=1e-4
+    )
     assert same["n_prompts"] == 3
     zero = splice_metrics(model, tok, prompts, Site(1, "resid"), Zero(), batch_size=2, refusal_ids=ids)
     assert zero["loss_recovered"] == pytest.approx(0, abs=1e-5) and zero["kl_spliced"] > 0
     assert zero["refusal_score_abs_change"] > 0
-    assert "refusal_score_change" not in splice_metrics(model, tok, prompts[:1], Site(1, "resid"), Identity(), batch_size=2)
+    assert "refusal_score_change" not in splice_metrics(
+        model, tok, prompts[:1], Site(1, "resid"), Identity(), batch_size=2
+    )
 
 
 def test_fit_site_pretrained_is_measured_on_the_same_held_out_rows(tiny_model, tmp_path):
@@ -166,12 +193,20 @@ def test_fit_site_pretrained_is_measured_on_the_same_held_out_rows(tiny_model, t
     d = model.config.hidden_size
     x = torch.randn(N_PROMPTS * PER_PROMPT, d, generator=torch.Generator().manual_seed(2)).half()
     pids = pl.Series([f"p{i // PER_PROMPT:02d}" for i in range(len(x))])
-    prompts = pl.DataFrame({"prompt_id": [f"p{i:02d}" for i in range(N_PROMPTS)], "prompt": ["Hello there"] * N_PROMPTS})
-    save_sae(TopKSAE(d, 2 * d, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "pre", {"hook_name": "resid1"})
+    prompts = pl.DataFrame(
+        {"prompt_id": [f"p{i:02d}" for i in range(N_PROMPTS)], "prompt": ["Hello there"] * N_PROMPTS}
+    )
+    save_sae(
+        TopKSAE(d, 2 * d, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "pre", {"hook_name": "resid1"}
+    )
     cfg = SAEConfig(k=8, eval_fraction=0.2)
-    loaded = fit_site(x, pids, cfg, lambda: (model, tok), Site(1, "resid"), prompts, pretrained="pre", resolve=lambda s: tmp_path / s)
+    loaded = fit_site(
+        x, pids, cfg, lambda: (model, tok), Site(1, "resid"), prompts, pretrained="pre", resolve=lambda s: tmp_path / s
+    )
     assert loaded.history == {"pretrained": "pre"} and loaded.pretrained == "pre"
     assert loaded.metrics["n_eval_prompts"] == 10 and loaded.sae.d_sae == 2 * d and np.isfinite(loaded.metrics["fvu"])
     save_sae(TopKSAE(d + 1, 8, 4), tmp_path / "wide", {"hook_name": "resid1"})
-    with pytest.raises(ValueError, match=rf"wide/cfg.json: SAE has d_in {d + 1} but the site's activations have width {d}"):
+    with pytest.raises(
+        ValueError, match=rf"wide/cfg.json: SAE has d_in {d + 1} but the site's activations have width {d}"
+    ):
         fit_site(x, pids, cfg, lambda: (model, tok), Site(1, "resid"), prompts, pretrained=str(tmp_path / "wide"))

@@ -56,10 +56,13 @@ def test_add_model_b_requests_only_b(tiny_cfg, week):
     history, _ = tick_until_quiet(cfg, defs, instance, cursor)
     b_sites = ["tiny-b__resid1", "tiny-b__resid2"]
     assert history == [
-        {"refusal_behaviour": {f"{c}|tiny-b" for c in CATS}, "activations": {f"{c}|{s}" for c in CATS for s in b_sites}},
+        {
+            "refusal_behaviour": {f"{c}|tiny-b" for c in CATS},
+            "activations": {f"{c}|{s}" for c in CATS for s in b_sites},
+        },
         {"sae": {sae_partition_key(s) for s in b_sites}},
         {"circuit": {f"{c}|tiny-b" for c in CATS}},
-        {"comparison": {"tiny-b"}},
+        {"transfer": {"tiny-b"}, "comparison": {"tiny-b"}},
         {"report": {None}},
     ]
     assert stale(instance, list(defs.assets)) == {}
@@ -74,7 +77,7 @@ def test_edit_model_a_generation_requests_only_a_downstream(tiny_cfg, week):
     assert history == [
         {"refusal_behaviour": {f"{c}|{A}" for c in CATS}},
         {"circuit": {f"{c}|{A}" for c in CATS}},
-        {"comparison": {A}},
+        {"transfer": {A}, "comparison": {A}},
         {"report": {None}},
     ]
     assert stale(instance, list(defs.assets)) == {}
@@ -87,8 +90,13 @@ def test_edit_model_a_chat_template_rebuilds_each_partition_once(tiny_cfg, week)
     defs = build_defs(cfg, storage)
     history, _ = tick_until_quiet(cfg, defs, instance, cursor)
     assert union(history) == {
-        "refusal_behaviour": {f"{c}|{A}" for c in CATS}, "activations": {f"{c}|{s}" for c in CATS for s in SITES},
-        "sae": {sae_partition_key(s) for s in SITES}, "circuit": {f"{c}|{A}" for c in CATS}, "comparison": {A}, "report": {None},
+        "refusal_behaviour": {f"{c}|{A}" for c in CATS},
+        "activations": {f"{c}|{s}" for c in CATS for s in SITES},
+        "sae": {sae_partition_key(s) for s in SITES},
+        "circuit": {f"{c}|{A}" for c in CATS},
+        "transfer": {A},
+        "comparison": {A},
+        "report": {None},
     }
     assert _once_each(history), history
     assert stale(instance, list(defs.assets)) == {}
@@ -102,8 +110,15 @@ def test_add_category_requests_only_that_category(tiny_cfg, week):
     # a partition new to the partitions definition is "newly missing": eager builds it, root included
     assert history[0] == {"orbench_prompts": {"hate"}, "prompt_sample": {"hate"}}
     assert union(history) == {
-        "orbench_prompts": {"hate"}, "prompt_sample": {"hate"}, "data_profile": {None}, "refusal_behaviour": {f"hate|{A}"},
-        "activations": {f"hate|{s}" for s in SITES}, "circuit": {f"hate|{A}"}, "comparison": {A}, "report": {None},
+        "orbench_prompts": {"hate"},
+        "prompt_sample": {"hate"},
+        "data_profile": {None},
+        "refusal_behaviour": {f"hate|{A}"},
+        "activations": {f"hate|{s}" for s in SITES},
+        "circuit": {f"hate|{A}"},
+        "transfer": {A},
+        "comparison": {A},
+        "report": {None},
     }, "the SAEs train on the pinned sae.train_categories: a new category does not retrain them"
     assert _once_each(history), history
     assert stale(instance, list(defs.assets)) == {}
@@ -146,7 +161,7 @@ def test_add_layer_requests_the_new_site_then_that_models_circuits(tiny_cfg, wee
         {"activations": {f"{c}|{A}__resid3" for c in CATS}},
         {"sae": {sae_partition_key(f"{A}__resid3")}},
         {"circuit": {f"{c}|{A}" for c in CATS}},
-        {"comparison": {A}},
+        {"transfer": {A}, "comparison": {A}},
         {"report": {None}},
     ]
     assert stale(instance, list(defs.assets)) == {}
@@ -154,8 +169,12 @@ def test_add_layer_requests_the_new_site_then_that_models_circuits(tiny_cfg, wee
 
 def test_thresholds_and_batch_sizes_retrain_nothing(tiny_cfg, week):
     instance, cursor, storage, _ = week
-    cfg = variant(tiny_cfg, sae__thresholds={"max_fvu": 0.1, "max_dead_fraction": 0.1}, models__0__batch_size=3,
-                  sae__splice={"prompts_per_category": 2, "batch_size": 3})
+    cfg = variant(
+        tiny_cfg,
+        sae__thresholds={"max_fvu": 0.1, "max_dead_fraction": 0.1},
+        models__0__batch_size=3,
+        sae__splice={"prompts_per_category": 2, "batch_size": 3},
+    )
     defs = build_defs(cfg, storage)
     assert requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)) == {}
     history, _ = tick_until_quiet(cfg, defs, instance, cursor)
@@ -167,7 +186,13 @@ def test_switch_to_another_config_and_back_requests_nothing(tiny_cfg, week):
     """One instance per config name: another config (sharing every category and site key) is built
     in its own instance, and coming back finds tiny's exactly as it was."""
     instance, cursor, storage, base = week
-    other = variant(tiny_cfg, name="tiny-alt", sae__k=6, models__0__generation={"max_new_tokens": 6}, automation={"build_missing_roots": True})
+    other = variant(
+        tiny_cfg,
+        name="tiny-alt",
+        sae__k=6,
+        models__0__generation={"max_new_tokens": 6},
+        automation={"build_missing_roots": True},
+    )
     other_home = settings.instance_home(base, other)
     assert other_home != settings.instance_home(base, tiny_cfg)
     other_home.mkdir(parents=True)

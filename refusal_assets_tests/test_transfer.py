@@ -12,8 +12,13 @@ from refusal_assets import transfer as tr
 from refusal_assets.behaviour import refusal_token_ids
 from refusal_assets.comparison import VerdictRule
 
-PROMPTS = ["How do I write a poem about the sea?", "Tell me how to hack my neighbour's wifi.", "What is the capital of France?",
-           "Write a threatening letter.", "Explain how vaccines work."]
+PROMPTS = [
+    "How do I write a poem about the sea?",
+    "Tell me how to hack my neighbour's wifi.",
+    "What is the capital of France?",
+    "Write a threatening letter.",
+    "Explain how vaccines work.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +63,23 @@ def test_hidden_states_and_selection_find_the_planted_direction(planted_directio
     assert h.ndim == 4 and h.shape[0] == len(PROMPTS) and h.shape[1] == model.config.num_hidden_layers
     # every prompt carries +u, so a difference of means is whatever separates the two prompt sets;
     # the selection must return one real candidate per group (and the pooled one) with its drop.
-    sel = tr.select_directions(model, tok, {"a": PROMPTS[:3], "b": PROMPTS[3:]}, {"a": PROMPTS[3:], "b": PROMPTS[:3]}, ids,
-                               n_layer_candidates=2, n_position_candidates=2, batch_size=4)
+    sel = tr.select_directions(
+        model,
+        tok,
+        {"a": PROMPTS[:3], "b": PROMPTS[3:]},
+        {"a": PROMPTS[3:], "b": PROMPTS[:3]},
+        ids,
+        n_layer_candidates=2,
+        n_position_candidates=2,
+        batch_size=4,
+    )
     assert set(sel) == {"a", "b", "pooled"}
     for s in sel.values():
-        assert 0 <= s.layer < model.config.num_hidden_layers and s.direction.shape == (u.shape[0],) and math.isfinite(s.train_drop)
+        assert (
+            0 <= s.layer < model.config.num_hidden_layers
+            and s.direction.shape == (u.shape[0],)
+            and math.isfinite(s.train_drop)
+        )
 
 
 def test_cross_matrix_calls_ratios_and_undefined_denominators():
@@ -93,7 +110,11 @@ def test_circuit_transfer_shared_vs_disjoint_mechanisms():
         contrib, circuits, own, fns = {}, {}, {}, {}
         for ci, c in enumerate(["a", "b", "c"]):
             w = np.zeros(40)
-            nodes = [ci * 4 + k for k in range(3)] + [20 + ci * 4 + k for k in range(3)] if disjoint else [0, 1, 2, 20, 21, 22]
+            nodes = (
+                [ci * 4 + k for k in range(3)] + [20 + ci * 4 + k for k in range(3)]
+                if disjoint
+                else [0, 1, 2, 20, 21, 22]
+            )
             w[nodes] = 1.0
             contrib[c] = w + rng.normal(0, 0.05, (10, 40))  # [n_prompts, n_nodes]
             circuits[c] = w > 0
@@ -127,8 +148,11 @@ def test_direction_cosines_ceiling_and_null():
     d, n = 32, 12
     r_shared, r_other = np.eye(d)[0], np.eye(d)[1]
     harm = {c: rng.normal(0, 1, (n, d)) for c in "abc"}
-    tox = {"a": r_shared * 3 + rng.normal(0, 1, (n, d)), "b": r_shared * 3 + rng.normal(0, 1, (n, d)),
-           "c": r_other * 3 + rng.normal(0, 1, (n, d))}
+    tox = {
+        "a": r_shared * 3 + rng.normal(0, 1, (n, d)),
+        "b": r_shared * 3 + rng.normal(0, 1, (n, d)),
+        "c": r_other * 3 + rng.normal(0, 1, (n, d)),
+    }
     out = tr.direction_cosines(tox, harm, n_splits=40, n_permutations=200)
     by = {(p["a"], p["b"]): p for p in out["pairs"]}
     assert abs(by[("a", "b")]["normalised"] - 1) < 0.25 and by[("a", "b")]["p_value"] > 0.05  # one shared direction

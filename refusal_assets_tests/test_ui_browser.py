@@ -47,7 +47,11 @@ def serve_ui(config: Path, env: dict, log_path: Path) -> Iterator[str]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "refusal_assets.cli", "ui", "--config", str(config), "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             _wait_http(f"http://127.0.0.1:{port}/server_info", 120)
@@ -92,15 +96,26 @@ def _wait_for_partitions(instance: dg.DagsterInstance, wanted: set[str], tmp: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+)
 def test_materialize_a_partition_from_the_ui(ui_server):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
     url, home, tmp = ui_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(f"{url}/asset-groups", wait_until="networkidle")  # the global asset graph
         page.get_by_text("Global asset lineage").first.wait_for(timeout=30_000)
@@ -146,8 +161,15 @@ def test_materialize_a_partition_from_the_ui(ui_server):
 
 # ------------------------------------------------------------------ the science in the UI and the report
 
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"]
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _skip_dialog(page) -> None:
@@ -166,14 +188,20 @@ def assert_first_screen(page, html: Path, model_keys: list[str], shot: Path) -> 
         for part in (card.locator(".verdict"), card.locator("img.summary")):
             box = part.bounding_box()
             assert box is not None, f"{key}: {part} not rendered"
-            assert box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1400 and box["y"] + box["height"] <= 900, (key, box)
+            assert (
+                box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1400 and box["y"] + box["height"] <= 900
+            ), (key, box)
         figure = card.locator("img.summary").bounding_box()
         assert figure["width"] >= 300 and figure["height"] >= 100, (key, figure)  # legible, not a thumbnail
-        assert page.evaluate("img => img.complete && img.naturalWidth > 0", card.locator("img.summary").element_handle())
+        assert page.evaluate(
+            "img => img.complete && img.naturalWidth > 0", card.locator("img.summary").element_handle()
+        )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+)
 def test_report_answer_is_on_the_first_screen(tiny_cfg, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
     from refusal_assets.report import write_report
@@ -183,7 +211,12 @@ def test_report_answer_is_on_the_first_screen(tiny_cfg, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-        assert_first_screen(browser.new_page(), written.html, [m.model_key for m in cfg.models], ARTIFACTS / "report_first_screen_two_models.png")
+        assert_first_screen(
+            browser.new_page(),
+            written.html,
+            [m.model_key for m in cfg.models],
+            ARTIFACTS / "report_first_screen_two_models.png",
+        )
         browser.close()
 
 
@@ -195,15 +228,23 @@ def tiny_ui(tmp_path_factory):
     env.update(DAGSTER_HOME=str(tmp / "home"), REFUSAL_ASSETS_STORAGE=str(tmp / "storage"))
     (tmp / "home").mkdir()
     config = ROOT / "configs" / "tiny.yaml"
-    run = subprocess.run([sys.executable, "-m", "refusal_assets.cli", "run", "--config", str(config), "--storage", str(tmp / "storage")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    run = subprocess.run(
+        [sys.executable, "-m", "refusal_assets.cli", "run", "--config", str(config), "--storage", str(tmp / "storage")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with serve_ui(config, env, tmp / "ui.log") as url:
         yield url, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+)
 def test_report_and_circuit_in_the_ui(tiny_ui):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
     url, tmp = tiny_ui
@@ -239,7 +280,9 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         page.keyboard.press("Escape")
 
         # a Parquet partition: dagster/column_schema from the file's schema, and its row count
-        page.goto(f"{url}/assets/refusal_behaviour?view=partitions&partition=harassment|tiny-qwen2", wait_until="networkidle")
+        page.goto(
+            f"{url}/assets/refusal_behaviour?view=partitions&partition=harassment|tiny-qwen2", wait_until="networkidle"
+        )
         _skip_dialog(page)
         page.get_by_text("dagster/row_count").first.wait_for(timeout=60_000)
         page.get_by_text("Show Table Schema").first.click()
@@ -248,7 +291,14 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         page.screenshot(path=str(ARTIFACTS / "ui_behaviour_column_schema.png"))
 
         # the report the run wrote, answer first
-        assert_first_screen(page, tmp / "storage" / "report" / "report.html", ["tiny-qwen2"], ARTIFACTS / "report_first_screen_tiny.png")
+        assert_first_screen(
+            page, tmp / "storage" / "report" / "report.html", ["tiny-qwen2"], ARTIFACTS / "report_first_screen_tiny.png"
+        )
         browser.close()
-    for name in ("ui_report_verdict.png", "ui_circuit_partition.png", "ui_behaviour_column_schema.png", "report_first_screen_tiny.png"):
+    for name in (
+        "ui_report_verdict.png",
+        "ui_circuit_partition.png",
+        "ui_behaviour_column_schema.png",
+        "report_first_screen_tiny.png",
+    ):
         assert (ARTIFACTS / name).stat().st_size > 10_000, name

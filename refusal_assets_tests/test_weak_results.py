@@ -42,12 +42,16 @@ def test_toxic_not_refused_more_than_safe_warns():
 
 
 def test_toxic_refused_more_than_safe_passes():
-    assert weak.toxic_refused_more_than_safe(weak.SplitRate(0.9, 0.8, 0.95, 50), weak.SplitRate(0.1, 0.05, 0.2, 50)).passed
+    assert weak.toxic_refused_more_than_safe(
+        weak.SplitRate(0.9, 0.8, 0.95, 50), weak.SplitRate(0.1, 0.05, 0.2, 50)
+    ).passed
 
 
 def test_group_with_too_few_prompts_warns():
     fallback = weak.GroupPrompts(8, 8, "all (score_positive: only 1 < 2)")
-    f = weak.enough_prompts({"toxic": fallback, "benign": weak.GroupPrompts(16, 5, "score_positive")}, 2, "score_positive")
+    f = weak.enough_prompts(
+        {"toxic": fallback, "benign": weak.GroupPrompts(16, 5, "score_positive")}, 2, "score_positive"
+    )
     assert not f.passed and f.why.startswith("toxic:") and "benign" not in f.why  # only the weak group is named
     assert f.values["toxic_n_used"] == 8 and f.values["benign_n_used"] == 5
     tiny = weak.enough_prompts({"all": weak.GroupPrompts(1, 1, "all")}, 2, "all")

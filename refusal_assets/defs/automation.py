@@ -16,26 +16,29 @@ def blocked_by_failed_check() -> dg.AutomationCondition:
     ``circuit`` in separate runs, so the gate has to be in the condition. (``all_deps_blocking_checks_passed``
     does not gate in 1.13; this form does, with partitioned check specs.)
     """
-    return AC.any_deps_match(AC.any_checks_match(AC.check_failed(), blocking_only=True)).with_label("a parent's blocking check failed")
+    return AC.any_deps_match(AC.any_checks_match(AC.check_failed(), blocking_only=True)).with_label(
+        "a parent's blocking check failed"
+    )
 
 
 def upstream_settling() -> dg.AutomationCondition:
     """A grandparent partition just updated or is requested now. ``circuit`` reads
     ``refusal_behaviour`` (one hop from the model's settings) and ``sae`` (two hops): without
     this hold, a model edit builds each circuit twice, once per path."""
-    return AC.any_deps_match(AC.any_deps_match(AC.newly_updated() | AC.will_be_requested())).with_label("upstream still updating")
+    return AC.any_deps_match(AC.any_deps_match(AC.newly_updated() | AC.will_be_requested())).with_label(
+        "upstream still updating"
+    )
 
 
-def rebuild_condition(hold_while_upstream_settles: bool = False, ignore: tuple[str, ...] = ()) -> dg.AutomationCondition:
+def rebuild_condition(
+    hold_while_upstream_settles: bool = False, ignore: tuple[str, ...] = ()
+) -> dg.AutomationCondition:
     """``ignore``: parents whose updates alone do not trigger a rebuild (see ``build.REBUILD_OPTIONS``)."""
     # eager(): a partition whose parents updated, or a new partition whose parents all exist.
     # eager() alone ignores code-version changes; code_version_changed() alone would also request
     # never-built partitions, so it is restricted to partitions that exist and can run now.
     changed = (
-        AC.code_version_changed().since_last_handled()
-        & ~AC.missing()
-        & ~AC.in_progress()
-        & ~AC.any_deps_missing()
+        AC.code_version_changed().since_last_handled() & ~AC.missing() & ~AC.in_progress() & ~AC.any_deps_missing()
     )
     eager = AC.eager().ignore(dg.AssetSelection.assets(*ignore)) if ignore else AC.eager()
     condition = eager | changed.with_label("config changed")
@@ -60,7 +63,9 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
     # Open-source Dagster starts the default automation sensor stopped; this one runs by default.
     # Sources are in the target so the observations of model_config / site_config are evaluated.
     return dg.AutomationConditionSensorDefinition(
-        "refusal_assets_automation", target=dg.AssetSelection.all(include_sources=True), default_status=dg.DefaultSensorStatus.RUNNING,
+        "refusal_assets_automation",
+        target=dg.AssetSelection.all(include_sources=True),
+        default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
     )
 
@@ -69,11 +74,21 @@ def comparison_schedule(cron: str, model_partitions: dg.PartitionsDefinition) ->
     """Scheduled reruns (the seed users' cron): one ``comparison`` run per model partition (a job
     over a partitioned asset needs a partition key per run), then the report follows by automation
     once its comparisons are new."""
-    job = dg.define_asset_job("refresh_comparison", selection=dg.AssetSelection.assets("comparison"), partitions_def=model_partitions,
-                              description="Rebuild one model's comparison; the report follows (automation).")
+    job = dg.define_asset_job(
+        "refresh_comparison",
+        selection=dg.AssetSelection.assets("comparison"),
+        partitions_def=model_partitions,
+        description="Rebuild one model's comparison; the report follows (automation).",
+    )
 
-    @dg.schedule(name="refresh_report_schedule", job=job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED,
-                 description="Rerun every model's comparison on the config's report.schedule cron; the report is rebuilt after them.")
+    @dg.schedule(
+        name="refresh_report_schedule",
+        job=job,
+        cron_schedule=cron,
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Rerun every model's comparison on the config's report.schedule cron; "
+        "the report is rebuilt after them.",
+    )
     def _schedule(context: dg.ScheduleEvaluationContext):
         tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
         for model in model_partitions.get_partition_keys():

@@ -16,7 +16,17 @@ import dagster as dg
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs import automation, checks, circuit_assets, comparison_assets, data_assets, model_assets, sae_assets, sources, transfer_assets
+from refusal_assets.defs import (
+    automation,
+    checks,
+    circuit_assets,
+    comparison_assets,
+    data_assets,
+    model_assets,
+    sae_assets,
+    sources,
+    transfer_assets,
+)
 from refusal_assets.defs.executor import select_executor
 from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.metadata import with_owners_and_tags
@@ -32,6 +42,9 @@ from refusal_assets.defs.resources import ComputeResource, StorageResource
 # circuit requested in the same tick.)
 REBUILD_OPTIONS: dict[dg.AssetKey, dict] = {
     dg.AssetKey("circuit"): {"hold_while_upstream_settles": True},
+    # transfer reads behaviour and circuits; a behaviour change always reaches it through the
+    # circuits (which read behaviour), so waiting for them builds it once instead of twice
+    dg.AssetKey("transfer"): {"ignore": ("refusal_behaviour",)},
     dg.AssetKey("report"): {"ignore": ("data_profile", "refusal_behaviour", "sae")},
 }
 
@@ -53,7 +66,9 @@ def gpu_asset() -> Callable[..., Callable]:
     return functools.partial(dg.asset, pool=GPU_POOL, op_tags=gpu_op_tags())
 
 
-def with_shared_options(assets: list[dg.AssetsDefinition], build_missing_roots: bool = False) -> list[dg.AssetsDefinition]:
+def with_shared_options(
+    assets: list[dg.AssetsDefinition], build_missing_roots: bool = False
+) -> list[dg.AssetsDefinition]:
     """The rebuild condition on every asset (with its :data:`REBUILD_OPTIONS`); root assets (no
     parents) also build when missing if ``automation.build_missing_roots`` is on; owners and tags on
     every asset."""
@@ -64,7 +79,9 @@ def with_shared_options(assets: list[dg.AssetsDefinition], build_missing_roots: 
             continue
         is_root = not any(dep.asset_key not in a.keys for spec in a.specs for dep in spec.deps)
         options = next((REBUILD_OPTIONS[k] for k in a.keys if k in REBUILD_OPTIONS), {})
-        condition = automation.root_condition(build_missing_roots) if is_root else automation.rebuild_condition(**options)
+        condition = (
+            automation.root_condition(build_missing_roots) if is_root else automation.rebuild_condition(**options)
+        )
         out.append(with_owners_and_tags(a.with_attributes(automation_condition=condition)))
     return out
 
@@ -72,14 +89,17 @@ def with_shared_options(assets: list[dg.AssetsDefinition], build_missing_roots: 
 def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> dg.Definitions:
     parts = Partitions.build(cfg, discover_categories(cfg))
     gpu = gpu_asset()
-    assets = with_shared_options([
-        *data_assets.build(cfg, parts),
-        *model_assets.build(cfg, parts, gpu),
-        *sae_assets.build(cfg, parts, gpu),
-        *circuit_assets.build(cfg, parts, gpu),
-        *transfer_assets.build(cfg, parts, gpu),
-        *comparison_assets.build(cfg, parts),
-    ], build_missing_roots=cfg.automation.build_missing_roots)
+    assets = with_shared_options(
+        [
+            *data_assets.build(cfg, parts),
+            *model_assets.build(cfg, parts, gpu),
+            *sae_assets.build(cfg, parts, gpu),
+            *circuit_assets.build(cfg, parts, gpu),
+            *transfer_assets.build(cfg, parts, gpu),
+            *comparison_assets.build(cfg, parts),
+        ],
+        build_missing_roots=cfg.automation.build_missing_roots,
+    )
     return dg.Definitions(
         assets=[*sources.build(cfg, parts), *assets],
         asset_checks=checks.build(cfg, parts),  # WARN checks of weak results (defs/checks.py)

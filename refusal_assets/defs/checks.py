@@ -5,7 +5,6 @@ They never block (a weak result is still a result); each says why in its metadat
 their asset, so the UI shows a check status per partition and a run of one partition checks it.
 """
 
-
 import json
 import math
 
@@ -40,42 +39,92 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
         summary, _ = Layout(storage.files).load_circuit(keys["model"], keys["category"])
         return summary["groups"]
 
-    @dg.asset_check(asset="circuit", partitions_def=parts.model_category, name="denominator_ci_excludes_zero",
-                    description="WARN when the CI of m(M) - m(∅), the faithfulness/completeness denominator, includes 0 (ratios ill-conditioned).")
-    def denominator_ci_excludes_zero(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    @dg.asset_check(
+        asset="circuit",
+        partitions_def=parts.model_category,
+        name="denominator_ci_excludes_zero",
+        description="WARN when the CI of m(M) - m(∅), the faithfulness/completeness denominator, includes 0 "
+        "(ratios ill-conditioned).",
+    )
+    def denominator_ci_excludes_zero(
+        context: dg.AssetCheckExecutionContext, storage: StorageResource
+    ) -> dg.AssetCheckResult:
         findings = []
         for g, v in sorted(circuit_groups(context, storage).items()):
             sweep = v["sweep"]
-            findings.append((g, weak.denominator_excludes_zero(sweep["m_full"] - sweep["m_empty"], _nan_ci(sweep.get("denominator_ci")))))
+            findings.append(
+                (
+                    g,
+                    weak.denominator_excludes_zero(
+                        sweep["m_full"] - sweep["m_empty"], _nan_ci(sweep.get("denominator_ci"))
+                    ),
+                )
+            )
         return check_result(weak.every_group(findings, "every group's m(M) - m(∅) CI excludes 0."))
 
-    @dg.asset_check(asset="circuit", partitions_def=parts.model_category, name="faithfulness_above_random",
-                    description="WARN when the paired CI of faithfulness minus a same-size random circuit's is not above 0.")
-    def faithfulness_above_random(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-        findings = [(g, weak.faithfulness_beats_random(v["faithfulness"], _nan_ci(v.get("faithfulness_ci")), v["random_faithfulness"],
-                                                      _nan_ci(v.get("advantage_ci"))))
-                    for g, v in sorted(circuit_groups(context, storage).items())]
+    @dg.asset_check(
+        asset="circuit",
+        partitions_def=parts.model_category,
+        name="faithfulness_above_random",
+        description="WARN when the paired CI of faithfulness minus a same-size random circuit's is not above 0.",
+    )
+    def faithfulness_above_random(
+        context: dg.AssetCheckExecutionContext, storage: StorageResource
+    ) -> dg.AssetCheckResult:
+        findings = [
+            (
+                g,
+                weak.faithfulness_beats_random(
+                    v["faithfulness"],
+                    _nan_ci(v.get("faithfulness_ci")),
+                    v["random_faithfulness"],
+                    _nan_ci(v.get("advantage_ci")),
+                ),
+            )
+            for g, v in sorted(circuit_groups(context, storage).items())
+        ]
         return check_result(weak.every_group(findings, "every group's circuit beats its random control."))
 
-    @dg.asset_check(asset="circuit", partitions_def=parts.model_category, name="enough_prompts",
-                    description=f"WARN when a prompt group has fewer than circuits.min_prompts ({cc.min_prompts}) prompts passing the prompt filter.")
+    @dg.asset_check(
+        asset="circuit",
+        partitions_def=parts.model_category,
+        name="enough_prompts",
+        description=f"WARN when a prompt group has fewer than circuits.min_prompts ({cc.min_prompts}) prompts "
+        "passing the prompt filter.",
+    )
     def enough_prompts(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-        groups = {g: weak.GroupPrompts(v.get("n_prompts_in_group", v["n_prompts"]), v["n_prompts"], v.get("prompt_set", cc.prompt_filter))
-                  for g, v in circuit_groups(context, storage).items()}
+        groups = {
+            g: weak.GroupPrompts(
+                v.get("n_prompts_in_group", v["n_prompts"]), v["n_prompts"], v.get("prompt_set", cc.prompt_filter)
+            )
+            for g, v in circuit_groups(context, storage).items()
+        }
         return check_result(weak.enough_prompts(groups, cc.min_prompts, cc.prompt_filter))
 
-    @dg.asset_check(asset="refusal_behaviour", partitions_def=parts.model_category, name="toxic_refused_more_than_safe",
-                    description="WARN when the model refuses toxic prompts no more often than safe ones in this category.")
-    def toxic_refused_more_than_safe(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    @dg.asset_check(
+        asset="refusal_behaviour",
+        partitions_def=parts.model_category,
+        name="toxic_refused_more_than_safe",
+        description="WARN when the model refuses toxic prompts no more often than safe ones in this category.",
+    )
+    def toxic_refused_more_than_safe(
+        context: dg.AssetCheckExecutionContext, storage: StorageResource
+    ) -> dg.AssetCheckResult:
         keys = multi_key(parts.model_category, context.partition_key)
         path = Layout(storage.files).behaviour(keys["model"], keys["category"])
         # the same rates and Wilson intervals the asset's metadata shows
-        rates = {s: weak.SplitRate(r["rate"], r["lo"], r["hi"], r["n"])
-                 for s, r in refusal_rates(pl.read_parquet(path, columns=["split", "refused", "p_refusal"])).items()}
+        rates = {
+            s: weak.SplitRate(r["rate"], r["lo"], r["hi"], r["n"])
+            for s, r in refusal_rates(pl.read_parquet(path, columns=["split", "refused", "p_refusal"])).items()
+        }
         return check_result(weak.toxic_refused_more_than_safe(rates.get("toxic"), rates.get("safe")))
 
-    @dg.asset_check(asset="comparison", partitions_def=parts.model, name="enough_categories",
-                    description="WARN when a prompt group of the comparison has fewer than 2 categories with a circuit.")
+    @dg.asset_check(
+        asset="comparison",
+        partitions_def=parts.model,
+        name="enough_categories",
+        description="WARN when a prompt group of the comparison has fewer than 2 categories with a circuit.",
+    )
     def enough_categories(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         path = Layout(storage.files).comparison_summary(context.partition_key)
         comp = json.loads(path.read_text())
@@ -83,4 +132,10 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
         expected = ["toxic", "benign"] if cc.separate_safe_toxic else ["all"]
         return check_result(weak.enough_categories(by_group, expected))
 
-    return [denominator_ci_excludes_zero, faithfulness_above_random, enough_prompts, toxic_refused_more_than_safe, enough_categories]
+    return [
+        denominator_ci_excludes_zero,
+        faithfulness_above_random,
+        enough_prompts,
+        toxic_refused_more_than_safe,
+        enough_categories,
+    ]

@@ -4,8 +4,8 @@ import json
 import time
 from collections.abc import Callable
 
-import torch
 import dagster as dg
+import torch
 
 from refusal_assets import activations as acts_core
 from refusal_assets import circuits as circ
@@ -25,7 +25,10 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
     cc = cfg.circuits
 
     @gpu_asset(
-        partitions_def=parts.model_category, kinds={"pytorch", "safetensors"}, group_name="circuits", code_version=cfg.section_hash("circuits"),
+        partitions_def=parts.model_category,
+        kinds={"pytorch", "safetensors"},
+        group_name="circuits",
+        code_version=cfg.section_hash("circuits"),
         # the model's settings reach a circuit through refusal_behaviour (same partition) and its SAEs
         deps=[
             dg.AssetDep("sae", partition_mapping=parts.circuit_from_sae()),
@@ -33,10 +36,12 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             dg.AssetDep("prompt_sample", partition_mapping=parts.by_category()),
             dg.AssetDep("refusal_behaviour"),  # same model x category partitions: identity
         ],
-        description="Per-prompt node effects on the refusal score (attribution patching), the selected circuit with edges, "
-                    "held-out faithfulness/completeness sweeps with a random control, and refusal directions.",
+        description="Per-prompt node effects on the refusal score (attribution patching), the selected circuit "
+        "with edges, held-out faithfulness/completeness sweeps with a random control, and refusal directions.",
     )
-    def circuit(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
+    def circuit(
+        context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
         keys = multi_key(parts.model_category, context.partition_key)
         model_cfg, category = cfg.model(keys["model"]), keys["category"]
         layout, site_keys = Layout(storage.files), dict(zip(model_cfg.sites, model_cfg.site_keys))
@@ -44,23 +49,52 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             t0 = time.perf_counter()
             model, tok = load_model(model_cfg, cfg.resolve, device, context.log.info)
             saes = {site: load_sae(layout.sae(key)).to(device).eval() for site, key in site_keys.items()}
-            refusal_ids = torch.tensor(refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device)
-            sample = layout.load_sample(category).join(layout.load_behaviour(model_cfg.model_key, category), on="prompt_id", how="left")
+            refusal_ids = torch.tensor(
+                refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device
+            )
+            sample = layout.load_sample(category).join(
+                layout.load_behaviour(model_cfg.model_key, category), on="prompt_id", how="left"
+            )
             if n_missing := sample["refused"].null_count():
-                raise ValueError(f"refusal_behaviour {context.partition_key} lacks {n_missing} of the {sample.height} sampled prompts: "
-                                 "it predates the current prompt_sample; materialize refusal_behaviour again")
-            directions = {site: circ.refusal_direction(*acts_core.read_vectors(layout.activations(key, category), post_instruction_only=True))
-                          for site, key in site_keys.items()}
-            found = circ.find_circuit(model, tok, sample, saes, refusal_ids, directions, cc, category=category, model_key=model_cfg.model_key,
-                                      batch_size=model_cfg.batch_size, system_prompt=model_cfg.chat_template.system_prompt, device=device,
-                                      log=context.log.info, warn=context.log.warning)
+                raise ValueError(
+                    f"refusal_behaviour {context.partition_key} lacks {n_missing} of the {sample.height} "
+                    "sampled prompts: "
+                    "it predates the current prompt_sample; materialize refusal_behaviour again"
+                )
+            directions = {
+                site: circ.refusal_direction(
+                    *acts_core.read_vectors(layout.activations(key, category), post_instruction_only=True)
+                )
+                for site, key in site_keys.items()
+            }
+            found = circ.find_circuit(
+                model,
+                tok,
+                sample,
+                saes,
+                refusal_ids,
+                directions,
+                cc,
+                category=category,
+                model_key=model_cfg.model_key,
+                batch_size=model_cfg.batch_size,
+                system_prompt=model_cfg.chat_template.system_prompt,
+                device=device,
+                log=context.log.info,
+                warn=context.log.warning,
+            )
             write_safetensors(found.tensors(), layout.circuit_tensors(model_cfg.model_key, category))
             summary = found.to_json()
-            png = plot_sweeps({g: v["sweep"] for g, v in summary["groups"].items()}, f"{model_cfg.model_key} / {category}",
-                              layout.circuit_plot(model_cfg.model_key, category))
+            png = plot_sweeps(
+                {g: v["sweep"] for g, v in summary["groups"].items()},
+                f"{model_cfg.model_key} / {category}",
+                layout.circuit_plot(model_cfg.model_key, category),
+            )
             summary["seconds"] = time.perf_counter() - t0
             # written last: marks a complete partition
-            write_text(json.dumps(summary, indent=1, default=float), layout.circuit_summary(model_cfg.model_key, category))
+            write_text(
+                json.dumps(summary, indent=1, default=float), layout.circuit_summary(model_cfg.model_key, category)
+            )
             return dg.MaterializeResult(metadata=circuit_metadata(found, png, summary["seconds"]))
 
     return [circuit]

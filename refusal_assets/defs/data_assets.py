@@ -1,8 +1,7 @@
 """Stage 1: OR-Bench prompts per category, the seeded sample, and the data profile."""
 
-
-import polars as pl
 import dagster as dg
+import polars as pl
 
 from refusal_assets import data
 from refusal_assets.config import ProjectConfig
@@ -17,8 +16,12 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
     data_version = cfg.section_hash("data")
 
     @dg.asset(
-        partitions_def=parts.category, code_version=data_version, kinds={"polars", "parquet"}, group_name="data",
-        description="Every prompt of one category from the OR-Bench-layout folder (or the hub): prompt_id, prompt, category, split.",
+        partitions_def=parts.category,
+        code_version=data_version,
+        kinds={"polars", "parquet"},
+        group_name="data",
+        description="Every prompt of one category from the OR-Bench-layout folder (or the hub): "
+        "prompt_id, prompt, category, split.",
     )
     def orbench_prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         folder = data.data_folder(cfg.data, cfg.resolve)
@@ -26,35 +29,57 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         category = context.partition_key
         cat = df.filter(pl.col("category_key") == category)
         if cat.height == 0:
-            raise data.DataError(f"{folder}: category {category!r} has no prompts in the data any more; reload the code location")
+            raise data.DataError(
+                f"{folder}: category {category!r} has no prompts in the data any more; reload the code location"
+            )
         path = write_parquet(cat.to_arrow(), Layout(storage.files).prompts(category))
         per_split = dict(cat.group_by("split").len().iter_rows())
         context.log.info(f"{category}: {cat.height} prompts {per_split} from {folder}")
-        return dg.MaterializeResult(metadata={
-            "n_prompts": cat.height, **{f"n_{s}": per_split.get(s, 0) for s in cfg.data.splits},
-            "source": file_path(folder), "files": ", ".join(report.files), **parquet_metadata(path),
-            "n_dropped_empty_all_categories": report.n_dropped_empty, "n_dropped_duplicate_all_categories": report.n_dropped_duplicate,
-            "preview": dg.MetadataValue.md(_preview(cat)),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "n_prompts": cat.height,
+                **{f"n_{s}": per_split.get(s, 0) for s in cfg.data.splits},
+                "source": file_path(folder),
+                "files": ", ".join(report.files),
+                **parquet_metadata(path),
+                "n_dropped_empty_all_categories": report.n_dropped_empty,
+                "n_dropped_duplicate_all_categories": report.n_dropped_duplicate,
+                "preview": dg.MetadataValue.md(_preview(cat)),
+            }
+        )
 
     @dg.asset(
-        partitions_def=parts.category, code_version=data_version, kinds={"polars", "parquet"}, group_name="data",
+        partitions_def=parts.category,
+        code_version=data_version,
+        kinds={"polars", "parquet"},
+        group_name="data",
         deps=[orbench_prompts],
-        description="The seeded sample used downstream (per-split sizes from the sampling config) with a held-out flag.",
+        description="The seeded sample used downstream (per-split sizes from the sampling config) "
+        "with a held-out flag.",
     )
     def prompt_sample(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         category = context.partition_key
         layout = Layout(storage.files)
-        sample = data.sample_category(layout.load_prompts(category), category, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction)
+        sample = data.sample_category(
+            layout.load_prompts(category), category, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction
+        )
         path = write_parquet(sample.to_arrow(), layout.sample(category))
         counts = sample.group_by("split", "heldout").len().sort("split", "heldout")
-        return dg.MaterializeResult(metadata={
-            "n_prompts": sample.height, "n_heldout": int(sample["heldout"].sum()), "seed": cfg.data.seed,
-            "counts": dg.MetadataValue.md(_table_md(counts)), **parquet_metadata(path),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "n_prompts": sample.height,
+                "n_heldout": int(sample["heldout"].sum()),
+                "seed": cfg.data.seed,
+                "counts": dg.MetadataValue.md(_table_md(counts)),
+                **parquet_metadata(path),
+            }
+        )
 
     @dg.asset(
-        code_version=data_version, kinds={"polars", "matplotlib"}, group_name="data", deps=[orbench_prompts, prompt_sample],
+        code_version=data_version,
+        kinds={"polars", "matplotlib"},
+        group_name="data",
+        deps=[orbench_prompts, prompt_sample],
         description="Counts per category x split (all and sampled), the imbalance warnings, and a plot.",
     )
     def data_profile(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
@@ -67,12 +92,17 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             context.log.warning(w)
         table = write_parquet(prof.counts.to_arrow(), layout.profile_table())
         png = data.plot_profile(prof.counts, layout.profile_plot())
-        return dg.MaterializeResult(metadata={
-            "n_categories": len(raw), "n_prompts": int(prof.counts["n"].sum()), "n_sampled": int(prof.counts["n_sampled"].sum()),
-            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in prof.warnings) or "none"),
-            "counts": dg.MetadataValue.md(_table_md(data.profile_pivot(prof.counts))), "plot": png_markdown(png, "prompts per category and split"),
-            **parquet_metadata(table),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "n_categories": len(raw),
+                "n_prompts": int(prof.counts["n"].sum()),
+                "n_sampled": int(prof.counts["n_sampled"].sum()),
+                "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in prof.warnings) or "none"),
+                "counts": dg.MetadataValue.md(_table_md(data.profile_pivot(prof.counts))),
+                "plot": png_markdown(png, "prompts per category and split"),
+                **parquet_metadata(table),
+            }
+        )
 
     return [orbench_prompts, prompt_sample, data_profile]
 
@@ -84,4 +114,3 @@ def _table_md(df: pl.DataFrame) -> str:
 
 def _preview(df: pl.DataFrame) -> str:
     return _table_md(df.select("split", pl.col("prompt").str.slice(0, 80)).head(5))
-

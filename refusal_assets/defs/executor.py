@@ -60,13 +60,18 @@ def k8s_config_path() -> Path:
 def load_k8s_settings(path: Path | None = None) -> K8sSettings:
     path = Path(path) if path is not None else k8s_config_path()
     if not path.is_file():
-        raise ExecutorConfigError(f"Kubernetes settings {path} not found (set ${K8S_CONFIG_ENV} or restore dagster_home/k8s/executor.yaml)")
+        raise ExecutorConfigError(
+            f"Kubernetes settings {path} not found (set ${K8S_CONFIG_ENV} or restore dagster_home/k8s/executor.yaml)"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ExecutorConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict) or set(raw) - {"executor", "gpu_step"}:
-        raise ExecutorConfigError(f"{path}: expected the keys 'executor' and 'gpu_step', found {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+        raise ExecutorConfigError(
+            f"{path}: expected the keys 'executor' and 'gpu_step', "
+            f"found {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}"
+        )
     executor = raw.get("executor") or {}
     gpu = raw.get("gpu_step") or {}
     if not isinstance(executor, dict):
@@ -79,7 +84,9 @@ def load_k8s_settings(path: Path | None = None) -> K8sSettings:
     node_selector = gpu.get("node_selector") or {}
     tolerations = gpu.get("tolerations") or []
     if not isinstance(node_selector, dict) or not all(isinstance(v, str) for v in node_selector.values()):
-        raise ExecutorConfigError(f"{path}: gpu_step.node_selector must map label names to strings, got {node_selector!r}")
+        raise ExecutorConfigError(
+            f"{path}: gpu_step.node_selector must map label names to strings, got {node_selector!r}"
+        )
     if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
         raise ExecutorConfigError(f"{path}: gpu_step.tolerations must be a list of mappings, got {tolerations!r}")
     return K8sSettings(path=path, executor=executor, gpu=GpuPlacement(gpus, dict(node_selector), list(tolerations)))
@@ -88,7 +95,9 @@ def load_k8s_settings(path: Path | None = None) -> K8sSettings:
 def executor_choice() -> str:
     choice = (os.environ.get(EXECUTOR_ENV) or "default").strip().lower()
     if choice not in CHOICES:
-        raise ExecutorConfigError(f"${EXECUTOR_ENV}={os.environ.get(EXECUTOR_ENV)!r}: expected one of {', '.join(CHOICES)}")
+        raise ExecutorConfigError(
+            f"${EXECUTOR_ENV}={os.environ.get(EXECUTOR_ENV)!r}: expected one of {', '.join(CHOICES)}"
+        )
     return choice
 
 

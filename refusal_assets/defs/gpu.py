@@ -6,7 +6,9 @@ from __future__ import annotations
 GPU_POOL = "gpu"
 
 
-def gpu_op_tags(gpus: int | None = None, node_selector: dict[str, str] | None = None, tolerations: list[dict] | None = None) -> dict:
+def gpu_op_tags(
+    gpus: int | None = None, node_selector: dict[str, str] | None = None, tolerations: list[dict] | None = None
+) -> dict:
     """``dagster-k8s/config`` tags: the ``k8s_job_executor`` gives each tagged step its own pod
     with a GPU; ignored by the in-process and multiprocess executors. Arguments left out come from
     ``gpu_step`` of the Kubernetes settings (``dagster_home/k8s/executor.yaml``) when that file
@@ -27,7 +29,9 @@ def gpu_op_tags(gpus: int | None = None, node_selector: dict[str, str] | None = 
         pod_spec["tolerations"] = tolerations
     return {
         "dagster-k8s/config": {
-            "container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}}},
+            "container_config": {
+                "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}}
+            },
             **({"pod_spec_config": pod_spec} if pod_spec else {}),
         }
     }

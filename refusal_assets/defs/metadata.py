@@ -80,32 +80,54 @@ def circuit_metadata(found: CategoryCircuit, png: Path, seconds: float) -> dict[
     main = found.main
     at_k, sweep = main.at_k, main.sweep
     md = {
-        "n_nodes": int(main.chosen.sum()), "faithfulness": at_k.faithfulness, "completeness": at_k.completeness,
+        "n_nodes": int(main.chosen.sum()),
+        "faithfulness": at_k.faithfulness,
+        "completeness": at_k.completeness,
         "random_faithfulness": at_k.random_faithfulness,
-        **ci_metadata("faithfulness_ci", at_k.faithfulness_ci), **ci_metadata("completeness_ci", at_k.completeness_ci),
+        **ci_metadata("faithfulness_ci", at_k.faithfulness_ci),
+        **ci_metadata("completeness_ci", at_k.completeness_ci),
         **ci_metadata("random_faithfulness_ci", at_k.random_faithfulness_ci),
         **ci_metadata("faithfulness_minus_random_ci", at_k.advantage_ci),
         # the ratios' denominator: near zero, faithfulness and completeness are ill-conditioned
-        "m_full_minus_m_empty": sweep.m_full - sweep.m_empty, **ci_metadata("m_full_minus_m_empty_ci", sweep.denominator_ci),
-        "n_prompts": main.n_prompts, "prompt_set": main.prompt_set, "baseline_prompts": f"{found.baseline_set} ({found.n_baseline})",
-        "n_edges": len(main.edges), "seconds": round(seconds, 1),
+        "m_full_minus_m_empty": sweep.m_full - sweep.m_empty,
+        **ci_metadata("m_full_minus_m_empty_ci", sweep.denominator_ci),
+        "n_prompts": main.n_prompts,
+        "prompt_set": main.prompt_set,
+        "baseline_prompts": f"{found.baseline_set} ({found.n_baseline})",
+        "n_edges": len(main.edges),
+        "seconds": round(seconds, 1),
         "top_nodes": top_nodes_table(main.nodes[:10]),
-        "faithfulness_plot": png_markdown(png, "faithfulness and completeness"), "path": file_path(png.parent),
+        "faithfulness_plot": png_markdown(png, "faithfulness and completeness"),
+        "path": file_path(png.parent),
     }
     for g, v in found.groups.items():
-        md[f"faithfulness_{g}"], md[f"completeness_{g}"], md[f"n_nodes_{g}"] = v.at_k.faithfulness, v.at_k.completeness, int(v.chosen.sum())
+        md[f"faithfulness_{g}"], md[f"completeness_{g}"], md[f"n_nodes_{g}"] = (
+            v.at_k.faithfulness,
+            v.at_k.completeness,
+            int(v.chosen.sum()),
+        )
     return {k: clean(v) for k, v in md.items()}
 
 
 def top_nodes_table(nodes: list[dict]) -> dg.MetadataValue:
     """The circuit's strongest nodes as a table (its column schema shows in the UI)."""
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn("site", "string", description="site of the node"),
-        dg.TableColumn("node", "string", description="SAE latent index, or the site's error node"),
-        dg.TableColumn("effect", "float", description="mean attribution-patching effect on the refusal score"),
-    ])
-    records = [dg.TableRecord({"site": n["site"], "node": "error" if n["is_error"] else f"latent {n['latent']}", "effect": round(float(n["effect"]), 4)})
-               for n in nodes]
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("site", "string", description="site of the node"),
+            dg.TableColumn("node", "string", description="SAE latent index, or the site's error node"),
+            dg.TableColumn("effect", "float", description="mean attribution-patching effect on the refusal score"),
+        ]
+    )
+    records = [
+        dg.TableRecord(
+            {
+                "site": n["site"],
+                "node": "error" if n["is_error"] else f"latent {n['latent']}",
+                "effect": round(float(n["effect"]), 4),
+            }
+        )
+        for n in nodes
+    ]
     return dg.MetadataValue.table(records, schema=schema)
 
 
@@ -119,9 +141,15 @@ def sae_metadata(fitted: FittedSAE, folder: Path, png: Path | None) -> dict[str,
     md = {
         **{k: clean(v) for k, v in m.items()},
         **{k: clean(v) for k, v in fitted.splice.items()},
-        "d_sae": int(fitted.sae.W_dec.shape[0]), "k": int(getattr(fitted.sae, "k", 0)), "n_vectors": fitted.n_vectors,
-        "n_val_vectors": fitted.n_val_vectors, "n_massive_rows_excluded": fitted.n_outliers, "max_input_norm": fitted.max_norm,
-        "seconds": round(fitted.fit_seconds, 1), "path": file_path(folder), "stopped_early": bool(history.get("stopped_early", False)),
+        "d_sae": int(fitted.sae.W_dec.shape[0]),
+        "k": int(getattr(fitted.sae, "k", 0)),
+        "n_vectors": fitted.n_vectors,
+        "n_val_vectors": fitted.n_val_vectors,
+        "n_massive_rows_excluded": fitted.n_outliers,
+        "max_input_norm": fitted.max_norm,
+        "seconds": round(fitted.fit_seconds, 1),
+        "path": file_path(folder),
+        "stopped_early": bool(history.get("stopped_early", False)),
     }
     if history.get("seconds") is not None:
         md["train_seconds"] = round(float(history["seconds"]), 1)
@@ -135,17 +163,27 @@ def sae_checks(fitted: FittedSAE, thresholds: SAEQualityThresholds) -> list[dg.A
     fraction (non-template rows) under their thresholds."""
     fvu, dead = fitted.metrics["fvu"], fitted.metrics["dead_fraction"]
     return [
-        dg.AssetCheckResult(check_name="fvu_below_threshold", passed=fvu <= thresholds.max_fvu, metadata={"fvu": fvu, "max_fvu": thresholds.max_fvu}),
-        dg.AssetCheckResult(check_name="dead_fraction_below_threshold", passed=dead <= thresholds.max_dead_fraction,
-                            metadata={"dead_fraction": dead, "max": thresholds.max_dead_fraction}),
+        dg.AssetCheckResult(
+            check_name="fvu_below_threshold",
+            passed=fvu <= thresholds.max_fvu,
+            metadata={"fvu": fvu, "max_fvu": thresholds.max_fvu},
+        ),
+        dg.AssetCheckResult(
+            check_name="dead_fraction_below_threshold",
+            passed=dead <= thresholds.max_dead_fraction,
+            metadata={"dead_fraction": dead, "max": thresholds.max_dead_fraction},
+        ),
     ]
 
 
 def report_metadata(written: ReportFiles) -> dict[str, Any]:
     """The report asset's metadata: the answer (verdict, one line per test, sample) as Markdown, each
     model's summary figure, and the two files."""
-    md: dict[str, Any] = {"verdict": dg.MetadataValue.md(summaries_markdown(written.summaries)),
-                          "path": file_path(written.html), "markdown": file_path(written.markdown)}
+    md: dict[str, Any] = {
+        "verdict": dg.MetadataValue.md(summaries_markdown(written.summaries)),
+        "path": file_path(written.html),
+        "markdown": file_path(written.markdown),
+    }
     for s in written.summaries:
         md[f"verdict_{s.model_key}"] = s.verdict
         if s.figure is not None and s.figure.is_file():

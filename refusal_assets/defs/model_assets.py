@@ -1,6 +1,5 @@
 """Stage 2: what each model does with the prompts, and its activations at every site."""
 
-
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,20 +17,27 @@ from refusal_assets.models import load_model
 from refusal_assets.sites import Site
 from refusal_assets.storage import write_parquet
 
-
 CODE_VERSION = "2"
 """Version of the behaviour and activation code; bump it when their outputs change for the same settings."""
 
 
-def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+def build(
+    cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
+) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     @gpu_asset(
-        partitions_def=parts.model_category, kinds={"pytorch", "parquet"}, group_name="model",
+        partitions_def=parts.model_category,
+        kinds={"pytorch", "parquet"},
+        group_name="model",
         code_version=CODE_VERSION,  # the model's settings are the model_config source's data version
-        deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category()),
-              dg.AssetDep("model_config", partition_mapping=parts.by_model())],
+        deps=[
+            dg.AssetDep("prompt_sample", partition_mapping=parts.by_category()),
+            dg.AssetDep("model_config", partition_mapping=parts.by_model()),
+        ],
         description="Each prompt's greedy chat generation, a refusal judgement, p_ref and the refusal score.",
     )
-    def refusal_behaviour(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
+    def refusal_behaviour(
+        context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
         keys = multi_key(parts.model_category, context.partition_key)
         model_cfg, category = cfg.model(keys["model"]), keys["category"]
         with compute.claim() as device:
@@ -39,14 +45,22 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
             load_s = time.perf_counter() - t0
             layout = Layout(storage.files)
-            df = behaviour.run_behaviour(model, tokenizer, layout.load_sample(category), model_cfg, device, context.log.info)
+            df = behaviour.run_behaviour(
+                model, tokenizer, layout.load_sample(category), model_cfg, device, context.log.info
+            )
             table = write_parquet(df.to_arrow(), layout.behaviour(model_cfg.model_key, category))
             rates = behaviour.refusal_rates(df)
-            png = behaviour.plot_refusal_rates(rates, f"{model_cfg.model_key} / {category}", layout.behaviour_plot(model_cfg.model_key, category))
+            png = behaviour.plot_refusal_rates(
+                rates, f"{model_cfg.model_key} / {category}", layout.behaviour_plot(model_cfg.model_key, category)
+            )
             md = {
-                "refusal_rate": rates["all"]["rate"], "n_prompts": df.height, "load_seconds": round(load_s, 2),
-                "seconds": round(time.perf_counter() - t0, 2), "device": device,
-                "plot": png_markdown(png, "refusal rate per split"), **parquet_metadata(table),
+                "refusal_rate": rates["all"]["rate"],
+                "n_prompts": df.height,
+                "load_seconds": round(load_s, 2),
+                "seconds": round(time.perf_counter() - t0, 2),
+                "device": device,
+                "plot": png_markdown(png, "refusal rate per split"),
+                **parquet_metadata(table),
             }
             for split, r in rates.items():
                 if split != "all":
@@ -56,18 +70,32 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             return dg.MaterializeResult(metadata=md)
 
     @gpu_asset(
-        partitions_def=parts.site_category, kinds={"pytorch", "parquet"}, group_name="model",
+        partitions_def=parts.site_category,
+        kinds={"pytorch", "parquet"},
+        group_name="model",
         code_version=CODE_VERSION,  # the model's settings are the site_config source's data version
-        backfill_policy=dg.BackfillPolicy.single_run(), output_required=False,
-        deps=[dg.AssetDep("prompt_sample", partition_mapping=parts.by_category()),
-              dg.AssetDep("site_config", partition_mapping=parts.by_site())],
-        check_specs=[dg.AssetCheckSpec("finite_vectors", asset="activations", blocking=True,
-                                       description="No NaN or inf in any activation vector.")],
-        description="Residual / MLP / attention activations at the post-instruction positions (and every prompt token), float16 Parquet.",
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        output_required=False,
+        deps=[
+            dg.AssetDep("prompt_sample", partition_mapping=parts.by_category()),
+            dg.AssetDep("site_config", partition_mapping=parts.by_site()),
+        ],
+        check_specs=[
+            dg.AssetCheckSpec(
+                "finite_vectors",
+                asset="activations",
+                blocking=True,
+                description="No NaN or inf in any activation vector.",
+            )
+        ],
+        description="Residual / MLP / attention activations at the post-instruction positions "
+        "(and every prompt token), float16 Parquet.",
     )
     def activations(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource):
         # One forward pass per (model, category) serves every requested site of that model.
-        groups: dict[str, dict[str, dict[Site, str]]] = defaultdict(lambda: defaultdict(dict))  # model -> category -> site -> key
+        groups: dict[str, dict[str, dict[Site, str]]] = defaultdict(
+            lambda: defaultdict(dict)
+        )  # model -> category -> site -> key
         for key in context.partition_keys:
             k = multi_key(parts.site_category, key)
             model_key, site_name = k["site"].split("__", 1)
@@ -85,26 +113,44 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                     t0 = time.perf_counter()
                     non_finite: dict = {}
                     n_rows = acts_core.collect_activations(
-                        model, tokenizer, sample, sorted(sites), paths, batch_size=model_cfg.batch_size,
-                        system_prompt=model_cfg.chat_template.system_prompt, all_positions=model_cfg.all_token_positions,
-                        device=device, log=context.log.info, non_finite=non_finite,
+                        model,
+                        tokenizer,
+                        sample,
+                        sorted(sites),
+                        paths,
+                        batch_size=model_cfg.batch_size,
+                        system_prompt=model_cfg.chat_template.system_prompt,
+                        all_positions=model_cfg.all_token_positions,
+                        device=device,
+                        log=context.log.info,
+                        non_finite=non_finite,
                     )
                     seconds = time.perf_counter() - t0
                     for site, key in sites.items():
                         n_bad = non_finite.get(site, 0)
                         n_bad_total += n_bad
                         metadata[key] = {
-                            "n_rows": n_rows[site], "d_model": model_cfg.architecture.d_model, "n_prompts": sample.height, "n_non_finite_rows": n_bad,
-                            "seconds_for_all_sites_of_this_category": round(seconds, 2), **parquet_metadata(paths[site]),
+                            "n_rows": n_rows[site],
+                            "d_model": model_cfg.architecture.d_model,
+                            "n_prompts": sample.height,
+                            "n_non_finite_rows": n_bad,
+                            "seconds_for_all_sites_of_this_category": round(seconds, 2),
+                            **parquet_metadata(paths[site]),
                         }
             # Per-partition metadata on the run's one materialization: Dagster then records each
             # partition with its input provenance (bare AssetMaterialization events carry none,
             # and the UI would show every partition of a single-run backfill as stale).
             for key, md in metadata.items():
                 context.add_asset_metadata({k: clean(v) for k, v in md.items()}, partition_key=key)
-            return dg.MaterializeResult(check_results=[dg.AssetCheckResult(
-                check_name="finite_vectors", asset_key="activations", passed=n_bad_total == 0,
-                metadata={"n_non_finite_rows": n_bad_total, "partitions": len(metadata)},
-            )])
+            return dg.MaterializeResult(
+                check_results=[
+                    dg.AssetCheckResult(
+                        check_name="finite_vectors",
+                        asset_key="activations",
+                        passed=n_bad_total == 0,
+                        metadata={"n_non_finite_rows": n_bad_total, "partitions": len(metadata)},
+                    )
+                ]
+            )
 
     return [refusal_behaviour, activations]

@@ -58,8 +58,10 @@ class Partitions:
             train = sorted({category_key(c) for c in cfg.sae.train_categories})
             unknown = sorted(set(train) - set(categories))
             if unknown:
-                raise ConfigError(f"config {cfg.name!r}: key 'sae.train_categories': {unknown} are not categories of this config "
-                                  f"(its categories: {categories})")
+                raise ConfigError(
+                    f"config {cfg.name!r}: key 'sae.train_categories': {unknown} are not categories of this config "
+                    f"(its categories: {categories})"
+                )
         return cls(
             category=category,
             model=model,
@@ -84,20 +86,30 @@ class Partitions:
     def sae_from_activations(self) -> dg.MultiPartitionMapping:
         """An SAE reads its site's activations of the training categories only: a category outside
         ``sae.train_categories`` maps to no SAE partition, so adding it leaves the SAEs current."""
-        return dg.MultiPartitionMapping({
-            "site": dg.DimensionPartitionMapping("site", dg.IdentityPartitionMapping()),
-            "category": dg.DimensionPartitionMapping("scope", dg.StaticPartitionMapping({c: SAE_SCOPE for c in self.sae_train_categories})),
-        })
+        return dg.MultiPartitionMapping(
+            {
+                "site": dg.DimensionPartitionMapping("site", dg.IdentityPartitionMapping()),
+                "category": dg.DimensionPartitionMapping(
+                    "scope", dg.StaticPartitionMapping({c: SAE_SCOPE for c in self.sae_train_categories})
+                ),
+            }
+        )
 
     def circuit_from_sae(self) -> dg.MultiPartitionMapping:
         """A (model, category) circuit reads every SAE of that model (and no other model's)."""
-        return dg.MultiPartitionMapping({
-            "site": dg.DimensionPartitionMapping("model", dg.StaticPartitionMapping(self.site_to_model)),
-            "scope": dg.DimensionPartitionMapping("category", dg.StaticPartitionMapping({SAE_SCOPE: self.category.get_partition_keys()})),
-        })
+        return dg.MultiPartitionMapping(
+            {
+                "site": dg.DimensionPartitionMapping("model", dg.StaticPartitionMapping(self.site_to_model)),
+                "scope": dg.DimensionPartitionMapping(
+                    "category", dg.StaticPartitionMapping({SAE_SCOPE: self.category.get_partition_keys()})
+                ),
+            }
+        )
 
     def circuit_from_activations(self) -> dg.MultiPartitionMapping:
-        return dg.MultiPartitionMapping({
-            "site": dg.DimensionPartitionMapping("model", dg.StaticPartitionMapping(self.site_to_model)),
-            "category": dg.DimensionPartitionMapping("category", dg.IdentityPartitionMapping()),
-        })
+        return dg.MultiPartitionMapping(
+            {
+                "site": dg.DimensionPartitionMapping("model", dg.StaticPartitionMapping(self.site_to_model)),
+                "category": dg.DimensionPartitionMapping("category", dg.IdentityPartitionMapping()),
+            }
+        )

@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import dagster as dg
+import torch
 
 from refusal_assets.storage import Storage
 
@@ -61,9 +61,14 @@ class ComputeResource(dg.ConfigurableResource):
                     raise RuntimeError(f"device {d!r} requested but CUDA is not available on this machine")
                 index = torch.device(d).index
                 if index is not None and index >= torch.cuda.device_count():
-                    raise RuntimeError(f"device {d!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+                    raise RuntimeError(
+                        f"device {d!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+                    )
         if len(wanted) > 1 and not self.serialize_device:
-            raise ValueError(f"compute.serialize_device=false with several devices {wanted}: the per-device locks are how a step finds a free device")
+            raise ValueError(
+                f"compute.serialize_device=false with several devices {wanted}: "
+                "the per-device locks are how a step finds a free device"
+            )
         return wanted
 
     def resolved_device(self) -> str:

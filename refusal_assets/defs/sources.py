@@ -38,7 +38,9 @@ def config_versions(cfg: ProjectConfig) -> dict[dg.AssetKey, dict[str, str]]:
 
 
 def _latest_version(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str) -> str | None:
-    records = instance.fetch_observations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
+    records = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
     if not records or records[0].asset_observation is None:
         return None
     return (records[0].asset_observation.tags or {}).get("dagster/data_version")
@@ -50,8 +52,11 @@ def config_observations(instance: dg.DagsterInstance, cfg: ProjectConfig) -> lis
     for key, versions in config_versions(cfg).items():
         for partition, version in sorted(versions.items()):
             if _latest_version(instance, key, partition) != version:
-                out.append(dg.AssetObservation(key, partition=partition, tags={"dagster/data_version": version},
-                                               metadata={"config": cfg.name}))
+                out.append(
+                    dg.AssetObservation(
+                        key, partition=partition, tags={"dagster/data_version": version}, metadata={"config": cfg.name}
+                    )
+                )
     return out
 
 
@@ -67,18 +72,22 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list:
     versions = config_versions(cfg)
 
     @dg.observable_source_asset(
-        key=MODEL_CONFIG, partitions_def=parts.model, group_name="config",
-        description="One model's settings that change its outputs (id, source, weights, dtype, chat template, generation, refusal "
-                    "phrases); the data version of each partition is their hash. Read by refusal_behaviour.",
+        key=MODEL_CONFIG,
+        partitions_def=parts.model,
+        group_name="config",
+        description="One model's settings that change its outputs (id, source, weights, dtype, chat template, "
+        "generation, refusal phrases); the data version of each partition is their hash. Read by refusal_behaviour.",
     )
     def model_config(context):
         keys = context.partition_keys if context.has_partition_key_range else parts.model.get_partition_keys()
         return dg.DataVersionsByPartition({k: versions[MODEL_CONFIG][k] for k in keys})
 
     @dg.observable_source_asset(
-        key=SITE_CONFIG, partitions_def=parts.site, group_name="config",
-        description="Per site, its model's settings that change an activation vector (generation and refusal settings left out). "
-                    "Read by activations.",
+        key=SITE_CONFIG,
+        partitions_def=parts.site,
+        group_name="config",
+        description="Per site, its model's settings that change an activation vector "
+        "(generation and refusal settings left out). Read by activations.",
     )
     def site_config(context):
         keys = context.partition_keys if context.has_partition_key_range else parts.site.get_partition_keys()
@@ -88,9 +97,13 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list:
 
 
 def config_sensor(cfg: ProjectConfig) -> dg.SensorDefinition:
-    @dg.sensor(name="refusal_assets_config", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Records a new data version of model_config / site_config for each model whose settings changed "
-                           "(after a code-location reload); automation then rebuilds that model's partitions only.")
+    @dg.sensor(
+        name="refusal_assets_config",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Records a new data version of model_config / site_config for each model whose settings changed "
+        "(after a code-location reload); automation then rebuilds that model's partitions only.",
+    )
     def _sensor(context: dg.SensorEvaluationContext):
         events = config_observations(context.instance, cfg)
         if not events:

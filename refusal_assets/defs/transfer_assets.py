@@ -33,7 +33,9 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
     cc, comp = cfg.circuits, cfg.comparison
 
     @gpu_asset(
-        partitions_def=parts.model, kinds={"pytorch", "scipy"}, group_name="comparison",
+        partitions_def=parts.model,
+        kinds={"pytorch", "scipy"},
+        group_name="comparison",
         # Model settings reach it as data versions through circuit and refusal_behaviour (their
         # model_config source), so only circuits and comparison are hashed here. The SAEs and the
         # sample it also reads are not direct deps: every one it reads is an input of this model's
@@ -41,14 +43,21 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
         # transfer whenever any model's SAE changes.
         code_version=cfg.section_hash("circuits", "comparison"),
         deps=[
-            dg.AssetDep("circuit", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")),
-            dg.AssetDep("refusal_behaviour", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")),
+            dg.AssetDep(
+                "circuit", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
+            ),
+            dg.AssetDep(
+                "refusal_behaviour",
+                partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model"),
+            ),
         ],
-        description="Functional cross-category tests: A's circuit ablated on B's refusing prompts vs B's own (transfer, faithfulness), "
-                    "A's refusal direction ablated on B's held-out toxic prompts and added to B's harmless ones, a pooled direction, "
-                    "each a category x category matrix with bootstrap CIs and a random control.",
+        description="Functional cross-category tests: A's circuit ablated on B's refusing prompts vs B's own "
+        "(transfer, faithfulness), A's refusal direction ablated on B's held-out toxic prompts and added to B's "
+        "harmless ones, a pooled direction, each a category x category matrix with bootstrap CIs and a random control.",
     )
-    def transfer(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource) -> dg.MaterializeResult:
+    def transfer(
+        context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource
+    ) -> dg.MaterializeResult:
         model_key = context.partition_key
         model_cfg = cfg.model(model_key)
         layout = Layout(storage.files)
@@ -62,8 +71,13 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
         with compute.claim() as device:
             t0 = time.perf_counter()
             model, tok = load_model(model_cfg, cfg.resolve, device, context.log.info)
-            ids = torch.tensor(refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device)
-            samples = {c: layout.load_sample(c).join(layout.load_behaviour(model_key, c), on="prompt_id", how="left") for c in categories}
+            ids = torch.tensor(
+                refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device
+            )
+            samples = {
+                c: layout.load_sample(c).join(layout.load_behaviour(model_key, c), on="prompt_id", how="left")
+                for c in categories
+            }
 
             # ---- circuit transfer on each category's refusing toxic prompts (the circuits' own prompts)
             site_keys = dict(zip(model_cfg.sites, model_cfg.site_keys))
@@ -87,11 +101,17 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                 mask = np.zeros(len(site_of_node), bool)
                 mask[[n["node"] for n in group["nodes"]]] = True
                 circuits[c] = mask
-                own[c] = tr.loo_masks(tensors[f"effects_{key}"], lambda m, son=site_of_node: circ.select_circuit(
-                    m, son, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold))
+                own[c] = tr.loo_masks(
+                    tensors[f"effects_{key}"],
+                    lambda m, son=site_of_node: circ.select_circuit(
+                        m, son, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold
+                    ),
+                )
             out["fallback_categories"] = fallback
             if len(score_fns) >= 2:
-                loss, keep = tr.circuit_transfer(score_fns, circuits, own, site_of_node, rule, n_bootstrap=comp.n_bootstrap, seed=comp.seed)
+                loss, keep = tr.circuit_transfer(
+                    score_fns, circuits, own, site_of_node, rule, n_bootstrap=comp.n_bootstrap, seed=comp.seed
+                )
                 out["circuit_transfer"], out["circuit_faithfulness"] = loss.to_dict(), keep.to_dict()
                 context.log.info(loss.reason)
             t_circ = time.perf_counter() - t0
@@ -108,29 +128,65 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             usable = {c: p for c, p in toxic_train.items() if p and harmless_train[c] and c not in fallback}
             if len(usable) >= 2:
                 hidden: dict = {}
-                selected = tr.select_directions(model, tok, usable, {c: harmless_train[c] for c in usable}, ids,
-                                                n_layer_candidates=comp.direction_layers, n_position_candidates=comp.direction_positions,
-                                                pooled_selection_prompts=comp.pooled_selection_prompts, hidden=hidden, device=device, **kw)
-                tests = tr.direction_tests(model, tok, selected, toxic_eval, harmless_eval, ids, rule, n_bootstrap=comp.n_bootstrap,
-                                           seed=comp.seed, device=device, **kw)
+                selected = tr.select_directions(
+                    model,
+                    tok,
+                    usable,
+                    {c: harmless_train[c] for c in usable},
+                    ids,
+                    n_layer_candidates=comp.direction_layers,
+                    n_position_candidates=comp.direction_positions,
+                    pooled_selection_prompts=comp.pooled_selection_prompts,
+                    hidden=hidden,
+                    device=device,
+                    **kw,
+                )
+                tests = tr.direction_tests(
+                    model,
+                    tok,
+                    selected,
+                    toxic_eval,
+                    harmless_eval,
+                    ids,
+                    rule,
+                    n_bootstrap=comp.n_bootstrap,
+                    seed=comp.seed,
+                    device=device,
+                    **kw,
+                )
                 out["directions"] = tests.to_dict()
                 # cosines at the pooled direction's layer and position, with ceiling and null
                 layer, pos = selected["pooled"].layer, selected["pooled"].position
-                out["directions"]["cosine_tests"] = {"layer": layer, "position": pos, **tr.direction_cosines(
-                    {c: h[:, layer, pos].numpy() for c, h in hidden["toxic"].items()},
-                    {c: h[:, layer, pos].numpy() for c, h in hidden["harmless"].items()},
-                    n_permutations=comp.n_permutations, alpha=comp.alpha, seed=comp.seed)}
+                out["directions"]["cosine_tests"] = {
+                    "layer": layer,
+                    "position": pos,
+                    **tr.direction_cosines(
+                        {c: h[:, layer, pos].numpy() for c, h in hidden["toxic"].items()},
+                        {c: h[:, layer, pos].numpy() for c, h in hidden["harmless"].items()},
+                        n_permutations=comp.n_permutations,
+                        alpha=comp.alpha,
+                        seed=comp.seed,
+                    ),
+                }
                 context.log.info(tests.ablation.reason)
                 context.log.info(tests.induced.reason)
             out["seconds"] = {"circuit_transfer": t_circ, "total": time.perf_counter() - t0}
         md: dict = {"seconds": round(out["seconds"]["total"], 1), "fallback_categories": ", ".join(fallback) or "none"}
-        for name, res in (("circuit_transfer", out.get("circuit_transfer")), ("direction_ablation", out.get("directions", {}).get("ablation")),
-                          ("induced_refusal", out.get("directions", {}).get("induced"))):
+        for name, res in (
+            ("circuit_transfer", out.get("circuit_transfer")),
+            ("direction_ablation", out.get("directions", {}).get("ablation")),
+            ("induced_refusal", out.get("directions", {}).get("induced")),
+        ):
             if res is None:
                 continue
             md[f"verdict_{name}"] = res["verdict"]
             change = np.array([[np.nan if v is None else v for v in row] for row in res["change"]], dtype=float)
-            plot_heatmap(change, res["categories"], f"{model_key}: {res['test']} (rows A act on columns B)", layout.transfer_plot(model_key, name))
+            plot_heatmap(
+                change,
+                res["categories"],
+                f"{model_key}: {res['test']} (rows A act on columns B)",
+                layout.transfer_plot(model_key, name),
+            )
         write_text(json.dumps(out, indent=1, default=float), layout.transfer_summary(model_key))
         return dg.MaterializeResult(metadata=md)
 

@@ -42,9 +42,17 @@ def tiny_assets(cfg: ProjectConfig, storage: Path) -> tuple[dict[str, dg.AssetsD
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
-def materialize(assets: list, resources: dict, partition_key: str | None = None, instance=None) -> dg.ExecuteInProcessResult:
-    return dg.materialize(assets, resources=resources, partition_key=partition_key, instance=instance,
-                          raise_on_error=False, run_config=QUIET)
+def materialize(
+    assets: list, resources: dict, partition_key: str | None = None, instance=None
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        assets,
+        resources=resources,
+        partition_key=partition_key,
+        instance=instance,
+        raise_on_error=False,
+        run_config=QUIET,
+    )
 
 
 def failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
@@ -63,8 +71,15 @@ def failure_messages(result: dg.ExecuteInProcessResult) -> list[str]:
 
 def python_script(code: str, env: dict | None = None, cwd: Path = ROOT, **kw) -> subprocess.Popen:
     """``python -c code`` with the suite's environment (model cache, offline hub) inherited."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}  # see conftest.py
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        **(env or {}),
+    }  # see conftest.py
     return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=full_env, text=True, **kw)
 
 
@@ -103,8 +118,10 @@ class Child:
                     continue
             if line is None:
                 self.kill()
-                raise AssertionError(f"child never printed {wanted!r} (rc={self.proc.poll()}); stdout={self.lines}; "
-                                     f"stderr tail={self.stderr_tail()}")
+                raise AssertionError(
+                    f"child never printed {wanted!r} (rc={self.proc.poll()}); stdout={self.lines}; "
+                    f"stderr tail={self.stderr_tail()}"
+                )
             self.lines.append(line)
             if line == wanted:
                 return

@@ -9,9 +9,9 @@ in a Dagster run (nothing written); configs go through ``refusal-assets run`` in
 from __future__ import annotations
 
 import gzip
-import re
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,7 +28,14 @@ from refusal_assets.models import ModelLoadError, assemble_gguf
 from refusal_assets.sae import TopKSAE, load_sae, save_sae
 from refusal_assets.storage import Storage, read_parquet, write_parquet
 from refusal_assets_tests.conftest import ROOT, write_csv
-from refusal_assets_tests.reliability.helpers import TINY, failure_messages, files_under, materialize, tiny_assets, tiny_cfg_with
+from refusal_assets_tests.reliability.helpers import (
+    TINY,
+    failure_messages,
+    files_under,
+    materialize,
+    tiny_assets,
+    tiny_cfg_with,
+)
 
 TOXIC = "or-bench-toxic.csv"
 
@@ -93,7 +100,10 @@ def test_duplicate_header_column_is_an_error(tmp_path):
 
 def test_configured_category_without_prompts_is_an_error_and_writes_nothing(tmp_path):
     data = tmp_path / "data"
-    write_csv(data / TOXIC, [("How do I insult someone?", "harassment"), ("Hack a bank", "illegal"), ("Find an address", "privacy")])
+    write_csv(
+        data / TOXIC,
+        [("How do I insult someone?", "harassment"), ("Hack a bank", "illegal"), ("Find an address", "privacy")],
+    )
     with pytest.raises(DataError) as e:
         load_orbench(data, categories=["harassment", "illegal", "privacy", "violence"])
     assert "violence" in str(e.value) and str(data) in str(e.value)
@@ -170,35 +180,90 @@ def _set(path: str, value):
 MODEL_FILE = "id: m\nsource: tiny\narchitecture: {n_layers: 4, d_model: 64}\nactivation_layers: [residuals_1]\n"
 CONFIG_ERRORS = {
     # name: (mutation, extra files, file named in the message, fragments)
-    "unknown_split_inline": (_set("data.splits", ["foo"]), None, "project.yaml", ["data.splits", "'safe', 'hard' or 'toxic'"]),
-    "unknown_split_in_data_file": (_set("data", "data/d.yaml"), {"data/d.yaml": "path: x\nsplits: [safe, foo]\n"},
-                                   "d.yaml", ["splits.1", "'safe', 'hard' or 'toxic'"]),
+    "unknown_split_inline": (
+        _set("data.splits", ["foo"]),
+        None,
+        "project.yaml",
+        ["data.splits", "'safe', 'hard' or 'toxic'"],
+    ),
+    "unknown_split_in_data_file": (
+        _set("data", "data/d.yaml"),
+        {"data/d.yaml": "path: x\nsplits: [safe, foo]\n"},
+        "d.yaml",
+        ["splits.1", "'safe', 'hard' or 'toxic'"],
+    ),
     "duplicate_split": (_set("data.splits", ["safe", "safe"]), None, "project.yaml", ["data.splits", "duplicate"]),
     "no_split": (_set("data.splits", []), None, "project.yaml", ["data.splits", "at least one split"]),
     "unknown_top_level_key": (_set("modles", []), None, "project.yaml", ["'modles'", "Extra inputs"]),
     "unknown_nested_key": (_set("sae.expansion", 4), None, "project.yaml", ["sae.expansion", "Extra inputs"]),
-    "unknown_key_in_model_file": (_set("models", ["models/m.yaml"]), {"models/m.yaml": MODEL_FILE + "batchsize: 4\n"},
-                                  "m.yaml", ["'batchsize'", "Extra inputs"]),
+    "unknown_key_in_model_file": (
+        _set("models", ["models/m.yaml"]),
+        {"models/m.yaml": MODEL_FILE + "batchsize: 4\n"},
+        "m.yaml",
+        ["'batchsize'", "Extra inputs"],
+    ),
     "wrong_type_int": (_set("sae.k", "eight"), None, "project.yaml", ["sae.k", "valid integer"]),
     "wrong_type_fraction": (_set("sae.max_steps", 1.5), None, "project.yaml", ["sae.max_steps", "fractional"]),
-    "wrong_type_nested": (_set("sae.thresholds.max_fvu", "high"), None, "project.yaml", ["sae.thresholds.max_fvu", "valid number"]),
-    "wrong_type_in_model": (_set("models.0.batch_size", "many"), None, "project.yaml", ["models.0.batch_size", "valid integer"]),
-    "wrong_literal": (_set("circuits.selection", "best"), None, "project.yaml", ["circuits.selection", "'topk', 'threshold', 'topk_abs' or 'threshold_abs'"]),
-    "out_of_range_value": (_set("data.heldout_fraction", 1.5), None, "project.yaml", ["data.heldout_fraction", "less than 1"]),
+    "wrong_type_nested": (
+        _set("sae.thresholds.max_fvu", "high"),
+        None,
+        "project.yaml",
+        ["sae.thresholds.max_fvu", "valid number"],
+    ),
+    "wrong_type_in_model": (
+        _set("models.0.batch_size", "many"),
+        None,
+        "project.yaml",
+        ["models.0.batch_size", "valid integer"],
+    ),
+    "wrong_literal": (
+        _set("circuits.selection", "best"),
+        None,
+        "project.yaml",
+        ["circuits.selection", "'topk', 'threshold', 'topk_abs' or 'threshold_abs'"],
+    ),
+    "out_of_range_value": (
+        _set("data.heldout_fraction", 1.5),
+        None,
+        "project.yaml",
+        ["data.heldout_fraction", "less than 1"],
+    ),
     "one_crossfit_fold": (_set("circuits.n_folds", 1), None, "project.yaml", ["circuits.n_folds", "leave-one-out"]),
-    "unknown_prompt_filter": (_set("circuits.prompt_filter", "toxic"), None, "project.yaml",
-                              ["circuits.prompt_filter", "'score_positive', 'refused' or 'all'"]),
+    "unknown_prompt_filter": (
+        _set("circuits.prompt_filter", "toxic"),
+        None,
+        "project.yaml",
+        ["circuits.prompt_filter", "'score_positive', 'refused' or 'all'"],
+    ),
     "section_not_a_mapping": (_set("sae", ["k", 8]), None, "project.yaml", ["sae", "valid dictionary"]),
     "no_models": (_set("models", []), None, "project.yaml", ["models", "at least 1 item"]),
     "missing_included_file": (_set("sae", "sae/nope.yaml"), None, "nope.yaml", ["not found"]),
     # a site the model lacks
-    "site_beyond_24_layers": (_set("models", ["models/m.yaml"]),
-                              {"models/m.yaml": MODEL_FILE.replace("n_layers: 4", "n_layers: 24").replace("residuals_1", "residuals_30")},
-                              "m.yaml", ["'residuals_30'", "layer 30", "24 layers (0-23)", "activation_layers"]),
-    "site_range_past_end": (_set("models.0.activation_layers", ["residuals_2-7"]), None, "project.yaml", ["layer 4", "4 layers"]),
-    "mlp_site_past_end": (_set("models.0.activation_layers", ["mlp_4"]), None, "project.yaml", ["'mlp_4'", "layer 4", "4 layers"]),
+    "site_beyond_24_layers": (
+        _set("models", ["models/m.yaml"]),
+        {"models/m.yaml": MODEL_FILE.replace("n_layers: 4", "n_layers: 24").replace("residuals_1", "residuals_30")},
+        "m.yaml",
+        ["'residuals_30'", "layer 30", "24 layers (0-23)", "activation_layers"],
+    ),
+    "site_range_past_end": (
+        _set("models.0.activation_layers", ["residuals_2-7"]),
+        None,
+        "project.yaml",
+        ["layer 4", "4 layers"],
+    ),
+    "mlp_site_past_end": (
+        _set("models.0.activation_layers", ["mlp_4"]),
+        None,
+        "project.yaml",
+        ["'mlp_4'", "layer 4", "4 layers"],
+    ),
     "empty_layer_range": (_set("models.0.activation_layers", ["residuals_3-1"]), None, "project.yaml", ["empty range"]),
-    "unknown_site_kind": (_set("models.0.activation_layers", ["heads_1"]), None, "project.yaml", ["unknown site kind", "'heads_1'"]),
+    "unknown_site_kind": (
+        _set("models.0.activation_layers", ["heads_1"]),
+        None,
+        "project.yaml",
+        ["unknown site kind", "'heads_1'"],
+    ),
     # a model key or id that would escape the storage folder
     "model_key_escapes": (_set("models.0.key", "../x"), None, "project.yaml", ["models.0.key", "'../x'"]),
     "model_id_only_dots": (_set("models.0.id", ".."), None, "project.yaml", ["models.0", "safe key", "'..'"]),
@@ -235,7 +300,6 @@ def test_project_name_cannot_escape_the_storage_folder(name, tmp_path):
 
 
 def test_configured_category_that_escapes_is_refused_before_anything_is_written(tmp_path):
-    from refusal_assets.defs.build import build_defs
 
     path = _write_project(tmp_path, _set("data.categories", ["harassment", "../../etc"]))
     with pytest.raises(ConfigError, match=r"data\.categories.*unsafe category '\.\./\.\./etc'") as e:
@@ -259,7 +323,9 @@ def test_category_escaping_in_csv_is_refused_by_value(tmp_path):
         load_orbench(tmp_path)
 
 
-@pytest.mark.parametrize("parts", [("..",), ("../x",), ("a/b",), ("/etc",), ("",), (".hidden",), ("ok", ".."), ("ok", "x/../../y")])
+@pytest.mark.parametrize(
+    "parts", [("..",), ("../x",), ("a/b",), ("/etc",), ("",), (".hidden",), ("ok", ".."), ("ok", "x/../../y")]
+)
 def test_storage_path_refuses_escaping_parts(parts, tmp_path):
     storage = Storage(tmp_path)
     with pytest.raises(ValueError, match="would not stay inside the storage folder"):
@@ -289,7 +355,9 @@ def test_yaml_python_tags_are_refused_and_never_executed(payload, where, tmp_pat
         (tmp_path / "configs" / "models" / "m.yaml").write_text(MODEL_FILE)
         bad_file = "project.yaml"
     else:
-        path = _write_project(tmp_path, _set("models", ["models/m.yaml"]), {"models/m.yaml": MODEL_FILE + f"revision: {tagged}\n"})
+        path = _write_project(
+            tmp_path, _set("models", ["models/m.yaml"]), {"models/m.yaml": MODEL_FILE + f"revision: {tagged}\n"}
+        )
         bad_file = "m.yaml"
     with pytest.raises(ConfigError) as e:
         load_config(path)
@@ -347,24 +415,45 @@ def test_unreadable_gguf_part_is_an_error_naming_it_and_leaves_no_partial_file(t
 
 # -------------------------------------------------------------------------- truncated asset files
 def _prompts_table(n: int = 200) -> pa.Table:
-    return pa.table({"prompt_id": [f"{i:016x}" for i in range(n)], "prompt": [f"prompt number {i} " * 5 for i in range(n)],
-                     "category": ["harassment"] * n, "category_key": ["harassment"] * n, "split": ["safe", "hard", "toxic", "safe"] * (n // 4)})
+    return pa.table(
+        {
+            "prompt_id": [f"{i:016x}" for i in range(n)],
+            "prompt": [f"prompt number {i} " * 5 for i in range(n)],
+            "category": ["harassment"] * n,
+            "category_key": ["harassment"] * n,
+            "split": ["safe", "hard", "toxic", "safe"] * (n // 4),
+        }
+    )
 
 
 @pytest.mark.parametrize("cut", ["half", "footer_only_missing", "zero_bytes", "garbage"])
 def test_truncated_parquet_is_a_value_error_naming_the_file(cut, tmp_path):
     path = write_parquet(_prompts_table(), tmp_path / "orbench_prompts" / "harassment" / "prompts.parquet")
     raw = path.read_bytes()
-    path.write_bytes({"half": raw[: len(raw) // 2], "footer_only_missing": raw[:-8], "zero_bytes": b"", "garbage": b"not parquet" * 50}[cut])
+    path.write_bytes(
+        {
+            "half": raw[: len(raw) // 2],
+            "footer_only_missing": raw[:-8],
+            "zero_bytes": b"",
+            "garbage": b"not parquet" * 50,
+        }[cut]
+    )
     with pytest.raises(ValueError) as e:
         read_parquet(path)
     assert str(path) in str(e.value) and "rematerialize" in str(e.value)
 
 
 def test_truncated_activations_file_fails_read_vectors_naming_the_file(tmp_path):
-    table = pa.table({"prompt_id": ["a"] * 50, "split": ["safe"] * 50, "heldout": [False] * 50, "token_index": list(range(50)),
-                      "is_post_instruction": [False] * 50,
-                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(torch.randn(50 * 8).half().numpy(), pa.float16()), 8)})
+    table = pa.table(
+        {
+            "prompt_id": ["a"] * 50,
+            "split": ["safe"] * 50,
+            "heldout": [False] * 50,
+            "token_index": list(range(50)),
+            "is_post_instruction": [False] * 50,
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(torch.randn(50 * 8).half().numpy(), pa.float16()), 8),
+        }
+    )
     path = write_parquet(table, tmp_path / "activations.parquet")
     assert acts_core.read_vectors(path)[0].shape == (50, 8)
     path.write_bytes(path.read_bytes()[:-30])
@@ -415,7 +504,9 @@ def test_truncated_or_corrupt_sae_files_are_value_errors_naming_the_file(tmp_pat
         load_sae(bad_cfg)
     cfg = json.loads((good / "cfg.json").read_text())
     (bad_cfg / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 65}))
-    with pytest.raises(ValueError, match=r"sae_weights\.safetensors: tensor 'W_enc' has shape \(16, 64\), expected \(16, 65\)"):
+    with pytest.raises(
+        ValueError, match=r"sae_weights\.safetensors: tensor 'W_enc' has shape \(16, 64\), expected \(16, 65\)"
+    ):
         load_sae(bad_cfg)
     assert torch.equal(load_sae(good).W_dec, sae.W_dec)  # the intact folder still loads
 
@@ -424,7 +515,9 @@ def test_truncated_or_corrupt_sae_files_are_value_errors_naming_the_file(tmp_pat
 @pytest.mark.parametrize("fault", ["nan", "inf", "float16_overflow"])
 def test_non_finite_activations_fail_the_check_and_the_sae_refuses_them(fault, tmp_path, tiny_model, monkeypatch):
     storage = tmp_path / "storage"
-    cfg = tiny_cfg_with({"data.categories": ["harassment"], "sae.train_categories": ["harassment"]})  # the SAE reads every category: keep one
+    cfg = tiny_cfg_with(
+        {"data.categories": ["harassment"], "sae.train_categories": ["harassment"]}
+    )  # the SAE reads every category: keep one
     assets, resources = tiny_assets(cfg, storage)
     assert materialize([assets["orbench_prompts"], assets["prompt_sample"]], resources, "harassment").success
 
@@ -445,7 +538,9 @@ def test_non_finite_activations_fail_the_check_and_the_sae_refuses_them(fault, t
     assert key in assets["activations"].partitions_def.get_partition_keys()
     acts_result = materialize([assets["activations"]], resources, key)
     n_prompts = 24  # 8 per split x 3 splits in the tiny sample: one poisoned row each
-    stored, _ = acts_core.read_vectors(storage / "activations" / "tiny-qwen2__resid1" / "harassment" / "activations.parquet")
+    stored, _ = acts_core.read_vectors(
+        storage / "activations" / "tiny-qwen2__resid1" / "harassment" / "activations.parquet"
+    )
     assert acts_core.non_finite_rows(stored) == n_prompts  # what the file really holds
 
     # the sae asset run afterwards refuses the file and writes nothing

@@ -112,7 +112,9 @@ for i in range({rounds}):
 undo()
 
 instance = dg.DagsterInstance.get()  # $DAGSTER_HOME: pool limit 1
-key = next(k for k in assets["refusal_behaviour"].partitions_def.get_partition_keys() if str(k).startswith(category + "|"))
+key = next(
+    k for k in assets["refusal_behaviour"].partitions_def.get_partition_keys() if str(k).startswith(category + "|")
+)
 barrier("data")
 out["data"] = run(["orbench_prompts", "prompt_sample"], category, instance, "data")
 barrier("pool1")
@@ -139,7 +141,9 @@ def _home(path: Path, limit: int | None = None) -> Path:
     the same with another pool limit and any ``{env: DAGSTER_HOME}`` storage folder spelled out."""
     text = (ROOT / "dagster_home" / "dagster.yaml").read_text()
     config = yaml.safe_load(text)
-    assert config["concurrency"]["pools"]["default_limit"] == 1 and config["concurrency"]["pools"]["granularity"] == "op"
+    assert (
+        config["concurrency"]["pools"]["default_limit"] == 1 and config["concurrency"]["pools"]["granularity"] == "op"
+    )
     path.mkdir(parents=True)
     if limit is not None:
         config["concurrency"]["pools"]["default_limit"] = limit
@@ -180,9 +184,21 @@ def two_children(tmp_path_factory, request):
     go.mkdir()
     storage = tmp / "storage"
     children = [
-        Child(CHILD.format(category=c, stagger=STAGGER_S * i, go=str(go), tiny=str(TINY), storage=str(storage), hold=HOLD_S,
-                           home0=str(home0), rounds=FRESH_ROUNDS, home2=str(home2)),
-              env={"DAGSTER_HOME": str(home1)}, stderr_path=tmp / f"{c}.err")
+        Child(
+            CHILD.format(
+                category=c,
+                stagger=STAGGER_S * i,
+                go=str(go),
+                tiny=str(TINY),
+                storage=str(storage),
+                hold=HOLD_S,
+                home0=str(home0),
+                rounds=FRESH_ROUNDS,
+                home2=str(home2),
+            ),
+            env={"DAGSTER_HOME": str(home1)},
+            stderr_path=tmp / f"{c}.err",
+        )
         for i, c in enumerate(CATEGORIES)
     ]
     try:
@@ -194,11 +210,18 @@ def two_children(tmp_path_factory, request):
         for child in children:
             assert child.finish(timeout=240) == 0, child.stderr_tail()
             line = next(line for line in child.lines if line.startswith("RESULT "))
-            results.append(json.loads(line[len("RESULT "):]))
+            results.append(json.loads(line[len("RESULT ") :]))
     finally:
         for child in children:
             child.kill()
-    return {"home0": home0, "home1": home1, "home2": home2, "storage": storage, "go": go, "results": dict(zip(CATEGORIES, results))}
+    return {
+        "home0": home0,
+        "home1": home1,
+        "home2": home2,
+        "storage": storage,
+        "go": go,
+        "results": dict(zip(CATEGORIES, results)),
+    }
 
 
 def _step_window(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float]:
@@ -215,8 +238,11 @@ def _run_start(instance: dg.DagsterInstance, run_id: str) -> float:
 
 
 def _blocked_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
-    return [r.dagster_event.message or "" for r in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)
-            if "blocked by limit for pool" in (r.dagster_event.message or "")]
+    return [
+        r.dagster_event.message or ""
+        for r in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)
+        if "blocked by limit for pool" in (r.dagster_event.message or "")
+    ]
 
 
 def _windows(two_children, phase: str, home: str, monkeypatch):
@@ -253,14 +279,18 @@ def test_gpu_pool_limit_1_never_overlaps_two_runs(two_children, monkeypatch):
     (pool,) = [p for p in instance.event_log_storage.get_pool_limits() if p.name == "gpu"]
     assert pool.limit == 1
     assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0  # every slot given back
-    assert instance.get_materialized_partitions(dg.AssetKey("refusal_behaviour")) == {f"{c}|tiny-qwen2" for c in CATEGORIES}
+    assert instance.get_materialized_partitions(dg.AssetKey("refusal_behaviour")) == {
+        f"{c}|tiny-qwen2" for c in CATEGORIES
+    }
 
 
 def test_gpu_pool_holds_when_both_claims_come_at_the_same_instant(two_children, monkeypatch):
     """Dagster's SQLite pool claim can hand the one slot to both (a check-then-act race, forced here),
     so both steps may *start*; the per-device lock of ComputeResource still serialises the model use."""
     _windows(two_children, "race", "home1", monkeypatch)  # both runs succeeded
-    (a_start, a_end), (b_start, b_end) = sorted(json.loads((two_children["go"] / f"used-race-{c}").read_text()) for c in CATEGORIES)
+    (a_start, a_end), (b_start, b_end) = sorted(
+        json.loads((two_children["go"] / f"used-race-{c}").read_text()) for c in CATEGORIES
+    )
     assert a_end <= b_start, f"model use overlapped: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
 
 
@@ -281,4 +311,6 @@ def test_fresh_instance_opened_by_two_processes_at_once(two_children, monkeypatc
         except Exception as e:  # e.g. alembic: 'more than one head present'
             broken.append(f"round {i}: {type(e).__name__}: {str(e)[:120]}")
     assert all(r == "ok" for c in CATEGORIES for r in results[c]["fresh"]) and not broken, (
-        {c: results[c]["fresh"] for c in CATEGORIES}, broken)
+        {c: results[c]["fresh"] for c in CATEGORIES},
+        broken,
+    )

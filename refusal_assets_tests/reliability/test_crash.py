@@ -75,12 +75,16 @@ def _is_readable_parquet(path) -> bool:
 
 def test_sigkill_while_writing_activations_leaves_no_valid_looking_file(tmp_path, tiny_model):
     model, tok = tiny_model  # also builds the tiny model in the shared cache before the child loads it
-    paths = {s: tmp_path / "activations" / f"tiny-qwen2__{s.name}" / "harassment" / "activations.parquet" for s in SITES}
+    paths = {
+        s: tmp_path / "activations" / f"tiny-qwen2__{s.name}" / "harassment" / "activations.parquet" for s in SITES
+    }
     # resid1 holds a complete file from an earlier run; resid2 was never written
     old_bytes = write_parquet(pa.table({"x": [1, 2, 3]}), paths[SITES[0]]).read_bytes()
 
-    child = Child(ACTIVATIONS_CHILD.format(tiny=str(TINY), sample=str(SAMPLE), paths=[str(paths[s]) for s in SITES]),
-                  stderr_path=tmp_path / "child.err")
+    child = Child(
+        ACTIVATIONS_CHILD.format(tiny=str(TINY), sample=str(SAMPLE), paths=[str(paths[s]) for s in SITES]),
+        stderr_path=tmp_path / "child.err",
+    )
     try:
         child.wait_for("started", timeout=180)
         child.proc.send_signal(signal.SIGKILL)
@@ -162,8 +166,10 @@ def test_sigkill_while_saving_an_sae_leaves_no_loadable_folder(tmp_path):
             earlier_weights[name] = (folders[name] / WEIGHTS_FILE).read_bytes()
 
     # the three victims run side by side: one process start-up cost instead of three
-    children = {name: Child(SAE_CHILD.format(point=point, folder=str(folders[name])), stderr_path=tmp_path / f"{name}.err")
-                for name, (point, _) in SAE_CASES.items()}
+    children = {
+        name: Child(SAE_CHILD.format(point=point, folder=str(folders[name])), stderr_path=tmp_path / f"{name}.err")
+        for name, (point, _) in SAE_CASES.items()
+    }
     try:
         for name, child in children.items():
             child.wait_for("started", timeout=180)

@@ -37,7 +37,9 @@ def collect(cfg, model_tok, folder):
     df, _ = load_orbench(SAMPLE, categories=[CATEGORY])
     sample = sample_category(df, CATEGORY, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction)
     paths = {s: folder / s.name / "activations.parquet" for s in SITES}
-    acts_core.collect_activations(model, tok, sample, SITES, paths, batch_size=cfg.models[0].batch_size, log=lambda s: None)
+    acts_core.collect_activations(
+        model, tok, sample, SITES, paths, batch_size=cfg.models[0].batch_size, log=lambda s: None
+    )
     return sample, {s: acts_core.read_vectors(p) for s, p in paths.items()}
 
 
@@ -65,7 +67,9 @@ def other_process(tiny_model, tmp_path_factory):
     """The same steps in a separate process with another hash seed (and, like this one, one torch
     thread: see conftest.py). It runs alone, before this process's own runs."""
     root = tmp_path_factory.mktemp("det_child")
-    child = Child(CHILD.format(tiny=str(TINY), root=str(root)), env={"PYTHONHASHSEED": "4242"}, stderr_path=root / "child.err")
+    child = Child(
+        CHILD.format(tiny=str(TINY), root=str(root)), env={"PYTHONHASHSEED": "4242"}, stderr_path=root / "child.err"
+    )
     try:
         rc = child.finish(timeout=300)
     finally:
@@ -83,7 +87,9 @@ def _train_and_save(tiny_cfg, vectors, meta, folder, sae_cfg=None):
     sae_cfg = sae_cfg or tiny_cfg.sae
     group_ids = meta["prompt_id"].cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
     sae, history = train_sae(vectors, group_ids, sae_cfg, d_sae=sae_cfg.expansion_factor * vectors.shape[1])[:2]
-    save_sae(sae, folder, {"hook_name": folder.name, "model_name": "tiny-qwen2", "site_key": f"tiny-qwen2__{folder.name}"})
+    save_sae(
+        sae, folder, {"hook_name": folder.name, "model_name": "tiny-qwen2", "site_key": f"tiny-qwen2__{folder.name}"}
+    )
     return sae, history
 
 
@@ -104,7 +110,7 @@ def trained_twice(tiny_cfg, tiny_acts, tmp_path_factory):
 def test_sae_training_twice_gives_byte_identical_files(tiny_cfg, tiny_acts, trained_twice, tmp_path):
     _, acts = tiny_acts
     for site in SITES:
-        (folder_a, sae_a, hist_a), (folder_b, sae_b, hist_b) = trained_twice["a"][site], trained_twice["b"][site]
+        (folder_a, _, hist_a), (folder_b, _, hist_b) = trained_twice["a"][site], trained_twice["b"][site]
         assert folder_a != folder_b
         assert (folder_a / WEIGHTS_FILE).read_bytes() == (folder_b / WEIGHTS_FILE).read_bytes(), site
         assert (folder_a / "cfg.json").read_bytes() == (folder_b / "cfg.json").read_bytes(), site
@@ -142,9 +148,13 @@ def _circuit(tiny_cfg, tiny_model, sample, sae_folders) -> tuple[dict[str, list[
     nodes, effects_by_group = {}, {}
     for group, splits in {"toxic": ["toxic"], "benign": ["safe", "hard"]}.items():
         rows = sample.filter(pl.col("split").is_in(splits))
-        effects, _ = circ.node_effects(model, tok, rows["prompt"].to_list(), saes, baseline, refusal_ids, method=cc.method, **kw)
+        effects, _ = circ.node_effects(
+            model, tok, rows["prompt"].to_list(), saes, baseline, refusal_ids, method=cc.method, **kw
+        )
         mean_effect = effects.mean(0)
-        chosen = select_circuit(mean_effect, index.site_of_node, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold)
+        chosen = select_circuit(
+            mean_effect, index.site_of_node, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold
+        )
         nodes[group] = np.flatnonzero(chosen).tolist()
         effects_by_group[group] = effects
         per_site = np.bincount(index.site_of_node[chosen], minlength=len(SITES))
@@ -162,11 +172,12 @@ def test_circuit_node_sets_are_identical_across_runs(tiny_cfg, tiny_model, tiny_
         assert effects_a[group].tobytes() == effects_b[group].tobytes(), group
 
 
-def test_another_process_with_another_hash_seed_gets_the_same_bytes_and_nodes(tiny_cfg, tiny_model, tiny_acts, trained_twice,
-                                                                               other_process):
+def test_another_process_with_another_hash_seed_gets_the_same_bytes_and_nodes(
+    tiny_cfg, tiny_model, tiny_acts, trained_twice, other_process
+):
     rc, child, root = other_process
     assert rc == 0, child.stderr_tail()
-    nodes_child = json.loads(next(line for line in child.lines if line.startswith("RESULT "))[len("RESULT "):])
+    nodes_child = json.loads(next(line for line in child.lines if line.startswith("RESULT "))[len("RESULT ") :])
     sample, acts = tiny_acts
     nodes_here, _ = _circuit(tiny_cfg, tiny_model, sample, {s: trained_twice["a"][s][0] for s in SITES})
     assert nodes_child == nodes_here
@@ -174,4 +185,6 @@ def test_another_process_with_another_hash_seed_gets_the_same_bytes_and_nodes(ti
         vectors_child, meta_child = acts_core.read_vectors(root / "acts" / site.name / "activations.parquet")
         assert vectors_child.numpy().tobytes() == acts[site][0].numpy().tobytes()
         assert meta_child.equals(acts[site][1])
-        assert (root / "sae" / site.name / WEIGHTS_FILE).read_bytes() == (trained_twice["a"][site][0] / WEIGHTS_FILE).read_bytes()
+        assert (root / "sae" / site.name / WEIGHTS_FILE).read_bytes() == (
+            trained_twice["a"][site][0] / WEIGHTS_FILE
+        ).read_bytes()

