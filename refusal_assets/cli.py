@@ -28,11 +28,17 @@ def _set_env(args: argparse.Namespace) -> None:
         os.environ[settings.STORAGE_ENV] = str(Path(args.storage).resolve())
     # one instance per config name under $DAGSTER_HOME (see settings.instance_home)
     cfg = settings.load_project()
-    home = settings.instance_home(Path(os.environ.get("DAGSTER_HOME", "dagster_home")).resolve(), cfg)
+    base = Path(os.environ.get("DAGSTER_HOME", "dagster_home")).resolve()
+    home = settings.instance_home(base, cfg)
     home.mkdir(parents=True, exist_ok=True)
     (home / settings.INSTANCE_MARKER).write_text(settings.run_name(cfg) + "\n")
-    if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster_home" / "dagster.yaml").is_file():
-        (home / "dagster.yaml").write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text())
+    # the config's instance takes the base instance's settings (e.g. PostgreSQL storage, pool limits)
+    # when $DAGSTER_HOME has its own dagster.yaml, else the project's SQLite default
+    template = (
+        base / "dagster.yaml" if (base / "dagster.yaml").is_file() else PROJECT_ROOT / "dagster_home" / "dagster.yaml"
+    )
+    if not (home / "dagster.yaml").exists() and template.is_file() and template != home / "dagster.yaml":
+        (home / "dagster.yaml").write_text(template.read_text())
     os.environ["DAGSTER_HOME"] = str(home)
     _init_instance_once(home)
 

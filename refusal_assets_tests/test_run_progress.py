@@ -72,7 +72,7 @@ def test_run_draws_bars_and_logs_progress_to_dagster(tmp_path):
     assert "12/12 runs |" in stderr and "[12/12] refusal_behaviour violence|tiny-qwen2 (" in stderr
     assert "behaviour: generation:" in stderr and "prompts/s" in stderr
 
-    instance = dg.DagsterInstance.from_config(str(home))
+    instance = dg.DagsterInstance.from_config(str(home / "tiny"))  # one instance per config name
     try:
         lines = []
         for record in instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": "violence|tiny-qwen2"})):

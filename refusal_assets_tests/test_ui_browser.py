@@ -248,7 +248,7 @@ def tiny_ui(tmp_path_factory):
 def test_report_and_circuit_in_the_ui(tiny_ui):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
     url, tmp = tiny_ui
-    instance = dg.DagsterInstance.from_config(str(tmp / "home"))
+    instance = dg.DagsterInstance.from_config(str(tmp / "home" / "tiny"))  # one instance per config name
     latest = instance.get_latest_materialization_event(dg.AssetKey("report")).asset_materialization
     verdict = latest.metadata["verdict_tiny-qwen2"].value
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
