@@ -54,7 +54,7 @@ from refusal_assets_tests.reliability.test_concurrency import (  # noqa: E402
 
 CATEGORIES = ["harassment", "illegal"]
 HOLD_S = 2.0
-GPU_STEPS = {"refusal_behaviour", "activations", "sae", "circuit"}  # the assets in the gpu pool
+GPU_STEPS = {"refusal_behaviour", "activations", "sae", "circuit", "transfer"}  # the assets in the gpu pool
 USER, PASSWORD, DB = "refusal", "refusal-test-pw", "dagster_test"
 
 
@@ -238,6 +238,7 @@ def _one_category_config(folder: Path, category: str) -> Path:
     """The tiny config with one category: its process owns that category's partitions."""
     raw = yaml.safe_load(TINY.read_text())
     raw["data"]["categories"] = [category]
+    raw["sae"]["train_categories"] = None  # the SAEs train on this config's one category
     raw["data"]["path"] = str(ROOT / raw["data"]["path"])
     path = folder / "configs" / f"tiny_{category}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +288,7 @@ def _gpu_windows(instance: dg.DagsterInstance, runs) -> list[tuple[float, float,
     for run in runs:
         starts = instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)
         if any(r.dagster_event.step_key in GPU_STEPS for r in starts):
-            start, end = _step_window(instance, run.run_id)
+            start, end = _step_window(instance, run.run_id, GPU_STEPS)
             out.append((start, end, run.run_id))
     return sorted(out)
 

@@ -224,8 +224,12 @@ def two_children(tmp_path_factory, request):
     }
 
 
-def _step_window(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float]:
+def _step_window(instance: dg.DagsterInstance, run_id: str, step_keys: set[str] | None = None) -> tuple[float, float]:
+    """STEP_START and STEP_SUCCESS of the run's one step (of ``step_keys``: the asset's own step,
+    not the asset checks that run as steps of their own beside it)."""
     records = instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS})
+    if step_keys is not None:
+        records = [r for r in records if r.dagster_event.step_key in step_keys]
     starts = [r.timestamp for r in records if r.dagster_event.event_type == DagsterEventType.STEP_START]
     ends = [r.timestamp for r in records if r.dagster_event.event_type == DagsterEventType.STEP_SUCCESS]
     assert len(starts) == 1 and len(ends) == 1, (run_id, records)
