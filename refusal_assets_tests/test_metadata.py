@@ -42,10 +42,13 @@ def test_every_asset_has_owners_tags_and_a_description(tiny_cfg, tmp_path):
     gpu_assets = set()
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
-        assert node.owners == OWNERS, key
+        # the observable config sources (model_config, site_config) take no owners in dagster 1.13's
+        # observable_source_asset; they carry their stage tag and a description like every asset
+        assert node.owners == OWNERS or not node.is_materializable, key
         assert node.description, key
         assert node.tags["stage"] == node.group_name, key
         if "gpu" in node.tags:
             gpu_assets.add(key.to_user_string())
-        assert ("gpu" in node.tags) == (node.assets_def.op.pool == "gpu"), key
-    assert gpu_assets == {"refusal_behaviour", "activations", "sae", "circuit"}
+        if node.is_materializable:
+            assert ("gpu" in node.tags) == (node.assets_def.op.pool == "gpu"), key
+    assert gpu_assets == {"refusal_behaviour", "activations", "sae", "circuit", "transfer"}

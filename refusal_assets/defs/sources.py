@@ -75,6 +75,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list:
         key=MODEL_CONFIG,
         partitions_def=parts.model,
         group_name="config",
+        tags={"stage": "config"},
         description="One model's settings that change its outputs (id, source, weights, dtype, chat template, "
         "generation, refusal phrases); the data version of each partition is their hash. Read by refusal_behaviour.",
     )
@@ -86,6 +87,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list:
         key=SITE_CONFIG,
         partitions_def=parts.site,
         group_name="config",
+        tags={"stage": "config"},
         description="Per site, its model's settings that change an activation vector "
         "(generation and refusal settings left out). Read by activations.",
     )
