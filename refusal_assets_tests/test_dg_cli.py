@@ -22,6 +22,9 @@ TINY_ASSETS = {
     "transfer",
     "comparison",
     "report",
+    # the observable sources whose data versions carry each model's settings
+    "model_config",
+    "site_config",
 }
 
 
