@@ -52,6 +52,7 @@ def _built_since(instance: dg.DagsterInstance, t0: float) -> dict[str, set]:
         "activations",
         "sae",
         "circuit",
+        "transfer",
         "comparison",
         "report",
     ):
