@@ -1,14 +1,14 @@
 """Residual-stream (and MLP / attention output) activations, streamed to Parquet batch by batch.
 
-One forward pass per batch serves every requested site; the pass stops right after the deepest
-block any site needs (no later blocks, no LM head). Rows:
+One forward pass per batch serves every requested site; the shared template head is computed once
+per batch, and the pass stops right after the deepest block any site needs (no later blocks, no LM head). Rows:
 ``prompt_id, split, heldout, token_index, is_post_instruction, vector`` (float16, fixed-size list).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,45 +20,20 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
-from refusal_assets.hooks import site_hooks, until_stopped
+from refusal_assets.prefill import prefill
 from refusal_assets.progress import progress
-from refusal_assets.sites import Site, decoder_layers, output_tensor
+from refusal_assets.sites import Site
 from refusal_assets.storage import atomic_path
-
-
-@contextlib.contextmanager
-def capture(model: PreTrainedModel, sites: list[Site], stop_early: bool = True) -> Iterator[dict[Site, torch.Tensor]]:
-    """Within the context, each forward fills ``captured[site]`` with the site's output [B, T, d].
-
-    The hooks only read; hooks registered later on the same modules still see (and may change)
-    the original outputs. With ``stop_early`` the pass ends inside the deepest block's hooks, so a
-    hook registered later on that block does not run.
-    """
-    captured: dict[Site, torch.Tensor] = {}
-
-    def reader(site: Site):
-        def hook(_module, _inputs, output):
-            # A copy: a later hook that edits the output in place must not change what we recorded.
-            captured[site] = output_tensor(output).detach().clone()
-
-        return hook
-
-    stop = decoder_layers(model)[max(s.layer for s in sites)] if stop_early else None
-    with site_hooks(model, {s: reader(s) for s in sites}, stop_after=stop):
-        yield captured
 
 
 @torch.no_grad()
 def forward_sites(
     model: PreTrainedModel, batch: ChatBatch, sites: list[Site], stop_early: bool = True
 ) -> dict[Site, torch.Tensor]:
-    """Activations [B, T, d] at each site for one batch."""
-    with capture(model, sites, stop_early) as captured:
-        with until_stopped():
-            model.base_model(**batch.model_inputs(), use_cache=False) if stop_early else model(
-                **batch.model_inputs(), use_cache=False
-            )
-        return dict(captured)
+    """Activations [B, T, d] at each site for one batch, from one shared-prefix prefill
+    (:func:`refusal_assets.prefill.prefill`: the common template head once, then each prompt's own
+    tokens; equal to the plain left-padded pass within float tolerance)."""
+    return prefill(model, batch, sites, stop_early=stop_early).site_outputs
 
 
 def _row_table(acts: torch.Tensor, batch: ChatBatch, meta: list[dict], all_positions: bool) -> pa.Table:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -91,12 +92,140 @@ def p_refusal(model: PreTrainedModel, batch: ChatBatch, refusal_ids: torch.Tenso
     return last_token_refusal_prob(out.logits[:, -1], refusal_ids)
 
 
+class Generated(NamedTuple):
+    """Greedy responses for one batch."""
+
+    responses: list[str]
+    """Decoded new tokens of each row (special tokens skipped, as ``tokenizer.batch_decode`` does)."""
+    first_logits: torch.Tensor
+    """[B, vocab] next-token logits at the last prompt position: p_ref costs no extra pass."""
+    stop_reasons: list[str]
+    """Why each row stopped: "eos", "judged" (a refusal phrase appeared) or "length"."""
+    decode_steps: int
+    """Forward passes after the prefill (at most ``max_new_tokens - 1``)."""
+    decode_rows: int
+    """Rows summed over those passes (what the decoding computed; ``model.generate`` keeps every row)."""
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def _plain_greedy(model: PreTrainedModel) -> bool:
+    """Whether ``model.generate(do_sample=False)`` is a plain argmax for this model: no logits
+    processor in its generation config (repetition penalty, n-gram bans, forced or suppressed
+    tokens, minimum lengths). Only then does our cached decoder reproduce it."""
+    g = model.generation_config
+    return (
+        (g.repetition_penalty in (None, 1.0))
+        and not g.no_repeat_ngram_size
+        and not g.bad_words_ids
+        and not g.suppress_tokens
+        and not g.begin_suppress_tokens
+        and g.forced_bos_token_id is None
+        and g.forced_eos_token_id is None
+        and not g.min_new_tokens
+        and not (g.min_length or 0)
+        and not g.sequence_bias
+    )
+
+
 @torch.no_grad()
 def generate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: ChatBatch, max_new_tokens: int
-) -> tuple[list[str], torch.Tensor]:
-    """Greedy responses and the first step's next-token logits [B, vocab] (the prompt's own
-    prediction, so p_ref costs no extra forward pass)."""
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: ChatBatch,
+    max_new_tokens: int,
+    *,
+    stop_phrases: list[str] | None = None,
+    shared_prefix: bool = True,
+) -> Generated:
+    """Greedy decoding of one batch from one shared-prefix prefill (:func:`refusal_assets.prefill.prefill`).
+
+    The same tokens as ``model.generate(do_sample=False)`` (the benchmark asserts it), cheaper: the
+    shared prompt prefix is computed once per batch, and a row that has ended (EOS, or with
+    ``stop_phrases`` a refusal phrase in its text) leaves the batch, so later steps run only the
+    rows still generating. Models whose generation config asks for logits processing take
+    ``model.generate`` itself (:func:`generate_plain`)."""
+    if not _plain_greedy(model):
+        return generate_plain(model, tokenizer, batch, max_new_tokens, stop_phrases=stop_phrases)
+    from refusal_assets.prefill import cache_kwargs, prefill
+
+    pre = prefill(model, batch, shared_prefix=shared_prefix)
+    eos = eos_token_ids(model, tokenizer)
+    B = batch.input_ids.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    alive = list(range(B))  # batch rows still generating, in cache order
+    cache, mask, position = pre.cache, pre.attention_mask, pre.next_position
+    logits = pre.last_logits.float()  # [b, vocab]
+    steps = rows = 0
+    for step in range(max_new_tokens):
+        next_ids = logits.argmax(-1)  # [b]
+        keep = []
+        for i, row in enumerate(alive):
+            token = int(next_ids[i])
+            if token in eos:
+                reasons[row] = "eos"
+                continue
+            tokens[row].append(token)
+            if stop_phrases and judge_refusal(tokenizer.decode(tokens[row], skip_special_tokens=True), stop_phrases):
+                reasons[row] = "judged"
+                continue
+            keep.append(i)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):  # drop ended rows from every tensor and the cache
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask, position, next_ids = mask[index], position[index], next_ids[index]
+            alive = [alive[i] for i in keep]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)  # [b, t + 1]
+        out = model(
+            input_ids=next_ids[:, None],
+            attention_mask=mask,
+            position_ids=position[:, None],
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
+        )
+        position = position + 1
+        logits = out.logits[:, -1].float()
+        steps += 1
+        rows += len(alive)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return Generated(texts, pre.last_logits, reasons, steps, rows)
+
+
+class _PhraseStop:
+    """A transformers stopping criterion: a row stops once its new text contains a refusal phrase."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, phrases: list[str], prompt_length: int):
+        self.tokenizer, self.phrases, self.prompt_length = tokenizer, phrases, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([judge_refusal(t, self.phrases) for t in texts], device=input_ids.device)
+
+
+@torch.no_grad()
+def generate_plain(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: ChatBatch,
+    max_new_tokens: int,
+    *,
+    stop_phrases: list[str] | None = None,
+) -> Generated:
+    """``model.generate`` on the full left-padded batch: the reference :func:`generate` is checked
+    against, and the path for models whose generation config processes logits."""
+    from transformers import StoppingCriteriaList
+
+    T = batch.input_ids.shape[1]
+    stopping = StoppingCriteriaList([_PhraseStop(tokenizer, stop_phrases, T)]) if stop_phrases else None
     out = model.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -105,9 +234,19 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         output_logits=True,
         return_dict_in_generate=True,
+        stopping_criteria=stopping,
     )
-    texts = tokenizer.batch_decode(out.sequences[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
-    return texts, out.logits[0]
+    new = out.sequences[:, T:]
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    eos = eos_token_ids(model, tokenizer)
+    # A phrase in the text means the criterion stopped the row when it completed (EOS would have
+    # stopped it first otherwise), the same rule :func:`generate` records.
+    reasons = [
+        "judged" if stop_phrases and judge_refusal(text, stop_phrases) else "eos" if eos & set(row) else "length"
+        for row, text in zip(new.tolist(), texts)
+    ]
+    steps = len(out.logits) - 1
+    return Generated(texts, out.logits[0], reasons, steps, steps * len(texts))
 
 
 def run_behaviour(
@@ -118,19 +257,28 @@ def run_behaviour(
     device: str = "cpu",
     log: Callable[[str], None] = print,
 ) -> pl.DataFrame:
-    """One row per prompt: ``prompt_id, split, heldout, response, refused, p_refusal, refusal_score``."""
+    """One row per prompt: ``prompt_id, split, heldout, response, refused, p_refusal, refusal_score,
+    stop_reason`` (why generation ended: "eos", "judged" or "length")."""
     ids = torch.tensor(refusal_token_ids(tokenizer, cfg.refusal.phrases, cfg.refusal.refusal_tokens), device=device)
     rows = by_length(sample.select("prompt_id", "prompt", "split", "heldout").to_dicts())
     responses: list[str] = []
     p_refs: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
+    stop_reasons: list[str] = []
     with progress("behaviour: generation", total=len(rows), unit="prompts", log=log) as prog:
         for chunk in batches(rows, cfg.batch_size):
             batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
-            texts, first_logits = generate(model, tokenizer, batch, cfg.generation.max_new_tokens)
-            p_refs.append(last_token_refusal_prob(first_logits, ids).cpu())
-            scores.append(refusal_score_from_logits(first_logits, ids).cpu())
-            responses.extend(texts)
+            gen = generate(
+                model,
+                tokenizer,
+                batch,
+                cfg.generation.max_new_tokens,
+                stop_phrases=cfg.refusal.phrases if cfg.generation.stop_when_judged else None,
+            )
+            p_refs.append(last_token_refusal_prob(gen.first_logits, ids).cpu())
+            scores.append(refusal_score_from_logits(gen.first_logits, ids).cpu())
+            responses.extend(gen.responses)
+            stop_reasons.extend(gen.stop_reasons)
             prog.update(len(chunk))
     p = torch.cat(p_refs) if p_refs else torch.zeros(0)
     score = torch.cat(scores) if scores else torch.zeros(0)
@@ -143,6 +291,7 @@ def run_behaviour(
             "refused": [judge_refusal(r, cfg.refusal.phrases) for r in responses],
             "p_refusal": p.numpy().astype(np.float64),
             "refusal_score": score.numpy().astype(np.float64),
+            "stop_reason": stop_reasons,
         }
     )
 

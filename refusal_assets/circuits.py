@@ -16,7 +16,6 @@ node outside the set (or inside it, for completeness) replaced by its mean.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
@@ -32,6 +31,7 @@ from refusal_assets.behaviour import refusal_score_from_logits
 from refusal_assets.chat import ChatBatch, batches, encode_chat
 from refusal_assets.config import CircuitConfig
 from refusal_assets.hooks import site_hooks, until_stopped
+from refusal_assets.prefill import cache_kwargs, output_cache
 from refusal_assets.progress import progress
 from refusal_assets.sites import Site, output_tensor, replace_output, site_module
 
@@ -171,18 +171,6 @@ def _post_positions(batch: ChatBatch) -> torch.Tensor:
 def _gather(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """x [B, T, d], pos [B, P] -> [B, P, d]."""
     return torch.gather(x, 1, pos[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def cache_kwargs(model: nn.Module, cache: object) -> dict:
-    """The KV cache as a forward argument: transformers 5 renamed ``past_key_values`` to ``cache``
-    (the old name is removed in 5.40); 4.x only knows the old one."""
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    return {name: cache}
-
-
-def output_cache(out) -> object:
-    """The KV cache of a forward's output, under either name (see :func:`cache_kwargs`)."""
-    return out["cache"] if "cache" in out else out.past_key_values
 
 
 @dataclass

@@ -225,6 +225,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from refusal_assets.bench_activations import run_activation_bench
 
         result = run_activation_bench(n_prompts=args.n_prompts, log=lambda s: print(s, file=sys.stderr))
+    elif args.what == "behaviour":
+        from refusal_assets.bench_behaviour import run_behaviour_bench
+
+        result = run_behaviour_bench(n_prompts=args.n_prompts, log=lambda s: print(s, file=sys.stderr))
     else:
         from refusal_assets.bench_sae import run_sae_bench, site_rows
 
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="benchmarks; print one JSON object")
     common(p)
-    p.add_argument("what", choices=["activations", "sae"])
+    p.add_argument("what", choices=["activations", "behaviour", "sae"])
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument("--n-prompts", type=int, default=32, help="N for the activations benchmark (RSS also at 4N)")
     p.add_argument(

@@ -107,6 +107,10 @@ class ArchitectureConfig(_Strict):
 
 class GenerationConfig(_Strict):
     max_new_tokens: int = Field(default=32, ge=1)
+    stop_when_judged: bool = True
+    """Stop a response as soon as it contains a refusal phrase: its judgement can no longer change,
+    so the remaining tokens cost time and decide nothing (the stored response then ends at the
+    phrase; ``stop_reason`` says "judged"). False = every response runs to EOS or max_new_tokens."""
 
 
 class ChatTemplateConfig(_Strict):

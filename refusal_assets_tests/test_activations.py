@@ -14,6 +14,7 @@ from refusal_assets.behaviour import p_refusal, refusal_token_ids
 from refusal_assets.chat import encode_chat
 from refusal_assets.data import load_orbench
 from refusal_assets.hooks import StopForward
+from refusal_assets.prefill import capture, prefill
 from refusal_assets.sites import Site, decoder_layers
 from refusal_assets_tests.conftest import ROOT
 
@@ -97,6 +98,11 @@ def test_residual_sites_match_hidden_states(tiny_model):
 
 
 # --------------------------------------------------------------------------- interventions + cleanup
+def _plain_sites(model, batch, sites):
+    """The plain left-padded pass (no shared prefix): what a bare forward with our hooks sees."""
+    return prefill(model, batch, sites, shared_prefix=False, stop_early=True).site_outputs
+
+
 def _run_inside(model, batch, stop_early: bool):
     with torch.no_grad():
         try:
@@ -112,7 +118,7 @@ def test_later_intervention_hooks_see_and_change_the_original(tiny_model, stop_e
     model, tok = tiny_model
     batch = encode_chat(tok, [SHORT, LONG[1]])
     sites = [S("resid1"), S("resid2")]
-    clean = acts.forward_sites(model, batch, sites)
+    clean = _plain_sites(model, batch, sites)
     hooks_before = n_hooks(model)
     v = torch.full((model.config.hidden_size,), 0.5)
     seen = {}
@@ -121,7 +127,7 @@ def test_later_intervention_hooks_see_and_change_the_original(tiny_model, stop_e
         seen["input"] = output.clone()
         return output + v  # a new tensor: the residual stream from block 2 on is changed
 
-    with acts.capture(model, sites, stop_early=stop_early) as captured:
+    with capture(model, sites, stop_early=stop_early) as captured:
         h = decoder_layers(model)[1].register_forward_hook(add)
         try:
             _run_inside(model, batch, stop_early)
@@ -134,7 +140,7 @@ def test_later_intervention_hooks_see_and_change_the_original(tiny_model, stop_e
     assert (ours[S("resid2")] - clean[S("resid2")]).abs().max() > 1e-3  # the change propagated
     # after the context: no hook of ours is left and a forward is clean again
     assert n_hooks(model) == hooks_before
-    again = acts.forward_sites(model, batch, sites)
+    again = _plain_sites(model, batch, sites)
     for site in sites:
         torch.testing.assert_close(again[site], clean[site], atol=0, rtol=0)
 
@@ -143,7 +149,7 @@ def test_capture_removes_hooks_when_the_body_raises(tiny_model):
     model, tok = tiny_model
     hooks_before = n_hooks(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with acts.capture(model, [S("resid1"), S("mlp2")]):
+        with capture(model, [S("resid1"), S("mlp2")]):
             assert n_hooks(model) > hooks_before
             raise RuntimeError("boom")
     assert n_hooks(model) == hooks_before
@@ -180,9 +186,11 @@ def test_early_stop_never_runs_later_blocks_or_lm_head(tiny_model, tmp_path):
         )
         assert calls == {"last": 0, "block2": 0, "norm": 0, "lm_head": 0}
         acts.forward_sites(model, batch, [S("resid2")])
-        assert calls == {"last": 0, "block2": 1, "norm": 0, "lm_head": 0}
+        # two passes reach block 2: the shared prefix once, then each prompt's own tokens
+        assert calls == {"last": 0, "block2": 2, "norm": 0, "lm_head": 0}
         acts.forward_sites(model, batch, [S("resid1")], stop_early=False)  # the counters do work
-        assert calls == {"last": 1, "block2": 2, "norm": 1, "lm_head": 1}
+        # the full model twice; the LM head only on the own tokens (the prefix needs no logits)
+        assert calls == {"last": 2, "block2": 4, "norm": 2, "lm_head": 1}
     finally:
         for h in handles:
             h.remove()
@@ -278,8 +286,8 @@ def test_collect_activations_failure_leaves_no_file(tiny_model, tmp_path, monkey
 def test_in_place_intervention_does_not_change_our_capture(tiny_model):
     model, tok = tiny_model
     batch = encode_chat(tok, [SHORT])
-    clean = acts.forward_sites(model, batch, [S("resid1")])[S("resid1")]
-    with acts.capture(model, [S("resid1"), S("resid2")]) as captured:
+    clean = _plain_sites(model, batch, [S("resid1")])[S("resid1")]
+    with capture(model, [S("resid1"), S("resid2")]) as captured:
         h = decoder_layers(model)[1].register_forward_hook(lambda _m, _i, o: o.add_(0.5))
         try:
             _run_inside(model, batch, stop_early=True)

@@ -129,7 +129,17 @@ def test_run_behaviour_on_tiny_model(tiny_model, tiny_cfg):
     df, _ = load_orbench(ROOT / "data" / "orbench_sample")
     sample = df.head(5).with_columns(pl.Series("heldout", [False, True, False, False, True]))
     out = run_behaviour(model, tok, sample, cfg, log=lambda s: None)
-    assert out.columns == ["prompt_id", "split", "heldout", "response", "refused", "p_refusal", "refusal_score"]
+    assert out.columns == [
+        "prompt_id",
+        "split",
+        "heldout",
+        "response",
+        "refused",
+        "p_refusal",
+        "refusal_score",
+        "stop_reason",
+    ]
+    assert set(out["stop_reason"]) <= {"eos", "judged", "length"}
     assert out.height == 5
     # one row per prompt (in any order), with the sample's split and heldout flag
     joined = sample.join(out, on="prompt_id", how="inner", suffix="_out")

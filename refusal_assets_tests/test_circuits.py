@@ -152,7 +152,7 @@ def test_generation_logits_give_the_same_p_ref_as_a_forward(tiny_model):
     model, tok = tiny_model
     batch = encode_chat(tok, PROMPTS)
     ids = torch.tensor(refusal_token_ids(tok, ["Sorry", "I cannot"]))
-    _, first_logits = generate(model, tok, batch, 2)
+    first_logits = generate(model, tok, batch, 2).first_logits
     assert torch.allclose(last_token_refusal_prob(first_logits, ids), p_refusal(model, batch, ids), atol=1e-5)
 
 

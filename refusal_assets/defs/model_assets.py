@@ -17,7 +17,7 @@ from refusal_assets.models import load_model
 from refusal_assets.sites import Site
 from refusal_assets.storage import write_parquet
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 """Version of the behaviour and activation code; bump it when their outputs change for the same settings."""
 
 
@@ -59,6 +59,8 @@ def build(
                 "load_seconds": round(load_s, 2),
                 "seconds": round(time.perf_counter() - t0, 2),
                 "device": device,
+                # why generation ended: a refusal phrase settled the judgement, EOS, or max_new_tokens
+                **{f"stopped_{r}": int((df["stop_reason"] == r).sum()) for r in ("judged", "eos", "length")},
                 "plot": png_markdown(png, "refusal rate per split"),
                 **parquet_metadata(table),
             }

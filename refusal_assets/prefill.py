@@ -1,0 +1,170 @@
+"""One prefill per batch, with the prompt prefix that every prompt shares computed once.
+
+Every chat prompt opens with the same system turn and user header (~24 of ~44 tokens for Qwen's
+default template). :func:`prefill` runs that shared prefix once at batch size 1, repeats its KV
+cache over the batch, and runs only each prompt's own tokens on top. The batch is laid out as
+``[shared prefix][left padding][own tokens]``: the padding sits between the two, masked out, and
+position ids count real tokens only, so every real token sees exactly the keys and positions it
+sees in the plain left-padded batch (the results match it within float tolerance; tests compare).
+
+The same pass can capture site outputs (for activations) and returns the KV cache and the
+next-token logits (for generation and p_ref), so one prefill serves all three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from refusal_assets.chat import ChatBatch
+from refusal_assets.hooks import site_hooks, until_stopped
+from refusal_assets.sites import Site, decoder_layers, output_tensor
+
+
+def cache_kwargs(model: nn.Module, cache: object) -> dict:
+    """The KV cache as a forward argument: transformers 5 renamed ``past_key_values`` to ``cache``
+    (the old name is removed in 5.40); 4.x only knows the old one."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def output_cache(out) -> object:
+    """The KV cache of a forward's output, under either name (see :func:`cache_kwargs`)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+@contextlib.contextmanager
+def capture(model: PreTrainedModel, sites: list[Site], stop_early: bool = True) -> Iterator[dict[Site, torch.Tensor]]:
+    """Within the context, each forward fills ``captured[site]`` with the site's output [B, T, d].
+
+    The hooks only read; hooks registered later on the same modules still see (and may change)
+    the original outputs. With ``stop_early`` the pass ends inside the deepest block's hooks, so a
+    hook registered later on that block does not run.
+    """
+    captured: dict[Site, torch.Tensor] = {}
+
+    def reader(site: Site):
+        def hook(_module, _inputs, output):
+            # A copy: a later hook that edits the output in place must not change what we recorded.
+            captured[site] = output_tensor(output).detach().clone()
+
+        return hook
+
+    stop = decoder_layers(model)[max(s.layer for s in sites)] if stop_early else None
+    with site_hooks(model, {s: reader(s) for s in sites}, stop_after=stop):
+        yield captured
+
+
+def shared_prefix_length(batch: ChatBatch) -> int:
+    """Leading real tokens identical in every row, leaving at least one own token per row."""
+    lengths = batch.attention_mask.sum(-1)  # [B]
+    T = batch.input_ids.shape[1]
+    rows = [batch.input_ids[b, T - int(n) :] for b, n in enumerate(lengths)]  # real tokens of each row
+    limit = int(lengths.min()) - 1
+    first = rows[0]
+    same = torch.ones(limit, dtype=torch.bool, device=first.device)
+    for row in rows[1:]:
+        same &= row[:limit] == first[:limit]
+    mismatch = (~same).nonzero()
+    return int(mismatch[0]) if len(mismatch) else limit
+
+
+@dataclass
+class Prefilled:
+    """A batch after its prefill: what generation, p_ref and activation collection need."""
+
+    cache: object
+    """transformers Cache over ``[shared prefix][padding][own tokens]`` ([B, L + S] positions), or
+    None when the pass stopped early (activations only)."""
+    attention_mask: torch.Tensor
+    """[B, L + S]: 1 on real tokens, 0 on the padding between prefix and own tokens."""
+    next_position: torch.Tensor
+    """[B] position id of each row's next token (its number of real tokens)."""
+    last_logits: torch.Tensor | None
+    """[B, vocab] next-token logits at the last prompt position (None when stopped early)."""
+    site_outputs: dict[Site, torch.Tensor]
+    """[B, T, d] per captured site, in the ChatBatch's own left-padded layout."""
+    prefix_length: int
+    """L: tokens computed once for the whole batch."""
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel,
+    batch: ChatBatch,
+    sites: Sequence[Site] = (),
+    *,
+    shared_prefix: bool = True,
+    stop_early: bool = False,
+) -> Prefilled:
+    """Prefill ``batch``, capturing ``sites``. ``shared_prefix=False`` is the plain left-padded pass
+    (the reference the tests compare with). ``stop_early`` ends the pass after the deepest site's
+    block (no later blocks, no LM head, no cache): activation collection alone."""
+    sites = sorted(sites)
+    if stop_early and not sites:
+        raise ValueError("prefill(stop_early=True) needs at least one site to stop after")
+    B, T = batch.input_ids.shape
+    L = shared_prefix_length(batch) if shared_prefix else 0
+    lengths = batch.attention_mask.sum(-1)  # [B]
+    # Our own cache object, passed in: a pass that stops early still leaves it filled up to the
+    # deepest site's block, which is all the own-token pass then needs.
+    cache = DynamicCache(config=model.config)
+    # The LM head only when logits are wanted; base_model returns hidden states and the cache.
+    runner = model.base_model if stop_early else model
+    prefix_outputs: dict[Site, torch.Tensor] = {}
+    if L:
+        prefix_ids = batch.input_ids[:1, T - int(lengths[0]) :][:, :L]  # [1, L]
+        with capture(model, sites, stop_early) as captured, until_stopped():
+            model.base_model(input_ids=prefix_ids, use_cache=True, **cache_kwargs(model.base_model, cache))
+        prefix_outputs = dict(captured)  # [1, L, d] per site
+        cache.batch_repeat_interleave(B)  # [1, L] -> [B, L] per layer
+    with capture(model, sites, stop_early) as captured:
+        S = T - L
+        # Row b's real tokens are the last n_b of its row; its own tokens (after the shared L) are
+        # the last n_b - L, so the last S columns hold them flush right, with the row's padding and
+        # prefix copy before them, which the own-token mask hides.
+        own_mask = (torch.arange(S, device=lengths.device) >= (S - (lengths - L))[:, None]).long()  # [B, S]
+        own_ids = torch.where(own_mask.bool(), batch.input_ids[:, L:], 0)  # masked slots: any id
+        position_ids = (L + own_mask.cumsum(-1) - 1).clamp(min=L)  # [B, S]: continuing the prefix
+        attention_mask = torch.cat([batch.attention_mask.new_ones(B, L), own_mask], dim=1)  # [B, L + S]
+        extra = {} if stop_early else {"logits_to_keep": 1}
+        out = None
+        with until_stopped():
+            out = runner(
+                input_ids=own_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **cache_kwargs(runner, cache),
+                **extra,
+            )
+    outputs = {s: _assemble(prefix_outputs.get(s), captured[s], L, lengths, T) for s in sites}
+    return Prefilled(
+        None if stop_early else cache,
+        attention_mask,
+        lengths.clone(),
+        None if stop_early else out.logits[:, -1],
+        outputs,
+        L,
+    )
+
+
+def _assemble(prefix: torch.Tensor | None, own: torch.Tensor, L: int, lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """Site outputs [B, T, d] in the left-padded layout from the prefix part [1, L, d] (if any) and
+    the own-token part [B, T - L, d]."""
+    if not L:
+        return own
+    prefix = prefix[0]  # [L, d]
+    B, _, d = own.shape
+    full = own.new_zeros(B, T, d)
+    for b in range(B):
+        n = int(lengths[b])
+        full[b, T - n : T - n + L] = prefix
+        full[b, T - n + L :] = own[b, own.shape[1] - (n - L) :]
+    return full
