@@ -88,8 +88,9 @@ def last_token_refusal_prob(logits_last: torch.Tensor, refusal_ids: torch.Tensor
 
 @torch.no_grad()
 def p_refusal(model: PreTrainedModel, batch: ChatBatch, refusal_ids: torch.Tensor) -> torch.Tensor:
-    out = model(**batch.model_inputs(), use_cache=False, logits_to_keep=1)
-    return last_token_refusal_prob(out.logits[:, -1], refusal_ids)
+    from refusal_assets.prefill import last_logits
+
+    return last_token_refusal_prob(last_logits(model, **batch.model_inputs(), use_cache=False).logits, refusal_ids)
 
 
 class Generated(NamedTuple):
@@ -152,7 +153,7 @@ def generate(
     ``model.generate`` itself (:func:`generate_plain`)."""
     if not _plain_greedy(model):
         return generate_plain(model, tokenizer, batch, max_new_tokens, stop_phrases=stop_phrases)
-    from refusal_assets.prefill import cache_kwargs, prefill
+    from refusal_assets.prefill import cache_kwargs, last_logits, prefill
 
     pre = prefill(model, batch, shared_prefix=shared_prefix)
     eos = eos_token_ids(model, tokenizer)
@@ -184,16 +185,15 @@ def generate(
             mask, position, next_ids = mask[index], position[index], next_ids[index]
             alive = [alive[i] for i in keep]
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)  # [b, t + 1]
-        out = model(
+        logits = last_logits(
+            model,
             input_ids=next_ids[:, None],
             attention_mask=mask,
             position_ids=position[:, None],
             use_cache=True,
-            logits_to_keep=1,
-            **cache_kwargs(model, cache),
-        )
+            **cache_kwargs(model.base_model, cache),
+        ).logits.float()
         position = position + 1
-        logits = out.logits[:, -1].float()
         steps += 1
         rows += len(alive)
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)

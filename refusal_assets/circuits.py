@@ -15,8 +15,9 @@ node outside the set (or inside it, for completeness) replaced by its mean.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -31,9 +32,9 @@ from refusal_assets.behaviour import refusal_score_from_logits
 from refusal_assets.chat import ChatBatch, batches, encode_chat
 from refusal_assets.config import CircuitConfig
 from refusal_assets.hooks import site_hooks, until_stopped
-from refusal_assets.prefill import cache_kwargs, output_cache
+from refusal_assets.prefill import cache_kwargs, capture, last_logits, prefill
 from refusal_assets.progress import progress
-from refusal_assets.sites import Site, output_tensor, replace_output, site_module
+from refusal_assets.sites import Site, decoder_layers, output_tensor, replace_output, site_module
 
 Mode = Literal["topk", "threshold", "topk_abs", "threshold_abs"]
 
@@ -182,19 +183,26 @@ class SuffixBatch:
 
     cache: object  # transformers Cache for the prefix
     suffix_ids: torch.Tensor  # [B, P]
-    attention_mask: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, cached + P]: the cache's positions, then the suffix
     position_ids: torch.Tensor  # [B, P]
 
-    def run(self, model: PreTrainedModel, **kwargs):
+    def inputs(self, model: nn.Module) -> dict:
         cache = copy.deepcopy(self.cache)  # a forward appends to the cache: keep the prefix pristine
-        return model(
+        return dict(
             input_ids=self.suffix_ids,
             attention_mask=self.attention_mask,
             position_ids=self.position_ids,
             use_cache=True,
             **cache_kwargs(model, cache),
-            **kwargs,
         )
+
+    def run(self, model: nn.Module, **kwargs):
+        """``model``'s forward on the suffix (the model, or its ``base_model`` for hidden states only)."""
+        return model(**self.inputs(model), **kwargs)
+
+    def next_logits(self, model: PreTrainedModel) -> torch.Tensor:
+        """[B, vocab] next-token logits after the suffix (:func:`refusal_assets.prefill.last_logits`)."""
+        return last_logits(model, **self.inputs(model.base_model)).logits
 
 
 @torch.no_grad()
@@ -203,23 +211,25 @@ def split_prefix(model: PreTrainedModel, batch: ChatBatch) -> SuffixBatch:
     T, P = batch.input_ids.shape[1], pos.shape[1]
     if not bool((pos == torch.arange(T - P, T, device=pos.device)).all()):
         raise ValueError("the post-instruction tokens do not end the prompt; check the chat template")
-    out = model.base_model(
-        input_ids=batch.input_ids[:, : T - P],
-        attention_mask=batch.attention_mask[:, : T - P],
-        position_ids=batch.position_ids[:, : T - P],
-        use_cache=True,
+    head = ChatBatch(
+        batch.input_ids[:, : T - P],
+        batch.attention_mask[:, : T - P],
+        batch.position_ids[:, : T - P],
+        batch.post_instruction[:, : T - P],
     )
-    return SuffixBatch(
-        output_cache(out), batch.input_ids[:, T - P :], batch.attention_mask, batch.position_ids[:, T - P :]
-    )
+    pre = prefill(model, head, logits=False)  # the template head once, then each prompt's own tokens
+    # the suffix follows the prefill's own layout: [shared head][padding][own tokens][suffix]
+    suffix_positions = pre.next_position[:, None] + torch.arange(P, device=pos.device)  # [B, P]
+    mask = torch.cat([pre.attention_mask, pre.attention_mask.new_ones(len(pos), P)], dim=1)
+    return SuffixBatch(pre.cache, batch.input_ids[:, T - P :], mask, suffix_positions)
 
 
 def _score(model: PreTrainedModel, batch: "ChatBatch | SuffixBatch", refusal_ids: torch.Tensor) -> torch.Tensor:
     """Refusal score [B] at the last prompt position (differentiable)."""
     if isinstance(batch, SuffixBatch):
-        logits = batch.run(model, logits_to_keep=1).logits[:, -1].float()
+        logits = batch.next_logits(model).float()
     else:
-        logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        logits = last_logits(model, **batch.model_inputs(), use_cache=False).logits.float()
     return refusal_score_from_logits(logits, refusal_ids)
 
 
@@ -320,14 +330,20 @@ def node_effects(
     ig_steps: int = 10,
     device: str = "cpu",
     log: Callable[[str], None] = lambda s: None,
+    suffixes: list[SuffixBatch] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-prompt node effects [n_prompts, n_nodes] on the refusal score, and the scores [n_prompts]."""
+    """Per-prompt node effects [n_prompts, n_nodes] on the refusal score, and the scores [n_prompts].
+    ``suffixes``: the prompts' cached prefixes when the caller already has them (:func:`prepare_suffixes`)."""
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
     out, scores = [], []
+    if suffixes is None:
+        suffixes = prepare_suffixes(
+            model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device
+        )
     with progress("node effects", total=len(prompts), unit="prompts", log=log) as prog:
-        for chunk in batches(prompts, batch_size):
-            suffix = split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device))
+        for suffix in suffixes:
+            chunk = suffix.suffix_ids
             acts, grads, score = _site_grads(model, suffix, sites, refusal_ids)
             if method == "integrated_gradients":
                 grads = {s: _ig_grads(model, suffix, s, sites, saes[s], baseline, refusal_ids, ig_steps) for s in sites}
@@ -379,6 +395,60 @@ def prepare_suffixes(
     ]
 
 
+class _Replay(nn.Module):
+    """Stands in for an early block during a resumed pass (:func:`resumed_blocks`): the block of the
+    first site returns its stored output, the blocks before it pass their input through (their work
+    is already in that stored output)."""
+
+    def __init__(self, stored: torch.Tensor | None = None):
+        super().__init__()
+        self.stored = stored
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states if self.stored is None else self.stored
+
+
+@contextlib.contextmanager
+def resumed_blocks(model: PreTrainedModel, layer: int, stored: torch.Tensor) -> Iterator[None]:
+    """Within the block, a forward skips blocks 0..``layer``: block ``layer`` outputs ``stored``
+    [B, P, d] (captured once from a clean pass; hooks registered inside the block on that site see
+    it as the block's output) and later blocks, the norm and the LM head run as usual. Blocks keep
+    their indices, so the KV cache, masks and positions are those of a full pass."""
+    layers = decoder_layers(model)
+    originals = [layers[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer):
+            layers[i] = _Replay()
+        layers[layer] = _Replay(stored)
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            layers[i] = block
+
+
+def _repeat(suffix: SuffixBatch, m: int) -> SuffixBatch:
+    """Each prompt's row repeated ``m`` times in a row (b-major: row b * m + j), cache included."""
+    cache = copy.deepcopy(suffix.cache)
+    cache.batch_repeat_interleave(m)
+    return SuffixBatch(
+        cache,
+        suffix.suffix_ids.repeat_interleave(m, 0),
+        suffix.attention_mask.repeat_interleave(m, 0),
+        suffix.position_ids.repeat_interleave(m, 0),
+    )
+
+
+def _cache_bytes_per_row(suffix: SuffixBatch) -> int:
+    """Bytes of the prefix KV cache per prompt row (a Cache keeps its tensors per layer)."""
+    total = sum(
+        t.numel() * t.element_size()
+        for layer in getattr(suffix.cache, "layers", [])
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(t, torch.Tensor)
+    )
+    return max(1, total // max(1, len(suffix.suffix_ids))) if total else 2**20
+
+
 @torch.no_grad()
 def ablated_scores(
     model: PreTrainedModel,
@@ -387,39 +457,76 @@ def ablated_scores(
     baseline: Baseline,
     keep: np.ndarray,
     refusal_ids: torch.Tensor,
+    *,
+    max_cache_bytes: int = 512 * 2**20,
+    resume: bool = True,
 ) -> np.ndarray:
-    """Per-prompt refusal scores [n_prompts] with every node outside the kept set mean-ablated at the
-    post-instruction positions. ``keep`` is one mask [n_nodes] for every prompt or one per prompt
-    [n_prompts, n_nodes], so a whole cross-fitted sweep point (each prompt ablated by the circuit of
-    its own fold) is one pass."""
+    """Per-prompt refusal scores with every node outside the kept set mean-ablated at the
+    post-instruction positions.
+
+    ``keep`` is one mask [n_nodes] for every prompt, one per prompt [n_prompts, n_nodes] (a whole
+    cross-fitted sweep point, each prompt ablated by the circuit of its own fold), or a stack of such
+    mask sets [n_masks, n_prompts, n_nodes]; the result is [n_prompts] or [n_masks, n_prompts].
+
+    A stack is scored in few passes: each prompt's row is repeated once per mask (as many masks per
+    pass as ``max_cache_bytes`` of repeated prefix cache allow), and, when the first site is a
+    residual site, every pass resumes after that block from its clean output, computed once per
+    prompt batch: nothing upstream of the first ablation depends on the mask
+    (:func:`resumed_blocks`; ``resume=False`` runs every block). Equal to one plain pass per mask
+    within float tolerance (tested).
+    """
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
     n_prompts = sum(len(s.suffix_ids) for s in suffixes)
-    keep_t = torch.from_numpy(np.broadcast_to(np.asarray(keep, dtype=bool), (n_prompts, index.n_nodes)).copy())
-    scores, start = [], 0
+    keep = np.asarray(keep, dtype=bool)
+    stacked = keep.ndim == 3
+    masks = keep if stacked else keep[None]
+    masks = torch.from_numpy(np.broadcast_to(masks, (len(masks), n_prompts, index.n_nodes)).copy())  # [M, n, N]
+    M = len(masks)
+    first = sites[0]
+    resume = resume and first.kind == "resid"
+    out = np.zeros((M, n_prompts))
+    start = 0
     for suffix in suffixes:
-        rows = keep_t[start : start + len(suffix.suffix_ids)]  # [B, n_nodes]
-        start += len(rows)
+        B = len(suffix.suffix_ids)
+        per_pass = max(1, min(M, max_cache_bytes // (_cache_bytes_per_row(suffix) * B)))
+        clean_first = None
+        if resume:  # the first site's clean output on this batch's suffix, once for every mask
+            with capture(model, [first]) as captured, until_stopped():
+                suffix.run(model.base_model)
+            clean_first = captured[first]  # [B, P, d]
+        for m0 in range(0, M, per_pass):
+            m = min(per_pass, M - m0)
+            rows = masks[m0 : m0 + m, start : start + B].transpose(0, 1).reshape(B * m, -1)  # [B * m, N], b-major
+            batch = _repeat(suffix, m) if m > 1 else suffix
+            hooks = {s: _ablation_hook(saes[s], baseline, s, index.site_slice(k), rows) for k, s in enumerate(sites)}
+            if resume:
+                with resumed_blocks(model, first.layer, clean_first.repeat_interleave(m, 0)):
+                    with site_hooks(model, hooks):
+                        scores = _score(model, batch, refusal_ids)
+            else:
+                with site_hooks(model, hooks):
+                    scores = _score(model, batch, refusal_ids)
+            out[m0 : m0 + m, start : start + B] = scores.view(B, m).T.cpu().numpy()
+        start += B
+    return out if stacked else out[0]
 
-        def hook_for(k: int, s: Site, rows: torch.Tensor = rows):
-            sl = index.site_slice(k)
-            device = baseline.f_mean[s].device
-            keep_f = rows[:, None, sl.start : sl.stop - 1].to(device)  # [B, 1, d_sae]
-            keep_err = rows[:, None, sl.stop - 1 : sl.stop].to(device)  # [B, 1, 1]
 
-            def hook(_m, _i, output):
-                x = output_tensor(output)  # [B, P, d]: the suffix only
-                f = saes[s].encode(x.float())
-                err = x.float() - saes[s].decode(f)
-                f = torch.where(keep_f, f, baseline.f_mean[s])
-                err = torch.where(keep_err, err, baseline.err_mean[s])
-                return replace_output(output, (saes[s].decode(f) + err).to(x.dtype))
+def _ablation_hook(sae: nn.Module, baseline: Baseline, site: Site, sl: slice, rows: torch.Tensor):
+    """Mean-ablate the latents (and the error node) that ``rows`` [B, n_nodes] does not keep."""
+    device = baseline.f_mean[site].device
+    keep_f = rows[:, None, sl.start : sl.stop - 1].to(device)  # [B, 1, d_sae]
+    keep_err = rows[:, None, sl.stop - 1 : sl.stop].to(device)  # [B, 1, 1]
 
-            return hook
+    def hook(_m, _i, output):
+        x = output_tensor(output)  # [B, P, d]: the suffix only
+        f = sae.encode(x.float())
+        err = x.float() - sae.decode(f)
+        f = torch.where(keep_f, f, baseline.f_mean[site])
+        err = torch.where(keep_err, err, baseline.err_mean[site])
+        return replace_output(output, (sae.decode(f) + err).to(x.dtype))
 
-        with site_hooks(model, {s: hook_for(k, s) for k, s in enumerate(sites)}):
-            scores.append(_score(model, suffix, refusal_ids).cpu().numpy())
-    return np.concatenate(scores) if scores else np.zeros(0)
+    return hook
 
 
 def ablated_score(
@@ -534,7 +641,9 @@ def evaluate_sizes(
     folds only, so no prompt evaluates a circuit that was chosen on it. ``score_fn(keep)`` maps
     per-prompt masks [n_prompts, n_nodes] to per-prompt scores [n_prompts]. The control is a random
     circuit per prompt with its circuit's number of nodes at every site (a fresh draw per prompt, so
-    the mean averages over draws). Ratios are of means over prompts, with percentile bootstrap CIs;
+    the mean averages over draws). ``score_fn`` is called once, with every mask of the sweep stacked
+    [n_masks, n_prompts, n_nodes] -> [n_masks, n_prompts]. Ratios are of means over prompts, with
+    percentile bootstrap CIs;
     ``advantage_ci`` is the CI of faithfulness minus the control's (paired by prompt).
     """
     n_prompts, n_nodes = effects.shape
@@ -543,33 +652,25 @@ def evaluate_sizes(
         raise ValueError(f"folds {folds.shape} must have one entry per prompt ({n_prompts})")
     if len(np.unique(folds)) < 2:
         raise ValueError("cross-fitting needs at least two folds (two prompts)")
-    m_full = score_fn(np.ones((n_prompts, n_nodes), bool))  # [n_prompts]
-    m_empty = score_fn(np.zeros((n_prompts, n_nodes), bool))
-    den = m_full - m_empty
     fold_means = {f: effects[folds != f].mean(0) for f in np.unique(folds)}  # out-of-fold mean effect per fold
     rng = np.random.default_rng(seed)
     site_members = [np.flatnonzero(site_of_node == s) for s in np.unique(site_of_node)]
-    rows = []
-    with progress("faithfulness sweep", total=len(sizes), unit="sizes", log=log or (lambda _: None)) as prog:
-        for n in sizes:
-            rows.append(
-                _sweep_point(
-                    n,
-                    score_fn,
-                    effects,
-                    select,
-                    folds,
-                    fold_means,
-                    site_members,
-                    m_full,
-                    m_empty,
-                    den,
-                    rng,
-                    n_bootstrap,
-                    seed,
-                )
-            )
-            prog.update(1)
+    # Every mask of the sweep first, then one call: the model scores the whole stack in few passes.
+    circuits = [_crossfit_circuit(n, select, folds, fold_means) for n in sizes]
+    stack = [np.ones((n_prompts, n_nodes), bool), np.zeros((n_prompts, n_nodes), bool)]
+    for circuit in circuits:
+        stack += [circuit, ~circuit, _random_like(circuit, site_members, rng)]
+    if log:
+        log(f"faithfulness sweep: {len(sizes)} sizes x 3 masks + 2 on {n_prompts} prompts")
+    scores = np.asarray(score_fn(np.stack(stack)))  # [n_masks, n_prompts]
+    m_full, m_empty = scores[0], scores[1]
+    den = m_full - m_empty
+    rows = [
+        _sweep_point(
+            n, circuit, *scores[2 + 3 * i : 5 + 3 * i], effects, select, m_full, m_empty, den, n_bootstrap, seed
+        )
+        for i, (n, c) in enumerate(zip(sizes, circuits))
+    ]
     return SizeSweep(
         m_full=float(m_full.mean()),
         m_empty=float(m_empty.mean()),
@@ -580,30 +681,37 @@ def evaluate_sizes(
     )
 
 
+def _crossfit_circuit(n: int, select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, fold_means: dict):
+    """[n_prompts, n_nodes]: each prompt's circuit of size ``n``, selected on the other folds."""
+    circuits = {f: select(mean, n) for f, mean in fold_means.items()}
+    return np.stack([circuits[f] for f in folds])
+
+
+def _random_like(circuit: np.ndarray, site_members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """The control: per prompt, a random circuit with ``circuit``'s number of nodes at every site."""
+    random = np.zeros_like(circuit)
+    for i in range(len(circuit)):
+        for members in site_members:
+            random[i, rng.choice(members, size=int(circuit[i, members].sum()), replace=False)] = True
+    return random
+
+
 def _sweep_point(
     n: int,
-    score_fn: Callable[[np.ndarray], np.ndarray],
+    circuit: np.ndarray,
+    m_c: np.ndarray,
+    m_comp: np.ndarray,
+    m_rand: np.ndarray,
     effects: np.ndarray,
     select: Callable[[np.ndarray, int], np.ndarray],
-    folds: np.ndarray,
-    fold_means: dict,
-    site_members: list[np.ndarray],
     m_full: np.ndarray,
     m_empty: np.ndarray,
     den: np.ndarray,
-    rng: np.random.Generator,
     n_bootstrap: int,
     seed: int,
 ) -> SweepPoint:
-    """One size of :func:`evaluate_sizes`: the cross-fitted circuit, its complement and the random control."""
-    n_prompts = len(folds)
-    circuits = {f: select(mean, n) for f, mean in fold_means.items()}
-    circuit = np.stack([circuits[f] for f in folds])  # [n_prompts, n_nodes]
-    random = np.zeros_like(circuit)
-    for i in range(n_prompts):
-        for members in site_members:
-            random[i, rng.choice(members, size=int(circuit[i, members].sum()), replace=False)] = True
-    m_c, m_comp, m_rand = score_fn(circuit), score_fn(~circuit), score_fn(random)
+    """One size of :func:`evaluate_sizes` from the scores of its cross-fitted circuit, the
+    complement and the random control."""
     full_circuit = select(effects.mean(0), n)  # the circuit that the asset reports at this size
     return SweepPoint(
         size_per_site=n,
@@ -634,6 +742,7 @@ def edge_effects(
     mean_effect: np.ndarray | None = None,
     system_prompt: str | None = None,
     device: str = "cpu",
+    suffixes: list[SuffixBatch] | None = None,
 ) -> list[dict]:
     """Edges between circuit latents of consecutive sites: mean over prompts of
     Σ_pos (∂m/∂f_d)(∂f_d/∂f_u)(f_u - f̄_u), by one backward per downstream node (the
@@ -642,8 +751,12 @@ def edge_effects(
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
     totals: dict[tuple[int, int], float] = {}
     n = 0
-    for chunk in batches(prompts, batch_size):
-        suffix = split_prefix(model, encode_chat(tokenizer, chunk, system_prompt).to(device))
+    if suffixes is None:
+        suffixes = prepare_suffixes(
+            model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device
+        )
+    for suffix in suffixes:
+        chunk = suffix.suffix_ids
         acts, grads, _ = _site_grads(model, suffix, sites, refusal_ids)
         for k in range(len(sites) - 1):
             up, down = sites[k], sites[k + 1]
@@ -909,6 +1022,7 @@ def find_circuit(
         if prompt_set != cc.prompt_filter:
             warn(f"{category}/{group}: prompt set {prompt_set}")
         prompts = rows["prompt"].to_list()
+        suffixes = prepare_suffixes(model, tokenizer, prompts, **kw)  # one prefill serves every pass below
         effects, scores = node_effects(
             model,
             tokenizer,
@@ -919,11 +1033,11 @@ def find_circuit(
             method=cc.method,
             ig_steps=cc.ig_steps,
             log=log,
+            suffixes=suffixes,
             **kw,
         )
         mean_effect = effects.mean(0)
         chosen = select(mean_effect, cc.k_per_site)
-        suffixes = prepare_suffixes(model, tokenizer, prompts, **kw)
         folds = crossfit_folds(len(prompts), cc.n_folds, cc.seed)
 
         def score_fn(keep: np.ndarray, suffixes: list[SuffixBatch] = suffixes) -> np.ndarray:
@@ -953,6 +1067,7 @@ def find_circuit(
                 max_edges=cc.max_edges,
                 targets_per_site=cc.edge_targets_per_site,
                 mean_effect=mean_effect,
+                suffixes=suffixes,
                 **kw,
             )
         nodes = sorted(

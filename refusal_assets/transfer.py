@@ -220,7 +220,7 @@ def post_instruction_hidden(
     for suffix in suffixes_of(
         model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device
     ):
-        hs = suffix.run(model, output_hidden_states=True, logits_to_keep=1).hidden_states
+        hs = suffix.run(model.base_model, output_hidden_states=True).hidden_states
         out.append(torch.stack(hs[:-1], 1).float().cpu())  # [B, L, P, d]: hs[l] is layer l's input
     if not out:
         raise ValueError("post_instruction_hidden: no prompts")
@@ -290,7 +290,7 @@ def direction_scores(
         scores = []
         with forward_hooks(hooks):
             for suffix in suffixes:
-                logits = suffix.run(model, logits_to_keep=1).logits[:, -1]
+                logits = suffix.next_logits(model)
                 scores.append(refusal_score_from_logits(logits, refusal_ids).cpu().numpy())
         rows.append(np.concatenate(scores) if scores else np.zeros(0))
     return np.stack(rows)
@@ -565,7 +565,8 @@ def circuit_transfer(
     n_bootstrap: int,
     seed: int,
 ) -> tuple[CrossMatrix, CrossMatrix]:
-    """``score_fns[b](keep [n_b, n_nodes]) -> scores [n_b]`` on B's refusing prompts (B's baseline);
+    """``score_fns[b](keeps [n_masks, n_b, n_nodes]) -> scores [n_masks, n_b]`` on B's refusing
+    prompts (B's baseline), called once per B with every mask stacked;
     ``circuits[a]`` A's circuit [n_nodes]; ``own_masks[b]`` B's leave-one-out circuits [n_b, n_nodes].
     Returns (loss matrix: m(M) - m(M without A's circuit); faithfulness-gain matrix: m(A's circuit
     only) - m(∅)), each with a random circuit of B's size per site as the control."""
@@ -577,18 +578,21 @@ def circuit_transfer(
     loss_ctrl, keep_ctrl = {}, {}
     for b in cats:
         n_b, n_nodes = own_masks[b].shape
-        full = score_fns[b](np.ones((n_b, n_nodes), bool))
-        empty = score_fns[b](np.zeros((n_b, n_nodes), bool))
-        for a in cats:
-            mask = own_masks[b] if a == b else np.broadcast_to(circuits[a], (n_b, n_nodes))
-            loss[(a, b)] = full - score_fns[b](~mask)
-            keep_only[(a, b)] = score_fns[b](mask.copy()) - empty
         rand = np.zeros((n_b, n_nodes), bool)
         for i in range(n_b):
             for members in site_members:
                 rand[i, rng.choice(members, size=int(own_masks[b][i, members].sum()), replace=False)] = True
-        loss_ctrl[b] = full - score_fns[b](~rand)
-        keep_ctrl[b] = score_fns[b](rand) - empty
+        masks = {a: own_masks[b] if a == b else np.broadcast_to(circuits[a], (n_b, n_nodes)) for a in cats}
+        # one stacked call per B: full, empty, then (without A's circuit, only A's circuit) per A, then the control
+        stack = [np.ones((n_b, n_nodes), bool), np.zeros((n_b, n_nodes), bool)]
+        stack += [m for a in cats for m in (~masks[a], masks[a])] + [~rand, rand]
+        scores = np.asarray(score_fns[b](np.stack(stack)))  # [2 + 2 * n_cats + 2, n_b]
+        full, empty = scores[0], scores[1]
+        for i, a in enumerate(cats):
+            loss[(a, b)] = full - scores[2 + 2 * i]
+            keep_only[(a, b)] = scores[3 + 2 * i] - empty
+        loss_ctrl[b] = full - scores[-2]
+        keep_ctrl[b] = scores[-1] - empty
     return (
         cross_matrix("circuit transfer", cats, loss, loss_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed),
         cross_matrix(

@@ -174,6 +174,28 @@ def test_per_prompt_masks_match_separate_passes(planted):
         circ.ablated_scores(model, suffixes, saes, baseline, masks[:3], refusal_ids)
 
 
+def test_stacked_masks_in_resumed_passes_equal_one_plain_pass_per_mask(planted):
+    """A stack of mask sets, several per pass and resumed after the first site's block, scores every
+    prompt as a full pass with that mask alone does."""
+    model, tok, saes, baseline, refusal_ids = planted
+    P = circ._post_positions(circ.encode_chat(tok, PROMPTS)).shape[1]
+    baseline = circ.Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
+    suffixes = circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2)
+    n_nodes = circ.NodeIndex([SITE], [64]).n_nodes
+    masks = np.random.default_rng(1).random((7, len(PROMPTS), n_nodes)) < 0.5
+    masks[0], masks[1] = True, False
+    per_row = circ._cache_bytes_per_row(suffixes[0])
+    for budget in (1, 3 * 2 * per_row, 2**30):  # one mask per pass, three, all
+        stacked = circ.ablated_scores(model, suffixes, saes, baseline, masks, refusal_ids, max_cache_bytes=budget)
+        assert stacked.shape == (7, len(PROMPTS))
+        for j in range(7):
+            plain = circ.ablated_scores(model, suffixes, saes, baseline, masks[j], refusal_ids, resume=False)
+            np.testing.assert_allclose(stacked[j], plain, atol=1e-4, rtol=1e-4)
+    assert abs(stacked[0] - stacked[1]).max() > 0.1  # the masks matter
+    # the model is whole again afterwards: no block left replaced
+    assert all(not isinstance(b, circ._Replay) for b in circ.decoder_layers(model))
+
+
 def test_crossfit_folds():
     assert circ.crossfit_folds(5, 0, seed=0).tolist() == [0, 1, 2, 3, 4]  # leave-one-out
     assert circ.crossfit_folds(3, 10, seed=0).tolist() == [0, 1, 2]  # more folds than prompts: leave-one-out
@@ -186,7 +208,7 @@ def test_crossfit_folds():
 
 def _additive_score_fn(effects: np.ndarray):
     """A model whose score is exactly additive in node effects: m_i(keep) = sum_j keep_ij * e_ij."""
-    return lambda keep: (np.broadcast_to(keep, effects.shape) * effects).sum(1)
+    return lambda keep: (keep * effects).sum(-1)  # keep [n_nodes], [n, n_nodes] or a stack [M, n, n_nodes]
 
 
 def test_crossfitting_never_scores_a_prompt_with_a_circuit_chosen_on_it():
@@ -228,7 +250,7 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
     seen = []
 
     def score_fn(keep):
-        seen.append(np.broadcast_to(keep, effects.shape).sum(1))
+        seen.extend(np.broadcast_to(keep, (*keep.shape[:-2], *effects.shape)).reshape(-1, *effects.shape).sum(-1))
         return _additive_score_fn(effects)(keep)
 
     result = circ.evaluate_sizes(

@@ -119,7 +119,7 @@ def test_circuit_transfer_shared_vs_disjoint_mechanisms():
             contrib[c] = w + rng.normal(0, 0.05, (10, 40))  # [n_prompts, n_nodes]
             circuits[c] = w > 0
             own[c] = tr.loo_masks(contrib[c], lambda mean: mean > 0.5)
-            fns[c] = lambda keep, x=contrib[c]: (x * keep).sum(1)
+            fns[c] = lambda keep, x=contrib[c]: (x * keep).sum(-1)  # [M, n, nodes] -> [M, n]
         return tr.circuit_transfer(fns, circuits, own, site_of_node, rule, n_bootstrap=200, seed=0)
 
     loss, keep = run(disjoint=False)
