@@ -138,7 +138,7 @@ def _plain_greedy(model: PreTrainedModel) -> bool:
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    batch: ChatBatch,
+    batch: ChatBatch | list[ChatBatch],
     max_new_tokens: int,
     *,
     stop_phrases: list[str] | None = None,
@@ -149,15 +149,26 @@ def generate(
     The same tokens as ``model.generate(do_sample=False)`` (the benchmark asserts it), cheaper: the
     shared prompt prefix is computed once per batch, and a row that has ended (EOS, or with
     ``stop_phrases`` a refusal phrase in its text) leaves the batch, so later steps run only the
-    rows still generating. Models whose generation config asks for logits processing take
-    ``model.generate`` itself (:func:`generate_plain`)."""
+    rows still generating. ``batch`` may be a list of batches: each is prefilled on its own (the
+    prefill's memory follows the batch size) and all are decoded together, since a decode step costs
+    about the same for 8 rows as for 64 (it reads every weight once; measured 0.19 s and 0.32 s on
+    the 0.5B model, 2 cores); rows come back in the order of the batches. Models whose generation
+    config asks for logits processing take ``model.generate`` itself (:func:`generate_plain`)."""
+    chunks = batch if isinstance(batch, list) else [batch]
     if not _plain_greedy(model):
-        return generate_plain(model, tokenizer, batch, max_new_tokens, stop_phrases=stop_phrases)
-    from refusal_assets.prefill import cache_kwargs, last_logits, prefill
+        parts = [generate_plain(model, tokenizer, c, max_new_tokens, stop_phrases=stop_phrases) for c in chunks]
+        return Generated(
+            [t for g in parts for t in g.responses],
+            torch.cat([g.first_logits for g in parts]),
+            [r for g in parts for r in g.stop_reasons],
+            sum(g.decode_steps for g in parts),
+            sum(g.decode_rows for g in parts),
+        )
+    from refusal_assets.prefill import cache_kwargs, last_logits, merge_prefilled, prefill
 
-    pre = prefill(model, batch, shared_prefix=shared_prefix)
+    pre = merge_prefilled([prefill(model, c, shared_prefix=shared_prefix) for c in chunks])
     eos = eos_token_ids(model, tokenizer)
-    B = batch.input_ids.shape[0]
+    B = len(pre.next_position)
     tokens: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     alive = list(range(B))  # batch rows still generating, in cache order
@@ -266,12 +277,16 @@ def run_behaviour(
     scores: list[torch.Tensor] = []
     stop_reasons: list[str] = []
     with progress("behaviour: generation", total=len(rows), unit="prompts", log=log) as prog:
-        for chunk in batches(rows, cfg.batch_size):
-            batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
+        # prefill in chunks of batch_size, decode up to decode_batch_size rows together
+        for group in batches(rows, max(cfg.generation.decode_batch_size, cfg.batch_size)):
+            chunks = [
+                encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
+                for chunk in batches(group, cfg.batch_size)
+            ]
             gen = generate(
                 model,
                 tokenizer,
-                batch,
+                chunks,
                 cfg.generation.max_new_tokens,
                 stop_phrases=cfg.refusal.phrases if cfg.generation.stop_when_judged else None,
             )
@@ -279,7 +294,7 @@ def run_behaviour(
             scores.append(refusal_score_from_logits(gen.first_logits, ids).cpu())
             responses.extend(gen.responses)
             stop_reasons.extend(gen.stop_reasons)
-            prog.update(len(chunk))
+            prog.update(len(group))
     p = torch.cat(p_refs) if p_refs else torch.zeros(0)
     score = torch.cat(scores) if scores else torch.zeros(0)
     return pl.DataFrame(

@@ -5,8 +5,9 @@ refusal-phrase stop rule of the config, the config's batch size):
 
 (a) plain: :func:`refusal_assets.behaviour.generate_plain`, i.e. ``model.generate(do_sample=False)``
     on the full left-padded batch, with the phrase rule as a transformers stopping criterion;
-(b) ours: :func:`refusal_assets.behaviour.generate`: the shared template head prefilled once per
-    batch, then only each prompt's own tokens, and rows leaving the batch as they end.
+(b) ours: :func:`refusal_assets.behaviour.generate` as ``run_behaviour`` calls it: the shared
+    template head prefilled once per batch, then only each prompt's own tokens; the batches then
+    decoded together (up to ``generation.decode_batch_size`` rows), rows leaving as they end.
 
 Both are warmed up on one batch, then timed ``repeats`` times, interleaved; the median is reported.
 Their responses and stop reasons must be identical (asserted: a faster decoder that answers
@@ -72,9 +73,16 @@ def run_behaviour_bench(
     per_token = 2 * (n_params - vocab * d)  # decoder blocks (the LM head is counted where it runs)
     head = 2 * d * vocab
 
+    decode_groups = [
+        encoded[i : i + max(1, mc.generation.decode_batch_size // mc.batch_size)]
+        for i in range(0, len(encoded), max(1, mc.generation.decode_batch_size // mc.batch_size))
+    ]
+
     def run(way: str):
-        fn = generate if way == "ours" else generate_plain
-        return [fn(model, tokenizer, b, new, stop_phrases=stop) for b in encoded]
+        if way == "plain":  # model.generate, one batch of batch_size at a time
+            return [generate_plain(model, tokenizer, b, new, stop_phrases=stop) for b in encoded]
+        # ours, as run_behaviour calls it: prefill per batch, decode up to decode_batch_size rows together
+        return [generate(model, tokenizer, group, new, stop_phrases=stop) for group in decode_groups]
 
     log(f"bench behaviour: {len(prompts)} prompts in {len(encoded)} batches of {mc.batch_size}, {device}")
     run("ours"), run("plain")  # warm-up (also checks both run)
@@ -91,7 +99,8 @@ def run_behaviour_bench(
     ours, plain = results["ours"], results["plain"]
     responses_ours = [t for g in ours for t in g.responses]
     responses_plain = [t for g in plain for t in g.responses]
-    identical = responses_ours == responses_plain and [g.stop_reasons for g in ours] == [g.stop_reasons for g in plain]
+    reasons_ours = [r for g in ours for r in g.stop_reasons]
+    identical = responses_ours == responses_plain and reasons_ours == [r for g in plain for r in g.stop_reasons]
     if not identical:
         diff = sum(a != b for a, b in zip(responses_ours, responses_plain))
         raise AssertionError(f"bench behaviour: {diff} of {len(responses_ours)} responses differ from model.generate")
@@ -113,13 +122,14 @@ def run_behaviour_bench(
         + sum(g.decode_rows * (per_token + head) for g in ours),
     }
     peak = matmul_flops_per_s(d, 1024, device)
-    stops = [r for g in ours for r in g.stop_reasons]
+    stops = reasons_ours
     out = {
         "device": device,
         "threads": torch.get_num_threads(),
         "model": mc.id,
         "n_prompts": len(prompts),
         "batch_size": mc.batch_size,
+        "decode_batch_size": mc.generation.decode_batch_size,
         "max_new_tokens": new,
         "stop_when_judged": bool(stop),
         "stop_reasons": {k: stops.count(k) for k in ("judged", "eos", "length")},

@@ -111,6 +111,10 @@ class GenerationConfig(_Strict):
     """Stop a response as soon as it contains a refusal phrase: its judgement can no longer change,
     so the remaining tokens cost time and decide nothing (the stored response then ends at the
     phrase; ``stop_reason`` says "judged"). False = every response runs to EOS or max_new_tokens."""
+    decode_batch_size: int = Field(default=128, ge=1)
+    """Rows decoded together: prompts are prefilled in chunks of the model's ``batch_size``, then up
+    to this many decoded as one batch (a decode step costs about the same for 8 rows as for 64, so
+    fewer, fuller steps are faster; the KV cache of these rows must fit in memory)."""
 
 
 class ChatTemplateConfig(_Strict):

@@ -187,3 +187,36 @@ def _assemble(prefix: torch.Tensor | None, own: torch.Tensor, L: int, lengths: t
         full[b, T - n : T - n + L] = prefix
         full[b, T - n + L :] = own[b, own.shape[1] - (n - L) :]
     return full
+
+
+def merge_prefilled(parts: list[Prefilled]) -> Prefilled:
+    """Several prefilled batches as one, for joint decoding: a decode step reads every weight once
+    whatever the number of rows (bandwidth-bound), so decoding chunks together costs about one
+    chunk's steps. Shorter caches get masked zero columns in front (positions are explicit, so a
+    masked column anywhere is the same as left padding). Site outputs are not merged."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.attention_mask.shape[1] for p in parts)
+    masks, keys, values = [], [], []
+    for p in parts:
+        pad = width - p.attention_mask.shape[1]
+        masks.append(torch.cat([p.attention_mask.new_zeros(len(p.attention_mask), pad), p.attention_mask], 1))
+        keys.append([_pad_front(layer.keys, pad) for layer in p.cache.layers])  # [B, H, width, D] per layer
+        values.append([_pad_front(layer.values, pad) for layer in p.cache.layers])
+    cache = parts[0].cache
+    for i, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([k[i] for k in keys])
+        layer.values = torch.cat([v[i] for v in values])
+    return Prefilled(
+        cache,
+        torch.cat(masks),
+        torch.cat([p.next_position for p in parts]),
+        torch.cat([p.last_logits for p in parts]),
+        {},
+        min(p.prefix_length for p in parts),
+    )
+
+
+def _pad_front(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """[B, H, T, D] -> [B, H, pad + T, D] with zeros in front (masked out by the caller)."""
+    return torch.cat([x.new_zeros(*x.shape[:2], pad, x.shape[3]), x], dim=2) if pad else x

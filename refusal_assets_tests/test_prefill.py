@@ -89,3 +89,14 @@ def test_cached_decoder_gives_the_responses_of_model_generate(tiny_model, batch,
         assert "judged" in ours.stop_reasons
         assert ours.decode_steps <= generate(model, tok, batch, 12).decode_steps
     torch.testing.assert_close(ours.first_logits, reference.first_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_batches_decoded_together_give_each_batch_its_own_responses(tiny_model):
+    model, tok = tiny_model
+    first, second = encode_chat(tok, PROMPTS[:2]), encode_chat(tok, PROMPTS[2:])  # different widths
+    assert first.input_ids.shape[1] != second.input_ids.shape[1]
+    joint = generate(model, tok, [first, second], 10, stop_phrases=["the"])
+    alone = [generate_plain(model, tok, b, 10, stop_phrases=["the"]) for b in (first, second)]
+    assert joint.responses == alone[0].responses + alone[1].responses
+    assert joint.stop_reasons == alone[0].stop_reasons + alone[1].stop_reasons
+    close(joint.first_logits, torch.cat([a.first_logits for a in alone]))
