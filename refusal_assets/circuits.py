@@ -426,7 +426,7 @@ def resumed_blocks(model: PreTrainedModel, layer: int, stored: torch.Tensor) -> 
             layers[i] = block
 
 
-def _repeat(suffix: SuffixBatch, m: int) -> SuffixBatch:
+def repeat_rows(suffix: SuffixBatch, m: int) -> SuffixBatch:
     """Each prompt's row repeated ``m`` times in a row (b-major: row b * m + j), cache included."""
     cache = copy.deepcopy(suffix.cache)
     cache.batch_repeat_interleave(m)
@@ -438,7 +438,7 @@ def _repeat(suffix: SuffixBatch, m: int) -> SuffixBatch:
     )
 
 
-def _cache_bytes_per_row(suffix: SuffixBatch) -> int:
+def cache_bytes_per_row(suffix: SuffixBatch) -> int:
     """Bytes of the prefix KV cache per prompt row (a Cache keeps its tensors per layer)."""
     total = sum(
         t.numel() * t.element_size()
@@ -489,7 +489,7 @@ def ablated_scores(
     start = 0
     for suffix in suffixes:
         B = len(suffix.suffix_ids)
-        per_pass = max(1, min(M, max_cache_bytes // (_cache_bytes_per_row(suffix) * B)))
+        per_pass = max(1, min(M, max_cache_bytes // (cache_bytes_per_row(suffix) * B)))
         clean_first = None
         if resume:  # the first site's clean output on this batch's suffix, once for every mask
             with capture(model, [first]) as captured, until_stopped():
@@ -498,7 +498,7 @@ def ablated_scores(
         for m0 in range(0, M, per_pass):
             m = min(per_pass, M - m0)
             rows = masks[m0 : m0 + m, start : start + B].transpose(0, 1).reshape(B * m, -1)  # [B * m, N], b-major
-            batch = _repeat(suffix, m) if m > 1 else suffix
+            batch = repeat_rows(suffix, m) if m > 1 else suffix
             hooks = {s: _ablation_hook(saes[s], baseline, s, index.site_slice(k), rows) for k, s in enumerate(sites)}
             if resume:
                 with resumed_blocks(model, first.layer, clean_first.repeat_interleave(m, 0)):

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.behaviour import refusal_score_from_logits
-from refusal_assets.circuits import SuffixBatch, prepare_suffixes
+from refusal_assets.circuits import SuffixBatch, cache_bytes_per_row, prepare_suffixes, repeat_rows
 from refusal_assets.comparison import CI, VerdictRule, _jsonable, bootstrap_ci
 from refusal_assets.hooks import forward_hooks
 from refusal_assets.sites import decoder_layers, output_tensor, replace_output
@@ -245,15 +245,18 @@ def direction_scores(
     batch_size: int,
     system_prompt: str | None = None,
     device: str = "cpu",
+    max_cache_bytes: int = 512 * 2**20,
 ) -> np.ndarray:
     """Refusal scores [K, n] of ``prompts`` (texts, or their :func:`suffixes_of`) under each of K
-    interventions at the post-instruction positions, on the cached prefixes: one suffix pass per
-    direction and batch, so K directions cost K passes of P tokens, not K full prompts.
+    interventions at the post-instruction positions, on the cached prefixes: K directions cost
+    passes of P tokens, not K full prompts.
 
     ``mode="ablate"``: project the unit direction out of the residual stream at every layer
     (embedding output and every block output). ``mode="add"``: add the direction (as given, with its
     norm) at the input of ``layers[k]`` (Arditi et al.'s activation addition). ``mode="none"``: the
-    clean scores (K = 1). Arditi et al. intervene at every position; here the prefix (system turn and
+    clean scores (K = 1). The K interventions share passes: each prompt's row is repeated once per
+    direction (as many per pass as ``max_cache_bytes`` of repeated prefix cache allow), each row with
+    its own direction. Arditi et al. intervene at every position; here the prefix (system turn and
     the user's text) stays clean and cached, which is where the circuits intervene too (DESIGN.md §2:
     the post-instruction positions) and what keeps the main job within its budget; attention from
     the post-instruction positions still reads the prefix's clean keys and values, so the ablation
@@ -267,33 +270,44 @@ def direction_scores(
     suffixes = suffixes_of(model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device)
     unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     mods = _residual_modules(model)
-    rows = []
-    for k in range(1 if mode == "none" else K):
-        if mode == "ablate":
-            r = unit[k]
+    K = 1 if mode == "none" else K
+    out = np.zeros((K, sum(len(s.suffix_ids) for s in suffixes)))
+    start = 0
+    for suffix in suffixes:
+        B = len(suffix.suffix_ids)
+        # every direction in one stacked pass: prompt b's row repeated once per direction (row b * m + j)
+        per_pass = max(1, min(K, max_cache_bytes // (cache_bytes_per_row(suffix) * B)))
+        for k0 in range(0, K, per_pass):
+            m = min(per_pass, K - k0)
+            ks = torch.arange(k0, k0 + m).repeat(B)  # [B * m]: the direction of each row
+            batch = repeat_rows(suffix, m) if m > 1 else suffix
+            if mode == "ablate":
+                r = unit[ks][:, None]  # [B * m, 1, d]
 
-            def ablate(_m, _i, output, r=r):
-                x = output_tensor(output)
-                rr = r.to(x.dtype)
-                return replace_output(output, x - (x @ rr)[..., None] * rr)
+                def ablate(_m, _i, output, r=r):
+                    x = output_tensor(output)
+                    rr = r.to(x.dtype)
+                    return replace_output(output, x - (x * rr).sum(-1, keepdim=True) * rr)
 
-            hooks = [(m, ablate) for m in mods]
-        elif mode == "add":
+                hooks = [(mod, ablate) for mod in mods]
+            elif mode == "add":
+                hooks = []
+                for layer in sorted({layers[k] for k in range(k0, k0 + m)}):
+                    on = torch.tensor([layers[int(k)] == layer for k in ks])[:, None, None]  # [B * m, 1, 1]
+                    v = torch.where(on, directions[ks][:, None], 0.0)  # [B * m, 1, d]
 
-            def add(_m, _i, output, v=directions[k]):
-                x = output_tensor(output)
-                return replace_output(output, x + v.to(x.dtype))
+                    def add(_m, _i, output, v=v):
+                        x = output_tensor(output)
+                        return replace_output(output, x + v.to(x.dtype))
 
-            hooks = [(mods[layers[k]], add)]  # module `layer` outputs the input of block `layer`
-        else:
-            hooks = []
-        scores = []
-        with forward_hooks(hooks):
-            for suffix in suffixes:
-                logits = suffix.next_logits(model)
-                scores.append(refusal_score_from_logits(logits, refusal_ids).cpu().numpy())
-        rows.append(np.concatenate(scores) if scores else np.zeros(0))
-    return np.stack(rows)
+                    hooks.append((mods[layer], add))  # module `layer` outputs the input of block `layer`
+            else:
+                hooks = []
+            with forward_hooks(hooks):
+                scores = refusal_score_from_logits(batch.next_logits(model), refusal_ids)  # [B * m]
+            out[k0 : k0 + m, start : start + B] = scores.view(B, m).T.cpu().numpy()
+        start += B
+    return out
 
 
 @dataclass(frozen=True)

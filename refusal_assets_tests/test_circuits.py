@@ -184,7 +184,7 @@ def test_stacked_masks_in_resumed_passes_equal_one_plain_pass_per_mask(planted):
     n_nodes = circ.NodeIndex([SITE], [64]).n_nodes
     masks = np.random.default_rng(1).random((7, len(PROMPTS), n_nodes)) < 0.5
     masks[0], masks[1] = True, False
-    per_row = circ._cache_bytes_per_row(suffixes[0])
+    per_row = circ.cache_bytes_per_row(suffixes[0])
     for budget in (1, 3 * 2 * per_row, 2**30):  # one mask per pass, three, all
         stacked = circ.ablated_scores(model, suffixes, saes, baseline, masks, refusal_ids, max_cache_bytes=budget)
         assert stacked.shape == (7, len(PROMPTS))

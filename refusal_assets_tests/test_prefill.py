@@ -100,3 +100,16 @@ def test_batches_decoded_together_give_each_batch_its_own_responses(tiny_model):
     assert joint.responses == alone[0].responses + alone[1].responses
     assert joint.stop_reasons == alone[0].stop_reasons + alone[1].stop_reasons
     close(joint.first_logits, torch.cat([a.first_logits for a in alone]))
+
+
+def test_bench_behaviour_reports_both_ways_with_identical_responses():
+    from refusal_assets.bench_behaviour import run_behaviour_bench
+    from refusal_assets_tests.conftest import ROOT
+
+    out = run_behaviour_bench(str(ROOT / "configs" / "tiny.yaml"), n_prompts=6, repeats=1, log=lambda s: None)
+    assert out["responses_identical"] is True and out["n_prompts"] == 6
+    assert out["plain_seconds"] > 0 and out["ours_seconds"] > 0
+    assert out["ratio_ours_over_plain"] == pytest.approx(out["plain_seconds"] / out["ours_seconds"], rel=0.01)
+    assert 0 < out["ours_fraction_of_matmul_bound"] and 0 < out["plain_fraction_of_matmul_bound"]
+    assert sum(out["stop_reasons"].values()) == 6
+    assert out["ours_decode_rows"] <= out["plain_decode_rows"]

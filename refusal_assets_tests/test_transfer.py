@@ -53,6 +53,11 @@ def test_direction_ablation_and_addition_move_refusal_batched_as_separately(plan
     np.testing.assert_allclose(one, ablated[1], atol=1e-4)  # rows with different directions do not mix
     added = tr.direction_scores(model, tok, PROMPTS, torch.stack([2 * u, -2 * u]), mode="add", layers=[1, 1], **kw)
     assert (added[0] > clean + 0.5).all() and (added[1] < clean - 0.5).all()
+    # directions at different layers in one stacked pass: each as if alone
+    mixed = tr.direction_scores(model, tok, PROMPTS, torch.stack([2 * u, other]), mode="add", layers=[1, 2], **kw)
+    for k, (v, layer) in enumerate([(2 * u, 1), (other, 2)]):
+        alone = tr.direction_scores(model, tok, PROMPTS, v[None], mode="add", layers=[layer], **kw)[0]
+        np.testing.assert_allclose(mixed[k], alone, atol=1e-4)
     with pytest.raises(ValueError, match="one layer per direction"):
         tr.direction_scores(model, tok, PROMPTS, u[None], mode="add", **kw)
 
