@@ -95,6 +95,10 @@ def build(
     )
     def activations(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource):
         # One forward pass per (model, category) serves every requested site of that model.
+        # This prefill is not shared with refusal_behaviour's, on purpose: a multi-asset needs one
+        # partitions definition, and activations stay site x category so that adding a layer runs
+        # only that layer's partitions (not the model's generation again). With the shared-prefix
+        # prefill and the early stop after the deepest site, this whole asset is ~35 s of the main job.
         groups: dict[str, dict[str, dict[Site, str]]] = defaultdict(
             lambda: defaultdict(dict)
         )  # model -> category -> site -> key
