@@ -224,11 +224,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "activations":
         from refusal_assets.bench_activations import run_activation_bench
 
-        result = run_activation_bench(n_prompts=args.n_prompts, log=lambda s: print(s, file=sys.stderr))
+        result = run_activation_bench(n_prompts=args.n_prompts or 32, log=lambda s: print(s, file=sys.stderr))
     elif args.what == "behaviour":
         from refusal_assets.bench_behaviour import run_behaviour_bench
 
-        result = run_behaviour_bench(n_prompts=args.n_prompts, log=lambda s: print(s, file=sys.stderr))
+        result = run_behaviour_bench(n_prompts=args.n_prompts or 64, log=lambda s: print(s, file=sys.stderr))
     else:
         from refusal_assets.bench_sae import run_sae_bench, site_rows
 
@@ -312,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.add_argument("what", choices=["activations", "behaviour", "sae"])
     p.add_argument("--json", action="store_true", help="one line of JSON")
-    p.add_argument("--n-prompts", type=int, default=32, help="N for the activations benchmark (RSS also at 4N)")
+    p.add_argument(
+        "--n-prompts", type=int, default=None, help="prompts (activations: 32, RSS also at 4N; behaviour: 64)"
+    )
     p.add_argument(
         "--activations",
         default=None,
