@@ -11,7 +11,7 @@ zero every node effect of a prompt refused with |score| > 13.8, routine for a 7B
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
 from refusal_assets.config import ModelConfig
+from refusal_assets.prefill import cache_kwargs, last_logits, merge_prefilled, prefill
 from refusal_assets.progress import progress
 
 EPS = 1e-6
@@ -88,8 +89,6 @@ def last_token_refusal_prob(logits_last: torch.Tensor, refusal_ids: torch.Tensor
 
 @torch.no_grad()
 def p_refusal(model: PreTrainedModel, batch: ChatBatch, refusal_ids: torch.Tensor) -> torch.Tensor:
-    from refusal_assets.prefill import last_logits
-
     return last_token_refusal_prob(last_logits(model, **batch.model_inputs(), use_cache=False).logits, refusal_ids)
 
 
@@ -164,8 +163,6 @@ def generate(
             sum(g.decode_steps for g in parts),
             sum(g.decode_rows for g in parts),
         )
-    from refusal_assets.prefill import cache_kwargs, last_logits, merge_prefilled, prefill
-
     pre = merge_prefilled([prefill(model, c, shared_prefix=shared_prefix) for c in chunks])
     eos = eos_token_ids(model, tokenizer)
     B = len(pre.next_position)
@@ -260,6 +257,13 @@ def generate_plain(
     return Generated(texts, out.logits[0], reasons, steps, steps * len(texts))
 
 
+def decode_groups(items: list, cfg: ModelConfig) -> Iterator[list[list]]:
+    """``items`` in groups decoded together (up to ``generation.decode_batch_size`` rows), each
+    split into the prefill chunks of the model's ``batch_size``."""
+    for group in batches(items, max(cfg.generation.decode_batch_size, cfg.batch_size)):
+        yield list(batches(group, cfg.batch_size))
+
+
 def run_behaviour(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -277,11 +281,10 @@ def run_behaviour(
     scores: list[torch.Tensor] = []
     stop_reasons: list[str] = []
     with progress("behaviour: generation", total=len(rows), unit="prompts", log=log) as prog:
-        # prefill in chunks of batch_size, decode up to decode_batch_size rows together
-        for group in batches(rows, max(cfg.generation.decode_batch_size, cfg.batch_size)):
+        for group in decode_groups(rows, cfg):
             chunks = [
                 encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
-                for chunk in batches(group, cfg.batch_size)
+                for chunk in group
             ]
             gen = generate(
                 model,
@@ -294,7 +297,7 @@ def run_behaviour(
             scores.append(refusal_score_from_logits(gen.first_logits, ids).cpu())
             responses.extend(gen.responses)
             stop_reasons.extend(gen.stop_reasons)
-            prog.update(len(group))
+            prog.update(sum(len(chunk) for chunk in group))
     p = torch.cat(p_refs) if p_refs else torch.zeros(0)
     score = torch.cat(scores) if scores else torch.zeros(0)
     return pl.DataFrame(

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from refusal_assets.bench_activations import _device, _project, _sync, bench_sample
-from refusal_assets.chat import batches, by_length, encode_chat
+from refusal_assets.chat import by_length, encode_chat
 from refusal_assets.prefill import shared_prefix_length
 
 TARGETS = {"ratio_min": 1.5}
@@ -52,7 +52,7 @@ def run_behaviour_bench(
     repeats: int = 3,
     log: Callable[[str], None] = print,
 ) -> dict:
-    from refusal_assets.behaviour import generate, generate_plain
+    from refusal_assets.behaviour import decode_groups, generate, generate_plain
     from refusal_assets.models import load_model
 
     if n_prompts < 1:
@@ -64,25 +64,22 @@ def run_behaviour_bench(
     stop = mc.refusal.phrases if mc.generation.stop_when_judged else None
     new = mc.generation.max_new_tokens
     prompts = [r["prompt"] for r in by_length(bench_sample(cfg, n_prompts).to_dicts())]
-    encoded = [
-        encode_chat(tokenizer, chunk, mc.chat_template.system_prompt).to(device)
-        for chunk in batches(prompts, mc.batch_size)
+    # the batches run_behaviour makes: prefill chunks of batch_size, decoded together in groups
+    groups = [
+        [encode_chat(tokenizer, chunk, mc.chat_template.system_prompt).to(device) for chunk in group]
+        for group in decode_groups(prompts, mc)
     ]
+    encoded = [b for group in groups for b in group]
     d, vocab = model.config.hidden_size, model.config.vocab_size
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     per_token = 2 * (n_params - vocab * d)  # decoder blocks (the LM head is counted where it runs)
     head = 2 * d * vocab
 
-    decode_groups = [
-        encoded[i : i + max(1, mc.generation.decode_batch_size // mc.batch_size)]
-        for i in range(0, len(encoded), max(1, mc.generation.decode_batch_size // mc.batch_size))
-    ]
-
     def run(way: str):
         if way == "plain":  # model.generate, one batch of batch_size at a time
             return [generate_plain(model, tokenizer, b, new, stop_phrases=stop) for b in encoded]
         # ours, as run_behaviour calls it: prefill per batch, decode up to decode_batch_size rows together
-        return [generate(model, tokenizer, group, new, stop_phrases=stop) for group in decode_groups]
+        return [generate(model, tokenizer, group, new, stop_phrases=stop) for group in groups]
 
     log(f"bench behaviour: {len(prompts)} prompts in {len(encoded)} batches of {mc.batch_size}, {device}")
     run("ours"), run("plain")  # warm-up (also checks both run)
@@ -115,14 +112,12 @@ def run_behaviour_bench(
         "plain": sum(b.input_ids.numel() * per_token + len(b.input_ids) * head for b in encoded)
         + sum(g.decode_rows * (per_token + head) for g in plain),
         "ours": sum(
-            (shared_prefix_length(b) + len(b.input_ids) * (b.input_ids.shape[1] - shared_prefix_length(b))) * per_token
-            + len(b.input_ids) * head
-            for b in encoded
+            (L + len(b.input_ids) * (b.input_ids.shape[1] - L)) * per_token + len(b.input_ids) * head
+            for b, L in ((b, shared_prefix_length(b)) for b in encoded)
         )
         + sum(g.decode_rows * (per_token + head) for g in ours),
     }
     peak = matmul_flops_per_s(d, 1024, device)
-    stops = reasons_ours
     out = {
         "device": device,
         "threads": torch.get_num_threads(),
@@ -132,7 +127,7 @@ def run_behaviour_bench(
         "decode_batch_size": mc.generation.decode_batch_size,
         "max_new_tokens": new,
         "stop_when_judged": bool(stop),
-        "stop_reasons": {k: stops.count(k) for k in ("judged", "eos", "length")},
+        "stop_reasons": {k: reasons_ours.count(k) for k in ("judged", "eos", "length")},
         "responses_identical": identical,
         "tokens": tokens,
         "plain_seconds": round(med["plain"], 3),

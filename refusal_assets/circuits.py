@@ -449,6 +449,38 @@ def cache_bytes_per_row(suffix: SuffixBatch) -> int:
     return max(1, total // max(1, len(suffix.suffix_ids))) if total else 2**20
 
 
+class StackedPass(NamedTuple):
+    """One forward pass of a stack of interventions (masks, directions) over one prompt batch."""
+
+    prompts: slice
+    """This prompt batch's columns of the result (its rows in the concatenated prompts)."""
+    stack: slice
+    """The interventions run in this pass."""
+    batch: SuffixBatch
+    """The prompt batch with each row repeated once per intervention, b-major: row b * m + j."""
+    source: SuffixBatch
+    """The prompt batch itself."""
+
+    def unstack(self, scores: torch.Tensor) -> np.ndarray:
+        """Per-row scores [B * m] -> [m, B] (intervention, prompt)."""
+        return scores.view(-1, self.stack.stop - self.stack.start).T.cpu().numpy()
+
+
+def stacked_passes(suffixes: list[SuffixBatch], n_stack: int, max_cache_bytes: int) -> Iterator[StackedPass]:
+    """The passes that score ``n_stack`` interventions on every prompt batch: as many per pass as
+    ``max_cache_bytes`` of repeated prefix cache allow (a decode-free pass reads every weight once,
+    so filling it with rows is nearly free)."""
+    start = 0
+    for suffix in suffixes:
+        B = len(suffix.suffix_ids)
+        per_pass = max(1, min(n_stack, max_cache_bytes // (cache_bytes_per_row(suffix) * B)))
+        for m0 in range(0, n_stack, per_pass):
+            m = min(per_pass, n_stack - m0)
+            batch = repeat_rows(suffix, m) if m > 1 else suffix
+            yield StackedPass(slice(start, start + B), slice(m0, m0 + m), batch, suffix)
+        start += B
+
+
 @torch.no_grad()
 def ablated_scores(
     model: PreTrainedModel,
@@ -486,29 +518,20 @@ def ablated_scores(
     first = sites[0]
     resume = resume and first.kind == "resid"
     out = np.zeros((M, n_prompts))
-    start = 0
-    for suffix in suffixes:
-        B = len(suffix.suffix_ids)
-        per_pass = max(1, min(M, max_cache_bytes // (cache_bytes_per_row(suffix) * B)))
-        clean_first = None
-        if resume:  # the first site's clean output on this batch's suffix, once for every mask
-            with capture(model, [first]) as captured, until_stopped():
-                suffix.run(model.base_model)
-            clean_first = captured[first]  # [B, P, d]
-        for m0 in range(0, M, per_pass):
-            m = min(per_pass, M - m0)
-            rows = masks[m0 : m0 + m, start : start + B].transpose(0, 1).reshape(B * m, -1)  # [B * m, N], b-major
-            batch = repeat_rows(suffix, m) if m > 1 else suffix
-            hooks = {s: _ablation_hook(saes[s], baseline, s, index.site_slice(k), rows) for k, s in enumerate(sites)}
-            if resume:
-                with resumed_blocks(model, first.layer, clean_first.repeat_interleave(m, 0)):
-                    with site_hooks(model, hooks):
-                        scores = _score(model, batch, refusal_ids)
-            else:
-                with site_hooks(model, hooks):
-                    scores = _score(model, batch, refusal_ids)
-            out[m0 : m0 + m, start : start + B] = scores.view(B, m).T.cpu().numpy()
-        start += B
+    clean_first: dict[int, torch.Tensor] = {}  # the current prompt batch's first-site output, once for every mask
+    for p in stacked_passes(suffixes, M, max_cache_bytes):
+        m, B = p.stack.stop - p.stack.start, p.prompts.stop - p.prompts.start
+        rows = masks[p.stack, p.prompts].transpose(0, 1).reshape(B * m, -1)  # [B * m, N], b-major
+        hooks = {s: _ablation_hook(saes[s], baseline, s, index.site_slice(k), rows) for k, s in enumerate(sites)}
+        resumed = contextlib.nullcontext()
+        if resume:
+            if p.prompts.start not in clean_first:
+                with capture(model, [first]) as captured, until_stopped():
+                    p.source.run(model.base_model)
+                clean_first = {p.prompts.start: captured[first]}  # [B, P, d]
+            resumed = resumed_blocks(model, first.layer, clean_first[p.prompts.start].repeat_interleave(m, 0))
+        with resumed, site_hooks(model, hooks):
+            out[p.stack, p.prompts] = p.unstack(_score(model, p.batch, refusal_ids))
     return out if stacked else out[0]
 
 
@@ -659,7 +682,7 @@ def evaluate_sizes(
     circuits = [_crossfit_circuit(n, select, folds, fold_means) for n in sizes]
     stack = [np.ones((n_prompts, n_nodes), bool), np.zeros((n_prompts, n_nodes), bool)]
     for circuit in circuits:
-        stack += [circuit, ~circuit, _random_like(circuit, site_members, rng)]
+        stack += [circuit, ~circuit, random_like(circuit, site_members, rng)]
     if log:
         log(f"faithfulness sweep: {len(sizes)} sizes x 3 masks + 2 on {n_prompts} prompts")
     scores = np.asarray(score_fn(np.stack(stack)))  # [n_masks, n_prompts]
@@ -687,7 +710,7 @@ def _crossfit_circuit(n: int, select: Callable[[np.ndarray, int], np.ndarray], f
     return np.stack([circuits[f] for f in folds])
 
 
-def _random_like(circuit: np.ndarray, site_members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+def random_like(circuit: np.ndarray, site_members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """The control: per prompt, a random circuit with ``circuit``'s number of nodes at every site."""
     random = np.zeros_like(circuit)
     for i in range(len(circuit)):

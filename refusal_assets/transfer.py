@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.behaviour import refusal_score_from_logits
-from refusal_assets.circuits import SuffixBatch, cache_bytes_per_row, prepare_suffixes, repeat_rows
+from refusal_assets.circuits import SuffixBatch, prepare_suffixes, random_like, stacked_passes
 from refusal_assets.comparison import CI, VerdictRule, _jsonable, bootstrap_ci
 from refusal_assets.hooks import forward_hooks
 from refusal_assets.sites import decoder_layers, output_tensor, replace_output
@@ -272,41 +272,33 @@ def direction_scores(
     mods = _residual_modules(model)
     K = 1 if mode == "none" else K
     out = np.zeros((K, sum(len(s.suffix_ids) for s in suffixes)))
-    start = 0
-    for suffix in suffixes:
-        B = len(suffix.suffix_ids)
-        # every direction in one stacked pass: prompt b's row repeated once per direction (row b * m + j)
-        per_pass = max(1, min(K, max_cache_bytes // (cache_bytes_per_row(suffix) * B)))
-        for k0 in range(0, K, per_pass):
-            m = min(per_pass, K - k0)
-            ks = torch.arange(k0, k0 + m).repeat(B)  # [B * m]: the direction of each row
-            batch = repeat_rows(suffix, m) if m > 1 else suffix
-            if mode == "ablate":
-                r = unit[ks][:, None]  # [B * m, 1, d]
+    for p in stacked_passes(suffixes, K, max_cache_bytes):  # one direction per row
+        B = p.prompts.stop - p.prompts.start
+        ks = torch.arange(p.stack.start, p.stack.stop).repeat(B)  # [B * m]: the direction of each row
+        if mode == "ablate":
+            r = unit[ks][:, None]  # [B * m, 1, d]
 
-                def ablate(_m, _i, output, r=r):
+            def ablate(_m, _i, output, r=r):
+                x = output_tensor(output)
+                rr = r.to(x.dtype)
+                return replace_output(output, x - (x * rr).sum(-1, keepdim=True) * rr)
+
+            hooks = [(mod, ablate) for mod in mods]
+        elif mode == "add":
+            hooks = []
+            for layer in sorted({layers[int(k)] for k in ks}):
+                on = torch.tensor([layers[int(k)] == layer for k in ks])[:, None, None]  # [B * m, 1, 1]
+                v = torch.where(on, directions[ks][:, None], 0.0)  # [B * m, 1, d]
+
+                def add(_m, _i, output, v=v):
                     x = output_tensor(output)
-                    rr = r.to(x.dtype)
-                    return replace_output(output, x - (x * rr).sum(-1, keepdim=True) * rr)
+                    return replace_output(output, x + v.to(x.dtype))
 
-                hooks = [(mod, ablate) for mod in mods]
-            elif mode == "add":
-                hooks = []
-                for layer in sorted({layers[k] for k in range(k0, k0 + m)}):
-                    on = torch.tensor([layers[int(k)] == layer for k in ks])[:, None, None]  # [B * m, 1, 1]
-                    v = torch.where(on, directions[ks][:, None], 0.0)  # [B * m, 1, d]
-
-                    def add(_m, _i, output, v=v):
-                        x = output_tensor(output)
-                        return replace_output(output, x + v.to(x.dtype))
-
-                    hooks.append((mods[layer], add))  # module `layer` outputs the input of block `layer`
-            else:
-                hooks = []
-            with forward_hooks(hooks):
-                scores = refusal_score_from_logits(batch.next_logits(model), refusal_ids)  # [B * m]
-            out[k0 : k0 + m, start : start + B] = scores.view(B, m).T.cpu().numpy()
-        start += B
+                hooks.append((mods[layer], add))  # module `layer` outputs the input of block `layer`
+        else:
+            hooks = []
+        with forward_hooks(hooks):
+            out[p.stack, p.prompts] = p.unstack(refusal_score_from_logits(p.batch.next_logits(model), refusal_ids))
     return out
 
 
@@ -592,10 +584,7 @@ def circuit_transfer(
     loss_ctrl, keep_ctrl = {}, {}
     for b in cats:
         n_b, n_nodes = own_masks[b].shape
-        rand = np.zeros((n_b, n_nodes), bool)
-        for i in range(n_b):
-            for members in site_members:
-                rand[i, rng.choice(members, size=int(own_masks[b][i, members].sum()), replace=False)] = True
+        rand = random_like(own_masks[b], site_members, rng)  # the control: B's own circuit sizes
         masks = {a: own_masks[b] if a == b else np.broadcast_to(circuits[a], (n_b, n_nodes)) for a in cats}
         # one stacked call per B: full, empty, then (without A's circuit, only A's circuit) per A, then the control
         stack = [np.ones((n_b, n_nodes), bool), np.zeros((n_b, n_nodes), bool)]
