@@ -8,7 +8,9 @@ scaled by the dead share), ``b_dec`` set to the first batch's mean, decoder re-n
 step and its gradient made orthogonal to the decoder rows, its default optimiser (SignSGD under a
 schedule-free wrapper, ``lr = 5e-3 / sqrt(d_sae / 2**14)``; or Adam with its lr rule), and its
 dead-latent bookkeeping. Where both trainers have the same knob (AuxK weight, dead threshold) they get
-the same value. Held-out FVU is measured on rows of prompts neither trainer saw.
+the same value. Rows are split as the ``sae`` asset splits them (:func:`refusal_assets.sae.distinct_split`):
+whole prompts held out, every distinct vector once, and a held-out row equal to a training row (the
+chat template's positions) left out, so the held-out FVU is measured on vectors neither trainer saw.
 
 Peak RSS of streaming training (``sae_data.ParquetRows``) is measured for N and 4N rows in fresh
 subprocesses, so one run's peak cannot mask the other's.
@@ -35,13 +37,15 @@ import torch.nn.functional as F
 
 from refusal_assets.config import SAEConfig
 from refusal_assets.sae import (
+    distinct_split,
     evaluate_sae,
     init_sae,
     make_optimizer,
-    split_by_group,
+    row_keys,
     train_step,
     typical_rows,
 )
+from refusal_assets.sae_data import as_rows
 
 TRUE_K = 8  # true features per synthetic sample
 VAL_FRACTION = 0.1
@@ -178,6 +182,15 @@ class SparsifyStep:
         return sse / (sq - float(total.pow(2).sum()) / len(x_val))
 
 
+def bench_split(rows: torch.Tensor, groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, held out) as the ``sae`` asset splits a site: :func:`distinct_split` with
+    both of its held-out parts (``VAL_FRACTION`` of the prompts) together, since neither trainer
+    early-stops here."""
+    split_cfg = SAEConfig(val_fraction=VAL_FRACTION / 2, eval_fraction=VAL_FRACTION / 2, seed=seed)
+    parts = distinct_split(np.asarray(groups), row_keys(as_rows(rows)), split_cfg).split
+    return parts.train, np.sort(np.concatenate([parts.val, parts.eval]))
+
+
 def run_sae_bench(
     rows: torch.Tensor | None = None,
     groups: np.ndarray | None = None,
@@ -205,7 +218,7 @@ def run_sae_bench(
         if groups is None or len(groups) != len(rows):
             raise ValueError("rows need one group id (prompt) each")
     d_in = rows.shape[1]
-    train_np, val_np = split_by_group(np.asarray(groups), VAL_FRACTION, seed)
+    train_np, val_np = bench_split(rows, groups, seed)
     x_train, x_val = rows[torch.from_numpy(train_np)], rows[torch.from_numpy(val_np)]
     if len(x_train) < batch_size:
         raise ValueError(f"{len(x_train)} training rows are fewer than one batch of {batch_size}")
@@ -271,6 +284,8 @@ def run_sae_bench(
         out["sparsify_aux_coef"] = sparsify_step.auxk_alpha
     out.update(
         rows=source,
+        n_rows=len(rows),
+        split="by prompt, de-duplicated",
         n_train=len(x_train),
         n_val=len(x_val),
         d_in=d_in,

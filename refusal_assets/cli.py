@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -221,6 +222,15 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _set_env(args)
+    # stdout carries the JSON alone: what libraries print on import or at run time (sparsify announces
+    # its Triton fallback there) goes to stderr with the progress lines
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _bench_result(args)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def _bench_result(args: argparse.Namespace) -> dict:
     if args.what == "activations":
         from refusal_assets.bench_activations import run_activation_bench
 
@@ -234,8 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         rows, groups = site_rows(Path(args.activations)) if getattr(args, "activations", None) else (None, None)
         result = run_sae_bench(rows, groups, steps=getattr(args, "steps", 300), log=lambda s: print(s, file=sys.stderr))
-    print(json.dumps(result, indent=None if args.json else 2))
-    return 0
+    return result
 
 
 def cmd_plot_sae(args: argparse.Namespace) -> int:

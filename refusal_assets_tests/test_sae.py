@@ -335,9 +335,44 @@ def test_bench_tiny():
     assert "sparsify" not in alone and "ratio_tokens_per_s" not in alone
 
 
+def test_bench_split_holds_out_whole_prompts_and_unseen_vectors():
+    from refusal_assets.bench_sae import bench_split, synthetic_rows
+
+    rows, groups = synthetic_rows(2000, 16, 64, seed=0)  # 100 prompts of 20 rows
+    template = torch.randn(16).half()
+    rows[::20] = template  # every prompt's first row is the same vector, like a chat-template position
+    train, held = bench_split(rows, groups, seed=0)
+    assert not set(groups[train]) & set(groups[held])  # whole prompts
+    assert len(set(groups[held])) == 10  # VAL_FRACTION of the prompts
+    train_vectors = {bytes(rows[i].numpy().tobytes()) for i in train}
+    assert len(train_vectors) == len(train)  # every training vector once
+    assert not any(bytes(rows[i].numpy().tobytes()) in train_vectors for i in held)  # nothing seen in training
+    assert (rows[train] == template).all(-1).sum() == 1 and len(held) == 10 * 19
+
+
 def test_bench_streaming_rss_in_subprocesses():
     from refusal_assets.bench_sae import streaming_rss
 
     rss = streaming_rss(400, d_in=16, d_sae=32, k=4, batch_size=32, steps=3, modes=("stream",))["stream"]
     assert rss["n_rows"] == 400 and rss["peak_rss_mb_n"] > 10 and rss["peak_rss_mb_4n"] > 10
     assert rss["ratio_4n_over_n"] == pytest.approx(rss["peak_rss_mb_4n"] / rss["peak_rss_mb_n"])
+
+
+def test_bench_json_stdout_is_the_json_alone(monkeypatch, capsys):
+    # sparsify prints its Triton fallback to stdout on import; `bench --json | jq` must still parse
+    import json
+
+    from refusal_assets import cli, settings
+    from refusal_assets_tests.conftest import ROOT
+
+    monkeypatch.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
+
+    def noisy(args):
+        print("Triton not installed, using eager implementation of sparse decoder.")
+        return {"ratio_tokens_per_s": 1.5}
+
+    monkeypatch.setattr(cli, "_bench_result", noisy)
+    assert cli.main(["bench", "sae", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"ratio_tokens_per_s": 1.5} and out.count("\n") == 1
+    assert "Triton not installed" in err
