@@ -42,6 +42,7 @@ from refusal_assets.sae import (
     init_sae,
     make_optimizer,
     row_keys,
+    train_sae,
     train_step,
     typical_rows,
 )
@@ -299,6 +300,81 @@ def run_sae_bench(
     if rss_rows:
         out["rss"] = streaming_rss(rss_rows, d_in=d_in, d_sae=d_sae, k=k, batch_size=batch_size)
     return out
+
+
+# ------------------------------------------------------------------------------- learning curve
+def learning_curve(
+    rows: torch.Tensor,
+    groups: np.ndarray,
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0),
+    extra: tuple[torch.Tensor, np.ndarray] | None = None,
+    d_sae: int = 1792,
+    k: int = 32,
+    batch_size: int = 1024,
+    steps: int = 300,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Held-out FVU of our SAE against the amount of training data: is a site's SAE limited by its
+    data or by its trainer? Rows are split once (:func:`bench_split`); each point trains on the first
+    ``fraction`` of the training prompts (one seeded order, so the subsets are nested) for ``steps``
+    (no early stopping: the held-out rows only measure) and is scored on the same held-out rows.
+    ``extra`` (rows, prompt ids of another sample's activations of the same site) adds a last point:
+    every training prompt plus the extra rows whose vector is new (the shared chat-template
+    positions are already in the training rows)."""
+    train_np, held_np = bench_split(rows, groups, seed)
+    groups = np.asarray(groups)
+    order = np.random.default_rng(seed).permutation(np.unique(groups[train_np]))
+    cfg = SAEConfig(architecture="topk", k=k, batch_size=batch_size, seed=seed, max_steps=steps, eval_every=steps)
+    data, data_groups = rows, groups
+    subsets: list[tuple[str, float, np.ndarray]] = []
+    for f in sorted(fractions):
+        if not 0 < f <= 1:
+            raise ValueError(f"learning-curve fractions must be in (0, 1], got {f}")
+        chosen = order[: max(1, round(f * len(order)))]
+        subsets.append(("sample", f, train_np[np.isin(groups[train_np], chosen)]))
+    n_extra_prompts = 0
+    if extra is not None:
+        x_extra, g_extra = extra
+        if x_extra.shape[1] != rows.shape[1]:
+            raise ValueError(f"extra rows have d_in {x_extra.shape[1]}, the site's rows {rows.shape[1]}")
+        keys, extra_keys = row_keys(as_rows(rows)), row_keys(as_rows(x_extra))
+        _, first = np.unique(extra_keys, return_index=True)
+        new = np.sort(first[~np.isin(extra_keys[first], keys)])
+        g_new = np.asarray(g_extra)[new]
+        n_extra_prompts = len(np.unique(g_new))
+        data = torch.cat([rows, x_extra[torch.from_numpy(new)].to(rows.dtype)])
+        data_groups = np.concatenate([groups, groups.max() + 1 + g_new])
+        subsets.append(("sample + extra", 1.0, np.concatenate([train_np, len(rows) + np.arange(len(new))])))
+    points = []
+    for data_name, f, train_rows in subsets:
+        trained = train_sae(data, data_groups, cfg, d_sae=d_sae, split=(train_rows, held_np))
+        point = {
+            "data": data_name,
+            "fraction": f,
+            "n_prompts": int(len(np.unique(data_groups[train_rows]))),
+            "n_train_rows": int(len(train_rows)),
+            "heldout_fvu": trained.history["val_fvu"][-1],
+            "train_fvu": evaluate_sae(trained.sae, data[torch.from_numpy(train_rows)])["fvu"],
+        }
+        points.append(point)
+        if log:
+            log(
+                f"{data_name} {f:.2f}: {point['n_prompts']} prompts, {point['n_train_rows']} rows: "
+                f"held-out FVU {point['heldout_fvu']:.4f}, train FVU {point['train_fvu']:.4f}"
+            )
+    return {
+        "points": points,
+        "n_heldout_rows": int(len(held_np)),
+        "n_heldout_prompts": int(len(np.unique(groups[held_np]))),
+        "n_extra_prompts": n_extra_prompts,
+        "d_in": int(rows.shape[1]),
+        "d_sae": d_sae,
+        "k": k,
+        "batch_size": batch_size,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ------------------------------------------------------------------------------------- memory

@@ -231,20 +231,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_result(args: argparse.Namespace) -> dict:
+    def log(s: str) -> None:
+        print(s, file=sys.stderr)
+
     if args.what == "activations":
         from refusal_assets.bench_activations import run_activation_bench
 
-        result = run_activation_bench(n_prompts=args.n_prompts or 32, log=lambda s: print(s, file=sys.stderr))
-    elif args.what == "behaviour":
+        return run_activation_bench(n_prompts=args.n_prompts or 32, log=log)
+    if args.what == "behaviour":
         from refusal_assets.bench_behaviour import run_behaviour_bench
 
-        result = run_behaviour_bench(n_prompts=args.n_prompts or 64, log=lambda s: print(s, file=sys.stderr))
-    else:
-        from refusal_assets.bench_sae import run_sae_bench, site_rows
+        return run_behaviour_bench(n_prompts=args.n_prompts or 64, log=log)
+    from refusal_assets.bench_sae import learning_curve, run_sae_bench, site_rows
 
-        rows, groups = site_rows(Path(args.activations)) if getattr(args, "activations", None) else (None, None)
-        result = run_sae_bench(rows, groups, steps=getattr(args, "steps", 300), log=lambda s: print(s, file=sys.stderr))
-    return result
+    if args.learning_curve and not args.activations:
+        raise SystemExit("bench sae --learning-curve needs --activations storage/activations/<site_key>")
+    if args.extra_activations and not args.learning_curve:
+        raise SystemExit("bench sae: --extra-activations goes with --learning-curve")
+    rows, groups = site_rows(Path(args.activations)) if args.activations else (None, None)
+    if args.learning_curve:
+        extra = site_rows(Path(args.extra_activations)) if args.extra_activations else None
+        return learning_curve(rows, groups, extra=extra, steps=args.steps, log=log)
+    return run_sae_bench(rows, groups, steps=args.steps, log=log)
 
 
 def cmd_plot_sae(args: argparse.Namespace) -> int:
@@ -330,6 +338,16 @@ def main(argv: list[str] | None = None) -> int:
         help="sae: a site's activations folder (storage/activations/<site_key>) to train on instead of synthetic rows",
     )
     p.add_argument("--steps", type=int, default=300, help="sae: training steps for ours and sparsify")
+    p.add_argument(
+        "--learning-curve",
+        action="store_true",
+        help="sae: held-out FVU of ours on 25 / 50 / 100 %% of the training prompts of --activations",
+    )
+    p.add_argument(
+        "--extra-activations",
+        default=None,
+        help="sae --learning-curve: the same site's activations of another sample, added as a last point",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(

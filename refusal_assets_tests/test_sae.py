@@ -376,3 +376,24 @@ def test_bench_json_stdout_is_the_json_alone(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out) == {"ratio_tokens_per_s": 1.5} and out.count("\n") == 1
     assert "Triton not installed" in err
+
+
+def test_learning_curve_nested_subsets_same_heldout_and_new_extra_rows():
+    from refusal_assets.bench_sae import learning_curve, synthetic_rows
+
+    rows, groups = synthetic_rows(3000, 32, 128, seed=0)  # 150 prompts of 20 rows
+    more, more_groups = synthetic_rows(1000, 32, 128, seed=1)
+    more[:100] = rows[:100]  # 5 prompts' rows repeat the sample's: not new, not counted
+    shape = dict(d_sae=128, k=8, batch_size=128, steps=150)
+    curve = learning_curve(rows, groups, extra=(more, more_groups), fractions=(0.1, 1.0), **shape)
+    points = curve["points"]
+    assert [(p["data"], p["fraction"]) for p in points] == [("sample", 0.1), ("sample", 1.0), ("sample + extra", 1.0)]
+    assert curve["n_heldout_prompts"] == 16 and curve["n_heldout_rows"] == 16 * 20  # 2 x round(0.05 x 150)
+    assert [p["n_prompts"] for p in points] == [13, 134, 134 + 45] and curve["n_extra_prompts"] == 45
+    assert [p["n_train_rows"] for p in points] == [13 * 20, 134 * 20, 134 * 20 + 900]
+    small, full = points[0], points[1]
+    # a tenth of the prompts: the SAE fits its rows and misses new ones; all of them: the gap closes
+    assert small["train_fvu"] < 0.5 * small["heldout_fvu"] and full["heldout_fvu"] < 0.8 * small["heldout_fvu"]
+    assert full["heldout_fvu"] - full["train_fvu"] < 0.5 * (small["heldout_fvu"] - small["train_fvu"])
+    with pytest.raises(ValueError, match="d_in 8"):
+        learning_curve(rows, groups, extra=(more[:, :8], more_groups), **{**shape, "steps": 2})
