@@ -397,3 +397,19 @@ def test_learning_curve_nested_subsets_same_heldout_and_new_extra_rows():
     assert full["heldout_fvu"] - full["train_fvu"] < 0.5 * (small["heldout_fvu"] - small["train_fvu"])
     with pytest.raises(ValueError, match="d_in 8"):
         learning_curve(rows, groups, extra=(more[:, :8], more_groups), **{**shape, "steps": 2})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--learning-curve"], "needs --activations"),
+        (["--extra-activations", "x"], "goes with --learning-curve"),
+    ],
+)
+def test_bench_sae_flag_errors_name_the_flag(argv, message, monkeypatch):
+    from refusal_assets import cli, settings
+    from refusal_assets_tests.conftest import ROOT
+
+    monkeypatch.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", "sae", "--json", *argv])
