@@ -551,6 +551,15 @@ def write_report(
 
     # ---- SAEs
     doc.h(2, "Sparse autoencoders")
+    doc.p(
+        "FVU on the distinct rows of held-out prompts (whole prompts no SAE trained on; the chat template's "
+        "positions once, in training), on their post-instruction rows, and on the training rows: a held-out "
+        "FVU far above the training one means the SAE is limited by its data (more prompts help; "
+        "`refusal-assets bench sae --learning-curve` measures it). Dead fraction over rows outside the template. "
+        "Spliced in without its error term on held-out prompts: CE loss recovered, ΔCE (nats), KL, and the "
+        "change in the refusal score that circuits use."
+    )
+    nan = float("nan")
     rows = []
     for m in cfg.models:
         for key in m.site_keys:
@@ -558,17 +567,24 @@ def write_report(
             if path.is_file():
                 h = json.loads(path.read_text())
                 met, sp = h.get("metrics", {}), h.get("splice", {})
-                rows.append(
-                    [
-                        key,
-                        met.get("fvu", float("nan")),
-                        met.get("l0", float("nan")),
-                        met.get("dead_fraction", float("nan")),
-                        sp.get("loss_recovered", float("nan")),
-                        sp.get("kl_spliced", float("nan")),
-                    ]
-                )
-    doc.table(["site", "FVU", "L0", "dead fraction", "loss recovered", "KL spliced"], rows)
+                metric_names = ("fvu", "fvu_post_instruction", "fvu_train", "l0", "dead_fraction")
+                splice_names = ("loss_recovered", "delta_ce", "kl_spliced", "refusal_score_change")
+                rows.append([key, *(met.get(n, nan) for n in metric_names), *(sp.get(n, nan) for n in splice_names)])
+    doc.table(
+        [
+            "site",
+            "held-out FVU",
+            "post-instruction FVU",
+            "train FVU",
+            "L0",
+            "dead fraction",
+            "loss recovered",
+            "ΔCE",
+            "KL spliced",
+            "refusal score change",
+        ],
+        rows,
+    )
     for m in cfg.models:
         for key in m.site_keys:
             doc.image(layout.sae_plot(key), f"SAE training {key}")

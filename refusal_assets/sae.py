@@ -795,6 +795,8 @@ def fit_site(
         "mse": held["mse"],
         "fvu_post_instruction": evaluate_sae(sae, sub(eval_post))["fvu"] if len(eval_post) > 1 else nan,
         "fvu_val": evaluate_sae(sae, sub(sp.val))["fvu"],
+        # the generalisation gap: far below the held-out FVU, the SAE is limited by its data, not its fit
+        "fvu_train": evaluate_sae(sae, sub(sp.train))["fvu"],
     }
     non_template = np.flatnonzero(~site_rows.template)
     fired = fired_latents(sae, sub(non_template))
