@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from refusal_assets.sae import (
     init_sae,
     make_optimizer,
     row_keys,
+    split_prompts,
     train_sae,
     train_step,
     typical_rows,
@@ -82,9 +83,18 @@ def synthetic_rows(
     return x.half(), np.arange(n) // rows_per_prompt
 
 
-def site_rows(folder: Path, max_norm_factor: float = 3.0) -> tuple[torch.Tensor, np.ndarray]:
+class SiteActivations(NamedTuple):
+    rows: torch.Tensor
+    """``[n, d_in]`` float16, massive-activation rows left out."""
+    groups: np.ndarray
+    """``[n]`` int64: the prompt of each row, as codes of the sorted prompt ids."""
+    prompt_ids: np.ndarray
+    """``[n]`` str: the prompt id of each row (a hash of the prompt's text, the same in every run)."""
+
+
+def site_rows(folder: Path, max_norm_factor: float = 3.0) -> SiteActivations:
     """Every category's rows of one site (``activations/<site_key>/*/activations.parquet``), without
-    the massive-activation rows, as the ``sae`` asset trains on them; group id = prompt."""
+    the massive-activation rows, as the ``sae`` asset trains on them."""
     from refusal_assets.activations import read_vectors
 
     paths = sorted(Path(folder).glob("*/activations.parquet"))
@@ -93,9 +103,9 @@ def site_rows(folder: Path, max_norm_factor: float = 3.0) -> tuple[torch.Tensor,
     parts = [read_vectors(p) for p in paths]
     x = torch.cat([v for v, _ in parts])
     pids = np.concatenate([m["prompt_id"].to_numpy().astype(str) for _, m in parts])
-    keep = typical_rows(x, max_norm_factor)
-    _, groups = np.unique(pids[keep.numpy()], return_inverse=True)
-    return x[keep], groups.astype(np.int64)
+    keep = typical_rows(x, max_norm_factor).numpy()
+    _, groups = np.unique(pids[keep], return_inverse=True)
+    return SiteActivations(x[torch.from_numpy(keep)], groups.astype(np.int64), pids[keep])
 
 
 class SparsifyStep:
@@ -183,13 +193,25 @@ class SparsifyStep:
         return sse / (sq - float(total.pow(2).sum()) / len(x_val))
 
 
-def bench_split(rows: torch.Tensor, groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split_cfg(seed: int) -> SAEConfig:
+    return SAEConfig(val_fraction=VAL_FRACTION / 2, eval_fraction=VAL_FRACTION / 2, seed=seed)
+
+
+def _first_of_each(keys: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``idx`` [m] reduced to the first row of each distinct vector (by ``keys``), in row order."""
+    _, at = np.unique(keys[idx], return_index=True)
+    return np.sort(idx[at])
+
+
+def bench_split(
+    rows: torch.Tensor, groups: np.ndarray, seed: int, keys: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, held out) as the ``sae`` asset splits a site: :func:`distinct_split` with
     both of its held-out parts (``VAL_FRACTION`` of the prompts) together, since neither trainer
-    early-stops here."""
-    split_cfg = SAEConfig(val_fraction=VAL_FRACTION / 2, eval_fraction=VAL_FRACTION / 2, seed=seed)
-    parts = distinct_split(np.asarray(groups), row_keys(as_rows(rows)), split_cfg).split
-    return parts.train, np.sort(np.concatenate([parts.val, parts.eval]))
+    early-stops here, each distinct held-out vector once. ``keys``: :func:`row_keys` of ``rows``."""
+    keys = row_keys(as_rows(rows)) if keys is None else keys
+    parts = distinct_split(np.asarray(groups), keys, _split_cfg(seed)).split
+    return parts.train, _first_of_each(keys, np.concatenate([parts.val, parts.eval]))
 
 
 def run_sae_bench(
@@ -305,7 +327,7 @@ def run_sae_bench(
 # ------------------------------------------------------------------------------- learning curve
 def learning_curve(
     rows: torch.Tensor,
-    groups: np.ndarray,
+    prompt_ids: np.ndarray,
     fractions: tuple[float, ...] = (0.25, 0.5, 1.0),
     extra: tuple[torch.Tensor, np.ndarray] | None = None,
     d_sae: int = 1792,
@@ -316,36 +338,51 @@ def learning_curve(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Held-out FVU of our SAE against the amount of training data: is a site's SAE limited by its
-    data or by its trainer? Rows are split once (:func:`bench_split`); each point trains on the first
-    ``fraction`` of the training prompts (one seeded order, so the subsets are nested) for ``steps``
-    (no early stopping: the held-out rows only measure) and is scored on the same held-out rows.
-    ``extra`` (rows, prompt ids of another sample's activations of the same site) adds a last point:
-    every training prompt plus the extra rows whose vector is new (the shared chat-template
-    positions are already in the training rows)."""
-    train_np, held_np = bench_split(rows, groups, seed)
-    groups = np.asarray(groups)
-    order = np.random.default_rng(seed).permutation(np.unique(groups[train_np]))
+    data or by its trainer? ``rows [n, d_in]`` with ``prompt_ids [n]`` are split once
+    (:func:`bench_split`); each point trains on the distinct rows of the first ``fraction`` of the
+    training prompts (one seeded order, so the subsets are nested) for ``steps`` (no early stopping:
+    the held-out rows only measure; ``epochs`` says how often each row was seen) and is scored on
+    the same held-out rows. ``extra`` (rows, prompt ids of another sample's activations of the same
+    site) adds a last point: every training prompt plus the extra rows that are new, i.e. neither
+    from a held-out prompt (matched by prompt id, a hash of the text) nor equal to a vector already
+    there (the chat template's positions)."""
+    prompt_ids = np.asarray(prompt_ids).astype(str)
+    if len(prompt_ids) != len(rows):
+        raise ValueError(f"need one prompt id per row: {len(rows)} rows, {len(prompt_ids)} prompt ids")
+    _, groups = np.unique(prompt_ids, return_inverse=True)
+    keys = row_keys(as_rows(rows))
+    train_np, held_np = bench_split(rows, groups, seed, keys)
+    split_cfg = _split_cfg(seed)
+    prompt_split = split_prompts(groups, split_cfg.val_fraction, split_cfg.eval_fraction, seed)  # duplicates kept
+    all_train = prompt_split.train
+    held_out_ids = np.unique(prompt_ids[np.concatenate([prompt_split.val, prompt_split.eval])])
+    order = np.random.default_rng(seed).permutation(np.unique(groups[all_train]))
     cfg = SAEConfig(architecture="topk", k=k, batch_size=batch_size, seed=seed, max_steps=steps, eval_every=steps)
-    data, data_groups = rows, groups
     subsets: list[tuple[str, float, np.ndarray]] = []
     for f in sorted(fractions):
         if not 0 < f <= 1:
             raise ValueError(f"learning-curve fractions must be in (0, 1], got {f}")
         chosen = order[: max(1, round(f * len(order)))]
-        subsets.append(("sample", f, train_np[np.isin(groups[train_np], chosen)]))
-    n_extra_prompts = 0
+        # de-duplicated within the subset: a template vector stays even if its first row is elsewhere
+        subsets.append(("sample", f, _first_of_each(keys, all_train[np.isin(groups[all_train], chosen)])))
+    data, data_ids = rows, prompt_ids
+    n_extra_prompts = n_extra_heldout_rows = 0
     if extra is not None:
-        x_extra, g_extra = extra
+        x_extra, extra_ids = extra[0], np.asarray(extra[1]).astype(str)
         if x_extra.shape[1] != rows.shape[1]:
             raise ValueError(f"extra rows have d_in {x_extra.shape[1]}, the site's rows {rows.shape[1]}")
-        keys, extra_keys = row_keys(as_rows(rows)), row_keys(as_rows(x_extra))
-        _, first = np.unique(extra_keys, return_index=True)
-        new = np.sort(first[~np.isin(extra_keys[first], keys)])
-        g_new = np.asarray(g_extra)[new]
-        n_extra_prompts = len(np.unique(g_new))
+        if len(extra_ids) != len(x_extra):
+            raise ValueError(f"need one prompt id per extra row: {len(x_extra)} rows, {len(extra_ids)} prompt ids")
+        from_held_out = np.isin(extra_ids, held_out_ids)
+        n_extra_heldout_rows = int(from_held_out.sum())
+        extra_keys = row_keys(as_rows(x_extra))
+        new = _first_of_each(extra_keys, np.flatnonzero(~from_held_out))
+        new = new[~np.isin(extra_keys[new], keys)]
+        n_extra_prompts = len(np.unique(extra_ids[new]))
         data = torch.cat([rows, x_extra[torch.from_numpy(new)].to(rows.dtype)])
-        data_groups = np.concatenate([groups, groups.max() + 1 + g_new])
+        data_ids = np.concatenate([prompt_ids, extra_ids[new]])
         subsets.append(("sample + extra", 1.0, np.concatenate([train_np, len(rows) + np.arange(len(new))])))
+    _, data_groups = np.unique(data_ids, return_inverse=True)  # the same prompt, the same group
     points = []
     for data_name, f, train_rows in subsets:
         trained = train_sae(data, data_groups, cfg, d_sae=d_sae, split=(train_rows, held_np))
@@ -354,20 +391,23 @@ def learning_curve(
             "fraction": f,
             "n_prompts": int(len(np.unique(data_groups[train_rows]))),
             "n_train_rows": int(len(train_rows)),
+            "epochs": steps * batch_size / len(train_rows),
             "heldout_fvu": trained.history["val_fvu"][-1],
             "train_fvu": evaluate_sae(trained.sae, data[torch.from_numpy(train_rows)])["fvu"],
         }
         points.append(point)
         if log:
             log(
-                f"{data_name} {f:.2f}: {point['n_prompts']} prompts, {point['n_train_rows']} rows: "
-                f"held-out FVU {point['heldout_fvu']:.4f}, train FVU {point['train_fvu']:.4f}"
+                f"{data_name} {f:.2f}: {point['n_prompts']} prompts, {point['n_train_rows']} rows "
+                f"({point['epochs']:.0f} epochs): held-out FVU {point['heldout_fvu']:.4f}, "
+                f"train FVU {point['train_fvu']:.4f}"
             )
     return {
         "points": points,
         "n_heldout_rows": int(len(held_np)),
-        "n_heldout_prompts": int(len(np.unique(groups[held_np]))),
+        "n_heldout_prompts": len(held_out_ids),
         "n_extra_prompts": n_extra_prompts,
+        "n_extra_rows_from_heldout_prompts": n_extra_heldout_rows,
         "d_in": int(rows.shape[1]),
         "d_sae": d_sae,
         "k": k,

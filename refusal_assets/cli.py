@@ -221,6 +221,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "sae" and args.learning_curve and not args.activations:
+        raise SystemExit("bench sae --learning-curve needs --activations storage/activations/<site_key>")
+    if args.extra_activations and not (args.what == "sae" and args.learning_curve):
+        raise SystemExit("bench: --extra-activations goes with `bench sae --learning-curve`")
+    if args.learning_curve and args.what != "sae":
+        raise SystemExit(f"bench: --learning-curve is for `bench sae`, not `bench {args.what}`")
     _set_env(args)
     # stdout carries the JSON alone: what libraries print on import or at run time (sparsify announces
     # its Triton fallback there) goes to stderr with the progress lines
@@ -244,15 +250,12 @@ def _bench_result(args: argparse.Namespace) -> dict:
         return run_behaviour_bench(n_prompts=args.n_prompts or 64, log=log)
     from refusal_assets.bench_sae import learning_curve, run_sae_bench, site_rows
 
-    if args.learning_curve and not args.activations:
-        raise SystemExit("bench sae --learning-curve needs --activations storage/activations/<site_key>")
-    if args.extra_activations and not args.learning_curve:
-        raise SystemExit("bench sae: --extra-activations goes with --learning-curve")
-    rows, groups = site_rows(Path(args.activations)) if args.activations else (None, None)
+    site = site_rows(Path(args.activations)) if args.activations else None
     if args.learning_curve:
-        extra = site_rows(Path(args.extra_activations)) if args.extra_activations else None
-        return learning_curve(rows, groups, extra=extra, steps=args.steps, log=log)
-    return run_sae_bench(rows, groups, steps=args.steps, log=log)
+        more = site_rows(Path(args.extra_activations)) if args.extra_activations else None
+        extra = (more.rows, more.prompt_ids) if more is not None else None
+        return learning_curve(site.rows, site.prompt_ids, extra=extra, steps=args.steps, log=log)
+    return run_sae_bench(site.rows if site else None, site.groups if site else None, steps=args.steps, log=log)
 
 
 def cmd_plot_sae(args: argparse.Namespace) -> int:

@@ -795,8 +795,9 @@ def fit_site(
         "mse": held["mse"],
         "fvu_post_instruction": evaluate_sae(sae, sub(eval_post))["fvu"] if len(eval_post) > 1 else nan,
         "fvu_val": evaluate_sae(sae, sub(sp.val))["fvu"],
-        # the generalisation gap: far below the held-out FVU, the SAE is limited by its data, not its fit
-        "fvu_train": evaluate_sae(sae, sub(sp.train))["fvu"],
+        # the generalisation gap: far below the held-out FVU, the SAE is limited by its data, not its
+        # fit; a pretrained SAE never saw these rows, so it has none
+        "fvu_train": evaluate_sae(sae, sub(sp.train))["fvu"] if pretrained is None else nan,
     }
     non_template = np.flatnonzero(~site_rows.template)
     fired = fired_latents(sae, sub(non_template))

@@ -358,7 +358,7 @@ def test_bench_streaming_rss_in_subprocesses():
     assert rss["ratio_4n_over_n"] == pytest.approx(rss["peak_rss_mb_4n"] / rss["peak_rss_mb_n"])
 
 
-def test_bench_json_stdout_is_the_json_alone(monkeypatch, capsys):
+def test_bench_json_stdout_is_the_json_alone(monkeypatch, capsys, tmp_path):
     # sparsify prints its Triton fallback to stdout on import; `bench --json | jq` must still parse
     import json
 
@@ -366,6 +366,7 @@ def test_bench_json_stdout_is_the_json_alone(monkeypatch, capsys):
     from refusal_assets_tests.conftest import ROOT
 
     monkeypatch.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
 
     def noisy(args):
         print("Triton not installed, using eager implementation of sparse decoder.")
@@ -379,37 +380,48 @@ def test_bench_json_stdout_is_the_json_alone(monkeypatch, capsys):
 
 
 def test_learning_curve_nested_subsets_same_heldout_and_new_extra_rows():
-    from refusal_assets.bench_sae import learning_curve, synthetic_rows
+    from refusal_assets.bench_sae import bench_split, learning_curve, synthetic_rows
 
     rows, groups = synthetic_rows(3000, 32, 128, seed=0)  # 150 prompts of 20 rows
-    more, more_groups = synthetic_rows(1000, 32, 128, seed=1)
-    more[:100] = rows[:100]  # 5 prompts' rows repeat the sample's: not new, not counted
+    rows[::20] = torch.randn(32).half()  # every prompt's first row is one vector, like a template position
+    ids = np.array([f"p{g}" for g in groups])
+    more, more_groups = synthetic_rows(1000, 32, 128, seed=1)  # another sample: 50 prompts
+    more_ids = np.array([f"q{g}" for g in more_groups])
+    more[:100] = rows[:100]  # 5 prompts' rows repeat the sample's vectors: not new
+    _, held = bench_split(rows, np.unique(ids, return_inverse=True)[1], seed=0)  # the curve's own group codes
+    held_prompt = ids[held[0]]
+    more[100:120] = rows[ids == held_prompt][:20] + 0.01  # a held-out prompt again, values not equal
+    more_ids[100:120] = held_prompt
     shape = dict(d_sae=128, k=8, batch_size=128, steps=150)
-    curve = learning_curve(rows, groups, extra=(more, more_groups), fractions=(0.1, 1.0), **shape)
+    curve = learning_curve(rows, ids, extra=(more, more_ids), fractions=(0.1, 1.0), **shape)
     points = curve["points"]
     assert [(p["data"], p["fraction"]) for p in points] == [("sample", 0.1), ("sample", 1.0), ("sample + extra", 1.0)]
-    assert curve["n_heldout_prompts"] == 16 and curve["n_heldout_rows"] == 16 * 20  # 2 x round(0.05 x 150)
-    assert [p["n_prompts"] for p in points] == [13, 134, 134 + 45] and curve["n_extra_prompts"] == 45
-    assert [p["n_train_rows"] for p in points] == [13 * 20, 134 * 20, 134 * 20 + 900]
+    assert curve["n_heldout_prompts"] == 16 and curve["n_heldout_rows"] == 16 * 19  # 2 x round(0.05 x 150)
+    assert curve["n_extra_rows_from_heldout_prompts"] == 20 and curve["n_extra_prompts"] == 44
+    assert [p["n_prompts"] for p in points] == [13, 134, 134 + 44]
+    # the template vector once in every subset, whichever prompt holds its first row
+    assert [p["n_train_rows"] for p in points] == [13 * 19 + 1, 134 * 19 + 1, 134 * 19 + 1 + 44 * 20]
+    assert points[0]["epochs"] == pytest.approx(150 * 128 / (13 * 19 + 1))
     small, full = points[0], points[1]
     # a tenth of the prompts: the SAE fits its rows and misses new ones; all of them: the gap closes
     assert small["train_fvu"] < 0.5 * small["heldout_fvu"] and full["heldout_fvu"] < 0.8 * small["heldout_fvu"]
     assert full["heldout_fvu"] - full["train_fvu"] < 0.5 * (small["heldout_fvu"] - small["train_fvu"])
     with pytest.raises(ValueError, match="d_in 8"):
-        learning_curve(rows, groups, extra=(more[:, :8], more_groups), **{**shape, "steps": 2})
+        learning_curve(rows, ids, extra=(more[:, :8], more_ids), **{**shape, "steps": 2})
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--learning-curve"], "needs --activations"),
-        (["--extra-activations", "x"], "goes with --learning-curve"),
+        (["sae", "--learning-curve"], "needs --activations"),
+        (["sae", "--extra-activations", "x"], "goes with `bench sae --learning-curve`"),
+        (["behaviour", "--learning-curve"], "is for `bench sae`"),
     ],
 )
-def test_bench_sae_flag_errors_name_the_flag(argv, message, monkeypatch):
-    from refusal_assets import cli, settings
-    from refusal_assets_tests.conftest import ROOT
+def test_bench_flag_errors_name_the_flag(argv, message, monkeypatch, tmp_path):
+    from refusal_assets import cli
 
-    monkeypatch.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     with pytest.raises(SystemExit, match=message):
-        cli.main(["bench", "sae", "--json", *argv])
+        cli.main(["bench", *argv, "--json"])
+    assert not any(tmp_path.iterdir())  # refused before anything was set up
