@@ -692,7 +692,7 @@ def evaluate_sizes(
         _sweep_point(
             n, circuit, *scores[2 + 3 * i : 5 + 3 * i], effects, select, m_full, m_empty, den, n_bootstrap, seed
         )
-        for i, (n, c) in enumerate(zip(sizes, circuits))
+        for i, (n, circuit) in enumerate(zip(sizes, circuits))
     ]
     return SizeSweep(
         m_full=float(m_full.mean()),

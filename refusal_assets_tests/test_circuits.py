@@ -265,6 +265,7 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
     )
     one, two = result.sweep
     assert one.n_nodes == 2 and two.n_nodes == 4
+    assert one.n_nodes_mean_fold == 2.0 and two.n_nodes_mean_fold == 4.0  # each size's own fold circuits
     assert one.faithfulness > 0.8 and one.random_faithfulness < 0.2
     assert one.advantage_ci[0] > 0.5 and one.faithfulness_ci[0] > one.random_faithfulness_ci[1]
     assert one.completeness == pytest.approx(1 - one.faithfulness)  # additive: C and its complement sum to M
