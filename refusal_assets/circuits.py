@@ -343,11 +343,11 @@ def node_effects(
         )
     with progress("node effects", total=len(prompts), unit="prompts", log=log) as prog:
         for suffix in suffixes:
-            chunk = suffix.suffix_ids
+            n_rows = len(suffix.suffix_ids)
             acts, grads, score = _site_grads(model, suffix, sites, refusal_ids)
             if method == "integrated_gradients":
                 grads = {s: _ig_grads(model, suffix, s, sites, saes[s], baseline, refusal_ids, ig_steps) for s in sites}
-            effects = torch.zeros(len(chunk), index.n_nodes)
+            effects = torch.zeros(n_rows, index.n_nodes)
             for k, s in enumerate(sites):
                 x, g = acts[s].float(), grads[s].float()  # [B, P, d]
                 B, P, d = x.shape
@@ -360,7 +360,7 @@ def node_effects(
                 effects[:, sl.stop - 1] = (g * (err - baseline.err_mean[s])).sum((1, 2))
             out.append(effects.numpy())
             scores.append(score.cpu().numpy())
-            prog.update(len(chunk))
+            prog.update(n_rows)
     return np.concatenate(out), np.concatenate(scores)
 
 
@@ -779,7 +779,6 @@ def edge_effects(
             model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device
         )
     for suffix in suffixes:
-        chunk = suffix.suffix_ids
         acts, grads, _ = _site_grads(model, suffix, sites, refusal_ids)
         for k in range(len(sites) - 1):
             up, down = sites[k], sites[k + 1]
@@ -832,7 +831,7 @@ def edge_effects(
                     for u, c in zip(up_nodes.tolist(), contrib.tolist()):
                         key = (int(up_sl.start + u), int(down_sl.start + j))
                         totals[key] = totals.get(key, 0.0) + c
-        n += len(chunk)
+        n += len(suffix.suffix_ids)
     edges = [{"source": s, "target": t, "effect": v / max(n, 1)} for (s, t), v in totals.items()]
     edges.sort(key=lambda e: -abs(e["effect"]))
     return edges[:max_edges]
