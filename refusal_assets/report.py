@@ -493,6 +493,19 @@ class ReportFiles(NamedTuple):
     summaries: list[ModelSummary]
 
 
+SAE_COLUMNS = (  # (header, part of history.json, key): the report's SAE table
+    ("held-out FVU", "metrics", "fvu"),
+    ("post-instruction FVU", "metrics", "fvu_post_instruction"),
+    ("train FVU", "metrics", "fvu_train"),
+    ("L0", "metrics", "l0"),
+    ("dead fraction", "metrics", "dead_fraction"),
+    ("loss recovered", "splice", "loss_recovered"),
+    ("ΔCE", "splice", "delta_ce"),
+    ("KL spliced", "splice", "kl_spliced"),
+    ("refusal score change", "splice", "refusal_score_change"),
+)
+
+
 def write_report(
     cfg: ProjectConfig, layout: Layout, categories: list[str], input_versions: dict[str, str] | None = None
 ) -> ReportFiles:
@@ -559,32 +572,14 @@ def write_report(
         "Spliced in without its error term on held-out prompts: CE loss recovered, ΔCE (nats), KL, and the "
         "change in the refusal score that circuits use."
     )
-    nan = float("nan")
     rows = []
     for m in cfg.models:
         for key in m.site_keys:
             path = layout.sae_history(key)
             if path.is_file():
                 h = json.loads(path.read_text())
-                met, sp = h.get("metrics", {}), h.get("splice", {})
-                metric_names = ("fvu", "fvu_post_instruction", "fvu_train", "l0", "dead_fraction")
-                splice_names = ("loss_recovered", "delta_ce", "kl_spliced", "refusal_score_change")
-                rows.append([key, *(met.get(n, nan) for n in metric_names), *(sp.get(n, nan) for n in splice_names)])
-    doc.table(
-        [
-            "site",
-            "held-out FVU",
-            "post-instruction FVU",
-            "train FVU",
-            "L0",
-            "dead fraction",
-            "loss recovered",
-            "ΔCE",
-            "KL spliced",
-            "refusal score change",
-        ],
-        rows,
-    )
+                rows.append([key, *(h.get(part, {}).get(name, float("nan")) for _, part, name in SAE_COLUMNS)])
+    doc.table(["site", *(header for header, _, _ in SAE_COLUMNS)], rows)
     for m in cfg.models:
         for key in m.site_keys:
             doc.image(layout.sae_plot(key), f"SAE training {key}")
