@@ -39,10 +39,9 @@ from refusal_assets.config import SAEConfig
 from refusal_assets.sae import (
     distinct_split,
     evaluate_sae,
-    init_sae,
-    make_optimizer,
     row_keys,
     split_prompts,
+    start_training,
     train_sae,
     train_step,
     typical_rows,
@@ -197,6 +196,12 @@ def _split_cfg(seed: int) -> SAEConfig:
     return SAEConfig(val_fraction=VAL_FRACTION / 2, eval_fraction=VAL_FRACTION / 2, seed=seed)
 
 
+def _ours_cfg(recipe: SAEConfig | None, **shape: Any) -> SAEConfig:
+    """Our trainer's recipe from ``recipe`` (the project's SAE config: lr, encoder tie, AuxK; None: the
+    field defaults) at the bench's own shapes, steps and seed."""
+    return (recipe or SAEConfig()).model_copy(update={"architecture": "topk", "pretrained": {}, **shape})
+
+
 def _first_of_each(keys: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``idx`` [m] reduced to the first row of each distinct vector (by ``keys``), in row order."""
     _, at = np.unique(keys[idx], return_index=True)
@@ -228,11 +233,13 @@ def run_sae_bench(
     sparsify_optimizer: str = "signum",
     sparsify_aux_coef: float | None = None,
     rss_rows: int | None = 40_000,
+    recipe: SAEConfig | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ours (and sparsify, when installed and ``peers``) for ``steps`` on ``rows`` (default:
     synthetic ``[24 * batch_size, d_in]``), report tokens/s, held-out FVU and ours/sparsify ratio; and
-    peak RSS of streaming training at ``rss_rows`` and 4x that (skipped when None)."""
+    peak RSS of streaming training at ``rss_rows`` and 4x that (skipped when None). ``recipe``: the
+    SAE config whose lr, encoder tie and AuxK settings ours trains with (see :func:`_ours_cfg`)."""
     if rows is None:
         rows, groups = synthetic_rows(24 * batch_size, d_in, 4 * d_sae, seed)
         source = "synthetic"
@@ -245,7 +252,7 @@ def run_sae_bench(
     x_train, x_val = rows[torch.from_numpy(train_np)], rows[torch.from_numpy(val_np)]
     if len(x_train) < batch_size:
         raise ValueError(f"{len(x_train)} training rows are fewer than one batch of {batch_size}")
-    cfg = SAEConfig(architecture="topk", k=k, batch_size=batch_size, seed=seed, max_steps=steps)
+    cfg = _ours_cfg(recipe, k=k, batch_size=batch_size, seed=seed, max_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     order = [torch.randperm(len(x_train), generator=gen)[:batch_size] for _ in range(steps)]  # same batches for both
 
@@ -253,11 +260,12 @@ def run_sae_bench(
         return x_train[order[i]].to(device, torch.float32)
 
     torch.manual_seed(seed)
-    sae = init_sae(x_train, torch.arange(len(x_train)), d_sae, cfg, torch.Generator().manual_seed(seed), device).train()
-    opt = make_optimizer(sae, cfg.lr)
+    sae, opt, tie = start_training(
+        x_train, torch.arange(len(x_train)), d_sae, cfg, torch.Generator().manual_seed(seed), device
+    )
     since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     trainers: dict[str, Callable[[torch.Tensor], float]] = {
-        "ours": lambda x: train_step(sae, opt, x, since_fired, cfg)[1]
+        "ours": lambda x: train_step(sae, opt, x, since_fired, cfg, tie)[1]
     }
     sparsify_step = None
     if peers:
@@ -316,6 +324,8 @@ def run_sae_bench(
         k=k,
         batch_size=batch_size,
         steps=steps,
+        ours_lr=cfg.lr,
+        ours_tied_encoder=cfg.tied_encoder,
         threads=torch.get_num_threads(),
         device=device,
     )
@@ -335,17 +345,18 @@ def learning_curve(
     batch_size: int = 1024,
     steps: int = 300,
     seed: int = 0,
+    recipe: SAEConfig | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Held-out FVU of our SAE against the amount of training data: is a site's SAE limited by its
-    data or by its trainer? ``rows [n, d_in]`` with ``prompt_ids [n]`` are split once
-    (:func:`bench_split`); each point trains on the distinct rows of the first ``fraction`` of the
-    training prompts (one seeded order, so the subsets are nested) for ``steps`` (no early stopping:
-    the held-out rows only measure; ``epochs`` says how often each row was seen) and is scored on
-    the same held-out rows. ``extra`` (rows, prompt ids of another sample's activations of the same
-    site) adds a last point: every training prompt plus the extra rows that are new, i.e. neither
-    from a held-out prompt (matched by prompt id, a hash of the text) nor equal to a vector already
-    there (the chat template's positions)."""
+    """Held-out FVU of our SAE (trained with ``recipe``, see :func:`_ours_cfg`) against the amount of
+    training data: is a site's SAE limited by its data or by its trainer? ``rows [n, d_in]`` with
+    ``prompt_ids [n]`` are split once (:func:`bench_split`); each point trains on the distinct rows of
+    the first ``fraction`` of the training prompts (one seeded order, so the subsets are nested) for
+    ``steps`` (no early stopping: the held-out rows only measure; ``epochs`` says how often each row
+    was seen) and is scored on the same held-out rows. ``extra`` (rows, prompt ids of another
+    sample's activations of the same site) adds a last point: every training prompt plus the extra
+    rows that are new, i.e. neither from a held-out prompt (matched by prompt id, a hash of the text)
+    nor equal to a vector already there (the chat template's positions)."""
     prompt_ids = np.asarray(prompt_ids).astype(str)
     if len(prompt_ids) != len(rows):
         raise ValueError(f"need one prompt id per row: {len(rows)} rows, {len(prompt_ids)} prompt ids")
@@ -357,7 +368,7 @@ def learning_curve(
     all_train = prompt_split.train
     held_out_ids = np.unique(prompt_ids[np.concatenate([prompt_split.val, prompt_split.eval])])
     order = np.random.default_rng(seed).permutation(np.unique(groups[all_train]))
-    cfg = SAEConfig(architecture="topk", k=k, batch_size=batch_size, seed=seed, max_steps=steps, eval_every=steps)
+    cfg = _ours_cfg(recipe, k=k, batch_size=batch_size, seed=seed, max_steps=steps, eval_every=steps)
     subsets: list[tuple[str, float, np.ndarray]] = []
     for f in sorted(fractions):
         if not 0 < f <= 1:
@@ -413,6 +424,8 @@ def learning_curve(
         "k": k,
         "batch_size": batch_size,
         "steps": steps,
+        "lr": cfg.lr,
+        "tied_encoder": cfg.tied_encoder,
         "threads": torch.get_num_threads(),
     }
 

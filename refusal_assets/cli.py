@@ -250,12 +250,15 @@ def _bench_result(args: argparse.Namespace) -> dict:
         return run_behaviour_bench(n_prompts=args.n_prompts or 64, log=log)
     from refusal_assets.bench_sae import learning_curve, run_sae_bench, site_rows
 
-    site = site_rows(Path(args.activations)) if args.activations else None
+    recipe = settings.load_project().sae  # ours trains as the config's `sae` asset does
+    site = site_rows(Path(args.activations), recipe.max_norm_factor) if args.activations else None
     if args.learning_curve:
-        more = site_rows(Path(args.extra_activations)) if args.extra_activations else None
+        more = site_rows(Path(args.extra_activations), recipe.max_norm_factor) if args.extra_activations else None
         extra = (more.rows, more.prompt_ids) if more is not None else None
-        return learning_curve(site.rows, site.prompt_ids, extra=extra, steps=args.steps, log=log)
-    return run_sae_bench(site.rows if site else None, site.groups if site else None, steps=args.steps, log=log)
+        return learning_curve(site.rows, site.prompt_ids, extra=extra, steps=args.steps, recipe=recipe, log=log)
+    return run_sae_bench(
+        site.rows if site else None, site.groups if site else None, steps=args.steps, recipe=recipe, log=log
+    )
 
 
 def cmd_plot_sae(args: argparse.Namespace) -> int:

@@ -205,6 +205,10 @@ class SAEConfig(_Strict):
     expansion_factor: int = Field(default=8, ge=1)
     k: int = Field(default=32, ge=1)
     lr: float = Field(default=2e-3, gt=0)
+    tied_encoder: bool = False
+    """Train the encoder as the decoder's transpose times one scale per latent (``sae.TiedEncoder``):
+    it generalises far better on the few thousand distinct rows of a small sample; the saved SAE is
+    an ordinary untied one either way."""
     batch_size: int = Field(default=1024, ge=1)
     max_steps: int = Field(default=2000, ge=1)
     aux_k: int = Field(default=256, ge=1)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from refusal_assets.bench_sae import run_sae_bench
 from refusal_assets.config import SAEConfig
 from refusal_assets.sae import (
+    TiedEncoder,
     TopKSAE,
     evaluate_sae,
     load_sae,
@@ -134,6 +135,69 @@ def test_sparse_step_gradients_match_dense_autograd(architecture):
         torch.testing.assert_close(getattr(sae, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-6, msg=name)
     fired = (z > 0).any(0)
     assert (since_fired[fired] == 0).all() and (since_fired[~fired & ~dead] == B).all()
+
+
+def test_tied_encoder_step_gradients_match_dense_autograd():
+    """With the encoder tied (``W_enc = W_dec^T diag(exp(log_scale))``) the sparse step gives the dense
+    loss's gradients for ``W_dec`` (both paths, radial part removed) and ``log_scale``, and ``W_enc``
+    is re-synced to the tie after the step."""
+    d_in, d_sae, k, B, aux_k = 16, 48, 3, 32, 5
+    gen = torch.Generator().manual_seed(1)
+    sae = TopKSAE(d_in, d_sae, k, generator=gen)
+    tie = TiedEncoder(sae)
+    with torch.no_grad():
+        sae.norm_scale.fill_(0.7)
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.1)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+        tie.log_scale.copy_(torch.randn(d_sae, generator=gen) * 0.3)
+    tie.sync(sae)
+    x = torch.randn(B, d_in, generator=gen) * 2
+    since_fired = torch.zeros(d_sae, dtype=torch.long)
+    since_fired[::3] = 10**6  # AuxK active: its gradient also reaches the decoder through the tie
+    cfg = SAEConfig(k=k, aux_k=aux_k, aux_coef=0.5, dead_after_tokens=1000, tied_encoder=True)
+
+    W_dec = sae.W_dec.detach().clone().requires_grad_()
+    log_scale = tie.log_scale.detach().clone().requires_grad_()
+    b_enc, b_dec = sae.b_enc.detach().clone().requires_grad_(), sae.b_dec.detach().clone().requires_grad_()
+    x_n = x * 0.7
+    pre = ((x_n - b_dec) @ (W_dec.T * log_scale.exp()) + b_enc).relu()  # dense autograd all the way
+    vals, idx = pre.topk(k, dim=-1)
+    err = x_n - (torch.zeros_like(pre).scatter(-1, idx, vals) @ W_dec + b_dec)
+    fvu = err.pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum()
+    dead = since_fired >= cfg.dead_after_tokens
+    aux_idx = pre.detach().masked_fill(~dead, -1).topk(aux_k, dim=-1).indices
+    e = err.detach()
+    aux = (torch.zeros_like(pre).scatter(-1, aux_idx, pre.gather(-1, aux_idx)) @ W_dec - e).pow(2).sum()
+    aux = aux / (e - e.mean(0)).pow(2).sum()
+    (fvu + cfg.aux_coef * aux).backward()
+
+    opt = torch.optim.SGD([p for p in sae.parameters() if p is not sae.W_enc] + [tie.log_scale], lr=0.0)
+    _, step_fvu, step_aux = train_step(sae, opt, x, since_fired, cfg, tie)
+    assert step_fvu == pytest.approx(fvu.item(), rel=1e-5) and step_aux == pytest.approx(aux.item(), rel=1e-5)
+    g_dec = W_dec.grad - (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
+    torch.testing.assert_close(sae.W_dec.grad, g_dec, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(tie.log_scale.grad, log_scale.grad, rtol=1e-4, atol=1e-6)
+    for name, ref in (("b_enc", b_enc), ("b_dec", b_dec)):
+        torch.testing.assert_close(getattr(sae, name).grad, ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert sae.W_enc.grad is None  # derived from the tie, not trained
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T * tie.log_scale.exp())
+
+
+def test_tied_training_saves_a_plain_sae_that_generalises_better_on_few_rows(data, tmp_path):
+    """600 rows, 512 latents: a free encoder memorises its rows; the tied one does better on
+    held-out rows. Its file is an ordinary SAE whose encoder columns are the decoder rows, scaled."""
+    x, _, groups = data
+    held_out = x[10_000:12_000]
+    fvu = {}
+    for tied in (False, True):
+        cfg = SAEConfig(k=TRUE_K, lr=5e-3, max_steps=300, tied_encoder=tied, **{**FAST, "batch_size": 256})
+        sae = train_sae(x[:600], groups[:600], cfg, d_sae=512).sae
+        fvu[tied] = evaluate_sae(sae, held_out)["fvu"]
+    assert fvu[True] < 0.95 * fvu[False], fvu
+    cos = F.cosine_similarity(sae.W_enc.detach().T, sae.W_dec.detach(), dim=-1)  # [d_sae]
+    torch.testing.assert_close(cos, torch.ones(512), rtol=0, atol=1e-5)
+    loaded = load_sae(save_sae(sae, tmp_path / "tied", {"hook_name": "resid12"}))
+    torch.testing.assert_close(loaded.encode(held_out), sae.encode(held_out), rtol=1e-4, atol=1e-5)
 
 
 def test_split_by_group():

@@ -62,10 +62,11 @@ def test_parquet_rows_serve_the_file_rows(files, tmp_path):
     rows.close()
 
 
-def test_streaming_training_gives_the_in_memory_weights(files):
+@pytest.mark.parametrize("tied_encoder", [False, True])
+def test_streaming_training_gives_the_in_memory_weights(files, tied_encoder):
     paths, x, _ = files
     rows = ParquetRows.from_parquet(paths)
-    cfg = SAEConfig(k=3, batch_size=32, max_steps=40, eval_every=10, dead_after_tokens=64)
+    cfg = SAEConfig(k=3, batch_size=32, max_steps=40, eval_every=10, dead_after_tokens=64, tied_encoder=tied_encoder)
     streamed, h_stream = train_sae(rows, rows.group_ids, cfg, d_sae=96)[:2]
     in_memory, h_mem = train_sae(x, rows.group_ids, cfg, d_sae=96)[:2]
     for key, value in in_memory.state_dict().items():
