@@ -2,7 +2,8 @@
 
 Shapes: ``B`` batch rows, ``d_in`` model width, ``d_sae`` latents, ``nnz`` active (row, latent) pairs.
 Training follows Gao et al. 2024 (TopK, AuxK, unit-norm decoder, E||x||^2 = d_in input scaling) and
-EleutherAI's ``sparsify`` (decoder-gradient projection, sparse decoder via ``embedding_bag``); BatchTopK
+EleutherAI's ``sparsify`` (decoder-gradient projection, sparse decoder via ``embedding_bag``); small samples
+may tie the encoder to the decoder while training (:class:`TiedEncoder`); BatchTopK
 follows Bussmann et al. 2024 and is saved, as SAELens does, as a JumpReLU SAE with a uniform threshold.
 """
 
