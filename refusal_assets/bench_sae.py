@@ -199,7 +199,7 @@ def _split_cfg(seed: int) -> SAEConfig:
 def _ours_cfg(recipe: SAEConfig | None, **shape: Any) -> SAEConfig:
     """Our trainer's recipe from ``recipe`` (the project's SAE config: lr, encoder tie, AuxK; None: the
     field defaults) at the bench's own shapes, steps and seed."""
-    return (recipe or SAEConfig()).model_copy(update={"architecture": "topk", "pretrained": {}, **shape})
+    return (recipe or SAEConfig()).model_copy(update={"architecture": "topk", **shape})
 
 
 def _first_of_each(keys: np.ndarray, idx: np.ndarray) -> np.ndarray:

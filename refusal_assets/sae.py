@@ -169,6 +169,7 @@ class TiedEncoder(nn.Module):
     def __init__(self, sae: TopKSAE):
         super().__init__()
         self.log_scale = nn.Parameter(torch.zeros(sae.d_sae, device=sae.W_dec.device))  # [d_sae]
+        self.sync(sae)  # train_step needs sae.W_enc to hold the tied weight from the first step
 
     def weight(self, sae: TopKSAE) -> Tensor:
         return sae.W_dec.T * self.log_scale.exp()  # [d_in, d_sae]
@@ -302,8 +303,7 @@ def estimate_threshold(
 def make_optimizer(sae: TopKSAE, lr: float, tie: TiedEncoder | None = None) -> torch.optim.Adam:
     """Adam over the SAE's parameters; with ``tie``, its scales instead of the (derived) ``W_enc``."""
     params = list(sae.parameters()) if tie is None else [p for p in sae.parameters() if p is not sae.W_enc]
-    if tie is not None:
-        params += list(tie.parameters())
+    params += list(tie.parameters()) if tie is not None else []
     # the fused kernel is ~20x faster than the per-tensor loop on CPU and has the same update rule
     return torch.optim.Adam(params, lr=lr, fused=sae.W_dec.device.type in ("cpu", "cuda"))
 
@@ -314,8 +314,6 @@ def start_training(
     """:func:`init_sae` in training mode, its optimiser and (``cfg.tied_encoder``) its encoder tie."""
     sae = init_sae(vectors, index, d_sae, cfg, generator, device).train()
     tie = TiedEncoder(sae) if cfg.tied_encoder else None
-    if tie is not None:
-        tie.sync(sae)
     return sae, make_optimizer(sae, cfg.lr, tie), tie
 
 
