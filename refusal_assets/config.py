@@ -200,6 +200,22 @@ class SpliceEvalConfig(_Strict):
     batch_size: int = Field(default=8, ge=1)
 
 
+class SAECorpusConfig(_Strict):
+    """Extra prompts whose activations only train the SAEs (never held out, never studied).
+
+    SAEs in the field are trained on far more text than a study's prompts: on the embedded sample's
+    ~6k distinct rows per site the held-out FVU is limited by data (``bench sae --learning-curve``).
+    The corpus prompts go through the same chat template as the study's; a corpus prompt equal to a
+    study prompt is dropped, so no held-out prompt is trained on."""
+
+    path: str
+    """A CSV file with a ``prompt`` column (other columns are ignored; OR-Bench's files qualify),
+    or a folder whose ``*.csv`` files all are read. Relative to the project root."""
+    max_prompts: int | None = Field(default=None, ge=1)
+    """Use a seeded random subset of this many prompts (``null`` = all of them)."""
+    seed: int = 0
+
+
 class SAEConfig(_Strict):
     architecture: Literal["topk", "batchtopk"] = "topk"
     expansion_factor: int = Field(default=8, ge=1)
@@ -231,6 +247,9 @@ class SAEConfig(_Strict):
     pretrained: dict[str, str] = {}
     """site key -> SAELens-format folder to load instead of training."""
     splice: SpliceEvalConfig = SpliceEvalConfig()
+    corpus: SAECorpusConfig | None = None
+    """Extra training prompts for the SAEs (asset ``sae_corpus_activations``); ``null`` = the study's
+    prompts only."""
     train_categories: list[str] | None = None
     """Categories whose activations train the SAEs. A pinned list keeps the SAEs (and so every
     circuit) as they are when a category is added: the new category gets its own prompts,
@@ -404,6 +423,8 @@ class ProjectConfig(_Strict):
                 # the splice settings were hard-coded before they were config: at their defaults they
                 # leave the SAE code version as it was, so existing SAEs are not rebuilt for nothing
                 payload[name].pop("splice", None)
+            if name == "sae" and self.sae.corpus is None:
+                payload[name].pop("corpus", None)  # absent = the hash SAEs had before the field existed
             if name == "sae" and self.sae.train_categories is None:
                 payload[name].pop("train_categories", None)  # absent = the hash SAEs had before the field existed
         blob = json.dumps(payload, sort_keys=True).encode()

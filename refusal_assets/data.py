@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from refusal_assets.config import SPLIT_FILES, DataConfig, SamplingConfig
+from refusal_assets.config import SPLIT_FILES, DataConfig, SAECorpusConfig, SamplingConfig
 from refusal_assets.storage import category_key
 
 SPLIT_ORDER = ["safe", "hard", "toxic"]
@@ -50,17 +50,22 @@ def prompt_id(prompt: str) -> str:
     return hashlib.sha1(prompt.strip().encode("utf-8")).hexdigest()[:16]
 
 
-def _read_split_csv(path: Path, split: str) -> tuple[list[dict[str, str]], int]:
+def _csv_text(path: Path) -> str:
+    """The text of a CSV file, or a DataError naming the file: empty, binary or not UTF-8."""
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: file is empty")
     if b"\x00" in raw:
         raise DataError(f"{path}: binary data (NUL bytes), not a CSV file")
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: not valid UTF-8 at line {line} (byte {e.start}); re-save the file as UTF-8") from e
+
+
+def _read_split_csv(path: Path, split: str) -> tuple[list[dict[str, str]], int]:
+    text = _csv_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     columns = [c.strip() for c in (reader.fieldnames or [])]
     dupes = sorted({c for c in columns if columns.count(c) > 1})
@@ -94,6 +99,59 @@ def _read_split_csv(path: Path, split: str) -> tuple[list[dict[str, str]], int]:
     if not rows:
         raise DataError(f"{path}: no prompts (every row is empty)")
     return rows, n_empty
+
+
+def corpus_files(cfg: SAECorpusConfig, resolve) -> list[Path]:
+    """The CSV files of ``sae.corpus.path`` (the file itself, or every ``*.csv`` of the folder, sorted)."""
+    path = Path(resolve(cfg.path))
+    if path.is_dir():
+        files = sorted(path.glob("*.csv"))
+        if not files:
+            raise DataError(f"key 'sae.corpus.path': folder {path} holds no *.csv file")
+        return files
+    if not path.is_file():
+        raise DataError(
+            f"key 'sae.corpus.path': {path} does not exist (a CSV file with a 'prompt' column, or a folder of them)"
+        )
+    return [path]
+
+
+def corpus_fingerprint(cfg: SAECorpusConfig, resolve) -> str:
+    """A short hash of the corpus files' names and bytes: editing the corpus changes it."""
+    digest = hashlib.sha256()
+    for f in corpus_files(cfg, resolve):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def load_corpus(cfg: SAECorpusConfig, resolve) -> pl.DataFrame:
+    """The SAE training corpus: ``prompt_id, prompt, split ("corpus"), heldout (false)``, one row per
+    distinct prompt, in a seeded order (``max_prompts`` keeps the first ones of it)."""
+    texts: list[str] = []
+    for f in corpus_files(cfg, resolve):
+        reader = csv.DictReader(io.StringIO(_csv_text(f), newline=""), strict=True)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "prompt" not in columns:
+            raise DataError(f"{f}: no 'prompt' column in the header {columns} (key 'sae.corpus.path')")
+        reader.fieldnames = columns
+        try:
+            texts += [(row.get("prompt") or "").strip() for row in reader]
+        except csv.Error as e:
+            raise DataError(f"{f}: line {reader.line_num + 1}: malformed CSV ({e})") from e
+    texts = sorted({t for t in texts if t})
+    if not texts:
+        raise DataError(f"key 'sae.corpus.path': {cfg.path} holds no prompt (every 'prompt' cell is empty)")
+    order = np.random.default_rng(cfg.seed).permutation(len(texts))[: cfg.max_prompts]
+    chosen = [texts[i] for i in order]
+    return pl.DataFrame(
+        {
+            "prompt_id": [prompt_id(t) for t in chosen],
+            "prompt": chosen,
+            "split": ["corpus"] * len(chosen),
+            "heldout": [False] * len(chosen),
+        },
+        schema={"prompt_id": pl.Utf8, "prompt": pl.Utf8, "split": pl.Utf8, "heldout": pl.Boolean},
+    )
 
 
 def fetch_from_hub(cfg: DataConfig, cache_dir: Path, splits: Sequence[str]) -> Path:

@@ -64,6 +64,10 @@ class Layout:
         return self.files.path("activations", site_key, category, filename="activations.parquet")
 
     # ---- stage 3: SAEs
+    def sae_corpus_activations(self, site_key: str) -> Path:
+        """One site's activations of the SAE training corpus (``sae.corpus``), same schema as :meth:`activations`."""
+        return self.files.path("sae_corpus_activations", site_key, filename="activations.parquet")
+
     def sae(self, site_key: str) -> Path:
         """The SAELens-layout folder (cfg.json + sae_weights.safetensors) of one site."""
         return self.files.path("sae", site_key)

@@ -503,6 +503,8 @@ SAE_COLUMNS = (  # (header, part of history.json, key): the report's SAE table
     ("ΔCE", "splice", "delta_ce"),
     ("KL spliced", "splice", "kl_spliced"),
     ("refusal score change", "splice", "refusal_score_change"),
+    ("training rows", "metrics", "n_train_rows"),
+    ("of them corpus", "metrics", "n_corpus_train_rows"),
 )
 
 
@@ -570,7 +572,8 @@ def write_report(
         "FVU far above the training one means the SAE is limited by its data (more prompts help; "
         "`refusal-assets bench sae --learning-curve` measures it). Dead fraction over rows outside the template. "
         "Spliced in without its error term on held-out prompts: CE loss recovered, ΔCE (nats), KL, and the "
-        "change in the refusal score that circuits use."
+        "change in the refusal score that circuits use. Training rows are distinct; those of the SAE corpus "
+        "(`sae.corpus`: extra prompts that only train the SAEs, never held out) are counted apart."
     )
     rows = []
     for m in cfg.models:

@@ -686,8 +686,26 @@ class SiteRows(NamedTuple):
     n_distinct: int
 
 
-def distinct_split(group_ids: np.ndarray, keys: np.ndarray, cfg: SAEConfig) -> SiteRows:
-    """The three-way prompt split, then de-duplication of each part.
+def site_split(group_ids: np.ndarray, cfg: SAEConfig, train_only: np.ndarray | None = None) -> PromptSplit:
+    """:func:`split_prompts` over the study's rows; the ``train_only`` rows (bool [n], the SAE
+    corpus's) join the training part whole: they are never held out, so the held-out prompts, and
+    the numbers measured on them, are the same with or without a corpus."""
+    group_ids = np.asarray(group_ids)
+    if train_only is None or not np.any(train_only):
+        return split_prompts(group_ids, cfg.val_fraction, cfg.eval_fraction, cfg.seed)
+    train_only = np.asarray(train_only, dtype=bool)
+    if len(train_only) != len(group_ids):
+        raise ValueError(f"need one train_only flag per row: {len(group_ids)} rows, {len(train_only)} flags")
+    study = np.flatnonzero(~train_only)
+    parts = split_prompts(group_ids[study], cfg.val_fraction, cfg.eval_fraction, cfg.seed)
+    train = np.sort(np.concatenate([study[parts.train], np.flatnonzero(train_only)]))
+    return PromptSplit(train, study[parts.val], study[parts.eval])
+
+
+def distinct_split(
+    group_ids: np.ndarray, keys: np.ndarray, cfg: SAEConfig, train_only: np.ndarray | None = None
+) -> SiteRows:
+    """The three-way prompt split (:func:`site_split`), then de-duplication of each part.
 
     We de-duplicate rather than down-weight the template rows: a repeated vector carries no new
     information, and counted once per prompt the chat-template prefix (about half of all rows on the
@@ -696,7 +714,7 @@ def distinct_split(group_ids: np.ndarray, keys: np.ndarray, cfg: SAEConfig) -> S
     once, needs no weighted loss in the trainer, and keeps streaming a plain index subset.
     """
     group_ids, keys = np.asarray(group_ids), np.asarray(keys)
-    parts = split_prompts(group_ids, cfg.val_fraction, cfg.eval_fraction, cfg.seed)
+    parts = site_split(group_ids, cfg, train_only)
     pairs = pl.DataFrame({"key": keys, "group": group_ids}).unique()
     shared = pairs.group_by("key").len().filter(pl.col("len") > 1)["key"].to_numpy()
     template = np.isin(keys, shared)
@@ -765,6 +783,7 @@ def fit_site(
     prompts: pl.DataFrame,
     *,
     post_instruction: np.ndarray | None = None,
+    train_only: np.ndarray | None = None,
     pretrained: str | None = None,
     resolve: Callable[[str], Path] = Path,
     refusal_ids: Callable[[Any], list[int]] | None = None,
@@ -777,11 +796,13 @@ def fit_site(
     ``rows``: the site's activations ``[N, d]`` (a float16 tensor, or a ``sae_data.Rows`` such as
     ``ParquetRows`` that stays on disk: same rows, same SAE); ``prompt_ids [N]`` the prompt of each row
     (the split is drawn over these explicit ids, so both paths split alike); ``post_instruction [N]``
-    marks the post-instruction positions. ``prompts`` (``prompt_id``, ``prompt``, optional
-    ``category``): the texts; the splice scores up to ``cfg.splice.prompts_per_category`` of each
-    category's held-out evaluation prompts. ``pretrained``: a :func:`load_pretrained` spec (a folder,
-    through ``resolve``, or ``saelens:<release>/<id>``). ``refusal_ids(tokenizer)``: the refusal-opening
-    tokens, for the refusal-score change.
+    marks the post-instruction positions; ``train_only [N]`` marks the SAE corpus's rows, which only
+    train (:func:`site_split`; a corpus row of a study prompt is dropped). ``prompts`` (``prompt_id``,
+    ``prompt``, optional ``category``): the study's texts; the splice scores up to
+    ``cfg.splice.prompts_per_category`` of each category's held-out evaluation prompts.
+    ``pretrained``: a :func:`load_pretrained` spec (a folder, through ``resolve``, or
+    ``saelens:<release>/<id>``). ``refusal_ids(tokenizer)``: the refusal-opening tokens, for the
+    refusal-score change.
 
     ``load_lm`` is called only after training, so the language model and the training data need not
     share the device's memory.
@@ -794,6 +815,11 @@ def fit_site(
     post = np.zeros(len(base), bool) if post_instruction is None else np.asarray(post_instruction, dtype=bool)
     if len(post) != len(base):
         raise ValueError(f"need one post_instruction flag per row: {len(base)} rows, {len(post)} flags")
+    corpus = np.zeros(len(base), bool) if train_only is None else np.asarray(train_only, dtype=bool)
+    if len(corpus) != len(base):
+        raise ValueError(f"need one train_only flag per row: {len(base)} rows, {len(corpus)} flags")
+    # a corpus prompt that is also a study prompt would put a held-out prompt's rows into training
+    corpus_of_study_prompt = corpus & np.isin(pids, pids[~corpus])
     norms = row_norms(base)
     if not np.isfinite(norms).all():
         raise ValueError(f"{int((~np.isfinite(norms)).sum())} rows with NaN/inf; refusing to train an SAE on them")
@@ -801,13 +827,18 @@ def fit_site(
     max_norm = float(norms[typical].max())
     n_outliers = int((~typical).sum())
     log(f"leaving out {n_outliers} massive-activation rows (norm > {cfg.max_norm_factor} x median)")
-    keep = np.flatnonzero(typical)
+    keep = np.flatnonzero(typical & ~corpus_of_study_prompt)
+    if corpus.any():
+        log(
+            f"SAE corpus: {int(corpus.sum())} rows from {len(np.unique(pids[corpus]))} prompts "
+            f"({int(corpus_of_study_prompt.sum())} rows of study prompts left out)"
+        )
     x = SubsetRows(base, torch.from_numpy(keep))  # never materialised: read in batches
     _, group_ids = np.unique(pids[keep].astype(str), return_inverse=True)  # sorted codes: independent of row order
     group_ids = group_ids.astype(np.int64)
-    post = post[keep]
+    post, corpus = post[keep], corpus[keep]
     keys = row_keys(x)
-    site_rows = distinct_split(group_ids, keys, cfg)
+    site_rows = distinct_split(group_ids, keys, cfg, corpus)
     sp = site_rows.split
     log(
         f"{len(x)} rows hold {site_rows.n_distinct} distinct vectors; {int(site_rows.template.sum())} rows are "
@@ -843,7 +874,7 @@ def fit_site(
         # fit; a pretrained SAE never saw these rows, so it has none
         "fvu_train": evaluate_sae(sae, sub(sp.train))["fvu"] if pretrained is None else nan,
     }
-    non_template = np.flatnonzero(~site_rows.template)
+    non_template = np.flatnonzero(~site_rows.template & ~corpus)  # the study's rows: what the circuits read
     fired = fired_latents(sae, sub(non_template))
     # template vectors are few once distinct: the first row of each is enough to see what fires on them
     fired_all = fired.clone()
@@ -859,6 +890,8 @@ def fit_site(
         n_rows=len(x),
         n_distinct_rows=site_rows.n_distinct,
         n_template_rows=int(site_rows.template.sum()),
+        n_corpus_rows=int(corpus.sum()),
+        n_corpus_train_rows=int(corpus[sp.train].sum()),
         n_train_rows=len(sp.train),
         n_val_rows=len(sp.val),
         n_eval_rows=len(sp.eval),
@@ -866,9 +899,7 @@ def fit_site(
         n_eval_prompts=len(np.unique(group_ids[sp.eval])),
     )
     # every row of an evaluation prompt may be a training duplicate; the prompt is still held out
-    held_out = set(
-        np.unique(pids[keep][split_prompts(group_ids, cfg.val_fraction, cfg.eval_fraction, cfg.seed).eval]).astype(str)
-    )
+    held_out = set(np.unique(pids[keep][site_split(group_ids, cfg, corpus).eval]).astype(str))
     eval_prompt_ids = sorted(held_out)
     splice_prompts = _held_out_texts(prompts, held_out, cfg.splice.prompts_per_category)
     fit_seconds = time.perf_counter() - t0

@@ -240,6 +240,7 @@ def test_sae_table_shows_held_out_train_and_splice_quality(two_models):
     cfg, layout = two_models
     key = cfg.models[0].site_keys[0]
     metrics = {"fvu": 0.169, "fvu_post_instruction": 0.027, "fvu_train": 0.041, "l0": 32.0, "dead_fraction": 0.006}
+    metrics |= {"n_train_rows": 15234, "n_corpus_train_rows": 9800}
     splice = {"loss_recovered": 0.996, "delta_ce": 0.023, "kl_spliced": 0.157, "refusal_score_change": 0.789}
     write_text(json.dumps({"metrics": metrics, "splice": splice}), layout.sae_history(key))
     old = cfg.models[1].site_keys[0]  # a history from before fvu_train: the cell says nan, the row stays
@@ -249,8 +250,10 @@ def test_sae_table_shows_held_out_train_and_splice_quality(two_models):
     header, _, *rows = table.strip().splitlines()
     assert header == (
         "| site | held-out FVU | post-instruction FVU | train FVU | L0 | dead fraction | loss recovered | ΔCE "
-        "| KL spliced | refusal score change |"
+        "| KL spliced | refusal score change | training rows | of them corpus |"
     )
-    assert rows[0] == f"| {key} | 0.169 | 0.027 | 0.041 | 32.000 | 0.006 | 0.996 | 0.023 | 0.157 | 0.789 |"
-    assert rows[1] == f"| {old} | 0.200 | nan | nan | 32.000 | nan | nan | nan | nan | nan |"
+    assert rows[0] == (
+        f"| {key} | 0.169 | 0.027 | 0.041 | 32.000 | 0.006 | 0.996 | 0.023 | 0.157 | 0.789 | 15234 | 9800 |"
+    )
+    assert rows[1] == f"| {old} | 0.200 | nan | nan | 32.000 | nan | nan | nan | nan | nan | nan | nan |"
     assert "bench sae --learning-curve" in md

@@ -93,6 +93,7 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
         [
             *data_assets.build(cfg, parts),
             *model_assets.build(cfg, parts, gpu),
+            *sae_assets.build_corpus(cfg, parts, gpu),
             *sae_assets.build(cfg, parts, gpu),
             *circuit_assets.build(cfg, parts, gpu),
             *transfer_assets.build(cfg, parts, gpu),
