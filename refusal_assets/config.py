@@ -247,6 +247,10 @@ class SAEConfig(_Strict):
     pretrained: dict[str, str] = {}
     """site key -> SAELens-format folder to load instead of training."""
     splice: SpliceEvalConfig = SpliceEvalConfig()
+    template_repeats: int = Field(default=1, ge=1)
+    """Draws per epoch of each distinct template vector (a vector found in more than one prompt: the
+    system prompt and chat header). 1 = every distinct vector once. Next to a large corpus the ~60
+    template vectors are a tiny share of the rows, yet every prompt's splice passes through them."""
     corpus: SAECorpusConfig | None = None
     """Extra training prompts for the SAEs (asset ``sae_corpus_activations``); ``null`` = the study's
     prompts only."""
@@ -425,6 +429,8 @@ class ProjectConfig(_Strict):
                 payload[name].pop("splice", None)
             if name == "sae" and self.sae.corpus is None:
                 payload[name].pop("corpus", None)  # absent = the hash SAEs had before the field existed
+            if name == "sae" and self.sae.template_repeats == 1:
+                payload[name].pop("template_repeats", None)  # likewise
             if name == "sae" and self.sae.train_categories is None:
                 payload[name].pop("train_categories", None)  # absent = the hash SAEs had before the field existed
         blob = json.dumps(payload, sort_keys=True).encode()

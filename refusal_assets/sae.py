@@ -730,6 +730,16 @@ def distinct_split(
     )
 
 
+def training_draws(train: np.ndarray, template: np.ndarray, repeats: int) -> np.ndarray:
+    """The training index with each template row (``template[row]``: its vector occurs in several
+    prompts) ``repeats`` times: every row is distinct, and the few template vectors, which every
+    prompt's splice and circuit pass through, keep some weight next to a large corpus."""
+    if repeats <= 1:
+        return train
+    shared = train[template[train]]
+    return np.sort(np.concatenate([train, np.repeat(shared, repeats - 1)]))
+
+
 @torch.no_grad()
 def fired_latents(sae: TopKSAE, vectors: Tensor | Rows, batch_size: int = EVAL_BATCH) -> Tensor:
     """Bool [d_sae]: latents that fire on at least one row."""
@@ -855,7 +865,13 @@ def fit_site(
             f"{len(sp.val)} early-stopping rows, {len(sp.eval)} held-out evaluation rows"
         )
         sae, history, _, _ = train_sae(
-            x, group_ids, cfg, d_sae=cfg.expansion_factor * base.d_in, device=device, log=log, split=(sp.train, sp.val)
+            x,
+            group_ids,
+            cfg,
+            d_sae=cfg.expansion_factor * base.d_in,
+            device=device,
+            log=log,
+            split=(training_draws(sp.train, site_rows.template, cfg.template_repeats), sp.val),
         )
 
     def sub(idx: np.ndarray) -> SubsetRows:

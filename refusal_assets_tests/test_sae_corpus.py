@@ -185,3 +185,12 @@ def test_corpus_asset_feeds_the_sae_and_follows_its_file(tmp_path, monkeypatch):
     after = code_versions()
     assert after["sae_corpus_activations"] != before["sae_corpus_activations"]
     assert after["sae"] == before["sae"]  # the SAE follows through lineage: its input's data version changed
+
+
+def test_training_draws_repeat_only_template_rows():
+    from refusal_assets.sae import training_draws
+
+    train = np.array([0, 2, 3, 5])
+    template = np.array([True, False, False, True, False, True])
+    assert training_draws(train, template, 1) is train
+    assert training_draws(train, template, 3).tolist() == [0, 0, 0, 2, 3, 5, 5, 5]
