@@ -191,6 +191,6 @@ def test_training_draws_repeat_only_template_rows():
     from refusal_assets.sae import training_draws
 
     train = np.array([0, 2, 3, 5])
-    template = np.array([True, False, False, True, False, True])
+    template = np.array([True, False, False, False, True, True])  # rows 0, 4 (not trained on) and 5
     assert training_draws(train, template, 1) is train
     assert training_draws(train, template, 3).tolist() == [0, 0, 0, 2, 3, 5, 5, 5]
