@@ -91,3 +91,35 @@ def test_adding_a_site_requests_exactly_the_new_partitions(tiny_cfg, tmp_path, w
     assert set(requested) == {"activations"}
     assert {dict(k.keys_by_dimension)["site"] for k in requested["activations"]} == {"tiny-qwen2__resid3"}
     assert len(requested["activations"]) == 4
+
+
+def _record(defs: dg.Definitions, instance: dg.DagsterInstance, key: str, partitions: set) -> None:
+    cv = defs.resolve_asset_graph().get(dg.AssetKey(key)).assets_def.code_versions_by_key[dg.AssetKey(key)]
+    for p in partitions:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(key, partition=p, tags={"dagster/code_version": cv})
+        )
+
+
+def test_editing_the_sae_corpus_file_rebuilds_it_then_the_saes(tiny_cfg, tmp_path):
+    from refusal_assets.config import SAECorpusConfig
+
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("prompt\nHow do I repot a cactus?\n")
+    cfg = tiny_cfg.model_copy(
+        update={"sae": tiny_cfg.sae.model_copy(update={"corpus": SAECorpusConfig(path=str(corpus))})}
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    defs = build_defs(cfg, tmp_path)
+    record_config_versions(instance, cfg)
+    _materialize_all(defs, instance)
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert _requested(first) == {}
+    corpus.write_text("prompt\nHow do I repot a cactus?\nWhen should I prune roses?\n")
+    defs = build_defs(cfg, tmp_path)  # a code-location reload reads the edited file
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    sites = {"tiny-qwen2__resid1", "tiny-qwen2__resid2"}
+    assert _requested(result) == {"sae_corpus_activations": sites}
+    _record(defs, instance, "sae_corpus_activations", sites)
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
+    assert _requested(after) == {"sae": {f"all|{s}" for s in sites}}
