@@ -221,6 +221,9 @@ class SAEConfig(_Strict):
     expansion_factor: int = Field(default=8, ge=1)
     k: int = Field(default=32, ge=1)
     lr: float = Field(default=2e-3, gt=0)
+    lr_decay_steps: int = Field(default=0, ge=0)
+    """The last this-many of ``max_steps`` decay the learning rate linearly to 0 (SAELens's
+    ``lr_decay_steps``); 0 = constant."""
     tied_encoder: bool = False
     """Train the encoder as the decoder's transpose times one scale per latent (``sae.TiedEncoder``):
     it generalises far better on the few thousand distinct rows of a small sample; the saved SAE is
@@ -429,6 +432,8 @@ class ProjectConfig(_Strict):
                 payload[name].pop("splice", None)
             if name == "sae" and self.sae.corpus is None:
                 payload[name].pop("corpus", None)  # absent = the hash SAEs had before the field existed
+            if name == "sae" and self.sae.lr_decay_steps == 0:
+                payload[name].pop("lr_decay_steps", None)  # likewise
             if name == "sae" and self.sae.template_repeats == 1:
                 payload[name].pop("template_repeats", None)  # likewise
             if name == "sae" and self.sae.train_categories is None:

@@ -189,6 +189,34 @@ def _assemble(prefix: torch.Tensor | None, own: torch.Tensor, L: int, lengths: t
     return full
 
 
+@torch.no_grad()
+def full_logits(model: PreTrainedModel, batch: ChatBatch, shared_prefix: bool = True) -> torch.Tensor:
+    """Logits [B, T, vocab] at every position of ``batch`` in its left-padded layout (padding rows:
+    zeros), with the shared prefix computed once (``shared_prefix=False``: the plain pass). Forward
+    hooks active around the call see the prefix pass ([1, L, d]) and the own-token pass
+    ([B, T - L, d]): an edit that depends only on each position's own activation (a splice) gives
+    the same logits as in the plain pass."""
+    B, T = batch.input_ids.shape
+    L = shared_prefix_length(batch) if shared_prefix else 0
+    if not L:
+        return model(**batch.model_inputs(), use_cache=False).logits
+    lengths = batch.attention_mask.sum(-1)  # [B]
+    cache = DynamicCache(config=model.config)
+    prefix_ids = batch.input_ids[:1, T - int(lengths[0]) :][:, :L]  # [1, L]
+    prefix = model(input_ids=prefix_ids, use_cache=True, **cache_kwargs(model, cache)).logits  # [1, L, V]
+    cache.batch_repeat_interleave(B)
+    S = T - L
+    own_mask = (torch.arange(S, device=lengths.device) >= (S - (lengths - L))[:, None]).long()  # [B, S]
+    own = model(
+        input_ids=torch.where(own_mask.bool(), batch.input_ids[:, L:], 0),
+        attention_mask=torch.cat([batch.attention_mask.new_ones(B, L), own_mask], dim=1),  # [B, L + S]
+        position_ids=(L + own_mask.cumsum(-1) - 1).clamp(min=L),  # [B, S]: continuing the prefix
+        use_cache=True,
+        **cache_kwargs(model, cache),
+    ).logits  # [B, S, V]
+    return _assemble(prefix, own, L, lengths, T)
+
+
 def merge_prefilled(parts: list[Prefilled]) -> Prefilled:
     """Several prefilled batches as one, for joint decoding: a decode step reads every weight once
     whatever the number of rows (bandwidth-bound), so decoding chunks together costs about one

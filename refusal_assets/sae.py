@@ -317,6 +317,13 @@ def start_training(
     return sae, make_optimizer(sae, cfg.lr, tie), tie
 
 
+def lr_factor(step: int, max_steps: int, decay_steps: int) -> float:
+    """The learning-rate multiplier at ``step`` (1-based): 1, then a linear decay over the last
+    ``decay_steps`` steps, reaching 1 / decay_steps at the final step (never 0: it would be wasted)."""
+    remaining = max_steps - step + 1  # steps left, this one included
+    return 1.0 if decay_steps <= 0 or remaining > decay_steps else remaining / decay_steps
+
+
 class TrainedSAE(NamedTuple):
     sae: TopKSAE
     history: dict[str, Any]
@@ -371,6 +378,8 @@ def train_sae(
     best_fvu, best_state, best_step, bad_evals, stopped_early = math.inf, None, 0, 0, False
     window: list[tuple[float, float, float]] = []  # train stats since the last evaluation
     for step in range(1, cfg.max_steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg.max_steps, cfg.lr_decay_steps)
         x = rows.take(next(batches)).to(device, torch.float32)
         window.append(train_step(sae, opt, x, since_fired, cfg, tie))
         if step % cfg.eval_every and step != cfg.max_steps:

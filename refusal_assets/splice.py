@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refusal_assets.behaviour import refusal_score
 from refusal_assets.chat import batches, encode_chat
 from refusal_assets.hooks import forward_hooks
+from refusal_assets.prefill import full_logits
 from refusal_assets.sites import Site, output_tensor, replace_output, site_module
 
 
@@ -26,6 +27,7 @@ def splice_metrics(
     device: str = "cpu",
     max_norm: float = float("inf"),
     refusal_ids: torch.Tensor | None = None,
+    shared_prefix: bool = True,
 ) -> dict[str, float]:
     """Next-token loss on the chat-formatted prompts with the site clean, replaced by the SAE's
     reconstruction (without its error term), and zero-ablated; ``loss_recovered`` = (zero - spliced)
@@ -34,7 +36,9 @@ def splice_metrics(
     position, the quantity the circuits explain: its mean clean and spliced, the mean change
     (spliced - clean) and the mean absolute change per prompt. Positions whose activation norm
     exceeds ``max_norm`` (attention sinks the SAE was not trained on) keep their clean value in
-    both ablations. The caller should pass prompts the SAE was not trained on."""
+    both ablations. The caller should pass prompts the SAE was not trained on. ``shared_prefix``:
+    the chat template's head, the same in every prompt, is computed once per batch
+    (:func:`refusal_assets.prefill.full_logits`; False = the plain left-padded pass, same numbers)."""
     module = site_module(model, site)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     n_tokens = 0
@@ -45,7 +49,7 @@ def splice_metrics(
             [] if replace is None else [(module, lambda _m, _i, out: replace_output(out, replace(output_tensor(out))))]
         )
         with forward_hooks(hooks):
-            return model(**batch.model_inputs(), use_cache=False).logits.float()  # [B, T, V]
+            return full_logits(model, batch, shared_prefix).float()  # [B, T, V]; the template head once
 
     for chunk in batches(prompts, batch_size):
         batch = encode_chat(tokenizer, chunk, system_prompt).to(device)

@@ -226,6 +226,20 @@ def test_deterministic(data):
     assert max(ha["aux_loss"]) > 0  # AuxK was exercised (dead_after_tokens is short)
 
 
+def test_lr_decay_changes_only_the_last_steps(data):
+    from refusal_assets.sae import lr_factor
+
+    assert [lr_factor(s, 10, 4) for s in range(6, 11)] == [1.0, 1.0, 0.75, 0.5, 0.25]
+    assert lr_factor(10, 10, 0) == 1.0 and lr_factor(1, 10, 10) == 1.0
+    x, _, groups = data
+    x, groups = x[:4000], groups[:4000]
+    base = dict(k=TRUE_K, max_steps=24, **{**FAST, "eval_every": 8})
+    const = train_sae(x, groups, SAEConfig(**base), d_sae=D_SAE).history
+    decay = train_sae(x, groups, SAEConfig(**base, lr_decay_steps=8), d_sae=D_SAE).history
+    assert const["train_loss"][:2] == decay["train_loss"][:2]  # steps 1-16: the same constant lr
+    assert const["train_loss"][2] != decay["train_loss"][2]  # steps 17-24: decayed
+
+
 def test_save_load_round_trip(trained, data, tmp_path):
     sae, _ = trained
     x, _, _ = data

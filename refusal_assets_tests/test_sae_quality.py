@@ -187,6 +187,29 @@ def test_splice_identity_changes_nothing_and_zero_recovers_nothing(tiny_model):
     )
 
 
+def test_splice_with_the_shared_prefix_once_equals_the_plain_pass(tiny_model):
+    from refusal_assets.chat import encode_chat
+    from refusal_assets.prefill import full_logits
+    from refusal_assets.sae import TopKSAE
+
+    model, tok = tiny_model
+    prompts = ["Hello there", "What is the capital of France?", "Tell me a joke about a very long cat."]
+    batch = encode_chat(tok, prompts)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(
+        full_logits(model, batch)[real], full_logits(model, batch, False)[real], atol=1e-4, rtol=1e-4
+    )
+    sae = TopKSAE(model.config.hidden_size, 64, 4, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor(refusal_token_ids(tok, ["I cannot", "Sorry"]))
+    kw = dict(batch_size=3, refusal_ids=ids)
+    shared = splice_metrics(model, tok, prompts, Site(1, "resid"), sae, **kw)
+    plain = splice_metrics(model, tok, prompts, Site(1, "resid"), sae, shared_prefix=False, **kw)
+    assert shared["kl_spliced"] > 1e-3  # the SAE does change the output: the comparison means something
+    assert shared.keys() == plain.keys()
+    for key in shared:
+        assert shared[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-4), key
+
+
 def test_fit_site_pretrained_is_measured_on_the_same_held_out_rows(tiny_model, tmp_path):
     from refusal_assets.sae import TopKSAE, save_sae
 
