@@ -194,3 +194,28 @@ def test_training_draws_repeat_only_template_rows():
     template = np.array([True, False, False, False, True, True])  # rows 0, 4 (not trained on) and 5
     assert training_draws(train, template, 1) is train
     assert training_draws(train, template, 3).tolist() == [0, 0, 0, 2, 3, 5, 5, 5]
+
+
+def test_shipped_corpus_holds_no_sample_prompt_nor_a_near_copy():
+    """The default corpus only trains: a copy or a paraphrase of a sample prompt would leak a held-out
+    prompt's content into training. Near copy: 40 % or more of the content words in common."""
+    import re
+
+    from refusal_assets.data import load_orbench
+
+    stop = set(
+        "the a an to of and how do i is what can you in my for it are does me with on that this be or so".split()
+    )
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z']+", text.lower())) - stop
+
+    corpus = load_corpus(SAECorpusConfig(path="data/sae_corpus"), lambda p: ROOT / p)
+    sample, _ = load_orbench(ROOT / "data" / "orbench_sample", ["safe", "hard", "toxic"])
+    assert corpus.height >= 1000
+    assert not set(corpus["prompt_id"]) & set(sample["prompt_id"])
+    sample_words = [words(p) for p in sample["prompt"]]
+    near = [
+        p for p in corpus["prompt"] if any(len(words(p) & w) / max(1, len(words(p) | w)) >= 0.4 for w in sample_words)
+    ]
+    assert near == []
