@@ -25,6 +25,10 @@ from refusal_assets.progress import progress
 from refusal_assets.sites import Site
 from refusal_assets.storage import atomic_path
 
+CODE_VERSION = "3"
+"""Version of the activation code (the ``activations`` and ``sae_corpus_activations`` assets); bump it
+when a row changes for the same settings."""
+
 
 @torch.no_grad()
 def forward_sites(

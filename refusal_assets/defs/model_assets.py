@@ -18,7 +18,8 @@ from refusal_assets.sites import Site
 from refusal_assets.storage import write_parquet
 
 CODE_VERSION = "3"
-"""Version of the behaviour and activation code; bump it when their outputs change for the same settings."""
+"""Version of the behaviour code; bump it when its outputs change for the same settings (the
+activation code's version is ``activations.CODE_VERSION``)."""
 
 
 def build(
@@ -75,7 +76,7 @@ def build(
         partitions_def=parts.site_category,
         kinds={"pytorch", "parquet"},
         group_name="model",
-        code_version=CODE_VERSION,  # the model's settings are the site_config source's data version
+        code_version=acts_core.CODE_VERSION,  # the model's settings are the site_config source's data version
         backfill_policy=dg.BackfillPolicy.single_run(),
         output_required=False,
         deps=[

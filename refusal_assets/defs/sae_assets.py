@@ -16,7 +16,6 @@ from refusal_assets import sae as sae_core
 from refusal_assets.behaviour import refusal_token_ids
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import clean, multi_key, parquet_metadata, sae_checks, sae_metadata
-from refusal_assets.defs.model_assets import CODE_VERSION as ACTIVATIONS_CODE_VERSION
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
@@ -32,7 +31,7 @@ def corpus_code_version(cfg: ProjectConfig) -> str:
     assert cfg.sae.corpus is not None
     blob = json.dumps(cfg.sae.corpus.model_dump(mode="json"), sort_keys=True)
     blob += data.corpus_fingerprint(cfg.sae.corpus, cfg.resolve)
-    return f"{ACTIVATIONS_CODE_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return f"{acts_core.CODE_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def build_corpus(
