@@ -148,15 +148,8 @@ def prefill(
         prefix_outputs = dict(captured)  # [1, L, d] per site
         cache.batch_repeat_interleave(B)  # [1, L] -> [B, L] per layer
     with capture(model, sites, stop_early) as captured:
-        S = T - L
-        # Row b's real tokens are the last n_b of its row; its own tokens (after the shared L) are
-        # the last n_b - L, so the last S columns hold them flush right, with the row's padding and
-        # prefix copy before them, which the own-token mask hides.
-        own_mask = (torch.arange(S, device=lengths.device) >= (S - (lengths - L))[:, None]).long()  # [B, S]
-        own_ids = torch.where(own_mask.bool(), batch.input_ids[:, L:], 0)  # masked slots: any id
-        position_ids = (L + own_mask.cumsum(-1) - 1).clamp(min=L)  # [B, S]: continuing the prefix
-        attention_mask = torch.cat([batch.attention_mask.new_ones(B, L), own_mask], dim=1)  # [B, L + S]
-        inputs = dict(input_ids=own_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        inputs = _own_token_inputs(batch, L, lengths)
+        attention_mask = inputs["attention_mask"]
         next_logits = None
         with until_stopped():
             if stop_early or not logits:
@@ -171,6 +164,23 @@ def prefill(
         next_logits,
         outputs,
         L,
+    )
+
+
+def _own_token_inputs(batch: ChatBatch, L: int, lengths: torch.Tensor) -> dict[str, torch.Tensor | bool]:
+    """Forward inputs for the own-token pass after a shared prefix of ``L`` tokens.
+
+    Row b's real tokens are the last n_b of its row; its own tokens (after the shared L) are the last
+    n_b - L, so the last S = T - L columns hold them flush right, with the row's padding and prefix
+    copy before them, which the own-token mask hides."""
+    B, T = batch.input_ids.shape
+    S = T - L
+    own_mask = (torch.arange(S, device=lengths.device) >= (S - (lengths - L))[:, None]).long()  # [B, S]
+    return dict(
+        input_ids=torch.where(own_mask.bool(), batch.input_ids[:, L:], 0),  # masked slots: any id
+        attention_mask=torch.cat([batch.attention_mask.new_ones(B, L), own_mask], dim=1),  # [B, L + S]
+        position_ids=(L + own_mask.cumsum(-1) - 1).clamp(min=L),  # [B, S]: continuing the prefix
+        use_cache=True,
     )
 
 
@@ -205,15 +215,7 @@ def full_logits(model: PreTrainedModel, batch: ChatBatch, shared_prefix: bool = 
     prefix_ids = batch.input_ids[:1, T - int(lengths[0]) :][:, :L]  # [1, L]
     prefix = model(input_ids=prefix_ids, use_cache=True, **cache_kwargs(model, cache)).logits  # [1, L, V]
     cache.batch_repeat_interleave(B)
-    S = T - L
-    own_mask = (torch.arange(S, device=lengths.device) >= (S - (lengths - L))[:, None]).long()  # [B, S]
-    own = model(
-        input_ids=torch.where(own_mask.bool(), batch.input_ids[:, L:], 0),
-        attention_mask=torch.cat([batch.attention_mask.new_ones(B, L), own_mask], dim=1),  # [B, L + S]
-        position_ids=(L + own_mask.cumsum(-1) - 1).clamp(min=L),  # [B, S]: continuing the prefix
-        use_cache=True,
-        **cache_kwargs(model, cache),
-    ).logits  # [B, S, V]
+    own = model(**_own_token_inputs(batch, L, lengths), **cache_kwargs(model, cache)).logits  # [B, T - L, V]
     return _assemble(prefix, own, L, lengths, T)
 
 
