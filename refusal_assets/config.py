@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from refusal_assets.sites import Site, expand_sites
+from refusal_assets.lm.sites import Site, expand_sites
 
 SAFE_KEY = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 SPLIT_FILES = {

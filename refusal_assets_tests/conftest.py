@@ -44,7 +44,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cfg):
-    from refusal_assets.models import load_model
+    from refusal_assets.lm.models import load_model
 
     return load_model(tiny_cfg.models[0], tiny_cfg.resolve, "cpu", log=lambda s: None)
 
@@ -81,7 +81,7 @@ def shared_tiny_run(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "refusal_assets.cli",
+            "refusal_assets.app.cli",
             "run",
             "--config",
             str(ROOT / "configs" / "tiny.yaml"),

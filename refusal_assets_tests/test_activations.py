@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from refusal_assets import activations as acts
-from refusal_assets.behaviour import p_refusal, refusal_token_ids
-from refusal_assets.chat import encode_chat
-from refusal_assets.data import load_orbench
-from refusal_assets.hooks import StopForward
-from refusal_assets.prefill import capture, prefill
-from refusal_assets.sites import Site, decoder_layers
+from refusal_assets.lm import activations as acts
+from refusal_assets.lm.behaviour import p_refusal, refusal_token_ids
+from refusal_assets.lm.chat import encode_chat
+from refusal_assets.lm.hooks import StopForward
+from refusal_assets.lm.prefill import capture, prefill
+from refusal_assets.lm.sites import Site, decoder_layers
+from refusal_assets.prompts.orbench import load_orbench
 from refusal_assets_tests.conftest import ROOT
 
 ATOL = 1e-4

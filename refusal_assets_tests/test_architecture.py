@@ -11,14 +11,14 @@ import polars as pl
 import pytest
 import torch
 
-from refusal_assets import circuits as circ
-from refusal_assets.behaviour import refusal_token_ids
-from refusal_assets.chat import encode_chat
+from refusal_assets.circuits import circuit as circ
 from refusal_assets.config import CircuitConfig, SAEConfig
-from refusal_assets.hooks import StopForward, forward_hooks, site_hooks, until_stopped
 from refusal_assets.layout import Layout
-from refusal_assets.sae import TopKSAE, fit_site, split_by_group, train_sae
-from refusal_assets.sites import Site, decoder_layers, site_module
+from refusal_assets.lm.behaviour import refusal_token_ids
+from refusal_assets.lm.chat import encode_chat
+from refusal_assets.lm.hooks import StopForward, forward_hooks, site_hooks, until_stopped
+from refusal_assets.lm.sites import Site, decoder_layers, site_module
+from refusal_assets.sae.autoencoder import TopKSAE, fit_site, split_by_group, train_sae
 from refusal_assets.storage import write_safetensors, write_text
 from refusal_assets_tests.conftest import ROOT
 

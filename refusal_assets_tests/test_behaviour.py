@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 import torch
 
-from refusal_assets.behaviour import (
+from refusal_assets.config import DEFAULT_REFUSAL_PHRASES
+from refusal_assets.lm.behaviour import (
     judge_refusal,
     last_token_refusal_prob,
     p_refusal,
@@ -18,9 +19,8 @@ from refusal_assets.behaviour import (
     run_behaviour,
     wilson_interval,
 )
-from refusal_assets.chat import encode_chat
-from refusal_assets.config import DEFAULT_REFUSAL_PHRASES
-from refusal_assets.data import load_orbench
+from refusal_assets.lm.chat import encode_chat
+from refusal_assets.prompts.orbench import load_orbench
 from refusal_assets_tests.conftest import ROOT
 
 
@@ -168,7 +168,7 @@ def test_run_behaviour_empty_sample(tiny_model, tiny_cfg):
 
 
 def test_greedy_generation_does_not_depend_on_padding(tiny_model):
-    from refusal_assets.behaviour import generate
+    from refusal_assets.lm.behaviour import generate
 
     def texts(batch):
         out = generate(model, tok, batch, 6)
@@ -183,7 +183,7 @@ def test_greedy_generation_does_not_depend_on_padding(tiny_model):
 
 
 def test_refusal_score_from_logits_is_log_odds_unclamped_with_gradients():
-    from refusal_assets.behaviour import refusal_score_from_logits
+    from refusal_assets.lm.behaviour import refusal_score_from_logits
 
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
     ids = torch.tensor([1, 3])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_assets import circuits as circ
-from refusal_assets.behaviour import refusal_token_ids
-from refusal_assets.circuits import select_circuit
-from refusal_assets.sae import TopKSAE
-from refusal_assets.sites import Site
+from refusal_assets.circuits import circuit as circ
+from refusal_assets.circuits.circuit import select_circuit
+from refusal_assets.lm.behaviour import refusal_token_ids
+from refusal_assets.lm.sites import Site
+from refusal_assets.sae.autoencoder import TopKSAE
 
 PROMPTS = [
     "How do I write a poem about the sea?",
@@ -146,8 +146,8 @@ def test_edges_and_direction_ablation_run_on_two_sites(tiny_model):
 
 
 def test_generation_logits_give_the_same_p_ref_as_a_forward(tiny_model):
-    from refusal_assets.behaviour import generate, last_token_refusal_prob, p_refusal
-    from refusal_assets.chat import encode_chat
+    from refusal_assets.lm.behaviour import generate, last_token_refusal_prob, p_refusal
+    from refusal_assets.lm.chat import encode_chat
 
     model, tok = tiny_model
     batch = encode_chat(tok, PROMPTS)

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from refusal_assets.calibration import SyntheticDesign, calibrate_synthetic, planted_effects
-from refusal_assets.circuits import select_circuit
-from refusal_assets.comparison import (
+from refusal_assets.analysis.calibration import SyntheticDesign, calibrate_synthetic, planted_effects
+from refusal_assets.analysis.comparison import (
     ComparisonResult,
     compare_categories,
     min_permutation_p,
     plot_heatmap,
     refusal_direction_cosines,
 )
+from refusal_assets.circuits.circuit import select_circuit
 
 N_SITES, N_LATENTS, N_PROMPTS, N_STRONG = 3, 50, 40, 10
 CATS = ["cyber", "drugs", "violence", "weapons"]
@@ -273,7 +273,7 @@ def test_calibration_small() -> None:
 
 
 def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
-    from refusal_assets.verdict import TestLine, combine, overlap_line
+    from refusal_assets.analysis.verdict import TestLine, combine, overlap_line
 
     def line(test, level, says):
         return TestLine(test, level, says, "x", 0.5, (0.4, 0.6), "r")
@@ -301,9 +301,9 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
 
 
 def test_fallback_categories_and_error_node_mask() -> None:
-    from refusal_assets.circuits import NodeIndex
-    from refusal_assets.comparison import error_node_mask, fallback_categories
-    from refusal_assets.sites import Site
+    from refusal_assets.analysis.comparison import error_node_mask, fallback_categories
+    from refusal_assets.circuits.circuit import NodeIndex
+    from refusal_assets.lm.sites import Site
 
     summaries = {
         "a": {"groups": {"toxic": {"prompt_set": "score_positive"}}},

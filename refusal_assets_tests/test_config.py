@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from refusal_assets.config import ConfigError, load_config, model_key_from_id
-from refusal_assets.sites import Site, expand_sites
+from refusal_assets.lm.sites import Site, expand_sites
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,7 +168,7 @@ def test_train_categories_must_be_categories_of_the_config(tiny_cfg, tmp_path):
 
 
 def test_backfill_completes_bare_sae_site_keys():
-    from refusal_assets.backfill import backfill_params
+    from refusal_assets.app.backfill import backfill_params
 
     assert backfill_params("sae", ["tiny-qwen2__resid1", "all|tiny-qwen2__resid2"])["partitionNames"] == [
         "all|tiny-qwen2__resid1",
@@ -179,7 +179,7 @@ def test_backfill_completes_bare_sae_site_keys():
 
 
 def test_instance_per_config_name(tiny_cfg, tmp_path, monkeypatch):
-    from refusal_assets import settings
+    from refusal_assets.app import settings
     from refusal_assets_tests.automation_world import variant
 
     other = variant(tiny_cfg, name="tiny-alt")

@@ -2,7 +2,7 @@ import polars as pl
 import pytest
 
 from refusal_assets.config import SamplingConfig
-from refusal_assets.data import DataError, load_orbench, profile, sample_category
+from refusal_assets.prompts.orbench import DataError, load_orbench, profile, sample_category
 from refusal_assets_tests.conftest import ROOT, write_csv
 
 SAMPLE = ROOT / "data" / "orbench_sample"

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from refusal_assets.config import ModelConfig, load_config
-from refusal_assets.models import (
+from refusal_assets.lm.models import (
     PACKAGED_PARTS,
     ModelLoadError,
     assemble_gguf,
@@ -208,9 +208,9 @@ def test_packaged_default_model_loads():
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (24, 896)
     assert tok.chat_template and tok.padding_side == "left"
 
-    from refusal_assets.activations import forward_sites
-    from refusal_assets.chat import encode_chat
-    from refusal_assets.sites import Site
+    from refusal_assets.lm.activations import forward_sites
+    from refusal_assets.lm.chat import encode_chat
+    from refusal_assets.lm.sites import Site
 
     batch = encode_chat(tok, ["What is the capital of France?", "Hi"])
     out = forward_sites(model, batch, [Site(18, "resid")])

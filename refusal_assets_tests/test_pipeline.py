@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from refusal_assets import cli, settings
+from refusal_assets.app import cli, settings
 from refusal_assets_tests.conftest import ROOT, write_csv
 
 

@@ -186,7 +186,7 @@ def pg_home(postgres, tmp_path_factory) -> Iterator[Path]:
     assert config["concurrency"]["pools"] == {"default_limit": 1, "granularity": "op"}
     assert config["run_monitoring"]["enabled"] is True
     shutil.copy(ROOT / "dagster_home" / "dagster.postgres.yaml", home / "dagster.yaml")
-    from refusal_assets.cli import _init_instance_once  # what every refusal-assets command does first
+    from refusal_assets.app.cli import _init_instance_once  # what every refusal-assets command does first
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in postgres.env.items():
@@ -209,7 +209,7 @@ CLI = """
 import sys, time
 from pathlib import Path
 import dagster
-from refusal_assets import behaviour
+from refusal_assets.lm import behaviour
 
 go, me, hold = Path({go!r}), {me!r}, {hold!r}
 real_behaviour, real_materialize = behaviour.run_behaviour, dagster.materialize
@@ -226,7 +226,7 @@ def materialize(assets, **kwargs):  # both processes claim the gpu pool for thei
     return real_materialize(assets, **kwargs)
 
 behaviour.run_behaviour, dagster.materialize = held, materialize
-from refusal_assets.cli import main
+from refusal_assets.app.cli import main
 sys.exit(main([
     "run", "--config", {config!r}, "--storage", {storage!r},
     "--select", "orbench_prompts,prompt_sample,refusal_behaviour",

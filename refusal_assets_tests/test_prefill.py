@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_assets.behaviour import generate, generate_plain, last_token_refusal_prob, p_refusal, refusal_token_ids
-from refusal_assets.chat import encode_chat
 from refusal_assets.config import DEFAULT_REFUSAL_PHRASES
-from refusal_assets.prefill import prefill, shared_prefix_length
-from refusal_assets.sites import Site
+from refusal_assets.lm.behaviour import generate, generate_plain, last_token_refusal_prob, p_refusal, refusal_token_ids
+from refusal_assets.lm.chat import encode_chat
+from refusal_assets.lm.prefill import prefill, shared_prefix_length
+from refusal_assets.lm.sites import Site
 
 PROMPTS = [
     "Hi",
@@ -103,7 +103,7 @@ def test_batches_decoded_together_give_each_batch_its_own_responses(tiny_model):
 
 
 def test_bench_behaviour_reports_both_ways_with_identical_responses():
-    from refusal_assets.bench_behaviour import run_behaviour_bench
+    from refusal_assets.bench.behaviour import run_behaviour_bench
     from refusal_assets_tests.conftest import ROOT
 
     out = run_behaviour_bench(str(ROOT / "configs" / "tiny.yaml"), n_prompts=6, repeats=1, log=lambda s: None)

@@ -8,9 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from refusal_assets import comparison as cmp
-from refusal_assets import data, report
+from refusal_assets.analysis import comparison as cmp
 from refusal_assets.layout import Layout
+from refusal_assets.prompts import orbench as data
+from refusal_assets.report import report
 from refusal_assets.storage import write_parquet, write_text
 
 CATS = ["harassment", "illegal", "privacy", "violence"]

@@ -8,7 +8,8 @@ import sys
 
 import dagster as dg
 
-from refusal_assets import progress, runner
+from refusal_assets import progress
+from refusal_assets.app import runner
 from refusal_assets_tests.conftest import ROOT
 
 
@@ -45,7 +46,7 @@ def test_run_draws_bars_and_logs_progress_to_dagster(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "refusal_assets.cli",
+                "refusal_assets.app.cli",
                 "run",
                 "--config",
                 str(ROOT / "configs" / "tiny.yaml"),

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from refusal_assets.bench_sae import run_sae_bench
+from refusal_assets.bench.sae import run_sae_bench
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae import (
+from refusal_assets.sae.autoencoder import (
     TiedEncoder,
     TopKSAE,
     evaluate_sae,
@@ -227,7 +227,7 @@ def test_deterministic(data):
 
 
 def test_lr_decay_changes_only_the_last_steps(data):
-    from refusal_assets.sae import lr_factor
+    from refusal_assets.sae.autoencoder import lr_factor
 
     assert [lr_factor(s, 10, 4) for s in range(6, 11)] == [1.0, 1.0, 0.75, 0.5, 0.25]
     assert lr_factor(10, 10, 0) == 1.0 and lr_factor(1, 10, 10) == 1.0
@@ -414,7 +414,7 @@ def test_bench_tiny():
 
 
 def test_bench_split_holds_out_whole_prompts_and_unseen_vectors():
-    from refusal_assets.bench_sae import bench_split, synthetic_rows
+    from refusal_assets.bench.sae import bench_split, synthetic_rows
 
     rows, groups = synthetic_rows(2000, 16, 64, seed=0)  # 100 prompts of 20 rows
     template = torch.randn(16).half()
@@ -429,7 +429,7 @@ def test_bench_split_holds_out_whole_prompts_and_unseen_vectors():
 
 
 def test_bench_streaming_rss_in_subprocesses():
-    from refusal_assets.bench_sae import streaming_rss
+    from refusal_assets.bench.sae import streaming_rss
 
     rss = streaming_rss(400, d_in=16, d_sae=32, k=4, batch_size=32, steps=3, modes=("stream",))["stream"]
     assert rss["n_rows"] == 400 and rss["peak_rss_mb_n"] > 10 and rss["peak_rss_mb_4n"] > 10
@@ -440,7 +440,7 @@ def test_bench_json_stdout_is_the_json_alone(monkeypatch, capsys, tmp_path):
     # sparsify prints its Triton fallback to stdout on import; `bench --json | jq` must still parse
     import json
 
-    from refusal_assets import cli, settings
+    from refusal_assets.app import cli, settings
     from refusal_assets_tests.conftest import ROOT
 
     monkeypatch.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
@@ -458,7 +458,7 @@ def test_bench_json_stdout_is_the_json_alone(monkeypatch, capsys, tmp_path):
 
 
 def test_learning_curve_nested_subsets_same_heldout_and_new_extra_rows():
-    from refusal_assets.bench_sae import bench_split, learning_curve, synthetic_rows
+    from refusal_assets.bench.sae import bench_split, learning_curve, synthetic_rows
 
     rows, groups = synthetic_rows(3000, 32, 128, seed=0)  # 150 prompts of 20 rows
     rows[::20] = torch.randn(32).half()  # every prompt's first row is one vector, like a template position
@@ -497,7 +497,7 @@ def test_learning_curve_nested_subsets_same_heldout_and_new_extra_rows():
     ],
 )
 def test_bench_flag_errors_name_the_flag(argv, message, monkeypatch, tmp_path):
-    from refusal_assets import cli
+    from refusal_assets.app import cli
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     with pytest.raises(SystemExit, match=message):

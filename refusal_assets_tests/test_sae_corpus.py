@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from refusal_assets import cli, settings
-from refusal_assets.behaviour import refusal_token_ids
+from refusal_assets.app import cli, settings
 from refusal_assets.config import SAEConfig, SAECorpusConfig, load_config
-from refusal_assets.data import DataError, corpus_fingerprint, load_corpus, prompt_id
 from refusal_assets.defs.build import build_defs
 from refusal_assets.layout import Layout
-from refusal_assets.sae import fit_site, site_split, split_prompts
-from refusal_assets.sites import Site
+from refusal_assets.lm.behaviour import refusal_token_ids
+from refusal_assets.lm.sites import Site
+from refusal_assets.prompts.orbench import DataError, corpus_fingerprint, load_corpus, prompt_id
+from refusal_assets.sae.autoencoder import fit_site, site_split, split_prompts
 
 from .conftest import ROOT
 from .test_sae_quality import N_PROMPTS, PER_PROMPT, PREFIX
@@ -188,7 +188,7 @@ def test_corpus_asset_feeds_the_sae_and_follows_its_file(tmp_path, monkeypatch):
 
 
 def test_training_draws_repeat_only_template_rows():
-    from refusal_assets.sae import training_draws
+    from refusal_assets.sae.autoencoder import training_draws
 
     train = np.array([0, 2, 3, 5])
     template = np.array([True, False, False, False, True, True])  # rows 0, 4 (not trained on) and 5
@@ -201,7 +201,7 @@ def test_shipped_corpus_holds_no_sample_prompt_nor_a_near_copy():
     prompt's content into training. Near copy: 40 % or more of the content words in common."""
     import re
 
-    from refusal_assets.data import load_orbench
+    from refusal_assets.prompts.orbench import load_orbench
 
     stop = set(
         "the a an to of and how do i is what can you in my for it are does me with on that this be or so".split()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae import train_sae
-from refusal_assets.sae_data import ParquetRows, SubsetRows, TensorRows, as_rows
+from refusal_assets.sae.autoencoder import train_sae
+from refusal_assets.sae.rows import ParquetRows, SubsetRows, TensorRows, as_rows
 
 D_IN = 12
 

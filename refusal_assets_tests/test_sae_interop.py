@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae import (
+from refusal_assets.sae.autoencoder import (
     load_pretrained,
     load_sae,
     save_sae,

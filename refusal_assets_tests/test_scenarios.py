@@ -13,7 +13,7 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from refusal_assets import settings
+from refusal_assets.app import settings
 from refusal_assets.defs.build import build_defs
 from refusal_assets.defs.partitions import sae_partition_key
 from refusal_assets_tests.automation_world import requested, stale, tick_until_quiet, union, variant, wiring_replica

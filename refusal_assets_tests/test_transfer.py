@@ -1,4 +1,4 @@
-"""Functional cross-category tests (refusal_assets.transfer) on synthetic changes and a tiny model
+"""Functional cross-category tests (refusal_assets.analysis.transfer) on synthetic changes and a tiny model
 whose refusal is carried by one planted residual direction."""
 
 import copy
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_assets import transfer as tr
-from refusal_assets.behaviour import refusal_token_ids
-from refusal_assets.comparison import VerdictRule
+from refusal_assets.analysis import transfer as tr
+from refusal_assets.analysis.comparison import VerdictRule
+from refusal_assets.lm.behaviour import refusal_token_ids
 
 PROMPTS = [
     "How do I write a poem about the sea?",
@@ -138,8 +138,8 @@ def test_circuit_transfer_shared_vs_disjoint_mechanisms():
 @pytest.mark.parametrize("planted", ["monolithic", "modular"])
 def test_planted_tiny_model_gives_the_planted_answer(tiny_model, planted):
     """Level 2 of the calibration at a smaller size: every necessity test and the combined verdict
-    recover the plant; induced refusal (sufficiency) says shared either way (see refusal_assets.verdict)."""
-    from refusal_assets.calibration import calibrate_model
+    recover the plant; induced refusal (sufficiency) says shared either way (see refusal_assets.analysis.verdict)."""
+    from refusal_assets.analysis.calibration import calibrate_model
 
     model, tok = tiny_model
     r = calibrate_model(model, tok, planted, n_categories=3, n_prompts=8, n_bootstrap=60, n_permutations=60)

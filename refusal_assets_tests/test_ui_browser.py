@@ -46,7 +46,7 @@ def serve_ui(config: Path, env: dict, log_path: Path) -> Iterator[str]:
     port = _free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "refusal_assets.cli", "ui", "--config", str(config), "--port", str(port)],
+            [sys.executable, "-m", "refusal_assets.app.cli", "ui", "--config", str(config), "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -151,7 +151,7 @@ def test_materialize_a_partition_from_the_ui(ui_server):
     assert (ARTIFACTS / "ui_materialized_partition.png").stat().st_size > 10_000
 
     # `refusal-assets backfill` launches a real asset backfill through the webserver's GraphQL API
-    from refusal_assets.backfill import launch_backfill
+    from refusal_assets.app.backfill import launch_backfill
 
     backfill_id = launch_backfill(url, "orbench_prompts", ["harassment", "violence"])
     assert instance.get_backfill(backfill_id) is not None
@@ -204,7 +204,7 @@ def assert_first_screen(page, html: Path, model_keys: list[str], shot: Path) -> 
 )
 def test_report_answer_is_on_the_first_screen(tiny_cfg, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
-    from refusal_assets.report import write_report
+    from refusal_assets.report.report import write_report
 
     cfg, layout = two_model_storage(tiny_cfg, tmp_path)
     written = write_report(cfg, layout, CATS)
@@ -229,7 +229,16 @@ def tiny_ui(tmp_path_factory):
     (tmp / "home").mkdir()
     config = ROOT / "configs" / "tiny.yaml"
     run = subprocess.run(
-        [sys.executable, "-m", "refusal_assets.cli", "run", "--config", str(config), "--storage", str(tmp / "storage")],
+        [
+            sys.executable,
+            "-m",
+            "refusal_assets.app.cli",
+            "run",
+            "--config",
+            str(config),
+            "--storage",
+            str(tmp / "storage"),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

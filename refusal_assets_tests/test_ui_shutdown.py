@@ -38,7 +38,7 @@ def test_sigterm_stops_the_whole_ui_tree(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "refusal_assets.cli",
+                "refusal_assets.app.cli",
                 "ui",
                 "--config",
                 str(ROOT / "configs" / "tiny.yaml"),
@@ -99,7 +99,7 @@ def test_a_tree_that_ignores_sigint_and_sigterm_is_killed_after_the_grace_period
     script = tmp_path / "stubborn.py"
     script.write_text(STUBBORN)
     runner = (
-        "import sys; from refusal_assets.cli import run_process_tree; "
+        "import sys; from refusal_assets.app.cli import run_process_tree; "
         f"sys.exit(run_process_tree([sys.executable, {str(script)!r}], grace_s=1.0, term_grace_s=1.0))"
     )
     cli = subprocess.Popen(
@@ -126,6 +126,6 @@ def test_a_tree_that_ignores_sigint_and_sigterm_is_killed_after_the_grace_period
 
 
 def test_a_child_that_exits_by_itself_gives_its_exit_code():
-    from refusal_assets.cli import run_process_tree
+    from refusal_assets.app.cli import run_process_tree
 
     assert run_process_tree([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3

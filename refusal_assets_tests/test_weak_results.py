@@ -2,7 +2,7 @@
 
 import math
 
-from refusal_assets import weak_results as weak
+from refusal_assets.analysis import weak_results as weak
 
 NAN = (math.nan, math.nan)
 

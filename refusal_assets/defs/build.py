@@ -14,7 +14,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from refusal_assets import data
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs import (
     automation,
@@ -32,6 +31,7 @@ from refusal_assets.defs.gpu import GPU_POOL, gpu_op_tags
 from refusal_assets.defs.metadata import with_owners_and_tags
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
+from refusal_assets.prompts import orbench as data
 
 # circuit reads a model's settings along two paths (refusal_behaviour, one hop; sae, two hops): it
 # is held while the nearer path has updated but the farther one is still building, so a change

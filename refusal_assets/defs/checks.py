@@ -1,5 +1,5 @@
 """WARN asset checks for weak results: thin wrappers that read an asset partition's files through
-the :class:`Layout` and hand plain numbers to the rules of :mod:`refusal_assets.weak_results`.
+the :class:`Layout` and hand plain numbers to the rules of :mod:`refusal_assets.analysis.weak_results`.
 
 They never block (a weak result is still a result); each says why in its metadata. Partitioned like
 their asset, so the UI shows a check status per partition and a run of one partition checks it.
@@ -11,13 +11,13 @@ import math
 import dagster as dg
 import polars as pl
 
-from refusal_assets import weak_results as weak
-from refusal_assets.behaviour import refusal_rates
+from refusal_assets.analysis import weak_results as weak
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import clean, multi_key
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
+from refusal_assets.lm.behaviour import refusal_rates
 
 
 def check_result(finding: weak.Finding) -> dg.AssetCheckResult:

@@ -7,17 +7,17 @@ from collections.abc import Callable
 import dagster as dg
 import torch
 
-from refusal_assets import activations as acts_core
-from refusal_assets import circuits as circ
-from refusal_assets.behaviour import refusal_token_ids
+from refusal_assets.circuits import circuit as circ
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import circuit_metadata, multi_key
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
-from refusal_assets.models import load_model
+from refusal_assets.lm import activations as acts_core
+from refusal_assets.lm.behaviour import refusal_token_ids
+from refusal_assets.lm.models import load_model
 from refusal_assets.plots import plot_sweeps
-from refusal_assets.sae import load_sae
+from refusal_assets.sae.autoencoder import load_sae
 from refusal_assets.storage import write_safetensors, write_text
 
 

@@ -6,15 +6,15 @@ import time
 import dagster as dg
 import numpy as np
 
-from refusal_assets import comparison as cmp
+from refusal_assets.analysis import comparison as cmp
+from refusal_assets.analysis.verdict import combine, overlap_line, transfer_lines
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import ci_metadata, file_path, png_markdown, report_metadata
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
-from refusal_assets.report import write_report
+from refusal_assets.report.report import write_report
 from refusal_assets.storage import write_text
-from refusal_assets.verdict import combine, overlap_line, transfer_lines
 
 
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:

@@ -3,12 +3,12 @@
 import dagster as dg
 import polars as pl
 
-from refusal_assets import data
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import file_path, parquet_metadata, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
+from refusal_assets.prompts import orbench as data
 from refusal_assets.storage import write_parquet
 
 

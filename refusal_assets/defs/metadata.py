@@ -10,10 +10,10 @@ from typing import Any
 import dagster as dg
 import pyarrow.parquet as pq
 
-from refusal_assets.circuits import CategoryCircuit
+from refusal_assets.circuits.circuit import CategoryCircuit
 from refusal_assets.config import SAEQualityThresholds
-from refusal_assets.report import ReportFiles, format_ci, summaries_markdown
-from refusal_assets.sae import FittedSAE
+from refusal_assets.report.report import ReportFiles, format_ci, summaries_markdown
+from refusal_assets.sae.autoencoder import FittedSAE
 
 
 def png_markdown(path: Path, alt: str = "plot") -> dg.MetadataValue:

@@ -6,15 +6,15 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from refusal_assets import activations as acts_core
-from refusal_assets import behaviour
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import ci_metadata, clean, multi_key, parquet_metadata, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
-from refusal_assets.models import load_model
-from refusal_assets.sites import Site
+from refusal_assets.lm import activations as acts_core
+from refusal_assets.lm import behaviour
+from refusal_assets.lm.models import load_model
+from refusal_assets.lm.sites import Site
 from refusal_assets.storage import write_parquet
 
 CODE_VERSION = "3"

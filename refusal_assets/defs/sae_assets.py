@@ -10,18 +10,18 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from refusal_assets import activations as acts_core
-from refusal_assets import data
-from refusal_assets import sae as sae_core
-from refusal_assets.behaviour import refusal_token_ids
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import clean, multi_key, parquet_metadata, sae_checks, sae_metadata
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
-from refusal_assets.models import load_model
-from refusal_assets.sae_data import ParquetRows
-from refusal_assets.sites import Site
+from refusal_assets.lm import activations as acts_core
+from refusal_assets.lm.behaviour import refusal_token_ids
+from refusal_assets.lm.models import load_model
+from refusal_assets.lm.sites import Site
+from refusal_assets.prompts import orbench as data
+from refusal_assets.sae import autoencoder as sae_core
+from refusal_assets.sae.rows import ParquetRows
 from refusal_assets.storage import write_text
 
 

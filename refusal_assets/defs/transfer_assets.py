@@ -10,16 +10,16 @@ import numpy as np
 import polars as pl
 import torch
 
-from refusal_assets import circuits as circ
-from refusal_assets import transfer as tr
-from refusal_assets.behaviour import refusal_token_ids
-from refusal_assets.comparison import VerdictRule, plot_heatmap
+from refusal_assets.analysis import transfer as tr
+from refusal_assets.analysis.comparison import VerdictRule, plot_heatmap
+from refusal_assets.circuits import circuit as circ
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
-from refusal_assets.models import load_model
-from refusal_assets.sae import load_sae
+from refusal_assets.lm.behaviour import refusal_token_ids
+from refusal_assets.lm.models import load_model
+from refusal_assets.sae.autoencoder import load_sae
 from refusal_assets.storage import write_text
 
 

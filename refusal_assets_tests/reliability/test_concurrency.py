@@ -49,7 +49,7 @@ from pathlib import Path
 import dagster as dg
 import dagster._core.storage.event_log.sql_event_log as sql_event_log
 import dagster._core.storage.runs.sqlite.sqlite_run_storage as sqlite_run_storage
-from refusal_assets import behaviour
+from refusal_assets.lm import behaviour
 from refusal_assets.config import load_config
 from refusal_assets.defs.build import build_defs
 
@@ -102,7 +102,7 @@ for i in range({rounds}):
     barrier("fresh" + str(i))
     try:
         from pathlib import Path as _P
-        from refusal_assets.cli import _init_instance_once  # what every refusal-assets command does first
+        from refusal_assets.app.cli import _init_instance_once  # what every refusal-assets command does first
         _P({home0!r} + str(i)).mkdir(parents=True, exist_ok=True)
         _init_instance_once(_P({home0!r} + str(i)))
         dg.DagsterInstance.from_config({home0!r} + str(i)).get_runs()

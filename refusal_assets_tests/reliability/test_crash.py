@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from refusal_assets import activations as acts_core
-from refusal_assets.chat import encode_chat
-from refusal_assets.data import load_orbench, sample_category
-from refusal_assets.sae import CFG_FILE, WEIGHTS_FILE, TopKSAE, load_sae, save_sae
-from refusal_assets.sites import Site
+from refusal_assets.lm import activations as acts_core
+from refusal_assets.lm.chat import encode_chat
+from refusal_assets.lm.sites import Site
+from refusal_assets.prompts.orbench import load_orbench, sample_category
+from refusal_assets.sae.autoencoder import CFG_FILE, WEIGHTS_FILE, TopKSAE, load_sae, save_sae
 from refusal_assets.storage import write_parquet
 from refusal_assets_tests.reliability.helpers import SAMPLE, TINY, Child, files_under
 
@@ -30,11 +30,11 @@ SITES = [Site(1, "resid"), Site(2, "resid")]
 ACTIVATIONS_CHILD = """
 import time
 from pathlib import Path
-from refusal_assets import activations as A
+from refusal_assets.lm import activations as A
 from refusal_assets.config import load_config
-from refusal_assets.data import load_orbench, sample_category
-from refusal_assets.models import load_model
-from refusal_assets.sites import Site
+from refusal_assets.prompts.orbench import load_orbench, sample_category
+from refusal_assets.lm.models import load_model
+from refusal_assets.lm.sites import Site
 
 cfg = load_config({tiny!r})
 model, tok = load_model(cfg.models[0], cfg.resolve, "cpu", log=lambda s: None)
@@ -126,7 +126,7 @@ SAE_CHILD = """
 import json, time, types
 from pathlib import Path
 import torch
-from refusal_assets import sae as S
+from refusal_assets.sae import autoencoder as S
 
 sae = S.TopKSAE(64, 256, k=8, generator=torch.Generator().manual_seed(0))
 point = {point!r}

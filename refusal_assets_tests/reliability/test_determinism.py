@@ -18,13 +18,13 @@ import polars as pl
 import pytest
 import torch
 
-from refusal_assets import activations as acts_core
-from refusal_assets import circuits as circ
-from refusal_assets.behaviour import refusal_token_ids
-from refusal_assets.circuits import select_circuit
-from refusal_assets.data import load_orbench, sample_category
-from refusal_assets.sae import WEIGHTS_FILE, load_sae, save_sae, split_by_group, train_sae
-from refusal_assets.sites import Site
+from refusal_assets.circuits import circuit as circ
+from refusal_assets.circuits.circuit import select_circuit
+from refusal_assets.lm import activations as acts_core
+from refusal_assets.lm.behaviour import refusal_token_ids
+from refusal_assets.lm.sites import Site
+from refusal_assets.prompts.orbench import load_orbench, sample_category
+from refusal_assets.sae.autoencoder import WEIGHTS_FILE, load_sae, save_sae, split_by_group, train_sae
 from refusal_assets_tests.reliability.helpers import SAMPLE, TINY, Child
 
 SITES = [Site(1, "resid"), Site(2, "resid")]
@@ -47,7 +47,7 @@ CHILD = """
 import json
 from pathlib import Path
 from refusal_assets.config import load_config
-from refusal_assets.models import load_model
+from refusal_assets.lm.models import load_model
 from refusal_assets_tests.reliability import test_determinism as T
 
 cfg = load_config({tiny!r})

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from refusal_assets import cli, models, settings
+from refusal_assets.app import cli, settings
 from refusal_assets.config import ModelConfig
-from refusal_assets.models import PACKAGED_SHA256, PACKAGED_SIZE, ModelLoadError, load_model
+from refusal_assets.lm import models
+from refusal_assets.lm.models import PACKAGED_SHA256, PACKAGED_SIZE, ModelLoadError, load_model
 from refusal_assets_tests.conftest import ROOT
 from refusal_assets_tests.reliability.helpers import TINY, files_under
 
@@ -83,9 +84,9 @@ def test_backfill_talks_to_localhost_by_default(tmp_path, monkeypatch):
         seen.update(url=url, select=select, partitions=partitions)
         return "abc"
 
-    import refusal_assets.backfill
+    import refusal_assets.app.backfill
 
-    monkeypatch.setattr(refusal_assets.backfill, "launch_backfill", fake_launch)
+    monkeypatch.setattr(refusal_assets.app.backfill, "launch_backfill", fake_launch)
     assert cli.main(["backfill", "--config", str(TINY), "--select", "sae"]) == 0
     assert seen == {"url": "http://127.0.0.1:3000", "select": "sae", "partitions": None}
 

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from refusal_assets import settings
+from refusal_assets.app import settings
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _set_env(args: argparse.Namespace) -> None:
@@ -62,7 +62,7 @@ def _init_instance_once(home: Path) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     _set_env(args)
-    from refusal_assets.calibration import run_calibrate
+    from refusal_assets.analysis.calibration import run_calibrate
 
     return run_calibrate(
         settings.load_project(), as_json=args.json, n_replicates=args.replicates, model_level=not args.synthetic_only
@@ -88,7 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _set_env(args)
-    from refusal_assets.runner import run_selection
+    from refusal_assets.app.runner import run_selection
 
     return run_selection(args.select, verbose=args.verbose)
 
@@ -212,7 +212,7 @@ def _stop_group(proc: subprocess.Popen, term_grace_s: float, received: list[int]
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     _set_env(args)
-    from refusal_assets.backfill import launch_backfill
+    from refusal_assets.app.backfill import launch_backfill
 
     partitions = [p for p in args.partitions.split(",") if p] if args.partitions else None
     backfill_id = launch_backfill(args.url, args.select, partitions)
@@ -241,14 +241,14 @@ def _bench_result(args: argparse.Namespace) -> dict:
         print(s, file=sys.stderr)
 
     if args.what == "activations":
-        from refusal_assets.bench_activations import run_activation_bench
+        from refusal_assets.bench.activations import run_activation_bench
 
         return run_activation_bench(n_prompts=args.n_prompts or 32, log=log)
     if args.what == "behaviour":
-        from refusal_assets.bench_behaviour import run_behaviour_bench
+        from refusal_assets.bench.behaviour import run_behaviour_bench
 
         return run_behaviour_bench(n_prompts=args.n_prompts or 64, log=log)
-    from refusal_assets.bench_sae import learning_curve, run_sae_bench, site_rows
+    from refusal_assets.bench.sae import learning_curve, run_sae_bench, site_rows
 
     recipe = settings.load_project().sae  # ours trains as the config's `sae` asset does
     site = site_rows(Path(args.activations), recipe.max_norm_factor) if args.activations else None
@@ -263,7 +263,7 @@ def _bench_result(args: argparse.Namespace) -> dict:
 
 def cmd_plot_sae(args: argparse.Namespace) -> int:
     from refusal_assets.layout import Layout
-    from refusal_assets.sae import plot_history
+    from refusal_assets.sae.autoencoder import plot_history
 
     histories = sorted(Path(args.sae_dir).rglob(Layout.SAE_HISTORY))
     if not histories:
@@ -371,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     _quiet()
-    from refusal_assets.backfill import BackfillError
+    from refusal_assets.app.backfill import BackfillError
     from refusal_assets.config import ConfigError
-    from refusal_assets.data import DataError
-    from refusal_assets.models import ModelLoadError
+    from refusal_assets.lm.models import ModelLoadError
+    from refusal_assets.prompts.orbench import DataError
 
     try:
         return args.func(args)

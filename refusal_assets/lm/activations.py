@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
-from refusal_assets.prefill import prefill
+from refusal_assets.lm.chat import ChatBatch, batches, by_length, encode_chat
+from refusal_assets.lm.prefill import prefill
+from refusal_assets.lm.sites import Site
 from refusal_assets.progress import progress
-from refusal_assets.sites import Site
 from refusal_assets.storage import atomic_path
 
 CODE_VERSION = "3"
@@ -35,7 +35,7 @@ def forward_sites(
     model: PreTrainedModel, batch: ChatBatch, sites: list[Site], stop_early: bool = True
 ) -> dict[Site, torch.Tensor]:
     """Activations [B, T, d] at each site for one batch, from one shared-prefix prefill
-    (:func:`refusal_assets.prefill.prefill`: the common template head once, then each prompt's own
+    (:func:`refusal_assets.lm.prefill.prefill`: the common template head once, then each prompt's own
     tokens; equal to the plain left-padded pass within float tolerance)."""
     return prefill(model, batch, sites, stop_early=stop_early).site_outputs
 

@@ -24,13 +24,13 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from refusal_assets import data
+from refusal_assets.analysis.verdict import render as render_verdict
+from refusal_assets.analysis.verdict import render_transfer
 from refusal_assets.config import ProjectConfig
 from refusal_assets.layout import Layout
 from refusal_assets.plots import new_figure, save_png
+from refusal_assets.prompts import orbench as data
 from refusal_assets.storage import write_text
-from refusal_assets.verdict import render as render_verdict
-from refusal_assets.verdict import render_transfer
 
 PACKAGES = ["refusal_assets", "torch", "transformers", "dagster", "numpy", "scipy", "polars", "pyarrow", "safetensors"]
 
@@ -248,7 +248,7 @@ def direction_tests(inp: SummaryInputs) -> list[TestLine]:
 def circuit_quality_tests(inp: SummaryInputs) -> list[TestLine]:
     """Are the circuits being compared real? Held-out faithfulness against the random control, and
     the ratios' denominator away from 0 (the same rules as the WARN checks)."""
-    from refusal_assets import weak_results as weak
+    from refusal_assets.analysis import weak_results as weak
 
     main = "toxic" if any("toxic" in c["groups"] for c in inp.circuits.values()) else None
     beats, den_ok, n = [], [], 0
@@ -284,7 +284,7 @@ def circuit_quality_tests(inp: SummaryInputs) -> list[TestLine]:
 
 def functional_tests(inp: SummaryInputs) -> list[TestLine]:
     """The functional cross-category tests (circuit transfer, direction cross-ablation, induced
-    refusal, pooled direction) as the combined verdict recorded them (see :mod:`refusal_assets.verdict`)."""
+    refusal, pooled direction) as the combined verdict recorded them (see :mod:`refusal_assets.analysis.verdict`)."""
     combined = (inp.comparison or {}).get("combined") or {}
     out = []
     for ln in combined.get("lines", []):
@@ -328,7 +328,7 @@ def _main_group(comp: dict | None) -> dict | None:
 
 
 def _n_passing(df: pl.DataFrame, prompt_filter: str) -> int:
-    """Prompts that pass the circuits' prompt filter (see :func:`refusal_assets.circuits.select_prompts`)."""
+    """Prompts that pass the circuits' prompt filter (see :func:`refusal_assets.circuits.circuit.select_prompts`)."""
     if prompt_filter == "all":
         return df.height
     return int(df["refused"].sum()) if prompt_filter == "refused" else int((df["refusal_score"] > 0).sum())
@@ -533,7 +533,7 @@ def write_report(
         for m in cfg.models
         if layout.comparison_summary(m.model_key).is_file()
     }
-    # ---- the combined verdict of every test, per model (refusal_assets.verdict renders it)
+    # ---- the combined verdict of every test, per model (refusal_assets.analysis.verdict renders it)
     for model_key, comp in comparisons.items():
         if "combined" in comp:
             render_verdict(doc, model_key, comp["combined"])
@@ -670,7 +670,7 @@ def write_report(
             doc.table(["a", "b", "Jaccard", "95% CI", "normalised", "p (permutation)", "q (BH)", "significant"], pairs)
             doc.image(layout.jaccard_plot(model_key, g), f"Jaccard {g} ({model_key}); * = significant after BH")
         doc.image(layout.jaccard_plot(model_key, "cross"), f"toxic vs benign circuits ({model_key})")
-        # ---- issue 14: functional tests (refusal_assets.verdict renders them)
+        # ---- issue 14: functional tests (refusal_assets.analysis.verdict renders them)
         render_transfer(doc, model_key, comp.get("transfer") or {})
         doc.h(3, f"Refusal directions ({model_key})")
         doc.p(
@@ -707,7 +707,7 @@ def write_report(
         "Comparison: per pair of categories, the Jaccard overlap of their circuits against a label-permutation null "
         "(one-sided, for lower overlap), Benjamini-Hochberg over pairs, normalised by the geometric mean of the two "
         "split-half ceilings (how well a circuit reproduces within its own category); the shared core is the nodes in "
-        "every category's circuit. The verdict rule is documented in refusal_assets.comparison.decide_verdict."
+        "every category's circuit. The verdict rule is documented in refusal_assets.analysis.comparison.decide_verdict."
     )
     doc.h(3, "Reproducibility")
     doc.table(["package", "version"], [[k, v] for k, v in _versions().items()])

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from refusal_assets.comparison import VerdictRule, compare_categories
+from refusal_assets.analysis.comparison import VerdictRule, compare_categories
 
 Planted = Literal["monolithic", "modular"]
 CI_STATS = ("jaccard", "normalised_jaccard", "shared_fraction")
@@ -207,9 +207,9 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
     passed = report.passed
     if model_level:
         from refusal_assets.config import load_config
-        from refusal_assets.models import load_model
+        from refusal_assets.lm.models import load_model
 
-        tiny = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+        tiny = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
         model, tok = load_model(tiny.models[0], tiny.resolve, "cpu", log=lambda s: None)
         runs = [
             calibrate_model(
@@ -335,11 +335,11 @@ def calibrate_model(
     refusal, and the combined verdict."""
     import torch
 
-    from refusal_assets import circuits as circ
-    from refusal_assets import transfer as tr
-    from refusal_assets.sae import TopKSAE
-    from refusal_assets.sites import Site
-    from refusal_assets.verdict import combine, overlap_line, transfer_lines
+    from refusal_assets.analysis import transfer as tr
+    from refusal_assets.analysis.verdict import combine, overlap_line, transfer_lines
+    from refusal_assets.circuits import circuit as circ
+    from refusal_assets.lm.sites import Site
+    from refusal_assets.sae.autoencoder import TopKSAE
 
     rule = rule or VerdictRule()
     m, tok, markers, ids = planted_model(model, tokenizer, planted, n_categories)

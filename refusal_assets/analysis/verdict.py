@@ -53,7 +53,7 @@ class CombinedVerdict:
     thresholds: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        from refusal_assets.comparison import _jsonable
+        from refusal_assets.analysis.comparison import _jsonable
 
         return _jsonable(asdict(self))
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from refusal_assets.chat import ChatBatch
-from refusal_assets.hooks import site_hooks, until_stopped
-from refusal_assets.sites import Site, decoder_layers, output_tensor
+from refusal_assets.lm.chat import ChatBatch
+from refusal_assets.lm.hooks import site_hooks, until_stopped
+from refusal_assets.lm.sites import Site, decoder_layers, output_tensor
 
 
 def cache_kwargs(model: nn.Module, cache: object) -> dict:

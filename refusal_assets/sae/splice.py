@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.behaviour import refusal_score
-from refusal_assets.chat import batches, encode_chat
-from refusal_assets.hooks import forward_hooks
-from refusal_assets.prefill import full_logits
-from refusal_assets.sites import Site, output_tensor, replace_output, site_module
+from refusal_assets.lm.behaviour import refusal_score
+from refusal_assets.lm.chat import batches, encode_chat
+from refusal_assets.lm.hooks import forward_hooks
+from refusal_assets.lm.prefill import full_logits
+from refusal_assets.lm.sites import Site, output_tensor, replace_output, site_module
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def splice_metrics(
     exceeds ``max_norm`` (attention sinks the SAE was not trained on) keep their clean value in
     both ablations. The caller should pass prompts the SAE was not trained on. ``shared_prefix``:
     the chat template's head, the same in every prompt, is computed once per batch
-    (:func:`refusal_assets.prefill.full_logits`; False = the plain left-padded pass, same numbers)."""
+    (:func:`refusal_assets.lm.prefill.full_logits`; False = the plain left-padded pass, same numbers)."""
     module = site_module(model, site)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     n_tokens = 0

@@ -3,9 +3,9 @@
 In one process, on the same prompts, batches and settings (greedy, ``max_new_tokens`` and the
 refusal-phrase stop rule of the config, the config's batch size):
 
-(a) plain: :func:`refusal_assets.behaviour.generate_plain`, i.e. ``model.generate(do_sample=False)``
+(a) plain: :func:`refusal_assets.lm.behaviour.generate_plain`, i.e. ``model.generate(do_sample=False)``
     on the full left-padded batch, with the phrase rule as a transformers stopping criterion;
-(b) ours: :func:`refusal_assets.behaviour.generate` as ``run_behaviour`` calls it: the shared
+(b) ours: :func:`refusal_assets.lm.behaviour.generate` as ``run_behaviour`` calls it: the shared
     template head prefilled once per batch, then only each prompt's own tokens; the batches then
     decoded together (up to ``generation.decode_batch_size`` rows), rows leaving as they end.
 
@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 import torch
 
-from refusal_assets.bench_activations import _device, _project, _sync, bench_sample
-from refusal_assets.chat import by_length, encode_chat
-from refusal_assets.prefill import shared_prefix_length
+from refusal_assets.bench.activations import _device, _project, _sync, bench_sample
+from refusal_assets.lm.chat import by_length, encode_chat
+from refusal_assets.lm.prefill import shared_prefix_length
 
 TARGETS = {"ratio_min": 1.5}
 
@@ -52,8 +52,8 @@ def run_behaviour_bench(
     repeats: int = 3,
     log: Callable[[str], None] = print,
 ) -> dict:
-    from refusal_assets.behaviour import decode_groups, generate, generate_plain
-    from refusal_assets.models import load_model
+    from refusal_assets.lm.behaviour import decode_groups, generate, generate_plain
+    from refusal_assets.lm.models import load_model
 
     if n_prompts < 1:
         raise ValueError("n_prompts must be at least 1")

@@ -28,10 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from refusal_assets.config import SAEConfig
+from refusal_assets.lm.sites import Site
 from refusal_assets.plots import new_figure, save_png
-from refusal_assets.sae_data import Rows, SubsetRows, as_rows, chunks
-from refusal_assets.sites import Site
-from refusal_assets.splice import splice_metrics
+from refusal_assets.sae.rows import Rows, SubsetRows, as_rows, chunks
+from refusal_assets.sae.splice import splice_metrics
 from refusal_assets.storage import atomic_path
 
 Architecture = Literal["topk", "batchtopk", "jumprelu"]
@@ -776,7 +776,7 @@ class FittedSAE:
     ``dead_fraction_with_template`` counting template rows too, ``dead_fraction_val`` over the
     early-stopping rows' non-template rows only; and the row counts of each part."""
     splice: dict[str, float]
-    """:func:`refusal_assets.splice.splice_metrics` on held-out evaluation prompts only: loss recovered,
+    """:func:`refusal_assets.sae.splice.splice_metrics` on held-out evaluation prompts only: loss recovered,
     KL, ΔCE and the refusal-score change with the SAE spliced in without its error term."""
     n_vectors: int
     """Rows the SAE saw (after leaving out the massive-activation rows)."""

@@ -28,13 +28,13 @@ from scipy import stats
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.behaviour import refusal_score_from_logits
-from refusal_assets.chat import ChatBatch, batches, encode_chat
 from refusal_assets.config import CircuitConfig
-from refusal_assets.hooks import site_hooks, until_stopped
-from refusal_assets.prefill import cache_kwargs, capture, last_logits, prefill
+from refusal_assets.lm.behaviour import refusal_score_from_logits
+from refusal_assets.lm.chat import ChatBatch, batches, encode_chat
+from refusal_assets.lm.hooks import site_hooks, until_stopped
+from refusal_assets.lm.prefill import cache_kwargs, capture, last_logits, prefill
+from refusal_assets.lm.sites import Site, decoder_layers, output_tensor, replace_output, site_module
 from refusal_assets.progress import progress
-from refusal_assets.sites import Site, decoder_layers, output_tensor, replace_output, site_module
 
 Mode = Literal["topk", "threshold", "topk_abs", "threshold_abs"]
 
@@ -201,7 +201,7 @@ class SuffixBatch:
         return model(**self.inputs(model), **kwargs)
 
     def next_logits(self, model: PreTrainedModel) -> torch.Tensor:
-        """[B, vocab] next-token logits after the suffix (:func:`refusal_assets.prefill.last_logits`)."""
+        """[B, vocab] next-token logits after the suffix (:func:`refusal_assets.lm.prefill.last_logits`)."""
         return last_logits(model, **self.inputs(model.base_model)).logits
 
 
@@ -294,7 +294,7 @@ def compute_baseline(
     device: str = "cpu",
 ) -> Baseline:
     """Means of latents and errors over ``prompts`` (the safe split) at each post-instruction offset."""
-    from refusal_assets.activations import forward_sites
+    from refusal_assets.lm.activations import forward_sites
 
     sites = sorted(saes)
     f_sum: dict[Site, torch.Tensor] = {}

@@ -20,9 +20,9 @@ import polars as pl
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.chat import ChatBatch, batches, by_length, encode_chat
 from refusal_assets.config import ModelConfig
-from refusal_assets.prefill import cache_kwargs, last_logits, merge_prefilled, prefill
+from refusal_assets.lm.chat import ChatBatch, batches, by_length, encode_chat
+from refusal_assets.lm.prefill import cache_kwargs, last_logits, merge_prefilled, prefill
 from refusal_assets.progress import progress
 
 EPS = 1e-6
@@ -143,7 +143,7 @@ def generate(
     stop_phrases: list[str] | None = None,
     shared_prefix: bool = True,
 ) -> Generated:
-    """Greedy decoding of one batch from one shared-prefix prefill (:func:`refusal_assets.prefill.prefill`).
+    """Greedy decoding of one batch from one shared-prefix prefill (:func:`refusal_assets.lm.prefill.prefill`).
 
     The same tokens as ``model.generate(do_sample=False)`` (the benchmark asserts it), cheaper: the
     shared prompt prefix is computed once per batch, and a row that has ended (EOS, or with

@@ -5,7 +5,7 @@ effect of every node (an SAE latent at some site, or a site's error node) on the
 prompt, in one node index space shared by all categories; and ``site_of_node`` ``[n_nodes]``.
 
 A circuit is a boolean node mask built from the MEAN effect over a set of prompts
-(:func:`refusal_assets.circuits.select_circuit`). Every statistic that needs circuits of resampled
+(:func:`refusal_assets.circuits.circuit.select_circuit`). Every statistic that needs circuits of resampled
 prompt sets (permutation null, split-half ceiling, bootstraps) rebuilds them with that same function,
 batched: a resample is a weight vector over prompts, so a batch of resampled mean vectors is one matrix product
 ``weights [batch, n_prompts] @ effects [n_prompts, n_nodes]``.
@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from scipy import stats
 
-from refusal_assets.circuits import Mode, select_circuits
+from refusal_assets.circuits.circuit import Mode, select_circuits
 from refusal_assets.plots import new_figure, save_png
 
 # Rows of resampled mean vectors handled at once: bounds memory to ~_BATCH_ELEMS floats per array.
@@ -688,7 +688,7 @@ def fallback_categories(summaries: dict[str, dict], group: str, prompt_filter: s
 
 def error_node_mask(site_of_node: np.ndarray) -> np.ndarray:
     """[n_nodes] bool: the error node of every site (the last node of each site's block, see
-    :class:`refusal_assets.circuits.NodeIndex`)."""
+    :class:`refusal_assets.circuits.circuit.NodeIndex`)."""
     site_of_node = np.asarray(site_of_node)
     mask = np.zeros(site_of_node.shape[0], bool)
     mask[np.flatnonzero(np.diff(np.append(site_of_node, np.iinfo(np.int64).min)) != 0)] = True

@@ -4,7 +4,7 @@ In one run, on the same prompts and the same sites (the deepest at 3/4 depth):
 
 (a) naive: ``model(**inputs, output_hidden_states=True)`` (every block and the LM head), then the
     requested hidden states sliced at the kept positions and moved to float16 numpy;
-(b) ours: :func:`refusal_assets.activations.collect_activations` streaming Parquet to a temp folder;
+(b) ours: :func:`refusal_assets.lm.activations.collect_activations` streaming Parquet to a temp folder;
 (c) bare: the decoder truncated after the deepest site's block, no hooks, nothing kept or written.
 
 All three run the very same batches (prompts ordered by length). Each is warmed up once (two
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from refusal_assets.config import ModelConfig, ProjectConfig, load_config
-from refusal_assets.sites import Site, decoder_layers
+from refusal_assets.lm.sites import Site, decoder_layers
 
 TARGETS = {"ratio_min": 1.0, "overhead_vs_bare_max": 1.15, "rss_ratio_max": 1.2}
 SAMPLE_SEED = 0
@@ -46,7 +46,7 @@ _RSS_MARK = "RSS_CHILD_RESULT "
 def _project(config_path: str | None) -> ProjectConfig:
     if config_path:
         return load_config(config_path)
-    from refusal_assets.settings import load_project
+    from refusal_assets.app.settings import load_project
 
     return load_project()
 
@@ -69,11 +69,11 @@ def bench_sample(cfg: ProjectConfig, n_prompts: int) -> pl.DataFrame:
     """The first ``n_prompts`` of the embedded sample in a fixed seeded order (wrapping around if short),
     then ordered by prompt length, so that all three ways run the very same batches (the collector
     may itself sort by length to pad less; on sorted input that is a no-op)."""
-    from refusal_assets.data import load_orbench
+    from refusal_assets.prompts.orbench import load_orbench
 
     folder = cfg.root / "data" / "orbench_sample"
     if not folder.is_dir():  # a config outside this project: the sample shipped beside the package
-        folder = Path(__file__).resolve().parent.parent / "data" / "orbench_sample"
+        folder = Path(__file__).resolve().parents[2] / "data" / "orbench_sample"
     df, _ = load_orbench(folder)
     order = np.random.default_rng(SAMPLE_SEED).permutation(df.height)
     idx = [int(order[i % df.height]) for i in range(n_prompts)]
@@ -110,7 +110,7 @@ def naive_pass(
     """(a) Full forward with every hidden state; slice the requested ones at the kept positions.
 
     Also returns, under ``"rows"``, each kept row's (prompt number, token index from the first real token)."""
-    from refusal_assets.chat import batches, encode_chat
+    from refusal_assets.lm.chat import batches, encode_chat
 
     out: dict[Site | str, list[np.ndarray]] = {s: [] for s in sites}
     out["rows"] = []
@@ -140,7 +140,7 @@ def collector_pass(
     folder: Path,
 ) -> dict[Site, int]:
     """(b) Our collector, writing one Parquet file per site under ``folder``."""
-    from refusal_assets.activations import collect_activations
+    from refusal_assets.lm.activations import collect_activations
 
     paths = {s: folder / f"{s.name}.parquet" for s in sites}
     return collect_activations(
@@ -162,7 +162,7 @@ def bare_pass(
     model, tokenizer, prompts: list[str], depth: int, batch_size: int, system_prompt: str | None, device: str
 ) -> None:
     """(c) The decoder cut after block ``depth`` (inclusive): no hooks, nothing kept, nothing written."""
-    from refusal_assets.chat import batches, encode_chat
+    from refusal_assets.lm.chat import batches, encode_chat
 
     layers = decoder_layers(model)
     base = model.base_model
@@ -181,7 +181,7 @@ def count_tokens(
     tokenizer, prompts: list[str], batch_size: int, system_prompt: str | None, all_positions: bool
 ) -> tuple[int, int]:
     """(real prompt tokens, kept rows per site)."""
-    from refusal_assets.chat import batches, encode_chat
+    from refusal_assets.lm.chat import batches, encode_chat
 
     n_tokens = n_rows = 0
     for chunk in batches(prompts, batch_size):
@@ -220,7 +220,7 @@ def rss_child_main(args_json: str) -> None:
     """Run only the collector on N prompts in this (fresh) process; print peak RSS as JSON."""
     args = json.loads(args_json)
     torch.set_num_threads(args["threads"])
-    from refusal_assets.models import load_model
+    from refusal_assets.lm.models import load_model
 
     cfg = _project(args["config_path"])
     mc = cfg.models[0]
@@ -270,7 +270,7 @@ def measure_rss(config_path: str | None, n_prompts: int, sites: list[Site], devi
             "threads": threads,
         }
     )
-    code = "import sys; from refusal_assets.bench_activations import rss_child_main; rss_child_main(sys.argv[1])"
+    code = "import sys; from refusal_assets.bench.activations import rss_child_main; rss_child_main(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=os.environ.copy())
     for line in proc.stdout.splitlines():
         if line.startswith(_RSS_MARK):
@@ -287,8 +287,8 @@ def run_activation_bench(
     measure_memory: bool = True,
 ) -> dict:
     """Time (a) naive, (b) our collector, (c) a bare truncated forward; peak RSS of (b) for N and 4N prompts."""
-    from refusal_assets.activations import read_vectors
-    from refusal_assets.models import load_model
+    from refusal_assets.lm.activations import read_vectors
+    from refusal_assets.lm.models import load_model
 
     if n_prompts < 1:
         raise ValueError("n_prompts must be at least 1")

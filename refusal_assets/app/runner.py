@@ -16,7 +16,8 @@ import time
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from refusal_assets import progress, settings
+from refusal_assets import progress
+from refusal_assets.app import settings
 from refusal_assets.defs.build import build_defs
 from refusal_assets.defs.sources import record_config_versions
 from refusal_assets.layout import Layout

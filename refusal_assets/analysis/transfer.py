@@ -9,7 +9,7 @@ a ratio over a denominator that may be zero is not a number; DESIGN.md §2):
   refusing prompts, with B's mean-ablation baseline; the loss of B's refusal against the loss from
   B's own circuit (leave-one-out: each prompt ablated by the circuit selected on the other prompts).
   Also the faithfulness of A's circuit on B (only A's circuit kept). One batched pass per mask set,
-  on the cached prefixes (:func:`refusal_assets.circuits.ablated_scores`).
+  on the cached prefixes (:func:`refusal_assets.circuits.circuit.ablated_scores`).
 * **direction cross-ablation** (Arditi et al. 2024): each category's difference-of-means direction
   r_A, chosen over layers x post-instruction positions by its ablation effect on A's training
   prompts, is projected out of the residual stream at every layer, at the post-instruction positions
@@ -19,7 +19,7 @@ a ratio over a denominator that may be zero is not a number; DESIGN.md §2):
 * **induced refusal**: r_A (its own norm) added at its layer, post-instruction positions, on B's
   held-out harmless prompts; the rise of B's refusal score.
 
-Every test's pair calls and verdict follow :class:`refusal_assets.comparison.VerdictRule`
+Every test's pair calls and verdict follow :class:`refusal_assets.analysis.comparison.VerdictRule`
 (shared: ratio CI low >= 1 - margin; specific: ratio CI high < modular_max_normalised).
 """
 
@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.behaviour import refusal_score_from_logits
-from refusal_assets.circuits import SuffixBatch, prepare_suffixes, random_like, stacked_passes
-from refusal_assets.comparison import CI, VerdictRule, _jsonable, bootstrap_ci
-from refusal_assets.hooks import forward_hooks
-from refusal_assets.sites import decoder_layers, output_tensor, replace_output
+from refusal_assets.analysis.comparison import CI, VerdictRule, _jsonable, bootstrap_ci
+from refusal_assets.circuits.circuit import SuffixBatch, prepare_suffixes, random_like, stacked_passes
+from refusal_assets.lm.behaviour import refusal_score_from_logits
+from refusal_assets.lm.hooks import forward_hooks
+from refusal_assets.lm.sites import decoder_layers, output_tensor, replace_output
 
 # ------------------------------------------------------------------------------ statistics
 
@@ -164,7 +164,7 @@ def cross_matrix(
 
 
 def verdict_from_calls(test: str, calls: list[str], rule: VerdictRule) -> tuple[str, str]:
-    """The same counting rule as :func:`refusal_assets.comparison.decide_verdict`, on ordered pairs."""
+    """The same counting rule as :func:`refusal_assets.analysis.comparison.decide_verdict`, on ordered pairs."""
     count = {c: calls.count(c) for c in ("shared", "specific", "partial", "undecided")}
     decided = len(calls) - count["undecided"]
     numbers = (
@@ -194,7 +194,7 @@ def suffixes_of(
     system_prompt: str | None = None,
     device: str = "cpu",
 ) -> list[SuffixBatch]:
-    """Prompts as cached prefixes (:func:`refusal_assets.circuits.prepare_suffixes`): one pass over
+    """Prompts as cached prefixes (:func:`refusal_assets.circuits.circuit.prepare_suffixes`): one pass over
     each prompt's prefix, after which every intervention costs only the post-instruction tokens."""
     if prompts and isinstance(prompts[0], SuffixBatch):
         return list(prompts)

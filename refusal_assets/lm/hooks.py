@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from torch import nn
 
-from refusal_assets.sites import Site, site_module
+from refusal_assets.lm.sites import Site, site_module
 
 Hook = Callable[[nn.Module, tuple, object], object]
 

@@ -8,7 +8,7 @@ scaled by the dead share), ``b_dec`` set to the first batch's mean, decoder re-n
 step and its gradient made orthogonal to the decoder rows, its default optimiser (SignSGD under a
 schedule-free wrapper, ``lr = 5e-3 / sqrt(d_sae / 2**14)``; or Adam with its lr rule), and its
 dead-latent bookkeeping. Where both trainers have the same knob (AuxK weight, dead threshold) they get
-the same value. Rows are split as the ``sae`` asset splits them (:func:`refusal_assets.sae.distinct_split`):
+the same value. Rows are split as the ``sae`` asset splits them (:func:`refusal_assets.sae.autoencoder.distinct_split`):
 whole prompts held out, every distinct vector once, and a held-out row equal to a training row (the
 chat template's positions) left out, so the held-out FVU is measured on vectors neither trainer saw.
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae import (
+from refusal_assets.sae.autoencoder import (
     distinct_split,
     evaluate_sae,
     row_keys,
@@ -46,7 +46,7 @@ from refusal_assets.sae import (
     train_step,
     typical_rows,
 )
-from refusal_assets.sae_data import as_rows
+from refusal_assets.sae.rows import as_rows
 
 TRUE_K = 8  # true features per synthetic sample
 VAL_FRACTION = 0.1
@@ -94,7 +94,7 @@ class SiteActivations(NamedTuple):
 def site_rows(folder: Path, max_norm_factor: float = 3.0) -> SiteActivations:
     """Every category's rows of one site (``activations/<site_key>/*/activations.parquet``), without
     the massive-activation rows, as the ``sae`` asset trains on them."""
-    from refusal_assets.activations import read_vectors
+    from refusal_assets.lm.activations import read_vectors
 
     paths = sorted(Path(folder).glob("*/activations.parquet"))
     if not paths:
@@ -458,8 +458,8 @@ def _write_synthetic_parquet(path: Path, n: int, d_in: int, seed: int, group_row
 
 def _rss_child(path: str, d_sae: int, k: int, batch_size: int, steps: int, mode: str) -> dict[str, Any]:
     """In a fresh process: train on the rows of ``path`` (streaming or all in memory), report peak RSS."""
-    from refusal_assets.sae import train_sae
-    from refusal_assets.sae_data import ParquetRows
+    from refusal_assets.sae.autoencoder import train_sae
+    from refusal_assets.sae.rows import ParquetRows
 
     with tempfile.TemporaryDirectory(prefix="sae-rss-") as tmp:
         rows = ParquetRows.from_parquet([Path(path)], scratch=Path(tmp))
@@ -519,7 +519,7 @@ def streaming_rss(
                     }
                 )
                 proc = subprocess.run(
-                    [sys.executable, "-m", "refusal_assets.bench_sae", "--rss-child", args],
+                    [sys.executable, "-m", "refusal_assets.bench.sae", "--rss-child", args],
                     capture_output=True,
                     text=True,
                     env={**os.environ},
