@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
@@ -66,3 +67,35 @@ def plot_sweeps(sweeps: dict[str, dict], title: str, path: Path) -> Path:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def plot_heatmap(
+    matrix: np.ndarray,
+    labels: list[str],
+    title: str,
+    path: str | Path,
+    annotate_significance: np.ndarray | None = None,
+) -> Path:
+    """Write a labelled heatmap of ``matrix [n, n]``; cells where ``annotate_significance`` is True get a ``*``."""
+    matrix = np.asarray(matrix, dtype=float)
+    n = len(labels)
+    if matrix.shape != (n, n):
+        raise ValueError(f"matrix shape {matrix.shape} does not match {n} labels")
+    path = Path(path)
+    fig = new_figure((1.2 + 0.8 * n, 1.0 + 0.7 * n), constrained=True)
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis")
+    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    ax.set_title(title)
+    finite = matrix[np.isfinite(matrix)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for i in range(n):
+        for j in range(n):
+            if not np.isfinite(matrix[i, j]):
+                continue
+            star = "*" if annotate_significance is not None and annotate_significance[i, j] else ""
+            colour = "black" if matrix[i, j] > mid else "white"  # readable on both ends of viridis
+            ax.text(j, i, f"{matrix[i, j]:.2f}{star}", ha="center", va="center", fontsize=8, color=colour)
+    return save_png(fig, path, dpi=150)

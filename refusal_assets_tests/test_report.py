@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from refusal_assets.analysis import comparison as cmp
+from refusal_assets.analysis import overlap as cmp
 from refusal_assets.layout import Layout
 from refusal_assets.prompts import orbench as data
 from refusal_assets.report import report

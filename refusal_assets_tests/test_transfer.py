@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refusal_assets.analysis import transfer as tr
-from refusal_assets.analysis.comparison import VerdictRule
+from refusal_assets.analysis.verdict_rule import VerdictRule
 from refusal_assets.lm.behaviour import refusal_token_ids
 
 PROMPTS = [

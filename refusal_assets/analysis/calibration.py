@@ -19,7 +19,8 @@ from typing import Literal
 
 import numpy as np
 
-from refusal_assets.analysis.comparison import VerdictRule, compare_categories
+from refusal_assets.analysis.overlap import compare_categories
+from refusal_assets.analysis.verdict_rule import VerdictRule
 
 Planted = Literal["monolithic", "modular"]
 CI_STATS = ("jaccard", "normalised_jaccard", "shared_fraction")
@@ -339,7 +340,7 @@ def calibrate_model(
     from refusal_assets.analysis.verdict import combine, overlap_line, transfer_lines
     from refusal_assets.circuits import circuit as circ
     from refusal_assets.lm.sites import Site
-    from refusal_assets.sae.autoencoder import TopKSAE
+    from refusal_assets.sae.model import TopKSAE
 
     rule = rule or VerdictRule()
     m, tok, markers, ids = planted_model(model, tokenizer, planted, n_categories)

@@ -19,7 +19,7 @@ a ratio over a denominator that may be zero is not a number; DESIGN.md §2):
 * **induced refusal**: r_A (its own norm) added at its layer, post-instruction positions, on B's
   held-out harmless prompts; the rise of B's refusal score.
 
-Every test's pair calls and verdict follow :class:`refusal_assets.analysis.comparison.VerdictRule`
+Every test's pair calls and verdict follow :class:`refusal_assets.analysis.verdict_rule.VerdictRule`
 (shared: ratio CI low >= 1 - margin; specific: ratio CI high < modular_max_normalised).
 """
 
@@ -34,7 +34,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.analysis.comparison import CI, VerdictRule, _jsonable, bootstrap_ci
+from refusal_assets.analysis.resampling import CI, bootstrap_ci
+from refusal_assets.analysis.serialise import jsonable
+from refusal_assets.analysis.verdict_rule import VerdictRule
 from refusal_assets.circuits.circuit import SuffixBatch, prepare_suffixes, random_like, stacked_passes
 from refusal_assets.lm.behaviour import refusal_score_from_logits
 from refusal_assets.lm.hooks import forward_hooks
@@ -97,7 +99,7 @@ class CrossMatrix:
     reason: str
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def cross_matrix(
@@ -164,7 +166,7 @@ def cross_matrix(
 
 
 def verdict_from_calls(test: str, calls: list[str], rule: VerdictRule) -> tuple[str, str]:
-    """The same counting rule as :func:`refusal_assets.analysis.comparison.decide_verdict`, on ordered pairs."""
+    """The same counting rule as :func:`refusal_assets.analysis.verdict_rule.decide_verdict`, on ordered pairs."""
     count = {c: calls.count(c) for c in ("shared", "specific", "partial", "undecided")}
     decided = len(calls) - count["undecided"]
     numbers = (
@@ -396,7 +398,7 @@ class DirectionTests:
     cosine: dict
 
     def to_dict(self) -> dict:
-        return _jsonable(
+        return jsonable(
             {
                 "ablation": self.ablation.to_dict(),
                 "induced": self.induced.to_dict(),

@@ -53,9 +53,9 @@ class CombinedVerdict:
     thresholds: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        from refusal_assets.analysis.comparison import _jsonable
+        from refusal_assets.analysis.serialise import jsonable
 
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def overlap_line(result: dict) -> TestLine:

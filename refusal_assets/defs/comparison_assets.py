@@ -6,13 +6,15 @@ import time
 import dagster as dg
 import numpy as np
 
-from refusal_assets.analysis import comparison as cmp
+from refusal_assets.analysis import overlap as cmp
 from refusal_assets.analysis.verdict import combine, overlap_line, transfer_lines
+from refusal_assets.analysis.verdict_rule import VerdictRule
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import ci_metadata, file_path, png_markdown, report_metadata
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
+from refusal_assets.plots import plot_heatmap
 from refusal_assets.report.report import write_report
 from refusal_assets.storage import write_text
 
@@ -78,12 +80,12 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
                 alpha=comp.alpha,
                 seed=comp.seed,
                 error_nodes=error_nodes,
-                rule=cmp.VerdictRule.from_config(comp),
+                rule=VerdictRule.from_config(comp),
                 min_ceiling=comp.min_ceiling,
             )
             out["groups"][group] = result.to_dict()
             out["groups"][group]["fallback_categories"] = fallback
-            png = cmp.plot_heatmap(
+            png = plot_heatmap(
                 result.jaccard,
                 result.categories,
                 f"{model_key}: circuit Jaccard ({group})",
@@ -115,7 +117,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             )
             out["cross_jaccard"] = cross.tolist()
             md["heatmap_cross"] = png_markdown(
-                cmp.plot_heatmap(
+                plot_heatmap(
                     cross,
                     categories,
                     f"{model_key}: Jaccard toxic (rows) vs benign (cols)",
@@ -132,7 +134,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
                 labels, cos = cmp.refusal_direction_cosines(dirs)
                 out["direction_cosines"][site] = {"labels": labels, "matrix": cos.tolist()}
                 md[f"direction_cosine_{site}"] = png_markdown(
-                    cmp.plot_heatmap(
+                    plot_heatmap(
                         cos,
                         labels,
                         f"{model_key}: refusal-direction cosine ({site})",

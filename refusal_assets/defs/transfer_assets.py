@@ -11,7 +11,7 @@ import polars as pl
 import torch
 
 from refusal_assets.analysis import transfer as tr
-from refusal_assets.analysis.comparison import VerdictRule, plot_heatmap
+from refusal_assets.analysis.verdict_rule import VerdictRule
 from refusal_assets.circuits import circuit as circ
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.partitions import Partitions
@@ -19,7 +19,8 @@ from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.models import load_model
-from refusal_assets.sae.autoencoder import load_sae
+from refusal_assets.plots import plot_heatmap
+from refusal_assets.sae.files import load_sae
 from refusal_assets.storage import write_text
 
 

@@ -707,7 +707,8 @@ def write_report(
         "Comparison: per pair of categories, the Jaccard overlap of their circuits against a label-permutation null "
         "(one-sided, for lower overlap), Benjamini-Hochberg over pairs, normalised by the geometric mean of the two "
         "split-half ceilings (how well a circuit reproduces within its own category); the shared core is the nodes in "
-        "every category's circuit. The verdict rule is documented in refusal_assets.analysis.comparison.decide_verdict."
+        "every category's circuit. The verdict rule is documented in "
+        "refusal_assets.analysis.verdict_rule.decide_verdict."
     )
     doc.h(3, "Reproducibility")
     doc.table(["package", "version"], [[k, v] for k, v in _versions().items()])

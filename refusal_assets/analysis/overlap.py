@@ -18,163 +18,33 @@ the ``effects`` dict.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
 
-from refusal_assets.circuits.circuit import Mode, select_circuits
-from refusal_assets.plots import new_figure, save_png
-
-# Rows of resampled mean vectors handled at once: bounds memory to ~_BATCH_ELEMS floats per array.
-_BATCH_ELEMS = 1 << 22
-
-# Seed streams, one per kind of resampling, so adding a statistic never shifts another's draws.
-_PERM, _PAIR_BOOT, _SPLIT, _CORE_BOOT, _HALF, _NORM_BOOT = 0, 1, 2, 3, 4, 5
-
-
-# ----------------------------------------------------------------------------- set statistics
-
-
-def _jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Jaccard of masks ``[..., n_nodes]`` -> ``[...]``; two empty circuits are equal sets, so 1."""
-    inter = np.count_nonzero(a & b, axis=-1)
-    union = np.count_nonzero(a | b, axis=-1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
-def weighted_overlap(mean_a: np.ndarray, mean_b: np.ndarray) -> float:
-    """Weighted Jaccard of effect magnitudes: sum min(|a|,|b|) / sum max(|a|,|b|); NaN if both are 0."""
-    abs_a, abs_b = np.abs(mean_a), np.abs(mean_b)
-    denom = np.maximum(abs_a, abs_b).sum()
-    return float(np.minimum(abs_a, abs_b).sum() / denom) if denom > 0 else math.nan
-
-
-def _spearman(mean_a: np.ndarray, mean_b: np.ndarray) -> float:
-    with warnings.catch_warnings():
-        # A constant vector has no ranks to correlate; NaN says so, the warning adds nothing.
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        return float(stats.spearmanr(mean_a, mean_b).statistic)
-
-
-def _means_from_indices(effects: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Mean effect ``[batch, n_nodes]`` of the prompt subsets/resamples ``idx [batch, m]`` (repeats count)."""
-    idx = np.atleast_2d(idx)
-    batch, m = idx.shape
-    n = effects.shape[0]
-    flat = (idx + n * np.arange(batch)[:, None]).ravel()
-    counts = np.bincount(flat, minlength=batch * n).reshape(batch, n)  # [batch, n_prompts]
-    return (counts / m) @ effects
-
-
-def _lead_shape(*idx: np.ndarray) -> tuple[int, ...]:
-    """Batch shape of resample index arrays ``[..., n_c]``: scipy's BCa jackknife passes the left-out
-    sample as ``[batch, n - 1]`` and the others as ``[1, n]``, so the shapes broadcast."""
-    return np.broadcast_shapes(*(np.shape(i)[:-1] for i in idx))
-
-
-def _rng(seed: int, *key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
-
-
-# ----------------------------------------------------------------------------- bootstrap CIs
-
-CI = tuple[float, float]
-
-
-def bootstrap_ci(
-    data: tuple[np.ndarray, ...],
-    statistic,
-    estimate: float,
-    *,
-    n_resamples: int,
-    batch: int,
-    rng: np.random.Generator,
-    paired: bool = False,
-    method: Literal["normal", "BCa"] = "normal",
-) -> CI:
-    """95% bootstrap CI over prompts that always contains ``estimate``.
-
-    ``normal`` (the default): estimate ± t(0.975, n_min - 1) × the bootstrap standard error. Top-k set statistics
-    are biased in a bootstrap (resampled prompts repeat, so resampled circuits are noisier and overlap
-    less): percentile intervals then sit below the estimate, and BCa's bias correction aims at the
-    infinite-sample value, not at the statistic's expectation at this sample size, which is what the
-    comparison compares (numerator and ceiling at the same size). The spread of the bootstrap is
-    still a fair (if slightly wide) measure of the estimate's own spread, so the interval is centred on
-    the estimate. Its coverage is measured by ``refusal-assets calibrate``. ``BCa``:
-    ``scipy.stats.bootstrap(method="BCa")``, widened to include the estimate. A degenerate bootstrap
-    (every resample the same value, e.g. identical circuits) gives the point interval."""
-    if not math.isfinite(estimate):
-        return (math.nan, math.nan)
-    with warnings.catch_warnings():
-        # Degenerate or NaN-holding distributions: handled below, the warning adds nothing.
-        warnings.simplefilter("ignore")
-        res = stats.bootstrap(
-            data,
-            statistic,
-            vectorized=True,
-            paired=paired,
-            n_resamples=n_resamples,
-            confidence_level=0.95,
-            method="percentile" if method == "normal" else method,
-            batch=batch,
-            rng=rng,
-        )
-    dist = np.asarray(res.bootstrap_distribution, dtype=float)
-    dist = dist[np.isfinite(dist)]
-    if not dist.size:
-        return (math.nan, math.nan)
-    if np.ptp(dist) == 0 and dist[0] == estimate:
-        return (estimate, estimate)
-    if method == "normal":
-        # Student's t with the smallest sample's degrees of freedom: the bootstrap SE of a statistic
-        # of a dozen prompts is itself uncertain (1.96 under-covers at the default sizes; measured).
-        df = max(min(len(d) for d in data) - 1, 1)
-        half = float(stats.t.ppf(0.975, df)) * float(dist.std(ddof=1))
-        return (estimate - half, estimate + half)
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # BCa undefined (e.g. a constant jackknife): percentile
-        lo, hi = (float(v) for v in np.quantile(dist, [0.025, 0.975]))
-    return (min(lo, estimate), max(hi, estimate))
-
-
-def min_permutation_p(n_a: int, n_b: int, n_permutations: int) -> float:
-    """The smallest p a two-sample label-permutation test of a symmetric statistic can give:
-    1 / (#distinct relabellings), doubled when the groups are equal-sized (swapping them gives the same
-    circuits), and never below the Monte Carlo floor 1 / (1 + n_permutations)."""
-    n_distinct = math.comb(n_a + n_b, n_a) / (2 if n_a == n_b else 1)
-    return max(1.0 / n_distinct, 1.0 / (1 + n_permutations))
-
-
-# ---------------------------------------------------------------------------------------- result
-
-PairCall = Literal["shared", "specific", "partial", "undecided"]
-
-
-@dataclass(frozen=True)
-class PairStats:
-    a: str
-    b: str
-    jaccard: float  # full-sample circuits
-    weighted_overlap: float
-    spearman: float
-    p_value: float  # one-sided label-permutation p for MODULARITY (overlap lower than exchangeable)
-    min_p: float  # the smallest p the permutation test can give with these group sizes
-    testable: bool  # min_p < alpha: a significant result is attainable at all
-    q_value: float  # Benjamini-Hochberg over the testable pairs; NaN for untestable ones
-    significant: bool  # testable and q_value < alpha
-    half_size: int  # prompts per half-sample circuit: min(n_a, n_b) // 2, for numerator and ceiling alike
-    cross_half_jaccard: float  # mean Jaccard of a half-circuit of a with a half-circuit of b (disjoint halves)
-    ceiling: float  # mean within-category split-half Jaccard at the same half size (both categories)
-    normalised_jaccard: float  # cross_half_jaccard / ceiling; NaN where the ceiling is below min_ceiling
-    normalised_jaccard_ci: CI  # bootstrap over prompts (see bootstrap_ci)
-    jaccard_ci: CI  # bootstrap over prompts, of the full-sample Jaccard (see bootstrap_ci)
-    null_mean: float  # mean Jaccard under exchangeable labels, for scale
-    call: PairCall  # what this pair says, see decide_verdict
+from refusal_assets.analysis.resampling import (
+    CORE_BOOT,
+    HALF,
+    NORM_BOOT,
+    PAIR_BOOT,
+    PERM,
+    SPLIT,
+    Selector,
+    bootstrap_ci,
+    jaccard,
+    lead_shape,
+    means_from_indices,
+    min_permutation_p,
+    seeded_rng,
+    spearman,
+    weighted_overlap,
+)
+from refusal_assets.analysis.serialise import jsonable
+from refusal_assets.analysis.verdict_rule import PairStats, VerdictRule, classify_pair, decide_verdict
+from refusal_assets.circuits.circuit import Mode
 
 
 @dataclass(frozen=True)
@@ -204,171 +74,7 @@ class ComparisonResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: arrays to lists, NaN to None."""
-        return _jsonable(asdict(self))
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer, int)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(obj) else float(obj)
-    return obj
-
-
-# ----------------------------------------------------------------------------------- the verdict
-
-
-@dataclass(frozen=True)
-class VerdictRule:
-    """Thresholds of the overlap verdict (``comparison:`` config fields, echoed in the output)."""
-
-    equivalence_margin: float = 0.2
-    """A pair is ``shared`` when the lower end of its normalised-Jaccard CI is at least 1 - margin:
-    cross-category overlap equivalent to the within-category ceiling (an equivalence test, never
-    "failed to reject")."""
-    modular_max_normalised_jaccard: float = 0.5
-    """A pair is ``specific`` when it differs significantly AND the upper end of its normalised-Jaccard
-    CI is below this."""
-    min_decided_fraction: float = 0.5
-    """Fewer pairs than this fraction decided (shared / specific / partial): ``insufficient evidence``."""
-    majority: float = 0.5
-    """``modular``: at least this fraction of decided pairs specific and none shared; ``monolithic``:
-    at least this fraction shared and none specific or partial."""
-
-    @classmethod
-    def from_config(cls, comp: Any) -> VerdictRule:
-        """From a :class:`refusal_assets.config.ComparisonConfig`."""
-        return cls(comp.equivalence_margin, comp.modular_max_normalised, comp.min_decided_fraction, comp.majority)
-
-
-class Verdict(NamedTuple):
-    verdict: Literal["modular", "monolithic", "mixed", "insufficient evidence"]
-    reason: str
-    """The rule that decided, with the numbers it saw."""
-
-
-def classify_pair(significant: bool, normalised_ci: CI, rule: VerdictRule) -> PairCall:
-    """``shared``: normalised CI low >= 1 - margin; ``specific``: significant and CI high below
-    ``modular_max_normalised_jaccard``; ``partial``: significant, or the CI lies wholly below the
-    equivalence bound (clearly not shared, not clearly disjoint); ``undecided``: anything else (a CI
-    spanning both answers, an undefined ceiling, an untestable pair)."""
-    lo, hi = normalised_ci
-    if math.isfinite(lo) and lo >= 1 - rule.equivalence_margin:
-        return "shared"
-    if significant and math.isfinite(hi) and hi < rule.modular_max_normalised_jaccard:
-        return "specific"
-    if significant or (math.isfinite(hi) and hi < 1 - rule.equivalence_margin):
-        return "partial"
-    return "undecided"
-
-
-def prompts_to_decide(pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule, alpha: float) -> int:
-    """A rough per-category sample that would decide the undecided pairs: CI widths shrink as 1/sqrt(n),
-    so n * (half-width / distance to the nearer decision bound)^2, and at least the size at which the
-    permutation test can reach alpha."""
-    need = 0
-    for p in pairs:
-        if p.call != "undecided":
-            continue
-        n = min(n_prompts[p.a], n_prompts[p.b])
-        k = n
-        while min_permutation_p(k, k, 10**9) >= alpha:
-            k += 1
-        lo, hi = p.normalised_jaccard_ci
-        est = p.normalised_jaccard
-        if math.isfinite(est) and math.isfinite(lo) and math.isfinite(hi) and hi > lo:
-            gap = max(
-                min(abs(est - (1 - rule.equivalence_margin)), abs(est - rule.modular_max_normalised_jaccard)), 0.05
-            )
-            k = max(k, math.ceil(n * ((hi - lo) / 2 / gap) ** 2))
-        else:  # no usable ceiling: the circuits do not replicate; at least four times the sample
-            k = max(k, 4 * n)
-        need = max(need, k)
-    return need
-
-
-def decide_verdict(
-    pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule = VerdictRule(), *, alpha: float = 0.05
-) -> Verdict:
-    """The overlap test's verdict from the pairs' calls (:func:`classify_pair`).
-
-    * ``insufficient evidence``: fewer than ``min_decided_fraction`` of the pairs decided;
-    * ``monolithic``: at least ``majority`` of the decided pairs ``shared``, none ``specific`` or ``partial``;
-    * ``modular``: at least ``majority`` of the decided pairs ``specific``, none ``shared``;
-    * ``mixed``: anything else.
-    Half-shared circuits have Jaccard 1/3, so they count as specific.
-    """
-    calls = [p.call for p in pairs]
-    count = {c: calls.count(c) for c in ("shared", "specific", "partial", "undecided")}
-    decided = len(calls) - count["undecided"]
-    norm = np.array([p.normalised_jaccard for p in pairs], dtype=float)
-    median_norm = float(np.median(norm[np.isfinite(norm)])) if np.isfinite(norm).any() else math.nan
-    n_untestable = sum(not p.testable for p in pairs)
-    numbers = (
-        f"of {len(pairs)} category pairs, {count['shared']} shared (normalised-Jaccard CI low >= "
-        f"{1 - rule.equivalence_margin:g}), {count['specific']} specific (significant after Benjamini-Hochberg, CI "
-        f"high < {rule.modular_max_normalised_jaccard:g}), {count['partial']} partial, {count['undecided']} undecided; "
-        f"the median normalised Jaccard is {median_norm:.3f}."
-    )
-    if n_untestable:
-        numbers += (
-            f" {n_untestable} pair(s) are untestable (the smallest attainable permutation p is >= {alpha:g}) "
-            "and count as no test."
-        )
-    if n_unreliable := int((~np.isfinite(norm)).sum()):
-        numbers += (
-            f" {n_unreliable} pair(s) have a split-half ceiling too low to normalise (circuits do not reproduce "
-            "within their own category)."
-        )
-    if decided < rule.min_decided_fraction * max(len(pairs), 1) or decided == 0:
-        need = prompts_to_decide(pairs, n_prompts, rule, alpha)
-        return Verdict(
-            "insufficient evidence",
-            (
-                f"Insufficient evidence: {numbers} Fewer than {rule.min_decided_fraction:.0%} of the pairs are "
-                f"decided; about {need} refusing prompts per category would decide them."
-            ),
-        )
-    if count["shared"] >= rule.majority * decided and count["specific"] == 0 and count["partial"] == 0:
-        return Verdict(
-            "monolithic", f"Monolithic: {numbers} Cross-category overlap is equivalent to the within-category ceiling."
-        )
-    if count["specific"] >= rule.majority * decided and count["shared"] == 0:
-        return Verdict("modular", f"Modular: {numbers} Categories use measurably different circuits.")
-    return Verdict("mixed", f"Mixed: {numbers} Neither every decided pair shared nor most of them specific.")
-
-
-# ------------------------------------------------------------------------------------ comparison
-
-
-def _batch_rows(n_nodes: int) -> int:
-    return max(1, _BATCH_ELEMS // max(n_nodes, 1))
-
-
-@dataclass(frozen=True)
-class Selector:
-    """Circuit selection for batches of mean effects ``[batch, n_nodes]`` -> masks ``[batch, n_nodes]``."""
-
-    site_of_node: np.ndarray
-    mode: Mode
-    k_per_site: int
-    threshold: float
-
-    def __call__(self, means: np.ndarray) -> np.ndarray:
-        return select_circuits(means, self.site_of_node, self.mode, self.k_per_site, self.threshold)
-
-    @property
-    def batch(self) -> int:
-        """Resamples per vectorised call (memory bound, see ``_BATCH_ELEMS``)."""
-        return _batch_rows(self.site_of_node.shape[0])
+        return jsonable(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -388,11 +94,11 @@ def split_half_ceilings(
     ceiling: dict[str, float] = {}
     for ci, c in enumerate(E):
         n = E[c].shape[0]
-        order = _rng(seed, _SPLIT, ci).permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)  # [n_splits, n]
+        order = seeded_rng(seed, SPLIT, ci).permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)  # [n_splits, n]
         js = [
-            _jaccard(
-                select(_means_from_indices(E[c], rows[:, : n // 2])),
-                select(_means_from_indices(E[c], rows[:, n // 2 : 2 * (n // 2)])),
+            jaccard(
+                select(means_from_indices(E[c], rows[:, : n // 2])),
+                select(means_from_indices(E[c], rows[:, n // 2 : 2 * (n // 2)])),
             )
             for rows in np.array_split(order, math.ceil(n_splits / select.batch))  # chunks of <= batch rows
         ]
@@ -430,10 +136,10 @@ class HalfSampleOverlap:
         for ka, kb in zip(self.keys_a, self.keys_b):
             sa = np.take_along_axis(ia, np.argsort(ka[ia], axis=1, kind="stable"), axis=1)
             sb = np.take_along_axis(ib, np.argsort(kb[ib], axis=1, kind="stable"), axis=1)
-            a1, a2 = select(_means_from_indices(Ea, sa[:, :m])), select(_means_from_indices(Ea, sa[:, m : 2 * m]))
-            b1, b2 = select(_means_from_indices(Eb, sb[:, :m])), select(_means_from_indices(Eb, sb[:, m : 2 * m]))
-            cross += (_jaccard(a1, b1) + _jaccard(a2, b2) + _jaccard(a1, b2) + _jaccard(a2, b1)) / 4
-            within += (_jaccard(a1, a2) + _jaccard(b1, b2)) / 2
+            a1, a2 = select(means_from_indices(Ea, sa[:, :m])), select(means_from_indices(Ea, sa[:, m : 2 * m]))
+            b1, b2 = select(means_from_indices(Eb, sb[:, :m])), select(means_from_indices(Eb, sb[:, m : 2 * m]))
+            cross += (jaccard(a1, b1) + jaccard(a2, b2) + jaccard(a1, b2) + jaccard(a2, b1)) / 4
+            within += (jaccard(a1, a2) + jaccard(b1, b2)) / 2
         return cross, within
 
 
@@ -475,7 +181,7 @@ def _pair_stats(
 
     def perm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
         # Indices into the pooled prompts; a permutation only changes which rows feed each mean.
-        jac = _jaccard(select(_means_from_indices(pooled, ia)), select(_means_from_indices(pooled, ib)))
+        jac = jaccard(select(means_from_indices(pooled, ia)), select(means_from_indices(pooled, ib)))
         return jac.reshape(np.shape(ia)[:-1])  # scalar for the observed labels, [batch] for resamples
 
     perm = stats.permutation_test(
@@ -486,34 +192,34 @@ def _pair_stats(
         n_resamples=n_permutations,
         alternative="less",
         batch=select.batch,
-        rng=_rng(seed, _PERM, *key),
+        rng=seeded_rng(seed, PERM, *key),
     )
 
     def boot_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
-        jac = _jaccard(
-            select(_means_from_indices(E[a], ia.reshape(-1, ia.shape[-1]))),
-            select(_means_from_indices(E[b], ib.reshape(-1, ib.shape[-1]))),
+        jac = jaccard(
+            select(means_from_indices(E[a], ia.reshape(-1, ia.shape[-1]))),
+            select(means_from_indices(E[b], ib.reshape(-1, ib.shape[-1]))),
         )
-        return jac.reshape(_lead_shape(ia, ib))
+        return jac.reshape(lead_shape(ia, ib))
 
-    jac = float(_jaccard(circuit[a], circuit[b]))
+    jac = float(jaccard(circuit[a], circuit[b]))
     jac_ci = bootstrap_ci(
         (np.arange(na), np.arange(nb)),
         boot_stat,
         jac,
         n_resamples=n_bootstrap,
         batch=select.batch,
-        rng=_rng(seed, _PAIR_BOOT, *key),
+        rng=seeded_rng(seed, PAIR_BOOT, *key),
     )
 
-    halves = HalfSampleOverlap.draw(na, nb, n_splits, _rng(seed, _HALF, *key))
+    halves = HalfSampleOverlap.draw(na, nb, n_splits, seeded_rng(seed, HALF, *key))
     half_batch = max(1, select.batch // (4 * n_splits))
 
     def norm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
         cross, within = halves.sums(E[a], E[b], ia.reshape(-1, ia.shape[-1]), ib.reshape(-1, ib.shape[-1]), select)
         # A resample whose halves do not replicate at all has no ceiling to normalise by.
         out = np.where(within > 0, cross / np.maximum(within, 1e-300), np.nan)
-        return out.reshape(_lead_shape(ia, ib))
+        return out.reshape(lead_shape(ia, ib))
 
     cross, within = halves.sums(E[a], E[b], np.arange(na), np.arange(nb), select)
     cross_half, ceiling = float(cross[0] / n_splits), float(within[0] / n_splits)
@@ -526,7 +232,7 @@ def _pair_stats(
             norm,
             n_resamples=n_bootstrap,
             batch=half_batch,
-            rng=_rng(seed, _NORM_BOOT, *key),
+            rng=seeded_rng(seed, NORM_BOOT, *key),
         )
         if reliable
         else (math.nan, math.nan)
@@ -537,7 +243,7 @@ def _pair_stats(
         b=b,
         jaccard=jac,
         weighted_overlap=weighted_overlap(mean[a], mean[b]),
-        spearman=_spearman(mean[a], mean[b]),
+        spearman=spearman(mean[a], mean[b]),
         p_value=float(perm.pvalue),
         min_p=min_p,
         testable=min_p < alpha,
@@ -633,10 +339,10 @@ def shared_core(
     in_count = masks.sum(axis=0)  # [n_nodes]
 
     def core_stat(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        lead = _lead_shape(*idx)
+        lead = lead_shape(*idx)
         masks = [
             np.broadcast_to(
-                select(_means_from_indices(E[c], ic.reshape(-1, ic.shape[-1]))), (math.prod(lead), len(site_of_node))
+                select(means_from_indices(E[c], ic.reshape(-1, ic.shape[-1]))), (math.prod(lead), len(site_of_node))
             )
             for c, ic in zip(cats, idx)
         ]
@@ -649,7 +355,7 @@ def shared_core(
         fraction,
         n_resamples=n_bootstrap,
         batch=max(1, select.batch // len(cats)),
-        rng=_rng(seed, _CORE_BOOT),
+        rng=seeded_rng(seed, CORE_BOOT),
     )
     return SharedCore(
         core=np.flatnonzero(in_count == len(cats)),
@@ -826,35 +532,3 @@ def refusal_direction_cosines(directions: dict[str, np.ndarray]) -> tuple[list[s
         raise ValueError(f"zero refusal direction for {zero}: cosine is undefined")
     U = D / norms[:, None]
     return labels, np.clip(U @ U.T, -1.0, 1.0)
-
-
-def plot_heatmap(
-    matrix: np.ndarray,
-    labels: list[str],
-    title: str,
-    path: str | Path,
-    annotate_significance: np.ndarray | None = None,
-) -> Path:
-    """Write a labelled heatmap of ``matrix [n, n]``; cells where ``annotate_significance`` is True get a ``*``."""
-    matrix = np.asarray(matrix, dtype=float)
-    n = len(labels)
-    if matrix.shape != (n, n):
-        raise ValueError(f"matrix shape {matrix.shape} does not match {n} labels")
-    path = Path(path)
-    fig = new_figure((1.2 + 0.8 * n, 1.0 + 0.7 * n), constrained=True)
-    ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis")
-    fig.colorbar(image, ax=ax)
-    ax.set_xticks(range(n), labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels)
-    ax.set_title(title)
-    finite = matrix[np.isfinite(matrix)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-    for i in range(n):
-        for j in range(n):
-            if not np.isfinite(matrix[i, j]):
-                continue
-            star = "*" if annotate_significance is not None and annotate_significance[i, j] else ""
-            colour = "black" if matrix[i, j] > mid else "white"  # readable on both ends of viridis
-            ax.text(j, i, f"{matrix[i, j]:.2f}{star}", ha="center", va="center", fontsize=8, color=colour)
-    return save_png(fig, path, dpi=150)
