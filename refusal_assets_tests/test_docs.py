@@ -48,7 +48,8 @@ def test_readme_is_short():
     words = prose_words(README.read_text(encoding="utf-8"))
     assert words <= README_MAX_WORDS, (
         f"README.md has {words} words outside code blocks (at most {README_MAX_WORDS}): "
-        "move reference detail to the docs beside the code (configs/README.md, dagster_home/README.md, "
+        "move reference detail to the docs beside the code (configs/README.md, "
+        "dagster_home/README.md, "
         "data/README.md, refusal_assets/analysis/METHODS.md)"
     )
 
@@ -85,7 +86,7 @@ def _topological(snapshot: dict) -> list[str]:
     done: list[str] = []
     pending = sorted(snapshot)
     while pending:
-        ready = [k for k in pending if all(d in done or d not in snapshot for d in snapshot[k]["deps"])]
+        ready = [k for k in pending if all(d in done for d in snapshot[k]["deps"] if d in snapshot)]
         if not ready:  # a cycle cannot load in Dagster; keep the rest in name order
             ready = pending
         done.append(ready[0])
@@ -133,7 +134,7 @@ def write_mermaid(readme: Path = README) -> bool:
 
 def test_readme_mermaid_matches_graph_snapshot():
     blocks = MERMAID_BLOCK.findall(README.read_text(encoding="utf-8"))
-    assert len(blocks) == 1, f"README.md should hold exactly one ```mermaid block, found {len(blocks)}"
+    assert len(blocks) == 1, f"README.md holds {len(blocks)} ```mermaid blocks, not one"
     assert blocks[0] == expected_mermaid(), (
         f"README.md's asset graph differs from {SNAPSHOT.name}; regenerate it with: {REGENERATE}"
     )
@@ -186,7 +187,8 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def _positional_choices(parser: argparse.ArgumentParser) -> set[str]:
-    return {str(c) for a in parser._actions if not a.option_strings and a.choices for c in a.choices}
+    positionals = [a for a in parser._actions if not a.option_strings and a.choices]
+    return {str(c) for a in positionals for c in a.choices}
 
 
 COMMAND = re.compile(r"refusal-assets\s+([a-z][a-z-]*)([^`\n]*)")
@@ -199,7 +201,8 @@ def readme_command_problems(markdown: str, parser: argparse.ArgumentParser) -> l
     problems = []
     for command, rest in COMMAND.findall(markdown):
         if command not in commands:
-            problems.append(f"refusal-assets {command}: no such command (have: {', '.join(sorted(commands))})")
+            known = ", ".join(sorted(commands))
+            problems.append(f"refusal-assets {command}: no such command (have: {known})")
             continue
         sub = commands[command]
         rest = rest.split("#")[0]
@@ -209,34 +212,41 @@ def readme_command_problems(markdown: str, parser: argparse.ArgumentParser) -> l
         targets = _positional_choices(sub)
         if targets:
             named = re.match(r"\s*\[?([a-z|]+)", rest)
-            for target in (named.group(1).split("|") if named else []):
+            for target in named.group(1).split("|") if named else []:
                 if target and target not in targets:
-                    problems.append(f"refusal-assets {command} {target}: not one of {sorted(targets)}")
+                    problems.append(f"refusal-assets {command} {target}: not {sorted(targets)}")
     return sorted(set(problems))
 
 
 def test_readme_commands_exist():
     problems = readme_command_problems(README.read_text(encoding="utf-8"), cli_parser())
-    assert not problems, "README.md names commands the CLI does not have:\n  " + "\n  ".join(problems)
+    assert not problems, "README.md names commands the CLI lacks:\n  " + "\n  ".join(problems)
 
 
 def test_command_check_catches_a_missing_command_and_flag():
     parser = cli_parser()
-    assert readme_command_problems("`refusal-assets validate --config configs/tiny.yaml`", parser) == []
+    assert readme_command_problems("`refusal-assets validate --config FILE`", parser) == []
     assert readme_command_problems("`refusal-assets frobnicate`", parser)
     assert readme_command_problems("`refusal-assets validate --no-such-flag`", parser)
     assert readme_command_problems("`refusal-assets bench nothing`", parser)
 
 
-REPO_PATH = re.compile(r"(?<![\w./~-])((?:configs|data|dagster_home|refusal_assets_tests|refusal_assets|\.ci)/[\w./<>*-]*)")
-ROOT_FILES = re.compile(r"(?<![\w./~-])(README\.md|pyproject\.toml|LICENSE|workspace\.yaml)(?![\w.-])")
+TOP_FOLDERS = r"configs|data|dagster_home|refusal_assets_tests|refusal_assets|\.ci"
+REPO_PATH = re.compile(rf"(?<![\w./~-])((?:{TOP_FOLDERS})/[\w./<>*-]*)")
+ROOT_FILE_NAMES = r"README\.md|pyproject\.toml|LICENSE|workspace\.yaml"
+ROOT_FILES = re.compile(rf"(?<![\w./~-])({ROOT_FILE_NAMES})(?![\w.-])")
+LINK_TARGET = re.compile(r"\]\(([^)#\s]+)")
+
+
+def _relative_links(markdown: str) -> set[str]:
+    return {t for t in LINK_TARGET.findall(markdown) if "://" not in t and ":" not in t[:7]}
 
 
 def readme_path_problems(markdown: str, root: Path = ROOT) -> list[str]:
     """Repository paths the text names (outside ``storage/``, without ``<placeholders>`` or
     globs) must exist, and so must the targets of relative Markdown links."""
     named = set(REPO_PATH.findall(markdown)) | set(ROOT_FILES.findall(markdown))
-    named |= {t for t in re.findall(r"\]\(([^)#\s]+)", markdown) if "://" not in t and not t.startswith("mailto:")}
+    named |= _relative_links(markdown)
     problems = []
     for path in sorted(named):
         path = path.rstrip(".,;:")
@@ -254,19 +264,21 @@ def test_readme_paths_exist():
 
 def test_path_check_catches_a_stale_path():
     assert readme_path_problems("`configs/default.yaml`, [docs](configs/README.md)") == []
-    assert readme_path_problems("`refusal-assets run --config configs/orbench.yaml`") == ["configs/orbench.yaml"]
+    stale = "`refusal-assets run --config configs/orbench.yaml`"
+    assert readme_path_problems(stale) == ["configs/orbench.yaml"]
     assert readme_path_problems("see `storage/<config>/sae/<site>`") == []
 
 
 def test_reference_docs_paths_exist():
-    for doc in ["configs/README.md", "dagster_home/README.md", "data/README.md", "refusal_assets/analysis/METHODS.md"]:
+    for doc in [
+        "configs/README.md",
+        "dagster_home/README.md",
+        "data/README.md",
+        "refusal_assets/analysis/METHODS.md",
+    ]:
         text = (ROOT / doc).read_text(encoding="utf-8")
-        relative = {
-            t
-            for t in re.findall(r"\]\(([^)#\s]+)", text)
-            if "://" not in t and not t.startswith("mailto:")
-        }
-        missing = [t for t in sorted(relative) if not ((ROOT / doc).parent / t).exists()]
+        here = (ROOT / doc).parent
+        missing = [t for t in sorted(_relative_links(text)) if not (here / t).exists()]
         missing += readme_path_problems(re.sub(r"\]\([^)]*\)", "]", text))
         assert not missing, f"{doc} names paths that do not exist: {missing}"
 
@@ -304,7 +316,8 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> dict[str, object]:
         path = f"{prefix}{name}"
         keys[path] = field
         for sub in _model_classes(field.annotation):
-            keys.update(config_keys(sub, f"{path}[]." if _is_list(field.annotation) else f"{path}."))
+            nested = f"{path}[]." if _is_list(field.annotation) else f"{path}."
+            keys.update(config_keys(sub, nested))
     return keys
 
 
@@ -365,9 +378,10 @@ def test_every_config_key_is_documented_with_its_default():
 def test_config_models_outside_the_project_config_are_documented():
     text = CONFIGS_README.read_text(encoding="utf-8")
     for model in config_models_outside_project():
-        assert f"`{model.__name__}`" in text, f"configs/README.md does not describe `{model.__name__}`"
+        name = model.__name__
+        assert f"`{name}`" in text, f"configs/README.md does not describe `{name}`"
         rows = dict(TABLE_ROW.findall(text))
-        missing = [f for f in model.model_fields if f"{model.__name__}.{f}" not in rows and f not in rows]
+        missing = [f for f in model.model_fields if f"{name}.{f}" not in rows and f not in rows]
         assert not missing, f"configs/README.md: `{model.__name__}` fields without a row: {missing}"
 
 
@@ -402,7 +416,7 @@ def test_gpu_recipe_validates_offline(config, tmp_path):
         text=True,
         timeout=600,
     )
-    assert out.returncode == 0, f"refusal-assets validate --config {config}:\n{out.stdout}\n{out.stderr}"
+    assert out.returncode == 0, f"validate --config {config}:\n{out.stdout}\n{out.stderr}"
     assert ": OK" in out.stdout
 
 
@@ -420,19 +434,20 @@ def test_gpu_recipe_reads_a_real_pretrained_sae_at_each_site(config):
             assert spec, f"{config}: site {site_key} has no pretrained SAE (it would be trained)"
             release, _, sae_id = spec.removeprefix("saelens:").partition("/")
             assert release in releases, f"{config}: {spec}: no SAELens release {release!r}"
-            assert sae_id in releases[release].saes_map, f"{config}: {spec}: release has no SAE {sae_id!r}"
+            assert sae_id in releases[release].saes_map, f"{config}: {spec}: no SAE {sae_id!r}"
             layer = int(re.search(r"\d+", sae_id).group())
-            assert site.kind == "resid" and layer == site.layer, f"{config}: {site_key} reads {spec}"
-        assert not set(cfg.sae.pretrained) - set(model.site_keys), f"{config}: pretrained SAE for no site"
+            assert site.kind == "resid" and layer == site.layer, f"{config}: {site_key}: {spec}"
+        extra = set(cfg.sae.pretrained) - set(model.site_keys)
+        assert not extra, f"{config}: pretrained SAEs for no site: {extra}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write-mermaid", action="store_true", help="rewrite README.md's ```mermaid block")
+    parser.add_argument("--write-mermaid", action="store_true", help="rewrite README's graph")
     args = parser.parse_args(argv)
     if args.write_mermaid:
         changed = write_mermaid()
-        print(f"{README.relative_to(ROOT)}: asset graph {'rewritten' if changed else 'already up to date'}")
+        print(f"README.md: asset graph {'rewritten' if changed else 'already up to date'}")
         return 0
     print(expected_mermaid(), end="")
     return 0
