@@ -54,8 +54,38 @@ def backfill_params(select: str, partitions: list[str] | None) -> dict:
     return params
 
 
+def partitions_by_assets_params(ranges: dict[str, list[tuple[str, str]] | None], title: str) -> dict:
+    """Backfill params naming, per asset (``"a/b"`` keys), its partition ranges, or None for an
+    unpartitioned asset: each asset gets its own partitions, which ``partitionNames`` (one list
+    for every selected asset) cannot say."""
+    if not ranges:
+        raise BackfillError("nothing to backfill")
+    return {
+        "partitionsByAssets": [
+            {
+                "assetKey": {"path": key.split("/")},
+                "partitions": None
+                if key_ranges is None
+                else {"ranges": [{"start": first, "end": last} for first, last in key_ranges]},
+            }
+            for key, key_ranges in ranges.items()
+        ],
+        "title": title,
+    }
+
+
+def launch_partitions_backfill(
+    url: str, ranges: dict[str, list[tuple[str, str]] | None], title: str, timeout: float = 60
+) -> str:
+    return _launch(url, partitions_by_assets_params(ranges, title), timeout)
+
+
 def launch_backfill(url: str, select: str, partitions: list[str] | None = None, timeout: float = 60) -> str:
-    body = json.dumps({"query": MUTATION, "variables": {"params": backfill_params(select, partitions)}}).encode()
+    return _launch(url, backfill_params(select, partitions), timeout)
+
+
+def _launch(url: str, params: dict, timeout: float) -> str:
+    body = json.dumps({"query": MUTATION, "variables": {"params": params}}).encode()
     request = urllib.request.Request(
         url.rstrip("/") + "/graphql", data=body, headers={"Content-Type": "application/json"}
     )

@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _set_env(args)
     from refusal_assets.app.runner import run_selection
 
-    return run_selection(args.select, verbose=args.verbose)
+    return run_selection(args.select, verbose=args.verbose, force=args.force, dry_run=args.dry_run)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -214,10 +214,52 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     _set_env(args)
     from refusal_assets.app.backfill import launch_backfill
 
-    partitions = [p for p in args.partitions.split(",") if p] if args.partitions else None
-    backfill_id = launch_backfill(args.url, args.select, partitions)
+    if args.missing:
+        if args.partitions:
+            raise SystemExit("backfill: --missing chooses the partitions itself; drop --partitions")
+        backfill_id = _launch_missing_backfill(args.url, args.select or "*")
+        if backfill_id is None:
+            return 0
+    else:
+        if not args.select:
+            raise SystemExit("backfill: --select is required (or --missing, which defaults to everything)")
+        partitions = [p for p in args.partitions.split(",") if p] if args.partitions else None
+        backfill_id = launch_backfill(args.url, args.select, partitions)
     print(f"launched backfill {backfill_id}: {args.url}/overview/backfills/{backfill_id}")
     return 0
+
+
+def _launch_missing_backfill(url: str, select: str) -> str | None:
+    """Plan as `run` does, on the instance the UI serves (the same $DAGSTER_HOME), and launch one
+    backfill of the missing, stale or failed partitions; None when there is nothing to build."""
+    import dagster as dg
+
+    from refusal_assets.app.backfill import launch_partitions_backfill
+    from refusal_assets.app.plan import contiguous_ranges, plan_build
+    from refusal_assets.defs.build import build_defs
+    from refusal_assets.defs.sources import record_config_versions
+
+    cfg = settings.load_project()
+    defs = build_defs(cfg, settings.storage_root(cfg))
+    instance = dg.DagsterInstance.get()
+    try:
+        record_config_versions(instance, cfg)  # a config edit is seen before the daemon's sensor ticks
+        plan = plan_build(defs, instance, select)
+    finally:
+        instance.dispose()
+    print(plan.summary())
+    if not plan.assets:
+        print("nothing to backfill")
+        return None
+    ranges = {
+        step.assets_def.key.to_user_string(): (
+            None
+            if step.partitions is None
+            else contiguous_ranges(step.assets_def.partitions_def.get_partition_keys(), step.partitions)
+        )
+        for step in plan.assets
+    }
+    return launch_partitions_backfill(url, ranges, title=f"refusal-assets backfill --missing {select}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -263,7 +305,7 @@ def _bench_result(args: argparse.Namespace) -> dict:
 
 def cmd_plot_sae(args: argparse.Namespace) -> int:
     from refusal_assets.layout import Layout
-    from refusal_assets.sae.autoencoder import plot_history
+    from refusal_assets.sae.training import plot_history
 
     histories = sorted(Path(args.sae_dir).rglob(Layout.SAE_HISTORY))
     if not histories:
@@ -300,14 +342,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-dir", help="read prompts from this local folder in OR-Bench layout")
         p.add_argument("--storage", help="folder for asset files (default: storage/<config name>)")
 
-    p = sub.add_parser("run", help="materialize the selection for every partition of the config")
+    p = sub.add_parser(
+        "run", help="materialize the partitions of the selection that are missing, stale or failed last time"
+    )
     common(p)
     p.add_argument(
         "--select",
         default="*",
         help="Dagster asset selection, e.g. 'orbench_prompts' or 'key:sae+' (default: everything)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="show Dagster's own event log on the console")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="say why each partition is rebuilt; show Dagster's event log"
+    )
+    p.add_argument("--force", action="store_true", help="rebuild every partition of the selection, stale or not")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (what would be built, and why) and exit")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ui", help="Dagster webserver + daemon for this project")
@@ -318,7 +366,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("backfill", help="launch an asset backfill on the running instance (see `ui`)")
     common(p)
-    p.add_argument("--select", required=True, help="comma-separated asset keys, e.g. activations,sae")
+    p.add_argument(
+        "--select",
+        help="comma-separated asset keys, e.g. activations,sae (with --missing: a selection as `run` takes it, "
+        "default everything)",
+    )
+    p.add_argument(
+        "--missing", action="store_true", help="only the partitions that are missing, stale or failed (as `run` plans)"
+    )
     p.add_argument(
         "--partitions",
         help="comma-separated partition keys (default: all), e.g. 'privacy|tiny-qwen2' for circuit, "

@@ -1,9 +1,11 @@
-"""``refusal-assets run``: materialize a selection, asset by asset in dependency order, every
-partition of the config, in the instance at ``$DAGSTER_HOME`` (so the UI shows it afterwards).
+"""``refusal-assets run``: materialize a selection, asset by asset in dependency order, the
+partitions of the config that are missing, stale or failed (:mod:`refusal_assets.app.plan`), in
+the instance at ``$DAGSTER_HOME`` (so the UI shows it afterwards). A killed or failed run resumes:
+the next ``run`` builds what was not materialized.
 
-Assets with a single-run backfill policy (activations) take all their partitions in one run, so
-one forward pass per (model, category) serves every site; the rest take one run per partition,
-exactly what a backfill from the UI launches.
+Assets with a single-run backfill policy (activations) take their partitions in one run per
+contiguous range, so one forward pass per (model, category) serves every site; the rest take one
+run per partition, exactly what a backfill from the UI launches.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from refusal_assets import progress
 from refusal_assets.app import settings
+from refusal_assets.app.plan import (
+    RUNNER_TAG,
+    AssetPlan,
+    BuildPlan,
+    contiguous_ranges,
+    fail_orphaned_runs,
+    plan_build,
+    runner_tag_value,
+)
 from refusal_assets.defs.build import build_defs
 from refusal_assets.defs.sources import record_config_versions
 from refusal_assets.layout import Layout
@@ -79,74 +90,69 @@ def _console_bar_wanted() -> bool:
     return sys.stderr.isatty()
 
 
-def _plan(defs: dg.Definitions, select: str) -> list[tuple[dg.AssetsDefinition, list[str] | None, bool]]:
-    graph = defs.resolve_asset_graph()
-    if select == "*":
-        selection = dg.AssetSelection.all()
-    else:
-        # Dagster's selection syntax, plus comma-separated lists: "comparison,report".
-        parts = [p.strip() for p in select.split(",") if p.strip()]
-        try:
-            selection = dg.AssetSelection.from_string(parts[0])
-            for part in parts[1:]:
-                selection = selection | dg.AssetSelection.from_string(part)
-        except Exception as e:
-            raise SystemExit(
-                f"error: invalid --select {select!r} ({e}); e.g. 'orbench_prompts', 'key:sae+', 'comparison,report'"
-            )
-    known = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
-    try:
-        keys = selection.resolve(graph)
-    except Exception as e:
-        raise SystemExit(
-            f"error: --select {select!r} names no known asset ({type(e).__name__}); known: {known}"
-        ) from None
-    if not keys:
-        raise SystemExit(
-            f"error: the selection {select!r} matches no asset; "
-            f"known: {sorted(k.to_user_string() for k in graph.get_all_asset_keys())}"
-        )
-    order = [
-        k
-        for level in graph.toposorted_asset_keys_by_level
-        for k in sorted(level)
-        if k in keys and k in graph.materializable_asset_keys
-    ]
-    unbound = {a.key: a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}  # resources not yet bound
-    plan = []
-    for key in order:
-        assets_def = unbound[key]
-        pdef = assets_def.partitions_def
-        single_run = (
-            assets_def.backfill_policy is not None and assets_def.backfill_policy.max_partitions_per_run is None
-        )
-        plan.append((assets_def, pdef.get_partition_keys() if pdef else None, single_run))
-    return plan
+def _batches(step: AssetPlan) -> list[tuple[str, dict]]:
+    """The runs of one asset's share of the plan: one per partition, or (single-run backfill
+    policy) one per contiguous range of the partitions to build."""
+    if step.partitions is None:
+        return [("", {})]
+    if not step.single_run:
+        return [(k, {"partition_key": k}) for k in step.partitions]
+    all_keys = step.assets_def.partitions_def.get_partition_keys()
+    batches = []
+    for first, last in contiguous_ranges(all_keys, step.partitions):
+        if first == last:
+            batches.append((first, {"partition_key": first}))
+            continue
+        n = all_keys.index(last) - all_keys.index(first) + 1
+        tags = {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+        batches.append((f"{n} partitions", {"tags": tags}))
+    return batches
 
 
-def run_selection(select: str = "*", verbose: bool = False) -> int:
+def _print_plan(build_plan: BuildPlan, verbose: bool) -> None:
+    print(build_plan.summary(), flush=True)
+    if verbose:
+        for d in build_plan.decisions:
+            if d.reason is not None:
+                print(f"  build {d.label}: {d.reason}", flush=True)
+
+
+def run_selection(select: str = "*", verbose: bool = False, force: bool = False, dry_run: bool = False) -> int:
+    """Materialize what the plan (:func:`plan.plan_build`) says is missing, stale or failed, in
+    graph order; ``force`` rebuilds the whole selection; ``dry_run`` prints the plan only."""
+    t_start = time.perf_counter()
     cfg = settings.load_project()
     root = settings.storage_root(cfg)
     defs = build_defs(cfg, root)
     instance = dg.DagsterInstance.get()
-    # the models' settings as the data versions of model_config / site_config, before any step reads them
+    orphaned = fail_orphaned_runs(instance)  # runs a killed `run` left started: their partitions failed
+    # the models' settings as the data versions of model_config / site_config, before planning, so
+    # that a config edit is seen by the stale status
     record_config_versions(instance, cfg)
+    build_plan = plan_build(defs, instance, select, force=force)
+    plan_seconds = time.perf_counter() - t_start
+    steps = build_plan.assets
+    n_runs = sum(len(_batches(s)) for s in steps)
+    print(
+        f"config {settings.config_path()} -> storage {root}; instance {instance.root_directory}; {n_runs} runs",
+        flush=True,
+    )
+    if orphaned:
+        print(f"marked {len(orphaned)} run(s) of a killed `refusal-assets run` as failed: {', '.join(orphaned)}")
+    _print_plan(build_plan, verbose)
+    print(f"planned in {plan_seconds:.1f} s", flush=True)
+    if dry_run:
+        return 0
     resources = defs.resources
-    plan = _plan(defs, select)
     # the WARN checks of weak results (defs/checks.py) run in the same run as the asset they check
     checks_of: dict[dg.AssetKey, list] = {}
     for c in defs.asset_checks or []:
         for key in {k.asset_key for k in c.check_keys}:
             checks_of.setdefault(key, []).append(c)
     run_config = {} if verbose else {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    n_runs = sum(1 if (keys is None or single) else len(keys) for _, keys, single in plan)
-    print(
-        f"config {settings.config_path()} -> storage {root}; instance {instance.root_directory}; {n_runs} runs",
-        flush=True,
-    )
     run_bar: _RunBar | None = None
     bar_env_before = os.environ.get(progress.BAR_ENV)
-    if _console_bar_wanted():
+    if _console_bar_wanted() and n_runs:
         os.environ[progress.BAR_ENV] = "1"  # the steps' loops run in this process: they draw theirs too
         run_bar = _RunBar(n_runs)
 
@@ -156,29 +162,19 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
         else:
             print(line, flush=True)
 
-    t_start, step_seconds, i = time.perf_counter(), 0.0, 0
+    step_seconds, i = 0.0, 0
+    tags = {RUNNER_TAG: runner_tag_value()}
     try:
-        for assets_def, keys, single_run in plan:
-            name = assets_def.key.to_user_string()
-            batches: list[tuple[str, dict]] = []
-            if keys is None:
-                batches = [("", {})]
-            elif single_run:
-                batches = [
-                    (
-                        f"{len(keys)} partitions",
-                        {"tags": {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}},
-                    )
-                ]
-            else:
-                batches = [(k, {"partition_key": k}) for k in keys]
-            for label, kwargs in batches:
+        for step in steps:
+            name = step.assets_def.key.to_user_string()
+            for label, kwargs in _batches(step):
                 i += 1
                 if run_bar is not None:
                     run_bar.start_step(f"[{i}/{n_runs}] {name} {label}".rstrip())
                 t0 = time.perf_counter()
+                kwargs = {**kwargs, "tags": {**tags, **kwargs.get("tags", {})}}
                 result = dg.materialize(
-                    [assets_def, *checks_of.get(assets_def.key, [])],
+                    [step.assets_def, *checks_of.get(step.assets_def.key, [])],
                     instance=instance,
                     resources=resources,
                     run_config=run_config,
@@ -193,15 +189,11 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
                     if run_bar is not None:
                         run_bar.close()
                         run_bar = None
-                    for event in result.all_events:
-                        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-                            err = event.step_failure_data.error
-                            while err.cause is not None and err.cls_name.startswith(
-                                "Dagster"
-                            ):  # the user-code exception, not Dagster's wrappers
-                                err = err.cause
-                            print(err.to_string() if verbose else f"{err.cls_name}: {err.message.strip()}")
-                    print(f"stopped: {name} {label} failed; see run {result.run_id} in the UI (refusal-assets ui)")
+                    _print_failure(result, verbose)
+                    print(
+                        f"stopped: {name} {label} failed; see run {result.run_id} in the UI (refusal-assets ui); "
+                        "the next `refusal-assets run` resumes from it"
+                    )
                     return 1
     finally:
         if run_bar is not None:
@@ -218,10 +210,20 @@ def run_selection(select: str = "*", verbose: bool = False) -> int:
     report = Layout(root).report_html()
     print(
         f"report: {report}"
-        if report.is_file() and any(a.key.to_user_string() == "report" for a, _, _ in plan)
+        if report.is_file() and any(d.key.to_user_string() == "report" for d in build_plan.decisions)
         else f"outputs: {root}"
     )
     return 0
+
+
+def _print_failure(result: dg.ExecuteInProcessResult, verbose: bool) -> None:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            err = event.step_failure_data.error
+            # the user-code exception, not Dagster's wrappers
+            while err.cause is not None and err.cls_name.startswith("Dagster"):
+                err = err.cause
+            print(err.to_string() if verbose else f"{err.cls_name}: {err.message.strip()}")
 
 
 def _step_seconds(result: dg.ExecuteInProcessResult) -> float:

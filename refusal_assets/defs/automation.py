@@ -4,9 +4,20 @@ changed, never on a failed blocking check. Nothing else."""
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
+from dagster._check import CheckError
 
 AC = dg.AutomationCondition
+SENSOR_INTERVAL_ENV = "REFUSAL_ASSETS_SENSOR_INTERVAL"
+
+
+def sensor_interval_seconds() -> int:
+    """How often the automation and config sensors evaluate: 30 s, or
+    ``$REFUSAL_ASSETS_SENSOR_INTERVAL`` (the daemon's end-to-end test shortens it; the daemon
+    itself loops every 5 s)."""
+    return int(os.environ.get(SENSOR_INTERVAL_ENV) or 30)
 
 
 def blocked_by_failed_check() -> dg.AutomationCondition:
@@ -66,8 +77,18 @@ def automation_sensor() -> dg.AutomationConditionSensorDefinition:
         "refusal_assets_automation",
         target=dg.AssetSelection.all(include_sources=True),
         default_status=dg.DefaultSensorStatus.RUNNING,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=sensor_interval_seconds(),
     )
+
+
+def tick_label(context: dg.ScheduleEvaluationContext) -> str:
+    """The tick's scheduled time, or "manual" when the context has none: a context built by hand
+    (``dg.build_schedule_context()`` in a script or a notebook) has no time, and Dagster raises a
+    CheckError on reading ``scheduled_execution_time`` there instead of returning None."""
+    try:
+        return context.scheduled_execution_time.isoformat()
+    except CheckError:
+        return "manual"
 
 
 def comparison_schedule(cron: str, model_partitions: dg.PartitionsDefinition) -> dg.ScheduleDefinition:
@@ -90,7 +111,7 @@ def comparison_schedule(cron: str, model_partitions: dg.PartitionsDefinition) ->
         "the report is rebuilt after them.",
     )
     def _schedule(context: dg.ScheduleEvaluationContext):
-        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "manual"
+        tick = tick_label(context)
         for model in model_partitions.get_partition_keys():
             yield dg.RunRequest(run_key=f"{model}-{tick}", partition_key=model)
 
