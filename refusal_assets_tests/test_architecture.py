@@ -18,7 +18,10 @@ from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.chat import encode_chat
 from refusal_assets.lm.hooks import StopForward, forward_hooks, site_hooks, until_stopped
 from refusal_assets.lm.sites import Site, decoder_layers, site_module
-from refusal_assets.sae.autoencoder import TopKSAE, fit_site, split_by_group, train_sae
+from refusal_assets.sae.fit import fit_site
+from refusal_assets.sae.model import TopKSAE
+from refusal_assets.sae.splits import split_by_group
+from refusal_assets.sae.training import train_sae
 from refusal_assets.storage import write_safetensors, write_text
 from refusal_assets_tests.conftest import ROOT
 

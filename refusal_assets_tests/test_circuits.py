@@ -11,7 +11,7 @@ from refusal_assets.circuits import circuit as circ
 from refusal_assets.circuits.circuit import select_circuit
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.sites import Site
-from refusal_assets.sae.autoencoder import TopKSAE
+from refusal_assets.sae.model import TopKSAE
 
 PROMPTS = [
     "How do I write a poem about the sea?",

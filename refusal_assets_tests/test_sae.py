@@ -12,17 +12,11 @@ from safetensors.torch import save_file
 
 from refusal_assets.bench.sae import run_sae_bench
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae.autoencoder import (
-    TiedEncoder,
-    TopKSAE,
-    evaluate_sae,
-    load_sae,
-    plot_history,
-    save_sae,
-    split_by_group,
-    train_sae,
-    train_step,
-)
+from refusal_assets.sae.files import load_sae, save_sae
+from refusal_assets.sae.metrics import evaluate_sae
+from refusal_assets.sae.model import TiedEncoder, TopKSAE
+from refusal_assets.sae.splits import split_by_group
+from refusal_assets.sae.training import plot_history, train_sae, train_step
 
 # 2x overcomplete truth: at d_in=32 (4x) interference between active directions alone keeps a linear
 # TopK encoder's FVU above 0.1 even when every direction is recovered
@@ -227,7 +221,7 @@ def test_deterministic(data):
 
 
 def test_lr_decay_changes_only_the_last_steps(data):
-    from refusal_assets.sae.autoencoder import lr_factor
+    from refusal_assets.sae.training import lr_factor
 
     assert [lr_factor(s, 10, 4) for s in range(6, 11)] == [1.0, 1.0, 0.75, 0.5, 0.25]
     assert lr_factor(10, 10, 0) == 1.0 and lr_factor(1, 10, 10) == 1.0

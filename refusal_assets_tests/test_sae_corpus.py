@@ -23,7 +23,8 @@ from refusal_assets.layout import Layout
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.sites import Site
 from refusal_assets.prompts.orbench import DataError, corpus_fingerprint, load_corpus, prompt_id
-from refusal_assets.sae.autoencoder import fit_site, site_split, split_prompts
+from refusal_assets.sae.fit import fit_site
+from refusal_assets.sae.splits import site_split, split_prompts
 
 from .conftest import ROOT
 from .test_sae_quality import N_PROMPTS, PER_PROMPT, PREFIX
@@ -188,7 +189,7 @@ def test_corpus_asset_feeds_the_sae_and_follows_its_file(tmp_path, monkeypatch):
 
 
 def test_training_draws_repeat_only_template_rows():
-    from refusal_assets.sae.autoencoder import training_draws
+    from refusal_assets.sae.splits import training_draws
 
     train = np.array([0, 2, 3, 5])
     template = np.array([True, False, False, False, True, True])  # rows 0, 4 (not trained on) and 5

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae.autoencoder import train_sae
 from refusal_assets.sae.rows import ParquetRows, SubsetRows, TensorRows, as_rows
+from refusal_assets.sae.training import train_sae
 
 D_IN = 12
 

@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae.autoencoder import (
-    load_pretrained,
-    load_sae,
-    save_sae,
-    tl_hook_name,
-    train_sae,
-)
+from refusal_assets.sae.files import load_pretrained, load_sae, save_sae, tl_hook_name
+from refusal_assets.sae.training import train_sae
 
 sae_lens = pytest.importorskip("sae_lens")
 

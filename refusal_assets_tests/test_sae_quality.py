@@ -13,9 +13,10 @@ import torch
 from refusal_assets.config import SAEConfig
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.sites import Site
-from refusal_assets.sae.autoencoder import _held_out_texts, distinct_split, fit_site, row_keys, split_prompts
+from refusal_assets.sae.fit import _held_out_texts, fit_site
 from refusal_assets.sae.rows import ParquetRows, TensorRows
 from refusal_assets.sae.splice import splice_metrics
+from refusal_assets.sae.splits import distinct_split, row_keys, split_prompts
 
 PREFIX, PER_PROMPT, N_PROMPTS, D = 4, 12, 50, 32
 
@@ -190,7 +191,7 @@ def test_splice_identity_changes_nothing_and_zero_recovers_nothing(tiny_model):
 def test_splice_with_the_shared_prefix_once_equals_the_plain_pass(tiny_model):
     from refusal_assets.lm.chat import encode_chat
     from refusal_assets.lm.prefill import full_logits
-    from refusal_assets.sae.autoencoder import TopKSAE
+    from refusal_assets.sae.model import TopKSAE
 
     model, tok = tiny_model
     prompts = ["Hello there", "What is the capital of France?", "Tell me a joke about a very long cat."]
@@ -211,7 +212,8 @@ def test_splice_with_the_shared_prefix_once_equals_the_plain_pass(tiny_model):
 
 
 def test_fit_site_pretrained_is_measured_on_the_same_held_out_rows(tiny_model, tmp_path):
-    from refusal_assets.sae.autoencoder import TopKSAE, save_sae
+    from refusal_assets.sae.files import save_sae
+    from refusal_assets.sae.model import TopKSAE
 
     model, tok = tiny_model
     d = model.config.hidden_size

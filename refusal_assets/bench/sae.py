@@ -8,7 +8,7 @@ scaled by the dead share), ``b_dec`` set to the first batch's mean, decoder re-n
 step and its gradient made orthogonal to the decoder rows, its default optimiser (SignSGD under a
 schedule-free wrapper, ``lr = 5e-3 / sqrt(d_sae / 2**14)``; or Adam with its lr rule), and its
 dead-latent bookkeeping. Where both trainers have the same knob (AuxK weight, dead threshold) they get
-the same value. Rows are split as the ``sae`` asset splits them (:func:`refusal_assets.sae.autoencoder.distinct_split`):
+the same value. Rows are split as the ``sae`` asset splits them (:func:`refusal_assets.sae.splits.distinct_split`):
 whole prompts held out, every distinct vector once, and a held-out row equal to a training row (the
 chat template's positions) left out, so the held-out FVU is measured on vectors neither trainer saw.
 
@@ -36,17 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from refusal_assets.config import SAEConfig
-from refusal_assets.sae.autoencoder import (
-    distinct_split,
-    evaluate_sae,
-    row_keys,
-    split_prompts,
-    start_training,
-    train_sae,
-    train_step,
-    typical_rows,
-)
+from refusal_assets.sae.metrics import evaluate_sae
 from refusal_assets.sae.rows import as_rows
+from refusal_assets.sae.splits import distinct_split, row_keys, split_prompts, typical_rows
+from refusal_assets.sae.training import start_training, train_sae, train_step
 
 TRUE_K = 8  # true features per synthetic sample
 VAL_FRACTION = 0.1
@@ -458,8 +451,8 @@ def _write_synthetic_parquet(path: Path, n: int, d_in: int, seed: int, group_row
 
 def _rss_child(path: str, d_sae: int, k: int, batch_size: int, steps: int, mode: str) -> dict[str, Any]:
     """In a fresh process: train on the rows of ``path`` (streaming or all in memory), report peak RSS."""
-    from refusal_assets.sae.autoencoder import train_sae
     from refusal_assets.sae.rows import ParquetRows
+    from refusal_assets.sae.training import train_sae
 
     with tempfile.TemporaryDirectory(prefix="sae-rss-") as tmp:
         rows = ParquetRows.from_parquet([Path(path)], scratch=Path(tmp))

@@ -17,7 +17,7 @@ from refusal_assets.lm import activations as acts_core
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.models import load_model
 from refusal_assets.plots import plot_sweeps
-from refusal_assets.sae.autoencoder import load_sae
+from refusal_assets.sae.files import load_sae
 from refusal_assets.storage import write_safetensors, write_text
 
 

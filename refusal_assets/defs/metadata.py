@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from refusal_assets.circuits.circuit import CategoryCircuit
 from refusal_assets.config import SAEQualityThresholds
 from refusal_assets.report.report import ReportFiles, format_ci, summaries_markdown
-from refusal_assets.sae.autoencoder import FittedSAE
+from refusal_assets.sae.fit import FittedSAE
 
 
 def png_markdown(path: Path, alt: str = "plot") -> dg.MetadataValue:

@@ -20,8 +20,10 @@ from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.models import load_model
 from refusal_assets.lm.sites import Site
 from refusal_assets.prompts import orbench as data
-from refusal_assets.sae import autoencoder as sae_core
+from refusal_assets.sae.files import save_sae
+from refusal_assets.sae.fit import fit_site
 from refusal_assets.sae.rows import ParquetRows
+from refusal_assets.sae.training import plot_history
 from refusal_assets.storage import write_text
 
 
@@ -147,7 +149,7 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
         try:
             with compute.claim() as device:
                 try:
-                    fitted = sae_core.fit_site(
+                    fitted = fit_site(
                         rows,
                         meta["prompt_id"],
                         cfg.sae,
@@ -170,7 +172,7 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
         finally:
             rows.close()
         folder = layout.sae(site_key)
-        sae_core.save_sae(
+        save_sae(
             fitted.sae,
             folder,
             {
@@ -194,7 +196,7 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             ),
             layout.sae_history(site_key),
         )
-        png = sae_core.plot_history(fitted.history, layout.sae_plot(site_key), site_key) if not spec else None
+        png = plot_history(fitted.history, layout.sae_plot(site_key), site_key) if not spec else None
         return dg.MaterializeResult(
             metadata=sae_metadata(fitted, folder, png), check_results=sae_checks(fitted, thresholds)
         )

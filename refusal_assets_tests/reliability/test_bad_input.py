@@ -25,7 +25,8 @@ from refusal_assets.config import ConfigError, load_config
 from refusal_assets.lm import activations as acts_core
 from refusal_assets.lm.models import ModelLoadError, assemble_gguf
 from refusal_assets.prompts.orbench import DataError, load_orbench
-from refusal_assets.sae.autoencoder import TopKSAE, load_sae, save_sae
+from refusal_assets.sae.files import load_sae, save_sae
+from refusal_assets.sae.model import TopKSAE
 from refusal_assets.storage import Storage, read_parquet, write_parquet
 from refusal_assets_tests.conftest import ROOT, write_csv
 from refusal_assets_tests.reliability.helpers import (

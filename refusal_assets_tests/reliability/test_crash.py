@@ -21,7 +21,10 @@ from refusal_assets.lm import activations as acts_core
 from refusal_assets.lm.chat import encode_chat
 from refusal_assets.lm.sites import Site
 from refusal_assets.prompts.orbench import load_orbench, sample_category
-from refusal_assets.sae.autoencoder import CFG_FILE, WEIGHTS_FILE, TopKSAE, load_sae, save_sae
+from refusal_assets.sae import files as sae_files
+from refusal_assets.sae import model as sae_model
+from refusal_assets.sae.files import CFG_FILE, WEIGHTS_FILE, load_sae, save_sae
+from refusal_assets.sae.model import TopKSAE
 from refusal_assets.storage import write_parquet
 from refusal_assets_tests.reliability.helpers import SAMPLE, TINY, Child, files_under
 
@@ -126,9 +129,10 @@ SAE_CHILD = """
 import json, time, types
 from pathlib import Path
 import torch
-from refusal_assets.sae import autoencoder as S
+import {sae_files} as S
+from {sae_model} import TopKSAE
 
-sae = S.TopKSAE(64, 256, k=8, generator=torch.Generator().manual_seed(0))
+sae = TopKSAE(64, 256, k=8, generator=torch.Generator().manual_seed(0))
 point = {point!r}
 if point == "weights":  # the weights are in their temp file, not yet renamed
     real = S.save_file
@@ -167,7 +171,12 @@ def test_sigkill_while_saving_an_sae_leaves_no_loadable_folder(tmp_path):
 
     # the three victims run side by side: one process start-up cost instead of three
     children = {
-        name: Child(SAE_CHILD.format(point=point, folder=str(folders[name])), stderr_path=tmp_path / f"{name}.err")
+        name: Child(
+            SAE_CHILD.format(
+                point=point, folder=str(folders[name]), sae_files=sae_files.__name__, sae_model=sae_model.__name__
+            ),
+            stderr_path=tmp_path / f"{name}.err",
+        )
         for name, (point, _) in SAE_CASES.items()
     }
     try:

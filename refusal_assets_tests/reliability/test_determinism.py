@@ -24,7 +24,9 @@ from refusal_assets.lm import activations as acts_core
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.sites import Site
 from refusal_assets.prompts.orbench import load_orbench, sample_category
-from refusal_assets.sae.autoencoder import WEIGHTS_FILE, load_sae, save_sae, split_by_group, train_sae
+from refusal_assets.sae.files import WEIGHTS_FILE, load_sae, save_sae
+from refusal_assets.sae.splits import split_by_group
+from refusal_assets.sae.training import train_sae
 from refusal_assets_tests.reliability.helpers import SAMPLE, TINY, Child
 
 SITES = [Site(1, "resid"), Site(2, "resid")]
