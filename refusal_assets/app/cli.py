@@ -262,6 +262,28 @@ def _launch_missing_backfill(url: str, select: str) -> str | None:
     return launch_partitions_backfill(url, ranges, title=f"refusal-assets backfill --missing {select}")
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    _set_env(args)
+    import dagster as dg
+
+    from refusal_assets.app import prune
+    from refusal_assets.defs.build import build_defs
+
+    cfg = settings.load_project()
+    root = settings.storage_root(cfg)
+    instance = dg.DagsterInstance.get()
+    try:
+        plan = prune.plan_prune(build_defs(cfg, root), root, instance)
+    finally:
+        instance.dispose()
+    print(f"config {settings.config_path()} -> storage {root}; instance {os.environ['DAGSTER_HOME']}")
+    print("\n".join(prune.describe(plan, dry_run=args.dry_run)))
+    if not args.dry_run:
+        prune.delete(plan)
+        print(f"deleted {len(plan.folders)} folders")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "sae" and args.learning_curve and not args.activations:
         raise SystemExit("bench sae --learning-curve needs --activations storage/activations/<site_key>")
@@ -381,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--url", default="http://127.0.0.1:3000", help="webserver URL")
     p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser(
+        "prune", help="delete the files of partitions removed from the config (a category, a model); list them"
+    )
+    common(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("validate", help="validate the config and list models, sites and categories")
     common(p)
