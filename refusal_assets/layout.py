@@ -80,6 +80,20 @@ class Layout:
     def sae_plot(self, site_key: str) -> Path:
         return self.sae(site_key) / self.SAE_PLOT
 
+    # ---- stage 3b: feature cards (refusal_assets.features.files documents the files)
+    def features(self, site_key: str) -> Path:
+        return self.files.path("features", site_key)
+
+    def feature_top_examples(self, site_key: str) -> Path:
+        return self.features(site_key) / "top_examples.parquet"
+
+    def feature_latents(self, site_key: str) -> Path:
+        return self.features(site_key) / "latents.parquet"
+
+    def feature_cards(self, site_key: str) -> Path:
+        """One JSON file per site (layout: refusal_assets.features.cards); written last."""
+        return self.features(site_key) / "cards.json"
+
     # ---- stage 4: circuits
     def circuit(self, model_key: str, category: str) -> Path:
         return self.files.path("circuit", model_key, category)
