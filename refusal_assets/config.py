@@ -355,6 +355,40 @@ class ComparisonConfig(_Strict):
     """Training toxic prompts per category that select the pooled direction's layer and position."""
 
 
+class DirectionsConfig(_Strict):
+    """The execution level (asset ``refusal_direction``, Arditi et al. 2024): candidate grid,
+    selection filters, generation under ablation, steering coefficients and the verdict margin."""
+
+    layer_stride: int = Field(default=3, ge=1)
+    """Candidate layers: every ``layer_stride``-th block input below ``max_layer_fraction`` x L,
+    counted down from the deepest allowed one (each candidate costs two scoring passes)."""
+    positions: int = Field(default=1, ge=1)
+    """Candidate positions: the last ``positions`` post-instruction (end-of-instruction) tokens."""
+    max_layer_fraction: float = Field(default=0.8, gt=0, le=1)
+    val_fraction: float = Field(default=0.35, gt=0, lt=1)
+    """Share of the non-held-out prompts that select the direction (the rest give the candidates)."""
+    selection_prompts: int = Field(default=16, ge=2)
+    """At most this many validation prompts per side (harmful, harmless) score each candidate."""
+    min_selection_prompts: int = Field(default=6, ge=2)
+    """A category with fewer refusing validation prompts takes the pooled layer and position."""
+    kl_threshold: float = Field(default=0.1, gt=0)
+    induce_threshold: float = 0.0
+    min_relative_norm: float = Field(default=0.05, ge=0)
+    """Discard a candidate whose norm is below this fraction of the mean activation norm there."""
+    max_new_tokens: int = Field(default=24, ge=1)
+    steering_coefficients: list[float] = [0.5, 1.0, 2.0]
+    steering_prompts: int = Field(default=16, ge=2)
+    """Held-out prompts per side (toxic; safe + hard) for the steering trade-off."""
+    margin: float = Field(default=0.25, gt=0, lt=0.5)
+    """Shared: still-refusing CI high <= margin; specific: CI low >= 1 - margin."""
+    min_category_prompts: int = Field(default=4, ge=1)
+    """Refusing prompts a category needs for its leave-one-out call."""
+    ratio_floor: float = Field(default=0.5, ge=0)
+    """A score-drop ratio is printed only when its denominator exceeds this and its CI excludes 0."""
+    n_examples: int = Field(default=6, ge=0)
+    seed: int = 0
+
+
 class ReportConfig(_Strict):
     schedule: str = "0 6 * * *"
     """Cron for the scheduled refresh: one ``comparison`` run per model, then the report follows."""
@@ -376,6 +410,7 @@ class ProjectConfig(_Strict):
     sae: SAEConfig = SAEConfig()
     circuits: CircuitConfig = CircuitConfig()
     comparison: ComparisonConfig = ComparisonConfig()
+    directions: DirectionsConfig = DirectionsConfig()
     report: ReportConfig = ReportConfig()
     automation: AutomationConfig = AutomationConfig()
     root: Path = Path(".")

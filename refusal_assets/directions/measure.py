@@ -1,0 +1,141 @@
+"""Scoring and generation of prompts under whatever hooks are active, judged like ``refusal_behaviour``.
+
+Every pass reuses the project's batched code: :func:`refusal_assets.lm.prefill.prefill` (the shared
+prompt prefix computed once per batch; with an ablation active the prefix is computed under it too)
+and :func:`refusal_assets.lm.behaviour.generate` (the batched cached greedy decoder, stopping a row
+once the refusal judge has settled it), scored by ``refusal_score_from_logits`` and judged by
+``judge_refusal`` with the model's refusal phrases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_assets.config import ModelConfig
+from refusal_assets.directions.prompts import PromptRow
+from refusal_assets.lm.behaviour import (
+    generate,
+    judge_refusal,
+    refusal_score_from_logits,
+    refusal_token_ids,
+    wilson_interval,
+)
+from refusal_assets.lm.chat import batches, encode_chat
+from refusal_assets.lm.prefill import prefill
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rate:
+    """k of n judged refusing, with the 95 % Wilson interval (NaN when n = 0)."""
+
+    k: int
+    n: int
+    rate: float
+    ci_lo: float
+    ci_hi: float
+
+    @classmethod
+    def of(cls, flags: list[bool]) -> "Rate":
+        k, n = int(sum(flags)), len(flags)
+        lo, hi = wilson_interval(k, n)
+        return cls(k=k, n=n, rate=k / n if n else math.nan, ci_lo=lo, ci_hi=hi)
+
+    def text(self) -> str:
+        if not self.n:
+            return "n/a (no prompts)"
+        return f"{self.rate:.2f} [{self.ci_lo:.2f}, {self.ci_hi:.2f}] ({self.k}/{self.n})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Judged:
+    """Greedy generations of some prompts under one intervention."""
+
+    prompt_ids: list[str]
+    responses: list[str]
+    refused: list[bool]
+    scores: np.ndarray
+    """[N] first-token refusal scores of the same passes."""
+
+    @property
+    def rate(self) -> Rate:
+        return Rate.of(self.refused)
+
+
+@dataclass
+class Scorer:
+    """A model with what scoring and judging it needs; calls run under the caller's hooks."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    cfg: ModelConfig
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        ids = refusal_token_ids(self.tokenizer, self.cfg.refusal.phrases, self.cfg.refusal.refusal_tokens)
+        self.refusal_ids = torch.tensor(ids, device=self.device)
+
+    def _batches(self, rows: list[PromptRow]):
+        system = self.cfg.chat_template.system_prompt
+        for chunk in batches([r.prompt for r in rows], self.cfg.batch_size):
+            yield encode_chat(self.tokenizer, chunk, system).to(self.device)
+
+    @torch.no_grad()
+    def last_logits(self, rows: list[PromptRow]) -> torch.Tensor:
+        """[N, vocab] float next-token logits at each prompt's last position."""
+        if not rows:
+            return torch.zeros(0, len(self.tokenizer))
+        return torch.cat([prefill(self.model, b).last_logits.float().cpu() for b in self._batches(rows)])
+
+    def scores_from_logits(self, logits: torch.Tensor) -> np.ndarray:
+        """[N] refusal scores from next-token logits [N, vocab]."""
+        if not len(logits):
+            return np.zeros(0)
+        return refusal_score_from_logits(logits, self.refusal_ids.cpu()).numpy().astype(float)
+
+    def scores(self, rows: list[PromptRow]) -> np.ndarray:
+        """[N] first-token refusal scores."""
+        return self.scores_from_logits(self.last_logits(rows))
+
+    def judge(self, rows: list[PromptRow], max_new_tokens: int) -> Judged:
+        """Greedy generation (all prefill chunks decoded together) judged by the refusal phrases."""
+        if not rows:
+            return Judged(prompt_ids=[], responses=[], refused=[], scores=np.zeros(0))
+        gen = generate(
+            self.model, self.tokenizer, list(self._batches(rows)), max_new_tokens, stop_phrases=self.cfg.refusal.phrases
+        )
+        scores = refusal_score_from_logits(gen.first_logits.float(), self.refusal_ids).cpu().numpy().astype(float)
+        return Judged(
+            prompt_ids=[r.prompt_id for r in rows],
+            responses=gen.responses,
+            refused=[judge_refusal(t, self.cfg.refusal.phrases) for t in gen.responses],
+            scores=scores,
+        )
+
+
+def kl_last_position(clean_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(clean || intervened) of the next-token distributions [N, vocab]."""
+    p_log = torch.log_softmax(clean_logits.float(), -1)
+    q_log = torch.log_softmax(logits.float(), -1)
+    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+
+
+def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random direction with the norm of ``like`` [d] (the control)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(like.shape, generator=g)
+    return (r / r.norm() * like.float().norm()).to(like.dtype)
+
+
+def bootstrap_mean_ci(x: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95 % CI of the mean (NaN with fewer than 2 values)."""
+    x = np.asarray(x, float)
+    if len(x) < 2:
+        return (math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, len(x), (n, len(x)))  # [n, N]
+    means = x[idx].mean(1)
+    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))

@@ -1,0 +1,65 @@
+"""The execution-level verdict: is refusal carried out by one shared direction?
+
+Rule (``m`` = ``directions.margin``, the same on both sides; every interval a 95 % Wilson interval):
+
+* Each category B with at least ``min_category_prompts`` refusing prompts gets a call from its
+  leave-one-category-out rate (the share of B's refusing prompts still refusing with the direction
+  built from every other category ablated): **shared** if its CI high <= m, **specific** if its CI
+  low >= 1 - m, else **undecided**. Fewer prompts: "too few prompts" (no call).
+* **insufficient evidence** when the random control is not separated from the pooled direction (the
+  random direction's still-refusing CI low is not above the pooled one's CI high: the ablation is
+  not specific to the refusal direction), when fewer than two categories have a call, or when fewer
+  than half of those are decided.
+* **monolithic**: the pooled direction removes refusal (its CI high <= m) and no decided category
+  is specific.
+* **modular**: no decided category is shared (each category needs its own direction; a pooled
+  direction that still removes refusal then does so as a sum of category directions).
+* **shared core + specific tail**: the pooled direction removes refusal, both calls occur, and
+  shared categories are at least as many as specific ones.
+* **mixed**: anything else (e.g. more specific than shared categories, or shared categories while
+  the pooled direction leaves refusal).
+"""
+
+from __future__ import annotations
+
+from refusal_assets.directions.measure import Rate
+
+SHARED, SPECIFIC, UNDECIDED, TOO_FEW = "shared", "specific", "undecided", "too few prompts"
+MONOLITHIC, MODULAR, CORE_TAIL, MIXED, INSUFFICIENT = (
+    "monolithic",
+    "modular",
+    "shared core + specific tail",
+    "mixed",
+    "insufficient evidence",
+)
+
+
+def call_category(loco: Rate, min_prompts: int, margin: float) -> str:
+    if loco.n < min_prompts:
+        return TOO_FEW
+    if loco.ci_hi <= margin:
+        return SHARED
+    if loco.ci_lo >= 1 - margin:
+        return SPECIFIC
+    return UNDECIDED
+
+
+def verdict_execution(pooled: Rate, random: Rate, calls: list[str], margin: float) -> tuple[str, str]:
+    """(verdict, the reason in one sentence) by the rule in this module's docstring."""
+    called = [c for c in calls if c != TOO_FEW]
+    n_shared, n_specific = called.count(SHARED), called.count(SPECIFIC)
+    counts = f"{n_shared} shared, {n_specific} specific, {called.count(UNDECIDED)} undecided of {len(called)}"
+    if not pooled.n or not random.n or not random.ci_lo > pooled.ci_hi:
+        return INSUFFICIENT, (
+            f"the random control ({random.text()}) is not separated from the pooled direction ({pooled.text()})"
+        )
+    if len(called) < 2 or (n_shared + n_specific) < len(called) / 2:
+        return INSUFFICIENT, f"too few decided categories ({counts})"
+    pooled_removes = pooled.ci_hi <= margin
+    if pooled_removes and n_specific == 0:
+        return MONOLITHIC, f"the pooled direction removes refusal ({pooled.text()}); {counts}"
+    if n_shared == 0:
+        return MODULAR, f"no category's refusal is removed by the other categories' direction ({counts})"
+    if pooled_removes and n_shared >= n_specific:
+        return CORE_TAIL, f"the pooled direction removes refusal ({pooled.text()}); {counts}"
+    return MIXED, f"pooled still refusing {pooled.text()}; {counts}"
