@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from refusal_assets.circuits import circuit as circ
+from refusal_assets.circuits.finding import find_circuit, refusal_direction
 from refusal_assets.config import CircuitConfig, SAEConfig
 from refusal_assets.layout import Layout
 from refusal_assets.lm.behaviour import refusal_token_ids
@@ -147,8 +147,8 @@ def test_refusal_direction_is_the_difference_of_training_means():
         }
     )
     # t1's last row (3, 0) minus the mean of the safe prompts' last rows (0, 2); the held-out t0 is left out
-    assert circ.refusal_direction(vectors, meta).tolist() == [3.0, -2.0]
-    assert circ.refusal_direction(vectors[:2], meta.head(2)) is None
+    assert refusal_direction(vectors, meta).tolist() == [3.0, -2.0]
+    assert refusal_direction(vectors[:2], meta.head(2)) is None
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def found(tiny_model):
     ids = torch.tensor(refusal_token_ids(tok, ["Sorry"]))
     cc = CircuitConfig(k_per_site=4, eval_sizes=[1, 2], prompt_filter="refused", max_edges=5, n_bootstrap=20)
     directions = {SITES[0]: torch.ones(64), SITES[1]: None}
-    return circ.find_circuit(
+    return find_circuit(
         model, tok, _sample(), saes, ids, directions, cc, category="cat", model_key="m", batch_size=4
     ), cc
 
@@ -207,7 +207,7 @@ def test_find_circuit_without_two_prompts_is_a_clear_error(tiny_model):
     saes = {SITES[0]: TopKSAE(64, 128, k=16, generator=torch.Generator().manual_seed(0)).eval()}
     sample = _sample().filter(pl.col("prompt_id").is_in(["toxic0", "safe0"]))
     with pytest.raises(ValueError, match=r"circuit cat\|m: no prompt group has two prompts"):
-        circ.find_circuit(
+        find_circuit(
             model,
             tok,
             sample,

@@ -7,10 +7,27 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_assets.circuits import circuit as circ
-from refusal_assets.circuits.circuit import select_circuit
+from refusal_assets.circuits.ablation import (
+    _Replay,
+    ablated_score,
+    ablated_scores,
+    cache_bytes_per_row,
+    direction_ablation_score,
+)
+from refusal_assets.circuits.attribution import edge_effects, node_effects
+from refusal_assets.circuits.evaluation import crossfit_folds, evaluate_sizes, faithfulness
+from refusal_assets.circuits.finding import baseline_prompts, select_prompts
+from refusal_assets.circuits.passes import (
+    Baseline,
+    batch_refusal_score,
+    compute_baseline,
+    post_positions,
+    prepare_suffixes,
+)
+from refusal_assets.circuits.selection import NodeIndex, select_circuit
 from refusal_assets.lm.behaviour import refusal_token_ids
-from refusal_assets.lm.sites import Site
+from refusal_assets.lm.chat import encode_chat
+from refusal_assets.lm.sites import Site, decoder_layers
 from refusal_assets.sae.model import TopKSAE
 
 PROMPTS = [
@@ -46,21 +63,21 @@ def planted(tiny_model):
         sae.W_dec.copy_(basis)
         sae.W_enc.copy_(basis.T)
     sae.eval()
-    zero = circ.Baseline(f_mean={SITE: torch.zeros(10, d)}, err_mean={SITE: torch.zeros(10, d)})
+    zero = Baseline(f_mean={SITE: torch.zeros(10, d)}, err_mean={SITE: torch.zeros(10, d)})
     return model, tok, {SITE: sae}, zero, refusal_ids
 
 
 @pytest.mark.parametrize("method", ["attribution", "integrated_gradients"])
 def test_planted_latent_is_recovered_first(planted, method):
     model, tok, saes, baseline, refusal_ids = planted
-    post = circ._post_positions(circ.encode_chat(tok, PROMPTS))
-    baseline = circ.Baseline(
+    post = post_positions(encode_chat(tok, PROMPTS))
+    baseline = Baseline(
         {SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]}
     )
-    effects, scores = circ.node_effects(
+    effects, scores = node_effects(
         model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2, method=method, ig_steps=8
     )
-    index = circ.NodeIndex([SITE], [64])
+    index = NodeIndex([SITE], [64])
     assert effects.shape == (len(PROMPTS), index.n_nodes) and np.isfinite(effects).all()
     mean = effects.mean(0)
     assert int(np.argmax(mean)) == 0  # the planted latent
@@ -72,18 +89,18 @@ def test_planted_latent_is_recovered_first(planted, method):
 
 def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     model, tok, saes, baseline, refusal_ids = planted
-    P = circ._post_positions(circ.encode_chat(tok, PROMPTS)).shape[1]
-    baseline = circ.Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
-    index = circ.NodeIndex([SITE], [64])
-    clean = float(circ._score(model, circ.encode_chat(tok, PROMPTS), refusal_ids).mean())
+    P = post_positions(encode_chat(tok, PROMPTS)).shape[1]
+    baseline = Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
+    index = NodeIndex([SITE], [64])
+    clean = float(batch_refusal_score(model, encode_chat(tok, PROMPTS), refusal_ids).mean())
 
-    suffixes = circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2)
+    suffixes = prepare_suffixes(model, tok, PROMPTS, batch_size=2)
 
     def score(keep):
-        return circ.ablated_score(model, suffixes, saes, baseline, keep, refusal_ids)
+        return ablated_score(model, suffixes, saes, baseline, keep, refusal_ids)
 
     def per_prompt(keep):
-        return circ.ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
+        return ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
 
     m_full, m_empty = score(np.ones(index.n_nodes, bool)), score(np.zeros(index.n_nodes, bool))
     assert m_full == pytest.approx(clean, abs=1e-4)  # SAE + error splice leaves the model unchanged
@@ -91,8 +108,8 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     effects = np.tile(
         np.arange(index.n_nodes, 0, -1).astype(float), (len(PROMPTS), 1)
     )  # the planted latent ranks first
-    folds = circ.crossfit_folds(len(PROMPTS), 0, seed=0)
-    result = circ.evaluate_sizes(
+    folds = crossfit_folds(len(PROMPTS), 0, seed=0)
+    result = evaluate_sizes(
         per_prompt,
         effects,
         index.site_of_node,
@@ -106,7 +123,7 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     assert full.n_nodes == index.n_nodes
     assert full.faithfulness == pytest.approx(1.0, abs=1e-6)
     assert full.completeness == pytest.approx(0.0, abs=1e-6)
-    assert circ.faithfulness(m_empty, m_empty, m_full) == 0.0
+    assert faithfulness(m_empty, m_empty, m_full) == 0.0
     # the planted latent alone carries the score; a random latent of the same site does not
     assert planted_only.n_nodes == 1 and planted_only.faithfulness > 0.5
     assert planted_only.random_faithfulness < 0.2 and planted_only.advantage_ci[0] > 0
@@ -116,9 +133,7 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     only_planted[0] = True
     only_other = np.zeros(index.n_nodes, bool)
     only_other[7] = True
-    assert circ.faithfulness(score(only_planted), m_empty, m_full) > circ.faithfulness(
-        score(only_other), m_empty, m_full
-    )
+    assert faithfulness(score(only_planted), m_empty, m_full) > faithfulness(score(only_other), m_empty, m_full)
 
 
 def test_edges_and_direction_ablation_run_on_two_sites(tiny_model):
@@ -127,20 +142,20 @@ def test_edges_and_direction_ablation_run_on_two_sites(tiny_model):
     gen = torch.Generator().manual_seed(1)
     saes = {s: TopKSAE(64, 128, k=16, generator=gen).eval() for s in sites}
     ids = torch.tensor(refusal_token_ids(tok, ["Sorry"]))
-    base = circ.compute_baseline(model, tok, PROMPTS[:3], saes, batch_size=2)
-    index = circ.NodeIndex(sites, [128, 128])
-    effects, _ = circ.node_effects(model, tok, PROMPTS, saes, base, ids, batch_size=2)
+    base = compute_baseline(model, tok, PROMPTS[:3], saes, batch_size=2)
+    index = NodeIndex(sites, [128, 128])
+    effects, _ = node_effects(model, tok, PROMPTS, saes, base, ids, batch_size=2)
     chosen = select_circuit(effects.mean(0), index.site_of_node, k_per_site=3)
-    edges = circ.edge_effects(model, tok, PROMPTS, saes, base, ids, chosen, batch_size=2, max_edges=5)
+    edges = edge_effects(model, tok, PROMPTS, saes, base, ids, chosen, batch_size=2, max_edges=5)
     assert 0 < len(edges) <= 5
     for e in edges:
         assert index.site_of_node[e["source"]] == 0 and index.site_of_node[e["target"]] == 1
         assert chosen[e["source"]] and chosen[e["target"]] and np.isfinite(e["effect"])
     assert abs(edges[0]["effect"]) >= abs(edges[-1]["effect"])
     direction = torch.randn(64, generator=gen)
-    ablated = circ.direction_ablation_score(model, tok, PROMPTS, sites[0], direction, ids, batch_size=2)
-    clean = circ.ablated_score(
-        model, circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2), saes, base, np.ones(index.n_nodes, bool), ids
+    ablated = direction_ablation_score(model, tok, PROMPTS, sites[0], direction, ids, batch_size=2)
+    clean = ablated_score(
+        model, prepare_suffixes(model, tok, PROMPTS, batch_size=2), saes, base, np.ones(index.n_nodes, bool), ids
     )
     assert np.isfinite(ablated) and ablated != pytest.approx(clean, abs=1e-7)
 
@@ -159,51 +174,51 @@ def test_generation_logits_give_the_same_p_ref_as_a_forward(tiny_model):
 def test_per_prompt_masks_match_separate_passes(planted):
     """One pass with a mask per prompt scores each prompt exactly as a pass with that mask for all."""
     model, tok, saes, baseline, refusal_ids = planted
-    P = circ._post_positions(circ.encode_chat(tok, PROMPTS)).shape[1]
-    baseline = circ.Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
-    suffixes = circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2)  # masks must follow prompts across batches
-    n_nodes = circ.NodeIndex([SITE], [64]).n_nodes
+    P = post_positions(encode_chat(tok, PROMPTS)).shape[1]
+    baseline = Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
+    suffixes = prepare_suffixes(model, tok, PROMPTS, batch_size=2)  # masks must follow prompts across batches
+    n_nodes = NodeIndex([SITE], [64]).n_nodes
     rng = np.random.default_rng(0)
     masks = rng.random((len(PROMPTS), n_nodes)) < 0.5
     masks[:, 0] = [True, False, True, False, True]  # the planted latent kept for some prompts only
-    mixed = circ.ablated_scores(model, suffixes, saes, baseline, masks, refusal_ids)
+    mixed = ablated_scores(model, suffixes, saes, baseline, masks, refusal_ids)
     for i in range(len(PROMPTS)):
-        alone = circ.ablated_scores(model, suffixes, saes, baseline, masks[i], refusal_ids)
+        alone = ablated_scores(model, suffixes, saes, baseline, masks[i], refusal_ids)
         assert mixed[i] == pytest.approx(alone[i], abs=1e-5)
     with pytest.raises(ValueError):
-        circ.ablated_scores(model, suffixes, saes, baseline, masks[:3], refusal_ids)
+        ablated_scores(model, suffixes, saes, baseline, masks[:3], refusal_ids)
 
 
 def test_stacked_masks_in_resumed_passes_equal_one_plain_pass_per_mask(planted):
     """A stack of mask sets, several per pass and resumed after the first site's block, scores every
     prompt as a full pass with that mask alone does."""
     model, tok, saes, baseline, refusal_ids = planted
-    P = circ._post_positions(circ.encode_chat(tok, PROMPTS)).shape[1]
-    baseline = circ.Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
-    suffixes = circ.prepare_suffixes(model, tok, PROMPTS, batch_size=2)
-    n_nodes = circ.NodeIndex([SITE], [64]).n_nodes
+    P = post_positions(encode_chat(tok, PROMPTS)).shape[1]
+    baseline = Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
+    suffixes = prepare_suffixes(model, tok, PROMPTS, batch_size=2)
+    n_nodes = NodeIndex([SITE], [64]).n_nodes
     masks = np.random.default_rng(1).random((7, len(PROMPTS), n_nodes)) < 0.5
     masks[0], masks[1] = True, False
-    per_row = circ.cache_bytes_per_row(suffixes[0])
+    per_row = cache_bytes_per_row(suffixes[0])
     for budget in (1, 3 * 2 * per_row, 2**30):  # one mask per pass, three, all
-        stacked = circ.ablated_scores(model, suffixes, saes, baseline, masks, refusal_ids, max_cache_bytes=budget)
+        stacked = ablated_scores(model, suffixes, saes, baseline, masks, refusal_ids, max_cache_bytes=budget)
         assert stacked.shape == (7, len(PROMPTS))
         for j in range(7):
-            plain = circ.ablated_scores(model, suffixes, saes, baseline, masks[j], refusal_ids, resume=False)
+            plain = ablated_scores(model, suffixes, saes, baseline, masks[j], refusal_ids, resume=False)
             np.testing.assert_allclose(stacked[j], plain, atol=1e-4, rtol=1e-4)
     assert abs(stacked[0] - stacked[1]).max() > 0.1  # the masks matter
     # the model is whole again afterwards: no block left replaced
-    assert all(not isinstance(b, circ._Replay) for b in circ.decoder_layers(model))
+    assert all(not isinstance(b, _Replay) for b in decoder_layers(model))
 
 
 def test_crossfit_folds():
-    assert circ.crossfit_folds(5, 0, seed=0).tolist() == [0, 1, 2, 3, 4]  # leave-one-out
-    assert circ.crossfit_folds(3, 10, seed=0).tolist() == [0, 1, 2]  # more folds than prompts: leave-one-out
-    folds = circ.crossfit_folds(10, 3, seed=1)
+    assert crossfit_folds(5, 0, seed=0).tolist() == [0, 1, 2, 3, 4]  # leave-one-out
+    assert crossfit_folds(3, 10, seed=0).tolist() == [0, 1, 2]  # more folds than prompts: leave-one-out
+    folds = crossfit_folds(10, 3, seed=1)
     assert sorted(np.bincount(folds).tolist()) == [3, 3, 4]
-    assert np.array_equal(folds, circ.crossfit_folds(10, 3, seed=1))
+    assert np.array_equal(folds, crossfit_folds(10, 3, seed=1))
     with pytest.raises(ValueError, match="n_folds"):
-        circ.crossfit_folds(10, 1, seed=0)
+        crossfit_folds(10, 1, seed=0)
 
 
 def _additive_score_fn(effects: np.ndarray):
@@ -221,13 +236,13 @@ def test_crossfitting_never_scores_a_prompt_with_a_circuit_chosen_on_it():
     def select(mean, k):
         return select_circuit(mean, site_of_node, k_per_site=k)
 
-    result = circ.evaluate_sizes(
+    result = evaluate_sizes(
         _additive_score_fn(effects),
         effects,
         site_of_node,
         [1],
         select,
-        circ.crossfit_folds(4, 0, 0),
+        crossfit_folds(4, 0, 0),
         seed=0,
         n_bootstrap=0,
     )
@@ -253,13 +268,13 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
         seen.extend(np.broadcast_to(keep, (*keep.shape[:-2], *effects.shape)).reshape(-1, *effects.shape).sum(-1))
         return _additive_score_fn(effects)(keep)
 
-    result = circ.evaluate_sizes(
+    result = evaluate_sizes(
         score_fn,
         effects,
         site_of_node,
         [1, 2],
         lambda m, k: select_circuit(m, site_of_node, k_per_site=k),
-        circ.crossfit_folds(n_prompts, 4, 0),
+        crossfit_folds(n_prompts, 4, 0),
         seed=0,
         n_bootstrap=500,
     )
@@ -272,7 +287,7 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
     # every circuit, complement and random mask the sweep scored has the expected size per prompt
     assert {int(x) for s in seen for x in s} <= {0, 2, 4, 98, 96, 100}
     with pytest.raises(ValueError, match="two folds"):
-        circ.evaluate_sizes(score_fn, effects[:1], site_of_node, [1], lambda m, k: m > 0, np.zeros(1, int), seed=0)
+        evaluate_sizes(score_fn, effects[:1], site_of_node, [1], lambda m, k: m > 0, np.zeros(1, int), seed=0)
 
 
 def test_prompt_selection_and_baseline_follow_behaviour():
@@ -287,17 +302,17 @@ def test_prompt_selection_and_baseline_follow_behaviour():
         }
     )
     toxic = sample.filter(pl.col("split") == "toxic")
-    rows, label = circ.select_prompts(toxic, "refused", min_prompts=2)
+    rows, label = select_prompts(toxic, "refused", min_prompts=2)
     assert rows["prompt"].to_list() == ["p0", "p1", "p3"] and label == "refused"
-    rows, label = circ.select_prompts(toxic, "score_positive", min_prompts=2)
+    rows, label = select_prompts(toxic, "score_positive", min_prompts=2)
     assert rows["prompt"].to_list() == ["p0", "p3"] and label == "score_positive"
-    rows, label = circ.select_prompts(toxic, "score_positive", min_prompts=3)
+    rows, label = select_prompts(toxic, "score_positive", min_prompts=3)
     assert rows.height == 4 and label.startswith("all (score_positive: only 2 < 3")
-    assert circ.select_prompts(toxic, "all", min_prompts=2)[0].height == 4
-    assert circ.baseline_prompts(sample, "refused") == (["p4", "p6", "p7"], "safe, complied")
-    assert circ.baseline_prompts(sample, "all") == (["p4", "p5", "p6", "p7"], "safe")
+    assert select_prompts(toxic, "all", min_prompts=2)[0].height == 4
+    assert baseline_prompts(sample, "refused") == (["p4", "p6", "p7"], "safe, complied")
+    assert baseline_prompts(sample, "all") == (["p4", "p5", "p6", "p7"], "safe")
     everyone_refuses = sample.with_columns(pl.lit(True).alias("refused"))
-    assert circ.baseline_prompts(everyone_refuses, "refused")[1] == "safe"
+    assert baseline_prompts(everyone_refuses, "refused")[1] == "safe"
 
 
 def test_confident_refusal_still_has_node_effects(planted):
@@ -307,10 +322,10 @@ def test_confident_refusal_still_has_node_effects(planted):
     model = copy.deepcopy(model)
     with torch.no_grad():
         model.lm_head.weight[refusal_ids] *= 40.0  # refusal logit = 120 * u . RMSNorm(resid1)
-    post = circ._post_positions(circ.encode_chat(tok, PROMPTS))
-    baseline = circ.Baseline(
+    post = post_positions(encode_chat(tok, PROMPTS))
+    baseline = Baseline(
         {SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]}
     )
-    effects, scores = circ.node_effects(model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2)
+    effects, scores = node_effects(model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2)
     assert (scores > 20).all()
     assert (effects[:, 0] > 1.0).all() and int(np.argmax(effects.mean(0))) == 0

@@ -10,7 +10,7 @@ import pytest
 from refusal_assets.analysis.calibration import SyntheticDesign, calibrate_synthetic, planted_effects
 from refusal_assets.analysis.overlap import ComparisonResult, compare_categories, refusal_direction_cosines
 from refusal_assets.analysis.resampling import min_permutation_p
-from refusal_assets.circuits.circuit import select_circuit
+from refusal_assets.circuits.selection import select_circuit
 from refusal_assets.plots import plot_heatmap
 
 N_SITES, N_LATENTS, N_PROMPTS, N_STRONG = 3, 50, 40, 10
@@ -298,7 +298,7 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
 
 def test_fallback_categories_and_error_node_mask() -> None:
     from refusal_assets.analysis.overlap import error_node_mask, fallback_categories
-    from refusal_assets.circuits.circuit import NodeIndex
+    from refusal_assets.circuits.selection import NodeIndex
     from refusal_assets.lm.sites import Site
 
     summaries = {

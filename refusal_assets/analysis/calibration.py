@@ -338,7 +338,10 @@ def calibrate_model(
 
     from refusal_assets.analysis import transfer as tr
     from refusal_assets.analysis.verdict import combine, overlap_line, transfer_lines
-    from refusal_assets.circuits import circuit as circ
+    from refusal_assets.circuits.ablation import ablated_scores
+    from refusal_assets.circuits.attribution import node_effects
+    from refusal_assets.circuits.passes import compute_baseline, prepare_suffixes
+    from refusal_assets.circuits.selection import NodeIndex, select_circuit
     from refusal_assets.lm.sites import Site
     from refusal_assets.sae.model import TopKSAE
 
@@ -376,16 +379,16 @@ def calibrate_model(
     saes = {site: sae.eval()}
     kw = {"batch_size": 16}
     effects, score_fns, circuits, own = {}, {}, {}, {}
-    index = circ.NodeIndex([site], [d])
+    index = NodeIndex([site], [d])
 
     def select(mean: np.ndarray) -> np.ndarray:
-        return circ.select_circuit(mean, index.site_of_node, mode="topk", k_per_site=2)
+        return select_circuit(mean, index.site_of_node, mode="topk", k_per_site=2)
 
     for c in cats:
-        baseline = circ.compute_baseline(m, tok, harmless[c], saes, **kw)
-        effects[c], _ = circ.node_effects(m, tok, toxic[c], saes, baseline, ids, **kw)
-        suffixes = circ.prepare_suffixes(m, tok, toxic[c], **kw)
-        score_fns[c] = lambda keep, s=suffixes, b=baseline: circ.ablated_scores(m, s, saes, b, keep, ids)
+        baseline = compute_baseline(m, tok, harmless[c], saes, **kw)
+        effects[c], _ = node_effects(m, tok, toxic[c], saes, baseline, ids, **kw)
+        suffixes = prepare_suffixes(m, tok, toxic[c], **kw)
+        score_fns[c] = lambda keep, s=suffixes, b=baseline: ablated_scores(m, s, saes, b, keep, ids)
         circuits[c] = select(effects[c].mean(0))
         own[c] = tr.loo_masks(effects[c], select)
     error_nodes = np.zeros(index.n_nodes, bool)

@@ -169,7 +169,7 @@ def verdict_features(
 
 def default_error_nodes(site_of_node: np.ndarray) -> np.ndarray:
     """[n_nodes] bool: the last node of each site's block (the layout of
-    :class:`refusal_assets.circuits.circuit.NodeIndex`: each site's latents, then its error node)."""
+    :class:`refusal_assets.circuits.selection.NodeIndex`: each site's latents, then its error node)."""
     site_of_node = np.asarray(site_of_node)
     is_last = np.ones(site_of_node.shape[0], bool)
     is_last[:-1] = site_of_node[1:] != site_of_node[:-1]

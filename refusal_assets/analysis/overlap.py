@@ -5,7 +5,7 @@ effect of every node (an SAE latent at some site, or a site's error node) on the
 prompt, in one node index space shared by all categories; and ``site_of_node`` ``[n_nodes]``.
 
 A circuit is a boolean node mask built from the MEAN effect over a set of prompts
-(:func:`refusal_assets.circuits.circuit.select_circuit`). Every statistic that needs circuits of resampled
+(:func:`refusal_assets.circuits.selection.select_circuit`). Every statistic that needs circuits of resampled
 prompt sets (permutation null, split-half ceiling, bootstraps) rebuilds them with that same function,
 batched: a resample is a weight vector over prompts, so a batch of resampled mean vectors is one matrix product
 ``weights [batch, n_prompts] @ effects [n_prompts, n_nodes]``.
@@ -44,7 +44,7 @@ from refusal_assets.analysis.resampling import (
 )
 from refusal_assets.analysis.serialise import jsonable
 from refusal_assets.analysis.verdict_rule import PairStats, VerdictRule, classify_pair, decide_verdict
-from refusal_assets.circuits.circuit import Mode
+from refusal_assets.circuits.selection import Mode
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ def fallback_categories(summaries: dict[str, dict], group: str, prompt_filter: s
 
 def error_node_mask(site_of_node: np.ndarray) -> np.ndarray:
     """[n_nodes] bool: the error node of every site (the last node of each site's block, see
-    :class:`refusal_assets.circuits.circuit.NodeIndex`)."""
+    :class:`refusal_assets.circuits.selection.NodeIndex`)."""
     site_of_node = np.asarray(site_of_node)
     mask = np.zeros(site_of_node.shape[0], bool)
     mask[np.flatnonzero(np.diff(np.append(site_of_node, np.iinfo(np.int64).min)) != 0)] = True

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
-from refusal_assets.circuits.circuit import Mode, select_circuits
+from refusal_assets.circuits.selection import Mode, select_circuits
 
 # Rows of resampled mean vectors handled at once: bounds memory to ~BATCH_ELEMS floats per array.
 BATCH_ELEMS = 1 << 22

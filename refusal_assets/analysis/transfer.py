@@ -9,7 +9,7 @@ a ratio over a denominator that may be zero is not a number; DESIGN.md §2):
   refusing prompts, with B's mean-ablation baseline; the loss of B's refusal against the loss from
   B's own circuit (leave-one-out: each prompt ablated by the circuit selected on the other prompts).
   Also the faithfulness of A's circuit on B (only A's circuit kept). One batched pass per mask set,
-  on the cached prefixes (:func:`refusal_assets.circuits.circuit.ablated_scores`).
+  on the cached prefixes (:func:`refusal_assets.circuits.ablation.ablated_scores`).
 * **direction cross-ablation** (Arditi et al. 2024): each category's difference-of-means direction
   r_A, chosen over layers x post-instruction positions by its ablation effect on A's training
   prompts, is projected out of the residual stream at every layer, at the post-instruction positions
@@ -37,7 +37,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refusal_assets.analysis.resampling import CI, bootstrap_ci
 from refusal_assets.analysis.serialise import jsonable
 from refusal_assets.analysis.verdict_rule import VerdictRule
-from refusal_assets.circuits.circuit import SuffixBatch, prepare_suffixes, random_like, stacked_passes
+from refusal_assets.circuits.ablation import stacked_passes
+from refusal_assets.circuits.evaluation import random_like
+from refusal_assets.circuits.passes import SuffixBatch, prepare_suffixes
 from refusal_assets.lm.behaviour import refusal_score_from_logits
 from refusal_assets.lm.hooks import forward_hooks
 from refusal_assets.lm.sites import decoder_layers, output_tensor, replace_output
@@ -196,7 +198,7 @@ def suffixes_of(
     system_prompt: str | None = None,
     device: str = "cpu",
 ) -> list[SuffixBatch]:
-    """Prompts as cached prefixes (:func:`refusal_assets.circuits.circuit.prepare_suffixes`): one pass over
+    """Prompts as cached prefixes (:func:`refusal_assets.circuits.passes.prepare_suffixes`): one pass over
     each prompt's prefix, after which every intervention costs only the post-instruction tokens."""
     if prompts and isinstance(prompts[0], SuffixBatch):
         return list(prompts)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import dagster as dg
 import torch
 
-from refusal_assets.circuits import circuit as circ
+from refusal_assets.circuits.finding import find_circuit, refusal_direction
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import circuit_metadata, multi_key
 from refusal_assets.defs.partitions import Partitions
@@ -62,12 +62,12 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                     "it predates the current prompt_sample; materialize refusal_behaviour again"
                 )
             directions = {
-                site: circ.refusal_direction(
+                site: refusal_direction(
                     *acts_core.read_vectors(layout.activations(key, category), post_instruction_only=True)
                 )
                 for site, key in site_keys.items()
             }
-            found = circ.find_circuit(
+            found = find_circuit(
                 model,
                 tok,
                 sample,

@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 import pyarrow.parquet as pq
 
-from refusal_assets.circuits.circuit import CategoryCircuit
+from refusal_assets.circuits.finding import CategoryCircuit
 from refusal_assets.config import SAEQualityThresholds
 from refusal_assets.report.report import ReportFiles, format_ci, summaries_markdown
 from refusal_assets.sae.fit import FittedSAE

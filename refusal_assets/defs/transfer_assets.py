@@ -12,7 +12,10 @@ import torch
 
 from refusal_assets.analysis import transfer as tr
 from refusal_assets.analysis.verdict_rule import VerdictRule
-from refusal_assets.circuits import circuit as circ
+from refusal_assets.circuits.ablation import ablated_scores
+from refusal_assets.circuits.finding import baseline_prompts
+from refusal_assets.circuits.passes import compute_baseline, prepare_suffixes
+from refusal_assets.circuits.selection import select_circuit
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
@@ -95,16 +98,16 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                 site_of_node = tensors["site_of_node"]
                 by_id = dict(zip(samples[c]["prompt_id"].to_list(), samples[c]["prompt"].to_list()))
                 prompts = [by_id[p] for p in group["prompt_ids"]]
-                baseline_texts, _ = circ.baseline_prompts(samples[c], cc.prompt_filter)
-                baseline = circ.compute_baseline(model, tok, baseline_texts, saes, device=device, **kw)
-                suffixes = circ.prepare_suffixes(model, tok, prompts, device=device, **kw)
-                score_fns[c] = lambda keep, s=suffixes, b=baseline: circ.ablated_scores(model, s, saes, b, keep, ids)
+                baseline_texts, _ = baseline_prompts(samples[c], cc.prompt_filter)
+                baseline = compute_baseline(model, tok, baseline_texts, saes, device=device, **kw)
+                suffixes = prepare_suffixes(model, tok, prompts, device=device, **kw)
+                score_fns[c] = lambda keep, s=suffixes, b=baseline: ablated_scores(model, s, saes, b, keep, ids)
                 mask = np.zeros(len(site_of_node), bool)
                 mask[[n["node"] for n in group["nodes"]]] = True
                 circuits[c] = mask
                 own[c] = tr.loo_masks(
                     tensors[f"effects_{key}"],
-                    lambda m, son=site_of_node: circ.select_circuit(
+                    lambda m, son=site_of_node: select_circuit(
                         m, son, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold
                     ),
                 )

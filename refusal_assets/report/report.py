@@ -328,7 +328,7 @@ def _main_group(comp: dict | None) -> dict | None:
 
 
 def _n_passing(df: pl.DataFrame, prompt_filter: str) -> int:
-    """Prompts that pass the circuits' prompt filter (see :func:`refusal_assets.circuits.circuit.select_prompts`)."""
+    """Prompts that pass the circuits' prompt filter (see :func:`refusal_assets.circuits.finding.select_prompts`)."""
     if prompt_filter == "all":
         return df.height
     return int(df["refused"].sum()) if prompt_filter == "refused" else int((df["refusal_score"] > 0).sum())

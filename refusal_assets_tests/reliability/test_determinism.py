@@ -18,8 +18,9 @@ import polars as pl
 import pytest
 import torch
 
-from refusal_assets.circuits import circuit as circ
-from refusal_assets.circuits.circuit import select_circuit
+from refusal_assets.circuits.attribution import node_effects
+from refusal_assets.circuits.passes import compute_baseline
+from refusal_assets.circuits.selection import NodeIndex, select_circuit
 from refusal_assets.lm import activations as acts_core
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.sites import Site
@@ -145,12 +146,12 @@ def _circuit(tiny_cfg, tiny_model, sample, sae_folders) -> tuple[dict[str, list[
     refusal_ids = torch.tensor(refusal_token_ids(tok, mc.refusal.phrases, mc.refusal.refusal_tokens))
     kw = dict(batch_size=mc.batch_size, system_prompt=mc.chat_template.system_prompt)
     safe_train = sample.filter((pl.col("split") == "safe") & ~pl.col("heldout"))["prompt"].to_list()
-    baseline = circ.compute_baseline(model, tok, safe_train, saes, **kw)
-    index = circ.NodeIndex(SITES, [baseline.f_mean[s].shape[-1] for s in SITES])
+    baseline = compute_baseline(model, tok, safe_train, saes, **kw)
+    index = NodeIndex(SITES, [baseline.f_mean[s].shape[-1] for s in SITES])
     nodes, effects_by_group = {}, {}
     for group, splits in {"toxic": ["toxic"], "benign": ["safe", "hard"]}.items():
         rows = sample.filter(pl.col("split").is_in(splits))
-        effects, _ = circ.node_effects(
+        effects, _ = node_effects(
             model, tok, rows["prompt"].to_list(), saes, baseline, refusal_ids, method=cc.method, **kw
         )
         mean_effect = effects.mean(0)
