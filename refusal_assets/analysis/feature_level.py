@@ -23,7 +23,8 @@ Verdict (symmetric, one margin ``m`` for "shared" and "specific"). A CI inside (
 less than m); inside [m, 1 - m] it is "partial". Swapping shared and specific (share -> 1 - share)
 swaps the first two calls and keeps the third. First, the circuits must replicate: the pooled
 held-out attribution of the circuits, divided by their in-sample attribution (retention), must have
-a CI above 0; otherwise "insufficient evidence". If two categories' own CIs are confidently in
+a CI lower end of at least ``min_retention`` (0.1); otherwise "insufficient evidence". Pure-noise
+circuits retain nothing on average. If two categories' own CIs are confidently in
 different regions, the answer is "mixed". Otherwise the pooled CI decides: "monolithic" (shared),
 "modular" (specific), "shared core + specific tail" (partial). A pooled CI that crosses m or 1 - m
 gives "insufficient evidence". The thresholds are fixed in :class:`FeatureRule` and calibrated on
@@ -93,6 +94,9 @@ class FeatureRule:
     categories."""
     confidence: float = 0.95
     """Two-sided level of every bootstrap interval the rule reads."""
+    min_retention: float = 0.1
+    """The circuits replicate when the lower end of the retention CI (held-out over in-sample
+    attribution) is at least this; below it the answer is "insufficient evidence"."""
 
     def __post_init__(self) -> None:
         if not 0 < self.margin < 0.5:
@@ -101,6 +105,8 @@ class FeatureRule:
             raise ValueError(f"core_fraction must lie in (0, 1], not {self.core_fraction}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must lie in (0, 1), not {self.confidence}")
+        if not 0 < self.min_retention < 1:
+            raise ValueError(f"min_retention must lie in (0, 1), not {self.min_retention}")
 
     def core_min_categories(self, n_categories: int) -> int:
         """How many categories' circuits a latent must be in to count as core (at least 2)."""
@@ -121,6 +127,9 @@ def region(ci: CI, margin: float) -> Region:
     return "undecided"
 
 
+MIN_CATEGORIES_PER_REGION = 2
+"""Categories confidently in a region before the rule counts that region towards "mixed"."""
+
 _ANSWER_OF_REGION: dict[Region, FeatureAnswer] = {
     "shared": "monolithic",
     "specific": "modular",
@@ -138,17 +147,20 @@ def verdict_features(
     core-share CI and the pooled retention CI (see the module docstring for the rule)."""
     m = rule.margin
     bounds = f"shared > {1 - m:g}, specific < {m:g}, partial in [{m:g}, {1 - m:g}]"
-    if not (math.isfinite(retention_ci[0]) and retention_ci[0] > 0):
+    if not (math.isfinite(retention_ci[0]) and retention_ci[0] >= rule.min_retention):
         return (
             "insufficient evidence",
             f"Insufficient evidence: the circuits do not replicate on held-out prompts (retention "
-            f"CI [{retention_ci[0]:.3f}, {retention_ci[1]:.3f}] does not lie above 0).",
+            f"CI [{retention_ci[0]:.3f}, {retention_ci[1]:.3f}] reaches below {rule.min_retention:g}).",
         )
     confident: dict[Region, list[str]] = {}
     for category, ci in sorted(category_cis.items()):
         call = region(ci, m)
         if call != "undecided":
             confident.setdefault(call, []).append(category)
+    # One category's interval rests on 1-5 held-out prompts here, so a region needs two confident
+    # categories before their disagreement counts.
+    confident = {r: cs for r, cs in confident.items() if len(cs) >= MIN_CATEGORIES_PER_REGION}
     if len(confident) > 1:
         listing = "; ".join(f"{r}: {', '.join(cs)}" for r, cs in sorted(confident.items()))
         return (
@@ -510,9 +522,12 @@ def core_share_test(
     shares = _ratio(sums.core, sums.core + sums.tail)  # [n_cat, n_rows]; row 0 is the estimate
     pooled = _nanmean_rows(shares)  # [n_rows]
     retention = _ratio_unclipped(sums.held_out.sum(0), sums.in_sample.sum(0))
+    # "mixed" claims that two categories differ, so each category's interval is Bonferroni-adjusted
+    # over the categories (family-wise level rule.confidence).
+    per_category_level = 1 - (1 - rule.confidence) / len(cats)
     per_category = []
     for i, c in enumerate(cats):
-        ci = _percentile_ci(shares[i, 1:], float(shares[i, 0]), rule.confidence)
+        ci = _percentile_ci(shares[i, 1:], float(shares[i, 0]), per_category_level)
         per_category.append(
             CategoryCoreShare(
                 category=c,
