@@ -244,7 +244,7 @@ def _relative_links(markdown: str) -> set[str]:
 
 def readme_path_problems(markdown: str, root: Path = ROOT) -> list[str]:
     """Repository paths the text names (outside ``storage/``, without ``<placeholders>`` or
-    globs) must exist, and so must the targets of relative Markdown links."""
+    globs, not ignored by git) must exist, and so must the targets of relative Markdown links."""
     named = set(REPO_PATH.findall(markdown)) | set(ROOT_FILES.findall(markdown))
     named |= _relative_links(markdown)
     problems = []
@@ -252,9 +252,22 @@ def readme_path_problems(markdown: str, root: Path = ROOT) -> list[str]:
         path = path.rstrip(".,;:")
         if not path or any(c in path for c in "<>*"):
             continue
-        if not (root / path).exists():
+        if not (root / path).exists() and not _generated(path, root):
             problems.append(path)
     return problems
+
+
+def _generated(path: str, root: Path) -> bool:
+    """A path git ignores (``data/raw``, ``dagster_home/<config>``): made by a run, not shipped."""
+    for candidate in (path, path.rstrip("/") + "/"):  # a folder rule ("/data/raw/") needs the slash
+        try:
+            args = ["git", "check-ignore", "-q", candidate]
+            out = subprocess.run(args, cwd=root, capture_output=True)
+        except OSError:
+            return False
+        if out.returncode == 0:
+            return True
+    return False
 
 
 def test_readme_paths_exist():
