@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -116,6 +117,25 @@ def _rate_of(judged: Judged, rows: list[PromptRow]) -> Rate:
     return Rate.of([by_id[r.prompt_id] for r in rows])
 
 
+class LocoDirection(NamedTuple):
+    direction: torch.Tensor
+    """[d]: mean over the other categories' refused training prompts minus their complied-with ones."""
+    prompt_ids: set[str]
+    """Every prompt it was computed from (none of the held-out category's)."""
+
+
+def loco_direction(acts: Activations, s: Splits, category: str, p_i: int, l_i: int) -> LocoDirection | None:
+    """The leave-one-category-out direction for ``category`` at grid cell (p_i, l_i), or None when
+    the other categories have no prompts on one side."""
+    harmful = [r for r in s.train_harmful if r.category != category]
+    harmless = [r for r in s.train_harmless if r.category != category]
+    if not harmful or not harmless:
+        return None
+    h1 = subset(acts, _ids(harmful))[:, p_i, l_i]  # [n1, d]
+    h0 = subset(acts, _ids(harmless))[:, p_i, l_i]  # [n0, d]
+    return LocoDirection(h1.mean(0) - h0.mean(0), _ids(harmful) | _ids(harmless))
+
+
 def _category(
     scorer: Scorer,
     cfg: DirectionsConfig,
@@ -131,13 +151,12 @@ def _category(
     p_i, l_i = acts.positions.index(at[0]), acts.layers.index(at[1])
     own_h = subset(acts, _ids([r for r in s.train_harmful if r.category == c]))[:, p_i, l_i]  # [n, d]
     harmless = subset(acts, _ids(s.train_harmless))[:, p_i, l_i]  # [m, d]
-    others_h = subset(acts, _ids([r for r in s.train_harmful if r.category != c]))[:, p_i, l_i]
-    others_0 = subset(acts, _ids([r for r in s.train_harmless if r.category != c]))[:, p_i, l_i]
     own_r = own_h.mean(0) - harmless.mean(0) if len(own_h) else torch.zeros_like(pooled_r)
     refusing = [r for r in s.refusing if r.category == c]
     heldout = [r for r in s.test_refusing if r.category == c]
-    if len(others_h) and len(others_0):
-        loco = _ablated(scorer, others_h.mean(0) - others_0.mean(0), refusing, cfg.max_new_tokens)
+    loco_r = loco_direction(acts, s, c, p_i, l_i)
+    if loco_r is not None:
+        loco = _ablated(scorer, loco_r.direction, refusing, cfg.max_new_tokens)
     else:
         loco = Judged(prompt_ids=[], responses=[], refused=[], scores=np.zeros(0))
     # the category's own selection (a fallback to the pooled layer and position when it has few prompts)
