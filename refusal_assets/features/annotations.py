@@ -39,10 +39,10 @@ def annotation_path(project_root: Path, model_key: str) -> Path:
     return Path(project_root) / "configs" / "annotations" / f"{model_key}.yaml"
 
 
-def load_annotations(path: Path, d_sae: Mapping[str, int]) -> dict[str, dict[int, str]]:
+def load_annotations(path: Path, d_sae: Mapping[str, int | None]) -> dict[str, dict[int, str]]:
     """Labels per site name from ``path`` (``{}`` when the file does not exist). ``d_sae``:
-    site name -> latent count of the model's sites; any other site, or a latent out of range, is
-    an error."""
+    site name -> latent count of the model's sites (None: not checked); any other site, or a
+    latent out of range, is an error."""
     path = Path(path)
     if not path.is_file():
         return {}
@@ -64,10 +64,11 @@ def load_annotations(path: Path, d_sae: Mapping[str, int]) -> dict[str, dict[int
                 f"{path}: key '{site}': not a site of this model (its sites: {sorted(d_sae)})"
             )
         for latent, label in labels.root.items():
-            if not 0 <= latent < d_sae[site]:
+            n = d_sae[site]
+            if latent < 0 or (n is not None and latent >= n):
                 raise ConfigError(
                     f"{path}: key '{site}.{latent}': latent out of range; "
-                    f"the {site} SAE has latents 0..{d_sae[site] - 1}"
+                    f"the {site} SAE has latents 0..{(n or 0) - 1}"
                 )
         out[site] = dict(labels.root)
     return out

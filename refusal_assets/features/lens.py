@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 LENS_TOKENS = 10
@@ -116,3 +118,18 @@ def refusal_cosines(decoder: Tensor, direction: Tensor | None) -> np.ndarray | N
     rows = decoder.detach().float()
     cos = (rows @ direction) / (rows.norm(dim=1) * direction.norm()).clamp_min(1e-12)
     return cos.numpy()
+
+
+def pooled_direction(path: Path | None, site_layer: int) -> tuple[Tensor | None, str]:
+    """The pooled refusal direction for a site of block ``site_layer`` (its output, the input of
+    block ``site_layer + 1``: key ``pooled.layer{site_layer + 1}`` of ``directions.safetensors``),
+    and a note saying where it came from or why there is none."""
+    key = f"pooled.layer{site_layer + 1}"
+    if path is None:
+        return None, "no refusal_direction asset in this graph: cosines left null"
+    if not Path(path).is_file():
+        return None, f"{path} not found (refusal_direction not materialized): cosines left null"
+    tensors = load_file(str(path))
+    if key not in tensors:
+        return None, f"{path} has no {key}: cosines left null"
+    return tensors[key].float(), f"{key} of {path}"

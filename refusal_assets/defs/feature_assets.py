@@ -1,0 +1,140 @@
+"""Stage 3b: feature cards per site (what every SAE latent responds to), from the stored rows."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from refusal_assets.config import ProjectConfig
+from refusal_assets.defs.metadata import file_path, multi_key
+from refusal_assets.defs.partitions import Partitions
+from refusal_assets.defs.resources import StorageResource
+from refusal_assets.features import annotations as notes
+from refusal_assets.features.files import write_site_features
+from refusal_assets.features.lens import lens_inputs, pooled_direction
+from refusal_assets.features.render import circuit_membership, membership_table
+from refusal_assets.features.scan import CORPUS, ActivationSource
+from refusal_assets.features.site import chat_tokens, site_features
+from refusal_assets.layout import Layout
+from refusal_assets.lm.models import load_model
+from refusal_assets.lm.sites import Site
+from refusal_assets.prompts import orbench as data
+from refusal_assets.sae.files import CFG_FILE, load_sae
+
+CODE_VERSION = "1"
+"""Version of the features code; bump it when a card changes for the same inputs."""
+
+
+def _code_version(cfg: ProjectConfig) -> str:
+    """The SAE settings, this code's version and the annotation files' bytes (cards show labels)."""
+    blob = cfg.section_hash("sae") + CODE_VERSION
+    for m in cfg.models:
+        path = notes.annotation_path(cfg.root, m.model_key)
+        blob += path.read_text(encoding="utf-8") if path.is_file() else ""
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _directions_path(layout: Layout, model_key: str) -> Path | None:
+    """The refusal_direction asset's file, where this graph has that asset's Layout method."""
+    method = getattr(layout, "refusal_directions", None)
+    return method(model_key) if method is not None else None
+
+
+def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
+    corpus_dep = (
+        [dg.AssetDep("sae_corpus_activations", partition_mapping=parts.by_site())]
+        if cfg.sae.corpus
+        else []
+    )
+
+    @dg.asset(
+        partitions_def=parts.sae,
+        kinds={"pytorch", "parquet", "json"},
+        group_name="sae",
+        code_version=_code_version(cfg),
+        deps=[
+            dg.AssetDep("sae"),  # same site x scope partitions: identity
+            dg.AssetDep("activations", partition_mapping=parts.sae_from_activations()),
+            *corpus_dep,
+        ],
+        description="Feature cards per site: for every SAE latent its 20 highest distinct contexts "
+        "with token windows, lower-quantile examples, firing statistics per category x split, "
+        "logit lens and cosine with the pooled refusal direction (top_examples.parquet, "
+        "latents.parquet, cards.json).",
+    )
+    def features(
+        context: dg.AssetExecutionContext, storage: StorageResource
+    ) -> dg.MaterializeResult:
+        site_key, layout = (
+            multi_key(parts.sae, context.partition_key)["site"],
+            Layout(storage.files),
+        )
+        model_cfg, site = (
+            cfg.model(parts.site_to_model[site_key]),
+            Site.parse(site_key.split("__", 1)[1]),
+        )
+        categories = parts.sae_train_categories
+        sources = [
+            ActivationSource(path=layout.activations(site_key, c), category=c) for c in categories
+        ]
+        frames = [layout.load_sample(c).select("prompt_id", "prompt") for c in categories]
+        if cfg.sae.corpus:
+            sources.append(
+                ActivationSource(path=layout.sae_corpus_activations(site_key), category=CORPUS)
+            )
+            frames.append(
+                data.load_corpus(cfg.sae.corpus, cfg.resolve).select("prompt_id", "prompt")
+            )
+        prompt_text = dict(pl.concat(frames).unique("prompt_id").iter_rows())
+        sae = load_sae(layout.sae(site_key))
+        sae_cfg = json.loads((layout.sae(site_key) / CFG_FILE).read_text(encoding="utf-8"))
+        labels = notes.load_annotations(
+            notes.annotation_path(cfg.root, model_cfg.model_key),
+            {s.name: (sae.d_sae if s == site else None) for s in model_cfg.sites},
+        )
+        direction, note = pooled_direction(
+            _directions_path(layout, model_cfg.model_key), site.layer
+        )
+        model, tokenizer = load_model(
+            model_cfg, cfg.resolve, "cpu", context.log.info
+        )  # weights only
+        result = site_features(
+            sources,
+            sae,
+            site_key=site_key,
+            prompt_text=prompt_text,
+            tokenize=chat_tokens(tokenizer, model_cfg.chat_template.system_prompt),
+            lens_inputs=lens_inputs(model, tokenizer),
+            refusal_direction=direction,
+            refusal_note=note,
+            annotations=labels.get(site.name, {}),
+            max_input_norm=float(sae_cfg.get("max_input_norm") or "inf"),
+        )
+        paths = (layout.feature_top_examples(site_key), layout.feature_latents(site_key))
+        write_site_features(result, *paths, layout.feature_cards(site_key))
+        if direction is None:
+            context.log.warning(f"refusal-direction cosines left null: {note}")
+        circuits = {
+            c: json.loads(layout.circuit_summary(model_cfg.model_key, c).read_text())
+            for c in parts.category.get_partition_keys()
+            if layout.circuit_summary(model_cfg.model_key, c).is_file()
+        }
+        f = result.features
+        table = membership_table(f, circuit_membership(circuits, site.name))
+        return dg.MaterializeResult(
+            metadata={
+                "n_live": len(f.live),
+                "d_sae": f.d_sae,
+                "n_rows": f.n_rows,
+                "n_distinct_rows": f.n_distinct_rows,
+                "n_massive_rows": f.n_massive_rows,
+                "refusal_direction": note,
+                "scan_seconds": round(result.scan_seconds, 2),
+                "circuit_latents": dg.MetadataValue.md(table),
+                "path": file_path(layout.features(site_key)),
+            }
+        )
+
+    return [features]
