@@ -1,13 +1,14 @@
 """Calibration of the feature-level test on planted worlds at the real sample.
 
-The default run has 10 harm categories with 3-9 score-positive toxic prompts each (:data:`REAL_COUNTS`)
-and about 3,600 SAE latents over 2 sites plus one error node per site. Every planted world is built
-at those sizes, with effects that are harder than i.i.d. Gaussian noise:
+The default run has 10 harm categories with 3-9 score-positive toxic prompts each
+(:data:`REAL_COUNTS`) and about 3,600 SAE latents over 2 sites plus one error node per site.
+Every planted world is built at those sizes, with effects that are harder than i.i.d. Gaussian
+noise:
 
 * **sparse, heavy-tailed magnitudes**: a mechanism's latents have log-normal mean effects (sd 1 on
   the log scale), and each fires on a prompt with probability 0.85, with log-normal size noise;
-* **per-prompt correlated noise**: a log-normal scale per prompt multiplies all of its latents, and a
-  rank-3 nuisance factor moves a fixed set of 200 latents together (zero mean, both signs);
+* **per-prompt correlated noise**: a log-normal scale per prompt multiplies all of its latents,
+  and a rank-3 nuisance factor moves a fixed set of 200 latents together (zero mean, both signs);
 * **background**: 150 random latents per prompt get Student-t(3) effects of both signs, and every
   latent gets a little Gaussian noise; each category's strength varies (log-normal, sd 0.3);
 * **harm-topic latents in every world**: each category has its own 3 topic latents per site. They
@@ -17,7 +18,8 @@ at those sizes, with effects that are harder than i.i.d. Gaussian noise:
 
 Worlds (attribution budgets relative to the mechanism's 1.0):
 
-* ``monolithic``: one shared set of refusal latents (12 per site) carries budget 1 in every category.
+* ``monolithic``: one shared set of refusal latents (12 per site) carries budget 1 in every
+  category.
   The strengths of the shared latents vary by category (log-normal jitter, sd 0.3). Planted answer:
   "monolithic".
 * ``modular``: each category has its own refusal latents (12 per site), none shared. Planted answer:
@@ -31,8 +33,8 @@ Worlds (attribution budgets relative to the mechanism's 1.0):
 For each world and replicate, :func:`refusal_assets.analysis.feature_level.core_share_test` gives
 an answer. ``power`` is the share of replicates that give the planted answer. ``false_answer_rate``
 is the share that give a different decided answer (monolithic, modular or core + tail). "mixed" and
-"insufficient evidence" are neither false nor power. ``votes`` holds when the false-answer rate is at
-most :data:`MAX_FALSE_ANSWER_RATE`.
+"insufficient evidence" are neither false nor power. ``votes`` holds when the false-answer rate is
+at most :data:`MAX_FALSE_ANSWER_RATE`.
 
 The rule's thresholds were fixed before any real result was looked at. The margin 0.25 means "a part
 carrying under a quarter of a circuit's attribution does not count". A latent must be in the
@@ -102,7 +104,8 @@ class PlantDesign:
     prompt_sigma: float = 0.5
     """Log-normal sd of the per-prompt scale shared by all of a prompt's latents."""
     category_sigma: float = 0.3
-    """Log-normal sd of a category's overall strength and of the shared latents' per-category jitter."""
+    """Log-normal sd of a category's overall strength and of the shared latents' per-category
+    jitter."""
     background_per_prompt: int = 150
     background_scale: float = 0.01
     nuisance_rank: int = 3
@@ -144,21 +147,30 @@ class _LatentSets:
 
 
 def _latent_sets(design: PlantDesign, n_categories: int, rng: np.random.Generator) -> _LatentSets:
-    per_site = {"shared": design.mechanism_per_site, "own": n_categories * design.mechanism_per_site}
-    per_site |= {"topic": n_categories * design.topic_per_site, "tail": n_categories * design.tail_per_site}
+    per_site = {
+        "shared": design.mechanism_per_site,
+        "own": n_categories * design.mechanism_per_site,
+    }
+    per_site |= {
+        "topic": n_categories * design.topic_per_site,
+        "tail": n_categories * design.tail_per_site,
+    }
     need = sum(per_site.values()) + design.core_latents
     if need > design.latents_per_site:
-        raise ValueError(f"the planted sets need {need} latents per site; the design has {design.latents_per_site}")
+        have = design.latents_per_site
+        raise ValueError(f"the planted sets need {need} latents per site; the design has {have}")
     taken: dict[str, list[np.ndarray]] = {name: [] for name in per_site}
     for site in range(design.n_sites):
         ids = site * (design.latents_per_site + 1) + rng.permutation(design.latents_per_site)
         at = 0
         for name, size in per_site.items():
-            taken[name].append(ids[at : at + size].reshape(1 if name == "shared" else n_categories, -1))
+            rows = 1 if name == "shared" else n_categories
+            taken[name].append(ids[at : at + size].reshape(rows, -1))
             at += size
         if site == design.n_sites - 1:
             core = ids[at : at + design.core_latents]
-    latents = np.flatnonzero(design.site_of_node()[1:] == design.site_of_node()[:-1])  # not error nodes
+    site = design.site_of_node()
+    latents = np.flatnonzero(site[1:] == site[:-1])  # every node but the error nodes
     return _LatentSets(
         shared=np.concatenate(taken["shared"], axis=1).ravel(),
         own=np.concatenate(taken["own"], axis=1),
@@ -175,7 +187,12 @@ def _magnitudes(size: int, budget: float, sigma: float, rng: np.random.Generator
     return budget * m / m.sum()
 
 
-def _mean_effects(world: World, design: PlantDesign, sets: _LatentSets, rng: np.random.Generator) -> np.ndarray:
+def _mean_effects(
+    world: World,
+    design: PlantDesign,
+    sets: _LatentSets,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Planted mean effects ``[n_categories, n_nodes]`` of every category in ``world``."""
     n_categories = sets.topic.shape[0]
     mean = np.zeros((n_categories, design.n_nodes))
@@ -200,10 +217,15 @@ def _mean_effects(world: World, design: PlantDesign, sets: _LatentSets, rng: np.
 
 
 def _prompt_effects(
-    mean: np.ndarray, n_prompts: int, design: PlantDesign, sets: _LatentSets, rng: np.random.Generator
+    mean: np.ndarray,
+    n_prompts: int,
+    design: PlantDesign,
+    sets: _LatentSets,
+    rng: np.random.Generator,
 ) -> np.ndarray:
-    """Per-prompt effects ``[n_prompts, n_nodes]`` around one category's planted means ``[n_nodes]``:
-    sparse firing with log-normal sizes scaled per prompt, nuisance factors, background and noise.
+    """Per-prompt effects ``[n_prompts, n_nodes]`` around one category's planted means
+    ``[n_nodes]``: sparse firing with log-normal sizes scaled per prompt, nuisance factors,
+    background and noise.
     Firing and size noise are normalised so that the expected effect is the planted mean."""
     n_nodes = mean.size
     p, s_size, s_prompt = design.fire_probability, design.size_sigma, design.prompt_sigma
@@ -221,7 +243,8 @@ def _prompt_effects(
     )
     effects += rng.normal(0.0, design.dense_noise, effects.shape)
     error_nodes = np.flatnonzero(np.diff(np.append(design.site_of_node(), -1)) != 0)
-    effects[:, error_nodes] = rng.normal(0.2, 0.1, (n_prompts, error_nodes.size))  # what the SAE misses
+    # the error nodes: what the SAE misses (left out of every circuit)
+    effects[:, error_nodes] = rng.normal(0.2, 0.1, (n_prompts, error_nodes.size))
     return effects
 
 
@@ -234,7 +257,10 @@ def planted_effects(
     categories = sorted(counts)
     sets = _latent_sets(design, len(categories), rng)
     mean = _mean_effects(world, design, sets, rng)
-    return {c: _prompt_effects(mean[i], counts[c], design, sets, rng) for i, c in enumerate(categories)}
+    effects = {}
+    for c, row in zip(categories, mean):
+        effects[c] = _prompt_effects(row, counts[c], design, sets, rng)
+    return effects
 
 
 # ----------------------------------------------------------------------------------- calibration
@@ -250,7 +276,8 @@ class FeatureCalibration:
     power: float
     """Share of replicates giving the planted answer."""
     false_answer_rate: float
-    """Share giving a different decided answer ("mixed" and "insufficient evidence" are not false)."""
+    """Share giving a different decided answer ("mixed" and "insufficient evidence" are not
+    false)."""
     votes: bool
     """false_answer_rate <= MAX_FALSE_ANSWER_RATE: the test may vote at this sample size."""
     mean_core_share: float
@@ -313,7 +340,8 @@ def calibrate_world(
     answers: dict[str, int] = {}
     shares = []
     for replicate in range(n_replicates):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(WORLDS.index(world), replicate)))
+        key = (WORLDS.index(world), replicate)
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
         result = core_share_test(
             planted_effects(world, counts, design, rng),
             design.site_of_node(),
@@ -350,13 +378,15 @@ def calibrate_feature_level(
     n_splits: int = 4,
     n_bootstrap: int = 50,
 ) -> FeatureCalibrationReport:
-    """Every planted world at ``counts`` (default: :data:`REAL_COUNTS`) through the feature-level test."""
+    """Every planted world at ``counts`` (default: :data:`REAL_COUNTS`) through the feature-level
+    test."""
     counts = dict(REAL_COUNTS if counts is None else counts)
     if n_replicates < 1:
         raise ValueError(f"n_replicates must be >= 1, not {n_replicates}")
     for category, n in counts.items():
         if n < 2:
-            raise ValueError(f"counts[{category!r}] is {n}; the test needs at least 2 prompts per category")
+            need = "the test needs at least 2 prompts per category"
+            raise ValueError(f"counts[{category!r}] is {n}; {need}")
     worlds = {
         world: calibrate_world(
             world,

@@ -1,4 +1,5 @@
-"""Feature-level answer: does a shared core of SAE latents carry each category's refusal attribution?
+"""Feature-level answer: does a shared core of SAE latents carry each category's refusal
+attribution?
 
 Methods (quotable). The circuit-overlap test asks whether two categories' circuits are exchangeable,
 and categories that share one refusal step but differ in harm topic reject that null: their topic
@@ -50,7 +51,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-FeatureAnswer = Literal["monolithic", "modular", "shared core + specific tail", "mixed", "insufficient evidence"]
+FeatureAnswer = Literal[
+    "monolithic",
+    "modular",
+    "shared core + specific tail",
+    "mixed",
+    "insufficient evidence",
+]
 Region = Literal["shared", "specific", "partial", "undecided"]
 CI = tuple[float, float]
 
@@ -70,6 +77,10 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
 def _ci_to_json(ci: CI) -> list[float | None]:
     return [_finite_or_none(v) for v in ci]
 
@@ -84,7 +95,8 @@ def _ci_from_json(values: Sequence[float | None]) -> CI:
 
 @dataclass(frozen=True, kw_only=True)
 class FeatureRule:
-    """Thresholds of the feature-level verdict (fixed before any real result; see the calibration)."""
+    """Thresholds of the feature-level verdict (fixed before any real result; see the
+    calibration)."""
 
     margin: float = 0.25
     """The same margin for both answers: "shared" = the specific part carries less than ``margin``
@@ -151,7 +163,8 @@ def verdict_features(
         return (
             "insufficient evidence",
             f"Insufficient evidence: the circuits do not replicate on held-out prompts (retention "
-            f"CI [{retention_ci[0]:.3f}, {retention_ci[1]:.3f}] reaches below {rule.min_retention:g}).",
+            f"CI [{retention_ci[0]:.3f}, {retention_ci[1]:.3f}] reaches below "
+            f"{rule.min_retention:g}).",
         )
     confident: dict[Region, list[str]] = {}
     for category, ci in sorted(category_cis.items()):
@@ -163,9 +176,10 @@ def verdict_features(
     confident = {r: cs for r, cs in confident.items() if len(cs) >= MIN_CATEGORIES_PER_REGION}
     if len(confident) > 1:
         listing = "; ".join(f"{r}: {', '.join(cs)}" for r, cs in sorted(confident.items()))
+        listing += f"; {bounds}"
         return (
             "mixed",
-            f"Mixed: categories' core shares are confidently in different regions ({listing}; {bounds}).",
+            f"Mixed: categories' core shares are confidently in different regions ({listing}).",
         )
     lo, hi = core_share_ci
     call = region(core_share_ci, m)
@@ -181,14 +195,20 @@ def verdict_features(
 
 def default_error_nodes(site_of_node: np.ndarray) -> np.ndarray:
     """[n_nodes] bool: the last node of each site's block (the layout of
-    :class:`refusal_assets.circuits.selection.NodeIndex`: each site's latents, then its error node)."""
+    :class:`refusal_assets.circuits.selection.NodeIndex`: each site's latents, then its error
+    node)."""
     site_of_node = np.asarray(site_of_node)
     is_last = np.ones(site_of_node.shape[0], bool)
     is_last[:-1] = site_of_node[1:] != site_of_node[:-1]
     return is_last
 
 
-def checked_effects(effects: dict[str, np.ndarray], n_nodes: int, *, min_prompts: int = 2) -> dict[str, np.ndarray]:
+def checked_effects(
+    effects: dict[str, np.ndarray],
+    n_nodes: int,
+    *,
+    min_prompts: int = 2,
+) -> dict[str, np.ndarray]:
     """Effects as float arrays ``[n_prompts_c, n_nodes]``, categories sorted; bad input is a
     ValueError that names the category."""
     categories = sorted(effects)
@@ -202,6 +222,8 @@ def checked_effects(effects: dict[str, np.ndarray], n_nodes: int, *, min_prompts
                 f"effects[{category!r}] has shape {e.shape}; expected [n_prompts, {n_nodes}] "
                 "(one column per node of site_of_node)"
             )
+        if e.shape[0] == 0:
+            raise ValueError(f"effects[{category!r}] is empty: the category has no prompts")
         if e.shape[0] < min_prompts:
             raise ValueError(
                 f"effects[{category!r}] has {e.shape[0]} prompts; this test needs at least "
@@ -225,7 +247,8 @@ def _latent_view(
         error_nodes = default_error_nodes(site_of_node)
     error_nodes = np.asarray(error_nodes, dtype=bool)
     if error_nodes.shape != site_of_node.shape:
-        raise ValueError(f"error_nodes {error_nodes.shape} must match site_of_node {site_of_node.shape}")
+        shapes = f"{error_nodes.shape} vs {site_of_node.shape}"
+        raise ValueError(f"error_nodes and site_of_node must have one shape: {shapes}")
     keep = ~error_nodes
     return {c: e[:, keep] for c, e in E.items()}, site_of_node[keep], np.flatnonzero(keep)
 
@@ -254,7 +277,7 @@ class CategoryCoreShare:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CategoryCoreShare:
-        nan_if_none = {k: math.nan if data[k] is None else float(data[k]) for k in ("core_share", "retention")}
+        nan_if_none = {k: _nan_if_none(data[k]) for k in ("core_share", "retention")}
         return cls(
             category=str(data["category"]),
             n_prompts=int(data["n_prompts"]),
@@ -308,7 +331,7 @@ class CoreShareTest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CoreShareTest:
         """The inverse of :meth:`to_dict`."""
-        nan_if_none = {k: math.nan if data[k] is None else float(data[k]) for k in ("core_share", "retention")}
+        nan_if_none = {k: _nan_if_none(data[k]) for k in ("core_share", "retention")}
         return cls(
             categories=tuple(data["categories"]),
             per_category=tuple(CategoryCoreShare.from_dict(c) for c in data["per_category"]),
@@ -351,9 +374,10 @@ class _Halves:
 
 def _halves(n_prompts: int, n_splits: int, n_bootstrap: int, seed: int, stream: int) -> _Halves:
     """Selection half ceil(n/2), measurement half floor(n/2), per split. Row 0 is the plain sample
-    (uniform weights); rows 1.. are Bayesian-bootstrap draws (Dirichlet(1) over prompts), which never
-    drop a prompt, so every half keeps weight however small the category."""
-    order = _rng(seed, _SPLITS, stream).permuted(np.tile(np.arange(n_prompts), (n_splits, 1)), axis=1)
+    (uniform weights); rows 1.. are Bayesian-bootstrap draws (Dirichlet(1) over prompts), which
+    never drop a prompt, so every half keeps weight however small the category."""
+    prompts = np.tile(np.arange(n_prompts), (n_splits, 1))
+    order = _rng(seed, _SPLITS, stream).permuted(prompts, axis=1)
     in_selection = np.zeros((n_splits, n_prompts), bool)
     np.put_along_axis(in_selection, order[:, : n_prompts - n_prompts // 2], True, axis=1)
     draws = _rng(seed, _BOOT, stream).dirichlet(np.ones(n_prompts), size=n_bootstrap)
@@ -366,7 +390,11 @@ def _halves(n_prompts: int, n_splits: int, n_bootstrap: int, seed: int, stream: 
     )
 
 
-def _top_k_of_columns(means: np.ndarray, columns: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k_of_columns(
+    means: np.ndarray,
+    columns: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """Of ``means [rows, columns.size]``: the k largest per row as latent ids and values."""
     if columns.size <= k:
         return np.broadcast_to(columns, means.shape).copy(), means
@@ -393,7 +421,8 @@ def _select_site(
     ids, values = _top_k_of_columns(weights @ effects[:, candidates], candidates, k)
     unsure = np.flatnonzero(values.min(1) <= best_excluded)
     if unsure.size:
-        ids[unsure], values[unsure] = _top_k_of_columns(weights[unsure] @ effects[:, columns], columns, k)
+        full_means = weights[unsure] @ effects[:, columns]
+        ids[unsure], values[unsure] = _top_k_of_columns(full_means, columns, k)
     return ids, values
 
 
@@ -427,7 +456,8 @@ def _split_sums(
     seed: int,
 ) -> _SplitSums:
     """Cross-fitted sums for every (bootstrap draw, split), pooled over splits; batched over draws.
-    Circuits and core are index sets, so held-out sums are gathered, never formed over every latent."""
+    Circuits and core are index sets, so held-out sums are gathered, never formed over every
+    latent."""
     cats = list(E)
     halves = [_halves(E[c].shape[0], n_splits, n_bootstrap, seed, i) for i, c in enumerate(cats)]
     n_rows, n_latents = n_bootstrap + 1, site_of_latent.shape[0]
@@ -567,3 +597,195 @@ def _ratio_unclipped(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den; NaN where den <= 0 (circuits that carry no in-sample attribution)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+# ------------------------------------------------------------ dictionary-free: decoder directions
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectionPair:
+    """Two categories' effect-weighted decoder directions at one site, half sample against half."""
+
+    a: str
+    b: str
+    site: int
+    half_size: int
+    """Prompts per half: min(n_a, n_b) // 2, for the cross cosine and both ceilings alike."""
+    cross_cosine: float
+    """Mean cosine of a half-sample direction of a with a half-sample direction of b."""
+    ceiling_a: float
+    """Mean cosine of two disjoint half-sample directions of a (its split-half reliability)."""
+    ceiling_b: float
+    normalised_cosine: float
+    """cross / sqrt(ceiling_a * ceiling_b); NaN where a ceiling is below the minimum."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderDirectionComparison:
+    """A description, not a vote: do categories' attributions point the same way in the residual
+    stream, whatever the dictionary's basis? (See the module docstring.)"""
+
+    categories: tuple[str, ...]
+    sites: tuple[int, ...]
+    pairs: tuple[DirectionPair, ...]
+    full_cosine: dict[int, tuple[tuple[float, ...], ...]]
+    """Per site, cosines of the full-sample directions [n_cat][n_cat] (for display; not like
+    with like)."""
+    median_normalised_cosine: dict[int, float]
+    """Per site, the median normalised cosine over pairs with usable ceilings (NaN if none)."""
+    min_ceiling: float
+    n_splits: int
+    seed: int
+    description: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: NaN to None, site keys as strings."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float):
+                return _finite_or_none(value)
+            if isinstance(value, dict):
+                return {str(k): clean(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            return value
+
+        return clean(asdict(self))
+
+
+def _unit_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of ``[..., d]`` arrays; NaN where a row is zero."""
+    norms = np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norms > 0, (x * y).sum(-1) / np.where(norms > 0, norms, 1.0), np.nan)
+
+
+def _two_halves(
+    n: int,
+    m: int,
+    n_splits: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean weights ``[n_splits, n]`` of two disjoint random halves of m prompts each."""
+    order = rng.permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)
+    first, second = np.zeros((n_splits, n)), np.zeros((n_splits, n))
+    np.put_along_axis(first, order[:, :m], 1.0 / m, axis=1)
+    np.put_along_axis(second, order[:, m : 2 * m], 1.0 / m, axis=1)
+    return first, second
+
+
+def _pair_directions(
+    proj_a: np.ndarray, proj_b: np.ndarray, n_splits: int, rng: np.random.Generator
+) -> tuple[int, float, float, float]:
+    """Half size, cross cosine and both ceilings for per-prompt directions ``[n, d]`` of a and b."""
+    m = min(proj_a.shape[0], proj_b.shape[0]) // 2
+    a1, a2 = _two_halves(proj_a.shape[0], m, n_splits, rng)
+    b1, b2 = _two_halves(proj_b.shape[0], m, n_splits, rng)
+    da1, da2, db1, db2 = a1 @ proj_a, a2 @ proj_a, b1 @ proj_b, b2 @ proj_b  # [n_splits, d]
+    cross = np.nanmean(np.concatenate([_unit_cosine(da1, db1), _unit_cosine(da2, db2)]))
+    return (
+        m,
+        float(cross),
+        float(np.nanmean(_unit_cosine(da1, da2))),
+        float(np.nanmean(_unit_cosine(db1, db2))),
+    )
+
+
+def _checked_decoders(
+    decoders: Sequence[np.ndarray],
+    site_of_latent: np.ndarray,
+) -> list[np.ndarray]:
+    sites = np.unique(site_of_latent)
+    if len(decoders) != sites.size:
+        raise ValueError(f"got {len(decoders)} decoders for {sites.size} sites; one W_dec per site")
+    checked = []
+    for site, w_dec in zip(sites, decoders):
+        w_dec = np.asarray(w_dec, dtype=float)
+        n_latents = int((site_of_latent == site).sum())
+        if w_dec.ndim != 2 or w_dec.shape[0] != n_latents:
+            expected = f"[{n_latents}, d_in]"
+            raise ValueError(f"decoder of site {site} has shape {w_dec.shape}; expected {expected}")
+        checked.append(w_dec)
+    return checked
+
+
+def compare_decoder_directions(
+    effects: dict[str, np.ndarray],
+    site_of_node: np.ndarray,
+    decoders: Sequence[np.ndarray],
+    *,
+    error_nodes: np.ndarray | None = None,
+    min_ceiling: float = 0.1,
+    n_splits: int = 16,
+    seed: int = 0,
+) -> DecoderDirectionComparison:
+    """Per category and site the effect-weighted decoder direction (sum over latents of mean
+    effect x ``W_dec`` row); every pair compared half against half, with within-category
+    split-half ceilings at the same half size. ``decoders[s]`` ``[n_latents_s, d_in]`` in site
+    order."""
+    if n_splits < 1:
+        raise ValueError(f"n_splits must be >= 1, not {n_splits}")
+    E, site_of_latent, _ = _latent_view(effects, site_of_node, error_nodes)
+    cats, sites = list(E), [int(s) for s in np.unique(site_of_latent)]
+    w_decs = _checked_decoders(decoders, site_of_latent)
+    pairs, full_cosine, median = [], {}, {}
+    for s, w_dec in zip(sites, w_decs):
+        columns = site_of_latent == s
+        proj = {c: E[c][:, columns] @ w_dec for c in cats}  # per-prompt directions [n_c, d_in]
+        full = np.stack([proj[c].mean(0) for c in cats])
+        cosines = _unit_cosine(full[:, None], full[None])  # [n_cat, n_cat]
+        full_cosine[s] = tuple(tuple(float(v) for v in row) for row in cosines)
+        normalised = []
+        for i, a in enumerate(cats):
+            for j in range(i + 1, len(cats)):
+                b = cats[j]
+                rng = _rng(seed, _HALVES, s, i, j)
+                m, cross, ceil_a, ceil_b = _pair_directions(proj[a], proj[b], n_splits, rng)
+                usable = min(ceil_a, ceil_b) >= min_ceiling  # NaN compares False: unusable
+                norm = cross / math.sqrt(ceil_a * ceil_b) if usable else math.nan
+                normalised.append(norm)
+                pairs.append(
+                    DirectionPair(
+                        a=a,
+                        b=b,
+                        site=s,
+                        half_size=m,
+                        cross_cosine=cross,
+                        ceiling_a=ceil_a,
+                        ceiling_b=ceil_b,
+                        normalised_cosine=norm,
+                    )
+                )
+        finite = [v for v in normalised if math.isfinite(v)]
+        median[s] = float(np.median(finite)) if finite else math.nan
+    return DecoderDirectionComparison(
+        categories=tuple(cats),
+        sites=tuple(sites),
+        pairs=tuple(pairs),
+        full_cosine=full_cosine,
+        median_normalised_cosine=median,
+        min_ceiling=min_ceiling,
+        n_splits=n_splits,
+        seed=seed,
+        description=_describe_directions(pairs, sites, median, min_ceiling),
+    )
+
+
+def _describe_directions(
+    pairs: list[DirectionPair], sites: list[int], median: dict[int, float], min_ceiling: float
+) -> str:
+    """One sentence per site: the median normalised cosine and how many pairs could be
+    normalised."""
+    parts = []
+    for s in sites:
+        at_site = [p for p in pairs if p.site == s]
+        usable = sum(math.isfinite(p.normalised_cosine) for p in at_site)
+        shown = f"{median[s]:.2f}" if math.isfinite(median[s]) else "undefined"
+        parts.append(
+            f"site {s}: median normalised cosine {shown} over {usable} of {len(at_site)} pairs "
+            f"(the others have a split-half ceiling below {min_ceiling:g})"
+        )
+    return (
+        "Effect-weighted decoder directions, half sample against half (1 = as alike as two halves "
+        "of one category): " + "; ".join(parts) + "."
+    )
