@@ -65,6 +65,20 @@ def test_schedule_tick_runs_succeed_and_the_report_follows(tiny_cfg, materialize
     assert stale(instance, list(defs.assets)) == {}
 
 
+def test_schedule_evaluates_by_hand_without_a_scheduled_time(tiny_cfg, tmp_path):
+    """A script or a notebook builds the context without a time: the tick is labelled "manual"."""
+    defs = build_defs(tiny_cfg, tmp_path / "storage")
+    schedule = defs.get_schedule_def("refresh_report_schedule")
+    called = list(schedule(dg.build_schedule_context()))  # the schedule's function, called directly
+    assert [(r.run_key, r.partition_key) for r in called] == [(f"{A}-manual", A)]
+    repo = defs.get_repository_def()
+    manual = schedule.evaluate_tick(dg.build_schedule_context(repository_def=repo)).run_requests or []
+    assert [(r.run_key, r.partition_key) for r in manual] == [(f"{A}-manual", A)]
+    at = datetime.datetime(2030, 1, 1, 6, 0, tzinfo=datetime.timezone.utc)
+    timed = schedule.evaluate_tick(dg.build_schedule_context(repository_def=repo, scheduled_execution_time=at))
+    assert [r.run_key for r in timed.run_requests or []] == [f"{A}-2030-01-01T06:00:00+00:00"]
+
+
 def test_failed_blocking_check_on_sae_stops_automation_building_circuit(tiny_cfg, materialized):
     instance, _, storage = materialized
     first = dg.evaluate_automation_conditions(defs=build_defs(tiny_cfg, storage), instance=instance)
