@@ -53,7 +53,8 @@ def load_annotations(path: Path, d_sae: Mapping[str, int | None]) -> dict[str, d
         parsed = AnnotationFile.model_validate(raw)
     except ValidationError as e:
         lines = [
-            f"{path}: key '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}"
+            # pydantic marks a bad mapping key with a '[key]' step; the file's key path is enough
+            f"{path}: key '{'.'.join(str(p) for p in err['loc'] if p != '[key]')}': {err['msg']}"
             for err in e.errors()
         ]
         raise ConfigError("invalid annotations:\n  " + "\n  ".join(lines)) from None
