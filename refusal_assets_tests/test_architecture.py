@@ -18,7 +18,7 @@ from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.chat import encode_chat
 from refusal_assets.lm.hooks import StopForward, forward_hooks, site_hooks, until_stopped
 from refusal_assets.lm.sites import Site, decoder_layers, site_module
-from refusal_assets.sae.fit import fit_site
+from refusal_assets.sae.fit import FitOptions, fit_site
 from refusal_assets.sae.model import TopKSAE
 from refusal_assets.sae.splits import split_by_group
 from refusal_assets.sae.training import train_sae
@@ -249,7 +249,7 @@ def test_fit_site_filters_outliers_trains_and_splices(tiny_model):
     prompts = pl.DataFrame(
         {"prompt_id": [f"p{i}" for i in range(50)], "prompt": ["Hello there", "What is the capital of France?"] * 25}
     )
-    fitted = fit_site(x.half(), prompt_ids, cfg, load_lm, SITES[0], prompts, log=order.append)
+    fitted = fit_site(x.half(), prompt_ids, cfg, load_lm, SITES[0], prompts, options=FitOptions(log=order.append))
     assert fitted.n_outliers == 3 and fitted.n_vectors == 597
     assert fitted.max_norm == pytest.approx(float(x[3:].half().float().norm(dim=-1).max()), rel=1e-3)
     assert fitted.sae.W_dec.shape == (128, 64) and fitted.pretrained is None

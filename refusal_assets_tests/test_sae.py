@@ -67,7 +67,7 @@ def test_best_weights_are_restored(trained, data):
     sae, hist = trained
     x, _, groups = data
     _, val_idx = split_by_group(groups, SAEConfig().val_fraction, SAEConfig().seed)
-    assert evaluate_sae(sae, x[val_idx])["fvu"] == pytest.approx(min(hist["val_fvu"]), rel=1e-6)
+    assert evaluate_sae(sae, x[val_idx]).fvu == pytest.approx(min(hist["val_fvu"]), rel=1e-6)
 
 
 def test_decoder_unit_norm_and_encoder_init(trained):
@@ -186,7 +186,7 @@ def test_tied_training_saves_a_plain_sae_that_generalises_better_on_few_rows(dat
     for tied in (False, True):
         cfg = SAEConfig(k=TRUE_K, lr=5e-3, max_steps=300, tied_encoder=tied, **{**FAST, "batch_size": 256})
         sae = train_sae(x[:600], groups[:600], cfg, d_sae=512).sae
-        fvu[tied] = evaluate_sae(sae, held_out)["fvu"]
+        fvu[tied] = evaluate_sae(sae, held_out).fvu
     assert fvu[True] < 0.95 * fvu[False], fvu
     cos = F.cosine_similarity(sae.W_enc.detach().T, sae.W_dec.detach(), dim=-1)  # [d_sae]
     torch.testing.assert_close(cos, torch.ones(512), rtol=0, atol=1e-5)
@@ -353,17 +353,17 @@ def test_evaluate_sae_by_hand():
         sae.W_enc.copy_(sae.W_dec.T)
     x = torch.rand(100, d) + 0.1  # all positive: the d "negative" latents never fire
     metrics = evaluate_sae(sae, x, batch_size=7)  # odd batch size: the chunked sums must still agree
-    assert metrics["fvu"] == pytest.approx(0.0, abs=1e-10)
-    assert metrics["mse"] == pytest.approx(0.0, abs=1e-12)
-    assert metrics["l0"] == d
-    assert metrics["dead_fraction"] == 0.5
+    assert metrics.fvu == pytest.approx(0.0, abs=1e-10)
+    assert metrics.mse == pytest.approx(0.0, abs=1e-12)
+    assert metrics.l0 == d
+    assert metrics.dead_fraction == 0.5
 
     with torch.no_grad():
         sae.W_dec.zero_()  # x_hat = b_dec = 0: fvu = sum||x||^2 / sum||x - mean||^2
     metrics = evaluate_sae(sae, x, batch_size=32)
     x64 = x.double()
-    assert metrics["fvu"] == pytest.approx((x64.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()).item(), rel=1e-9)
-    assert metrics["mse"] == pytest.approx(x64.pow(2).mean().item(), rel=1e-9)
+    assert metrics.fvu == pytest.approx((x64.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()).item(), rel=1e-9)
+    assert metrics.mse == pytest.approx(x64.pow(2).mean().item(), rel=1e-9)
 
 
 def test_batchtopk_trains_with_mean_l0_near_k(data, tmp_path):
@@ -374,8 +374,8 @@ def test_batchtopk_trains_with_mean_l0_near_k(data, tmp_path):
     assert not sae.training and sae.threshold.min() > 0
     _, val_idx = split_by_group(groups, cfg.val_fraction, cfg.seed)
     metrics = evaluate_sae(sae, x[val_idx])  # inference: the estimated threshold, not the batch top-k
-    assert 0.8 * k <= metrics["l0"] <= 1.2 * k, metrics
-    assert metrics["fvu"] < 0.2
+    assert 0.8 * k <= metrics.l0 <= 1.2 * k, metrics
+    assert metrics.fvu < 0.2
     # saved as SAELens does, a JumpReLU SAE with the threshold; it encodes identically (up to the
     # rounding of the folded norm scale: the active set is the same, the values within float tolerance)
     loaded = load_sae(save_sae(sae, tmp_path / "btk", {"hook_name": "h", "model_name": "m"}))

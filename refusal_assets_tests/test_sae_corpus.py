@@ -23,7 +23,7 @@ from refusal_assets.layout import Layout
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.sites import Site
 from refusal_assets.prompts.orbench import DataError, corpus_fingerprint, load_corpus, prompt_id
-from refusal_assets.sae.fit import fit_site
+from refusal_assets.sae.fit import FitOptions, fit_site
 from refusal_assets.sae.splits import site_split, split_prompts
 
 from .conftest import ROOT
@@ -122,7 +122,7 @@ def test_fit_site_trains_on_the_corpus_and_measures_the_same_held_out_rows(tiny_
     all_pids = np.concatenate([pids, cpids])
     train_only = np.arange(len(rows)) >= len(x)
     cfg = SAEConfig(expansion_factor=2, k=8, max_steps=20, eval_every=10, batch_size=64, aux_k=16, eval_fraction=0.2)
-    kw = dict(refusal_ids=lambda t: refusal_token_ids(t, ["I cannot", "Sorry"]))
+    kw = dict(options=FitOptions(refusal_ids=lambda t: refusal_token_ids(t, ["I cannot", "Sorry"])))
     lm = lambda: (model, tok)  # noqa: E731
     alone = fit_site(x, pids.tolist(), cfg, lm, Site(1, "resid"), prompts, post_instruction=post, **kw)
     both = fit_site(

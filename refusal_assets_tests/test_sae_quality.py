@@ -13,7 +13,7 @@ import torch
 from refusal_assets.config import SAEConfig
 from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.sites import Site
-from refusal_assets.sae.fit import _held_out_texts, fit_site
+from refusal_assets.sae.fit import FitOptions, _held_out_texts, fit_site
 from refusal_assets.sae.rows import ParquetRows, TensorRows
 from refusal_assets.sae.splice import splice_metrics
 from refusal_assets.sae.splits import distinct_split, row_keys, split_prompts
@@ -115,7 +115,9 @@ def test_fit_site_streamed_equals_in_memory_and_measures_held_out_prompts(tiny_m
         val_fraction=0.1,
         eval_fraction=0.2,
     )
-    kw = dict(post_instruction=post, refusal_ids=lambda t: refusal_token_ids(t, ["I cannot", "Sorry"]))
+    kw = dict(
+        post_instruction=post, options=FitOptions(refusal_ids=lambda t: refusal_token_ids(t, ["I cannot", "Sorry"]))
+    )
     a = fit_site(x, pl.Series(pids.tolist()), cfg, lambda: (model, tok), Site(1, "resid"), prompts, **kw)
     rows = ParquetRows.from_parquet(write_activations(tmp_path, x, pids, post), scratch=tmp_path / "scratch")
     b = fit_site(rows, pl.Series(pids.tolist()), cfg, lambda: (model, tok), Site(1, "resid"), prompts, **kw)
@@ -227,7 +229,13 @@ def test_fit_site_pretrained_is_measured_on_the_same_held_out_rows(tiny_model, t
     )
     cfg = SAEConfig(k=8, eval_fraction=0.2)
     loaded = fit_site(
-        x, pids, cfg, lambda: (model, tok), Site(1, "resid"), prompts, pretrained="pre", resolve=lambda s: tmp_path / s
+        x,
+        pids,
+        cfg,
+        lambda: (model, tok),
+        Site(1, "resid"),
+        prompts,
+        options=FitOptions(pretrained="pre", resolve=lambda s: tmp_path / s),
     )
     assert loaded.history == {"pretrained": "pre"} and loaded.pretrained == "pre"
     assert loaded.metrics["n_eval_prompts"] == 10 and loaded.sae.d_sae == 2 * d and np.isfinite(loaded.metrics["fvu"])
@@ -236,4 +244,12 @@ def test_fit_site_pretrained_is_measured_on_the_same_held_out_rows(tiny_model, t
     with pytest.raises(
         ValueError, match=rf"wide/cfg.json: SAE has d_in {d + 1} but the site's activations have width {d}"
     ):
-        fit_site(x, pids, cfg, lambda: (model, tok), Site(1, "resid"), prompts, pretrained=str(tmp_path / "wide"))
+        fit_site(
+            x,
+            pids,
+            cfg,
+            lambda: (model, tok),
+            Site(1, "resid"),
+            prompts,
+            options=FitOptions(pretrained=str(tmp_path / "wide")),
+        )

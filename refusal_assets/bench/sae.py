@@ -291,7 +291,7 @@ def run_sae_bench(
             )
     results = {}
     sae.eval()
-    results["ours"] = TrainerResult("ours", 0.0, 0.0, evaluate_sae(sae, x_val.to(device))["fvu"], last_fvu["ours"])
+    results["ours"] = TrainerResult("ours", 0.0, 0.0, evaluate_sae(sae, x_val.to(device)).fvu, last_fvu["ours"])
     if sparsify_step is not None:
         results["sparsify"] = TrainerResult(
             "sparsify", 0.0, 0.0, sparsify_step.heldout_fvu(x_val.to(device)), last_fvu["sparsify"]
@@ -397,7 +397,7 @@ def learning_curve(
             "n_train_rows": int(len(train_rows)),
             "epochs": steps * batch_size / len(train_rows),
             "heldout_fvu": trained.history["val_fvu"][-1],
-            "train_fvu": evaluate_sae(trained.sae, data[torch.from_numpy(train_rows)])["fvu"],
+            "train_fvu": evaluate_sae(trained.sae, data[torch.from_numpy(train_rows)]).fvu,
         }
         points.append(point)
         if log:

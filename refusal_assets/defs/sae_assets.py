@@ -21,7 +21,7 @@ from refusal_assets.lm.models import load_model
 from refusal_assets.lm.sites import Site
 from refusal_assets.prompts import orbench as data
 from refusal_assets.sae.files import save_sae
-from refusal_assets.sae.fit import fit_site
+from refusal_assets.sae.fit import FitOptions, fit_site
 from refusal_assets.sae.rows import ParquetRows
 from refusal_assets.sae.training import plot_history
 from refusal_assets.storage import write_text
@@ -158,14 +158,16 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                         prompts,
                         post_instruction=meta["is_post_instruction"].to_numpy(),
                         train_only=train_only,
-                        pretrained=spec,
-                        resolve=cfg.resolve,
-                        refusal_ids=lambda tok: refusal_token_ids(
-                            tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens
+                        options=FitOptions(
+                            pretrained=spec,
+                            resolve=cfg.resolve,
+                            refusal_ids=lambda tok: refusal_token_ids(
+                                tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens
+                            ),
+                            system_prompt=model_cfg.chat_template.system_prompt,
+                            device=device,
+                            log=context.log.info,
                         ),
-                        system_prompt=model_cfg.chat_template.system_prompt,
-                        device=device,
-                        log=context.log.info,
                     )
                 except ValueError as e:
                     raise ValueError(f"sae {site_key} (activations {paths[0].parent.parent}): {e}") from e

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -20,11 +20,39 @@ from refusal_assets.sae.metrics import evaluate_sae, fired_latents
 from refusal_assets.sae.model import TopKSAE
 from refusal_assets.sae.rows import Rows, SubsetRows, as_rows
 from refusal_assets.sae.splice import splice_metrics
-from refusal_assets.sae.splits import distinct_split, row_keys, row_norms, site_split, training_draws, typical_norms
+from refusal_assets.sae.splits import (
+    SiteRows,
+    distinct_split,
+    row_keys,
+    row_norms,
+    site_split,
+    training_draws,
+    typical_norms,
+)
 from refusal_assets.sae.training import train_sae
 
 
-@dataclass(frozen=True)
+def _quiet(message: str) -> None:
+    """The default log: say nothing."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitOptions:
+    """How :func:`fit_site` gets its SAE and scores it; the defaults train one on the CPU."""
+
+    pretrained: str | None = None
+    """A :func:`load_pretrained` spec (a folder, through ``resolve``, or ``saelens:<release>/<id>``)
+    to load instead of training."""
+    resolve: Callable[[str], Path] = Path
+    """Turns the config's ``pretrained`` string into a path."""
+    refusal_ids: Callable[[Any], list[int]] | None = None
+    """``refusal_ids(tokenizer)``: the refusal-opening tokens, for the splice's refusal-score change."""
+    system_prompt: str | None = None
+    device: str = "cpu"
+    log: Callable[[str], None] = _quiet
+
+
+@dataclass(frozen=True, kw_only=True)
 class FittedSAE:
     """The SAE of one site and what :func:`fit_site` measured about it."""
 
@@ -56,50 +84,49 @@ class FittedSAE:
     """The held-out evaluation prompts (metrics and splice)."""
 
 
-def fit_site(
-    rows: Tensor | Rows,
+class _KeptRows(NamedTuple):
+    """A site's rows after the norm filter and the corpus check, de-duplicated and split."""
+
+    x: SubsetRows
+    """The rows kept (never materialised: read in batches)."""
+    prompt_ids: np.ndarray
+    """Prompt id of each kept row [n] (object)."""
+    group_ids: np.ndarray
+    """Integer code of each kept row's prompt [n], from the sorted prompt ids."""
+    post: np.ndarray
+    """Bool [n]: a post-instruction position."""
+    corpus: np.ndarray
+    """Bool [n]: an SAE-corpus row (trains only)."""
+    keys: np.ndarray
+    """Digest of each kept row [n] (:func:`row_keys`)."""
+    site_rows: SiteRows
+    n_outliers: int
+    max_norm: float
+
+
+def _row_flags(flags: np.ndarray | None, n_rows: int, name: str) -> np.ndarray:
+    """Bool [n_rows] from optional per-row flags (all False when None), its length checked."""
+    out = np.zeros(n_rows, bool) if flags is None else np.asarray(flags, dtype=bool)
+    if len(out) != n_rows:
+        raise ValueError(f"need one {name} flag per row: {n_rows} rows, {len(out)} flags")
+    return out
+
+
+def _keep_rows(
+    base: Rows,
     prompt_ids: pl.Series | Sequence[str],
     cfg: SAEConfig,
-    load_lm: Callable[[], tuple[nn.Module, Any]],
-    site: Any,
-    prompts: pl.DataFrame,
-    *,
-    post_instruction: np.ndarray | None = None,
-    train_only: np.ndarray | None = None,
-    pretrained: str | None = None,
-    resolve: Callable[[str], Path] = Path,
-    refusal_ids: Callable[[Any], list[int]] | None = None,
-    system_prompt: str | None = None,
-    device: str = "cpu",
-    log: Callable[[str], None] = lambda s: None,
-) -> FittedSAE:
-    """Train (or load) the SAE of one site, measure it on held-out prompts, and splice it into the model.
-
-    ``rows``: the site's activations ``[N, d]`` (a float16 tensor, or a ``sae_data.Rows`` such as
-    ``ParquetRows`` that stays on disk: same rows, same SAE); ``prompt_ids [N]`` the prompt of each row
-    (the split is drawn over these explicit ids, so both paths split alike); ``post_instruction [N]``
-    marks the post-instruction positions; ``train_only [N]`` marks the SAE corpus's rows, which only
-    train (:func:`site_split`; a corpus row of a study prompt is dropped). ``prompts`` (``prompt_id``,
-    ``prompt``, optional ``category``): the study's texts; the splice scores up to
-    ``cfg.splice.prompts_per_category`` of each category's held-out evaluation prompts.
-    ``pretrained``: a :func:`load_pretrained` spec (a folder, through ``resolve``, or
-    ``saelens:<release>/<id>``). ``refusal_ids(tokenizer)``: the refusal-opening tokens, for the
-    refusal-score change.
-
-    ``load_lm`` is called only after training, so the language model and the training data need not
-    share the device's memory.
-    """
-    t0 = time.perf_counter()
-    base = as_rows(rows)
+    post_instruction: np.ndarray | None,
+    train_only: np.ndarray | None,
+    log: Callable[[str], None],
+) -> _KeptRows:
+    """Leave out the massive-activation rows and the corpus rows of study prompts, then de-duplicate
+    and split what is left (:func:`distinct_split`)."""
     pids = np.asarray(prompt_ids.to_list() if isinstance(prompt_ids, pl.Series) else list(prompt_ids), dtype=object)
     if len(pids) != len(base):
         raise ValueError(f"need one prompt id per row: {len(base)} rows, {len(pids)} prompt ids")
-    post = np.zeros(len(base), bool) if post_instruction is None else np.asarray(post_instruction, dtype=bool)
-    if len(post) != len(base):
-        raise ValueError(f"need one post_instruction flag per row: {len(base)} rows, {len(post)} flags")
-    corpus = np.zeros(len(base), bool) if train_only is None else np.asarray(train_only, dtype=bool)
-    if len(corpus) != len(base):
-        raise ValueError(f"need one train_only flag per row: {len(base)} rows, {len(corpus)} flags")
+    post = _row_flags(post_instruction, len(base), "post_instruction")
+    corpus = _row_flags(train_only, len(base), "train_only")
     # a corpus prompt that is also a study prompt would put a held-out prompt's rows into training
     corpus_of_study_prompt = corpus & np.isin(pids, pids[~corpus])
     norms = row_norms(base)
@@ -118,86 +145,129 @@ def fit_site(
     x = SubsetRows(base, torch.from_numpy(keep))  # never materialised: read in batches
     _, group_ids = np.unique(pids[keep].astype(str), return_inverse=True)  # sorted codes: independent of row order
     group_ids = group_ids.astype(np.int64)
-    post, corpus = post[keep], corpus[keep]
     keys = row_keys(x)
-    site_rows = distinct_split(group_ids, keys, cfg, corpus)
-    sp = site_rows.split
+    site_rows = distinct_split(group_ids, keys, cfg, corpus[keep])
     log(
         f"{len(x)} rows hold {site_rows.n_distinct} distinct vectors; {int(site_rows.template.sum())} rows are "
         f"template rows (a vector in more than one prompt)"
     )
-    if pretrained is not None:
-        sae = load_pretrained(pretrained, d_in=base.d_in, resolve=resolve)
-        history: dict[str, Any] = {"pretrained": str(pretrained)}
-        log(f"loaded pretrained SAE {pretrained}")
-    else:
-        log(
-            f"training on {len(x)} vectors from {len(np.unique(group_ids))} prompts: "
-            f"{len(sp.train)} distinct training rows, "
-            f"{len(sp.val)} early-stopping rows, {len(sp.eval)} held-out evaluation rows"
-        )
-        sae, history, _, _ = train_sae(
-            x,
-            group_ids,
-            cfg,
-            d_sae=cfg.expansion_factor * base.d_in,
-            device=device,
-            log=log,
-            split=(training_draws(sp.train, site_rows.template, cfg.template_repeats), sp.val),
-        )
+    return _KeptRows(x, pids[keep], group_ids, post[keep], corpus[keep], keys, site_rows, n_outliers, max_norm)
+
+
+def _train_or_load(kept: _KeptRows, cfg: SAEConfig, d_in: int, options: FitOptions) -> tuple[TopKSAE, dict[str, Any]]:
+    """The site's SAE and its history: loaded (``options.pretrained``) or trained on the training part."""
+    if options.pretrained is not None:
+        sae = load_pretrained(options.pretrained, d_in=d_in, resolve=options.resolve)
+        options.log(f"loaded pretrained SAE {options.pretrained}")
+        return sae, {"pretrained": str(options.pretrained)}
+    sp = kept.site_rows.split
+    options.log(
+        f"training on {len(kept.x)} vectors from {len(np.unique(kept.group_ids))} prompts: "
+        f"{len(sp.train)} distinct training rows, "
+        f"{len(sp.val)} early-stopping rows, {len(sp.eval)} held-out evaluation rows"
+    )
+    sae, history, _, _ = train_sae(
+        kept.x,
+        kept.group_ids,
+        cfg,
+        d_sae=cfg.expansion_factor * d_in,
+        device=options.device,
+        log=options.log,
+        split=(training_draws(sp.train, kept.site_rows.template, cfg.template_repeats), sp.val),
+    )
+    return sae, history
+
+
+def _held_out_metrics(sae: TopKSAE, kept: _KeptRows, trained: bool) -> dict[str, float]:
+    """:attr:`FittedSAE.metrics` of ``sae`` on the kept rows' parts (``trained``: it saw the
+    training part)."""
+    sp, template = kept.site_rows.split, kept.site_rows.template
 
     def sub(idx: np.ndarray) -> SubsetRows:
-        return SubsetRows(x, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+        return SubsetRows(kept.x, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
 
     held = evaluate_sae(sae, sub(sp.eval))
-    eval_post = sp.eval[post[sp.eval]]
+    eval_post = sp.eval[kept.post[sp.eval]]
     nan = float("nan")
     metrics: dict[str, float] = {
-        "fvu": held["fvu"],
-        "l0": held["l0"],
-        "mse": held["mse"],
-        "fvu_post_instruction": evaluate_sae(sae, sub(eval_post))["fvu"] if len(eval_post) > 1 else nan,
-        "fvu_val": evaluate_sae(sae, sub(sp.val))["fvu"],
+        "fvu": held.fvu,
+        "l0": held.l0,
+        "mse": held.mse,
+        "fvu_post_instruction": evaluate_sae(sae, sub(eval_post)).fvu if len(eval_post) > 1 else nan,
+        "fvu_val": evaluate_sae(sae, sub(sp.val)).fvu,
         # the generalisation gap: far below the held-out FVU, the SAE is limited by its data, not its
         # fit; a pretrained SAE never saw these rows, so it has none
-        "fvu_train": evaluate_sae(sae, sub(sp.train))["fvu"] if pretrained is None else nan,
+        "fvu_train": evaluate_sae(sae, sub(sp.train)).fvu if trained else nan,
     }
-    non_template = np.flatnonzero(~site_rows.template & ~corpus)  # the study's rows: what the circuits read
+    non_template = np.flatnonzero(~template & ~kept.corpus)  # the study's rows: what the circuits read
     fired = fired_latents(sae, sub(non_template))
     # template vectors are few once distinct: the first row of each is enough to see what fires on them
     fired_all = fired.clone()
-    template_rows = np.flatnonzero(site_rows.template)
+    template_rows = np.flatnonzero(template)
     if len(template_rows):
-        _, first_at = np.unique(keys[template_rows], return_index=True)
+        _, first_at = np.unique(kept.keys[template_rows], return_index=True)
         fired_all |= fired_latents(sae, sub(template_rows[first_at]))
-    val_nt = sp.val[~site_rows.template[sp.val]]
+    val_nt = sp.val[~template[sp.val]]
     metrics.update(
         dead_fraction=1.0 - float(fired.float().mean()),
         dead_fraction_with_template=1.0 - float(fired_all.float().mean()),
         dead_fraction_val=1.0 - float(fired_latents(sae, sub(val_nt)).float().mean()) if len(val_nt) else nan,
-        n_rows=len(x),
-        n_distinct_rows=site_rows.n_distinct,
-        n_template_rows=int(site_rows.template.sum()),
-        n_corpus_rows=int(corpus.sum()),
-        n_corpus_train_rows=int(corpus[sp.train].sum()),
+        n_rows=len(kept.x),
+        n_distinct_rows=kept.site_rows.n_distinct,
+        n_template_rows=int(template.sum()),
+        n_corpus_rows=int(kept.corpus.sum()),
+        n_corpus_train_rows=int(kept.corpus[sp.train].sum()),
         n_train_rows=len(sp.train),
         n_val_rows=len(sp.val),
         n_eval_rows=len(sp.eval),
         n_eval_post_instruction_rows=len(eval_post),
-        n_eval_prompts=len(np.unique(group_ids[sp.eval])),
+        n_eval_prompts=len(np.unique(kept.group_ids[sp.eval])),
     )
+    return metrics
+
+
+def fit_site(
+    rows: Tensor | Rows,
+    prompt_ids: pl.Series | Sequence[str],
+    cfg: SAEConfig,
+    load_lm: Callable[[], tuple[nn.Module, Any]],
+    site: Any,
+    prompts: pl.DataFrame,
+    *,
+    post_instruction: np.ndarray | None = None,
+    train_only: np.ndarray | None = None,
+    options: FitOptions = FitOptions(),
+) -> FittedSAE:
+    """Train (or load) the SAE of one site, measure it on held-out prompts, and splice it into the model.
+
+    ``rows``: the site's activations ``[N, d]`` (a float16 tensor, or a ``sae_data.Rows`` such as
+    ``ParquetRows`` that stays on disk: same rows, same SAE); ``prompt_ids [N]`` the prompt of each row
+    (the split is drawn over these explicit ids, so both paths split alike); ``post_instruction [N]``
+    marks the post-instruction positions; ``train_only [N]`` marks the SAE corpus's rows, which only
+    train (:func:`site_split`; a corpus row of a study prompt is dropped). ``prompts`` (``prompt_id``,
+    ``prompt``, optional ``category``): the study's texts; the splice scores up to
+    ``cfg.splice.prompts_per_category`` of each category's held-out evaluation prompts.
+    ``options``: a pretrained SAE to load instead, the device, the log, and what the splice needs.
+
+    ``load_lm`` is called only after training, so the language model and the training data need not
+    share the device's memory.
+    """
+    t0 = time.perf_counter()
+    base = as_rows(rows)
+    kept = _keep_rows(base, prompt_ids, cfg, post_instruction, train_only, options.log)
+    sae, history = _train_or_load(kept, cfg, base.d_in, options)
+    metrics = _held_out_metrics(sae, kept, trained=options.pretrained is None)
     # every row of an evaluation prompt may be a training duplicate; the prompt is still held out
-    held_out = set(np.unique(pids[keep][site_split(group_ids, cfg, corpus).eval]).astype(str))
-    eval_prompt_ids = sorted(held_out)
+    held_out = set(np.unique(kept.prompt_ids[site_split(kept.group_ids, cfg, kept.corpus).eval]).astype(str))
     splice_prompts = _held_out_texts(prompts, held_out, cfg.splice.prompts_per_category)
     fit_seconds = time.perf_counter() - t0
-    log(
+    options.log(
         f"held-out FVU {metrics['fvu']:.4f} (post-instruction {metrics['fvu_post_instruction']:.4f}), "
         f"L0 {metrics['l0']:.1f}, dead {metrics['dead_fraction']:.3f}; "
         f"splicing into {len(splice_prompts)} held-out prompts"
     )
     lm, tok = load_lm()
-    ids = torch.tensor(refusal_ids(tok), dtype=torch.long) if refusal_ids is not None else None
+    ids = torch.tensor(options.refusal_ids(tok), dtype=torch.long) if options.refusal_ids is not None else None
     splice = splice_metrics(
         lm,
         tok,
@@ -205,23 +275,23 @@ def fit_site(
         site,
         sae,
         batch_size=cfg.splice.batch_size,
-        system_prompt=system_prompt,
-        device=device,
-        max_norm=max_norm,
+        system_prompt=options.system_prompt,
+        device=options.device,
+        max_norm=kept.max_norm,
         refusal_ids=ids,
     )
     return FittedSAE(
-        sae,
-        history,
-        metrics,
-        splice,
-        len(x),
-        len(sp.val),
-        n_outliers,
-        max_norm,
-        pretrained,
-        fit_seconds,
-        eval_prompt_ids,
+        sae=sae,
+        history=history,
+        metrics=metrics,
+        splice=splice,
+        n_vectors=len(kept.x),
+        n_val_vectors=len(kept.site_rows.split.val),
+        n_outliers=kept.n_outliers,
+        max_norm=kept.max_norm,
+        pretrained=options.pretrained,
+        fit_seconds=fit_seconds,
+        eval_prompt_ids=sorted(held_out),
     )
 
 

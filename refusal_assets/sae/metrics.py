@@ -1,8 +1,10 @@
-"""What an SAE does on a set of rows: reconstruction (FVU, MSE), sparsity (L0) and which latents fire."""
+"""What an SAE does on a set of rows: reconstruction (FVU, MSE), sparsity (L0) and which
+latents fire."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -11,10 +13,24 @@ from refusal_assets.sae.model import EVAL_BATCH, TopKSAE
 from refusal_assets.sae.rows import Rows, as_rows, chunks
 
 
+@dataclass(frozen=True, kw_only=True)
+class SAEMetrics:
+    """An SAE's reconstruction and sparsity on a set of rows (:func:`evaluate_sae`)."""
+
+    fvu: float
+    """Fraction of variance unexplained: sum||x - x_hat||^2 / sum||x - mean(x)||^2 (NaN when the
+    rows have no variance)."""
+    l0: float
+    """Mean active latents per row."""
+    dead_fraction: float
+    """Share of latents that fire on none of the rows."""
+    mse: float
+    """Mean squared reconstruction error per element."""
+
+
 @torch.no_grad()
-def evaluate_sae(sae: TopKSAE, vectors: Tensor | Rows, batch_size: int = EVAL_BATCH) -> dict[str, float]:
-    """fvu = sum||x - x_hat||^2 / sum||x - mean(x)||^2; l0 = mean active latents per row;
-    dead_fraction = latents that never fire on ``vectors``; mse = mean squared error per element."""
+def evaluate_sae(sae: TopKSAE, vectors: Tensor | Rows, batch_size: int = EVAL_BATCH) -> SAEMetrics:
+    """Reconstruction and sparsity of ``sae`` on ``vectors`` (:class:`SAEMetrics`), read in chunks."""
     rows = as_rows(vectors)
     n, d_in = len(rows), rows.d_in
     device = sae.W_dec.device
@@ -30,12 +46,12 @@ def evaluate_sae(sae: TopKSAE, vectors: Tensor | Rows, batch_size: int = EVAL_BA
         active += int(on.sum())
         fired |= on.any(0)
     total_var = sq - float(total.pow(2).sum()) / n
-    return {
-        "fvu": sse / total_var if total_var > 0 else math.nan,
-        "l0": active / n,
-        "dead_fraction": 1.0 - float(fired.float().mean()),
-        "mse": sse / (n * d_in),
-    }
+    return SAEMetrics(
+        fvu=sse / total_var if total_var > 0 else math.nan,
+        l0=active / n,
+        dead_fraction=1.0 - float(fired.float().mean()),
+        mse=sse / (n * d_in),
+    )
 
 
 @torch.no_grad()

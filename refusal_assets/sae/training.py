@@ -219,7 +219,7 @@ def train_sae(
         window.append(train_step(sae, opt, x, since_fired, cfg, tie))
         if step % cfg.eval_every and step != cfg.max_steps:
             continue
-        val_fvu = evaluate_sae(sae, val_rows)["fvu"]  # training-mode sparsity: BatchTopK has no threshold yet
+        val_fvu = evaluate_sae(sae, val_rows).fvu  # training-mode sparsity: BatchTopK has no threshold yet
         loss, fvu, aux = np.mean(window, axis=0).tolist()
         dead = float((since_fired >= cfg.dead_after_tokens).float().mean())
         window.clear()
