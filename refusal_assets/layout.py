@@ -94,6 +94,35 @@ class Layout:
         """One JSON file per site (layout: refusal_assets.features.cards); written last."""
         return self.features(site_key) / "cards.json"
 
+    # ---- stage 3c: execution level (refusal_assets.directions documents the files)
+    def refusal_direction(self, model_key: str) -> Path:
+        return self.files.path("refusal_direction", model_key)
+
+    def direction_tensors(self, model_key: str) -> Path:
+        """``pooled.layer{L}`` [d_model]: the pooled direction at block L's input (= site
+        ``resid{L-1}``'s output), every L in 0..n_layers; ``category.{c}``; ``random``."""
+        return self.refusal_direction(model_key) / "directions.safetensors"
+
+    def direction_result(self, model_key: str) -> Path:
+        """:class:`refusal_assets.directions.result.ExecutionResult` as JSON; written last."""
+        return self.refusal_direction(model_key) / "result.json"
+
+    def direction_examples(self, model_key: str) -> Path:
+        return self.refusal_direction(model_key) / "examples.json"
+
+    def direction_plot(self, model_key: str, name: str) -> Path:
+        return self.refusal_direction(model_key) / f"{name}.png"
+
+    def load_pooled_direction(self, model_key: str, layer: int) -> np.ndarray | None:
+        """The pooled refusal direction [d_model] at block ``layer``'s input (an SAE at site
+        ``resid{i}`` reads layer i + 1), or None where none was found (too few refusing prompts)."""
+        path = self.direction_tensors(model_key)
+        if not path.is_file():
+            raise FileNotFoundError(f"refusal direction not found: {path} (materialize refusal_direction first)")
+        tensors = load_file(str(path))
+        key = f"pooled.layer{layer}"
+        return tensors[key].numpy() if key in tensors else None
+
     # ---- stage 4: circuits
     def circuit(self, model_key: str, category: str) -> Path:
         return self.files.path("circuit", model_key, category)

@@ -21,6 +21,7 @@ from refusal_assets.defs import (
     circuit_assets,
     comparison_assets,
     data_assets,
+    direction_assets,
     feature_assets,
     model_assets,
     sae_assets,
@@ -94,6 +95,7 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
         [
             *data_assets.build(cfg, parts),
             *model_assets.build(cfg, parts, gpu),
+            *direction_assets.build(cfg, parts, gpu),
             *sae_assets.build_corpus(cfg, parts, gpu),
             *sae_assets.build(cfg, parts, gpu),
             *feature_assets.build(cfg, parts),

@@ -33,7 +33,7 @@ from refusal_assets.directions.hooks import activation_addition, direction_ablat
 from refusal_assets.directions.measure import Judged, Rate, Scorer, bootstrap_mean_ci, random_direction
 from refusal_assets.directions.prompts import PromptRow, Splits, split_prompts
 from refusal_assets.directions.result import CategoryExecution, Example, ExecutionResult, SteeringCurve
-from refusal_assets.directions.select import Selection, select_direction, select_for_category
+from refusal_assets.directions.select import NoDirection, Selection, select_direction, select_for_category
 from refusal_assets.lm.sites import decoder_layers
 
 
@@ -82,7 +82,7 @@ def _check_splits(s: Splits) -> None:
     }
     empty = [k for k, v in sizes.items() if v == 0]
     if empty:
-        raise ValueError(f"refusal directions: no {', no '.join(empty)} (sizes: {sizes}); widen the sample")
+        raise NoDirection(f"refusal directions: no {', no '.join(empty)} (sizes: {sizes}); widen the sample")
 
 
 def steering_curve(

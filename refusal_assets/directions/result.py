@@ -112,6 +112,34 @@ class ExecutionResult:
     verdict_reason: str
     seconds: float
 
+    @classmethod
+    def insufficient(cls, model: str, n_layers: int, reason: str, margin: float) -> "ExecutionResult":
+        """No direction could be found (e.g. a model that refuses too few prompts): every rate empty,
+        ``layer`` -1, the verdict "insufficient evidence" with the reason."""
+        empty = Rate.of([])
+        return cls(
+            model=model,
+            n_layers=n_layers,
+            layer=-1,
+            position=0,
+            direction_norm=math.nan,
+            selection=Selection(position=0, layer=-1, fallback=reason, baseline_score=math.nan, candidates=[]),
+            clean_score=math.nan,
+            ablated_score=math.nan,
+            pooled_still_refusing=empty,
+            random_still_refusing=empty,
+            pooled_induced_refusal=empty,
+            loco_still_refusing=math.nan,
+            categories=[],
+            cosines=[],
+            steering=[],
+            examples=[],
+            margin=margin,
+            verdict_execution="insufficient evidence",
+            verdict_reason=reason,
+            seconds=0.0,
+        )
+
 
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):

@@ -23,6 +23,10 @@ from refusal_assets.directions.measure import Scorer, kl_last_position
 from refusal_assets.directions.prompts import PromptRow
 
 
+class NoDirection(ValueError):
+    """No direction can be found: too few prompts in a group, or only near-zero candidates."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class CandidateScore:
     position: int
@@ -106,7 +110,7 @@ def pick(scores: list[CandidateScore], baseline: float) -> Selection:
         survivors = [s for s in scores if not math.isnan(s.ablated_score)]
         fallback = "no candidate passed the filters: the lowest ablated score of all scored ones"
         if not survivors:
-            raise ValueError("direction selection: every candidate has a near-zero norm; no direction to select")
+            raise NoDirection("direction selection: every candidate has a near-zero norm; no direction to select")
     best = min(survivors, key=lambda s: s.ablated_score)
     return Selection(
         position=best.position, layer=best.layer, fallback=fallback, baseline_score=baseline, candidates=scores
