@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from refusal_assets.circuits.finding import find_circuit, refusal_direction
+from refusal_assets.circuits.finding import CircuitRun, find_circuit, refusal_direction
 from refusal_assets.config import CircuitConfig, SAEConfig
 from refusal_assets.layout import Layout
 from refusal_assets.lm.behaviour import refusal_token_ids
@@ -160,7 +160,7 @@ def found(tiny_model):
     cc = CircuitConfig(k_per_site=4, eval_sizes=[1, 2], prompt_filter="refused", max_edges=5, n_bootstrap=20)
     directions = {SITES[0]: torch.ones(64), SITES[1]: None}
     return find_circuit(
-        model, tok, _sample(), saes, ids, directions, cc, category="cat", model_key="m", batch_size=4
+        model, tok, _sample(), saes, ids, directions, cc, category="cat", model_key="m", run=CircuitRun(batch_size=4)
     ), cc
 
 
@@ -217,7 +217,7 @@ def test_find_circuit_without_two_prompts_is_a_clear_error(tiny_model):
             CircuitConfig(),
             category="cat",
             model_key="m",
-            batch_size=4,
+            run=CircuitRun(batch_size=4),
         )
 
 

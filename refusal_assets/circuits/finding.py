@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -16,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refusal_assets.circuits.ablation import ablated_score, ablated_scores, direction_ablation_score
 from refusal_assets.circuits.attribution import edge_effects, node_effects
 from refusal_assets.circuits.evaluation import SizeSweep, SweepPoint, crossfit_folds, evaluate_sizes
-from refusal_assets.circuits.passes import Baseline, SuffixBatch, compute_baseline, prepare_suffixes
+from refusal_assets.circuits.passes import Baseline, compute_baseline, prepare_suffixes
 from refusal_assets.circuits.selection import NodeIndex, select_circuit
 from refusal_assets.config import CircuitConfig
 from refusal_assets.lm.sites import Site
@@ -68,7 +69,7 @@ def refusal_direction(vectors: torch.Tensor, meta: pl.DataFrame) -> torch.Tensor
     return v[torch.from_numpy(rows["toxic"])].mean(0) - v[torch.from_numpy(rows["safe"])].mean(0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GroupCircuit:
     """The circuit of one prompt group, with its cross-fitted evaluation."""
 
@@ -121,7 +122,7 @@ class GroupCircuit:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DirectionBaseline:
     """A refusal direction at one site, and the held-out toxic score with it projected out."""
 
@@ -137,7 +138,7 @@ class DirectionBaseline:
         return entry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CategoryCircuit:
     """Everything :func:`find_circuit` finds for one (model, category)."""
 
@@ -180,6 +181,135 @@ class CategoryCircuit:
         return {k: v.contiguous() for k, v in out.items()}
 
 
+def _quiet(message: str) -> None:
+    """The default log: say nothing."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CircuitRun:
+    """How :func:`find_circuit` runs the model and reports."""
+
+    batch_size: int
+    system_prompt: str | None = None
+    device: str = "cpu"
+    log: Callable[[str], None] = _quiet
+    warn: Callable[[str], None] = _quiet
+    """Said when a prompt group is skipped or falls back to another prompt set."""
+
+    def batching(self) -> dict:
+        """The keyword arguments every pass over prompts takes."""
+        return {"batch_size": self.batch_size, "system_prompt": self.system_prompt, "device": self.device}
+
+
+class _CategorySetting(NamedTuple):
+    """What every prompt group of one category shares."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    saes: dict[Site, nn.Module]
+    refusal_ids: torch.Tensor
+    baseline: Baseline
+    index: NodeIndex
+    cc: CircuitConfig
+    run: CircuitRun
+
+    def select(self, mean_effect: np.ndarray, k: int) -> np.ndarray:
+        """The circuit of ``k`` nodes per site for ``mean_effect`` [n_nodes], as the config selects."""
+        cc = self.cc
+        return select_circuit(
+            mean_effect, self.index.site_of_node, mode=cc.selection, k_per_site=k, threshold=cc.threshold
+        )
+
+
+def _group_circuit(
+    setting: _CategorySetting, category: str, group: str, group_rows: pl.DataFrame
+) -> GroupCircuit | None:
+    """The circuit of one prompt group with its cross-fitted size sweep and (toxic or only group) its
+    edges; None, with a warning, when fewer than two prompts pass the filter."""
+    model, tokenizer, saes, refusal_ids, baseline, index, cc, run = setting
+    kw = run.batching()
+    rows, prompt_set = select_prompts(group_rows, cc.prompt_filter, cc.min_prompts)
+    if rows.height < 2:
+        run.warn(f"{category}/{group}: {rows.height} prompt(s); a cross-fitted circuit needs two, skipped")
+        return None
+    if prompt_set != cc.prompt_filter:
+        run.warn(f"{category}/{group}: prompt set {prompt_set}")
+    prompts = rows["prompt"].to_list()
+    suffixes = prepare_suffixes(model, tokenizer, prompts, **kw)  # one prefill serves every pass below
+    effects, scores = node_effects(
+        model,
+        tokenizer,
+        prompts,
+        saes,
+        baseline,
+        refusal_ids,
+        method=cc.method,
+        ig_steps=cc.ig_steps,
+        log=run.log,
+        suffixes=suffixes,
+        **kw,
+    )
+    mean_effect = effects.mean(0)
+    chosen = setting.select(mean_effect, cc.k_per_site)
+    folds = crossfit_folds(len(prompts), cc.n_folds, cc.seed)
+
+    def score_fn(keep: np.ndarray) -> np.ndarray:
+        return ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
+
+    sweep = evaluate_sizes(
+        score_fn,
+        effects,
+        index.site_of_node,
+        sorted(set(cc.eval_sizes) | {cc.k_per_site}),
+        setting.select,
+        folds,
+        seed=cc.seed,
+        n_bootstrap=cc.n_bootstrap,
+        log=run.log,
+    )
+    edges = []
+    if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
+        edges = edge_effects(
+            model,
+            tokenizer,
+            prompts,
+            saes,
+            baseline,
+            refusal_ids,
+            chosen,
+            max_edges=cc.max_edges,
+            targets_per_site=cc.edge_targets_per_site,
+            mean_effect=mean_effect,
+            suffixes=suffixes,
+            **kw,
+        )
+    nodes = sorted(
+        ({**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)),
+        key=lambda n: -n["effect"],
+    )
+    at_k = sweep.at(cc.k_per_site)
+    lo, hi = at_k.faithfulness_ci
+    run.log(
+        f"{category}/{group} ({rows.height} {prompt_set} prompts): {int(chosen.sum())} nodes, faithfulness "
+        f"{at_k.faithfulness:.3f} [{lo:.2f}, {hi:.2f}], completeness {at_k.completeness:.3f}, "
+        f"random {at_k.random_faithfulness:.3f}, m(M) - m(∅) {sweep.m_full - sweep.m_empty:.3f}"
+    )
+    return GroupCircuit(
+        n_prompts=rows.height,
+        n_prompts_in_group=group_rows.height,
+        prompt_set=prompt_set,
+        chosen=chosen,
+        nodes=nodes,
+        edges=edges,
+        sweep=sweep,
+        at_k=at_k,
+        effects=effects,
+        scores=scores,
+        prompt_ids=rows["prompt_id"].to_list(),
+        folds=folds,
+    )
+
+
 def find_circuit(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -191,11 +321,7 @@ def find_circuit(
     *,
     category: str,
     model_key: str,
-    batch_size: int,
-    system_prompt: str | None = None,
-    device: str = "cpu",
-    log: Callable[[str], None] = lambda s: None,
-    warn: Callable[[str], None] = lambda s: None,
+    run: CircuitRun,
 ) -> CategoryCircuit:
     """The circuit of one category per prompt group, cross-fitted faithfulness and completeness,
     edges, and the refusal-direction baseline.
@@ -203,134 +329,42 @@ def find_circuit(
     ``sample`` is the category's prompt sample joined with its behaviour (``refused``,
     ``refusal_score``); ``directions`` holds each site's refusal direction (:func:`refusal_direction`).
     """
-    kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
     baseline_texts, baseline_set = baseline_prompts(sample, cc.prompt_filter)
-    baseline = compute_baseline(model, tokenizer, baseline_texts, saes, **kw)
+    baseline = compute_baseline(model, tokenizer, baseline_texts, saes, **run.batching())
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
-
-    def select(mean_effect: np.ndarray, k: int) -> np.ndarray:
-        return select_circuit(mean_effect, index.site_of_node, mode=cc.selection, k_per_site=k, threshold=cc.threshold)
-
+    setting = _CategorySetting(model, tokenizer, saes, refusal_ids, baseline, index, cc, run)
     groups = (
         {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]} if cc.separate_safe_toxic else {"all": GROUPS["all"]}
     )
     found: dict[str, GroupCircuit] = {}
     for group, splits in groups.items():
-        group_rows = sample.filter(pl.col("split").is_in(splits))
-        rows, prompt_set = select_prompts(group_rows, cc.prompt_filter, cc.min_prompts)
-        if rows.height < 2:
-            warn(f"{category}/{group}: {rows.height} prompt(s); a cross-fitted circuit needs two, skipped")
-            continue
-        if prompt_set != cc.prompt_filter:
-            warn(f"{category}/{group}: prompt set {prompt_set}")
-        prompts = rows["prompt"].to_list()
-        suffixes = prepare_suffixes(model, tokenizer, prompts, **kw)  # one prefill serves every pass below
-        effects, scores = node_effects(
-            model,
-            tokenizer,
-            prompts,
-            saes,
-            baseline,
-            refusal_ids,
-            method=cc.method,
-            ig_steps=cc.ig_steps,
-            log=log,
-            suffixes=suffixes,
-            **kw,
-        )
-        mean_effect = effects.mean(0)
-        chosen = select(mean_effect, cc.k_per_site)
-        folds = crossfit_folds(len(prompts), cc.n_folds, cc.seed)
-
-        def score_fn(keep: np.ndarray, suffixes: list[SuffixBatch] = suffixes) -> np.ndarray:
-            return ablated_scores(model, suffixes, saes, baseline, keep, refusal_ids)
-
-        sweep = evaluate_sizes(
-            score_fn,
-            effects,
-            index.site_of_node,
-            sorted(set(cc.eval_sizes) | {cc.k_per_site}),
-            select,
-            folds,
-            seed=cc.seed,
-            n_bootstrap=cc.n_bootstrap,
-            log=log,
-        )
-        edges = []
-        if cc.edges and (group == "toxic" or not cc.separate_safe_toxic):
-            edges = edge_effects(
-                model,
-                tokenizer,
-                prompts,
-                saes,
-                baseline,
-                refusal_ids,
-                chosen,
-                max_edges=cc.max_edges,
-                targets_per_site=cc.edge_targets_per_site,
-                mean_effect=mean_effect,
-                suffixes=suffixes,
-                **kw,
-            )
-        nodes = sorted(
-            ({**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)),
-            key=lambda n: -n["effect"],
-        )
-        at_k = sweep.at(cc.k_per_site)
-        found[group] = GroupCircuit(
-            rows.height,
-            group_rows.height,
-            prompt_set,
-            chosen,
-            nodes,
-            edges,
-            sweep,
-            at_k,
-            effects,
-            scores,
-            rows["prompt_id"].to_list(),
-            folds,
-        )
-        lo, hi = at_k.faithfulness_ci
-        log(
-            f"{category}/{group} ({rows.height} {prompt_set} prompts): {int(chosen.sum())} nodes, faithfulness "
-            f"{at_k.faithfulness:.3f} [{lo:.2f}, {hi:.2f}], completeness {at_k.completeness:.3f}, "
-            f"random {at_k.random_faithfulness:.3f}, m(M) - m(∅) {sweep.m_full - sweep.m_empty:.3f}"
-        )
+        circuit = _group_circuit(setting, category, group, sample.filter(pl.col("split").is_in(splits)))
+        if circuit is not None:
+            found[group] = circuit
     if not found:
         raise ValueError(
             f"circuit {category}|{model_key}: no prompt group has two prompts to cross-fit; "
             f"raise data.sampling.max_per_cell or set circuits.prompt_filter: all"
         )
     return CategoryCircuit(
-        category,
-        model_key,
-        index,
-        cc.prompt_filter,
-        baseline_set,
-        len(baseline_texts),
-        found,
-        _direction_baselines(model, tokenizer, sample, saes, baseline, index, refusal_ids, directions, **kw),
+        category=category,
+        model_key=model_key,
+        index=index,
+        prompt_filter=cc.prompt_filter,
+        baseline_set=baseline_set,
+        n_baseline=len(baseline_texts),
+        groups=found,
+        directions=_direction_baselines(setting, sample, directions),
     )
 
 
 def _direction_baselines(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    sample: pl.DataFrame,
-    saes: dict[Site, nn.Module],
-    baseline: Baseline,
-    index: NodeIndex,
-    refusal_ids: torch.Tensor,
-    directions: dict[Site, torch.Tensor | None],
-    *,
-    batch_size: int,
-    system_prompt: str | None,
-    device: str,
+    setting: _CategorySetting, sample: pl.DataFrame, directions: dict[Site, torch.Tensor | None]
 ) -> dict[str, DirectionBaseline]:
     """Each site's refusal direction, scored by ablating it on the held-out toxic prompts."""
-    kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device}
+    model, tokenizer, saes, refusal_ids, baseline, index, _, run = setting
+    kw = run.batching()
     toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
     score_clean = None  # the held-out toxic prompts' score without any ablation: one pass serves every site
     if toxic_heldout:
@@ -341,9 +375,9 @@ def _direction_baselines(
         if r is None:
             continue
         ablated = (
-            direction_ablation_score(model, tokenizer, toxic_heldout, site, r.to(device), refusal_ids, **kw)
+            direction_ablation_score(model, tokenizer, toxic_heldout, site, r.to(run.device), refusal_ids, **kw)
             if toxic_heldout
             else None
         )
-        out[site.name] = DirectionBaseline(r, score_clean, ablated)
+        out[site.name] = DirectionBaseline(direction=r, score_clean=score_clean, score_ablated=ablated)
     return out

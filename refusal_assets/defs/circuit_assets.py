@@ -7,7 +7,7 @@ from collections.abc import Callable
 import dagster as dg
 import torch
 
-from refusal_assets.circuits.finding import find_circuit, refusal_direction
+from refusal_assets.circuits.finding import CircuitRun, find_circuit, refusal_direction
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import circuit_metadata, multi_key
 from refusal_assets.defs.partitions import Partitions
@@ -77,11 +77,13 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                 cc,
                 category=category,
                 model_key=model_cfg.model_key,
-                batch_size=model_cfg.batch_size,
-                system_prompt=model_cfg.chat_template.system_prompt,
-                device=device,
-                log=context.log.info,
-                warn=context.log.warning,
+                run=CircuitRun(
+                    batch_size=model_cfg.batch_size,
+                    system_prompt=model_cfg.chat_template.system_prompt,
+                    device=device,
+                    log=context.log.info,
+                    warn=context.log.warning,
+                ),
             )
             write_safetensors(found.tensors(), layout.circuit_tensors(model_cfg.model_key, category))
             summary = found.to_json()
