@@ -23,6 +23,7 @@ from __future__ import annotations
 import dagster as dg
 
 from refusal_assets.config import ProjectConfig
+from refusal_assets.defs.automation import sensor_interval_seconds
 from refusal_assets.defs.partitions import Partitions
 
 MODEL_CONFIG = dg.AssetKey("model_config")
@@ -101,7 +102,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list:
 def config_sensor(cfg: ProjectConfig) -> dg.SensorDefinition:
     @dg.sensor(
         name="refusal_assets_config",
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=sensor_interval_seconds(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Records a new data version of model_config / site_config for each model whose settings changed "
         "(after a code-location reload); automation then rebuilds that model's partitions only.",
