@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import file_path, multi_key
@@ -13,15 +12,9 @@ from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.features import annotations as notes
 from refusal_assets.features.files import write_site_features
-from refusal_assets.features.lens import lens_inputs, pooled_direction
 from refusal_assets.features.render import circuit_membership, membership_table
-from refusal_assets.features.scan import CORPUS, ActivationSource
-from refusal_assets.features.site import chat_tokens, site_features
+from refusal_assets.features.run import compute_site_features
 from refusal_assets.layout import Layout
-from refusal_assets.lm.models import load_model
-from refusal_assets.lm.sites import Site
-from refusal_assets.prompts import orbench as data
-from refusal_assets.sae.files import CFG_FILE, load_sae
 
 CODE_VERSION = "1"
 """Version of the features code; bump it when a card changes for the same inputs."""
@@ -71,58 +64,28 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             multi_key(parts.sae, context.partition_key)["site"],
             Layout(storage.files),
         )
-        model_cfg, site = (
-            cfg.model(parts.site_to_model[site_key]),
-            Site.parse(site_key.split("__", 1)[1]),
+        model_key = parts.site_to_model[site_key]
+        site_name = site_key.split("__", 1)[1]
+        result = compute_site_features(
+            cfg,
+            layout,
+            site_key,
+            parts.sae_train_categories,
+            _directions_path(layout, model_key),
+            context.log.info,
         )
-        categories = parts.sae_train_categories
-        sources = [
-            ActivationSource(path=layout.activations(site_key, c), category=c) for c in categories
-        ]
-        frames = [layout.load_sample(c).select("prompt_id", "prompt") for c in categories]
-        if cfg.sae.corpus:
-            sources.append(
-                ActivationSource(path=layout.sae_corpus_activations(site_key), category=CORPUS)
-            )
-            frames.append(
-                data.load_corpus(cfg.sae.corpus, cfg.resolve).select("prompt_id", "prompt")
-            )
-        prompt_text = dict(pl.concat(frames).unique("prompt_id").iter_rows())
-        sae = load_sae(layout.sae(site_key))
-        sae_cfg = json.loads((layout.sae(site_key) / CFG_FILE).read_text(encoding="utf-8"))
-        labels = notes.load_annotations(
-            notes.annotation_path(cfg.root, model_cfg.model_key),
-            {s.name: (sae.d_sae if s == site else None) for s in model_cfg.sites},
-        )
-        direction, note = pooled_direction(
-            _directions_path(layout, model_cfg.model_key), site.layer
-        )
-        model, tokenizer = load_model(
-            model_cfg, cfg.resolve, "cpu", context.log.info
-        )  # weights only
-        result = site_features(
-            sources,
-            sae,
-            site_key=site_key,
-            prompt_text=prompt_text,
-            tokenize=chat_tokens(tokenizer, model_cfg.chat_template.system_prompt),
-            lens_inputs=lens_inputs(model, tokenizer),
-            refusal_direction=direction,
-            refusal_note=note,
-            annotations=labels.get(site.name, {}),
-            max_input_norm=float(sae_cfg.get("max_input_norm") or "inf"),
-        )
+        note = result.features.refusal_direction
         paths = (layout.feature_top_examples(site_key), layout.feature_latents(site_key))
         write_site_features(result, *paths, layout.feature_cards(site_key))
-        if direction is None:
+        if result.features.cards and result.features.cards[0].refusal_cosine is None:
             context.log.warning(f"refusal-direction cosines left null: {note}")
         circuits = {
-            c: json.loads(layout.circuit_summary(model_cfg.model_key, c).read_text())
+            c: json.loads(layout.circuit_summary(model_key, c).read_text())
             for c in parts.category.get_partition_keys()
-            if layout.circuit_summary(model_cfg.model_key, c).is_file()
+            if layout.circuit_summary(model_key, c).is_file()
         }
         f = result.features
-        table = membership_table(f, circuit_membership(circuits, site.name))
+        table = membership_table(f, circuit_membership(circuits, site_name))
         return dg.MaterializeResult(
             metadata={
                 "n_live": len(f.live),
