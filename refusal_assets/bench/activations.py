@@ -34,21 +34,12 @@ import polars as pl
 import torch
 from torch import nn
 
-from refusal_assets.config import ModelConfig, ProjectConfig, load_config
+from refusal_assets.bench.common import bench_device, bench_sample, project_config, sync_device
+from refusal_assets.config import ModelConfig
 from refusal_assets.lm.sites import Site, decoder_layers
 
 TARGETS = {"ratio_min": 1.0, "overhead_vs_bare_max": 1.15, "rss_ratio_max": 1.2}
-SAMPLE_SEED = 0
 _RSS_MARK = "RSS_CHILD_RESULT "
-
-
-# ------------------------------------------------------------------------------------------ setup
-def _project(config_path: str | None) -> ProjectConfig:
-    if config_path:
-        return load_config(config_path)
-    from refusal_assets.app.settings import load_project
-
-    return load_project()
 
 
 def bench_sites(mc: ModelConfig) -> list[Site]:
@@ -63,32 +54,6 @@ def bench_sites(mc: ModelConfig) -> list[Site]:
     sites = {s for s in mc.sites if s.kind == "resid" and s.layer <= target}
     sites.add(Site(target, "resid"))
     return sorted(sites)
-
-
-def bench_sample(cfg: ProjectConfig, n_prompts: int) -> pl.DataFrame:
-    """The first ``n_prompts`` of the embedded sample in a fixed seeded order (wrapping around if short),
-    then ordered by prompt length, so that all three ways run the very same batches (the collector
-    may itself sort by length to pad less; on sorted input that is a no-op)."""
-    from refusal_assets.prompts.orbench import load_orbench
-
-    folder = cfg.root / "data" / "orbench_sample"
-    if not folder.is_dir():  # a config outside this project: the sample shipped beside the package
-        folder = Path(__file__).resolve().parents[2] / "data" / "orbench_sample"
-    df, _ = load_orbench(folder)
-    order = np.random.default_rng(SAMPLE_SEED).permutation(df.height)
-    idx = [int(order[i % df.height]) for i in range(n_prompts)]
-    prompts = df["prompt"].to_list()
-    idx.sort(key=lambda i: (len(prompts[i]), prompts[i]))
-    return df[idx].select("prompt_id", "prompt", "split").with_columns(pl.lit(False).alias("heldout"))
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _keep_mask(batch, all_positions: bool) -> torch.Tensor:
@@ -222,7 +187,7 @@ def rss_child_main(args_json: str) -> None:
     torch.set_num_threads(args["threads"])
     from refusal_assets.lm.models import load_model
 
-    cfg = _project(args["config_path"])
+    cfg = project_config(args["config_path"])
     mc = cfg.models[0]
     device = args["device"]
     model, tokenizer = load_model(mc, cfg.resolve, device, log=lambda _s: None)
@@ -292,9 +257,9 @@ def run_activation_bench(
 
     if n_prompts < 1:
         raise ValueError("n_prompts must be at least 1")
-    cfg = _project(config_path)
+    cfg = project_config(config_path)
     mc = cfg.models[0]
-    device = _device()
+    device = bench_device()
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     model, tokenizer = load_model(mc, cfg.resolve, device, log)
@@ -332,10 +297,10 @@ def run_activation_bench(
         cpu: dict[str, list[float]] = {name: [] for name in ways}
         for r in range(repeats):  # interleaved, so drift and other load hit every way alike
             for name, fn in ways.items():
-                _sync(device)
+                sync_device(device)
                 t1, c1 = time.perf_counter(), time.process_time()
                 fn(prompts)
-                _sync(device)
+                sync_device(device)
                 times[name].append(time.perf_counter() - t1)
                 cpu[name].append(time.process_time() - c1)
             log(f"bench: repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))

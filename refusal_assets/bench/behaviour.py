@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from refusal_assets.bench.activations import _device, _project, _sync, bench_sample
+from refusal_assets.bench.common import bench_device, bench_sample, project_config, sync_device
 from refusal_assets.lm.chat import by_length, encode_chat
 from refusal_assets.lm.prefill import shared_prefix_length
 
@@ -38,10 +38,10 @@ def matmul_flops_per_s(d: int, rows: int, device: str, repeats: int = 5) -> floa
     a @ b  # warm-up
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         a @ b
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t)
     return 2 * rows * d * 4 * d / min(times)
 
@@ -57,9 +57,9 @@ def run_behaviour_bench(
 
     if n_prompts < 1:
         raise ValueError("n_prompts must be at least 1")
-    cfg = _project(config_path)
+    cfg = project_config(config_path)
     mc = cfg.models[0]
-    device = _device()
+    device = bench_device()
     model, tokenizer = load_model(mc, cfg.resolve, device, log)
     stop = mc.refusal.phrases if mc.generation.stop_when_judged else None
     new = mc.generation.max_new_tokens
@@ -87,10 +87,10 @@ def run_behaviour_bench(
     results = {}
     for r in range(repeats):
         for way in ("plain", "ours"):
-            _sync(device)
+            sync_device(device)
             t = time.perf_counter()
             results[way] = run(way)
-            _sync(device)
+            sync_device(device)
             times[way].append(time.perf_counter() - t)
             log(f"  repeat {r + 1}/{repeats} {way}: {times[way][-1]:.2f} s")
     ours, plain = results["ours"], results["plain"]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from refusal_assets.bench.common import sync_device
 from refusal_assets.config import SAEConfig
 from refusal_assets.sae.metrics import evaluate_sae
 from refusal_assets.sae.rows import as_rows
@@ -52,11 +53,6 @@ class TrainerResult:
     step_s: float
     heldout_fvu: float
     final_train_fvu: float
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def synthetic_rows(
@@ -277,10 +273,10 @@ def run_sae_bench(
     for i in range(steps):
         x = batches(i)
         for name in names if i % 2 == 0 else names[::-1]:
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             last_fvu[name] = trainers[name](x)
-            _sync(device)
+            sync_device(device)
             times[name].append(time.perf_counter() - t0)
         if log and (i + 1) % 50 == 0:
             log(
