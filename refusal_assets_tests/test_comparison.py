@@ -310,3 +310,56 @@ def test_fallback_categories_and_error_node_mask() -> None:
     assert fallback_categories(summaries, "benign", "score_positive") == ["c"]
     index = NodeIndex([Site(1, "resid"), Site(2, "resid")], [3, 4])
     assert np.flatnonzero(error_node_mask(index.site_of_node)).tolist() == [index.error_node(0), index.error_node(1)]
+
+
+def test_compare_model_leaves_fallback_categories_out_and_writes_what_the_report_reads(tiny_cfg) -> None:
+    """The comparison step of one model: the fallback category stays out of the overlap test, the
+    cross-Jaccard pairs toxic rows with benign columns, direction cosines per site, one combined verdict."""
+    from refusal_assets.analysis.comparison import compare_model
+
+    cc, comp = tiny_cfg.circuits, tiny_cfg.comparison
+    effects = make_effects(n_shared=0)
+    rng = np.random.default_rng(7)
+    circuits = {}
+    for i, c in enumerate(CATS):
+        toxic_nodes, benign_nodes = [0, 1, 2 + i], [0, 10 + i]
+        prompt_set = cc.prompt_filter if c != "weapons" else f"all ({cc.prompt_filter}: only 1 < 2)"
+        summary = {
+            "sites": ["resid1"],
+            "groups": {
+                "toxic": {"prompt_set": prompt_set, "nodes": [{"node": n} for n in toxic_nodes]},
+                "benign": {"prompt_set": prompt_set, "nodes": [{"node": n} for n in benign_nodes]},
+            },
+        }
+        tensors = {
+            "site_of_node": SITE_OF_NODE,
+            "effects_toxic": effects[c],
+            "direction_resid1": rng.normal(size=8) + 2.0,
+        }
+        circuits[c] = (summary, tensors)
+    result = compare_model("m", CATS, circuits, {}, circuits_cfg=cc, comparison_cfg=comp)
+    toxic = result.groups["toxic"]
+    assert toxic.fallback == ["weapons"] and toxic.result is not None
+    assert toxic.result.categories == ["cyber", "drugs", "violence"]
+    benign = result.groups["benign"]  # no benign effects stored: nothing to compare
+    assert benign.result is None and benign.verdict == "insufficient evidence"
+    # cyber's toxic circuit {0, 1, 2} vs drugs' benign circuit {0, 11}: one node of four
+    assert result.cross_jaccard[0, 1] == pytest.approx(1 / 4)
+    assert result.direction_cosines["resid1"].labels == CATS
+    assert result.combined.lines[0].test == "circuit overlap"
+    out = json.loads(json.dumps(result.to_json(seconds=1.5), default=float))
+    assert list(out) == [
+        "model",
+        "categories",
+        "groups",
+        "cross_jaccard",
+        "direction_cosines",
+        "transfer",
+        "combined",
+        "verdict",
+        "verdict_reason",
+        "seconds",
+    ]
+    assert out["groups"]["toxic"]["fallback_categories"] == ["weapons"]
+    assert out["groups"]["benign"]["verdict_reason"].startswith("Insufficient evidence: only []")
+    assert out["verdict"] == result.combined.verdict

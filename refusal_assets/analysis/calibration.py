@@ -319,6 +319,41 @@ def planted_model(model, tokenizer, planted: Planted, n_categories: int, *, alph
     return model.eval(), tokenizer, markers, refusal_ids
 
 
+_WORDS = ["the", "river", "stone", "blue", "quiet", "market", "seven", "letter", "garden", "window", "cloud", "paper"]
+
+
+def planted_prompts(
+    markers: list[str], n_prompts: int, rng: np.random.Generator
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(toxic, harmless) prompts per category ``cat0..``: random filler words, the toxic ones led by
+    their category's marker token."""
+
+    def text(marker: str = "") -> str:
+        body = " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 9))))
+        return f"{marker} {body}".strip()
+
+    cats = [f"cat{c}" for c in range(len(markers))]
+    toxic = {c: [text(markers[i]) for _ in range(n_prompts)] for i, c in enumerate(cats)}
+    harmless = {c: [text() for _ in range(n_prompts)] for c in cats}
+    return toxic, harmless
+
+
+def _identity_saes(d_model: int):
+    """One identity SAE (every latent one residual dimension) at the planted model's layer-1 residual."""
+    import torch
+
+    from refusal_assets.circuits.selection import NodeIndex
+    from refusal_assets.lm.sites import Site
+    from refusal_assets.sae.model import TopKSAE
+
+    site = Site(1, "resid")
+    sae = TopKSAE(d_model, d_model, k=d_model)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(d_model))
+        sae.W_enc.copy_(torch.eye(d_model))
+    return {site: sae.eval()}, NodeIndex([site], [d_model])
+
+
 def calibrate_model(
     model,
     tokenizer,
@@ -332,65 +367,41 @@ def calibrate_model(
     rule: VerdictRule | None = None,
 ) -> ModelCalibration:
     """Every test of the comparison on a planted tiny model (:func:`planted_model`): node effects by
-    attribution patching, circuit overlap, circuit transfer, direction cross-ablation and induced
-    refusal, and the combined verdict."""
-    import torch
-
-    from refusal_assets.analysis import transfer as tr
+    attribution patching, circuit overlap, and the functional tests through the procedure the
+    ``transfer`` asset runs (:func:`refusal_assets.analysis.functional.functional_tests`), and the
+    combined verdict."""
+    from refusal_assets.analysis import functional as fn
     from refusal_assets.analysis.verdict import combine, overlap_line, transfer_lines
-    from refusal_assets.circuits.ablation import ablated_scores
     from refusal_assets.circuits.attribution import node_effects
-    from refusal_assets.circuits.passes import compute_baseline, prepare_suffixes
-    from refusal_assets.circuits.selection import NodeIndex, select_circuit
-    from refusal_assets.lm.sites import Site
-    from refusal_assets.sae.model import TopKSAE
+    from refusal_assets.circuits.passes import compute_baseline
+    from refusal_assets.circuits.selection import select_circuit
 
     rule = rule or VerdictRule()
     m, tok, markers, ids = planted_model(model, tokenizer, planted, n_categories)
-    rng = np.random.default_rng(seed)
-    words = [
-        "the",
-        "river",
-        "stone",
-        "blue",
-        "quiet",
-        "market",
-        "seven",
-        "letter",
-        "garden",
-        "window",
-        "cloud",
-        "paper",
-    ]
-
-    def text(marker: str = "") -> str:
-        body = " ".join(rng.choice(words, size=int(rng.integers(3, 9))))
-        return f"{marker} {body}".strip()
-
-    cats = [f"cat{c}" for c in range(n_categories)]
-    toxic = {c: [text(markers[i]) for _ in range(n_prompts)] for i, c in enumerate(cats)}
-    harmless = {c: [text() for _ in range(n_prompts)] for c in cats}
-    d = m.config.hidden_size
-    site = Site(1, "resid")
-    sae = TopKSAE(d, d, k=d)
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.eye(d))
-        sae.W_enc.copy_(torch.eye(d))
-    saes = {site: sae.eval()}
-    kw = {"batch_size": 16}
-    effects, score_fns, circuits, own = {}, {}, {}, {}
-    index = NodeIndex([site], [d])
-
-    def select(mean: np.ndarray) -> np.ndarray:
-        return select_circuit(mean, index.site_of_node, mode="topk", k_per_site=2)
-
-    for c in cats:
-        baseline = compute_baseline(m, tok, harmless[c], saes, **kw)
-        effects[c], _ = node_effects(m, tok, toxic[c], saes, baseline, ids, **kw)
-        suffixes = prepare_suffixes(m, tok, toxic[c], **kw)
-        score_fns[c] = lambda keep, s=suffixes, b=baseline: ablated_scores(m, s, saes, b, keep, ids)
-        circuits[c] = select(effects[c].mean(0))
-        own[c] = tr.loo_masks(effects[c], select)
+    toxic, harmless = planted_prompts(markers, n_prompts, np.random.default_rng(seed))
+    saes, index = _identity_saes(m.config.hidden_size)
+    settings = fn.FunctionalSettings(
+        rule=rule,
+        selection="topk",
+        k_per_site=2,
+        threshold=0.0,
+        n_bootstrap=n_bootstrap,
+        n_permutations=n_permutations,
+        alpha=0.05,
+        seed=seed,
+        direction_layers=2,
+        direction_positions=1,
+        pooled_selection_prompts=4,
+        batch_size=16,
+    )
+    effects, circuits = {}, {}
+    for c in toxic:
+        baseline = compute_baseline(m, tok, harmless[c], saes, batch_size=settings.batch_size)
+        effects[c], _ = node_effects(m, tok, toxic[c], saes, baseline, ids, batch_size=settings.batch_size)
+        mask = select_circuit(effects[c].mean(0), index.site_of_node, mode="topk", k_per_site=2)
+        circuits[c] = fn.TransferCircuit(
+            prompts=toxic[c], baseline_prompts=harmless[c], circuit=mask, effects=effects[c]
+        )
     error_nodes = np.zeros(index.n_nodes, bool)
     error_nodes[index.error_node(0)] = True
     overlap = compare_categories(
@@ -404,34 +415,17 @@ def calibrate_model(
         error_nodes=error_nodes,
         rule=rule,
     )
-    loss, _faithfulness = tr.circuit_transfer(
-        score_fns, circuits, own, index.site_of_node, rule, n_bootstrap=n_bootstrap, seed=seed
-    )
     half = n_prompts // 2  # directions from the first half, every reported number on the second
-    selected = tr.select_directions(
-        m,
-        tok,
-        {c: p[:half] for c, p in toxic.items()},
-        {c: p[:half] for c, p in harmless.items()},
-        ids,
-        n_layer_candidates=2,
-        n_position_candidates=1,
-        **kw,
+    prompts = fn.DirectionPrompts(
+        toxic_train={c: p[:half] for c, p in toxic.items()},
+        harmless_train={c: p[:half] for c, p in harmless.items()},
+        toxic_eval={c: p[half:] for c, p in toxic.items()},
+        harmless_eval={c: p[half:] for c, p in harmless.items()},
     )
-    dirs = tr.direction_tests(
-        m,
-        tok,
-        selected,
-        {c: p[half:] for c, p in toxic.items()},
-        {c: p[half:] for c, p in harmless.items()},
-        ids,
-        rule,
-        n_bootstrap=n_bootstrap,
-        seed=seed,
-        **kw,
-    )
-    transfer = {"circuit_transfer": loss.to_dict(), "directions": dirs.to_dict()}
+    tests = fn.functional_tests(m, tok, ids, saes, circuits, index.site_of_node, prompts, settings)
+    transfer = tests.to_json("planted", [], {})
     combined = combine([overlap_line(overlap.to_dict()), *transfer_lines(transfer)])
+    loss, dirs = tests.circuit_transfer, tests.directions
     return ModelCalibration(
         planted,
         overlap.verdict,

@@ -410,6 +410,19 @@ def error_share(E: dict[str, np.ndarray], error_nodes: np.ndarray) -> dict[str, 
     return out
 
 
+def _without_error_nodes(
+    E: dict[str, np.ndarray], site_of_node: np.ndarray, error_nodes: np.ndarray | None
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, float]]:
+    """(effects without the error nodes, the kept nodes' indices, their sites, each category's error share)."""
+    if error_nodes is None:
+        return E, np.arange(site_of_node.shape[0]), site_of_node, {}
+    error_nodes = np.asarray(error_nodes, dtype=bool)
+    if error_nodes.shape != site_of_node.shape:
+        raise ValueError(f"error_nodes {error_nodes.shape} must match site_of_node {site_of_node.shape}")
+    keep = ~error_nodes
+    return {c: e[:, keep] for c, e in E.items()}, np.flatnonzero(keep), site_of_node[keep], error_share(E, error_nodes)
+
+
 def compare_categories(
     effects: dict[str, np.ndarray],
     site_of_node: np.ndarray,
@@ -449,17 +462,7 @@ def compare_categories(
     if n_splits < 1:
         raise ValueError(f"n_splits must be >= 1, not {n_splits}")
     E = _checked_effects(effects, site_of_node.shape[0])  # [n_prompts_c, n_nodes], sorted categories
-    err_share: dict[str, float] = {}
-    if error_nodes is not None:
-        error_nodes = np.asarray(error_nodes, dtype=bool)
-        if error_nodes.shape != site_of_node.shape:
-            raise ValueError(f"error_nodes {error_nodes.shape} must match site_of_node {site_of_node.shape}")
-        err_share = error_share(E, error_nodes)
-        keep = ~error_nodes
-        E = {c: e[:, keep] for c, e in E.items()}
-        node_ids, site_of_node = np.flatnonzero(keep), site_of_node[keep]
-    else:
-        node_ids = np.arange(site_of_node.shape[0])
+    E, node_ids, site_of_node, err_share = _without_error_nodes(E, site_of_node, error_nodes)
     cats = list(E)
     select = Selector(site_of_node, mode, k_per_site, threshold)
     circuit = {c: select(E[c].mean(axis=0)[None])[0] for c in cats}  # [n_nodes] bool

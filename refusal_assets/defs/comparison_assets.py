@@ -4,17 +4,13 @@ import json
 import time
 
 import dagster as dg
-import numpy as np
 
-from refusal_assets.analysis import overlap as cmp
-from refusal_assets.analysis.verdict import combine, overlap_line, transfer_lines
-from refusal_assets.analysis.verdict_rule import VerdictRule
+from refusal_assets.analysis.comparison import compare_model, write_comparison_figures
 from refusal_assets.config import ProjectConfig
 from refusal_assets.defs.metadata import ci_metadata, file_path, png_markdown, report_metadata
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import StorageResource
 from refusal_assets.layout import Layout
-from refusal_assets.plots import plot_heatmap
 from refusal_assets.report.report import write_report
 from refusal_assets.storage import write_text
 
@@ -38,133 +34,24 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         categories = parts.category.get_partition_keys()
         layout = Layout(storage.files)
         circuits = {c: layout.load_circuit(model_key, c) for c in categories}
-        site_of_node = next(iter(circuits.values()))[1]["site_of_node"]
-        groups = sorted({g for summary, _ in circuits.values() for g in summary["groups"]})
-        out: dict = {"model": model_key, "categories": categories, "groups": {}}
-        md: dict = {}
-        error_nodes = cmp.error_node_mask(site_of_node)
-        for group in groups:
-            # Categories whose circuit could not use the configured prompt filter (too few refusing
-            # prompts) mix refused and complied prompts: reported, but out of the verdict.
-            fallback = cmp.fallback_categories(
-                {c: summary for c, (summary, _) in circuits.items()}, group, cc.prompt_filter
-            )
-            effects = {
-                c: t[f"effects_{group}"]
-                for c, (s, t) in circuits.items()
-                if f"effects_{group}" in t and c not in fallback
-            }
-            if fallback:
-                md[f"fallback_categories_{group}"] = ", ".join(fallback)
-                context.log.warning(
-                    f"{group}: {fallback} use all their prompts, not only '{cc.prompt_filter}' ones (too few): left out"
-                )
-            if len(effects) < 2:
-                out["groups"][group] = {
-                    "verdict": "insufficient evidence",
-                    "fallback_categories": fallback,
-                    "verdict_reason": f"Insufficient evidence: only {sorted(effects)} have at least {cc.min_prompts} "
-                    f"'{cc.prompt_filter}' prompts; a comparison needs two categories.",
-                }
-                md[f"verdict_{group}"] = "insufficient evidence"
-                continue
-            result = cmp.compare_categories(
-                effects,
-                site_of_node,
-                mode=cc.selection,
-                k_per_site=cc.k_per_site,
-                threshold=cc.threshold,
-                n_permutations=comp.n_permutations,
-                n_bootstrap=comp.n_bootstrap,
-                n_splits=comp.n_splits,
-                alpha=comp.alpha,
-                seed=comp.seed,
-                error_nodes=error_nodes,
-                rule=VerdictRule.from_config(comp),
-                min_ceiling=comp.min_ceiling,
-            )
-            out["groups"][group] = result.to_dict()
-            out["groups"][group]["fallback_categories"] = fallback
-            png = plot_heatmap(
-                result.jaccard,
-                result.categories,
-                f"{model_key}: circuit Jaccard ({group})",
-                layout.jaccard_plot(model_key, group),
-                annotate_significance=result.significant,
-            )
-            md[f"heatmap_{group}"] = png_markdown(png, f"Jaccard {group}")
-            md[f"verdict_{group}"] = result.verdict
-            context.log.info(f"{group}: {result.verdict_reason}")
-        if {"toxic", "benign"} <= set(groups):
-            # Cross: toxic circuit of a vs benign circuit of b (the seed's safe/toxic cross heatmap).
-            masks = {}
-            for c, (summary, _) in circuits.items():
-                for g in ("toxic", "benign"):
-                    m = np.zeros(len(site_of_node), bool)
-                    m[[n["node"] for n in summary["groups"][g]["nodes"]]] = True
-                    masks[(c, g)] = m
-            cross = np.array(
-                [
-                    [
-                        float(
-                            (masks[(a, "toxic")] & masks[(b, "benign")]).sum()
-                            / max((masks[(a, "toxic")] | masks[(b, "benign")]).sum(), 1)
-                        )
-                        for b in categories
-                    ]
-                    for a in categories
-                ]
-            )
-            out["cross_jaccard"] = cross.tolist()
-            md["heatmap_cross"] = png_markdown(
-                plot_heatmap(
-                    cross,
-                    categories,
-                    f"{model_key}: Jaccard toxic (rows) vs benign (cols)",
-                    layout.jaccard_plot(model_key, "cross"),
-                ),
-                "cross",
-            )
-        # Refusal directions (difference of means), cosine across categories per site.
-        sites = next(iter(circuits.values()))[0]["sites"]
-        out["direction_cosines"] = {}
-        for site in sites:
-            dirs = {c: t[f"direction_{site}"] for c, (_, t) in circuits.items() if f"direction_{site}" in t}
-            if len(dirs) >= 2:
-                labels, cos = cmp.refusal_direction_cosines(dirs)
-                out["direction_cosines"][site] = {"labels": labels, "matrix": cos.tolist()}
-                md[f"direction_cosine_{site}"] = png_markdown(
-                    plot_heatmap(
-                        cos,
-                        labels,
-                        f"{model_key}: refusal-direction cosine ({site})",
-                        layout.direction_cosine_plot(model_key, site),
-                    ),
-                    f"refusal-direction cosine {site}",
-                )
-        main = out["groups"].get("toxic") or next(iter(out["groups"].values()), None)
-        if main is None:
-            raise ValueError(f"comparison for {model_key}: fewer than two categories have circuits")
-        # One answer from every test's line; today the overlap test of the main group (transfer and
-        # direction tests add their lines here).
-        thresholds = {
-            k: getattr(comp, k)
-            for k in (
-                "alpha",
-                "equivalence_margin",
-                "modular_max_normalised",
-                "min_decided_fraction",
-                "majority",
-                "min_ceiling",
-            )
-        }
         transfer = layout.load_transfer(model_key) or {}
-        out["transfer"] = transfer
-        combined = combine([overlap_line(main), *transfer_lines(transfer)], thresholds)
-        out["combined"] = combined.to_dict()
-        out["verdict"], out["verdict_reason"] = combined.verdict, combined.reason
-        out["seconds"] = time.perf_counter() - t0
+        result = compare_model(model_key, categories, circuits, transfer, circuits_cfg=cc, comparison_cfg=comp)
+        md: dict = {}
+        for group, res in result.groups.items():
+            if res.fallback:
+                md[f"fallback_categories_{group}"] = ", ".join(res.fallback)
+                context.log.warning(
+                    f"{group}: {res.fallback} use all their prompts, not only '{cc.prompt_filter}' ones "
+                    "(too few): left out"
+                )
+            md[f"verdict_{group}"] = res.verdict
+            if res.result is not None:
+                context.log.info(f"{group}: {res.reason}")
+        figures = write_comparison_figures(result, layout)
+        md.update({name: png_markdown(png, alt) for name, (png, alt) in figures.items()})
+        out = result.to_json(seconds=time.perf_counter() - t0)
         write_text(json.dumps(out, indent=1, default=float), layout.comparison_summary(model_key))
+        main = result.main_group.to_json()
         return dg.MaterializeResult(
             metadata={
                 "verdict": out["verdict"],
