@@ -36,11 +36,18 @@ is the share that give a different decided answer (monolithic, modular or core +
 "insufficient evidence" are neither false nor power. ``votes`` holds when the false-answer rate is
 at most :data:`MAX_FALSE_ANSWER_RATE`.
 
-The rule's thresholds were fixed before any real result was looked at. The margin 0.25 means "a part
-carrying under a quarter of a circuit's attribution does not count". A latent must be in the
-circuits of half the categories to count as core. The intervals are 95% intervals. These worlds
-were run at those values with 50 replicates each, and the false-answer rates were at most 0.10
-(see the README table). None of the values was tuned to a real result.
+How the thresholds were chosen: by meaning, before any real result was looked at, and then
+checked here. The margin 0.25 says that a part carrying under a quarter of a circuit's attribution
+does not count. A latent is core when it is in the circuits of half the categories. Intervals are at
+95%, and circuits must keep a tenth of their attribution on held-out prompts. At these values, 50
+replicates per world (seed 0) gave power 0.94 / 1.00 / 1.00 / 1.00 (monolithic / modular /
+two_level / no_signal), false-answer rate 0 in every world, and core-share CI coverage 0.92-0.96.
+Harder variants (seed 1) kept every false-answer rate at or below 0.04, with the lost power going to
+"insufficient evidence": topic latents carrying 0.3 (planted monolithic share 0.77, just above the
+0.75 bound), twice the background noise, firing probability 0.6, or a weaker two-level core (0.5).
+The percentile intervals tried first covered only 0.62-0.86, and one overconfident small category
+could call "mixed". The intervals became centred t intervals with fresh splits per draw, and "mixed"
+now needs two categories per region. No threshold was changed.
 """
 
 from __future__ import annotations
@@ -284,6 +291,9 @@ class FeatureCalibration:
     """Mean point estimate of the core share over replicates."""
     planted_core_share: float
     """Shared / (shared + specific) attribution as planted (see PlantDesign.planted_core_share)."""
+    core_share_coverage: float
+    """Share of replicates whose 95% core-share CI contains the mean estimate over replicates (the
+    statistic's expectation at this sample size); NaN with fewer than 2 finite estimates."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,13 +325,20 @@ class FeatureCalibrationReport:
         out = asdict(self)
         for world in out["worlds"].values():
             features = world["features"]
-            for key in ("mean_core_share", "planted_core_share"):
+            for key in ("mean_core_share", "planted_core_share", "core_share_coverage"):
                 features[key] = features[key] if math.isfinite(features[key]) else None
         return {**out, "votes": self.votes, "max_false_answer_rate": MAX_FALSE_ANSWER_RATE}
 
     def to_json(self) -> str:
         """For ``refusal-assets calibrate --json``."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _coverage(intervals: list[tuple[float, float]], value: float) -> float:
+    """Share of intervals that contain ``value`` (an undefined interval counts as a miss)."""
+    tolerance = 1e-12  # an interval that is a point at the value contains it
+    hits = [lo - tolerance <= value <= hi + tolerance for lo, hi in intervals]
+    return float(np.mean(hits))
 
 
 def calibrate_world(
@@ -338,7 +355,7 @@ def calibrate_world(
     """``n_replicates`` fresh samples of ``world``, each through :func:`core_share_test`."""
     planted = PLANTED_ANSWER[world]
     answers: dict[str, int] = {}
-    shares = []
+    shares, intervals = [], []
     for replicate in range(n_replicates):
         key = (WORLDS.index(world), replicate)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
@@ -353,17 +370,20 @@ def calibrate_world(
         )
         answers[result.verdict] = answers.get(result.verdict, 0) + 1
         shares.append(result.core_share)
+        intervals.append(result.core_share_ci)
     false = sum(n for answer, n in answers.items() if answer in DECIDED and answer != planted)
     false_rate = false / n_replicates
     finite = [s for s in shares if math.isfinite(s)]
+    expectation = float(np.mean(finite)) if finite else math.nan
     features = FeatureCalibration(
         planted_answer=planted,
         answers=dict(sorted(answers.items())),
         power=answers.get(planted, 0) / n_replicates,
         false_answer_rate=false_rate,
         votes=false_rate <= MAX_FALSE_ANSWER_RATE,
-        mean_core_share=float(np.mean(finite)) if finite else math.nan,
+        mean_core_share=expectation,
         planted_core_share=design.planted_core_share(world),
+        core_share_coverage=_coverage(intervals, expectation) if len(finite) > 1 else math.nan,
     )
     return PlantedWorld(world=world, n_replicates=n_replicates, features=features)
 

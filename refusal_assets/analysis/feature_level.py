@@ -1,35 +1,37 @@
 """Feature-level answer: does a shared core of SAE latents carry each category's refusal
 attribution?
 
-Methods (quotable). The circuit-overlap test asks whether two categories' circuits are exchangeable,
-and categories that share one refusal step but differ in harm topic reject that null: their topic
-latents differ. This test asks instead how much of each category's refusal attribution a shared core
-of latents carries, measured on prompts that did not choose the core. For one random split of every
-category's prompts into a selection half (ceil(n/2) prompts) and a measurement half (floor(n/2)),
-each category's circuit is chosen on its selection half (the ``k_per_site`` latents per site with
-the largest signed mean attribution effect; error nodes are never part of a circuit), and the shared
-core is every latent in the circuits of at least ``core_fraction`` of the categories. On the
-measurement half, category c's core share is the core's summed signed mean effect divided by the
-summed signed mean effect of the core plus c's own circuit. Signed held-out sums make chance picks
-contribute zero on average (absolute values would add a positive bias from noise). Sums are pooled
-over ``n_splits`` random splits before dividing, and the share is clipped to [0, 1]. The headline
-is the mean share over categories. Its confidence interval is the percentile interval of a Bayesian
-bootstrap over prompts (Dirichlet(1) weights within each category, the same splits), widened to
-contain the estimate. Harm-topic latents that fire in one category only therefore sit in that
-category's tail, and they lower its core share only by the attribution they carry: one shared
-refusal step that carries most of the attribution still reads as a large core share.
+Methods (quotable). The circuit-overlap test asks whether two categories' circuits are
+exchangeable, and categories that share one refusal step but differ in harm topic reject that null:
+their topic latents differ. This test asks instead how much of each category's refusal attribution
+a shared core of latents carries, measured on prompts that did not choose the core. Every
+category's prompts are split at random into a selection half (ceil(n/2) prompts) and a measurement
+half (floor(n/2)). On the selection half, each category's circuit is the ``k_per_site`` latents per
+site with the largest signed mean attribution effect (error nodes are never in a circuit), and the
+shared core is every latent in the circuits of at least ``core_fraction`` of the categories. On the
+measurement half, category c's core share is the core's summed signed mean effect divided by that
+of the core plus c's own circuit. Signed held-out sums make chance picks contribute zero on average
+(absolute values would add a positive bias from noise). Sums are pooled over ``n_splits`` random
+splits before dividing, and the share is clipped to [0, 1]. The headline is the mean share over
+categories. Its confidence interval comes from a Bayesian bootstrap over prompts (Dirichlet(1)
+weights within each category, fresh splits in every draw): the estimate +- t(n_categories - 1) x
+the bootstrap standard error. Harm-topic latents that fire in one category only sit in that
+category's tail and lower its core share only by the attribution they carry, so one shared refusal
+step that carries most of the attribution still reads as a large core share.
 
 Verdict (symmetric, one margin ``m`` for "shared" and "specific"). A CI inside (1 - m, 1] is
 "shared" (the specific part carries less than m); inside [0, m) it is "specific" (the core carries
 less than m); inside [m, 1 - m] it is "partial". Swapping shared and specific (share -> 1 - share)
 swaps the first two calls and keeps the third. First, the circuits must replicate: the pooled
-held-out attribution of the circuits, divided by their in-sample attribution (retention), must have
-a CI lower end of at least ``min_retention`` (0.1); otherwise "insufficient evidence". Pure-noise
-circuits retain nothing on average. If two categories' own CIs are confidently in
-different regions, the answer is "mixed". Otherwise the pooled CI decides: "monolithic" (shared),
-"modular" (specific), "shared core + specific tail" (partial). A pooled CI that crosses m or 1 - m
-gives "insufficient evidence". The thresholds are fixed in :class:`FeatureRule` and calibrated on
-planted worlds at the real per-category counts (:mod:`refusal_assets.analysis.feature_calibration`).
+held-out attribution of the circuits over their in-sample attribution (retention) must have a CI
+lower end of at least ``min_retention`` (0.1), or the answer is "insufficient evidence" (pure-noise
+circuits retain nothing on average). If at least two categories each are confidently in two
+different regions (per-category intervals Bonferroni-adjusted over the categories, t with n_c - 1
+df), the answer is "mixed". Otherwise the pooled CI decides: "monolithic" (shared), "modular"
+(specific), "shared core + specific tail" (partial); a pooled CI that crosses m or 1 - m gives
+"insufficient evidence". The thresholds (m = 0.25, core_fraction = 0.5, 95% intervals,
+min_retention = 0.1) are fixed in :class:`FeatureRule` and calibrated on planted worlds at the real
+per-category counts (:mod:`refusal_assets.analysis.feature_calibration`).
 
 Dictionary-free companion (:func:`compare_decoder_directions`, a description, not a vote). Per
 category and site the effect-weighted decoder direction is sum over latents of (mean effect x W_dec
@@ -50,6 +52,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
+from scipy import stats
 
 FeatureAnswer = Literal[
     "monolithic",
@@ -367,7 +370,7 @@ class _SplitSums:
 class _Halves:
     """One category's cross-fitting design: which prompts select, and the resampling weights."""
 
-    in_selection: np.ndarray  # [n_splits, n_prompts] bool
+    in_selection: np.ndarray  # [n_rows, n_splits, n_prompts] bool
     selection: np.ndarray  # [n_rows, n_splits, n_prompts] weights, each row sums to 1
     measurement: np.ndarray  # [n_rows, n_splits, n_prompts] weights, each row sums to 1
 
@@ -375,11 +378,12 @@ class _Halves:
 def _halves(n_prompts: int, n_splits: int, n_bootstrap: int, seed: int, stream: int) -> _Halves:
     """Selection half ceil(n/2), measurement half floor(n/2), per split. Row 0 is the plain sample
     (uniform weights); rows 1.. are Bayesian-bootstrap draws (Dirichlet(1) over prompts), which
-    never drop a prompt, so every half keeps weight however small the category."""
-    prompts = np.tile(np.arange(n_prompts), (n_splits, 1))
-    order = _rng(seed, _SPLITS, stream).permuted(prompts, axis=1)
-    in_selection = np.zeros((n_splits, n_prompts), bool)
-    np.put_along_axis(in_selection, order[:, : n_prompts - n_prompts // 2], True, axis=1)
+    never drop a prompt, so every half keeps weight however small the category. Every row draws
+    its own splits, so the bootstrap spread includes the choice of split as well as the prompts."""
+    prompts = np.tile(np.arange(n_prompts), (n_bootstrap + 1, n_splits, 1))
+    order = _rng(seed, _SPLITS, stream).permuted(prompts, axis=2)
+    in_selection = np.zeros(prompts.shape, bool)
+    np.put_along_axis(in_selection, order[..., : n_prompts - n_prompts // 2], True, axis=2)
     draws = _rng(seed, _BOOT, stream).dirichlet(np.ones(n_prompts), size=n_bootstrap)
     w = np.concatenate([np.full((1, n_prompts), 1.0 / n_prompts), draws])[:, None, :]
     sel, meas = w * in_selection, w * ~in_selection
@@ -431,14 +435,15 @@ def _circuits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Circuit latent ids ``[n_batch, n_splits, k * n_sites]`` chosen on the selection halves of
     ``rows``, and the circuits' in-sample attribution ``[n_batch, n_splits]``."""
-    n_batch, n_splits = rows.stop - rows.start, halves.in_selection.shape[0]
+    n_batch, n_splits = rows.stop - rows.start, halves.in_selection.shape[1]
     ids = np.empty((n_batch, n_splits, sum(min(k, c.size) for c in site_columns)), np.int64)
     in_sample = np.zeros((n_batch, n_splits))
-    for split, chosen in enumerate(halves.in_selection):
-        weights, used = halves.selection[rows, split][:, chosen], effects[chosen]
+    for split in range(n_splits):
+        # measurement prompts have weight 0: the means stay convex combinations of the prompts
+        weights = halves.selection[rows, split]  # [n_batch, n_prompts]
         at = 0
         for columns in site_columns:
-            site_ids, values = _select_site(weights, used, columns, k)
+            site_ids, values = _select_site(weights, effects, columns, k)
             ids[:, split, at : at + site_ids.shape[1]] = site_ids
             in_sample[:, split] += values.sum(1)
             at += site_ids.shape[1]
@@ -501,14 +506,24 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, np.clip(num / np.where(den > 0, den, 1.0), 0.0, 1.0), np.nan)
 
 
-def _percentile_ci(draws: np.ndarray, estimate: float, confidence: float) -> CI:
-    """Percentile interval of the finite bootstrap draws, widened to contain the estimate."""
+def _centred_ci(
+    draws: np.ndarray,
+    estimate: float,
+    confidence: float,
+    df: int,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> CI:
+    """estimate +- t(df) x the bootstrap standard error, clipped to ``bounds``.
+
+    Centred on the estimate because the bootstrap distribution of a cross-fitted top-k statistic is
+    shifted (reweighted prompts give noisier circuits); its spread is still a fair measure of the
+    estimate's. Student's t because the standard error itself rests on a few prompts per category.
+    Percentile intervals covered 0.62-0.86 on the planted worlds; these cover 0.92-0.96."""
     draws = draws[np.isfinite(draws)]
-    if not (draws.size and math.isfinite(estimate)):
+    if draws.size < 2 or not math.isfinite(estimate):
         return (math.nan, math.nan)
-    tail = (1 - confidence) / 2
-    lo, hi = (float(v) for v in np.quantile(draws, [tail, 1 - tail]))
-    return (min(lo, estimate), max(hi, estimate))
+    half = float(stats.t.ppf(1 - (1 - confidence) / 2, max(df, 1))) * float(draws.std(ddof=1))
+    return (max(estimate - half, bounds[0]), min(estimate + half, bounds[1]))
 
 
 def _nanmean_rows(x: np.ndarray) -> np.ndarray:
@@ -557,7 +572,8 @@ def core_share_test(
     per_category_level = 1 - (1 - rule.confidence) / len(cats)
     per_category = []
     for i, c in enumerate(cats):
-        ci = _percentile_ci(shares[i, 1:], float(shares[i, 0]), per_category_level)
+        df = E[c].shape[0] - 1
+        ci = _centred_ci(shares[i, 1:], float(shares[i, 0]), per_category_level, df, (0.0, 1.0))
         per_category.append(
             CategoryCoreShare(
                 category=c,
@@ -568,8 +584,10 @@ def core_share_test(
                 region=region(ci, rule.margin),
             )
         )
-    share_ci = _percentile_ci(pooled[1:], float(pooled[0]), rule.confidence)
-    retention_ci = _percentile_ci(retention[1:], float(retention[0]), rule.confidence)
+    # pooled statistics average over categories: their standard error has n_categories - 1 df
+    df = len(cats) - 1
+    share_ci = _centred_ci(pooled[1:], float(pooled[0]), rule.confidence, df, (0.0, 1.0))
+    retention_ci = _centred_ci(retention[1:], float(retention[0]), rule.confidence, df)
     verdict, reason = verdict_features(
         share_ci, {c.category: c.core_share_ci for c in per_category}, retention_ci, rule
     )
