@@ -174,3 +174,11 @@ def test_bad_input_is_a_clear_error():
         fl.FeatureRule(margin=0.5)
     with pytest.raises(ValueError, match=r"counts\['hate'\]"):
         calibrate_feature_level(n_replicates=1, counts={"hate": 1, "illegal": 4})
+
+
+def test_the_order_of_the_categories_does_not_matter():
+    effects = _world("two_level", 2)
+    reordered = dict(reversed(list(effects.items())))
+    first = fl.core_share_test(effects, DESIGN.site_of_node(), seed=5, n_bootstrap=10)
+    second = fl.core_share_test(reordered, DESIGN.site_of_node(), seed=5, n_bootstrap=10)
+    assert first == second
