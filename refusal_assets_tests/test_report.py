@@ -258,3 +258,26 @@ def test_sae_table_shows_held_out_train_and_splice_quality(two_models):
     )
     assert rows[1] == f"| {old} | 0.200 | nan | nan | 32.000 | nan | nan | nan | nan | nan | nan | nan |"
     assert "bench sae --learning-curve" in md
+
+
+def test_templates_are_package_files_and_html_escapes_every_value(two_models):
+    """The page comes from the packaged templates; a value with markup in it is escaped in the HTML
+    (as html.escape does) and verbatim in the Markdown; the HTML is one line, the Markdown ends in one
+    newline."""
+    from importlib.resources import files
+
+    from refusal_assets.report.render import render_html, render_markdown
+
+    templates = files("refusal_assets.report") / "templates"
+    assert (templates / "report.html").is_file() and (templates / "report.md").is_file()
+    cfg, layout = two_models
+    cfg = cfg.model_copy(update={"name": "<b>x</b> & 'y'"})
+    written = report.write_report(cfg, layout, CATS)
+    page, md = written.html.read_text(), written.markdown.read_text()
+    assert "(&lt;b&gt;x&lt;/b&gt; &amp; &#x27;y&#x27;)</h1>" in page and "<b>x</b>" not in page
+    assert "# Refusal circuits: monolithic or modular? (<b>x</b> & 'y')\n" in md
+    assert "\n" not in page.split("<pre>")[0] and md.endswith("```\n")
+    inputs = report.report_inputs(cfg, layout, CATS)
+    section = {"verdict": inputs.verdict, "header": inputs.header}
+    assert render_html("verdict.html", **section).startswith('<section id="verdict"><h2>Verdict</h2>')
+    assert render_markdown("verdict.md", **section).startswith("\n## Verdict\n\n**tiny-qwen2: ")

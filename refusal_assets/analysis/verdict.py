@@ -13,7 +13,7 @@ category whether the mechanisms upstream are shared or not (on the planted modul
 ``refusal-assets calibrate`` it says "monolithic" while every necessity test says "modular"). It is
 reported, and named when it disagrees.
 
-Rendering for the report is :func:`render`, given any object with ``h``, ``p`` and ``table``.
+The report shows the combined verdict with :mod:`refusal_assets.report.comparison_sections`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,31 @@ class CombinedVerdict:
         from refusal_assets.analysis.serialise import jsonable
 
         return jsonable(asdict(self))
+
+
+def _number(v: float | None) -> float:
+    """A number read from JSON, where NaN was written as null."""
+    return math.nan if v is None else float(v)
+
+
+def read_combined(data: dict[str, Any]) -> CombinedVerdict:
+    """A :class:`CombinedVerdict` from its ``to_dict()`` (``comparison.json``'s ``combined``)."""
+    lines = [
+        TestLine(
+            test=ln["test"],
+            level=ln["level"],
+            says=ln["says"],
+            statistic=ln["statistic"],
+            value=_number(ln["value"]),
+            ci=(_number(ln["ci"][0]), _number(ln["ci"][1])),
+            reason=ln["reason"],
+            role=ln.get("role", "necessity"),
+        )
+        for ln in data["lines"]
+    ]
+    return CombinedVerdict(
+        data["verdict"], data["reason"], lines, list(data.get("disagree") or []), dict(data.get("thresholds") or {})
+    )
 
 
 def overlap_line(result: dict) -> TestLine:
@@ -131,43 +156,6 @@ def combine(lines: list[TestLine], thresholds: dict[str, Any] | None = None) -> 
     )
 
 
-def _fmt(v: float, ci: tuple[float, float]) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    lo, hi = ci
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return f"{v:.3f}"
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def render(doc: Any, model_key: str, combined: dict) -> None:
-    """The per-model verdict table: one row per test, the combined verdict, the thresholds."""
-    doc.h(3, f"Combined verdict ({model_key}): {combined['verdict']}")
-    doc.p(combined["reason"])
-    doc.table(
-        ["test", "level", "role", "says", "statistic", "value [95% CI]"],
-        [
-            [
-                ln["test"],
-                ln["level"],
-                ln.get("role", "necessity"),
-                ln["says"],
-                ln["statistic"],
-                _fmt(ln["value"], tuple(ln["ci"])),
-            ]
-            for ln in combined["lines"]
-        ],
-    )
-    if combined.get("disagree"):
-        doc.p(f"Tests that disagree: {', '.join(combined['disagree'])}.")
-    if combined.get("thresholds"):
-        doc.p(
-            "Thresholds (comparison config): "
-            + ", ".join(f"{k} = {v}" for k, v in combined["thresholds"].items())
-            + "."
-        )
-
-
 def _median_ratio_line(test: str, res: dict) -> TestLine:
     """A functional test's line: the median off-diagonal ratio (A's mechanism on B over B's own) and its CI."""
     cats = res["categories"]
@@ -206,92 +194,3 @@ def transfer_lines(transfer: dict) -> list[TestLine]:
         line = _median_ratio_line("induced refusal", directions["induced"])
         lines.append(TestLine(**{**asdict(line), "role": "sufficiency"}))
     return lines
-
-
-def _cell(v, lo, hi) -> str:
-    return "n/a" if v is None else _fmt(v, (math.nan if lo is None else lo, math.nan if hi is None else hi))
-
-
-def render_transfer(doc: Any, model_key: str, transfer: dict) -> None:
-    """The functional tests' matrices (score change and ratio to B's own, with CIs) and the pooled direction."""
-    if not transfer or not transfer.get("enabled", True):
-        return
-    doc.h(3, f"Functional cross-category tests ({model_key})")
-    doc.p(
-        "Rows A: whose circuit or direction; columns B: whose prompts. Cells: mean change of B's refusal score [95% "
-        "CI], then the ratio to B's own mechanism; 'n/a' where B's own change has a CI that includes 0 (the ratio is "
-        "not a number). The control is a random circuit of B's size per site, or a random direction."
-    )
-    if transfer.get("fallback_categories"):
-        doc.p(
-            "Left out (too few refusing prompts for the configured filter): "
-            f"{', '.join(transfer['fallback_categories'])}."
-        )
-    tests = [
-        transfer.get("circuit_transfer"),
-        transfer.get("circuit_faithfulness"),
-        transfer.get("directions", {}).get("ablation"),
-        transfer.get("directions", {}).get("induced"),
-    ]
-    for res in (t for t in tests if t):
-        cats = res["categories"]
-        rows = [
-            [
-                a,
-                *(
-                    f"{_cell(res['change'][i][j], res['change_lo'][i][j], res['change_hi'][i][j])}; ratio "
-                    f"{_cell(res['ratio'][i][j], res['ratio_lo'][i][j], res['ratio_hi'][i][j])}"
-                    for j in range(len(cats))
-                ),
-            ]
-            for i, a in enumerate(cats)
-        ]
-        rows.append(["random control", *(_cell(v, *ci) for v, ci in zip(res["control"], res["control_ci"]))])
-        doc.p(f"{res['test']}: {res['reason']}")
-        doc.table(["A \\ B", *cats], rows)
-    directions = transfer.get("directions", {})
-    if directions.get("pooled_remaining"):
-        doc.p(
-            "Pooled all-category direction (the monolithic baseline): share of each category's held-out refusal "
-            "(score above its harmless mean) left after ablating it."
-        )
-        doc.table(
-            ["category", "refusal left [95% CI]"],
-            [[c, _cell(v, *ci)] for c, (v, ci) in directions["pooled_remaining"].items()],
-        )
-    render_cosines(doc, directions.get("cosine_tests"))
-    if directions.get("selected"):
-        doc.table(
-            ["direction", "layer", "position", "norm", "train drop"],
-            [
-                [c, s["layer"], s["position"], f"{s['norm']:.2f}", f"{s['train_drop']:.3f}"]
-                for c, s in directions["selected"].items()
-            ],
-        )
-
-
-def render_cosines(doc: Any, cosine_tests: dict) -> None:
-    """Direction cosines with their split-half ceiling and permutation null (reported, not voting)."""
-    if not cosine_tests or not cosine_tests.get("pairs"):
-        return
-    doc.p(
-        f"Refusal-direction cosines at layer {cosine_tests['layer']}, post-instruction position "
-        f"{cosine_tests['position']} (the pooled direction's): full-sample cosine; half-sample cross-category cosine "
-        "over the within-category split-half ceiling at the same size (~1 = one shared direction); one-sided "
-        "permutation p for a cosine lower than exchangeable labels."
-    )
-    doc.table(
-        ["a", "b", "cosine", "normalised", "ceiling", "p (permutation)", "testable"],
-        [
-            [
-                p["a"],
-                p["b"],
-                f"{p['cosine']:.3f}",
-                "n/a" if p["normalised"] is None else f"{p['normalised']:.3f}",
-                f"{p['ceiling']:.3f}",
-                f"{p['p_value']:.3f}",
-                "yes" if p["testable"] else "no",
-            ]
-            for p in cosine_tests["pairs"]
-        ],
-    )

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 
 from refusal_assets.circuits.finding import CategoryCircuit
 from refusal_assets.config import SAEQualityThresholds
-from refusal_assets.report.report import ReportFiles, format_ci, summaries_markdown
+from refusal_assets.report.report import ReportFiles, summaries_markdown
+from refusal_assets.report.sections import format_ci
 from refusal_assets.sae.fit import FittedSAE
 
 
