@@ -308,6 +308,11 @@ def _bench_result(args: argparse.Namespace) -> dict:
         from refusal_assets.bench.activations import run_activation_bench
 
         return run_activation_bench(n_prompts=args.n_prompts or 32, log=log)
+    if args.what == "features":
+        from refusal_assets.bench.features import run_features_bench
+
+        cfg = settings.load_project()  # the sites and SAEs of --config under --storage
+        return run_features_bench(cfg, settings.storage_root(cfg), log=log)
     if args.what == "behaviour":
         from refusal_assets.bench.behaviour import run_behaviour_bench
 
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="benchmarks; print one JSON object")
     common(p)
-    p.add_argument("what", choices=["activations", "behaviour", "sae"])
+    p.add_argument("what", choices=["activations", "behaviour", "sae", "features"])
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument(
         "--n-prompts", type=int, default=None, help="prompts (activations: 32, RSS also at 4N; behaviour: 64)"

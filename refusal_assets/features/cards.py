@@ -161,7 +161,8 @@ def _example_json(ex: Example) -> dict:
         "activation": _num(ex.activation, 7),
         "row": ex.row,
         "window_start": ex.window[0].token_index if ex.window else ex.token_index,
-        "window": [_num(w.activation, 4) for w in ex.window],
+        # 4 decimals: a display value (the exact one is "activation")
+        "window": [None if w.activation is None else round(w.activation, 4) for w in ex.window],
     }
 
 

@@ -118,14 +118,13 @@ class _Assembler:
                 f"has {len(tokens)} tokens; the activations predate this tokenizer or template"
             )
         r = self.scan.window_radius
+        values = slots.window[
+            slot, latent
+        ].tolist()  # Python floats: per-item NumPy scalars are slow
         window = tuple(
-            WindowToken(
-                token_index=t - r + j,
-                token=tokens[t - r + j],
-                activation=None if np.isnan(a) else float(a),
-            )
-            for j, a in enumerate(slots.window[slot, latent])
-            if 0 <= t - r + j < len(tokens)
+            WindowToken(token_index=i, token=tokens[i], activation=None if a != a else a)  # NaN
+            for i, a in zip(range(t - r, t + r + 1), values)
+            if 0 <= i < len(tokens)
         )
         return Example(
             rank=rank,
