@@ -235,7 +235,8 @@ def measure_rss(config_path: str | None, n_prompts: int, sites: list[Site], devi
             "threads": threads,
         }
     )
-    code = "import sys; from refusal_assets.bench.activations import rss_child_main; rss_child_main(sys.argv[1])"
+    # the module named by its import name (``__spec__``), so a rename cannot leave the child behind
+    code = f"import sys; from {__spec__.name} import rss_child_main; rss_child_main(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=os.environ.copy())
     for line in proc.stdout.splitlines():
         if line.startswith(_RSS_MARK):

@@ -508,7 +508,8 @@ def streaming_rss(
                     }
                 )
                 proc = subprocess.run(
-                    [sys.executable, "-m", "refusal_assets.bench.sae", "--rss-child", args],
+                    # this module by its import name (``__spec__``: still right when it runs as ``-m``)
+                    [sys.executable, "-m", __spec__.name, "--rss-child", args],
                     capture_output=True,
                     text=True,
                     env={**os.environ},
