@@ -244,7 +244,90 @@ def measure_rss(config_path: str | None, n_prompts: int, sites: list[Site], devi
     raise RuntimeError(f"RSS child for {n_prompts} prompts failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-# ------------------------------------------------------------------------------------------- main
+def _time_ways(
+    ways: dict[str, Callable[[list[str]], object]],
+    prompts: list[str],
+    repeats: int,
+    device: str,
+    log: Callable[[str], None],
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds of each way on ``prompts``, ``repeats`` times, after a two-prompt warm-up."""
+    for fn in ways.values():  # warm-up: a couple of prompts each
+        fn(prompts[:2])
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
+    for r in range(repeats):  # interleaved, so drift and other load hit every way alike
+        for name, fn in ways.items():
+            sync_device(device)
+            t1, c1 = time.perf_counter(), time.process_time()
+            fn(prompts)
+            sync_device(device)
+            times[name].append(time.perf_counter() - t1)
+            cpu[name].append(time.process_time() - c1)
+        log(f"bench: repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    return times, cpu
+
+
+def _max_diff_vs_naive(folder: Path, sites: list[Site], prompt_ids: list[str], naive: dict) -> dict[str, float]:
+    """The largest absolute difference per site between the collector's vectors in ``folder`` and
+    the naive ones (both float16), matched row by row on (prompt, token index) whatever order the
+    collector wrote them in; an AssertionError when the rows differ."""
+    from refusal_assets.lm.activations import read_vectors
+
+    max_diff: dict[str, float] = {}
+    naive_keys = [(prompt_ids[int(p)], int(t)) for p, t in np.concatenate(naive["rows"])]
+    naive_order = sorted(range(len(naive_keys)), key=naive_keys.__getitem__)
+    for s in sites:
+        vec, meta = read_vectors(folder / f"{s.name}.parquet")
+        ref = np.concatenate(naive[s])
+        if tuple(vec.shape) != ref.shape:
+            raise AssertionError(f"bench: {s.name}: collector wrote {tuple(vec.shape)}, naive has {ref.shape}")
+        keys = list(zip(meta["prompt_id"].to_list(), meta["token_index"].to_list()))
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        if [keys[i] for i in order] != [naive_keys[i] for i in naive_order]:
+            raise AssertionError(f"bench: {s.name}: the collector's rows are not the naive ones")
+        diff = vec.numpy()[order].astype(np.float32) - ref[naive_order].astype(np.float32)
+        max_diff[s.name] = float(np.abs(diff).max())
+    return max_diff
+
+
+def _timing_summary(times: dict[str, list[float]], cpu: dict[str, list[float]], n_tokens: int) -> dict:
+    """The timing entries of the result: medians, throughput, the ratios and their cross-checks."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tps = {k: n_tokens / v for k, v in med.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    paired = [c / b for c, b in zip(times["collector"], times["bare"])]
+    return {
+        "seconds": {k: round(v, 3) for k, v in med.items()},
+        "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "ratio": round(tps["collector"] / tps["naive"], 3),
+        "overhead_vs_bare": round(med["collector"] / med["bare"], 3),
+        # cross-checks when the machine is shared: CPU time of this process (all its threads) instead
+        # of wall time, and the median of the per-repeat collector/bare pairs (run back to back)
+        "cpu_seconds": {k: round(v, 3) for k, v in cpu_med.items()},
+        "ratio_cpu": round(cpu_med["naive"] / cpu_med["collector"], 3),
+        "overhead_vs_bare_cpu": round(cpu_med["collector"] / cpu_med["bare"], 3),
+        "overhead_vs_bare_paired": round(statistics.median(paired), 3),
+    }
+
+
+def _rss_summary(config_path: str | None, n_prompts: int, sites: list[Site], device: str, threads: int) -> dict:
+    """Peak RSS of the collector alone for ``n_prompts`` and 4x as many, each in a fresh process."""
+    small = measure_rss(config_path, n_prompts, sites, device, threads)
+    large = measure_rss(config_path, 4 * n_prompts, sites, device, threads)
+    return {
+        "peak_rss_mb": {"N": small["peak_rss_mb"], "4N": large["peak_rss_mb"]},
+        "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        # the same over the collection phase alone (peak reset after loading the model), where the kernel
+        # allows it
+        "collect_rss_ratio": round(large["collect_peak_rss_mb"] / small["collect_peak_rss_mb"], 3)
+        if small["collect_peak_rss_mb"] and large["collect_peak_rss_mb"]
+        else None,
+        "rss_detail": {"N": small, "4N": large},
+    }
+
+
 def run_activation_bench(
     config_path: str | None = None,
     n_prompts: int = 32,
@@ -253,7 +336,6 @@ def run_activation_bench(
     measure_memory: bool = True,
 ) -> dict:
     """Time (a) naive, (b) our collector, (c) a bare truncated forward; peak RSS of (b) for N and 4N prompts."""
-    from refusal_assets.lm.activations import read_vectors
     from refusal_assets.lm.models import load_model
 
     if n_prompts < 1:
@@ -276,10 +358,8 @@ def run_activation_bench(
         f"batch {bs}"
     )
 
-    result: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-acts-") as tmp:
         folder = Path(tmp)
-        warm = prompts[:2]
         last_naive: dict[str, dict[Site, list[np.ndarray]]] = {}
 
         def naive(ps: list[str]) -> None:
@@ -292,72 +372,29 @@ def run_activation_bench(
             ),
             "naive": naive,
         }
-        for name, fn in ways.items():  # warm-up: a couple of prompts each
-            fn(warm)
-        times: dict[str, list[float]] = {name: [] for name in ways}
-        cpu: dict[str, list[float]] = {name: [] for name in ways}
-        for r in range(repeats):  # interleaved, so drift and other load hit every way alike
-            for name, fn in ways.items():
-                sync_device(device)
-                t1, c1 = time.perf_counter(), time.process_time()
-                fn(prompts)
-                sync_device(device)
-                times[name].append(time.perf_counter() - t1)
-                cpu[name].append(time.process_time() - c1)
-            log(f"bench: repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
-        # correctness: the collector's vectors (last run) equal the naive ones (last run), both float16,
-        # matched row by row on (prompt, token index) whatever order the collector wrote them in
-        max_diff: dict[str, float] = {}
-        ids = sample["prompt_id"].to_list()
-        naive_keys = [(ids[int(p)], int(t)) for p, t in np.concatenate(last_naive["out"]["rows"])]
-        naive_order = sorted(range(len(naive_keys)), key=naive_keys.__getitem__)
-        for s in sites:
-            vec, meta = read_vectors(folder / f"{s.name}.parquet")
-            ref = np.concatenate(last_naive["out"][s])
-            if tuple(vec.shape) != ref.shape:
-                raise AssertionError(f"bench: {s.name}: collector wrote {tuple(vec.shape)}, naive has {ref.shape}")
-            keys = list(zip(meta["prompt_id"].to_list(), meta["token_index"].to_list()))
-            order = sorted(range(len(keys)), key=keys.__getitem__)
-            if [keys[i] for i in order] != [naive_keys[i] for i in naive_order]:
-                raise AssertionError(f"bench: {s.name}: the collector's rows are not the naive ones")
-            diff = vec.numpy()[order].astype(np.float32) - ref[naive_order].astype(np.float32)
-            max_diff[s.name] = float(np.abs(diff).max())
+        times, cpu = _time_ways(ways, prompts, repeats, device, log)
+        # correctness: the collector's vectors (last run) equal the naive ones (last run)
+        max_diff = _max_diff_vs_naive(folder, sites, sample["prompt_id"].to_list(), last_naive["out"])
         del last_naive["out"]
         bytes_written = sum(p.stat().st_size for p in folder.glob("*.parquet"))
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    tps = {k: n_tokens / v for k, v in med.items()}
-    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
-    paired = [c / b for c, b in zip(times["collector"], times["bare"])]
-    result.update(
-        {
-            "model": mc.model_key,
-            "n_layers": mc.architecture.n_layers,
-            "n_prompts": n_prompts,
-            "n_tokens": n_tokens,
-            "rows_per_site": n_rows,
-            "sites": [s.name for s in sites],
-            "batch_size": bs,
-            "device": device,
-            "batches": "prompts ordered by length; the same batches for all three ways",
-            "torch_threads": threads,
-            "repeats": repeats,
-            "seconds": {k: round(v, 3) for k, v in med.items()},
-            "seconds_all": {k: [round(x, 3) for x in v] for k, v in times.items()},
-            "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
-            "ratio": round(tps["collector"] / tps["naive"], 3),
-            "overhead_vs_bare": round(med["collector"] / med["bare"], 3),
-            # cross-checks when the machine is shared: CPU time of this process (all its threads) instead
-            # of wall time, and the median of the per-repeat collector/bare pairs (run back to back)
-            "cpu_seconds": {k: round(v, 3) for k, v in cpu_med.items()},
-            "ratio_cpu": round(cpu_med["naive"] / cpu_med["collector"], 3),
-            "overhead_vs_bare_cpu": round(cpu_med["collector"] / cpu_med["bare"], 3),
-            "overhead_vs_bare_paired": round(statistics.median(paired), 3),
-            "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "max_abs_diff_vs_naive": max_diff,
-            "parquet_bytes": bytes_written,
-        }
-    )
+    result: dict = {
+        "model": mc.model_key,
+        "n_layers": mc.architecture.n_layers,
+        "n_prompts": n_prompts,
+        "n_tokens": n_tokens,
+        "rows_per_site": n_rows,
+        "sites": [s.name for s in sites],
+        "batch_size": bs,
+        "device": device,
+        "batches": "prompts ordered by length; the same batches for all three ways",
+        "torch_threads": threads,
+        "repeats": repeats,
+        **_timing_summary(times, cpu, n_tokens),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "max_abs_diff_vs_naive": max_diff,
+        "parquet_bytes": bytes_written,
+    }
     # free the model before the RSS children load their own; the closures above share the variable,
     # so it is rebound rather than deleted
     ways.clear()
@@ -365,20 +402,7 @@ def run_activation_bench(
     del naive
     if measure_memory:
         log(f"bench: peak RSS of the collector alone, {n_prompts} and {4 * n_prompts} prompts (fresh processes)")
-        small = measure_rss(config_path, n_prompts, sites, device, threads)
-        large = measure_rss(config_path, 4 * n_prompts, sites, device, threads)
-        result.update(
-            {
-                "peak_rss_mb": {"N": small["peak_rss_mb"], "4N": large["peak_rss_mb"]},
-                "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
-                # the same over the collection phase alone (peak reset after loading the model), where the kernel
-                # allows it
-                "collect_rss_ratio": round(large["collect_peak_rss_mb"] / small["collect_peak_rss_mb"], 3)
-                if small["collect_peak_rss_mb"] and large["collect_peak_rss_mb"]
-                else None,
-                "rss_detail": {"N": small, "4N": large},
-            }
-        )
+        result.update(_rss_summary(config_path, n_prompts, sites, device, threads))
     result["targets"] = TARGETS
     result["meets_targets"] = {
         "ratio": result["ratio"] >= TARGETS["ratio_min"],
@@ -387,7 +411,7 @@ def run_activation_bench(
     }
     log(
         "bench: "
-        + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items())
+        + ", ".join(f"{k} {n_tokens / statistics.median(v):.0f} tok/s" for k, v in times.items())
         + f"; ratio {result['ratio']}, overhead_vs_bare {result['overhead_vs_bare']}"
         + (f", rss_ratio {result['rss_ratio']}" if measure_memory else "")
     )
