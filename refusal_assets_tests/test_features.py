@@ -203,3 +203,67 @@ def test_renderers_escape_and_highlight(storage):
     assert "<i>label" not in page and 'class="tok hit"' in page
     md = card_markdown(card)
     assert "a <i>label</i> \\| pipe" in md and md.count("**") >= 2
+
+
+def _activation_file(path: Path, rows: list[tuple[str, str, int, np.ndarray]], group: int) -> Path:
+    """An activation file in the writer's schema, ``group`` rows per row group."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = rows[0][3].shape[0]
+    table = pa.table(
+        {
+            "prompt_id": [r[0] for r in rows],
+            "split": [r[1] for r in rows],
+            "heldout": [False] * len(rows),
+            "token_index": pa.array([r[2] for r in rows], pa.int32()),
+            "is_post_instruction": [False] * len(rows),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.concatenate([r[3] for r in rows]).astype(np.float16)), d
+            ),
+        }
+    )
+    pq.write_table(table, path, row_group_size=group)
+    return path
+
+
+def test_scan_counts_a_repeated_vector_once_skips_massive_rows_and_leaves_gaps(tmp_path):
+    from refusal_assets.features.scan import ActivationSource, scan_site
+    from refusal_assets.sae.model import TopKSAE
+
+    sae = TopKSAE(4, 4, 4)  # plain ReLU of x @ I: latent i reads axis i
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(4))
+        sae.b_dec.zero_()
+    e = np.eye(4, dtype=np.float32)
+    template = 3.0 * e[0]  # the same vector at token 0 of every prompt
+    rows = [
+        ("a", "safe", 0, template),
+        ("a", "safe", 1, 1.0 * e[1]),
+        ("a", "safe", 3, 2.0 * e[1]),  # token 2 not stored: a gap in the window
+        ("b", "toxic", 0, template),
+        ("b", "toxic", 1, 50.0 * e[2]),  # massive row: skipped
+        ("b", "toxic", 2, 0.5 * e[0]),
+    ]
+    path = _activation_file(tmp_path / "acts.parquet", rows, group=3)
+    scan = scan_site(
+        [ActivationSource(path=path, category="cat")],
+        sae,
+        max_input_norm=10.0,
+        n_top=3,
+        window_radius=2,
+    )
+    assert scan.n_rows == 5 and scan.n_massive_rows == 1 and scan.n_distinct_rows == 4
+    assert scan.n_fires.tolist() == [3, 2, 0, 0]  # the template fires twice, counted twice
+    # latent 0: the template once (rank 1), then b's token 2; a third slot stays empty
+    assert scan.top.activation[:, 0].tolist() == pytest.approx([3.0, 0.5, 0.0])
+    assert scan.top.row[:, 0].tolist() == [0, 5, -1]
+    assert scan.max_activation.tolist() == pytest.approx([3.0, 2.0, 0.0, 0.0])
+    # latent 1's best row is a's token 3; its window (tokens 1..5) has token 2 missing
+    window = scan.top.window[0, 1]
+    assert (
+        window[0] == pytest.approx(1.0) and np.isnan(window[1]) and window[2] == pytest.approx(2.0)
+    )
+    assert np.isnan(window[3:]).all()
+    groups = dict(zip(scan.groups, scan.group_rows.tolist()))
+    assert groups == {("cat", "safe"): 3, ("cat", "toxic"): 2}
