@@ -1,5 +1,6 @@
 """`refusal-assets run` builds only what is missing, stale or failed (Dagster's stale status), and
-resumes after a kill; `--force`, `--dry-run`, `backfill --missing` and `prune`, on the tiny config."""
+resumes after a kill; `--force`, `--dry-run`, `backfill --missing` and `prune`, on the tiny
+config."""
 
 from __future__ import annotations
 
@@ -59,11 +60,14 @@ def _materializations(base: Path) -> Counter:
         instance.dispose()
 
 
-def _cli(args: list[str], base: Path, config: Path, storage: Path, monkeypatch, capsys) -> tuple[int, str]:
+def _cli(
+    args: list[str], base: Path, config: Path, storage: Path, monkeypatch, capsys
+) -> tuple[int, str]:
     monkeypatch.setenv("DAGSTER_HOME", str(base))
     capsys.readouterr()
     rc = cli.main([*args, "--config", str(config), "--storage", str(storage)])
-    return rc, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
 
 
 def _plan_counts(out: str) -> tuple[int, int, int]:
@@ -72,7 +76,9 @@ def _plan_counts(out: str) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
-def _downstream_of(defs: dg.Definitions, roots: set[tuple[str, str | None]]) -> set[tuple[str, str | None]]:
+def _downstream_of(
+    defs: dg.Definitions, roots: set[tuple[str, str | None]]
+) -> set[tuple[str, str | None]]:
     """``roots`` and every partition downstream of them in the asset graph."""
     graph = defs.resolve_asset_graph()
     seen, todo = set(roots), list(roots)
@@ -110,21 +116,38 @@ def test_no_change_rerun_records_nothing(materialized, monkeypatch, capsys):
     assert "done: 0 runs in " in out
     assert _materializations(base) == before, "a no-change rerun records no materialization"
     # backfill --missing has nothing to launch either (it stops before contacting the webserver)
-    rc, out = _cli(["backfill", "--missing", "--url", "http://127.0.0.1:9"], base, config, storage, monkeypatch, capsys)
+    rc, out = _cli(
+        ["backfill", "--missing", "--url", "http://127.0.0.1:9"],
+        base,
+        config,
+        storage,
+        monkeypatch,
+        capsys,
+    )
     assert rc == 0 and "nothing to backfill" in out, out
 
 
-def test_generation_edit_rebuilds_behaviour_and_what_follows_only(materialized, tmp_path, monkeypatch, capsys):
+def test_generation_edit_rebuilds_behaviour_and_what_follows_only(
+    materialized, tmp_path, monkeypatch, capsys
+):
     base, storage = materialized
-    config = _config_copy(tmp_path, ("generation: {max_new_tokens: 4}", "generation: {max_new_tokens: 5}"))
+    config = _config_copy(
+        tmp_path, ("generation: {max_new_tokens: 4}", "generation: {max_new_tokens: 5}")
+    )
     before = _materializations(base)
 
     rc, out = _cli(["run", "--dry-run", "-v"], base, config, storage, monkeypatch, capsys)
     assert rc == 0, out
     assert _materializations(base) == before, "--dry-run builds nothing"
     for c in CATS:
-        assert f"  build refusal_behaviour {c}|{A}: stale: model_config [{A}] has a new data version" in out, out
-    assert f"  build circuit privacy|{A}: upstream refusal_behaviour [privacy|{A}] is rebuilt in this run" in out
+        assert (
+            f"  build refusal_behaviour {c}|{A}: stale: model_config [{A}] has a new data version"
+            in out
+        ), out
+    assert (
+        f"  build circuit privacy|{A}: upstream refusal_behaviour [privacy|{A}] "
+        "is rebuilt in this run" in out
+    )
     assert " activations " not in out and "build sae" not in out, out
     n, n_build, _ = _plan_counts(out)
 
@@ -139,10 +162,18 @@ def test_generation_edit_rebuilds_behaviour_and_what_follows_only(materialized, 
     rebuilt = {k for k, _ in new}
     assert {"refusal_behaviour", "circuit", "transfer", "comparison", "report"} <= rebuilt
     assert {k for k in new if k[0] == "circuit"} == {("circuit", f"{c}|{A}") for c in CATS}
-    assert not rebuilt & {"activations", "sae", "orbench_prompts", "prompt_sample", "data_profile"}, rebuilt
+    assert not rebuilt & {
+        "activations",
+        "sae",
+        "orbench_prompts",
+        "prompt_sample",
+        "data_profile",
+    }, rebuilt
     instance = _instance(base)
     try:
-        assert stale(instance, list(build_defs(cfg, storage).assets)) == {}, "everything FRESH afterwards"
+        assert stale(instance, list(build_defs(cfg, storage).assets)) == {}, (
+            "everything FRESH afterwards"
+        )
     finally:
         instance.dispose()
 
@@ -151,14 +182,25 @@ def test_force_rebuilds_the_selection_only(materialized, monkeypatch, capsys):
     base, storage = materialized
     before = _materializations(base)
     config = ROOT / "configs" / "tiny.yaml"
-    rc, out = _cli(["run", "--force", "--select", "orbench_prompts"], base, config, storage, monkeypatch, capsys)
+    rc, out = _cli(
+        ["run", "--force", "--select", "orbench_prompts"],
+        base,
+        config,
+        storage,
+        monkeypatch,
+        capsys,
+    )
     assert rc == 0, out
     assert _plan_counts(out) == (4, 4, 0)
     assert _materializations(base) - before == Counter({("orbench_prompts", c): 1 for c in CATS})
 
 
 def _env(base: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFUSAL_ASSETS_") or k == "REFUSAL_ASSETS_CACHE"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("REFUSAL_ASSETS_") or k == "REFUSAL_ASSETS_CACHE"
+    }
     env.update(DAGSTER_HOME=str(base), REFUSAL_ASSETS_PROGRESS_BAR="0")
     return env
 
@@ -166,7 +208,16 @@ def _env(base: Path) -> dict:
 def test_a_killed_run_resumes_with_the_unfinished_partitions(tmp_path, monkeypatch, capsys):
     base, storage = tmp_path / "home", tmp_path / "storage"
     config = ROOT / "configs" / "tiny.yaml"
-    cmd = [sys.executable, "-m", "refusal_assets.app.cli", "run", "--config", str(config), "--storage", str(storage)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "refusal_assets.app.cli",
+        "run",
+        "--config",
+        str(config),
+        "--storage",
+        str(storage),
+    ]
     proc = subprocess.Popen(
         [*cmd, "--select", CHEAP],
         cwd=ROOT,
@@ -194,7 +245,9 @@ def test_a_killed_run_resumes_with_the_unfinished_partitions(tmp_path, monkeypat
     assert rc == 0, out
     assert _plan_counts(out) == (12, 12 - len(first), len(first)), out
     after = _materializations(base)
-    assert set(after.values()) == {1}, "nothing materialized twice: only the unfinished partitions ran"
+    assert set(after.values()) == {1}, (
+        "nothing materialized twice: only the unfinished partitions ran"
+    )
     expected = {("orbench_prompts", c) for c in CATS} | {("prompt_sample", c) for c in CATS}
     expected |= {("refusal_behaviour", f"{c}|{A}") for c in CATS}
     assert set(after) == expected
@@ -207,15 +260,25 @@ def test_a_killed_run_resumes_with_the_unfinished_partitions(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_backfill_missing_launches_the_stale_partitions(materialized, tmp_path, monkeypatch, capsys):
+def test_backfill_missing_launches_the_stale_partitions(
+    materialized, tmp_path, monkeypatch, capsys
+):
     from refusal_assets_tests.test_ui_browser import serve_ui
 
     base, storage = materialized
-    config = _config_copy(tmp_path, ("generation: {max_new_tokens: 4}", "generation: {max_new_tokens: 5}"))
-    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
+    config = _config_copy(
+        tmp_path, ("generation: {max_new_tokens: 4}", "generation: {max_new_tokens: 5}")
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")
+    }
     env.update(DAGSTER_HOME=str(base), REFUSAL_ASSETS_STORAGE=str(storage))
     with serve_ui(config, env, tmp_path / "ui.log") as url:
-        rc, out = _cli(["backfill", "--missing", "--url", url], base, config, storage, monkeypatch, capsys)
+        rc, out = _cli(
+            ["backfill", "--missing", "--url", url], base, config, storage, monkeypatch, capsys
+        )
         assert rc == 0, out
         backfill_id = re.search(r"launched backfill (\S+):", out)[1]
         instance = _instance(base)
@@ -236,7 +299,9 @@ def test_backfill_missing_launches_the_stale_partitions(materialized, tmp_path, 
 def test_prune_deletes_a_removed_categorys_files(materialized, tmp_path, monkeypatch, capsys):
     base, storage = materialized
     config = _config_copy(
-        tmp_path, ("[harassment, illegal, privacy, violence]", "[harassment, illegal, violence]"), replace_all=True
+        tmp_path,
+        ("[harassment, illegal, privacy, violence]", "[harassment, illegal, violence]"),
+        replace_all=True,
     )
     privacy = sorted(p for p in storage.rglob("privacy") if p.is_dir())
     assert {p.relative_to(storage).parts[0] for p in privacy} >= {

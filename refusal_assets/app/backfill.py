@@ -92,6 +92,9 @@ def _launch(url: str, params: dict, timeout: float) -> str:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             payload = json.loads(response.read())
+    except urllib.error.HTTPError as e:  # reached, but it refused the request: say what it said
+        detail = e.read()[:1000].decode(errors="replace")
+        raise BackfillError(f"the webserver at {url} answered HTTP {e.code}: {detail}") from e
     except urllib.error.URLError as e:
         raise BackfillError(
             f"cannot reach the Dagster webserver at {url} ({e.reason}); start it with `refusal-assets ui`"

@@ -259,7 +259,9 @@ def _launch_missing_backfill(url: str, select: str) -> str | None:
         )
         for step in plan.assets
     }
-    return launch_partitions_backfill(url, ranges, title=f"refusal-assets backfill --missing {select}")
+    # Dagster refuses %, * and " in a backfill's title
+    scope = "everything" if select == "*" else "".join(c for c in select if c not in '%*"')
+    return launch_partitions_backfill(url, ranges, title=f"refusal-assets backfill --missing {scope}")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -63,7 +63,8 @@ class PartitionDecision:
 @dataclass(frozen=True, kw_only=True)
 class AssetPlan:
     """One asset's share of the plan, in graph order: the partitions to build (None for an
-    unpartitioned asset that is built) and whether they go in one run (single-run backfill policy)."""
+    unpartitioned asset that is built) and whether they go in one run (single-run backfill
+    policy)."""
 
     assets_def: dg.AssetsDefinition
     partitions: list[str] | None
@@ -100,7 +101,8 @@ def resolve_selection(graph: BaseAssetGraph, select: str) -> list[dg.AssetKey]:
                 selection = selection | dg.AssetSelection.from_string(part)
         except Exception as e:
             raise SystemExit(
-                f"error: invalid --select {select!r} ({e}); e.g. 'orbench_prompts', 'key:sae+', 'comparison,report'"
+                f"error: invalid --select {select!r} ({e}); "
+                "e.g. 'orbench_prompts', 'key:sae+', 'comparison,report'"
             ) from None
     try:
         keys = selection.resolve(graph)
@@ -135,21 +137,28 @@ def runner_tag_value() -> str:
 def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
     """Mark as failed the runs a killed ``refusal-assets run`` left started: it executes them
     in-process, so nothing else ever ends them, and Dagster would keep their partitions "in
-    progress" forever. Only runs of this host whose process is gone are touched. Returns their ids."""
+    progress" forever. Only runs of this host whose process is gone are touched. Returns their
+    ids."""
     host = socket.gethostname()
     orphaned = []
-    started = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING]))
+    started = instance.get_runs(
+        dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
+    )
     for run in started:
         owner = run.tags.get(RUNNER_TAG, "")
         run_host, _, pid = owner.rpartition(":")
         if run_host != host or not pid.isdigit() or _process_alive(int(pid)):
             continue
-        instance.report_run_failed(run, f"the refusal-assets run process ({owner}) ended before this run finished")
+        instance.report_run_failed(
+            run, f"the refusal-assets run process ({owner}) ended before this run finished"
+        )
         orphaned.append(run.run_id)
     return orphaned
 
 
-def _failed(queryer: CachingInstanceQueryer, graph: BaseAssetGraph, key: dg.AssetKey) -> set[str | None]:
+def _failed(
+    queryer: CachingInstanceQueryer, graph: BaseAssetGraph, key: dg.AssetKey
+) -> set[str | None]:
     """Partitions (``{None}`` for an unpartitioned asset) whose latest run failed."""
     subset = queryer.get_failed_asset_subset(asset_key=key).value
     if graph.get(key).partitions_def is None:
@@ -157,13 +166,17 @@ def _failed(queryer: CachingInstanceQueryer, graph: BaseAssetGraph, key: dg.Asse
     return set(subset.get_partition_keys())
 
 
-def _stale_reason(resolver: CachingStaleStatusResolver, key: dg.AssetKey, partition: str | None) -> str | None:
+def _stale_reason(
+    resolver: CachingStaleStatusResolver, key: dg.AssetKey, partition: str | None
+) -> str | None:
     status = resolver.get_status(key, partition)
     if status == StaleStatus.MISSING:
         return "missing"
     if status == StaleStatus.FRESH:
         return None
-    causes = resolver.get_stale_root_causes(key, partition) or resolver.get_stale_causes(key, partition)
+    causes = resolver.get_stale_root_causes(key, partition) or resolver.get_stale_causes(
+        key, partition
+    )
     described = []
     for cause in causes[:3]:
         where = cause.key.asset_key.to_user_string()
@@ -174,7 +187,9 @@ def _stale_reason(resolver: CachingStaleStatusResolver, key: dg.AssetKey, partit
     return "stale: " + "; ".join(described) + more
 
 
-def plan_build(defs: dg.Definitions, instance: dg.DagsterInstance, select: str = "*", force: bool = False) -> BuildPlan:
+def plan_build(
+    defs: dg.Definitions, instance: dg.DagsterInstance, select: str = "*", force: bool = False
+) -> BuildPlan:
     """The partitions of ``select`` to build, and why (see the module's docstring)."""
     graph = defs.resolve_asset_graph()
     keys = resolve_selection(graph, select)

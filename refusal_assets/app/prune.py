@@ -1,10 +1,11 @@
 """``refusal-assets prune``: delete the files of partitions the config no longer defines (a
 category or a model, with its sites, removed from it), and say what becomes of their records.
 
-Partitions are static and rebuilt from the config at load time (:mod:`refusal_assets.defs.partitions`),
-so a removed model's partitions vanish from the graph at once, but not their files under the
-storage root, nor their materialization records in the instance: Dagster cannot yet wipe one
-partition's records (dagster-io/dagster#14749), only every partition of an asset.
+Partitions are static and rebuilt from the config at load time
+(:mod:`refusal_assets.defs.partitions`), so a removed model's partitions vanish from the graph
+at once, but not their files under the storage root, nor their materialization records in the
+instance: Dagster cannot yet wipe one partition's records (dagster-io/dagster#14749), only every
+partition of an asset.
 
 Which folders: every partitioned asset keeps a partition's files under
 ``<root>/<asset>/<partition parts>/`` (:class:`refusal_assets.storage.Storage`), each part one key
@@ -97,7 +98,11 @@ def plan_prune(defs: dg.Definitions, storage_root: Path, instance: dg.DagsterIns
             if folder.name not in removed or any(f.path in folder.parents for f in folders):
                 continue
             n_files, n_bytes = _size(folder)
-            folders.append(StaleFolder(asset=key.to_user_string(), path=folder, n_files=n_files, n_bytes=n_bytes))
+            folders.append(
+                StaleFolder(
+                    asset=key.to_user_string(), path=folder, n_files=n_files, n_bytes=n_bytes
+                )
+            )
     return PrunePlan(folders=folders, removed_names=sorted(removed), records=records)
 
 
