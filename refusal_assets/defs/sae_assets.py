@@ -20,7 +20,7 @@ from refusal_assets.lm.behaviour import refusal_token_ids
 from refusal_assets.lm.models import load_model
 from refusal_assets.lm.sites import Site
 from refusal_assets.prompts import orbench as data
-from refusal_assets.sae.files import save_sae
+from refusal_assets.sae.files import sae_provenance, save_sae
 from refusal_assets.sae.fit import FitOptions, fit_site
 from refusal_assets.sae.rows import ParquetRows
 from refusal_assets.sae.training import plot_history
@@ -182,7 +182,7 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                 "model_name": model_cfg.id,
                 "site_key": site_key,
                 "dataset": "refusal_assets sample" + (f" + corpus {cfg.sae.corpus.path}" if cfg.sae.corpus else ""),
-                "max_input_norm": fitted.max_norm,
+                **sae_provenance(model_cfg, fitted.max_norm, cfg.sae.max_norm_factor),
             },
         )
         write_text(

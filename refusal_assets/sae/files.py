@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from refusal_assets.config import ModelConfig
 from refusal_assets.lm.sites import Site
 from refusal_assets.sae.model import TopKSAE
 from refusal_assets.storage import atomic_path
@@ -29,6 +30,23 @@ def tl_hook_name(name: str) -> str:
     except ValueError:
         return name
     return f"blocks.{site.layer}.{TL_HOOKS[site.kind]}"
+
+
+def sae_provenance(model_cfg: ModelConfig, max_input_norm: float, max_norm_factor: float) -> dict[str, Any]:
+    """What the SAE's rows were, for ``cfg.json``, with SAELens 6's keys where it has them: the chat
+    template and system prompt that rendered the prompts, ``prepend_bos`` False (the rendered text is
+    tokenised without added special tokens; a BOS, if any, is the template's own), ``context_size``
+    None (each prompt is its own context, of its own length), and the row filter: rows with a norm
+    above ``max_input_norm`` (``max_norm_factor`` x the median) were left out, and splicing leaves them
+    clean."""
+    return {
+        "chat_template": f"the tokenizer's own chat template ({model_cfg.id}), with the generation prompt",
+        "system_prompt": model_cfg.chat_template.system_prompt,
+        "prepend_bos": False,
+        "context_size": None,
+        "max_input_norm": max_input_norm,
+        "max_norm_factor": max_norm_factor,
+    }
 
 
 def save_sae(sae: TopKSAE, folder: Path, cfg_extra: dict[str, Any]) -> Path:
@@ -74,8 +92,8 @@ def save_sae(sae: TopKSAE, folder: Path, cfg_extra: dict[str, Any]) -> Path:
         extra["hook_name"] = tl_hook_name(str(extra["hook_name"]))
     # "folded_norm_scaling_factor" records the fold (informational; the weights already include it)
     metadata = {
+        # the cfg.json layout; no "sae_lens_training_version": SAELens did not train this SAE
         "sae_lens_version": SAELENS_FORMAT,
-        "sae_lens_training_version": SAELENS_FORMAT,
         "hook_name": None,
         "model_name": None,
         **extra,
@@ -143,12 +161,7 @@ def load_sae(folder: Path, d_in: int | None = None) -> TopKSAE:
         shapes["threshold"] = (d_sae,)
     with torch.no_grad():
         for name, shape in shapes.items():
-            if name not in tensors:
-                raise ValueError(f"{weights_path}: missing tensor {name!r}")
-            if tuple(tensors[name].shape) != shape:
-                got = tuple(tensors[name].shape)
-                raise ValueError(f"{weights_path}: tensor {name!r} has shape {got}, expected {shape}")
-            getattr(sae, name).copy_(tensors[name].float())
+            getattr(sae, name).copy_(_checked_tensor(weights_path, tensors, name, shape).float())
         if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
             # SAELens ranks pre * ||W_dec_i|| and decodes z / ||W_dec_i||: fold both into the weights
             n = sae.W_dec.norm(dim=-1)
@@ -157,6 +170,23 @@ def load_sae(folder: Path, d_in: int | None = None) -> TopKSAE:
             sae.W_dec.div_(n[:, None])
         sae.norm_scale.fill_(scale)
     return sae.eval()
+
+
+def _checked_tensor(weights_path: Path, tensors: dict[str, torch.Tensor], name: str, shape: tuple) -> torch.Tensor:
+    """``tensors[name]`` once it is there, of ``shape``, floating point and finite: a file from
+    elsewhere (a user's pretrained folder) fails here, naming the file and the tensor, before any step
+    computes with it."""
+    if name not in tensors:
+        raise ValueError(f"{weights_path}: missing tensor {name!r}")
+    tensor = tensors[name]
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected a floating type")
+    if not bool(torch.isfinite(tensor).all()):
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{weights_path}: tensor {name!r} has {n_bad} NaN or infinite values")
+    return tensor
 
 
 def load_pretrained(spec: str, d_in: int, resolve: Callable[[str], Path] = Path) -> TopKSAE:
