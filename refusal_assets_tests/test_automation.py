@@ -67,14 +67,12 @@ def test_sae_config_edit_requests_exactly_the_sae_partitions(tiny_cfg, tmp_path,
     defs = build_defs(edited, tmp_path)
     record_config_versions(instance, edited)
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
-    assert _requested(result) == {"sae": {"all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"}}
-    # once the SAEs are rebuilt, their downstream (and only that) follows
-    graph = defs.resolve_asset_graph()
-    cv = graph.get(dg.AssetKey("sae")).assets_def.code_versions_by_key[dg.AssetKey("sae")]
-    for p in ("all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"):
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization("sae", partition=p, tags={"dagster/code_version": cv})
-        )
+    saes = {"all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"}
+    # the feature cards read their SAE only: requested with it, in the same run
+    assert _requested(result) == {"sae": saes, "features": saes}
+    # once the SAEs (and their cards) are rebuilt, their downstream (and only that) follows
+    _record(defs, instance, "sae", saes)
+    _record(defs, instance, "features", saes)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
     requested = _requested(after)
     assert set(requested) == {"circuit"}
@@ -122,4 +120,5 @@ def test_editing_the_sae_corpus_file_rebuilds_it_then_the_saes(tiny_cfg, tmp_pat
     assert _requested(result) == {"sae_corpus_activations": sites}
     _record(defs, instance, "sae_corpus_activations", sites)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
-    assert _requested(after) == {"sae": {f"all|{s}" for s in sites}}
+    saes = {f"all|{s}" for s in sites}
+    assert _requested(after) == {"sae": saes, "features": saes}  # the cards follow their SAE

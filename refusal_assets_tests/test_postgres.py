@@ -52,6 +52,7 @@ from refusal_assets_tests.reliability.test_concurrency import (  # noqa: E402
     _step_window,
 )
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server and whole-graph CLI runs: minutes
 CATEGORIES = ["harassment", "illegal"]
 HOLD_S = 2.0
 GPU_STEPS = {"refusal_behaviour", "activations", "sae", "circuit", "transfer"}  # the assets in the gpu pool

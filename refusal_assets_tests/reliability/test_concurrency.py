@@ -39,6 +39,7 @@ from dagster import DagsterEventType
 from refusal_assets_tests.conftest import ROOT
 from refusal_assets_tests.reliability.helpers import TINY, Child
 
+pytestmark = pytest.mark.slow  # two child processes through fourteen lock-step phases: minutes
 CATEGORIES = ["harassment", "illegal"]
 HOLD_S = 2.0  # the GPU step is held this much longer than its real work
 STAGGER_S = 0.5  # the second child starts its pool1 run this much later: no same-instant claim (see the race test)

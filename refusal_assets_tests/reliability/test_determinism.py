@@ -30,6 +30,7 @@ from refusal_assets.sae.splits import split_by_group
 from refusal_assets.sae.training import train_sae
 from refusal_assets_tests.reliability.helpers import SAMPLE, TINY, Child
 
+pytestmark = pytest.mark.slow  # another process and two SAE trainings: a minute or more
 SITES = [Site(1, "resid"), Site(2, "resid")]
 CATEGORY = "harassment"
 
