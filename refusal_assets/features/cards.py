@@ -114,7 +114,7 @@ class FeatureCard:
         """The distinct tokens of the top examples, most frequent first (ties: by rank)."""
         counts: dict[str, int] = {}
         for ex in self.top_examples:
-            tok = ex.token.strip() or repr(ex.token)
+            tok = ex.token.strip() or ex.token  # a whitespace token stays itself
             counts[tok] = counts.get(tok, 0) + 1
         return sorted(counts, key=lambda t: -counts[t])[:n]
 

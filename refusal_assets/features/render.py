@@ -87,12 +87,18 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
 
 
+def _bold(token: str) -> str:
+    """``**token**`` with its surrounding spaces outside (Markdown ignores ``** x**``)."""
+    core = token.strip()
+    if not core:
+        return f"**{_md(token)}**"
+    lead, trail = token[: len(token) - len(token.lstrip())], token[len(token.rstrip()) :]
+    return f"{_md(lead)}**{_md(core)}**{_md(trail)}"
+
+
 def example_markdown(ex: Example) -> str:
     """The window on one line, the example's token in bold."""
-    parts = [
-        f"**{_md(w.token)}**" if w.token_index == ex.token_index else _md(w.token)
-        for w in ex.window
-    ]
+    parts = [_bold(w.token) if w.token_index == ex.token_index else _md(w.token) for w in ex.window]
     return f"{ex.activation:.3g} ({ex.category}/{ex.split}): {''.join(parts)}"
 
 
