@@ -42,9 +42,11 @@ does not count. A latent is core when it is in the circuits of half the categori
 95%, and circuits must keep a tenth of their attribution on held-out prompts. At these values, 50
 replicates per world (seed 0) gave power 0.94 / 1.00 / 1.00 / 1.00 (monolithic / modular /
 two_level / no_signal), false-answer rate 0 in every world, and core-share CI coverage 0.92-0.96.
-Harder variants (seed 1) kept every false-answer rate at or below 0.04, with the lost power going to
-"insufficient evidence": topic latents carrying 0.3 (planted monolithic share 0.77, just above the
-0.75 bound), twice the background noise, firing probability 0.6, or a weaker two-level core (0.5).
+Harder variants (seed 1, 50 replicates) kept every false-answer rate at or below 0.02, and the lost
+power went to "insufficient evidence". The variants were: topic latents carrying 0.3 (planted
+monolithic share 0.77, just above the 0.75 bound: monolithic power 0.16), twice the background noise
+(monolithic power 0.34), firing probability 0.6 (monolithic power 0.70), and a weaker two-level core
+of 0.5 (two_level power 0.84). Monolithic is the hardest answer to reach at 3-9 prompts.
 The percentile intervals tried first covered only 0.62-0.86, and one overconfident small category
 could call "mixed". The intervals became centred t intervals with fresh splits per draw, and "mixed"
 now needs two categories per region. No threshold was changed.
