@@ -272,7 +272,7 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
     from refusal_assets.analysis.verdict import TestLine, combine, overlap_line
 
     def line(test, level, says):
-        return TestLine(test, level, says, "x", 0.5, (0.4, 0.6), "r")
+        return TestLine(test=test, level=level, says=says, statistic="x", value=0.5, ci=(0.4, 0.6), reason="r")
 
     agree = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular")], {"alpha": 0.05})
     assert agree.verdict == "modular" and agree.disagree == [] and agree.thresholds == {"alpha": 0.05}
@@ -287,7 +287,16 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
     assert "Feature level: modular; execution level: monolithic" in split.reason
     assert combine([line("overlap", "features", "insufficient evidence")]).verdict == "insufficient evidence"
     # a sufficiency test reports but does not vote; its disagreement is named
-    induced = TestLine("induced refusal", "execution", "monolithic", "x", 1.0, (0.9, 1.1), "r", role="sufficiency")
+    induced = TestLine(
+        test="induced refusal",
+        level="execution",
+        says="monolithic",
+        statistic="x",
+        value=1.0,
+        ci=(0.9, 1.1),
+        reason="r",
+        role="sufficiency",
+    )
     mod = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular"), induced])
     assert mod.verdict == "modular" and mod.disagree == ["induced refusal"] and "not voting" in mod.reason
     assert combine([induced]).verdict == "insufficient evidence"

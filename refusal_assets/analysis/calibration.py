@@ -26,7 +26,7 @@ Planted = Literal["monolithic", "modular"]
 CI_STATS = ("jaccard", "normalised_jaccard", "shared_fraction")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SyntheticDesign:
     """Sizes of one synthetic comparison (defaults: the default config's per-category sample)."""
 
@@ -57,7 +57,7 @@ def planted_effects(planted: Planted, design: SyntheticDesign, rng: np.random.Ge
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlantedRun:
     planted: Planted
     n_replicates: int
@@ -72,7 +72,7 @@ class PlantedRun:
     """Every point estimate lies inside its own CI."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CalibrationReport:
     design: SyntheticDesign
     runs: list[PlantedRun]
@@ -142,7 +142,13 @@ def run_planted(
         coverage[s] = float(((arr[:, 1] <= truth + 1e-12) & (truth - 1e-12 <= arr[:, 2])).mean())
         inside &= bool(((arr[:, 1] <= arr[:, 0] + 1e-12) & (arr[:, 0] <= arr[:, 2] + 1e-12)).all())
     return PlantedRun(
-        planted, n_replicates, verdicts, verdicts.get(planted, 0) / n_replicates, coverage, expectation, inside
+        planted=planted,
+        n_replicates=n_replicates,
+        verdicts=verdicts,
+        correct_fraction=verdicts.get(planted, 0) / n_replicates,
+        coverage=coverage,
+        expectation=expectation,
+        estimate_inside_ci=inside,
     ), values["normalised_jaccard"]
 
 
@@ -173,10 +179,10 @@ def calibrate_synthetic(
             est = np.array([v[0] for v in norm], dtype=float)
             norm_identical = float(np.nanmean(est)) if np.isfinite(est).any() else math.nan
     return CalibrationReport(
-        design,
-        runs,
-        norm_identical,
-        dict(
+        design=design,
+        runs=runs,
+        normalised_expectation_identical=norm_identical,
+        params=dict(
             n_replicates=n_replicates, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed, **asdict(rule)
         ),
     )
@@ -251,7 +257,7 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
 # ------------------------------------------------------------------ level 2: a tiny planted model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelCalibration:
     planted: Planted
     overlap: str
@@ -427,13 +433,13 @@ def calibrate_model(
     combined = combine([overlap_line(overlap.to_dict()), *transfer_lines(transfer)])
     loss, dirs = tests.circuit_transfer, tests.directions
     return ModelCalibration(
-        planted,
-        overlap.verdict,
-        loss.verdict,
-        dirs.ablation.verdict,
-        dirs.induced.verdict,
-        combined.verdict,
-        {
+        planted=planted,
+        overlap=overlap.verdict,
+        circuit_transfer=loss.verdict,
+        direction_ablation=dirs.ablation.verdict,
+        induced_refusal=dirs.induced.verdict,
+        combined=combined.verdict,
+        reasons={
             "overlap": overlap.verdict_reason,
             "circuit transfer": loss.reason,
             "direction ablation": dirs.ablation.reason,

@@ -47,7 +47,7 @@ from refusal_assets.analysis.verdict_rule import PairStats, VerdictRule, classif
 from refusal_assets.circuits.selection import Mode
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ComparisonResult:
     categories: list[str]  # sorted; the order of every matrix
     n_prompts: dict[str, int]
@@ -77,7 +77,7 @@ class ComparisonResult:
         return jsonable(asdict(self))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SplitHalfCeilings:
     """How reproducible each category's circuit is from independent halves of its own prompts."""
 
@@ -103,10 +103,10 @@ def split_half_ceilings(
             for rows in np.array_split(order, math.ceil(n_splits / select.batch))  # chunks of <= batch rows
         ]
         ceiling[c] = float(np.concatenate(js).mean())
-    return SplitHalfCeilings(ceiling, n_splits)
+    return SplitHalfCeilings(ceiling=ceiling, n_splits=n_splits)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HalfSampleOverlap:
     """Numerator and ceiling at the same sample size: circuits of disjoint halves of ``m`` prompts.
 
@@ -123,7 +123,7 @@ class HalfSampleOverlap:
 
     @classmethod
     def draw(cls, n_a: int, n_b: int, n_splits: int, rng: np.random.Generator) -> HalfSampleOverlap:
-        return cls(rng.random((n_splits, n_a)), rng.random((n_splits, n_b)), min(n_a, n_b) // 2)
+        return cls(keys_a=rng.random((n_splits, n_a)), keys_b=rng.random((n_splits, n_b)), m=min(n_a, n_b) // 2)
 
     def sums(
         self, Ea: np.ndarray, Eb: np.ndarray, ia: np.ndarray, ib: np.ndarray, select: Selector
@@ -143,7 +143,7 @@ class HalfSampleOverlap:
         return cross, within
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PairTests:
     """Every pair (a < b) of categories, with Benjamini-Hochberg across the testable pairs."""
 
@@ -305,10 +305,10 @@ def pair_statistics(
                 **p, q_value=float(qv), significant=sig, call=classify_pair(sig, p["normalised_jaccard_ci"], rule)
             )
         )
-    return PairTests(cats, pairs)
+    return PairTests(categories=cats, pairs=pairs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SharedCore:
     """Nodes in every category's circuit, nodes in only one, and the core's share of a circuit."""
 
@@ -464,7 +464,7 @@ def compare_categories(
     E = _checked_effects(effects, site_of_node.shape[0])  # [n_prompts_c, n_nodes], sorted categories
     E, node_ids, site_of_node, err_share = _without_error_nodes(E, site_of_node, error_nodes)
     cats = list(E)
-    select = Selector(site_of_node, mode, k_per_site, threshold)
+    select = Selector(site_of_node=site_of_node, mode=mode, k_per_site=k_per_site, threshold=threshold)
     circuit = {c: select(E[c].mean(axis=0)[None])[0] for c in cats}  # [n_nodes] bool
 
     ceilings = split_half_ceilings(E, select, n_bootstrap=n_bootstrap, seed=seed)

@@ -142,7 +142,7 @@ def batch_rows(n_nodes: int) -> int:
     return max(1, BATCH_ELEMS // max(n_nodes, 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Selector:
     """Circuit selection for batches of mean effects ``[batch, n_nodes]`` -> masks ``[batch, n_nodes]``."""
 

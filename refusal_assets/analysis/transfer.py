@@ -81,7 +81,7 @@ def _ratio_ci(num: np.ndarray, den: np.ndarray, n_bootstrap: int, seed: int) -> 
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CrossMatrix:
     """One functional test: ``change[a, b]`` = mean change of B's refusal score by A's mechanism."""
 
@@ -150,20 +150,20 @@ def cross_matrix(
     ]
     n_prompts = [len(changes[(b, b)]) if (b, b) in changes else 0 for b in categories]
     return CrossMatrix(
-        test,
-        categories,
-        m["change"],
-        m["lo"],
-        m["hi"],
-        m["ratio"],
-        m["rlo"],
-        m["rhi"],
-        np.array(ctrl),
-        ctrl_ci,
-        n_prompts,
-        calls,
-        verdict,
-        reason,
+        test=test,
+        categories=categories,
+        change=m["change"],
+        change_lo=m["lo"],
+        change_hi=m["hi"],
+        ratio=m["ratio"],
+        ratio_lo=m["rlo"],
+        ratio_hi=m["rhi"],
+        control=np.array(ctrl),
+        control_ci=ctrl_ci,
+        n_prompts=n_prompts,
+        calls=calls,
+        verdict=verdict,
+        reason=reason,
     )
 
 
@@ -306,7 +306,7 @@ def direction_scores(
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SelectedDirection:
     category: str
     layer: int
@@ -385,11 +385,17 @@ def select_directions(
         )  # [K, n]
         drops = (clean[None] - ablated).mean(1)
         best = int(np.argmax(drops))
-        out[name] = SelectedDirection(name, grid[best][0], grid[best][1], cands[best].cpu(), float(drops[best]))
+        out[name] = SelectedDirection(
+            category=name,
+            layer=grid[best][0],
+            position=grid[best][1],
+            direction=cands[best].cpu(),
+            train_drop=float(drops[best]),
+        )
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DirectionTests:
     ablation: CrossMatrix
     induced: CrossMatrix
@@ -488,14 +494,16 @@ def direction_tests(
         "note": "directions at each category's own selected layer and position",
     }
     return DirectionTests(
-        cross_matrix("direction cross-ablation", cats, abl, abl_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed),
-        cross_matrix("induced refusal", cats, ind, ind_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1),
-        remaining,
-        {
+        ablation=cross_matrix(
+            "direction cross-ablation", cats, abl, abl_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed
+        ),
+        induced=cross_matrix("induced refusal", cats, ind, ind_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1),
+        pooled_remaining=remaining,
+        selected={
             c: {"layer": s.layer, "position": s.position, "norm": float(s.direction.norm()), "train_drop": s.train_drop}
             for c, s in selected.items()
         },
-        cosine,
+        cosine=cosine,
     )
 
 

@@ -26,7 +26,7 @@ Answer = Literal["modular", "monolithic", "mixed", "insufficient evidence"]
 Level = Literal["features", "execution"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TestLine:
     test: str
     level: Level
@@ -43,7 +43,7 @@ class TestLine:
     vote; sufficiency tests (does adding A's direction cause refusal) are reported only."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CombinedVerdict:
     verdict: Answer
     reason: str
@@ -79,7 +79,11 @@ def read_combined(data: dict[str, Any]) -> CombinedVerdict:
         for ln in data["lines"]
     ]
     return CombinedVerdict(
-        data["verdict"], data["reason"], lines, list(data.get("disagree") or []), dict(data.get("thresholds") or {})
+        verdict=data["verdict"],
+        reason=data["reason"],
+        lines=lines,
+        disagree=list(data.get("disagree") or []),
+        thresholds=dict(data.get("thresholds") or {}),
     )
 
 
@@ -90,25 +94,25 @@ def overlap_line(result: dict) -> TestLine:
     pairs = [p for p in result.get("pairs", []) if p.get("normalised_jaccard") is not None]
     if not pairs:
         return TestLine(
-            "circuit overlap",
-            "features",
-            result["verdict"],
-            "median normalised Jaccard",
-            math.nan,
-            (math.nan, math.nan),
-            result["verdict_reason"],
+            test="circuit overlap",
+            level="features",
+            says=result["verdict"],
+            statistic="median normalised Jaccard",
+            value=math.nan,
+            ci=(math.nan, math.nan),
+            reason=result["verdict_reason"],
         )
     pairs.sort(key=lambda p: p["normalised_jaccard"])
     mid = pairs[len(pairs) // 2]
     lo, hi = (math.nan if v is None else v for v in mid["normalised_jaccard_ci"])
     return TestLine(
-        "circuit overlap",
-        "features",
-        result["verdict"],
-        f"median-pair normalised Jaccard ({mid['a']} vs {mid['b']})",
-        float(mid["normalised_jaccard"]),
-        (lo, hi),
-        result["verdict_reason"],
+        test="circuit overlap",
+        level="features",
+        says=result["verdict"],
+        statistic=f"median-pair normalised Jaccard ({mid['a']} vs {mid['b']})",
+        value=float(mid["normalised_jaccard"]),
+        ci=(lo, hi),
+        reason=result["verdict_reason"],
     )
 
 
@@ -120,11 +124,11 @@ def combine(lines: list[TestLine], thresholds: dict[str, Any] | None = None) -> 
     if not decided:
         need = "; ".join(f"{ln.test}: {ln.reason}" for ln in lines) or "no test ran"
         return CombinedVerdict(
-            "insufficient evidence",
-            f"Insufficient evidence: no necessity test decides. {need}",
-            lines,
-            [],
-            thresholds or {},
+            verdict="insufficient evidence",
+            reason=f"Insufficient evidence: no necessity test decides. {need}",
+            lines=lines,
+            disagree=[],
+            thresholds=thresholds or {},
         )
     if len(answers) == 1:
         (answer,) = answers
@@ -132,27 +136,25 @@ def combine(lines: list[TestLine], thresholds: dict[str, Any] | None = None) -> 
         dissent = [ln for ln in decided_all if ln.says != answer]
         note = "".join(f" {ln.test} (a sufficiency test, not voting) says {ln.says}." for ln in dissent)
         return CombinedVerdict(
-            answer,
-            f"{answer.capitalize()}: every deciding necessity test ({names}) says {answer}.{note}",
-            lines,
-            [ln.test for ln in dissent],
-            thresholds or {},
+            verdict=answer,
+            reason=f"{answer.capitalize()}: every deciding necessity test ({names}) says {answer}.{note}",
+            lines=lines,
+            disagree=[ln.test for ln in dissent],
+            thresholds=thresholds or {},
         )
     disagree = [ln.test for ln in decided_all]
     by_level = {lvl: sorted({ln.says for ln in decided if ln.level == lvl}) for lvl in ("features", "execution")}
     return CombinedVerdict(
-        "mixed",
-        (
-            "Mixed: the tests disagree -- "
-            + "; ".join(f"{ln.test} says {ln.says}" for ln in decided)
-            + (
-                f". Feature level: {', '.join(by_level['features']) or 'no test'}; execution level: "
-                f"{', '.join(by_level['execution']) or 'no test'}."
-            )
+        verdict="mixed",
+        reason="Mixed: the tests disagree -- "
+        + "; ".join(f"{ln.test} says {ln.says}" for ln in decided)
+        + (
+            f". Feature level: {', '.join(by_level['features']) or 'no test'}; execution level: "
+            f"{', '.join(by_level['execution']) or 'no test'}."
         ),
-        lines,
-        disagree,
-        thresholds or {},
+        lines=lines,
+        disagree=disagree,
+        thresholds=thresholds or {},
     )
 
 
@@ -167,18 +169,24 @@ def _median_ratio_line(test: str, res: dict) -> TestLine:
     ]
     if not cells:
         return TestLine(
-            test, "execution", res["verdict"], "median cross/own ratio", math.nan, (math.nan, math.nan), res["reason"]
+            test=test,
+            level="execution",
+            says=res["verdict"],
+            statistic="median cross/own ratio",
+            value=math.nan,
+            ci=(math.nan, math.nan),
+            reason=res["reason"],
         )
     cells.sort(key=lambda c: c[0])
     v, lo, hi, a, b = cells[len(cells) // 2]
     return TestLine(
-        test,
-        "execution",
-        res["verdict"],
-        f"median cross/own ratio ({a} on {b})",
-        v,
-        (math.nan if lo is None else lo, math.nan if hi is None else hi),
-        res["reason"],
+        test=test,
+        level="execution",
+        says=res["verdict"],
+        statistic=f"median cross/own ratio ({a} on {b})",
+        value=v,
+        ci=(math.nan if lo is None else lo, math.nan if hi is None else hi),
+        reason=res["reason"],
     )
 
 

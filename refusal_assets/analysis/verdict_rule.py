@@ -14,7 +14,7 @@ from refusal_assets.analysis.resampling import CI, min_permutation_p
 PairCall = Literal["shared", "specific", "partial", "undecided"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PairStats:
     a: str
     b: str
@@ -36,7 +36,7 @@ class PairStats:
     call: PairCall  # what this pair says, see decide_verdict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VerdictRule:
     """Thresholds of the overlap verdict (``comparison:`` config fields, echoed in the output)."""
 
@@ -56,11 +56,19 @@ class VerdictRule:
     @classmethod
     def from_config(cls, comp: Any) -> VerdictRule:
         """From a :class:`refusal_assets.config.ComparisonConfig`."""
-        return cls(comp.equivalence_margin, comp.modular_max_normalised, comp.min_decided_fraction, comp.majority)
+        return cls(
+            equivalence_margin=comp.equivalence_margin,
+            modular_max_normalised_jaccard=comp.modular_max_normalised,
+            min_decided_fraction=comp.min_decided_fraction,
+            majority=comp.majority,
+        )
 
 
 class Verdict(NamedTuple):
+    """The overlap test's answer (:func:`decide_verdict`)."""
+
     verdict: Literal["modular", "monolithic", "mixed", "insufficient evidence"]
+    """What the pairs' calls add up to."""
     reason: str
     """The rule that decided, with the numbers it saw."""
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 CI = tuple[float, float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Finding:
     """The outcome of one rule: ``passed`` False means warn; ``why`` says so in words, ``values``
     carries the numbers behind it (floats/ints/strings, for the check's metadata)."""
@@ -39,8 +39,8 @@ def every_group(findings: list[tuple[str, Finding]], ok: str) -> Finding:
     failed = [(g, f) for g, f in findings if not f.passed]
     values = {f"{g}_{k}": v for g, f in findings for k, v in f.values.items()}
     if not failed:
-        return Finding(True, ok, values)
-    return Finding(False, " ".join(f"{g}: {f.why}" for g, f in failed), values)
+        return Finding(passed=True, why=ok, values=values)
+    return Finding(passed=False, why=" ".join(f"{g}: {f.why}" for g, f in failed), values=values)
 
 
 # ------------------------------------------------------------------------------ circuit checks
@@ -52,19 +52,21 @@ def denominator_excludes_zero(denominator: float, ci: CI) -> Finding:
     values = {"m_full_minus_m_empty": denominator, "ci_lo": ci[0], "ci_hi": ci[1]}
     if not _finite(ci):
         return Finding(
-            False,
-            f"m(M) - m(∅) = {denominator:.3f} has no CI (too few prompts or no resamples): "
+            passed=False,
+            why=f"m(M) - m(∅) = {denominator:.3f} has no CI (too few prompts or no resamples): "
             "its distance from 0 is unknown.",
-            values,
+            values=values,
         )
     if ci[0] <= 0 <= ci[1]:
         return Finding(
-            False,
-            f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} includes 0: ablating every node may not "
+            passed=False,
+            why=f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} includes 0: ablating every node may not "
             "change the refusal score, so faithfulness and completeness are ill-conditioned.",
-            values,
+            values=values,
         )
-    return Finding(True, f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} excludes 0.", values)
+    return Finding(
+        passed=True, why=f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} excludes 0.", values=values
+    )
 
 
 def faithfulness_beats_random(
@@ -83,16 +85,20 @@ def faithfulness_beats_random(
     head = f"faithfulness {faithfulness:.3f} {_ci_text(faithfulness_ci)} vs random control {random_faithfulness:.3f}"
     if not _finite(advantage_ci):
         return Finding(
-            False, f"{head}; no CI of the difference (too few prompts), so it is not shown to beat chance.", values
+            passed=False,
+            why=f"{head}; no CI of the difference (too few prompts), so it is not shown to beat chance.",
+            values=values,
         )
     if advantage_ci[0] <= 0:
         return Finding(
-            False,
-            f"{head}; the paired 95% CI of the difference {_ci_text(advantage_ci)} is not above 0: "
+            passed=False,
+            why=f"{head}; the paired 95% CI of the difference {_ci_text(advantage_ci)} is not above 0: "
             "the circuit is no better than a random one of its size.",
-            values,
+            values=values,
         )
-    return Finding(True, f"{head}; the difference's 95% CI {_ci_text(advantage_ci)} is above 0.", values)
+    return Finding(
+        passed=True, why=f"{head}; the difference's 95% CI {_ci_text(advantage_ci)} is above 0.", values=values
+    )
 
 
 class GroupPrompts(NamedTuple):
@@ -111,23 +117,25 @@ def enough_prompts(groups: Mapping[str, GroupPrompts], min_prompts: int, prompt_
     for g, p in sorted(groups.items()):
         values = {"n_in_group": p.n_in_group, "n_used": p.n_used, "prompt_set": p.prompt_set}
         if p.n_used < min_prompts:
-            found.append((g, Finding(False, f"only {p.n_used} prompts (< min_prompts {min_prompts}).", values)))
+            found.append(
+                (g, Finding(passed=False, why=f"only {p.n_used} prompts (< min_prompts {min_prompts}).", values=values))
+            )
         elif p.prompt_set != prompt_filter:
             found.append(
                 (
                     g,
                     Finding(
-                        False,
-                        f"fewer than min_prompts {min_prompts} prompts pass the '{prompt_filter}' filter, "
+                        passed=False,
+                        why=f"fewer than min_prompts {min_prompts} prompts pass the '{prompt_filter}' filter, "
                         f"so the circuit uses {p.prompt_set}: {p.n_used} prompts, refusing or not.",
-                        values,
+                        values=values,
                     ),
                 )
             )
         else:
-            found.append((g, Finding(True, f"{p.n_used} '{prompt_filter}' prompts.", values)))
+            found.append((g, Finding(passed=True, why=f"{p.n_used} '{prompt_filter}' prompts.", values=values)))
     if not found:
-        return Finding(False, "no prompt group at all.", {})
+        return Finding(passed=False, why="no prompt group at all.", values={})
     return every_group(found, f"every group has at least min_prompts {min_prompts} '{prompt_filter}' prompts.")
 
 
@@ -147,7 +155,9 @@ def toxic_refused_more_than_safe(toxic: SplitRate | None, safe: SplitRate | None
     if toxic is None or safe is None or toxic.n == 0 or safe.n == 0:
         missing = [s for s, r in (("toxic", toxic), ("safe", safe)) if r is None or r.n == 0]
         return Finding(
-            False, f"no {' or '.join(missing)} prompts, so refusal of toxic and safe prompts cannot be compared.", {}
+            passed=False,
+            why=f"no {' or '.join(missing)} prompts, so refusal of toxic and safe prompts cannot be compared.",
+            values={},
         )
     values = {
         "refusal_rate_toxic": toxic.rate,
@@ -164,8 +174,10 @@ def toxic_refused_more_than_safe(toxic: SplitRate | None, safe: SplitRate | None
         f"safe {safe.rate:.2f} [{safe.lo:.2f}, {safe.hi:.2f}] (n={safe.n})"
     )
     if toxic.rate <= safe.rate:
-        return Finding(False, f"{text}: the model refuses safe prompts at least as often as toxic ones.", values)
-    return Finding(True, f"{text}.", values)
+        return Finding(
+            passed=False, why=f"{text}: the model refuses safe prompts at least as often as toxic ones.", values=values
+        )
+    return Finding(passed=True, why=f"{text}.", values=values)
 
 
 # --------------------------------------------------------------------------- comparison check
@@ -183,15 +195,15 @@ def enough_categories(categories_by_group: Mapping[str, list[str]], expected_gro
                 (
                     g,
                     Finding(
-                        False,
-                        f"{len(cats)} categor{'y' if len(cats) == 1 else 'ies'} ({', '.join(cats) or 'none'}): "
+                        passed=False,
+                        why=f"{len(cats)} categor{'y' if len(cats) == 1 else 'ies'} ({', '.join(cats) or 'none'}): "
                         "fewer than 2, so nothing is compared.",
-                        values,
+                        values=values,
                     ),
                 )
             )
         else:
-            found.append((g, Finding(True, f"{len(cats)} categories.", values)))
+            found.append((g, Finding(passed=True, why=f"{len(cats)} categories.", values=values)))
     if not found:
-        return Finding(False, "no prompt group was compared.", {})
+        return Finding(passed=False, why="no prompt group was compared.", values={})
     return every_group(found, "every prompt group compares at least 2 categories.")

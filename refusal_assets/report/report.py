@@ -39,7 +39,7 @@ class TestLine(NamedTuple):
     finding: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSummary:
     """What the first screen says about one model."""
 
@@ -355,8 +355,22 @@ def summarize_model(
     tests = [line for test in SUMMARY_TESTS for line in test(inp)]
     figure = plot_summary(comp, model_key, figure_path) if comp else None
     if comp is None:
-        return ModelSummary(model_key, "not run", "no comparison materialized", tests, None, sample_sentence(inp))
-    return ModelSummary(model_key, comp["verdict"], comp["verdict_reason"], tests, figure, sample_sentence(inp))
+        return ModelSummary(
+            model_key=model_key,
+            verdict="not run",
+            reason="no comparison materialized",
+            tests=tests,
+            figure=None,
+            sample=sample_sentence(inp),
+        )
+    return ModelSummary(
+        model_key=model_key,
+        verdict=comp["verdict"],
+        reason=comp["verdict_reason"],
+        tests=tests,
+        figure=figure,
+        sample=sample_sentence(inp),
+    )
 
 
 def summaries_markdown(summaries: list[ModelSummary]) -> str:
