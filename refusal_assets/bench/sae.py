@@ -208,6 +208,36 @@ def bench_split(
     return parts.train, _first_of_each(keys, np.concatenate([parts.val, parts.eval]))
 
 
+def _time_trainers(
+    trainers: dict[str, Callable[[torch.Tensor], float]],
+    batches: Callable[[int], torch.Tensor],
+    steps: int,
+    device: str,
+    log: Callable[[str], None] | None,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds of every step of each trainer on the same batches (their order alternating from step
+    to step, so neither always runs on a warm cache), and each one's training FVU at its last step."""
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    last_fvu: dict[str, float] = {}
+    names = list(trainers)
+    for i in range(steps):
+        x = batches(i)
+        for name in names if i % 2 == 0 else names[::-1]:
+            sync_device(device)
+            t0 = time.perf_counter()
+            last_fvu[name] = trainers[name](x)
+            sync_device(device)
+            times[name].append(time.perf_counter() - t0)
+        if log and (i + 1) % 50 == 0:
+            log(
+                f"step {i + 1}/{steps}: "
+                + ", ".join(
+                    f"{n} {statistics.median(times[n][-50:]) * 1e3:.1f} ms fvu {last_fvu[n]:.3f}" for n in names
+                )
+            )
+    return times, last_fvu
+
+
 def run_sae_bench(
     rows: torch.Tensor | None = None,
     groups: np.ndarray | None = None,
@@ -267,35 +297,16 @@ def run_sae_bench(
         except ImportError as e:
             if log:
                 log(f"sparsify not installed ({e}); timing ours alone")
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    last_fvu: dict[str, float] = {}
-    names = list(trainers)
-    for i in range(steps):
-        x = batches(i)
-        for name in names if i % 2 == 0 else names[::-1]:
-            sync_device(device)
-            t0 = time.perf_counter()
-            last_fvu[name] = trainers[name](x)
-            sync_device(device)
-            times[name].append(time.perf_counter() - t0)
-        if log and (i + 1) % 50 == 0:
-            log(
-                f"step {i + 1}/{steps}: "
-                + ", ".join(
-                    f"{n} {statistics.median(times[n][-50:]) * 1e3:.1f} ms fvu {last_fvu[n]:.3f}" for n in names
-                )
-            )
-    results = {}
+    times, last_fvu = _time_trainers(trainers, batches, steps, device, log)
     sae.eval()
-    results["ours"] = TrainerResult("ours", 0.0, 0.0, evaluate_sae(sae, x_val.to(device)).fvu, last_fvu["ours"])
+    heldout_fvu = {"ours": evaluate_sae(sae, x_val.to(device)).fvu}
     if sparsify_step is not None:
-        results["sparsify"] = TrainerResult(
-            "sparsify", 0.0, 0.0, sparsify_step.heldout_fvu(x_val.to(device)), last_fvu["sparsify"]
-        )
+        heldout_fvu["sparsify"] = sparsify_step.heldout_fvu(x_val.to(device))
     skip = min(5, steps // 10)  # first steps: allocator and thread-pool warm-up
-    for name, r in results.items():
+    results = {}
+    for name, fvu in heldout_fvu.items():
         step_s = statistics.median(times[name][skip:])
-        results[name] = TrainerResult(name, batch_size / step_s, step_s, r.heldout_fvu, r.final_train_fvu)
+        results[name] = TrainerResult(name, batch_size / step_s, step_s, fvu, last_fvu[name])
     out: dict[str, Any] = {name: asdict(r) for name, r in results.items()}
     if "sparsify" in results:
         out["ratio_tokens_per_s"] = results["ours"].tokens_per_s / results["sparsify"].tokens_per_s
