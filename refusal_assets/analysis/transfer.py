@@ -104,6 +104,28 @@ class CrossMatrix:
         return jsonable(asdict(self))
 
 
+def _from_json(values: list) -> np.ndarray:
+    """An array written by :func:`jsonable` (NaN as null), nested lists of any depth."""
+    if values and isinstance(values[0], list):
+        return np.array([_from_json(v) for v in values], dtype=float)
+    return np.array([math.nan if v is None else v for v in values], dtype=float)
+
+
+def read_cross_matrix(data: dict) -> CrossMatrix:
+    """A :class:`CrossMatrix` from its ``to_dict()`` (a test of ``transfer.json``)."""
+    return CrossMatrix(
+        test=data["test"],
+        categories=list(data["categories"]),
+        **{k: _from_json(data[k]) for k in ("change", "change_lo", "change_hi", "ratio", "ratio_lo", "ratio_hi")},
+        control=_from_json(data["control"]),
+        control_ci=[(lo, hi) for lo, hi in _from_json(data["control_ci"]).reshape(-1, 2).tolist()],
+        n_prompts=list(data["n_prompts"]),
+        calls=dict(data["calls"]),
+        verdict=data["verdict"],
+        reason=data["reason"],
+    )
+
+
 def cross_matrix(
     test: str,
     categories: list[str],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from refusal_assets.analysis.transfer import CrossMatrix, read_cross_matrix
 from refusal_assets.analysis.verdict import CombinedVerdict
 from refusal_assets.layout import Layout
 from refusal_assets.report.render import Figure, FigureStore
@@ -75,25 +76,26 @@ class TransferSection:
     selected: Table | None
 
 
-def _cell(v, lo, hi) -> str:
+def _cell(v: float | None, lo: float | None, hi: float | None) -> str:
+    """A value [95% CI]; ``n/a`` where there is no value (null in JSON, or NaN)."""
     return "n/a" if v is None else _fmt(v, (math.nan if lo is None else lo, math.nan if hi is None else hi))
 
 
-def _matrix_test(res: dict) -> MatrixTest:
-    cats = res["categories"]
+def _matrix_test(res: CrossMatrix) -> MatrixTest:
+    cats = res.categories
     rows = [
         [
             a,
             *(
-                f"{_cell(res['change'][i][j], res['change_lo'][i][j], res['change_hi'][i][j])}; ratio "
-                f"{_cell(res['ratio'][i][j], res['ratio_lo'][i][j], res['ratio_hi'][i][j])}"
+                f"{_cell(res.change[i, j], res.change_lo[i, j], res.change_hi[i, j])}; ratio "
+                f"{_cell(res.ratio[i, j], res.ratio_lo[i, j], res.ratio_hi[i, j])}"
                 for j in range(len(cats))
             ),
         ]
         for i, a in enumerate(cats)
     ]
-    rows.append(["random control", *(_cell(v, *ci) for v, ci in zip(res["control"], res["control_ci"]))])
-    return MatrixTest(test=res["test"], reason=res["reason"], table=Table(header=["A \\ B", *cats], rows=rows))
+    rows.append(["random control", *(_cell(v, *ci) for v, ci in zip(res.control, res.control_ci))])
+    return MatrixTest(test=res.test, reason=res.reason, table=Table(header=["A \\ B", *cats], rows=rows))
 
 
 def _cosine_table(cosine_tests: dict) -> Table:
@@ -130,7 +132,7 @@ def transfer_section(model_key: str, transfer: dict) -> TransferSection | None:
     return TransferSection(
         model_key=model_key,
         fallback=list(transfer.get("fallback_categories") or []),
-        tests=[_matrix_test(t) for t in tests if t],
+        tests=[_matrix_test(read_cross_matrix(t)) for t in tests if t],
         pooled=Table(
             header=["category", "refusal left [95% CI]"], rows=[[c, _cell(v, *ci)] for c, (v, ci) in pooled.items()]
         )
