@@ -163,3 +163,21 @@ def test_direction_cosines_ceiling_and_null():
     assert abs(by[("a", "b")]["normalised"] - 1) < 0.25 and by[("a", "b")]["p_value"] > 0.05  # one shared direction
     assert by[("a", "c")]["normalised"] < 0.5 and by[("a", "c")]["p_value"] < 0.05 and by[("a", "c")]["testable"]
     assert all(p["half_size"] == n // 2 for p in out["pairs"])
+
+
+def test_cross_matrix_reads_back_from_its_json():
+    """transfer.json's matrices come back typed: the same arrays, NaN where JSON holds null."""
+    import json
+
+    rng = np.random.default_rng(3)
+    cats = ["a", "b", "c"]
+    flat = {(x, y): rng.normal(0, 1.0, 6) for x in cats for y in cats}
+    control = {c: rng.normal(0, 0.1, 6) for c in cats}
+    m = tr.cross_matrix("t", cats, flat, control, VerdictRule(), n_bootstrap=50, seed=0)
+    assert np.isnan(m.ratio).any()  # the round trip has nulls to restore
+    back = tr.read_cross_matrix(json.loads(json.dumps(m.to_dict())))
+    for name in ("change", "change_lo", "change_hi", "ratio", "ratio_lo", "ratio_hi", "control"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(m, name))
+    np.testing.assert_array_equal(np.array(back.control_ci), np.array(m.control_ci, dtype=float))
+    assert (back.categories, back.calls, back.verdict, back.reason) == (cats, m.calls, m.verdict, m.reason)
+    assert back.n_prompts == m.n_prompts and back.test == "t"
