@@ -6,6 +6,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the mark must already be there
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the shared whole-graph run (:func:`shared_tiny_run`, directly or through
+    a fixture) is slow: that run alone takes minutes on 2 shared cores, so the development loop
+    (``-m "not slow"``) leaves it out; CI runs it."""
+    for item in items:
+        if "shared_tiny_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Tiny models and converted weights go to a per-session cache, never the user's."""
@@ -66,35 +76,36 @@ def shared_tiny_run(tmp_path_factory):
     materialized instance: each copies it (:func:`copy_tiny_run`) instead of running again.
     Returns ``(base, storage)``: ``base`` is the $DAGSTER_HOME the CLI was given (the instance is
     ``base/tiny``, one instance per config name)."""
+    tmp = tmp_path_factory.mktemp("shared_tiny_run")
+    base, storage = tmp / "home", tmp / "storage"
+    cli_run(ROOT / "configs" / "tiny.yaml", base, storage)
+    return base, storage
+
+
+def cli_run(config: Path, base: Path, storage: Path) -> None:
+    """``refusal-assets run --config config --storage storage`` in a fresh process with
+    $DAGSTER_HOME=base, as a user would type it; fails the caller with the output's tail."""
     import subprocess
     import sys
 
-    tmp = tmp_path_factory.mktemp("shared_tiny_run")
-    base, storage = tmp / "home", tmp / "storage"
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG", "REFUSAL_ASSETS_STORAGE")
     }
     env["DAGSTER_HOME"] = str(base)
+    # one torch thread: on 2 shared cores, torch's second thread spins at every barrier of the
+    # tiny model's many small ops (reliability/conftest.py measured 5-10x under load)
+    env["OMP_NUM_THREADS"] = "1"
+    command = ["run", "--config", str(config), "--storage", str(storage)]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "refusal_assets.app.cli",
-            "run",
-            "--config",
-            str(ROOT / "configs" / "tiny.yaml"),
-            "--storage",
-            str(storage),
-        ],
+        [sys.executable, "-m", "refusal_assets.app.cli", *command],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return base, storage
 
 
 def copy_tiny_run(shared_tiny_run, dst: Path) -> tuple[Path, Path]:

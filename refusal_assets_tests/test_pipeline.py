@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 
 from refusal_assets.app import cli, settings
-from refusal_assets_tests.conftest import ROOT, write_csv
+from refusal_assets_tests.conftest import ROOT, copy_tiny_run, write_csv
 
 
 @pytest.fixture()
@@ -35,25 +35,17 @@ def _materializations(home: Path, key: str, config_name: str = "tiny") -> dict[s
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(shared_tiny_run, tmp_path_factory) -> Path:
+    """A private copy of the session's one CLI run of the tiny config (``tmp/home``, the
+    $DAGSTER_HOME it was given, and ``tmp/storage``): this module reads it and reruns a
+    partition in it."""
     tmp = tmp_path_factory.mktemp("tiny_run")
-    mp = pytest.MonkeyPatch()
-    try:
-        for var in (settings.DATA_DIR_ENV,):
-            mp.delenv(var, raising=False)
-        mp.setenv("DAGSTER_HOME", str(tmp / "home"))
-        mp.setenv(settings.CONFIG_ENV, str(ROOT / "configs" / "tiny.yaml"))
-        mp.setenv(settings.STORAGE_ENV, str(tmp / "storage"))
-        mp.chdir(ROOT)
-        rc = cli.main(["run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--storage", str(tmp / "storage")])
-    finally:
-        mp.undo()
-    return rc, tmp
+    copy_tiny_run(shared_tiny_run, tmp)
+    return tmp
 
 
-def test_tiny_graph_end_to_end(tiny_run, capsys):
-    rc, tmp = tiny_run
-    assert rc == 0
+def test_tiny_graph_end_to_end(tiny_run):
+    tmp = tiny_run  # the shared run's fixture has checked its exit code
     home = tmp / "home"
     cats = ["harassment", "illegal", "privacy", "violence"]
     prompts = _materializations(home, "orbench_prompts")
@@ -127,7 +119,7 @@ def test_tiny_graph_end_to_end(tiny_run, capsys):
 
 
 def test_rerun_of_one_partition_replaces_it(tiny_run):
-    rc, tmp = tiny_run
+    tmp = tiny_run
     path = tmp / "storage" / "prompt_sample" / "privacy" / "sample.parquet"
     before = path.read_bytes()
     mp = pytest.MonkeyPatch()

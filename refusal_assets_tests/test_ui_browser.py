@@ -54,7 +54,7 @@ def serve_ui(config: Path, env: dict, log_path: Path) -> Iterator[str]:
             start_new_session=True,
         )
         try:
-            _wait_http(f"http://127.0.0.1:{port}/server_info", 120)
+            _wait_http(f"http://127.0.0.1:{port}/server_info", 300)  # minutes on 2 busy cores
             yield f"http://127.0.0.1:{port}"
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
