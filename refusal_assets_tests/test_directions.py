@@ -217,3 +217,22 @@ def test_category_calls_use_symmetric_margins():
     assert vd.call_category(_rate(20, 20), 4, 0.25) == vd.SPECIFIC
     assert vd.call_category(_rate(10, 20), 4, 0.25) == vd.UNDECIDED
     assert vd.call_category(_rate(0, 3), 4, 0.25) == vd.TOO_FEW
+
+
+@pytest.mark.parametrize("world", ["shared", "specific"])
+def test_planted_worlds_are_recovered(tiny_model, tiny_cfg, world):
+    """One shared direction -> monolithic; one direction per category -> modular (attention on in
+    every block, so a prefix left un-ablated would leak the direction)."""
+    from refusal_assets.directions.planted import EXPECTED, recover_execution_verdict
+
+    model, tok = tiny_model
+    dcfg = DirectionsConfig(layer_stride=1, max_new_tokens=2, steering_coefficients=[], selection_prompts=6)
+    run = recover_execution_verdict(model, tok, tiny_cfg.models[0], world, n_per_split=12, directions=dcfg)
+    result = run.result
+    assert result.verdict_execution == EXPECTED[world], result.verdict_reason
+    assert result.random_still_refusing.rate == 1.0
+    if world == "shared":
+        assert result.pooled_still_refusing.rate == 0.0 and result.loco_still_refusing == 0.0
+    else:
+        assert all(c.loco_still_refusing.rate == 1.0 for c in result.categories)
+    assert result.n_layers + 1 == sum(k.startswith("pooled.layer") for k in run.directions)
