@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-from pathlib import Path
 
 import dagster as dg
 
@@ -29,12 +28,6 @@ def _code_version(cfg: ProjectConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _directions_path(layout: Layout, model_key: str) -> Path | None:
-    """The refusal_direction asset's file, where this graph has that asset's Layout method."""
-    method = getattr(layout, "refusal_directions", None)
-    return method(model_key) if method is not None else None
-
-
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
     corpus_dep = (
         [dg.AssetDep("sae_corpus_activations", partition_mapping=parts.by_site())]
@@ -50,6 +43,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         deps=[
             dg.AssetDep("sae"),  # same site x scope partitions: identity
             dg.AssetDep("activations", partition_mapping=parts.sae_from_activations()),
+            # the cosines read the model's pooled direction; no built-in mapping sends a model to
+            # its sites, so every model's direction (one model in the shipped configs)
+            dg.AssetDep("refusal_direction", partition_mapping=dg.AllPartitionMapping()),
             *corpus_dep,
         ],
         description="Feature cards per site: for every SAE latent its 20 highest distinct contexts "
@@ -71,7 +67,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             layout,
             site_key,
             parts.sae_train_categories,
-            _directions_path(layout, model_key),
+            layout.direction_tensors(model_key),  # absent (no refusing prompts...): null cosines
             context.log.info,
         )
         note = result.features.refusal_direction
