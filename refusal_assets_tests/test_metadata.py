@@ -51,4 +51,4 @@ def test_every_asset_has_owners_tags_and_a_description(tiny_cfg, tmp_path):
             gpu_assets.add(key.to_user_string())
         if node.is_materializable:
             assert ("gpu" in node.tags) == (node.assets_def.op.pool == "gpu"), key
-    assert gpu_assets == {"refusal_behaviour", "activations", "sae", "circuit", "transfer"}
+    assert gpu_assets == {"refusal_behaviour", "activations", "sae", "circuit", "transfer", "refusal_direction"}
