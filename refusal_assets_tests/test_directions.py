@@ -1,5 +1,6 @@
 """The execution level (refusal_assets.directions) on the tiny model: ablation everywhere, selection
-filters and fallback, Wilson intervals, leave-one-category-out, the verdict rule, the JSON round trip."""
+filters and fallback, Wilson intervals, leave-one-category-out, the verdict rule, the JSON round
+trip."""
 
 from __future__ import annotations
 
@@ -95,8 +96,12 @@ def test_ablation_zeroes_the_direction_at_every_layer_and_position(scorer):
     captured, counts = run(ablate=True)
     comp, scale = _along(captured, unit)
     assert comp <= 1e-5 * scale, (comp, scale)
-    assert 1 in counts and max(counts) > 1  # decode steps (one token) and prompt passes were both hooked
-    assert len(counts) >= 3 * len(blocks)  # prefix, own tokens and at least one generated token, every block
+    assert (
+        1 in counts and max(counts) > 1
+    )  # decode steps (one token) and prompt passes were both hooked
+    assert len(counts) >= 3 * len(
+        blocks
+    )  # prefix, own tokens and at least one generated token, every block
     clean, _ = run(ablate=False)
     comp_clean, scale_clean = _along(clean, unit)
     assert comp_clean > 1e-2 * scale_clean
@@ -107,7 +112,9 @@ def test_ablation_zeroes_the_direction_at_every_layer_and_position(scorer):
 def test_wilson_intervals():
     half = Rate.of([True] * 5 + [False] * 5)
     assert (half.k, half.n, half.rate) == (5, 10, 0.5)
-    assert half.ci_lo == pytest.approx(0.2366, abs=1e-4) and half.ci_hi == pytest.approx(0.7634, abs=1e-4)
+    assert half.ci_lo == pytest.approx(0.2366, abs=1e-4) and half.ci_hi == pytest.approx(
+        0.7634, abs=1e-4
+    )
     none = Rate.of([False] * 10)
     assert none.ci_lo == 0.0 and none.ci_hi == pytest.approx(0.2775, abs=1e-4)
     empty = Rate.of([])
@@ -124,10 +131,14 @@ def _candidates(scorer, splits) -> Candidates:
         [
             torch.randn(d, generator=g) * 1e-6,  # layer 1: a near-zero difference of means
             big / big.norm() * norms[1],  # layer 2
-            acts.values[:, 0, 2].mean(0),  # layer 3: the mean activation itself (ablating it moves the output)
+            acts.values[:, 0, 2].mean(
+                0
+            ),  # layer 3: the mean activation itself (ablating it moves the output)
         ]
     )[None]  # [1, 3, d]
-    return Candidates(layers=[1, 2, 3], positions=[-1], directions=directions, activation_norms=norms[None])
+    return Candidates(
+        layers=[1, 2, 3], positions=[-1], directions=directions, activation_norms=norms[None]
+    )
 
 
 def test_selection_rejects_tiny_norm_and_large_kl_and_falls_back(scorer):
@@ -146,15 +157,27 @@ def test_selection_rejects_tiny_norm_and_large_kl_and_falls_back(scorer):
     assert (chosen.layer, chosen.position, chosen.fallback) == (2, -1, None)
     # nothing passes the steering filter: the lowest ablated score among scored ones, marked
     none = select_direction(
-        scorer, cands, splits.val_harmful, splits.val_harmless, DirectionsConfig(kl_threshold=1e9, induce_threshold=1e9)
+        scorer,
+        cands,
+        splits.val_harmful,
+        splits.val_harmless,
+        DirectionsConfig(kl_threshold=1e9, induce_threshold=1e9),
     )
     assert none.fallback and "filters" in none.fallback and none.layer in (2, 3)
     # a category with too few validation prompts takes the pooled layer and position
     pooled = Selection(position=-1, layer=3, fallback=None, baseline_score=0.0, candidates=[])
     few = select_for_category(
-        scorer, cands, splits.val_harmful[:2], splits.val_harmless, pooled, DirectionsConfig(min_selection_prompts=5)
+        scorer,
+        cands,
+        splits.val_harmful[:2],
+        splits.val_harmless,
+        pooled,
+        DirectionsConfig(min_selection_prompts=5),
     )
-    assert (few.layer, few.position) == (3, -1) and "2 refusing validation prompts < 5" in few.fallback
+    assert (few.layer, few.position) == (
+        3,
+        -1,
+    ) and "2 refusing validation prompts < 5" in few.fallback
     # and one whose own candidates all fail the filters too
     failing = select_for_category(
         scorer,
@@ -173,7 +196,9 @@ def test_leave_one_category_out_excludes_the_category(scorer):
     loco = loco_direction(acts, splits, "b", 0, 0)
     b_ids = {r.prompt_id for r in rows() if r.category == "b"}
     assert loco.prompt_ids and not loco.prompt_ids & b_ids
-    expected_ids = {r.prompt_id for r in splits.train_harmful + splits.train_harmless if r.category != "b"}
+    expected_ids = {
+        r.prompt_id for r in splits.train_harmful + splits.train_harmless if r.category != "b"
+    }
     assert loco.prompt_ids == expected_ids
     # B's activations do not move it
     changed = acts.values.clone()
@@ -181,7 +206,9 @@ def test_leave_one_category_out_excludes_the_category(scorer):
         if pid in b_ids:
             changed[i] += 100.0
     moved = loco_direction(
-        type(acts)(prompt_ids=acts.prompt_ids, layers=acts.layers, positions=acts.positions, values=changed),
+        type(acts)(
+            prompt_ids=acts.prompt_ids, layers=acts.layers, positions=acts.positions, values=changed
+        ),
         splits,
         "b",
         0,
@@ -202,7 +229,12 @@ def _rate(k: int, n: int) -> Rate:
         ((0, 30), (28, 30), [vd.SPECIFIC] * 4, vd.MODULAR),
         ((0, 30), (28, 30), [vd.SHARED] * 3 + [vd.SPECIFIC], vd.CORE_TAIL),
         ((15, 30), (28, 30), [vd.SHARED, vd.SPECIFIC, vd.SPECIFIC], vd.MIXED),
-        ((0, 30), (1, 30), [vd.SHARED] * 4, vd.INSUFFICIENT),  # the random control removes refusal too
+        (
+            (0, 30),
+            (1, 30),
+            [vd.SHARED] * 4,
+            vd.INSUFFICIENT,
+        ),  # the random control removes refusal too
         ((0, 30), (28, 30), [vd.UNDECIDED] * 3 + [vd.SHARED], vd.INSUFFICIENT),
         ((0, 30), (28, 30), [vd.SHARED, vd.TOO_FEW, vd.TOO_FEW], vd.INSUFFICIENT),
     ],
@@ -220,14 +252,18 @@ def test_category_calls_use_symmetric_margins():
 
 
 @pytest.mark.parametrize("world", ["shared", "specific"])
-def test_planted_worlds_are_recovered(tiny_model, tiny_cfg, world):
+def test_planted_worlds_are_recovered(tiny_model, tiny_cfg, world, tmp_path):
     """One shared direction -> monolithic; one direction per category -> modular (attention on in
     every block, so a prefix left un-ablated would leak the direction)."""
     from refusal_assets.directions.planted import EXPECTED, recover_execution_verdict
 
     model, tok = tiny_model
-    dcfg = DirectionsConfig(layer_stride=1, max_new_tokens=2, steering_coefficients=[], selection_prompts=6)
-    run = recover_execution_verdict(model, tok, tiny_cfg.models[0], world, n_per_split=12, directions=dcfg)
+    dcfg = DirectionsConfig(
+        layer_stride=1, max_new_tokens=2, steering_coefficients=[], selection_prompts=6
+    )
+    run = recover_execution_verdict(
+        model, tok, tiny_cfg.models[0], world, n_per_split=12, directions=dcfg
+    )
     result = run.result
     assert result.verdict_execution == EXPECTED[world], result.verdict_reason
     assert result.random_still_refusing.rate == 1.0
@@ -236,3 +272,17 @@ def test_planted_worlds_are_recovered(tiny_model, tiny_cfg, world):
     else:
         assert all(c.loco_still_refusing.rate == 1.0 for c in result.categories)
     assert result.n_layers + 1 == sum(k.startswith("pooled.layer") for k in run.directions)
+    # the one JSON writer and reader give the typed result back
+    from refusal_assets.directions.result import read_result, write_result
+
+    back = read_result(write_result(result, tmp_path / "result.json"))
+    assert (back.verdict_execution, back.layer, back.position) == (
+        result.verdict_execution,
+        result.layer,
+        result.position,
+    )
+    assert back.pooled_still_refusing == result.pooled_still_refusing
+    assert [c.loco_still_refusing for c in back.categories] == [
+        c.loco_still_refusing for c in result.categories
+    ]
+    assert back.selection.candidates[0].layer == result.selection.candidates[0].layer

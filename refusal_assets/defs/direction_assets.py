@@ -29,25 +29,37 @@ def prompt_rows(layout: Layout, model_key: str, categories: list[str]) -> list[P
     for c in categories:
         behaviour = pl.from_arrow(read_parquet(layout.behaviour(model_key, c), "refusal behaviour"))
         df = layout.load_sample(c).join(
-            behaviour.select("prompt_id", "refused", "refusal_score", "response"), on="prompt_id", how="inner"
+            behaviour.select("prompt_id", "refused", "refusal_score", "response"),
+            on="prompt_id",
+            how="inner",
         )
         cols = ("prompt_id", "prompt", "split", "heldout", "refused", "refusal_score", "response")
         out += [PromptRow(category=c, **row) for row in df.select(cols).iter_rows(named=True)]
     return out
 
 
-def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]) -> list[dg.AssetsDefinition]:
+def build(
+    cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
+) -> list[dg.AssetsDefinition]:
     by_model = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
 
     @gpu_asset(
         partitions_def=parts.model,
         kinds={"pytorch", "safetensors"},
         group_name="model",
-        code_version=cfg.section_hash("directions"),  # the model's settings: the model_config source's data version
-        deps=[dg.AssetDep("refusal_behaviour", partition_mapping=by_model), dg.AssetDep("model_config")],
-        description="Refusal directions (Arditi et al. 2024): difference of means over layers x post-instruction "
-        "positions, selected with the KL and induced-refusal filters, ablated at every layer and position; the "
-        "share of refusing prompts still refusing (pooled, leave-one-category-out, random), induced refusal, "
+        code_version=cfg.section_hash(
+            "directions"
+        ),  # the model's settings: the model_config source's data version
+        deps=[
+            dg.AssetDep("refusal_behaviour", partition_mapping=by_model),
+            dg.AssetDep("model_config"),
+        ],
+        description="Refusal directions (Arditi et al. 2024): difference of means over layers x "
+        "post-instruction "
+        "positions, selected with the KL and induced-refusal filters, ablated at every layer and "
+        "position; the "
+        "share of refusing prompts still refusing (pooled, leave-one-category-out, random), "
+        "induced refusal, "
         "steering trade-off and verdict_execution.",
     )
     def refusal_direction(
@@ -61,15 +73,23 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
             try:
                 run = run_execution(
-                    Scorer(model, tokenizer, model_cfg, device), rows, dcfg, model_key, context.log.info
+                    Scorer(model, tokenizer, model_cfg, device),
+                    rows,
+                    dcfg,
+                    model_key,
+                    context.log.info,
                 )
             except NoDirection as e:
                 n_layers = model_cfg.architecture.n_layers
                 run = ExecutionRun(
-                    result=ExecutionResult.insufficient(model_key, n_layers, str(e), dcfg.margin), directions={}
+                    result=ExecutionResult.insufficient(model_key, n_layers, str(e), dcfg.margin),
+                    directions={},
                 )
         result = run.result
-        write_safetensors({k: v.float().cpu() for k, v in run.directions.items()}, layout.direction_tensors(model_key))
+        write_safetensors(
+            {k: v.float().cpu() for k, v in run.directions.items()},
+            layout.direction_tensors(model_key),
+        )
         examples = [vars(e) for e in result.examples]
         write_text(json.dumps(examples, indent=1), layout.direction_examples(model_key))
         pngs = {}
@@ -79,7 +99,9 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                 ("layer_scan", plots.plot_layer_scan),
                 ("steering", plots.plot_steering),
             ]:
-                pngs[name] = png_markdown(fn(result, layout.direction_plot(model_key, name)), name.replace("_", " "))
+                pngs[name] = png_markdown(
+                    fn(result, layout.direction_plot(model_key, name)), name.replace("_", " ")
+                )
         write_result(result, layout.direction_result(model_key))  # last: marks a complete partition
         pooled = result.pooled_still_refusing
         metadata = {

@@ -1,4 +1,5 @@
-"""Candidate refusal directions: difference of means at each block input and post-instruction position.
+"""Candidate refusal directions: difference of means at each block input and post-instruction
+position.
 
 As ``generate_directions.py`` of the reference: for each candidate layer l (block l's input, the
 residual stream before the block) and each of the last P post-instruction positions, the mean
@@ -40,21 +41,34 @@ class Activations:
 
 
 @torch.no_grad()
-def collect(scorer: Scorer, rows: list[PromptRow], layers: list[int], n_positions: int) -> Activations:
-    """Block-input activations (= the previous block's output) at the last ``n_positions`` tokens."""
+def collect(
+    scorer: Scorer, rows: list[PromptRow], layers: list[int], n_positions: int
+) -> Activations:
+    """Block-input activations (= the previous block's output) at the last ``n_positions``
+    tokens."""
     sites = [Site(layer - 1, "resid") for layer in layers]
     parts = []
     for batch in scorer._batches(rows):
         n_post = int(batch.post_instruction.sum(-1).min())
         if n_post < n_positions:
-            raise ValueError(f"directions.positions = {n_positions}, but a prompt has {n_post} post-instruction tokens")
+            raise ValueError(
+                f"directions.positions = {n_positions}, but a prompt has {n_post} "
+                "post-instruction tokens"
+            )
         out = prefill(scorer.model, batch, sites, stop_early=True)
-        per_site = [out.site_outputs[s][:, -n_positions:].float().cpu() for s in sites]  # [B, P, d] each
+        per_site = [
+            out.site_outputs[s][:, -n_positions:].float().cpu() for s in sites
+        ]  # [B, P, d] each
         parts.append(torch.stack(per_site, dim=2))  # [B, P, L_c, d]
     d = scorer.model.config.hidden_size
     values = torch.cat(parts) if parts else torch.zeros(0, n_positions, len(layers), d)
     positions = list(range(-n_positions, 0))
-    return Activations(prompt_ids=[r.prompt_id for r in rows], layers=list(layers), positions=positions, values=values)
+    return Activations(
+        prompt_ids=[r.prompt_id for r in rows],
+        layers=list(layers),
+        positions=positions,
+        values=values,
+    )
 
 
 def subset(acts: Activations, prompt_ids: set[str]) -> torch.Tensor:
@@ -72,7 +86,8 @@ class Candidates:
     directions: torch.Tensor
     """[P, L_c, d]: mean(harmful) - mean(harmless)."""
     activation_norms: torch.Tensor
-    """[P, L_c]: norm of the mean harmless activation there (the scale a direction's norm is judged by)."""
+    """[P, L_c]: norm of the mean harmless activation there (the scale a direction's norm is
+    judged by)."""
 
     def direction(self, position: int, layer: int) -> torch.Tensor:
         return self.directions[self.positions.index(position), self.layers.index(layer)]
@@ -81,9 +96,13 @@ class Candidates:
 def mean_difference(
     harmful: torch.Tensor, harmless: torch.Tensor, layers: list[int], positions: list[int]
 ) -> Candidates:
-    """Candidates from per-prompt activations harmful [n1, P, L_c, d] and harmless [n0, P, L_c, d]."""
+    """Candidates from per-prompt activations harmful [n1, P, L_c, d] and harmless [n0, P, L_c,
+    d]."""
     if len(harmful) == 0 or len(harmless) == 0:
-        raise ValueError(f"difference of means needs prompts on both sides; got {len(harmful)} and {len(harmless)}")
+        raise ValueError(
+            f"difference of means needs prompts on both sides; got {len(harmful)} and "
+            f"{len(harmless)}"
+        )
     mean_harmless = harmless.mean(0)  # [P, L_c, d]
     return Candidates(
         layers=layers,

@@ -2,7 +2,8 @@
 
 1. Candidates: difference of means (refused toxic vs complied-with safe training prompts) at every
    block input and the last ``positions`` post-instruction tokens (:mod:`.candidates`).
-2. Selection of the pooled direction on the validation split with the paper's filters (:mod:`.select`).
+2. Selection of the pooled direction on the validation split with the paper's filters
+(:mod:`.select`).
 3. Measures on held-out prompts, by greedy generation judged like ``refusal_behaviour``: refusing
    toxic prompts still refusing with the pooled direction ablated at every layer and position
    (:mod:`.hooks`), with a random direction of the same norm ablated, and complied-with safe prompts
@@ -28,12 +29,34 @@ import torch
 
 from refusal_assets.config import DirectionsConfig
 from refusal_assets.directions import verdict as vd
-from refusal_assets.directions.candidates import Activations, candidate_layers, collect, mean_difference, subset
+from refusal_assets.directions.candidates import (
+    Activations,
+    candidate_layers,
+    collect,
+    mean_difference,
+    subset,
+)
 from refusal_assets.directions.hooks import activation_addition, direction_ablation
-from refusal_assets.directions.measure import Judged, Rate, Scorer, bootstrap_mean_ci, random_direction
+from refusal_assets.directions.measure import (
+    Judged,
+    Rate,
+    Scorer,
+    bootstrap_mean_ci,
+    random_direction,
+)
 from refusal_assets.directions.prompts import PromptRow, Splits, split_prompts
-from refusal_assets.directions.result import CategoryExecution, Example, ExecutionResult, SteeringCurve
-from refusal_assets.directions.select import NoDirection, Selection, select_direction, select_for_category
+from refusal_assets.directions.result import (
+    CategoryExecution,
+    Example,
+    ExecutionResult,
+    SteeringCurve,
+)
+from refusal_assets.directions.select import (
+    NoDirection,
+    Selection,
+    select_direction,
+    select_for_category,
+)
 from refusal_assets.lm.sites import decoder_layers
 
 
@@ -63,7 +86,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _split_half(harmful: torch.Tensor, harmless_mean: torch.Tensor, seed: int) -> float:
-    """Cosine of the directions of two random halves of ``harmful`` [n, d] (NaN below 2 per half)."""
+    """Cosine of the directions of two random halves of ``harmful`` [n, d] (NaN below 2 per
+    half)."""
     if len(harmful) < 4:
         return math.nan
     order = torch.randperm(len(harmful), generator=torch.Generator().manual_seed(seed))
@@ -82,7 +106,9 @@ def _check_splits(s: Splits) -> None:
     }
     empty = [k for k, v in sizes.items() if v == 0]
     if empty:
-        raise NoDirection(f"refusal directions: no {', no '.join(empty)} (sizes: {sizes}); widen the sample")
+        raise NoDirection(
+            f"refusal directions: no {', no '.join(empty)} (sizes: {sizes}); widen the sample"
+        )
 
 
 def steering_curve(
@@ -97,7 +123,11 @@ def steering_curve(
 ) -> SteeringCurve:
     """Refusal shares (score > 0) of ``toxic`` and ``benign`` as coefficient x direction is added
     (coefficient 0: ``clean``, the scores of toxic + benign without intervention)."""
-    coefs, tox, over = [0.0], [float((clean[: len(toxic)] > 0).mean())], [float((clean[len(toxic) :] > 0).mean())]
+    coefs, tox, over = (
+        [0.0],
+        [float((clean[: len(toxic)] > 0).mean())],
+        [float((clean[len(toxic) :] > 0).mean())],
+    )
     for c in coefficients:
         with activation_addition(scorer.model, c * direction, layer):
             s = scorer.scores(toxic + benign)
@@ -107,7 +137,9 @@ def steering_curve(
     return SteeringCurve(direction=name, coefficients=coefs, toxic_refusal=tox, over_refusal=over)
 
 
-def _ablated(scorer: Scorer, direction: torch.Tensor, rows: list[PromptRow], max_new_tokens: int) -> Judged:
+def _ablated(
+    scorer: Scorer, direction: torch.Tensor, rows: list[PromptRow], max_new_tokens: int
+) -> Judged:
     with direction_ablation(scorer.model, direction):
         return scorer.judge(rows, max_new_tokens)
 
@@ -119,12 +151,15 @@ def _rate_of(judged: Judged, rows: list[PromptRow]) -> Rate:
 
 class LocoDirection(NamedTuple):
     direction: torch.Tensor
-    """[d]: mean over the other categories' refused training prompts minus their complied-with ones."""
+    """[d]: mean over the other categories' refused training prompts minus their complied-with
+    ones."""
     prompt_ids: set[str]
     """Every prompt it was computed from (none of the held-out category's)."""
 
 
-def loco_direction(acts: Activations, s: Splits, category: str, p_i: int, l_i: int) -> LocoDirection | None:
+def loco_direction(
+    acts: Activations, s: Splits, category: str, p_i: int, l_i: int
+) -> LocoDirection | None:
     """The leave-one-category-out direction for ``category`` at grid cell (p_i, l_i), or None when
     the other categories have no prompts on one side."""
     harmful = [r for r in s.train_harmful if r.category != category]
@@ -149,7 +184,9 @@ def _category(
 ) -> tuple[CategoryExecution, torch.Tensor]:
     """Category ``c``'s row, and its own direction at the common layer and position."""
     p_i, l_i = acts.positions.index(at[0]), acts.layers.index(at[1])
-    own_h = subset(acts, _ids([r for r in s.train_harmful if r.category == c]))[:, p_i, l_i]  # [n, d]
+    own_h = subset(acts, _ids([r for r in s.train_harmful if r.category == c]))[
+        :, p_i, l_i
+    ]  # [n, d]
     harmless = subset(acts, _ids(s.train_harmless))[:, p_i, l_i]  # [m, d]
     own_r = own_h.mean(0) - harmless.mean(0) if len(own_h) else torch.zeros_like(pooled_r)
     refusing = [r for r in s.refusing if r.category == c]
@@ -159,7 +196,8 @@ def _category(
         loco = _ablated(scorer, loco_r.direction, refusing, cfg.max_new_tokens)
     else:
         loco = Judged(prompt_ids=[], responses=[], refused=[], scores=np.zeros(0))
-    # the category's own selection (a fallback to the pooled layer and position when it has few prompts)
+    # the category's own selection (a fallback to the pooled layer and position when it has few
+    # prompts)
     cat_layers = [layer for layer in acts.layers if layer in pooled_layers(pooled)]
     own_sel = _own_selection(scorer, cfg, c, s, acts, cat_layers, pooled)
     clean = np.array([r.refusal_score for r in heldout])
@@ -172,7 +210,9 @@ def _category(
     loco_drop = clean - np.array([loco_scores.get(r.prompt_id, math.nan) for r in heldout])
     ci = bootstrap_mean_ci(own_drop, seed=cfg.seed)
     own_mean = float(own_drop.mean()) if len(own_drop) else math.nan
-    printable = math.isfinite(ci[0]) and (ci[0] > 0 or ci[1] < 0) and abs(own_mean) >= cfg.ratio_floor
+    printable = (
+        math.isfinite(ci[0]) and (ci[0] > 0 or ci[1] < 0) and abs(own_mean) >= cfg.ratio_floor
+    )
     loco_rate = Rate.of(loco.refused)
     row = CategoryExecution(
         category=c,
@@ -198,20 +238,34 @@ def pooled_layers(pooled: Selection) -> set[int]:
 
 
 def _own_selection(
-    scorer: Scorer, cfg: DirectionsConfig, c: str, s: Splits, acts: Activations, layers: list[int], pooled: Selection
+    scorer: Scorer,
+    cfg: DirectionsConfig,
+    c: str,
+    s: Splits,
+    acts: Activations,
+    layers: list[int],
+    pooled: Selection,
 ) -> Selection:
     val = [r for r in s.val_harmful if r.category == c]
     if len(val) < cfg.min_selection_prompts or not layers:
         return select_for_category(scorer, None, val, [], pooled, cfg)
     l_idx = [acts.layers.index(layer) for layer in layers]
     own_h = subset(acts, _ids([r for r in s.train_harmful if r.category == c]))[:, :, l_idx]
-    cands = mean_difference(own_h, subset(acts, _ids(s.train_harmless))[:, :, l_idx], layers, acts.positions)
+    cands = mean_difference(
+        own_h, subset(acts, _ids(s.train_harmless))[:, :, l_idx], layers, acts.positions
+    )
     harmless_val = _sample(s.val_harmless, cfg.selection_prompts, cfg.seed)
-    return select_for_category(scorer, cands, _sample(val, cfg.selection_prompts, cfg.seed), harmless_val, pooled, cfg)
+    return select_for_category(
+        scorer, cands, _sample(val, cfg.selection_prompts, cfg.seed), harmless_val, pooled, cfg
+    )
 
 
 def run_execution(
-    scorer: Scorer, rows: list[PromptRow], cfg: DirectionsConfig, model_key: str, log: Callable[[str], None] = print
+    scorer: Scorer,
+    rows: list[PromptRow],
+    cfg: DirectionsConfig,
+    model_key: str,
+    log: Callable[[str], None] = print,
 ) -> ExecutionRun:
     """The whole execution level of one model (see the module docstring)."""
     t0 = time.perf_counter()
@@ -225,14 +279,20 @@ def run_execution(
     harmful, harmless = subset(acts, _ids(s.train_harmful)), subset(acts, _ids(s.train_harmless))
     cands = mean_difference(harmful[:, :, l_idx], harmless[:, :, l_idx], layers, acts.positions)
     log(
-        f"directions: {len(s.train_harmful)} + {len(s.train_harmless)} training prompts, {len(layers)} layers "
+        f"directions: {len(s.train_harmful)} + {len(s.train_harmless)} training prompts, "
+        f"{len(layers)} layers "
         f"x {len(acts.positions)} positions, {time.perf_counter() - t0:.0f} s"
     )
-    val_h, val_0 = (_sample(x, cfg.selection_prompts, cfg.seed) for x in (s.val_harmful, s.val_harmless))
+    val_h, val_0 = (
+        _sample(x, cfg.selection_prompts, cfg.seed) for x in (s.val_harmful, s.val_harmless)
+    )
     selection = select_direction(scorer, cands, val_h, val_0, cfg)
     at = (selection.position, selection.layer)
     r = cands.direction(*at)
-    log(f"directions: selected block {at[1]} input, position {at[0]}, {time.perf_counter() - t0:.0f} s")
+    log(
+        f"directions: selected block {at[1]} input, position {at[0]}, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
 
     control = random_direction(r, cfg.seed)
     judged = {
@@ -248,20 +308,29 @@ def run_execution(
     for c in categories:
         row, own_dirs[c] = _category(scorer, cfg, c, s, acts, at, selection, r, judged)
         per_cat.append(row)
-    log(f"directions: leave-one-category-out over {len(categories)} categories, {time.perf_counter() - t0:.0f} s")
+    log(
+        f"directions: leave-one-category-out over {len(categories)} categories, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
 
     toxic = _sample(s.test_toxic, cfg.steering_prompts, cfg.seed)
     benign = _sample(s.test_benign, cfg.steering_prompts, cfg.seed)
     clean = scorer.scores(toxic + benign)
-    curves = [steering_curve(scorer, "pooled", r, at[1], toxic, benign, cfg.steering_coefficients, clean)]
+    curves = [
+        steering_curve(scorer, "pooled", r, at[1], toxic, benign, cfg.steering_coefficients, clean)
+    ]
     for c in categories:
         if own_dirs[c].norm() > 0:
             curves.append(
-                steering_curve(scorer, c, own_dirs[c], at[1], toxic, benign, cfg.steering_coefficients, clean)
+                steering_curve(
+                    scorer, c, own_dirs[c], at[1], toxic, benign, cfg.steering_coefficients, clean
+                )
             )
 
     pooled_rate, random_rate = judged["pooled"].rate, judged["random"].rate
-    verdict, reason = vd.verdict_execution(pooled_rate, random_rate, [c.call for c in per_cat], cfg.margin)
+    verdict, reason = vd.verdict_execution(
+        pooled_rate, random_rate, [c.call for c in per_cat], cfg.margin
+    )
     called = [c.loco_still_refusing.rate for c in per_cat if c.call != vd.TOO_FEW]
     by_id = {row.prompt_id: row for row in s.test_refusing}
     examples = [
@@ -272,7 +341,9 @@ def run_execution(
             clean=by_id[pid].response,
             ablated=text,
         )
-        for pid, text in list(zip(judged["pooled"].prompt_ids, judged["pooled"].responses))[: cfg.n_examples]
+        for pid, text in list(zip(judged["pooled"].prompt_ids, judged["pooled"].responses))[
+            : cfg.n_examples
+        ]
     ]
     result = ExecutionResult(
         model=model_key,
@@ -297,9 +368,15 @@ def run_execution(
         seconds=round(time.perf_counter() - t0, 2),
     )
     p_i = acts.positions.index(at[0])
-    pooled_all = harmful[:, p_i].mean(0) - harmless[:, p_i].mean(0)  # [n_layers, d], block inputs 1..n
+    pooled_all = harmful[:, p_i].mean(0) - harmless[:, p_i].mean(
+        0
+    )  # [n_layers, d], block inputs 1..n
     tensors = {"pooled.layer0": torch.zeros_like(r)}
-    tensors |= {f"pooled.layer{layer}": pooled_all[i].contiguous() for i, layer in enumerate(acts.layers)}
-    tensors |= {f"category.{c}": v.contiguous() for c, v in own_dirs.items()} | {"random": control.contiguous()}
+    tensors |= {
+        f"pooled.layer{layer}": pooled_all[i].contiguous() for i, layer in enumerate(acts.layers)
+    }
+    tensors |= {f"category.{c}": v.contiguous() for c, v in own_dirs.items()} | {
+        "random": control.contiguous()
+    }
     log(f"directions: {verdict} ({reason}), {result.seconds:.0f} s")
     return ExecutionRun(result=result, directions=tensors)

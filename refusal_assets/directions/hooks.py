@@ -1,4 +1,5 @@
-"""Directional ablation and activation addition as hooks, always removed (as :mod:`refusal_assets.lm.hooks`).
+"""Directional ablation and activation addition as hooks, always removed (as
+:mod:`refusal_assets.lm.hooks`).
 
 Ablation (Arditi et al. 2024, ``get_all_direction_ablation_hooks``): with r_hat = r / |r|, every
 decoder block's input (a forward pre-hook) and every block's attention and MLP outputs (forward
@@ -26,7 +27,8 @@ def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
 
 
 def _edit_first_input(edit):
-    """A forward pre-hook (with kwargs) that edits the block's hidden states, wherever they are passed."""
+    """A forward pre-hook (with kwargs) that edits the block's hidden states, wherever they are
+    passed."""
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict):
         if args:
@@ -44,7 +46,9 @@ def _edit_output(edit):
 
 
 @contextlib.contextmanager
-def _registered(pre: list[tuple[nn.Module, object]], post: list[tuple[nn.Module, object]]) -> Iterator[None]:
+def _registered(
+    pre: list[tuple[nn.Module, object]], post: list[tuple[nn.Module, object]]
+) -> Iterator[None]:
     handles = []
     try:
         for module, fn in pre:
@@ -57,12 +61,17 @@ def _registered(pre: list[tuple[nn.Module, object]], post: list[tuple[nn.Module,
             h.remove()
 
 
-def direction_ablation(model: nn.Module, direction: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+def direction_ablation(
+    model: nn.Module, direction: torch.Tensor
+) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``direction`` [d] is projected out of every block input, attention output
     and MLP output of ``model``, at every position."""
     norm = direction.float().norm()
     if not torch.isfinite(norm) or norm == 0:
-        raise ValueError(f"direction ablation: the direction's norm is {float(norm)}; need a finite non-zero vector")
+        raise ValueError(
+            f"direction ablation: the direction's norm is {float(norm)}; need a finite non-zero "
+            "vector"
+        )
     unit = (direction.float() / norm).to(next(model.parameters()).device)
 
     def edit(x: torch.Tensor) -> torch.Tensor:
@@ -71,12 +80,16 @@ def direction_ablation(model: nn.Module, direction: torch.Tensor) -> contextlib.
     blocks = decoder_layers(model)
     pre = [(block, _edit_first_input(edit)) for block in blocks]
     post = [
-        (site_module(model, Site(i, kind)), _edit_output(edit)) for i in range(len(blocks)) for kind in ("attn", "mlp")
+        (site_module(model, Site(i, kind)), _edit_output(edit))
+        for i in range(len(blocks))
+        for kind in ("attn", "mlp")
     ]
     return _registered(pre, post)
 
 
-def activation_addition(model: nn.Module, vector: torch.Tensor, layer: int) -> contextlib.AbstractContextManager[None]:
+def activation_addition(
+    model: nn.Module, vector: torch.Tensor, layer: int
+) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``vector`` [d] is added to block ``layer``'s input at every position."""
     added = vector.to(next(model.parameters()).device)
 

@@ -1,4 +1,5 @@
-"""Scoring and generation of prompts under whatever hooks are active, judged like ``refusal_behaviour``.
+"""Scoring and generation of prompts under whatever hooks are active, judged like
+``refusal_behaviour``.
 
 Every pass reuses the project's batched code: :func:`refusal_assets.lm.prefill.prefill` (the shared
 prompt prefix computed once per batch; with an ablation active the prefix is computed under it too)
@@ -76,7 +77,9 @@ class Scorer:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        ids = refusal_token_ids(self.tokenizer, self.cfg.refusal.phrases, self.cfg.refusal.refusal_tokens)
+        ids = refusal_token_ids(
+            self.tokenizer, self.cfg.refusal.phrases, self.cfg.refusal.refusal_tokens
+        )
         self.refusal_ids = torch.tensor(ids, device=self.device)
 
     def _batches(self, rows: list[PromptRow]):
@@ -89,7 +92,9 @@ class Scorer:
         """[N, vocab] float next-token logits at each prompt's last position."""
         if not rows:
             return torch.zeros(0, len(self.tokenizer))
-        return torch.cat([prefill(self.model, b).last_logits.float().cpu() for b in self._batches(rows)])
+        return torch.cat(
+            [prefill(self.model, b).last_logits.float().cpu() for b in self._batches(rows)]
+        )
 
     def scores_from_logits(self, logits: torch.Tensor) -> np.ndarray:
         """[N] refusal scores from next-token logits [N, vocab]."""
@@ -106,9 +111,18 @@ class Scorer:
         if not rows:
             return Judged(prompt_ids=[], responses=[], refused=[], scores=np.zeros(0))
         gen = generate(
-            self.model, self.tokenizer, list(self._batches(rows)), max_new_tokens, stop_phrases=self.cfg.refusal.phrases
+            self.model,
+            self.tokenizer,
+            list(self._batches(rows)),
+            max_new_tokens,
+            stop_phrases=self.cfg.refusal.phrases,
         )
-        scores = refusal_score_from_logits(gen.first_logits.float(), self.refusal_ids).cpu().numpy().astype(float)
+        scores = (
+            refusal_score_from_logits(gen.first_logits.float(), self.refusal_ids)
+            .cpu()
+            .numpy()
+            .astype(float)
+        )
         return Judged(
             prompt_ids=[r.prompt_id for r in rows],
             responses=gen.responses,

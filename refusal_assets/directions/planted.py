@@ -7,7 +7,8 @@ dimensions, so each position carries the running mean of the earlier positions t
 block (a prefix computed without the ablation would leak the direction into later positions). Only
 the marker token ``<catC>`` that opens category C's toxic prompts has anything in those dimensions:
 ``alpha * e_m`` with ``m = 0`` for every category (``shared``: one direction) or ``m = C``
-(``specific``: one direction per category). Refusal token ``REFUSE<m>`` reads ``beta * e_m`` after the
+(``specific``: one direction per category). Refusal token ``REFUSE<m>`` reads ``beta * e_m`` after
+the
 final norm, so a category refuses while its own direction is present, whatever the others do.
 :func:`recover_execution_verdict` builds prompts, judges them on the clean model, and runs
 :func:`refusal_assets.directions.execution.run_execution`, as the asset does; expected verdicts:
@@ -30,13 +31,27 @@ from refusal_assets.lm.sites import decoder_layers
 
 World = Literal["shared", "specific"]
 EXPECTED = {"shared": "monolithic", "specific": "modular"}
-_WORDS = ["the", "river", "stone", "blue", "quiet", "market", "seven", "letter", "garden", "window", "cloud", "paper"]
+_WORDS = [
+    "the",
+    "river",
+    "stone",
+    "blue",
+    "quiet",
+    "market",
+    "seven",
+    "letter",
+    "garden",
+    "window",
+    "cloud",
+    "paper",
+]
 
 
 def planted_direction_model(
     model, tokenizer, world: World, n_categories: int, *, alpha: float = 6.0, beta: float = 8.0
 ):
-    """(model copy, tokenizer copy, marker tokens, refusal tokens) of a planted world (module docstring)."""
+    """(model copy, tokenizer copy, marker tokens, refusal tokens) of a planted world (module
+    docstring)."""
     model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
     markers = [f"<cat{c}>" for c in range(n_categories)]
     refusals = [f"REFUSE{m}" for m in range(n_categories if world == "specific" else 1)]
@@ -48,7 +63,8 @@ def planted_direction_model(
     group, width = cfg.num_attention_heads // n_kv, n_kv * head
     if width < n_categories or cfg.hidden_size <= width:
         raise ValueError(
-            f"planted worlds need {n_categories} <= {width} planted dimensions < d_model {cfg.hidden_size}"
+            f"planted worlds need {n_categories} <= {width} planted dimensions < d_model "
+            f"{cfg.hidden_size}"
         )
     with torch.no_grad():
         for block in decoder_layers(model):
@@ -58,10 +74,16 @@ def planted_direction_model(
                 proj.weight.zero_()
                 if proj.bias is not None:
                     proj.bias.zero_()
-            for h in range(n_kv):  # kv head h reads dims [h*head, (h+1)*head); its first query head writes them
-                attn.v_proj.weight[h * head : (h + 1) * head, h * head : (h + 1) * head] = torch.eye(head)
+            for h in range(
+                n_kv
+            ):  # kv head h reads dims [h*head, (h+1)*head); its first query head writes them
+                attn.v_proj.weight[h * head : (h + 1) * head, h * head : (h + 1) * head] = (
+                    torch.eye(head)
+                )
                 q = h * group
-                attn.o_proj.weight[h * head : (h + 1) * head, q * head : (q + 1) * head] = torch.eye(head)
+                attn.o_proj.weight[h * head : (h + 1) * head, q * head : (q + 1) * head] = (
+                    torch.eye(head)
+                )
             block.input_layernorm.weight.fill_(1.0)
         emb = model.get_input_embeddings().weight
         emb[:, :width] = 0.0
@@ -75,7 +97,9 @@ def planted_direction_model(
     return model.eval(), tokenizer, markers, refusals
 
 
-def planted_rows(scorer: Scorer, markers: list[str], n_per_split: int, seed: int) -> list[PromptRow]:
+def planted_rows(
+    scorer: Scorer, markers: list[str], n_per_split: int, seed: int
+) -> list[PromptRow]:
     """Toxic (marker-led), safe and hard (no marker) prompts per category, with the clean model's
     judgement and score, a quarter held out."""
     rng = random.Random(seed)
@@ -88,7 +112,13 @@ def planted_rows(scorer: Scorer, markers: list[str], n_per_split: int, seed: int
                 drafts.append((f"cat{c}-{split}-{i}", text, f"cat{c}", split, i % 4 == 0))
     probe = [
         PromptRow(
-            prompt_id=d[0], prompt=d[1], category=d[2], split=d[3], heldout=d[4], refused=False, refusal_score=0.0
+            prompt_id=d[0],
+            prompt=d[1],
+            category=d[2],
+            split=d[3],
+            heldout=d[4],
+            refused=False,
+            refusal_score=0.0,
         )
         for d in drafts
     ]
@@ -122,7 +152,9 @@ def recover_execution_verdict(
     """Plant ``world`` in a copy of the tiny model and run the execution level on it; the run's
     ``result.verdict_execution`` should be ``EXPECTED[world]``."""
     planted, tok, markers, refusals = planted_direction_model(model, tokenizer, world, n_categories)
-    cfg = model_cfg.model_copy(update={"refusal": RefusalConfig(phrases=refusals, refusal_tokens=refusals)})
+    cfg = model_cfg.model_copy(
+        update={"refusal": RefusalConfig(phrases=refusals, refusal_tokens=refusals)}
+    )
     scorer = Scorer(planted, tok, cfg)
     dcfg = directions or DirectionsConfig(
         layer_stride=1,

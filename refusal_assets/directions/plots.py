@@ -1,4 +1,5 @@
-"""Figures of the execution level: still refusing per category, the layer scan, the steering trade-off."""
+"""Figures of the execution level: still refusing per category, the layer scan, the steering
+trade-off."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ def plot_still_refusing(result: ExecutionResult, path: Path) -> Path:
             continue
         vals = [r.rate if r.n else 0.0 for r in rates]
         err = np.array(
-            [[r.rate - r.ci_lo if r.n else 0 for r in rates], [r.ci_hi - r.rate if r.n else 0 for r in rates]]
+            [
+                [r.rate - r.ci_lo if r.n else 0 for r in rates],
+                [r.ci_hi - r.rate if r.n else 0 for r in rates],
+            ]
         )
         ax.bar(x + (i - 1.5) * width, vals, width, yerr=err, capsize=2, label=name)
     ax.set_xticks(x, cats, rotation=30, ha="right", fontsize=8)
@@ -49,9 +53,17 @@ def plot_layer_scan(result: ExecutionResult, path: Path) -> Path:
     ax, ax_kl = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     base = result.selection.baseline_score
     for position in sorted({c.position for c in result.selection.candidates}):
-        cands = sorted((c for c in result.selection.candidates if c.position == position), key=lambda c: c.layer)
+        cands = sorted(
+            (c for c in result.selection.candidates if c.position == position),
+            key=lambda c: c.layer,
+        )
         layers = [c.layer for c in cands]
-        ax.plot(layers, [base - c.ablated_score for c in cands], marker="o", label=f"position {position}")
+        ax.plot(
+            layers,
+            [base - c.ablated_score for c in cands],
+            marker="o",
+            label=f"position {position}",
+        )
         ax_kl.plot(layers, [c.kl for c in cands], marker="o", label=f"position {position}")
         bad = [c for c in cands if c.rejected and not math.isnan(c.ablated_score)]
         ax.scatter(
@@ -75,7 +87,8 @@ def plot_layer_scan(result: ExecutionResult, path: Path) -> Path:
 
 
 def plot_steering(result: ExecutionResult, path: Path) -> Path:
-    """Toxic refusal rate against over-refusal on safe + hard prompts as the added coefficient varies."""
+    """Toxic refusal rate against over-refusal on safe + hard prompts as the added coefficient
+    varies."""
     fig = new_figure((4.5, 3.4))
     ax = fig.add_subplot()
     for curve in result.steering:

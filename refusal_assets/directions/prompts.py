@@ -62,7 +62,11 @@ def split_prompts(rows: list[PromptRow], val_fraction: float, seed: int) -> Spli
     harmless = [r for r in rows if r.split == "safe" and not r.refused and r.refusal_score < 0]
 
     def part(group: list[PromptRow], val: bool) -> list[PromptRow]:
-        return [r for r in group if not r.heldout and in_validation(r.prompt_id, val_fraction, seed) == val]
+        return [
+            r
+            for r in group
+            if not r.heldout and in_validation(r.prompt_id, val_fraction, seed) == val
+        ]
 
     test = [r for r in rows if r.heldout]
     return Splits(

@@ -80,9 +80,10 @@ class Example:
 class ExecutionResult:
     """Refusal directions of one model, found, ablated and judged as Arditi et al. (2024) do it.
 
-    Read ``verdict_execution`` with ``pooled_still_refusing`` (the monolithic baseline: one direction
-    removes refusal?), ``random_still_refusing`` (the control) and the per-category
-    ``loco_still_refusing`` calls (does the direction of the other categories remove B's refusal?)."""
+    Read ``verdict_execution`` with ``pooled_still_refusing`` (the monolithic baseline: one
+    direction removes refusal?), ``random_still_refusing`` (the control) and the per-category
+    ``loco_still_refusing`` calls (does the direction of the other categories remove B's
+    refusal?)."""
 
     model: str
     n_layers: int
@@ -113,9 +114,11 @@ class ExecutionResult:
     seconds: float
 
     @classmethod
-    def insufficient(cls, model: str, n_layers: int, reason: str, margin: float) -> "ExecutionResult":
-        """No direction could be found (e.g. a model that refuses too few prompts): every rate empty,
-        ``layer`` -1, the verdict "insufficient evidence" with the reason."""
+    def insufficient(
+        cls, model: str, n_layers: int, reason: str, margin: float
+    ) -> "ExecutionResult":
+        """No direction could be found (e.g. a model that refuses too few prompts): every rate
+        empty, ``layer`` -1, the verdict "insufficient evidence" with the reason."""
         empty = Rate.of([])
         return cls(
             model=model,
@@ -123,7 +126,9 @@ class ExecutionResult:
             layer=-1,
             position=0,
             direction_norm=math.nan,
-            selection=Selection(position=0, layer=-1, fallback=reason, baseline_score=math.nan, candidates=[]),
+            selection=Selection(
+                position=0, layer=-1, fallback=reason, baseline_score=math.nan, candidates=[]
+            ),
             clean_score=math.nan,
             ablated_score=math.nan,
             pooled_still_refusing=empty,
@@ -160,7 +165,11 @@ def _decode(tp, value):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None and len(args) < len(typing.get_args(tp)) else _decode(args[0], value)
+        return (
+            None
+            if value is None and len(args) < len(typing.get_args(tp))
+            else _decode(args[0], value)
+        )
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         missing = [f.name for f in dataclasses.fields(tp) if f.name not in value]
@@ -180,7 +189,9 @@ def _decode(tp, value):
 def read_result(path: Path) -> ExecutionResult:
     """The typed result from ``result.json``; a missing or malformed file is a clear error."""
     if not path.is_file():
-        raise FileNotFoundError(f"execution result not found: {path} (materialize refusal_direction first)")
+        raise FileNotFoundError(
+            f"execution result not found: {path} (materialize refusal_direction first)"
+        )
     try:
         return _decode(ExecutionResult, json.loads(path.read_text()))
     except (ValueError, TypeError, KeyError) as e:
@@ -190,7 +201,8 @@ def read_result(path: Path) -> ExecutionResult:
 def category_table(result: ExecutionResult) -> str:
     """Markdown table, one row per category."""
     lines = [
-        "| category | refusing | pooled ablated | leave-one-out ablated | random | LOO/own drop | cos pooled "
+        "| category | refusing | pooled ablated | leave-one-out ablated | random | LOO/own drop | "
+        "cos pooled "
         "| split-half | own layer | call |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -198,26 +210,30 @@ def category_table(result: ExecutionResult) -> str:
         ratio = "not printed" if c.loco_to_own is None else f"{c.loco_to_own:.2f}"
         own = f"{c.own.layer}" + (" (pooled)" if c.own.fallback else "")
         lines.append(
-            f"| {c.category} | {c.n_refusing} | {c.pooled_still_refusing.text()} | {c.loco_still_refusing.text()} "
-            f"| {c.random_still_refusing.text()} | {ratio} | {c.cosine_with_pooled:.2f} | {c.split_half_ceiling:.2f} "
+            f"| {c.category} | {c.n_refusing} | {c.pooled_still_refusing.text()} | "
+            f"{c.loco_still_refusing.text()} "
+            f"| {c.random_still_refusing.text()} | {ratio} | {c.cosine_with_pooled:.2f} | "
+            f"{c.split_half_ceiling:.2f} "
             f"| {own} | {c.call} |"
         )
     return "\n".join(lines)
 
 
 def summary_markdown(result: ExecutionResult) -> str:
-    """A short Markdown summary: the verdict, the pooled and control rates, the per-category table."""
+    """A short Markdown summary: the verdict, the pooled and control rates, the category table."""
+    fallback = f"; {result.selection.fallback}" if result.selection.fallback else ""
     return "\n".join(
         [
             f"**Execution level: {result.verdict_execution}.** {result.verdict_reason}.",
             "",
-            f"- Pooled direction: block {result.layer} input, position {result.position} (norm "
-            f"{result.direction_norm:.2f}){'; ' + result.selection.fallback if result.selection.fallback else ''}.",
+            f"- Pooled direction: block {result.layer} input, position {result.position} "
+            f"(norm {result.direction_norm:.2f}){fallback}.",
             f"- Refusing held-out toxic prompts still refusing with it ablated: "
             f"{result.pooled_still_refusing.text()}; with a random direction of the same norm: "
-            f"{result.random_still_refusing.text()}. Mean refusal score {result.clean_score:.2f} -> "
-            f"{result.ablated_score:.2f}.",
-            f"- Complied-with safe prompts refusing with it added: {result.pooled_induced_refusal.text()}.",
+            f"{result.random_still_refusing.text()}. Mean refusal score "
+            f"{result.clean_score:.2f} -> {result.ablated_score:.2f}.",
+            f"- Complied-with safe prompts refusing with it added: "
+            f"{result.pooled_induced_refusal.text()}.",
             f"- Leave-one-category-out, median still refusing: {result.loco_still_refusing:.2f}.",
             "",
             category_table(result),

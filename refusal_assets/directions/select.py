@@ -1,4 +1,5 @@
-"""Direction selection on a validation split, with the reference's filters (``select_direction.py``).
+"""Direction selection on a validation split, with the reference's filters
+(``select_direction.py``).
 
 For every candidate (position, layer): the mean refusal score of harmful validation prompts with the
 direction ablated (lower is better), the KL divergence of the harmless prompts' last-position
@@ -46,14 +47,20 @@ class Selection:
     position: int
     layer: int
     fallback: str | None
-    """Why this is not a filtered selection of its own (too few prompts, nothing survived), or None."""
+    """Why this is not a filtered selection of its own (too few prompts, nothing survived), or
+    None."""
     baseline_score: float
-    """Mean refusal score of the harmful validation prompts without intervention (NaN: not scored)."""
+    """Mean refusal score of the harmful validation prompts without intervention (NaN: not
+    scored)."""
     candidates: list[CandidateScore]
 
 
 def score_candidates(
-    scorer: Scorer, cands: Candidates, harmful: list[PromptRow], harmless: list[PromptRow], cfg: DirectionsConfig
+    scorer: Scorer,
+    cands: Candidates,
+    harmful: list[PromptRow],
+    harmless: list[PromptRow],
+    cfg: DirectionsConfig,
 ) -> tuple[float, list[CandidateScore]]:
     """(clean mean score of ``harmful``, one score per candidate), filters applied."""
     both = harmful + harmless
@@ -85,7 +92,13 @@ def score_candidates(
             kl = kl_last_position(clean, logits[len(harmful) :])
             with activation_addition(scorer.model, r, layer):
                 steering = float(scorer.scores(harmless).mean())
-            rejected = "kl" if kl > cfg.kl_threshold else "steering" if steering < cfg.induce_threshold else None
+            rejected = (
+                "kl"
+                if kl > cfg.kl_threshold
+                else "steering"
+                if steering < cfg.induce_threshold
+                else None
+            )
             out.append(
                 CandidateScore(
                     position=position,
@@ -110,15 +123,25 @@ def pick(scores: list[CandidateScore], baseline: float) -> Selection:
         survivors = [s for s in scores if not math.isnan(s.ablated_score)]
         fallback = "no candidate passed the filters: the lowest ablated score of all scored ones"
         if not survivors:
-            raise NoDirection("direction selection: every candidate has a near-zero norm; no direction to select")
+            raise NoDirection(
+                "direction selection: every candidate has a near-zero norm; no direction to select"
+            )
     best = min(survivors, key=lambda s: s.ablated_score)
     return Selection(
-        position=best.position, layer=best.layer, fallback=fallback, baseline_score=baseline, candidates=scores
+        position=best.position,
+        layer=best.layer,
+        fallback=fallback,
+        baseline_score=baseline,
+        candidates=scores,
     )
 
 
 def select_direction(
-    scorer: Scorer, cands: Candidates, harmful: list[PromptRow], harmless: list[PromptRow], cfg: DirectionsConfig
+    scorer: Scorer,
+    cands: Candidates,
+    harmful: list[PromptRow],
+    harmless: list[PromptRow],
+    cfg: DirectionsConfig,
 ) -> Selection:
     baseline, scores = score_candidates(scorer, cands, harmful, harmless, cfg)
     return pick(scores, baseline)
@@ -133,14 +156,25 @@ def select_for_category(
     cfg: DirectionsConfig,
 ) -> Selection:
     """A category's own selection, or the pooled layer and position when it has fewer than
-    ``min_selection_prompts`` refusing validation prompts or nothing of its own passes the filters."""
+    ``min_selection_prompts`` refusing validation prompts or nothing of its own passes the
+    filters."""
     if len(harmful) < cfg.min_selection_prompts:
-        reason = f"{len(harmful)} refusing validation prompts < {cfg.min_selection_prompts}: pooled layer and position"
+        reason = (
+            f"{len(harmful)} refusing validation prompts < {cfg.min_selection_prompts}: "
+            "pooled layer and position"
+        )
         return Selection(
-            position=pooled.position, layer=pooled.layer, fallback=reason, baseline_score=math.nan, candidates=[]
+            position=pooled.position,
+            layer=pooled.layer,
+            fallback=reason,
+            baseline_score=math.nan,
+            candidates=[],
         )
     if cands is None:
-        raise ValueError(f"select_for_category: {len(harmful)} validation prompts but no candidates to select from")
+        raise ValueError(
+            f"select_for_category: {len(harmful)} validation prompts but no candidates to select "
+            "from"
+        )
     own = select_direction(scorer, cands, harmful, harmless, cfg)
     if own.fallback is None:
         return own

@@ -44,22 +44,31 @@ def call_category(loco: Rate, min_prompts: int, margin: float) -> str:
     return UNDECIDED
 
 
-def verdict_execution(pooled: Rate, random: Rate, calls: list[str], margin: float) -> tuple[str, str]:
+def verdict_execution(
+    pooled: Rate, random: Rate, calls: list[str], margin: float
+) -> tuple[str, str]:
     """(verdict, the reason in one sentence) by the rule in this module's docstring."""
     called = [c for c in calls if c != TOO_FEW]
     n_shared, n_specific = called.count(SHARED), called.count(SPECIFIC)
-    counts = f"{n_shared} shared, {n_specific} specific, {called.count(UNDECIDED)} undecided of {len(called)}"
+    n_undecided = called.count(UNDECIDED)
+    counts = f"{n_shared} shared, {n_specific} specific, {n_undecided} undecided of {len(called)}"
     if not pooled.n or not random.n:
         return INSUFFICIENT, "no refusing held-out toxic prompts"
     if random.ci_hi < 1 - margin:
-        return INSUFFICIENT, f"the random control removes refusal too ({random.text()} still refusing)"
+        return (
+            INSUFFICIENT,
+            f"the random control removes refusal too ({random.text()} still refusing)",
+        )
     if len(called) < 2 or (n_shared + n_specific) < len(called) / 2:
         return INSUFFICIENT, f"too few decided categories ({counts})"
     pooled_removes = pooled.ci_hi <= margin
     if pooled_removes and n_specific == 0:
         return MONOLITHIC, f"the pooled direction removes refusal ({pooled.text()}); {counts}"
     if n_shared == 0:
-        return MODULAR, f"no category's refusal is removed by the other categories' direction ({counts})"
+        return (
+            MODULAR,
+            f"no category's refusal is removed by the other categories' direction ({counts})",
+        )
     if pooled_removes and n_shared >= n_specific:
         return CORE_TAIL, f"the pooled direction removes refusal ({pooled.text()}); {counts}"
     return MIXED, f"pooled still refusing {pooled.text()}; {counts}"
