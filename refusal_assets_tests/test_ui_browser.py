@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from refusal_assets_tests.conftest import ROOT
+from refusal_assets_tests.conftest import ROOT, copy_tiny_run
 from refusal_assets_tests.test_report import CATS, two_model_storage
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -221,31 +221,14 @@ def test_report_answer_is_on_the_first_screen(tiny_cfg, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_ui(tmp_path_factory):
-    """The whole tiny graph materialized by `refusal-assets run`, then the UI over that instance."""
+def tiny_ui(shared_tiny_run, tmp_path_factory):
+    """The whole tiny graph materialized by `refusal-assets run` (a copy of the session's shared
+    run: ``tmp/home``, ``tmp/storage``), then the UI over that instance."""
     tmp = tmp_path_factory.mktemp("tiny_ui")
+    home, storage = copy_tiny_run(shared_tiny_run, tmp)
     env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
-    env.update(DAGSTER_HOME=str(tmp / "home"), REFUSAL_ASSETS_STORAGE=str(tmp / "storage"))
-    (tmp / "home").mkdir()
+    env.update(DAGSTER_HOME=str(home), REFUSAL_ASSETS_STORAGE=str(storage))
     config = ROOT / "configs" / "tiny.yaml"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "refusal_assets.app.cli",
-            "run",
-            "--config",
-            str(config),
-            "--storage",
-            str(tmp / "storage"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with serve_ui(config, env, tmp / "ui.log") as url:
         yield url, tmp
 
