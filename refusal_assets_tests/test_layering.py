@@ -14,8 +14,17 @@ import pytest
 from refusal_assets_tests.conftest import ROOT
 
 PACKAGE = ROOT / "refusal_assets"
-# Paths relative to the package folder; a folder entry covers everything under it.
-DAGSTER_LAYER = ("defs/", "definitions.py", "app/cli.py", "app/runner.py")
+# Paths relative to the package folder; a folder entry covers everything under it. The app
+# modules listed drive Dagster: the CLI, the runner, the run planner (Dagster's stale status) and
+# prune (the instance's records of removed partitions).
+DAGSTER_LAYER = (
+    "defs/",
+    "definitions.py",
+    "app/cli.py",
+    "app/runner.py",
+    "app/plan.py",
+    "app/prune.py",
+)
 
 
 def in_dagster_layer(relative: str) -> bool:
