@@ -137,6 +137,39 @@ def steering_curve(
     return SteeringCurve(direction=name, coefficients=coefs, toxic_refusal=tox, over_refusal=over)
 
 
+def steering_curves(
+    scorer: Scorer,
+    directions: dict[str, torch.Tensor],
+    layer: int,
+    s: Splits,
+    cfg: DirectionsConfig,
+) -> list[SteeringCurve]:
+    """One steering curve per named direction on the same held-out toxic and benign samples."""
+    toxic = _sample(s.test_toxic, cfg.steering_prompts, cfg.seed)
+    benign = _sample(s.test_benign, cfg.steering_prompts, cfg.seed)
+    clean = scorer.scores(toxic + benign)
+    return [
+        steering_curve(scorer, name, r, layer, toxic, benign, cfg.steering_coefficients, clean)
+        for name, r in directions.items()
+    ]
+
+
+def _examples(ablated: Judged, rows: list[PromptRow], n: int) -> list[Example]:
+    """The first ``n`` prompts' clean and ablated responses."""
+    by_id = {row.prompt_id: row for row in rows}
+    pairs = list(zip(ablated.prompt_ids, ablated.responses))[:n]
+    return [
+        Example(
+            prompt_id=pid,
+            category=by_id[pid].category,
+            prompt=by_id[pid].prompt,
+            clean=by_id[pid].response,
+            ablated=text,
+        )
+        for pid, text in pairs
+    ]
+
+
 def _ablated(
     scorer: Scorer, direction: torch.Tensor, rows: list[PromptRow], max_new_tokens: int
 ) -> Judged:
@@ -313,38 +346,15 @@ def run_execution(
         f"{time.perf_counter() - t0:.0f} s"
     )
 
-    toxic = _sample(s.test_toxic, cfg.steering_prompts, cfg.seed)
-    benign = _sample(s.test_benign, cfg.steering_prompts, cfg.seed)
-    clean = scorer.scores(toxic + benign)
-    curves = [
-        steering_curve(scorer, "pooled", r, at[1], toxic, benign, cfg.steering_coefficients, clean)
-    ]
-    for c in categories:
-        if own_dirs[c].norm() > 0:
-            curves.append(
-                steering_curve(
-                    scorer, c, own_dirs[c], at[1], toxic, benign, cfg.steering_coefficients, clean
-                )
-            )
+    named = {"pooled": r} | {c: v for c, v in own_dirs.items() if v.norm() > 0}
+    curves = steering_curves(scorer, named, at[1], s, cfg)
 
     pooled_rate, random_rate = judged["pooled"].rate, judged["random"].rate
     verdict, reason = vd.verdict_execution(
         pooled_rate, random_rate, [c.call for c in per_cat], cfg.margin
     )
     called = [c.loco_still_refusing.rate for c in per_cat if c.call != vd.TOO_FEW]
-    by_id = {row.prompt_id: row for row in s.test_refusing}
-    examples = [
-        Example(
-            prompt_id=pid,
-            category=by_id[pid].category,
-            prompt=by_id[pid].prompt,
-            clean=by_id[pid].response,
-            ablated=text,
-        )
-        for pid, text in list(zip(judged["pooled"].prompt_ids, judged["pooled"].responses))[
-            : cfg.n_examples
-        ]
-    ]
+    examples = _examples(judged["pooled"], s.test_refusing, cfg.n_examples)
     result = ExecutionResult(
         model=model_key,
         n_layers=n_layers,
@@ -368,15 +378,10 @@ def run_execution(
         seconds=round(time.perf_counter() - t0, 2),
     )
     p_i = acts.positions.index(at[0])
-    pooled_all = harmful[:, p_i].mean(0) - harmless[:, p_i].mean(
-        0
-    )  # [n_layers, d], block inputs 1..n
+    pooled_all = harmful[:, p_i].mean(0) - harmless[:, p_i].mean(0)  # [n_layers, d]: inputs 1..n
     tensors = {"pooled.layer0": torch.zeros_like(r)}
-    tensors |= {
-        f"pooled.layer{layer}": pooled_all[i].contiguous() for i, layer in enumerate(acts.layers)
-    }
-    tensors |= {f"category.{c}": v.contiguous() for c, v in own_dirs.items()} | {
-        "random": control.contiguous()
-    }
+    tensors |= {f"pooled.layer{layer}": pooled_all[i] for i, layer in enumerate(acts.layers)}
+    tensors |= {f"category.{c}": v for c, v in own_dirs.items()} | {"random": control}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     log(f"directions: {verdict} ({reason}), {result.seconds:.0f} s")
     return ExecutionRun(result=result, directions=tensors)
