@@ -18,6 +18,8 @@ TINY_ASSETS = {
     "refusal_behaviour",
     "activations",
     "sae",
+    "features",  # the SAE latents' cards, per site like sae
+    "refusal_direction",  # per model
     "circuit",
     "transfer",
     "comparison",
