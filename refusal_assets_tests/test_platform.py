@@ -86,7 +86,10 @@ def test_failed_blocking_check_on_sae_stops_automation_building_circuit(tiny_cfg
     cfg = variant(tiny_cfg, sae__k=6, sae__thresholds={"max_fvu": 1e-9, "max_dead_fraction": 0.95})
     defs = build_defs(cfg, storage)
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
-    assert requested(tick) == {"sae": set(SAE_KEYS)}
+    req = requested(tick)
+    assert req.pop("sae") == set(SAE_KEYS)
+    # assets partitioned like sae and fed by it (features) are requested in the same tick
+    assert all(partitions == set(SAE_KEYS) for partitions in req.values()), req
     job = defs.resolve_implicit_global_asset_job_def()
     for p in SAE_KEYS:  # the real SAE step, as the daemon's run would execute it
         result = job.execute_in_process(
