@@ -87,17 +87,29 @@ def _model_of(partition: str) -> str:
 
 
 def _what_a_new_model_builds(graph, model: str) -> dict[str, set]:
-    """Every partition of the graph that belongs to ``model``, and every unpartitioned asset
-    downstream of the models' settings (the report); nothing of the other models or the data."""
+    """Every partition of the graph that belongs to ``model``; every partition of an asset that
+    reads all partitions of a parent with new ones (an ``AllPartitionMapping``, e.g. features on
+    refusal_direction); every unpartitioned asset downstream of the models' settings (the report).
+    Nothing else of the other models, nothing of the data."""
     downstream = _descendants(graph, "model_config") | _descendants(graph, "site_config")
     out: dict[str, set] = {}
-    for key in graph.materializable_asset_keys:
+    for key in graph.toposorted_asset_keys:
         node, name = graph.get(key), key.to_user_string()
+        if not node.is_materializable:
+            continue
         if node.partitions_def is None:
             if name in downstream:
                 out[name] = {None}
             continue
-        if mine := {p for p in node.partitions_def.get_partition_keys() if _model_of(p) == model}:
+        mine = {p for p in node.partitions_def.get_partition_keys() if _model_of(p) == model}
+        reads_all_of_a_grown_parent = any(
+            isinstance(graph.get_partition_mapping(key, parent), dg.AllPartitionMapping)
+            and parent.to_user_string() in out
+            for parent in node.parent_keys
+        )
+        if reads_all_of_a_grown_parent:
+            mine = set(node.partitions_def.get_partition_keys())
+        if mine:
             out[name] = mine
     return out
 
