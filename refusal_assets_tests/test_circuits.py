@@ -189,6 +189,7 @@ def test_per_prompt_masks_match_separate_passes(planted):
         ablated_scores(model, suffixes, saes, baseline, masks[:3], refusal_ids)
 
 
+@pytest.mark.slow
 def test_stacked_masks_in_resumed_passes_equal_one_plain_pass_per_mask(planted):
     """A stack of mask sets, several per pass and resumed after the first site's block, scores every
     prompt as a full pass with that mask alone does."""

@@ -128,6 +128,7 @@ def _wait_for_both(folder: Path, phase: str, name: str, timeout: float = 90) -> 
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_pool_limit_2_runs_two_gpu_steps_at_once_on_different_devices(tmp_path, monkeypatch):
     """Two processes (as two backfill runs on a workstation would be), each one run of one GPU-pool
     step, against an instance whose ``gpu`` pool allows two: both steps are inside their device

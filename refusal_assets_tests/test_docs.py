@@ -424,6 +424,7 @@ def test_config_keys_walk_nested_sections_and_lists():
 
 
 # ------------------------------------------------------------------------------ GPU recipes
+@pytest.mark.slow
 @pytest.mark.parametrize("config", GPU_CONFIGS)
 def test_gpu_recipe_validates_offline(config, tmp_path):
     env = {

@@ -205,6 +205,7 @@ def _env(base: Path) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_the_unfinished_partitions(tmp_path, monkeypatch, capsys):
     base, storage = tmp_path / "home", tmp_path / "storage"
     config = ROOT / "configs" / "tiny.yaml"

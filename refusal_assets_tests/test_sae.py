@@ -177,6 +177,7 @@ def test_tied_encoder_step_gradients_match_dense_autograd():
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T * tie.log_scale.exp())
 
 
+@pytest.mark.slow
 def test_tied_training_saves_a_plain_sae_that_generalises_better_on_few_rows(data, tmp_path):
     """600 rows, 512 latents: a free encoder memorises its rows; the tied one does better on
     held-out rows. Its file is an ordinary SAE whose encoder columns are the decoder rows, scaled."""

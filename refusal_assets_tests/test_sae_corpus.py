@@ -149,6 +149,7 @@ def test_fit_site_trains_on_the_corpus_and_measures_the_same_held_out_rows(tiny_
         fit_site(x, pids.tolist(), cfg, lm, Site(1, "resid"), prompts, train_only=train_only)
 
 
+@pytest.mark.slow
 def test_corpus_asset_feeds_the_sae_and_follows_its_file(tmp_path, monkeypatch):
     """Through the CLI on the tiny config: the corpus asset collects every site's rows, the SAE
     trains on them, and editing the corpus file changes the corpus asset's code version only."""

@@ -76,6 +76,7 @@ def _is_readable_parquet(path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_activations_leaves_no_valid_looking_file(tmp_path, tiny_model):
     model, tok = tiny_model  # also builds the tiny model in the shared cache before the child loads it
     paths = {
@@ -159,6 +160,7 @@ SAE_CASES = {
 }
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_an_sae_leaves_no_loadable_folder(tmp_path):
     earlier = TopKSAE(64, 256, k=8, generator=torch.Generator().manual_seed(1))
     folders = {name: tmp_path / name / "tiny-qwen2__resid1" for name in SAE_CASES}
