@@ -35,7 +35,7 @@ def plot_still_refusing(result: ExecutionResult, path: Path) -> Path:
                 [r.rate - r.ci_lo if r.n else 0 for r in rates],
                 [r.ci_hi - r.rate if r.n else 0 for r in rates],
             ]
-        )
+        ).clip(min=0)  # Wilson bounds are clipped to [0, 1]: float error can leave -1e-17
         ax.bar(x + (i - 1.5) * width, vals, width, yerr=err, capsize=2, label=name)
     ax.set_xticks(x, cats, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
