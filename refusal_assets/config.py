@@ -86,7 +86,9 @@ class DataConfig(_Strict):
         for c in v or []:
             category_key(c)  # raises on a name that would escape the storage folder
         if v is not None and not v:
-            raise ValueError("an empty list of categories selects nothing; omit the key to take every category")
+            raise ValueError(
+                "an empty list of categories selects nothing; omit the key to take every category"
+            )
         return v
 
     @field_validator("splits")
@@ -269,7 +271,9 @@ class SAEConfig(_Strict):
         from refusal_assets.storage import category_key
 
         if v is not None and not v:
-            raise ValueError("an empty list trains the SAEs on nothing; omit the key (null) to train on every category")
+            raise ValueError(
+                "an empty list trains the SAEs on nothing; omit the key (null) to train on every category"
+            )
         for c in v or []:
             category_key(c)
         return v
@@ -420,7 +424,9 @@ class ProjectConfig(_Strict):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         if not SAFE_KEY.match(v) or ".." in v:
-            raise ValueError(f"name {v!r} must match {SAFE_KEY.pattern} (it names a folder under storage/)")
+            raise ValueError(
+                f"name {v!r} must match {SAFE_KEY.pattern} (it names a folder under storage/)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -439,7 +445,9 @@ class ProjectConfig(_Strict):
         for m in self.models:
             if m.model_key == model_key:
                 return m
-        raise KeyError(f"no model with key {model_key!r}; known: {[m.model_key for m in self.models]}")
+        raise KeyError(
+            f"no model with key {model_key!r}; known: {[m.model_key for m in self.models]}"
+        )
 
     def site_keys(self) -> list[str]:
         return [s for m in self.models for s in m.site_keys]
@@ -460,23 +468,33 @@ class ProjectConfig(_Strict):
                 raise ValueError(
                     "the models section is hashed per model (ProjectConfig.model_hash), not as a code version"
                 )
-            payload[name] = getattr(self, name).model_dump(mode="json", exclude=NOT_HASHED.get(name))
-            if name == "sae" and self.sae.splice == SpliceEvalConfig(batch_size=self.sae.splice.batch_size):
+            payload[name] = getattr(self, name).model_dump(
+                mode="json", exclude=NOT_HASHED.get(name)
+            )
+            if name == "sae" and self.sae.splice == SpliceEvalConfig(
+                batch_size=self.sae.splice.batch_size
+            ):
                 # the splice settings were hard-coded before they were config: at their defaults they
                 # leave the SAE code version as it was, so existing SAEs are not rebuilt for nothing
                 payload[name].pop("splice", None)
             if name == "sae" and self.sae.corpus is None:
-                payload[name].pop("corpus", None)  # absent = the hash SAEs had before the field existed
+                payload[name].pop(
+                    "corpus", None
+                )  # absent = the hash SAEs had before the field existed
             if name == "sae" and self.sae.lr_decay_steps == 0:
                 payload[name].pop("lr_decay_steps", None)  # likewise
             if name == "sae" and self.sae.template_repeats == 1:
                 payload[name].pop("template_repeats", None)  # likewise
             if name == "sae" and self.sae.train_categories is None:
-                payload[name].pop("train_categories", None)  # absent = the hash SAEs had before the field existed
+                payload[name].pop(
+                    "train_categories", None
+                )  # absent = the hash SAEs had before the field existed
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
-    def model_hash(self, model_key: str, part: Literal["behaviour", "activations"] = "behaviour") -> str:
+    def model_hash(
+        self, model_key: str, part: Literal["behaviour", "activations"] = "behaviour"
+    ) -> str:
         """One model's output-relevant settings, hashed: the data version of its ``model_config``
         partition (``behaviour``: everything that changes a generation, a refusal judgement or a
         circuit) or of its sites' ``site_config`` partitions (``activations``: only what changes an
@@ -507,7 +525,9 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
     def __init__(self, key: Any, path: str, line: int, first_line: int):
         self.key, self.path, self.line, self.first_line = key, path, line, first_line
         dotted = f"{path}.{key}" if path else str(key)
-        super().__init__(problem=f"duplicate key '{dotted}' on line {line} (first on line {first_line})")
+        super().__init__(
+            problem=f"duplicate key '{dotted}' on line {line} (first on line {first_line})"
+        )
 
     def __str__(self) -> str:
         return self.problem

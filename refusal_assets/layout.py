@@ -58,7 +58,9 @@ class Layout:
     def load_behaviour(self, model_key: str, category: str) -> pl.DataFrame:
         """The ``refused`` judgement and refusal score of each sampled prompt."""
         path = self.behaviour(model_key, category)
-        return pl.from_arrow(read_parquet(path, "refusal behaviour")).select("prompt_id", "refused", "refusal_score")
+        return pl.from_arrow(read_parquet(path, "refusal behaviour")).select(
+            "prompt_id", "refused", "refusal_score"
+        )
 
     def activations(self, site_key: str, category: str) -> Path:
         return self.files.path("activations", site_key, category, filename="activations.parquet")
@@ -118,7 +120,9 @@ class Layout:
         ``resid{i}`` reads layer i + 1), or None where none was found (too few refusing prompts)."""
         path = self.direction_tensors(model_key)
         if not path.is_file():
-            raise FileNotFoundError(f"refusal direction not found: {path} (materialize refusal_direction first)")
+            raise FileNotFoundError(
+                f"refusal direction not found: {path} (materialize refusal_direction first)"
+            )
         tensors = load_file(str(path))
         key = f"pooled.layer{layer}"
         return tensors[key].numpy() if key in tensors else None
@@ -139,13 +143,20 @@ class Layout:
 
     def load_circuit(self, model_key: str, category: str) -> tuple[dict, dict[str, np.ndarray]]:
         """(circuit.json, {tensor name: array}) of one circuit partition; a missing or broken one is a clear error."""
-        path, tensors_path = self.circuit_summary(model_key, category), self.circuit_tensors(model_key, category)
+        path, tensors_path = (
+            self.circuit_summary(model_key, category),
+            self.circuit_tensors(model_key, category),
+        )
         if not path.is_file():
-            raise FileNotFoundError(f"circuit not found: {path} (materialize circuit {category}|{model_key} first)")
+            raise FileNotFoundError(
+                f"circuit not found: {path} (materialize circuit {category}|{model_key} first)"
+            )
         try:
             tensors = {k: v.numpy() for k, v in load_file(str(tensors_path)).items()}
         except Exception as e:
-            raise ValueError(f"{tensors_path}: unreadable ({e}); rematerialize this circuit partition") from e
+            raise ValueError(
+                f"{tensors_path}: unreadable ({e}); rematerialize this circuit partition"
+            ) from e
         return json.loads(path.read_text()), tensors
 
     # ---- stage 5: comparison and report

@@ -56,13 +56,18 @@ def plot_sweeps(sweeps: dict[str, dict], title: str, path: Path) -> Path:
         ax.axhline(0, color="k", lw=0.5)
         # the axis follows the point estimates: a CI whose denominator nears 0 would otherwise flatten every curve
         points = [
-            r[k] for r in rows for k in ("faithfulness", "completeness", "random_faithfulness") if math.isfinite(r[k])
+            r[k]
+            for r in rows
+            for k in ("faithfulness", "completeness", "random_faithfulness")
+            if math.isfinite(r[k])
         ]
         ax.set_ylim(min(points + [0.0]) - 0.25, max(points + [1.0]) + 0.25)
         ax.set_xscale("log")
         ax.set_xlabel("nodes in circuit")
         den = sweep["m_full"] - sweep["m_empty"]
-        ax.set_title(f"{group}: {sweep.get('n_prompts', '?')} prompts, m(M)-m(∅) {den:.2f}", fontsize=9)
+        ax.set_title(
+            f"{group}: {sweep.get('n_prompts', '?')} prompts, m(M)-m(∅) {den:.2f}", fontsize=9
+        )
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -97,5 +102,13 @@ def plot_heatmap(
                 continue
             star = "*" if annotate_significance is not None and annotate_significance[i, j] else ""
             colour = "black" if matrix[i, j] > mid else "white"  # readable on both ends of viridis
-            ax.text(j, i, f"{matrix[i, j]:.2f}{star}", ha="center", va="center", fontsize=8, color=colour)
+            ax.text(
+                j,
+                i,
+                f"{matrix[i, j]:.2f}{star}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=colour,
+            )
     return save_png(fig, path, dpi=150)

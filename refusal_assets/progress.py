@@ -102,7 +102,9 @@ class ProgressSnapshot:
     def line(self, finished: bool = False) -> str:
         count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
         pct = f" ({100 * self.fraction:.0f} %)" if self.fraction is not None else ""
-        rate = f"{self.rate:.2f} {self.unit}/s" if self.rate < 10 else f"{self.rate:.0f} {self.unit}/s"
+        rate = (
+            f"{self.rate:.2f} {self.unit}/s" if self.rate < 10 else f"{self.rate:.0f} {self.unit}/s"
+        )
         if finished:
             tail = f"done in {_duration(self.elapsed_s)}, {rate}"
         else:
@@ -137,7 +139,12 @@ class Progress:
                 f"progress {name!r}: every_s must be > 0 and every_fraction in (0, 1], got {every_s}, {every_fraction}"
             )
         self.name, self.total, self.unit, self.log = name, total, unit, log
-        self.every_s, self.every_fraction, self.min_gap_s, self.clock = every_s, every_fraction, min_gap_s, clock
+        self.every_s, self.every_fraction, self.min_gap_s, self.clock = (
+            every_s,
+            every_fraction,
+            min_gap_s,
+            clock,
+        )
         self.done = 0
         self.extra = ""
         self.lines: list[str] = []  # what was logged, for the caller's metadata or a test
@@ -161,7 +168,9 @@ class Progress:
             )
 
     def snapshot(self) -> ProgressSnapshot:
-        return ProgressSnapshot(self.name, self.unit, self.done, self.total, self.clock() - self._t0, self.extra)
+        return ProgressSnapshot(
+            self.name, self.unit, self.done, self.total, self.clock() - self._t0, self.extra
+        )
 
     def _emit(self, line: str) -> None:
         self.lines.append(line)
@@ -190,7 +199,9 @@ class Progress:
             if fraction >= self._next_milestone:
                 crossed = True
                 # skip every milestone this update jumped over: one line, not one per 10 %
-                self._next_milestone = (math.floor(fraction / self.every_fraction + 1e-9) + 1) * self.every_fraction
+                self._next_milestone = (
+                    math.floor(fraction / self.every_fraction + 1e-9) + 1
+                ) * self.every_fraction
         finished = self.total is not None and self.done >= self.total
         if finished:
             return  # the closing line says it
@@ -203,7 +214,9 @@ class Progress:
             self._bar.close()
             self._bar = None
         snap = self.snapshot()
-        self._emit(snap.line(finished=True) if not failed else f"{snap.line()} (stopped by an error)")
+        self._emit(
+            snap.line(finished=True) if not failed else f"{snap.line()} (stopped by an error)"
+        )
 
     def __enter__(self) -> Progress:
         self.start()

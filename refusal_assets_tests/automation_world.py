@@ -40,7 +40,9 @@ def wiring_replica(defs: dg.Definitions, failing_checks: dict[str, set[str]] | N
                 name=a.key.to_python_identifier(),
             )(
                 _recording_body(
-                    a.key.to_user_string(), list(a.check_specs), failing_checks.get(a.key.to_user_string(), set())
+                    a.key.to_user_string(),
+                    list(a.check_specs),
+                    failing_checks.get(a.key.to_user_string(), set()),
                 )
             )
         )
@@ -53,7 +55,8 @@ def _recording_body(key: str, checks: list, failing: set[str]):
         failed = bool(set(map(str, keys)) & failing)
         return dg.MaterializeResult(
             check_results=[
-                dg.AssetCheckResult(check_name=c.name, asset_key=c.asset_key, passed=not failed) for c in checks
+                dg.AssetCheckResult(check_name=c.name, asset_key=c.asset_key, passed=not failed)
+                for c in checks
             ]
         )
 
@@ -99,7 +102,11 @@ def execute(assets: list, instance: dg.DagsterInstance, req: dict[str, set]) -> 
                 continue
             for p in sorted(req[name], key=str):
                 result = dg.materialize(
-                    assets, instance=instance, selection=[key], partition_key=p, raise_on_error=False
+                    assets,
+                    instance=instance,
+                    selection=[key],
+                    partition_key=p,
+                    raise_on_error=False,
                 )
                 assert result.success, f"{name} {p} failed"
 

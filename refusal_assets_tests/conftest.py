@@ -31,14 +31,14 @@ def _restore_cli_environment():
     """`refusal-assets` commands export their flags (config, data dir, storage, DAGSTER_HOME) to the
     environment on purpose; tests that call them in-process must not leak those into later tests
     (or into the servers those tests start)."""
-    names = [n for n in os.environ if n.startswith("REFUSAL_ASSETS_") and n != "REFUSAL_ASSETS_CACHE"] + [
-        "DAGSTER_HOME"
-    ]
+    names = [
+        n for n in os.environ if n.startswith("REFUSAL_ASSETS_") and n != "REFUSAL_ASSETS_CACHE"
+    ] + ["DAGSTER_HOME"]
     saved = {n: os.environ.get(n) for n in names}
     yield
-    for n in [n for n in os.environ if n.startswith("REFUSAL_ASSETS_") and n != "REFUSAL_ASSETS_CACHE"] + [
-        "DAGSTER_HOME"
-    ]:
+    for n in [
+        n for n in os.environ if n.startswith("REFUSAL_ASSETS_") and n != "REFUSAL_ASSETS_CACHE"
+    ] + ["DAGSTER_HOME"]:
         if saved.get(n) is None:
             os.environ.pop(n, None)
         else:

@@ -49,7 +49,9 @@ def test_padding_does_not_change_activations_or_p_ref(tiny_model):
     batch = encode_chat(tok, [LONG[0], SHORT, LONG[1], LONG[2]])
     j = 1
     n = int(alone.attention_mask.sum())
-    assert int(batch.attention_mask[j].sum()) == n and batch.input_ids.shape[1] > n + 10  # really padded
+    assert (
+        int(batch.attention_mask[j].sum()) == n and batch.input_ids.shape[1] > n + 10
+    )  # really padded
     assert torch.equal(batch.input_ids[j, -n:], alone.input_ids[0])
     assert torch.equal(batch.position_ids[j, -n:], torch.arange(n))
     assert torch.equal(batch.post_instruction[j, -n:], alone.post_instruction[0])
@@ -59,7 +61,9 @@ def test_padding_does_not_change_activations_or_p_ref(tiny_model):
     b = acts.forward_sites(model, batch, ALL_SITES)
     for site in ALL_SITES:
         assert torch.isfinite(b[site]).all(), site
-        torch.testing.assert_close(b[site][j, -n:], a[site][0], atol=ATOL, rtol=0, msg=f"site {site.name}")
+        torch.testing.assert_close(
+            b[site][j, -n:], a[site][0], atol=ATOL, rtol=0, msg=f"site {site.name}"
+        )
 
     ids = torch.tensor(refusal_token_ids(tok, ["I'm sorry", "I cannot", "Sorry"]))
     p_alone = p_refusal(model, alone, ids)
@@ -84,12 +88,16 @@ def test_residual_sites_match_hidden_states(tiny_model):
     got = acts.forward_sites(model, batch, ALL_SITES, stop_early=False)
     for i in range(3):  # hidden_states[4] is after the final norm
         torch.testing.assert_close(got[S(f"resid{i}")][real], hs[i + 1][real], atol=1e-5, rtol=0)
-    torch.testing.assert_close(model.model.norm(got[S("resid3")])[real], hs[4][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model.model.norm(got[S("resid3")])[real], hs[4][real], atol=1e-5, rtol=1e-5
+    )
     # each block adds its attention output and its MLP output to the residual stream
     for i in range(4):
         before = hs[0] if i == 0 else got[S(f"resid{i - 1}")]
         delta = got[S(f"resid{i}")] - before
-        torch.testing.assert_close(delta[real], (got[S(f"attn{i}")] + got[S(f"mlp{i}")])[real], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            delta[real], (got[S(f"attn{i}")] + got[S(f"mlp{i}")])[real], atol=1e-5, rtol=0
+        )
         assert got[S(f"mlp{i}")].abs().max() > 0 and got[S(f"attn{i}")].abs().max() > 0
     # with early stop (the default) the same tensors come back
     early = acts.forward_sites(model, batch, [S("resid0"), S("mlp1"), S("attn2"), S("resid2")])
@@ -135,8 +143,12 @@ def test_later_intervention_hooks_see_and_change_the_original(tiny_model, stop_e
             h.remove()
         ours = dict(captured)
     assert set(ours) == set(sites)
-    torch.testing.assert_close(seen["input"], clean[S("resid1")], atol=0, rtol=0)  # it saw the original
-    torch.testing.assert_close(ours[S("resid1")], clean[S("resid1")], atol=0, rtol=0)  # ours was not modified
+    torch.testing.assert_close(
+        seen["input"], clean[S("resid1")], atol=0, rtol=0
+    )  # it saw the original
+    torch.testing.assert_close(
+        ours[S("resid1")], clean[S("resid1")], atol=0, rtol=0
+    )  # ours was not modified
     assert (ours[S("resid2")] - clean[S("resid2")]).abs().max() > 1e-3  # the change propagated
     # after the context: no hook of ours is left and a forward is clean again
     assert n_hooks(model) == hooks_before
@@ -201,7 +213,11 @@ def _alone(model, tok, prompt: str, sites: list[Site]):
     """One prompt without padding: (n real tokens, post-instruction indices, activations per site [T, d])."""
     b = encode_chat(tok, [prompt])
     a = acts.forward_sites(model, b, sites)
-    return int(b.attention_mask.sum()), b.post_instruction[0].nonzero().flatten().tolist(), {s: a[s][0] for s in sites}
+    return (
+        int(b.attention_mask.sum()),
+        b.post_instruction[0].nonzero().flatten().tolist(),
+        {s: a[s][0] for s in sites},
+    )
 
 
 @pytest.mark.parametrize("all_positions", [True, False])
@@ -212,10 +228,19 @@ def test_collect_activations_writes_one_parquet_per_site(tiny_model, tmp_path, a
     out = tmp_path / "acts"
     paths = {s: out / s.name / "activations.parquet" for s in sites}
     n_rows = acts.collect_activations(
-        model, tok, sample, sites, paths, batch_size=4, all_positions=all_positions, log=lambda s: None
+        model,
+        tok,
+        sample,
+        sites,
+        paths,
+        batch_size=4,
+        all_positions=all_positions,
+        log=lambda s: None,
     )
 
-    expected = {pid: _alone(model, tok, p, sites) for pid, p in zip(sample["prompt_id"], sample["prompt"])}
+    expected = {
+        pid: _alone(model, tok, p, sites) for pid, p in zip(sample["prompt_id"], sample["prompt"])
+    }
     n_real = sum(n for n, _, _ in expected.values())
     n_post = sum(len(p) for _, p, _ in expected.values())
     assert n_post >= 2 * sample.height
@@ -232,7 +257,14 @@ def test_collect_activations_writes_one_parquet_per_site(tiny_model, tmp_path, a
         assert table.num_rows == want_rows
         assert pq.ParquetFile(paths[site]).metadata.num_row_groups == 3  # one per batch of 4
         assert table.schema.field("vector").type == pa.list_(pa.float16(), d)
-        assert table.column_names == ["prompt_id", "split", "heldout", "token_index", "is_post_instruction", "vector"]
+        assert table.column_names == [
+            "prompt_id",
+            "split",
+            "heldout",
+            "token_index",
+            "is_post_instruction",
+            "vector",
+        ]
         vectors, meta = acts.read_vectors(paths[site])
         assert vectors.dtype == torch.float16 and vectors.shape == (want_rows, d)
         assert acts.non_finite_rows(vectors) == 0
@@ -245,13 +277,17 @@ def test_collect_activations_writes_one_parquet_per_site(tiny_model, tmp_path, a
             rows = meta.filter(pl.col("prompt_id") == pid)
             r = rows["row"].to_list()
             assert r == list(range(r[0], r[0] + len(r)))
-            assert rows["heldout"].unique().to_list() == [heldout] and rows["split"].unique().to_list() == [split]
+            assert rows["heldout"].unique().to_list() == [heldout] and rows[
+                "split"
+            ].unique().to_list() == [split]
             want_idx = list(range(n)) if all_positions else post
             assert rows["token_index"].to_list() == want_idx
             assert rows.filter(pl.col("is_post_instruction"))["token_index"].to_list() == post
             assert post == list(range(n - len(post), n))  # the template's tail
             # the vectors are this prompt's activations (as computed without padding), in float16
-            torch.testing.assert_close(vectors[r].float(), ref[site][want_idx].half().float(), atol=2e-3, rtol=1e-2)
+            torch.testing.assert_close(
+                vectors[r].float(), ref[site][want_idx].half().float(), atol=2e-3, rtol=1e-2
+            )
         post_only, meta_post = acts.read_vectors(paths[site], post_instruction_only=True)
         assert post_only.shape[0] == n_post and meta_post["is_post_instruction"].all()
 
@@ -274,7 +310,9 @@ def test_collect_activations_failure_leaves_no_file(tiny_model, tmp_path, monkey
 
     monkeypatch.setattr(acts, "forward_sites", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        acts.collect_activations(model, tok, make_sample(10), sites, paths, batch_size=4, log=lambda s: None)
+        acts.collect_activations(
+            model, tok, make_sample(10), sites, paths, batch_size=4, log=lambda s: None
+        )
     assert calls["n"] == 2
     assert paths[sites[0]].read_bytes() == b"previous"
     assert not paths[sites[1]].exists()

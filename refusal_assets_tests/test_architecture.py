@@ -53,7 +53,10 @@ def test_hooks_are_removed_on_error_and_stop_ends_the_pass(tiny_model):
     batch = encode_chat(tok, ["Hello there"])
     before = n_hooks(model)
     seen: list[str] = []
-    with pytest.raises(RuntimeError, match="boom"), site_hooks(model, {SITES[0]: lambda *_: seen.append("one")}):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        site_hooks(model, {SITES[0]: lambda *_: seen.append("one")}),
+    ):
         assert n_hooks(model) == before + 1
         raise RuntimeError("boom")
     assert n_hooks(model) == before
@@ -92,7 +95,9 @@ def test_layout_paths_and_readers(tmp_path):
     write_text('{"groups": {}}', layout.circuit_summary("m", "privacy"))
     with pytest.raises(ValueError, match="effects.safetensors: unreadable"):
         layout.load_circuit("m", "privacy")
-    write_safetensors({"site_of_node": torch.arange(3, dtype=torch.int32)}, layout.circuit_tensors("m", "privacy"))
+    write_safetensors(
+        {"site_of_node": torch.arange(3, dtype=torch.int32)}, layout.circuit_tensors("m", "privacy")
+    )
     summary, tensors = layout.load_circuit("m", "privacy")
     assert summary == {"groups": {}} and tensors["site_of_node"].tolist() == [0, 1, 2]
     with pytest.raises(FileNotFoundError, match="prompt sample not found"):
@@ -112,7 +117,9 @@ def test_no_asset_module_imports_another_and_paths_live_in_the_layout():
         if path.name == "build.py":
             continue  # where the asset modules are assembled
         imported = _imports(path) & asset_modules
-        assert not imported - {f"refusal_assets.defs.{path.stem}"}, f"{path.name} imports {imported}"
+        assert not imported - {f"refusal_assets.defs.{path.stem}"}, (
+            f"{path.name} imports {imported}"
+        )
     # every storage path is spelled in layout.py: no other module calls Storage.path
     for path in (ROOT / "refusal_assets").rglob("*.py"):
         if path.name not in {"layout.py", "storage.py"}:
@@ -157,10 +164,21 @@ def found(tiny_model):
     gen = torch.Generator().manual_seed(0)
     saes = {s: TopKSAE(64, 128, k=16, generator=gen).eval() for s in SITES}
     ids = torch.tensor(refusal_token_ids(tok, ["Sorry"]))
-    cc = CircuitConfig(k_per_site=4, eval_sizes=[1, 2], prompt_filter="refused", max_edges=5, n_bootstrap=20)
+    cc = CircuitConfig(
+        k_per_site=4, eval_sizes=[1, 2], prompt_filter="refused", max_edges=5, n_bootstrap=20
+    )
     directions = {SITES[0]: torch.ones(64), SITES[1]: None}
     return find_circuit(
-        model, tok, _sample(), saes, ids, directions, cc, category="cat", model_key="m", run=CircuitRun(batch_size=4)
+        model,
+        tok,
+        _sample(),
+        saes,
+        ids,
+        directions,
+        cc,
+        category="cat",
+        model_key="m",
+        run=CircuitRun(batch_size=4),
     ), cc
 
 
@@ -169,9 +187,14 @@ def test_find_circuit_result(found):
     assert set(result.groups) == {"toxic", "benign"}
     toxic, benign = result.groups["toxic"], result.groups["benign"]
     assert toxic.prompt_set == "refused" and toxic.n_prompts == 4
-    assert benign.prompt_set.startswith("all (refused: only 0") and benign.n_prompts == benign.n_prompts_in_group == 6
+    assert (
+        benign.prompt_set.startswith("all (refused: only 0")
+        and benign.n_prompts == benign.n_prompts_in_group == 6
+    )
     assert toxic.effects.shape == (4, result.index.n_nodes) and toxic.scores.shape == (4,)
-    assert int(toxic.chosen.sum()) == 2 * cc.k_per_site and toxic.at_k.size_per_site == cc.k_per_site
+    assert (
+        int(toxic.chosen.sum()) == 2 * cc.k_per_site and toxic.at_k.size_per_site == cc.k_per_site
+    )
     assert [p.size_per_site for p in toxic.sweep.sweep] == [1, 2, 4]
     assert benign.edges == [] and len(toxic.edges) <= cc.max_edges
     assert result.baseline_set == "safe, complied" and result.n_baseline == 4
@@ -179,7 +202,9 @@ def test_find_circuit_result(found):
     # the direction baseline: only sites with a direction, scored on the one held-out toxic prompt
     assert set(result.directions) == {"resid1"}
     d = result.directions["resid1"]
-    assert d.score_clean == pytest.approx(float(toxic.scores[0]), abs=1e-4) and np.isfinite(d.score_ablated)
+    assert d.score_clean == pytest.approx(float(toxic.scores[0]), abs=1e-4) and np.isfinite(
+        d.score_ablated
+    )
     summary = result.to_json()
     assert list(summary["groups"]["toxic"])[:6] == [
         "n_prompts",
@@ -247,11 +272,18 @@ def test_fit_site_filters_outliers_trains_and_splices(tiny_model):
         return model, tok
 
     prompts = pl.DataFrame(
-        {"prompt_id": [f"p{i}" for i in range(50)], "prompt": ["Hello there", "What is the capital of France?"] * 25}
+        {
+            "prompt_id": [f"p{i}" for i in range(50)],
+            "prompt": ["Hello there", "What is the capital of France?"] * 25,
+        }
     )
-    fitted = fit_site(x.half(), prompt_ids, cfg, load_lm, SITES[0], prompts, options=FitOptions(log=order.append))
+    fitted = fit_site(
+        x.half(), prompt_ids, cfg, load_lm, SITES[0], prompts, options=FitOptions(log=order.append)
+    )
     assert fitted.n_outliers == 3 and fitted.n_vectors == 597
-    assert fitted.max_norm == pytest.approx(float(x[3:].half().float().norm(dim=-1).max()), rel=1e-3)
+    assert fitted.max_norm == pytest.approx(
+        float(x[3:].half().float().norm(dim=-1).max()), rel=1e-3
+    )
     assert fitted.sae.W_dec.shape == (128, 64) and fitted.pretrained is None
     assert fitted.n_val_vectors == fitted.history["n_val"] > 0
     assert 0 <= fitted.metrics["dead_fraction"] <= fitted.metrics["dead_fraction_val"] <= 1

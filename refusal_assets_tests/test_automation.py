@@ -28,7 +28,9 @@ def _materialize_all(defs: dg.Definitions, instance: dg.DagsterInstance) -> None
         partitions = node.partitions_def.get_partition_keys() if node.partitions_def else [None]
         for p in partitions:
             instance.report_runless_asset_event(
-                dg.AssetMaterialization(key, partition=p, tags={"dagster/code_version": code_version})
+                dg.AssetMaterialization(
+                    key, partition=p, tags={"dagster/code_version": code_version}
+                )
             )
 
 
@@ -38,7 +40,9 @@ def _requested(result) -> dict[str, set]:
         if r.true_subset.size:
             key = r.key.to_user_string() if hasattr(r.key, "to_user_string") else str(r.key)
             out[key] = (
-                set(r.true_subset.expensively_compute_partition_keys()) if r.true_subset.is_partitioned else {None}
+                set(r.true_subset.expensively_compute_partition_keys())
+                if r.true_subset.is_partitioned
+                else {None}
             )
     return out
 
@@ -47,7 +51,9 @@ def _requested(result) -> dict[str, set]:
 def world(tiny_cfg, tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     defs = build_defs(tiny_cfg, tmp_path)
-    record_config_versions(instance, tiny_cfg)  # what the config sensor / `refusal-assets run` record
+    record_config_versions(
+        instance, tiny_cfg
+    )  # what the config sensor / `refusal-assets run` record
     _materialize_all(defs, instance)
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     return instance, first
@@ -87,12 +93,18 @@ def test_adding_a_site_requests_exactly_the_new_partitions(tiny_cfg, tmp_path, w
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     requested = _requested(result)
     assert set(requested) == {"activations"}
-    assert {dict(k.keys_by_dimension)["site"] for k in requested["activations"]} == {"tiny-qwen2__resid3"}
+    assert {dict(k.keys_by_dimension)["site"] for k in requested["activations"]} == {
+        "tiny-qwen2__resid3"
+    }
     assert len(requested["activations"]) == 4
 
 
 def _record(defs: dg.Definitions, instance: dg.DagsterInstance, key: str, partitions: set) -> None:
-    cv = defs.resolve_asset_graph().get(dg.AssetKey(key)).assets_def.code_versions_by_key[dg.AssetKey(key)]
+    cv = (
+        defs.resolve_asset_graph()
+        .get(dg.AssetKey(key))
+        .assets_def.code_versions_by_key[dg.AssetKey(key)]
+    )
     for p in partitions:
         instance.report_runless_asset_event(
             dg.AssetMaterialization(key, partition=p, tags={"dagster/code_version": cv})
@@ -105,7 +117,9 @@ def test_editing_the_sae_corpus_file_rebuilds_it_then_the_saes(tiny_cfg, tmp_pat
     corpus = tmp_path / "corpus.csv"
     corpus.write_text("prompt\nHow do I repot a cactus?\n")
     cfg = tiny_cfg.model_copy(
-        update={"sae": tiny_cfg.sae.model_copy(update={"corpus": SAECorpusConfig(path=str(corpus))})}
+        update={
+            "sae": tiny_cfg.sae.model_copy(update={"corpus": SAECorpusConfig(path=str(corpus))})
+        }
     )
     instance = dg.DagsterInstance.ephemeral()
     defs = build_defs(cfg, tmp_path)

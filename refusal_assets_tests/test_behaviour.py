@@ -57,7 +57,12 @@ def test_judge_refusal_curly_apostrophe_in_phrase():
 def test_refusal_token_ids_configured_tokens(tiny_model):
     _, tok = tiny_model
     ids = refusal_token_ids(tok, DEFAULT_REFUSAL_PHRASES, ["I", " I"])
-    assert ids == sorted({tok.encode("I", add_special_tokens=False)[0], tok.encode(" I", add_special_tokens=False)[0]})
+    assert ids == sorted(
+        {
+            tok.encode("I", add_special_tokens=False)[0],
+            tok.encode(" I", add_special_tokens=False)[0],
+        }
+    )
     assert len(ids) == 2
 
 
@@ -74,7 +79,9 @@ def test_refusal_token_ids_from_phrases(tiny_model):
     want = {tok.encode(v, add_special_tokens=False)[0] for p in phrases for v in (p, " " + p)}
     ids = refusal_token_ids(tok, phrases)
     assert ids == sorted(want) and all(isinstance(i, int) for i in ids)
-    assert refusal_token_ids(tok, phrases, []) == ids  # an empty list means "derive from the phrases"
+    assert (
+        refusal_token_ids(tok, phrases, []) == ids
+    )  # an empty list means "derive from the phrases"
 
 
 # -------------------------------------------------------------------------------- refusal score
@@ -151,12 +158,16 @@ def test_run_behaviour_on_tiny_model(tiny_model, tiny_cfg):
     assert ((p >= 0) & (p <= 1)).all()
     s = out["refusal_score"].to_numpy()
     assert (abs(s - [math.log(max(x, 1e-6) / (1 - min(x, 1 - 1e-6))) for x in p]) < 1e-3).all()
-    assert out["refused"].to_list() == [judge_refusal(r, cfg.refusal.phrases) for r in out["response"]]
+    assert out["refused"].to_list() == [
+        judge_refusal(r, cfg.refusal.phrases) for r in out["response"]
+    ]
     # p_refusal does not depend on the batch: the first prompt alone gives the same value
     ids = torch.tensor(refusal_token_ids(tok, cfg.refusal.phrases, cfg.refusal.refusal_tokens))
     for pid, prompt in zip(sample["prompt_id"], sample["prompt"]):
         alone = p_refusal(model, encode_chat(tok, [prompt], cfg.chat_template.system_prompt), ids)
-        assert alone.item() == pytest.approx(out.filter(pl.col("prompt_id") == pid)["p_refusal"].item(), abs=1e-4)
+        assert alone.item() == pytest.approx(
+            out.filter(pl.col("prompt_id") == pid)["p_refusal"].item(), abs=1e-4
+        )
 
 
 def test_run_behaviour_empty_sample(tiny_model, tiny_cfg):
@@ -175,7 +186,10 @@ def test_greedy_generation_does_not_depend_on_padding(tiny_model):
         return out[0] if isinstance(out, tuple) else out  # (texts, first-step logits) or texts
 
     model, tok = tiny_model
-    short, longer = "Hi", "How do I write a poem about the sea? Please answer at length, with three examples."
+    short, longer = (
+        "Hi",
+        "How do I write a poem about the sea? Please answer at length, with three examples.",
+    )
     alone = texts(encode_chat(tok, [short]))
     batched = texts(encode_chat(tok, [longer, short]))
     assert batched[1] == alone[0]

@@ -20,13 +20,17 @@ CATS = ["harassment", "violence"]  # harassment: the weak partition, violence: t
 @pytest.fixture()
 def setup(tiny_cfg, tmp_path):
     # two of the tiny config's categories: its SAEs then train on both (train_categories pins all four)
-    tiny_cfg = tiny_cfg.model_copy(update={"sae": tiny_cfg.sae.model_copy(update={"train_categories": None})})
+    tiny_cfg = tiny_cfg.model_copy(
+        update={"sae": tiny_cfg.sae.model_copy(update={"train_categories": None})}
+    )
     parts = Partitions.build(tiny_cfg, CATS)
     defs = {next(iter(c.check_keys)).name: c for c in checks.build(tiny_cfg, parts)}
     return tiny_cfg, parts, defs, Layout(tmp_path), tmp_path
 
 
-def _run(asset: str, pdef: dg.PartitionsDefinition, key, check_defs: list, root) -> dict[str, dg.AssetCheckEvaluation]:
+def _run(
+    asset: str, pdef: dg.PartitionsDefinition, key, check_defs: list, root
+) -> dict[str, dg.AssetCheckEvaluation]:
     """Materialize a no-op stand-in for ``asset`` (the files are already there) with its checks."""
 
     @dg.asset(name=asset, partitions_def=pdef)
@@ -34,13 +38,17 @@ def _run(asset: str, pdef: dg.PartitionsDefinition, key, check_defs: list, root)
         return None
 
     result = dg.materialize(
-        [stand_in, *check_defs], partition_key=key, resources={"storage": StorageResource(root=str(root))}
+        [stand_in, *check_defs],
+        partition_key=key,
+        resources={"storage": StorageResource(root=str(root))},
     )
     assert result.success
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
 
-def _group(*, denominator_ci, advantage_ci, n_used, prompt_set, faithfulness=0.8, random=0.1) -> dict:
+def _group(
+    *, denominator_ci, advantage_ci, n_used, prompt_set, faithfulness=0.8, random=0.1
+) -> dict:
     return {
         "n_prompts": n_used,
         "n_prompts_in_group": 8,
@@ -54,9 +62,12 @@ def _group(*, denominator_ci, advantage_ci, n_used, prompt_set, faithfulness=0.8
 
 
 def _write_circuit(layout: Layout, model: str, category: str, groups: dict) -> None:
-    write_safetensors({"site_of_node": torch.zeros(3, dtype=torch.int32)}, layout.circuit_tensors(model, category))
+    write_safetensors(
+        {"site_of_node": torch.zeros(3, dtype=torch.int32)}, layout.circuit_tensors(model, category)
+    )
     write_text(
-        json.dumps({"category": category, "model": model, "groups": groups}), layout.circuit_summary(model, category)
+        json.dumps({"category": category, "model": model, "groups": groups}),
+        layout.circuit_summary(model, category),
     )
 
 
@@ -64,9 +75,14 @@ def test_circuit_checks_warn_on_a_weak_circuit_and_pass_a_sound_one(setup):
     cfg, parts, defs, layout, root = setup
     model = cfg.models[0].model_key
     weak = _group(
-        denominator_ci=[-0.1, 0.3], advantage_ci=[-0.2, 0.4], n_used=8, prompt_set="all (score_positive: only 1 < 2)"
+        denominator_ci=[-0.1, 0.3],
+        advantage_ci=[-0.2, 0.4],
+        n_used=8,
+        prompt_set="all (score_positive: only 1 < 2)",
     )
-    sound = _group(denominator_ci=[0.8, 1.2], advantage_ci=[0.3, 0.9], n_used=5, prompt_set="score_positive")
+    sound = _group(
+        denominator_ci=[0.8, 1.2], advantage_ci=[0.3, 0.9], n_used=5, prompt_set="score_positive"
+    )
     _write_circuit(layout, model, "harassment", {"toxic": weak, "benign": sound})
     _write_circuit(layout, model, "violence", {"toxic": sound, "benign": sound})
     names = ["denominator_ci_excludes_zero", "faithfulness_above_random", "enough_prompts"]
@@ -91,7 +107,10 @@ def test_circuit_checks_warn_on_a_weak_circuit_and_pass_a_sound_one(setup):
         .value.startswith("toxic: m(M) - m(∅) = 1.000, 95% CI [-0.100, 0.300] includes 0")
     )
     assert evals["denominator_ci_excludes_zero"].metadata["toxic_ci_lo"].value == -0.1
-    assert "the circuit is no better than a random one" in evals["faithfulness_above_random"].metadata["why"].value
+    assert (
+        "the circuit is no better than a random one"
+        in evals["faithfulness_above_random"].metadata["why"].value
+    )
     assert (
         "only 1 < 2" in evals["enough_prompts"].metadata["why"].value
         and "benign" not in evals["enough_prompts"].metadata["why"].value
@@ -118,11 +137,18 @@ def test_behaviour_check_warns_when_safe_prompts_are_refused_as_often(setup):
     for category in CATS:
         key = dg.MultiPartitionKey({"model": model, "category": category})
         results[category] = _run(
-            "refusal_behaviour", parts.model_category, key, [defs["toxic_refused_more_than_safe"]], root
+            "refusal_behaviour",
+            parts.model_category,
+            key,
+            [defs["toxic_refused_more_than_safe"]],
+            root,
         )["toxic_refused_more_than_safe"]
     weak, sound = results["harassment"], results["violence"]
     assert not weak.passed and weak.severity == dg.AssetCheckSeverity.WARN
-    assert weak.metadata["refusal_rate_toxic"].value == 0.25 and weak.metadata["refusal_rate_safe"].value == 0.25
+    assert (
+        weak.metadata["refusal_rate_toxic"].value == 0.25
+        and weak.metadata["refusal_rate_safe"].value == 0.25
+    )
     assert "at least as often" in weak.metadata["why"].value
     assert sound.passed and sound.metadata["refusal_rate_toxic"].value == 0.75
     assert (
@@ -145,10 +171,17 @@ def test_behaviour_check_warns_when_safe_prompts_are_refused_as_often(setup):
 def test_comparison_check_warns_below_two_categories(setup, groups, passed):
     cfg, parts, defs, layout, root = setup
     model = cfg.models[0].model_key
-    write_text(json.dumps({"model": model, "categories": CATS, "groups": groups}), layout.comparison_summary(model))
-    e = _run("comparison", parts.model, model, [defs["enough_categories"]], root)["enough_categories"]
+    write_text(
+        json.dumps({"model": model, "categories": CATS, "groups": groups}),
+        layout.comparison_summary(model),
+    )
+    e = _run("comparison", parts.model, model, [defs["enough_categories"]], root)[
+        "enough_categories"
+    ]
     assert e.passed is passed and e.severity == dg.AssetCheckSeverity.WARN
-    assert (e.metadata["why"].value == "every prompt group compares at least 2 categories.") is passed
+    assert (
+        e.metadata["why"].value == "every prompt group compares at least 2 categories."
+    ) is passed
 
 
 def test_checks_are_registered_non_blocking_on_their_assets(tiny_cfg, tmp_path):

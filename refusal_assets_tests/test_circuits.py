@@ -51,7 +51,9 @@ def planted(tiny_model):
     u = basis[0]
     refusal_ids = torch.tensor(refusal_token_ids(tok, ["I'm sorry", "I cannot", "Sorry"]))
     with torch.no_grad():
-        for block in model.model.layers[2:]:  # later blocks become the identity on the residual stream
+        for block in model.model.layers[
+            2:
+        ]:  # later blocks become the identity on the residual stream
             block.self_attn.o_proj.weight.zero_()
             block.mlp.down_proj.weight.zero_()
         model.model.norm.weight.fill_(1.0)
@@ -72,7 +74,8 @@ def test_planted_latent_is_recovered_first(planted, method):
     model, tok, saes, baseline, refusal_ids = planted
     post = post_positions(encode_chat(tok, PROMPTS))
     baseline = Baseline(
-        {SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]}
+        {SITE: baseline.f_mean[SITE][: post.shape[1]]},
+        {SITE: baseline.err_mean[SITE][: post.shape[1]]},
     )
     effects, scores = node_effects(
         model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2, method=method, ig_steps=8
@@ -81,7 +84,9 @@ def test_planted_latent_is_recovered_first(planted, method):
     assert effects.shape == (len(PROMPTS), index.n_nodes) and np.isfinite(effects).all()
     mean = effects.mean(0)
     assert int(np.argmax(mean)) == 0  # the planted latent
-    assert mean[0] > 5 * max(mean[1:].max(), 1e-6)  # every other node pushes the score down or not at all
+    assert mean[0] > 5 * max(
+        mean[1:].max(), 1e-6
+    )  # every other node pushes the score down or not at all
     assert (effects[:, 0] > 0).all()
     circuit = select_circuit(mean, index.site_of_node, k_per_site=1)
     assert np.flatnonzero(circuit).tolist() == [0]
@@ -133,7 +138,9 @@ def test_full_circuit_faithful_empty_not_and_complement_complete(planted):
     only_planted[0] = True
     only_other = np.zeros(index.n_nodes, bool)
     only_other[7] = True
-    assert faithfulness(score(only_planted), m_empty, m_full) > faithfulness(score(only_other), m_empty, m_full)
+    assert faithfulness(score(only_planted), m_empty, m_full) > faithfulness(
+        score(only_other), m_empty, m_full
+    )
 
 
 def test_edges_and_direction_ablation_run_on_two_sites(tiny_model):
@@ -155,7 +162,12 @@ def test_edges_and_direction_ablation_run_on_two_sites(tiny_model):
     direction = torch.randn(64, generator=gen)
     ablated = direction_ablation_score(model, tok, PROMPTS, sites[0], direction, ids, batch_size=2)
     clean = ablated_score(
-        model, prepare_suffixes(model, tok, PROMPTS, batch_size=2), saes, base, np.ones(index.n_nodes, bool), ids
+        model,
+        prepare_suffixes(model, tok, PROMPTS, batch_size=2),
+        saes,
+        base,
+        np.ones(index.n_nodes, bool),
+        ids,
     )
     assert np.isfinite(ablated) and ablated != pytest.approx(clean, abs=1e-7)
 
@@ -168,7 +180,9 @@ def test_generation_logits_give_the_same_p_ref_as_a_forward(tiny_model):
     batch = encode_chat(tok, PROMPTS)
     ids = torch.tensor(refusal_token_ids(tok, ["Sorry", "I cannot"]))
     first_logits = generate(model, tok, batch, 2).first_logits
-    assert torch.allclose(last_token_refusal_prob(first_logits, ids), p_refusal(model, batch, ids), atol=1e-5)
+    assert torch.allclose(
+        last_token_refusal_prob(first_logits, ids), p_refusal(model, batch, ids), atol=1e-5
+    )
 
 
 def test_per_prompt_masks_match_separate_passes(planted):
@@ -176,7 +190,9 @@ def test_per_prompt_masks_match_separate_passes(planted):
     model, tok, saes, baseline, refusal_ids = planted
     P = post_positions(encode_chat(tok, PROMPTS)).shape[1]
     baseline = Baseline({SITE: baseline.f_mean[SITE][:P]}, {SITE: baseline.err_mean[SITE][:P]})
-    suffixes = prepare_suffixes(model, tok, PROMPTS, batch_size=2)  # masks must follow prompts across batches
+    suffixes = prepare_suffixes(
+        model, tok, PROMPTS, batch_size=2
+    )  # masks must follow prompts across batches
     n_nodes = NodeIndex([SITE], [64]).n_nodes
     rng = np.random.default_rng(0)
     masks = rng.random((len(PROMPTS), n_nodes)) < 0.5
@@ -202,10 +218,14 @@ def test_stacked_masks_in_resumed_passes_equal_one_plain_pass_per_mask(planted):
     masks[0], masks[1] = True, False
     per_row = cache_bytes_per_row(suffixes[0])
     for budget in (1, 3 * 2 * per_row, 2**30):  # one mask per pass, three, all
-        stacked = ablated_scores(model, suffixes, saes, baseline, masks, refusal_ids, max_cache_bytes=budget)
+        stacked = ablated_scores(
+            model, suffixes, saes, baseline, masks, refusal_ids, max_cache_bytes=budget
+        )
         assert stacked.shape == (7, len(PROMPTS))
         for j in range(7):
-            plain = ablated_scores(model, suffixes, saes, baseline, masks[j], refusal_ids, resume=False)
+            plain = ablated_scores(
+                model, suffixes, saes, baseline, masks[j], refusal_ids, resume=False
+            )
             np.testing.assert_allclose(stacked[j], plain, atol=1e-4, rtol=1e-4)
     assert abs(stacked[0] - stacked[1]).max() > 0.1  # the masks matter
     # the model is whole again afterwards: no block left replaced
@@ -214,7 +234,11 @@ def test_stacked_masks_in_resumed_passes_equal_one_plain_pass_per_mask(planted):
 
 def test_crossfit_folds():
     assert crossfit_folds(5, 0, seed=0).tolist() == [0, 1, 2, 3, 4]  # leave-one-out
-    assert crossfit_folds(3, 10, seed=0).tolist() == [0, 1, 2]  # more folds than prompts: leave-one-out
+    assert crossfit_folds(3, 10, seed=0).tolist() == [
+        0,
+        1,
+        2,
+    ]  # more folds than prompts: leave-one-out
     folds = crossfit_folds(10, 3, seed=1)
     assert sorted(np.bincount(folds).tolist()) == [3, 3, 4]
     assert np.array_equal(folds, crossfit_folds(10, 3, seed=1))
@@ -224,7 +248,9 @@ def test_crossfit_folds():
 
 def _additive_score_fn(effects: np.ndarray):
     """A model whose score is exactly additive in node effects: m_i(keep) = sum_j keep_ij * e_ij."""
-    return lambda keep: (keep * effects).sum(-1)  # keep [n_nodes], [n, n_nodes] or a stack [M, n, n_nodes]
+    return lambda keep: (keep * effects).sum(
+        -1
+    )  # keep [n_nodes], [n, n_nodes] or a stack [M, n, n_nodes]
 
 
 def test_crossfitting_never_scores_a_prompt_with_a_circuit_chosen_on_it():
@@ -266,7 +292,11 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
     seen = []
 
     def score_fn(keep):
-        seen.extend(np.broadcast_to(keep, (*keep.shape[:-2], *effects.shape)).reshape(-1, *effects.shape).sum(-1))
+        seen.extend(
+            np.broadcast_to(keep, (*keep.shape[:-2], *effects.shape))
+            .reshape(-1, *effects.shape)
+            .sum(-1)
+        )
         return _additive_score_fn(effects)(keep)
 
     result = evaluate_sizes(
@@ -281,14 +311,20 @@ def test_random_control_matches_circuit_size_per_site_and_sits_below():
     )
     one, two = result.sweep
     assert one.n_nodes == 2 and two.n_nodes == 4
-    assert one.n_nodes_mean_fold == 2.0 and two.n_nodes_mean_fold == 4.0  # each size's own fold circuits
+    assert (
+        one.n_nodes_mean_fold == 2.0 and two.n_nodes_mean_fold == 4.0
+    )  # each size's own fold circuits
     assert one.faithfulness > 0.8 and one.random_faithfulness < 0.2
     assert one.advantage_ci[0] > 0.5 and one.faithfulness_ci[0] > one.random_faithfulness_ci[1]
-    assert one.completeness == pytest.approx(1 - one.faithfulness)  # additive: C and its complement sum to M
+    assert one.completeness == pytest.approx(
+        1 - one.faithfulness
+    )  # additive: C and its complement sum to M
     # every circuit, complement and random mask the sweep scored has the expected size per prompt
     assert {int(x) for s in seen for x in s} <= {0, 2, 4, 98, 96, 100}
     with pytest.raises(ValueError, match="two folds"):
-        evaluate_sizes(score_fn, effects[:1], site_of_node, [1], lambda m, k: m > 0, np.zeros(1, int), seed=0)
+        evaluate_sizes(
+            score_fn, effects[:1], site_of_node, [1], lambda m, k: m > 0, np.zeros(1, int), seed=0
+        )
 
 
 def test_prompt_selection_and_baseline_follow_behaviour():
@@ -325,7 +361,8 @@ def test_confident_refusal_still_has_node_effects(planted):
         model.lm_head.weight[refusal_ids] *= 40.0  # refusal logit = 120 * u . RMSNorm(resid1)
     post = post_positions(encode_chat(tok, PROMPTS))
     baseline = Baseline(
-        {SITE: baseline.f_mean[SITE][: post.shape[1]]}, {SITE: baseline.err_mean[SITE][: post.shape[1]]}
+        {SITE: baseline.f_mean[SITE][: post.shape[1]]},
+        {SITE: baseline.err_mean[SITE][: post.shape[1]]},
     )
     effects, scores = node_effects(model, tok, PROMPTS, saes, baseline, refusal_ids, batch_size=2)
     assert (scores > 20).all()

@@ -7,8 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from refusal_assets.analysis.calibration import SyntheticDesign, calibrate_synthetic, planted_effects
-from refusal_assets.analysis.overlap import ComparisonResult, compare_categories, refusal_direction_cosines
+from refusal_assets.analysis.calibration import (
+    SyntheticDesign,
+    calibrate_synthetic,
+    planted_effects,
+)
+from refusal_assets.analysis.overlap import (
+    ComparisonResult,
+    compare_categories,
+    refusal_direction_cosines,
+)
 from refusal_assets.analysis.resampling import min_permutation_p
 from refusal_assets.circuits.selection import select_circuit
 from refusal_assets.plots import plot_heatmap
@@ -69,7 +77,9 @@ def test_disjoint_circuits_are_modular(disjoint: ComparisonResult) -> None:
     for pair in disjoint.pairs:
         assert pair.jaccard == pytest.approx(0.0, abs=0.05)
         assert pair.p_value < 0.05 and pair.significant
-        assert pair.null_mean > 0.2  # exchangeable labels mix the two patterns, so overlap would be high
+        assert (
+            pair.null_mean > 0.2
+        )  # exchangeable labels mix the two patterns, so overlap would be high
         assert pair.jaccard_ci[1] < 0.1
     assert disjoint.shared_core.size == 0
     assert disjoint.shared_fraction == 0.0
@@ -79,7 +89,9 @@ def test_disjoint_circuits_are_modular(disjoint: ComparisonResult) -> None:
 def test_disjoint_topk_larger_than_one_pattern_is_significant() -> None:
     # Top-k with room for both patterns: shuffled groups keep both categories' latents (Jaccard ~ 1),
     # the real circuits share only noise picks, so every pair sits at the p-value floor.
-    result = compare_categories(make_effects(n_shared=0), SITE_OF_NODE, **dict(TOPK, k_per_site=2 * N_STRONG))
+    result = compare_categories(
+        make_effects(n_shared=0), SITE_OF_NODE, **dict(TOPK, k_per_site=2 * N_STRONG)
+    )
     assert all(p.p_value == pytest.approx(1 / 201) and p.significant for p in result.pairs)
     assert all(p.jaccard < 0.5 < p.null_mean for p in result.pairs)
 
@@ -132,8 +144,15 @@ def test_select_circuit_topk_per_site_and_ties() -> None:
 def test_select_circuit_threshold() -> None:
     site = np.array([0, 0, 1, 1])
     mean = np.array([0.2, 0.5, 0.5, -1.0])
-    assert np.flatnonzero(select_circuit(mean, site, mode="threshold", threshold=0.5)).tolist() == [1, 2]
-    assert np.flatnonzero(select_circuit(mean, site, mode="threshold", threshold=0.0)).tolist() == [0, 1, 2]
+    assert np.flatnonzero(select_circuit(mean, site, mode="threshold", threshold=0.5)).tolist() == [
+        1,
+        2,
+    ]
+    assert np.flatnonzero(select_circuit(mean, site, mode="threshold", threshold=0.0)).tolist() == [
+        0,
+        1,
+        2,
+    ]
     with pytest.raises(ValueError, match="topk_abs"):
         select_circuit(mean, site, mode="bogus")  # type: ignore[arg-type]
 
@@ -142,10 +161,22 @@ def test_select_circuit_by_magnitude_keeps_suppressors() -> None:
     site = np.array([0, 0, 0, 0, 1, 1, 1])
     mean = np.array([0.5, 2.0, 0.1, -1.0, -3.0, -0.1, -0.2])
     # site 0: 2.0 and -1.0 (|-1.0| beats 0.5); site 1: -3.0 and -0.2
-    assert np.flatnonzero(select_circuit(mean, site, mode="topk_abs", k_per_site=2)).tolist() == [1, 3, 4, 6]
-    assert np.flatnonzero(select_circuit(mean, site, mode="threshold_abs", threshold=0.5)).tolist() == [0, 1, 3, 4]
+    assert np.flatnonzero(select_circuit(mean, site, mode="topk_abs", k_per_site=2)).tolist() == [
+        1,
+        3,
+        4,
+        6,
+    ]
+    assert np.flatnonzero(
+        select_circuit(mean, site, mode="threshold_abs", threshold=0.5)
+    ).tolist() == [0, 1, 3, 4]
     # the signed modes never pick the suppressors
-    assert np.flatnonzero(select_circuit(mean, site, mode="topk", k_per_site=2)).tolist() == [0, 1, 5, 6]
+    assert np.flatnonzero(select_circuit(mean, site, mode="topk", k_per_site=2)).tolist() == [
+        0,
+        1,
+        5,
+        6,
+    ]
 
 
 def test_deterministic_and_well_formed(disjoint: ComparisonResult) -> None:
@@ -174,15 +205,24 @@ def test_deterministic_and_well_formed(disjoint: ComparisonResult) -> None:
     json.dumps(disjoint.to_dict())  # JSON-serialisable, NaN turned into null
 
 
-def test_weighted_overlap_and_spearman_track_patterns(shared: ComparisonResult, disjoint: ComparisonResult) -> None:
+def test_weighted_overlap_and_spearman_track_patterns(
+    shared: ComparisonResult, disjoint: ComparisonResult
+) -> None:
     assert np.all(shared.weighted_overlap[np.triu_indices(len(CATS), 1)] > 0.6)
     assert np.all(disjoint.weighted_overlap[np.triu_indices(len(CATS), 1)] < 0.3)
-    assert np.all(shared.spearman[np.triu_indices(len(CATS), 1)] > disjoint.spearman[np.triu_indices(len(CATS), 1)])
+    assert np.all(
+        shared.spearman[np.triu_indices(len(CATS), 1)]
+        > disjoint.spearman[np.triu_indices(len(CATS), 1)]
+    )
 
 
 def test_refusal_direction_cosines() -> None:
     labels, m = refusal_direction_cosines(
-        {"b": np.array([0.0, 2.0, 0.0]), "a": np.array([1.0, 0.0, 0.0]), "c": np.array([1.0, 1.0, 0.0])}
+        {
+            "b": np.array([0.0, 2.0, 0.0]),
+            "a": np.array([1.0, 0.0, 0.0]),
+            "c": np.array([1.0, 1.0, 0.0]),
+        }
     )
     assert labels == ["a", "b", "c"]
     s = 1 / np.sqrt(2)
@@ -193,7 +233,11 @@ def test_refusal_direction_cosines() -> None:
 
 def test_plot_heatmap(tmp_path, disjoint: ComparisonResult) -> None:
     out = plot_heatmap(
-        disjoint.q_value, disjoint.categories, "BH q", tmp_path / "q.png", annotate_significance=disjoint.significant
+        disjoint.q_value,
+        disjoint.categories,
+        "BH q",
+        tmp_path / "q.png",
+        annotate_significance=disjoint.significant,
     )
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp"))
@@ -203,7 +247,9 @@ def test_plot_heatmap(tmp_path, disjoint: ComparisonResult) -> None:
 
 
 def test_min_permutation_p_and_untestable_pairs_leave_the_count() -> None:
-    assert min_permutation_p(3, 3, 1000) == pytest.approx(2 / 20)  # 20 relabellings, halved by the swap symmetry
+    assert min_permutation_p(3, 3, 1000) == pytest.approx(
+        2 / 20
+    )  # 20 relabellings, halved by the swap symmetry
     assert min_permutation_p(3, 4, 1000) == pytest.approx(1 / 35)
     assert min_permutation_p(20, 20, 200) == pytest.approx(1 / 201)  # the Monte Carlo floor
     # 3 prompts per category: even perfectly disjoint circuits cannot reach p < 0.05, so no pair is
@@ -230,7 +276,10 @@ def test_identical_categories_normalise_to_one_and_estimates_sit_in_their_cis() 
         )
         for p in result.pairs:
             norms.append(p.normalised_jaccard)
-            for est, (lo, hi) in ((p.jaccard, p.jaccard_ci), (p.normalised_jaccard, p.normalised_jaccard_ci)):
+            for est, (lo, hi) in (
+                (p.jaccard, p.jaccard_ci),
+                (p.normalised_jaccard, p.normalised_jaccard_ci),
+            ):
                 assert lo <= est <= hi
             assert p.half_size == design.n_prompts // 2
         lo, hi = result.shared_fraction_ci
@@ -247,8 +296,12 @@ def test_error_nodes_are_left_out_and_their_share_reported() -> None:
         e[:, error_nodes] = 5.0  # the strongest node of every site, if it were allowed
     result = compare_categories(effects, SITE_OF_NODE, error_nodes=error_nodes, **TOPK)
     assert not set(result.shared_core.tolist()) & set(np.flatnonzero(error_nodes).tolist())
-    assert len(result.shared_core) == N_SITES * N_STRONG  # the planted latents, in the caller's node indices
-    assert set(result.shared_core.tolist()) == {s * N_LATENTS + i for s in range(N_SITES) for i in range(N_STRONG)}
+    assert (
+        len(result.shared_core) == N_SITES * N_STRONG
+    )  # the planted latents, in the caller's node indices
+    assert set(result.shared_core.tolist()) == {
+        s * N_LATENTS + i for s in range(N_SITES) for i in range(N_STRONG)
+    }
     for share in result.error_share.values():
         assert share == pytest.approx(15 / (15 + 30), abs=0.05)  # 3 x 5.0 vs 30 latents at ~1.0
     with pytest.raises(ValueError, match="error_nodes"):
@@ -257,7 +310,9 @@ def test_error_nodes_are_left_out_and_their_share_reported() -> None:
 
 def test_calibration_small() -> None:
     """Planted answers decide correctly, every CI covers, the normalised statistic is ~1 when identical."""
-    report = calibrate_synthetic(SyntheticDesign(n_categories=3), n_replicates=24, n_permutations=100, n_bootstrap=100)
+    report = calibrate_synthetic(
+        SyntheticDesign(n_categories=3), n_replicates=24, n_permutations=100, n_bootstrap=100
+    )
     mono, mod = report.runs
     assert mono.planted == "monolithic" and mono.correct_fraction >= 0.9, mono.verdicts
     assert mod.planted == "modular" and mod.correct_fraction >= 0.9, mod.verdicts
@@ -272,10 +327,17 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
     from refusal_assets.analysis.verdict import TestLine, combine, overlap_line
 
     def line(test, level, says):
-        return TestLine(test=test, level=level, says=says, statistic="x", value=0.5, ci=(0.4, 0.6), reason="r")
+        return TestLine(
+            test=test, level=level, says=says, statistic="x", value=0.5, ci=(0.4, 0.6), reason="r"
+        )
 
-    agree = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular")], {"alpha": 0.05})
-    assert agree.verdict == "modular" and agree.disagree == [] and agree.thresholds == {"alpha": 0.05}
+    agree = combine(
+        [line("overlap", "features", "modular"), line("transfer", "execution", "modular")],
+        {"alpha": 0.05},
+    )
+    assert (
+        agree.verdict == "modular" and agree.disagree == [] and agree.thresholds == {"alpha": 0.05}
+    )
     split = combine(
         [
             line("overlap", "features", "modular"),
@@ -285,7 +347,10 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
     )
     assert split.verdict == "mixed" and split.disagree == ["overlap", "direction ablation"]
     assert "Feature level: modular; execution level: monolithic" in split.reason
-    assert combine([line("overlap", "features", "insufficient evidence")]).verdict == "insufficient evidence"
+    assert (
+        combine([line("overlap", "features", "insufficient evidence")]).verdict
+        == "insufficient evidence"
+    )
     # a sufficiency test reports but does not vote; its disagreement is named
     induced = TestLine(
         test="induced refusal",
@@ -297,12 +362,24 @@ def test_combined_verdict_agreement_disagreement_and_insufficient() -> None:
         reason="r",
         role="sufficiency",
     )
-    mod = combine([line("overlap", "features", "modular"), line("transfer", "execution", "modular"), induced])
-    assert mod.verdict == "modular" and mod.disagree == ["induced refusal"] and "not voting" in mod.reason
+    mod = combine(
+        [line("overlap", "features", "modular"), line("transfer", "execution", "modular"), induced]
+    )
+    assert (
+        mod.verdict == "modular"
+        and mod.disagree == ["induced refusal"]
+        and "not voting" in mod.reason
+    )
     assert combine([induced]).verdict == "insufficient evidence"
-    result = compare_categories(make_effects(n_shared=N_STRONG // 2), SITE_OF_NODE, **FAST).to_dict()
+    result = compare_categories(
+        make_effects(n_shared=N_STRONG // 2), SITE_OF_NODE, **FAST
+    ).to_dict()
     ov = overlap_line(result)
-    assert ov.says == "modular" and ov.ci[0] <= ov.value <= ov.ci[1] and ov.value == pytest.approx(1 / 3, abs=0.05)
+    assert (
+        ov.says == "modular"
+        and ov.ci[0] <= ov.value <= ov.ci[1]
+        and ov.value == pytest.approx(1 / 3, abs=0.05)
+    )
 
 
 def test_fallback_categories_and_error_node_mask() -> None:
@@ -318,10 +395,15 @@ def test_fallback_categories_and_error_node_mask() -> None:
     assert fallback_categories(summaries, "toxic", "score_positive") == ["b"]
     assert fallback_categories(summaries, "benign", "score_positive") == ["c"]
     index = NodeIndex([Site(1, "resid"), Site(2, "resid")], [3, 4])
-    assert np.flatnonzero(error_node_mask(index.site_of_node)).tolist() == [index.error_node(0), index.error_node(1)]
+    assert np.flatnonzero(error_node_mask(index.site_of_node)).tolist() == [
+        index.error_node(0),
+        index.error_node(1),
+    ]
 
 
-def test_compare_model_leaves_fallback_categories_out_and_writes_what_the_report_reads(tiny_cfg) -> None:
+def test_compare_model_leaves_fallback_categories_out_and_writes_what_the_report_reads(
+    tiny_cfg,
+) -> None:
     """The comparison step of one model: the fallback category stays out of the overlap test, the
     cross-Jaccard pairs toxic rows with benign columns, direction cosines per site, one combined verdict."""
     from refusal_assets.analysis.comparison import compare_model

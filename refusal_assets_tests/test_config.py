@@ -86,7 +86,12 @@ def test_shorthand_expansion():
     assert len(expand_sites(["all"], 32)) == 32
     assert len(expand_sites(["residuals_0-31"], 32)) == 32
     sites = expand_sites(["residuals_5", "mlp_all", "attention_all"], 6)
-    assert Site(5, "resid") in sites and Site(0, "mlp") in sites and Site(5, "attn") in sites and len(sites) == 13
+    assert (
+        Site(5, "resid") in sites
+        and Site(0, "mlp") in sites
+        and Site(5, "attn") in sites
+        and len(sites) == 13
+    )
     with pytest.raises(ValueError, match="cannot parse"):
         expand_sites(["layer five"], 6)
     with pytest.raises(ValueError, match="unknown site kind"):
@@ -108,7 +113,9 @@ def test_unsafe_explicit_key_rejected(tmp_path):
 def test_section_hash_changes_only_with_its_section(tiny_cfg):
     from refusal_assets.config import ProjectConfig
 
-    changed = ProjectConfig.model_validate({**tiny_cfg.model_dump(), "sae": {**tiny_cfg.sae.model_dump(), "k": 99}})
+    changed = ProjectConfig.model_validate(
+        {**tiny_cfg.model_dump(), "sae": {**tiny_cfg.sae.model_dump(), "k": 99}}
+    )
     assert changed.section_hash("sae") != tiny_cfg.section_hash("sae")
     assert changed.section_hash("data") == tiny_cfg.section_hash("data")
 
@@ -142,9 +149,14 @@ def test_model_hash_is_per_model_and_per_use(tiny_cfg):
     a = tiny_cfg.models[0].model_key
     two = variant(
         tiny_cfg,
-        models=[tiny_cfg.models[0].model_dump(), {**tiny_cfg.models[0].model_dump(), "id": "tiny-b", "key": "tiny-b"}],
+        models=[
+            tiny_cfg.models[0].model_dump(),
+            {**tiny_cfg.models[0].model_dump(), "id": "tiny-b", "key": "tiny-b"},
+        ],
     )
-    assert two.model_hash(a) == tiny_cfg.model_hash(a), "adding model B leaves model A's version alone"
+    assert two.model_hash(a) == tiny_cfg.model_hash(a), (
+        "adding model B leaves model A's version alone"
+    )
     assert two.model_hash("tiny-b") != two.model_hash(a)
     longer = variant(tiny_cfg, models__0__generation={"max_new_tokens": 9})
     assert longer.model_hash(a) != tiny_cfg.model_hash(a)
@@ -170,11 +182,15 @@ def test_train_categories_must_be_categories_of_the_config(tiny_cfg, tmp_path):
 def test_backfill_completes_bare_sae_site_keys():
     from refusal_assets.app.backfill import backfill_params
 
-    assert backfill_params("sae", ["tiny-qwen2__resid1", "all|tiny-qwen2__resid2"])["partitionNames"] == [
+    assert backfill_params("sae", ["tiny-qwen2__resid1", "all|tiny-qwen2__resid2"])[
+        "partitionNames"
+    ] == [
         "all|tiny-qwen2__resid1",
         "all|tiny-qwen2__resid2",
     ]
-    assert backfill_params("circuit", ["privacy|tiny-qwen2"])["partitionNames"] == ["privacy|tiny-qwen2"]
+    assert backfill_params("circuit", ["privacy|tiny-qwen2"])["partitionNames"] == [
+        "privacy|tiny-qwen2"
+    ]
     assert backfill_params("activations,sae", ["x"])["partitionNames"] == ["x"]
 
 
@@ -187,7 +203,9 @@ def test_instance_per_config_name(tiny_cfg, tmp_path, monkeypatch):
     assert settings.instance_home(tmp_path, other) == tmp_path / "tiny-alt"
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / settings.INSTANCE_MARKER).write_text("tiny\n")
-    assert settings.instance_home(tmp_path / "tiny", tiny_cfg) == tmp_path / "tiny", "already this config's instance"
+    assert settings.instance_home(tmp_path / "tiny", tiny_cfg) == tmp_path / "tiny", (
+        "already this config's instance"
+    )
     # another dataset (--data-dir) is another instance, as it is another storage folder, and its SAEs train on all
     # its categories
     monkeypatch.setenv(settings.DATA_DIR_ENV, str(tmp_path / "xstest"))

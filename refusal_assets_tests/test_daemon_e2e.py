@@ -36,7 +36,9 @@ MODEL_B = """  - id: tiny-b
 
 def _graphql(url: str, query: str) -> dict:
     req = urllib.request.Request(
-        url + "/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+        url + "/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
@@ -168,7 +170,11 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(tm
     home, storage = tmp_path / "home", tmp_path / "storage"
     cli_run(config, home, storage)
     env = {k: v for k, v in os.environ.items() if k != "REFUSAL_ASSETS_DATA_DIR"}
-    env.update(DAGSTER_HOME=str(home), REFUSAL_ASSETS_STORAGE=str(storage), REFUSAL_ASSETS_CONFIG=str(config))
+    env.update(
+        DAGSTER_HOME=str(home),
+        REFUSAL_ASSETS_STORAGE=str(storage),
+        REFUSAL_ASSETS_CONFIG=str(config),
+    )
     # Speed, not semantics: the sensors tick every 5 s (the daemon's own loop) instead of 30 s,
     # each launched run executes its steps in its own process instead of one more per step, and
     # torch uses one thread (see conftest.cli_run).
@@ -184,7 +190,9 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(tm
 
     with serve_ui(config, env, tmp_path / "ui.log") as url:
         t_edit = time.time()
-        config.write_text(config.read_text().replace("  k: 8\n", "  k: 6\n"))  # edit the SAE section only
+        config.write_text(
+            config.read_text().replace("  k: 8\n", "  k: 6\n")
+        )  # edit the SAE section only
         assert _graphql(url, RELOAD)["data"]["reloadWorkspace"]["__typename"] == "Workspace"
         graph = _asset_graph(config)
         _wait_for_builds(instance, t_edit, graph, _what_an_sae_edit_rebuilds(graph))
@@ -200,7 +208,9 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(tm
         assert rebuilt == _what_an_sae_edit_rebuilds(graph), rebuilt
         assert rebuilt["circuit"] == set(before["circuit"])  # every circuit reads an SAE
         new_runs = instance.get_run_records()[: len(instance.get_run_records()) - n_runs_before]
-        built = {(k.to_user_string()) for r in new_runs for k in (r.dagster_run.asset_selection or [])}
+        built = {
+            (k.to_user_string()) for r in new_runs for k in (r.dagster_run.asset_selection or [])
+        }
         # only the SAE and what reads it, directly or not (circuits, transfer, comparison, report)
         assert "sae" in built and built <= {"sae"} | _descendants(graph, "sae"), built
         print(f"daemon launched {len(new_runs)} runs for {sorted(built)}")
@@ -226,7 +236,9 @@ def test_config_edit_rebuilds_exactly_the_affected_partitions_with_the_daemon(tm
     }
     assert built == expected, built
     failed = [
-        r.dagster_run.run_id for r in instance.get_run_records() if r.dagster_run.status == dg.DagsterRunStatus.FAILURE
+        r.dagster_run.run_id
+        for r in instance.get_run_records()
+        if r.dagster_run.status == dg.DagsterRunStatus.FAILURE
     ]
     assert not failed, (tmp_path / "ui.log").read_text(errors="replace")[-3000:]
 
@@ -240,7 +252,9 @@ def _wait_idle(instance: dg.DagsterInstance, timeout: float) -> None:
         dg.DagsterRunStatus.STARTED,
         dg.DagsterRunStatus.NOT_STARTED,
     }
-    while time.time() < deadline and any(r.dagster_run.status in busy for r in instance.get_run_records(limit=50)):
+    while time.time() < deadline and any(
+        r.dagster_run.status in busy for r in instance.get_run_records(limit=50)
+    ):
         time.sleep(POLL_S)
 
 

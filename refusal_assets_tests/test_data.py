@@ -85,7 +85,10 @@ def test_empty_prompts_dropped_and_duplicates_resolved(tmp_path):
         tmp_path / "or-bench-80k.csv",
         [("same prompt", "Hate Speech"), ("safe one", "Hate Speech"), ("", "Hate Speech")],
     )
-    write_csv(tmp_path / "or-bench-hard-1k.csv", [("same prompt", "Hate Speech"), ("same prompt", "Hate Speech")])
+    write_csv(
+        tmp_path / "or-bench-hard-1k.csv",
+        [("same prompt", "Hate Speech"), ("same prompt", "Hate Speech")],
+    )
     df, report = load_orbench(tmp_path)
     assert report.n_dropped_empty == 1 and report.n_dropped_duplicate == 2
     row = df.filter(pl.col("prompt") == "same prompt")
@@ -101,9 +104,15 @@ def test_unsafe_category_cannot_escape_storage(tmp_path):
 
 def test_sample_is_seeded_balanced_and_heldout_disjoint():
     df, _ = load_orbench(SAMPLE)
-    a = sample_category(df, "hate", SamplingConfig(mode="equalize", max_per_cell=10), seed=3, heldout_fraction=0.3)
-    b = sample_category(df, "hate", SamplingConfig(mode="equalize", max_per_cell=10), seed=3, heldout_fraction=0.3)
-    c = sample_category(df, "hate", SamplingConfig(mode="equalize", max_per_cell=10), seed=4, heldout_fraction=0.3)
+    a = sample_category(
+        df, "hate", SamplingConfig(mode="equalize", max_per_cell=10), seed=3, heldout_fraction=0.3
+    )
+    b = sample_category(
+        df, "hate", SamplingConfig(mode="equalize", max_per_cell=10), seed=3, heldout_fraction=0.3
+    )
+    c = sample_category(
+        df, "hate", SamplingConfig(mode="equalize", max_per_cell=10), seed=4, heldout_fraction=0.3
+    )
     assert a.equals(b) and not a.equals(c)
     assert a.group_by("split").len()["len"].to_list() == [10, 10, 10]
     assert a.filter(pl.col("heldout")).height == 9
@@ -120,4 +129,8 @@ def test_profile_warns_about_imbalance():
     )
     prof = profile(raw, raw)
     text = "\n".join(prof.warnings)
-    assert "a: split imbalance" in text and "b: no 'hard' prompts" in text and "b: only 5 'safe'" in text
+    assert (
+        "a: split imbalance" in text
+        and "b: no 'hard' prompts" in text
+        and "b: only 5 'safe'" in text
+    )

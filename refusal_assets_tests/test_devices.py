@@ -24,7 +24,9 @@ def two_gpus(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     current = {}
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.__setitem__(threading.get_ident(), str(d)))
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda d: current.__setitem__(threading.get_ident(), str(d))
+    )
     monkeypatch.setenv("REFUSAL_ASSETS_DEVICE_LOCKS", str(tmp_path / "locks"))
     return current
 
@@ -81,7 +83,9 @@ def test_third_claim_waits_for_a_freed_device(two_gpus):
         freed = b
     t.join(timeout=10)
     assert got and got[0] in {a, freed}
-    assert not _held_elsewhere(compute.lock_path("cuda:0")) and not _held_elsewhere(compute.lock_path("cuda:1"))
+    assert not _held_elsewhere(compute.lock_path("cuda:0")) and not _held_elsewhere(
+        compute.lock_path("cuda:1")
+    )
 
 
 CHILD = """
@@ -141,26 +145,38 @@ def test_pool_limit_2_runs_two_gpu_steps_at_once_on_different_devices(tmp_path, 
     (home / "dagster.yaml").write_text(
         "concurrency:\n  pools:\n    default_limit: 2\n    granularity: op\ntelemetry:\n  enabled: false\n"
     )
-    dg.DagsterInstance.from_config(str(home)).get_runs()  # create the SQLite schema once, before the children
+    dg.DagsterInstance.from_config(
+        str(home)
+    ).get_runs()  # create the SQLite schema once, before the children
     env = {"DAGSTER_HOME": str(home), "REFUSAL_ASSETS_DEVICE_LOCKS": str(tmp_path / "locks")}
     monkeypatch.setenv("REFUSAL_ASSETS_DEVICE_LOCKS", env["REFUSAL_ASSETS_DEVICE_LOCKS"])
     children = [
-        Child(CHILD.format(name=n, folder=str(tmp_path)), env=env, stderr_path=tmp_path / f"{n}.err") for n in NAMES
+        Child(
+            CHILD.format(name=n, folder=str(tmp_path)), env=env, stderr_path=tmp_path / f"{n}.err"
+        )
+        for n in NAMES
     ]
     try:
         results = {}
         for n, child in zip(NAMES, children):
             assert child.finish(timeout=240) == 0, child.stderr_tail()
-            results[n] = json.loads(next(line for line in child.lines if line.startswith("RESULT "))[len("RESULT ") :])
+            results[n] = json.loads(
+                next(line for line in child.lines if line.startswith("RESULT "))[len("RESULT ") :]
+            )
     finally:
         for child in children:
             child.kill()
-    assert all(r["success"] for r in results.values()), (results, [c.stderr_tail() for c in children])
+    assert all(r["success"] for r in results.values()), (
+        results,
+        [c.stderr_tail() for c in children],
+    )
     a, b = (json.loads((tmp_path / f"seen-{n}").read_text()) for n in NAMES)
     assert {a["device"], b["device"]} == {"cuda:0", "cuda:1"}
     assert a["own_lock_held"] and b["own_lock_held"]
     assert a["locks_held"] == b["locks_held"] == {"cuda:0": True, "cuda:1": True}
-    assert a["current"] == a["device"] and b["current"] == b["device"]  # torch's current device follows the claim
+    assert (
+        a["current"] == a["device"] and b["current"] == b["device"]
+    )  # torch's current device follows the claim
     assert max(a["start"], b["start"]) < min(a["end"], b["end"])  # the two steps overlapped
     instance = dg.DagsterInstance.from_config(str(home))
     (pool,) = [p for p in instance.event_log_storage.get_pool_limits() if p.name == GPU_POOL]
@@ -168,7 +184,9 @@ def test_pool_limit_2_runs_two_gpu_steps_at_once_on_different_devices(tmp_path, 
     assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 0
     for r in results.values():
         assert instance.get_run_by_id(r["run_id"]).status == dg.DagsterRunStatus.SUCCESS
-    assert not any(_held_elsewhere(ComputeResource().lock_path(d)) for d in ("cuda:0", "cuda:1"))  # freed again
+    assert not any(
+        _held_elsewhere(ComputeResource().lock_path(d)) for d in ("cuda:0", "cuda:1")
+    )  # freed again
 
 
 def test_ensure_gpu_pool_creates_the_row_once(tmp_path):
@@ -182,9 +200,13 @@ def test_ensure_gpu_pool_creates_the_row_once(tmp_path):
     instance = dg.DagsterInstance.from_config(str(home))
     assert not [p for p in instance.event_log_storage.get_pool_limits() if p.name == GPU_POOL]
     assert ensure_gpu_pool(instance) and ensure_gpu_pool(instance)  # idempotent
-    assert [(p.name, p.limit) for p in instance.event_log_storage.get_pool_limits()] == [(GPU_POOL, 3)]
+    assert [(p.name, p.limit) for p in instance.event_log_storage.get_pool_limits()] == [
+        (GPU_POOL, 3)
+    ]
     assert instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count == 3
     bare = tmp_path / "no_pools"
     bare.mkdir()
     (bare / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    assert ensure_gpu_pool(dg.DagsterInstance.from_config(str(bare))) is False  # no default limit: nothing to create
+    assert (
+        ensure_gpu_pool(dg.DagsterInstance.from_config(str(bare))) is False
+    )  # no default limit: nothing to create

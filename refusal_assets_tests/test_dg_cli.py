@@ -34,7 +34,9 @@ def _dg() -> str:
     """The `dg` of this interpreter's environment (dagster-dg-cli is in the test extra)."""
     local = Path(sys.executable).with_name("dg")
     found = str(local) if local.is_file() else shutil.which("dg")
-    assert found, "dg not found: install the test extra (pip install -e '.[test]'), which brings dagster-dg-cli"
+    assert found, (
+        "dg not found: install the test extra (pip install -e '.[test]'), which brings dagster-dg-cli"
+    )
     return found
 
 
@@ -42,11 +44,17 @@ def _run_dg(args: list[str], tmp_path: Path, config: Path) -> subprocess.Complet
     env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR",)}
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")  # telemetry off, as the CLI does
+    shutil.copy(
+        ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml"
+    )  # telemetry off, as the CLI does
     env.update(
-        DAGSTER_HOME=str(home), REFUSAL_ASSETS_CONFIG=str(config), REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage")
+        DAGSTER_HOME=str(home),
+        REFUSAL_ASSETS_CONFIG=str(config),
+        REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage"),
     )
-    return subprocess.run([_dg(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [_dg(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_dg_check_and_list_defs(tmp_path):

@@ -38,14 +38,18 @@ def _mapping(mapping: object) -> object:
     if isinstance(mapping, dg.MultiPartitionMapping):
         return {
             "MultiPartitionMapping": {
-                up: {"downstream_dimension": m.dimension_name, "mapping": _mapping(m.partition_mapping)}
+                up: {
+                    "downstream_dimension": m.dimension_name,
+                    "mapping": _mapping(m.partition_mapping),
+                }
                 for up, m in sorted(mapping.downstream_mappings_by_upstream_dimension.items())
             }
         }
     if isinstance(mapping, dg.StaticPartitionMapping):
         return {
             "StaticPartitionMapping": {
-                k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in sorted(mapping._mapping.items())
+                k: sorted(v) if isinstance(v, (set, frozenset)) else v
+                for k, v in sorted(mapping._mapping.items())
             }
         }
     if isinstance(mapping, dg.MultiToSingleDimensionPartitionMapping):
@@ -76,7 +80,9 @@ def graph_snapshot(defs: dg.Definitions) -> dict:
             if hasattr(node.assets_def.node_def, "pools")
             else [],
             "op_tags": dict(sorted((node.assets_def.node_def.tags or {}).items())),
-            "automation": automation.get_label() or type(automation).__name__ if automation is not None else None,
+            "automation": automation.get_label() or type(automation).__name__
+            if automation is not None
+            else None,
             "checks": sorted(c.name for c in node.assets_def.check_specs),
         }
     return out
@@ -90,7 +96,9 @@ def test_asset_graph_matches_snapshot(name):
     if os.environ.get("REFUSAL_ASSETS_UPDATE_SNAPSHOT") == "1":
         SNAPSHOT_DIR.mkdir(exist_ok=True)
         path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
-    assert path.is_file(), f"{path} missing; regenerate with REFUSAL_ASSETS_UPDATE_SNAPSHOT=1 (see module docstring)"
+    assert path.is_file(), (
+        f"{path} missing; regenerate with REFUSAL_ASSETS_UPDATE_SNAPSHOT=1 (see module docstring)"
+    )
     want = json.loads(path.read_text())
     assert sorted(got) == sorted(want), "asset keys changed"
     for key in want:
@@ -104,10 +112,20 @@ def test_snapshot_notices_a_changed_mapping(tiny_cfg):
     assert snap["circuit"]["deps"]["sae"]["MultiPartitionMapping"]["site"] == {
         "downstream_dimension": "model",
         "mapping": {
-            "StaticPartitionMapping": {"tiny-qwen2__resid1": ["tiny-qwen2"], "tiny-qwen2__resid2": ["tiny-qwen2"]}
+            "StaticPartitionMapping": {
+                "tiny-qwen2__resid1": ["tiny-qwen2"],
+                "tiny-qwen2__resid2": ["tiny-qwen2"],
+            }
         },
     }
-    assert snap["sae"]["deps"]["activations"]["MultiPartitionMapping"]["category"]["downstream_dimension"] == "scope"
-    assert snap["refusal_behaviour"]["deps"]["model_config"] == {"MultiToSingleDimensionPartitionMapping": "model"}
+    assert (
+        snap["sae"]["deps"]["activations"]["MultiPartitionMapping"]["category"][
+            "downstream_dimension"
+        ]
+        == "scope"
+    )
+    assert snap["refusal_behaviour"]["deps"]["model_config"] == {
+        "MultiToSingleDimensionPartitionMapping": "model"
+    }
     assert snap["activations"]["pools"] == ["gpu"] and snap["comparison"]["pools"] == []
     assert snap["circuit"]["automation"] is not None

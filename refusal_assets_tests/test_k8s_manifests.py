@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-pytest.importorskip("dagster_k8s", reason="dagster-k8s is the optional 'k8s' extra: pip install -e '.[k8s]'")
+pytest.importorskip(
+    "dagster_k8s", reason="dagster-k8s is the optional 'k8s' extra: pip install -e '.[k8s]'"
+)
 
 import dagster as dg
 from dagster._config import process_config
@@ -62,7 +64,9 @@ def _instance_with_launcher(tmp_path: Path, kubeconfig: Path) -> dg.DagsterInsta
     launcher["config"]["kubeconfig_file"] = str(kubeconfig)
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(yaml.safe_dump({"run_launcher": launcher, "telemetry": {"enabled": False}}))
+    (home / "dagster.yaml").write_text(
+        yaml.safe_dump({"run_launcher": launcher, "telemetry": {"enabled": False}})
+    )
     return dg.DagsterInstance.from_config(str(home))
 
 
@@ -81,13 +85,22 @@ def _step_manifests(tiny_cfg, tmp_path: Path, kubeconfig: Path) -> dict[str, dic
     # executor.yaml through the switch, with the schema's defaults), pointed at no cluster
     mapped = job.executor_def.apply_config_mapping({})
     assert mapped.success, mapped.errors
-    assert {k: mapped.value["config"][k] for k in load_k8s_settings().executor} == load_k8s_settings().executor
-    raw = {**mapped.value["config"], "load_incluster_config": False, "kubeconfig_file": str(kubeconfig)}
+    assert {
+        k: mapped.value["config"][k] for k in load_k8s_settings().executor
+    } == load_k8s_settings().executor
+    raw = {
+        **mapped.value["config"],
+        "load_incluster_config": False,
+        "kubeconfig_file": str(kubeconfig),
+    }
     processed = process_config(k8s_job_executor.config_schema.config_type, raw)
     assert processed.success, processed.errors
     executor = k8s_job_executor.executor_creation_fn(
         InitExecutorContext(
-            job=InMemoryJob(job), executor_def=k8s_job_executor, executor_config=processed.value, instance=instance
+            job=InMemoryJob(job),
+            executor_def=k8s_job_executor,
+            executor_config=processed.value,
+            instance=instance,
         )
     )
     handler = executor._step_handler
@@ -95,7 +108,9 @@ def _step_manifests(tiny_cfg, tmp_path: Path, kubeconfig: Path) -> dict[str, dic
     assets = {a.key.to_user_string(): a for a in defs.assets if isinstance(a, dg.AssetsDefinition)}
     out = {}
     for name in ("refusal_behaviour", "prompt_sample"):  # one GPU step, one CPU step
-        tags = dict(job.graph.node_named(assets[name].op.name).definition.tags)  # the op as it sits in the asset job
+        tags = dict(
+            job.graph.node_named(assets[name].op.name).definition.tags
+        )  # the op as it sits in the asset job
         # what launch_step hands _get_container_context (a StepHandlerContext, reduced to what it reads)
         context = SimpleNamespace(
             execute_step_args=SimpleNamespace(step_keys_to_execute=[name]),
@@ -105,7 +120,9 @@ def _step_manifests(tiny_cfg, tmp_path: Path, kubeconfig: Path) -> dict[str, dic
             get_step_context=lambda key: SimpleNamespace(step=SimpleNamespace(op_name=key)),
         )
         container_context = handler._get_container_context(context)
-        job_config = container_context.get_k8s_job_config(handler._executor_image, instance.run_launcher)
+        job_config = container_context.get_k8s_job_config(
+            handler._executor_image, instance.run_launcher
+        )
         manifest = construct_dagster_k8s_job(
             job_config=job_config,
             args=["dagster", "api", "execute_step"],
@@ -115,7 +132,9 @@ def _step_manifests(tiny_cfg, tmp_path: Path, kubeconfig: Path) -> dict[str, dic
             user_defined_k8s_config=container_context.run_k8s_config,
             labels={"dagster/op": name},
         )
-        out[name] = ApiClient().sanitize_for_serialization(manifest)  # the JSON the API server would get
+        out[name] = ApiClient().sanitize_for_serialization(
+            manifest
+        )  # the JSON the API server would get
     return out
 
 
@@ -129,25 +148,50 @@ def test_gpu_step_and_cpu_step_manifests(tiny_cfg, tmp_path, k8s_env):
         limits = (container.get("resources") or {}).get("limits") or {}
         gpu_step = name == "refusal_behaviour"
         if gpu_step:
-            assert limits.get("nvidia.com/gpu") == "1" and container["resources"]["requests"]["nvidia.com/gpu"] == "1"
-            assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} == settings.gpu.node_selector
-            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+            assert (
+                limits.get("nvidia.com/gpu") == "1"
+                and container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+            )
+            assert (
+                pod["nodeSelector"]
+                == {"nvidia.com/gpu.present": "true"}
+                == settings.gpu.node_selector
+            )
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+                "tolerations"
+            ]
         else:
-            assert "nvidia.com/gpu" not in limits, f"CPU step {name} asks for a GPU: {container.get('resources')}"
-            assert not pod.get("nodeSelector") and not any("nvidia" in str(t) for t in pod.get("tolerations") or [])
+            assert "nvidia.com/gpu" not in limits, (
+                f"CPU step {name} asks for a GPU: {container.get('resources')}"
+            )
+            assert not pod.get("nodeSelector") and not any(
+                "nvidia" in str(t) for t in pod.get("tolerations") or []
+            )
         # the shared volume, mounted at the folder holding the storage root and the model cache
         (volume,) = [v for v in pod["volumes"] if v["name"] == "refusal-assets-data"]
         assert volume["persistentVolumeClaim"] == {"claimName": "refusal-assets-data"}
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "refusal-assets-data"]
         env = {e["name"]: e for e in container["env"]}
         for var in ("REFUSAL_ASSETS_STORAGE", "REFUSAL_ASSETS_CACHE"):
-            assert Path(env[var]["value"]).is_relative_to(mount["mountPath"]), (var, env[var], mount)
-        assert env["REFUSAL_ASSETS_STORAGE"]["value"] == "/data/storage" and mount["mountPath"] == "/data"
+            assert Path(env[var]["value"]).is_relative_to(mount["mountPath"]), (
+                var,
+                env[var],
+                mount,
+            )
+        assert (
+            env["REFUSAL_ASSETS_STORAGE"]["value"] == "/data/storage"
+            and mount["mountPath"] == "/data"
+        )
         assert env["REFUSAL_ASSETS_EXECUTOR"]["value"] == "k8s"
         # PostgreSQL: the password from the secret, the other DAGSTER_PG_* from the same secret's keys
-        assert env["DAGSTER_PG_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": SECRET, "key": "postgresql-password"}
+        assert env["DAGSTER_PG_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": SECRET,
+            "key": "postgresql-password",
+        }
         assert {"secretRef": {"name": SECRET}} in container["envFrom"]
-        assert "DAGSTER_PG_PASSWORD" not in {e["name"] for e in container["env"] if "value" in e}  # never a literal
+        assert "DAGSTER_PG_PASSWORD" not in {
+            e["name"] for e in container["env"] if "value" in e
+        }  # never a literal
         # the instance (sent along with each step's arguments) reads its credentials from that environment
         assert env["DAGSTER_HOME"]["value"] == "/opt/dagster/dagster_home"
 
@@ -166,7 +210,9 @@ def test_executor_switch_and_its_errors(monkeypatch, tmp_path):
     with pytest.raises(ExecutorConfigError, match="not found"):
         select_executor()
     bad.write_text("executor: {max_concurrent: many}\n")
-    with pytest.raises(ExecutorConfigError, match=rf"{re.escape(str(bad))}.*not valid k8s_job_executor config"):
+    with pytest.raises(
+        ExecutorConfigError, match=rf"{re.escape(str(bad))}.*not valid k8s_job_executor config"
+    ):
         select_executor()
     bad.write_text("executor: {}\ngpu_step: {gpus: 0}\n")
     with pytest.raises(ExecutorConfigError, match=r"gpu_step.gpus must be an integer >= 1, got 0"):
@@ -183,23 +229,34 @@ def test_helm_values_instance_and_executor_agree():
     instance = yaml.safe_load((K8S / "dagster.yaml").read_text())
     executor = load_k8s_settings(K8S / "executor.yaml").executor
     pvc = yaml.safe_load((K8S / "pvc.yaml").read_text())
-    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == [
+        "ReadWriteMany"
+    ]
     claim = pvc["metadata"]["name"]
     launcher_values = values["runLauncher"]["config"]["k8sRunLauncher"]
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     launcher = instance["run_launcher"]["config"]
     for volumes in (launcher_values["volumes"], deployment["volumes"]):
-        assert volumes == [{"name": "refusal-assets-data", "persistentVolumeClaim": {"claimName": claim}}]
+        assert volumes == [
+            {"name": "refusal-assets-data", "persistentVolumeClaim": {"claimName": claim}}
+        ]
     for volumes in (launcher["volumes"], executor["volumes"]):
-        assert volumes == [{"name": "refusal-assets-data", "persistent_volume_claim": {"claim_name": claim}}]
+        assert volumes == [
+            {"name": "refusal-assets-data", "persistent_volume_claim": {"claim_name": claim}}
+        ]
     for mounts in (launcher_values["volumeMounts"], deployment["volumeMounts"]):
         assert mounts == [{"name": "refusal-assets-data", "mountPath": "/data"}]
     for mounts in (launcher["volume_mounts"], executor["volume_mounts"]):
         assert mounts == [{"name": "refusal-assets-data", "mount_path": "/data"}]
-    assert values["global"]["postgresqlSecretName"] == launcher["postgres_password_secret"] == SECRET
+    assert (
+        values["global"]["postgresqlSecretName"] == launcher["postgres_password_secret"] == SECRET
+    )
     assert launcher_values["envSecrets"] == deployment["envSecrets"] == [{"name": SECRET}]
     assert launcher["env_secrets"] == executor["env_secrets"] == [SECRET]
-    assert values["dagsterDaemon"]["runMonitoring"]["enabled"] is True and instance["run_monitoring"]["enabled"] is True
+    assert (
+        values["dagsterDaemon"]["runMonitoring"]["enabled"] is True
+        and instance["run_monitoring"]["enabled"] is True
+    )
     assert {"name": "REFUSAL_ASSETS_EXECUTOR", "value": "k8s"} in deployment["env"]
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "refusal_assets.definitions"]
     storage = {e["name"]: e["value"] for e in deployment["env"]}
@@ -219,6 +276,10 @@ def test_readme_kubernetes_section_names_only_files_that_exist():
             section,
         )
     )
-    assert {"dagster_home/k8s/values.yaml", "dagster_home/k8s/Dockerfile", "dagster_home/k8s/pvc.yaml"} <= named
+    assert {
+        "dagster_home/k8s/values.yaml",
+        "dagster_home/k8s/Dockerfile",
+        "dagster_home/k8s/pvc.yaml",
+    } <= named
     missing = sorted(p for p in named if not (ROOT / p).is_file())
     assert not missing, f"README 'Kubernetes' names files that do not exist: {missing}"

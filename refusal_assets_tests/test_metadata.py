@@ -11,7 +11,13 @@ from refusal_assets.storage import write_parquet
 
 
 def test_parquet_metadata_reads_schema_and_rows_from_the_file(tmp_path):
-    df = pl.DataFrame({"prompt_id": ["a", "b", "c"], "refused": [True, False, True], "refusal_score": [0.5, -1.0, 2.0]})
+    df = pl.DataFrame(
+        {
+            "prompt_id": ["a", "b", "c"],
+            "refused": [True, False, True],
+            "refusal_score": [0.5, -1.0, 2.0],
+        }
+    )
     path = write_parquet(df.to_arrow(), tmp_path / "x" / "t.parquet")
     md = parquet_metadata(path)
     schema = md["dagster/column_schema"]
@@ -32,7 +38,11 @@ def test_ci_metadata_gives_text_and_float_bounds():
         "faithfulness_ci_hi": 0.75,
     }
     # no CI (too few prompts): text says so, bounds are empty rather than NaN (not JSON)
-    assert ci_metadata("x_ci", (math.nan, None), 2) == {"x_ci": "n/a", "x_ci_lo": None, "x_ci_hi": None}
+    assert ci_metadata("x_ci", (math.nan, None), 2) == {
+        "x_ci": "n/a",
+        "x_ci_lo": None,
+        "x_ci_hi": None,
+    }
 
 
 def test_every_asset_has_owners_tags_and_a_description(tiny_cfg, tmp_path):
@@ -51,4 +61,11 @@ def test_every_asset_has_owners_tags_and_a_description(tiny_cfg, tmp_path):
             gpu_assets.add(key.to_user_string())
         if node.is_materializable:
             assert ("gpu" in node.tags) == (node.assets_def.op.pool == "gpu"), key
-    assert gpu_assets == {"refusal_behaviour", "activations", "sae", "circuit", "transfer", "refusal_direction"}
+    assert gpu_assets == {
+        "refusal_behaviour",
+        "activations",
+        "sae",
+        "circuit",
+        "transfer",
+        "refusal_direction",
+    }

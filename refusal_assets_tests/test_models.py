@@ -48,7 +48,10 @@ def fresh_load(cfg, resolve_fn=None, device="cpu", log=quiet):
 
 def model_cfg(**kw) -> ModelConfig:
     base = dict(
-        id="tiny-test", source="tiny", architecture={"n_layers": 4, "d_model": 64}, activation_layers=["residuals_1"]
+        id="tiny-test",
+        source="tiny",
+        architecture={"n_layers": 4, "d_model": 64},
+        activation_layers=["residuals_1"],
     )
     return ModelConfig.model_validate({**base, **kw})
 
@@ -73,7 +76,10 @@ def test_assemble_gguf_with_correct_checksum(tmp_path):
     assert sorted(p.name for p in dest.parent.iterdir()) == ["model.gguf"]  # no .partial left
     # a second call reuses the file
     mtime = dest.stat().st_mtime_ns
-    assert assemble_gguf(parts, dest, size=len(whole), sha256=hashlib.sha256(whole).hexdigest()) == dest
+    assert (
+        assemble_gguf(parts, dest, size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
+        == dest
+    )
     assert dest.stat().st_mtime_ns == mtime
 
 
@@ -96,10 +102,14 @@ def test_assemble_gguf_corrupted_part_raises_and_leaves_nothing(tmp_path):
 def test_assemble_gguf_missing_bytes_raises(tmp_path):
     parts, whole = _parts(tmp_path)
     with pytest.raises(
-        ModelLoadError, match=f"size {len(whole) - len(parts[2].read_bytes())} \\(expected {len(whole)}\\)"
+        ModelLoadError,
+        match=f"size {len(whole) - len(parts[2].read_bytes())} \\(expected {len(whole)}\\)",
     ):
         assemble_gguf(
-            parts[:2], tmp_path / "cache" / "m.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest()
+            parts[:2],
+            tmp_path / "cache" / "m.gguf",
+            size=len(whole),
+            sha256=hashlib.sha256(whole).hexdigest(),
         )
     assert list((tmp_path / "cache").iterdir()) == []
 
@@ -137,22 +147,35 @@ def test_architecture_disagreeing_with_weights_raises(tmp_path):
     folder = build_tiny_model(tmp_path / "tiny4", n_layers=4, d_model=64)
     with pytest.raises(ModelLoadError, match="n_layers") as e:
         load_model(
-            model_cfg(source="local", path=str(folder), architecture={"n_layers": 3, "d_model": 64}),
+            model_cfg(
+                source="local", path=str(folder), architecture={"n_layers": 3, "d_model": 64}
+            ),
             resolve,
             "cpu",
             quiet,
         )
-    assert "n_layers=3" in str(e.value) and "n_layers=4" in str(e.value) and "architecture" in str(e.value)
+    assert (
+        "n_layers=3" in str(e.value)
+        and "n_layers=4" in str(e.value)
+        and "architecture" in str(e.value)
+    )
     with pytest.raises(ModelLoadError, match="d_model=32"):
         load_model(
-            model_cfg(source="local", path=str(folder), architecture={"n_layers": 4, "d_model": 32}),
+            model_cfg(
+                source="local", path=str(folder), architecture={"n_layers": 4, "d_model": 32}
+            ),
             resolve,
             "cpu",
             quiet,
         )
     # the same through source: tiny pointing at an existing folder (it is not rebuilt to match)
     with pytest.raises(ModelLoadError, match="n_layers=3"):
-        load_model(model_cfg(path=str(folder), architecture={"n_layers": 3, "d_model": 64}), resolve, "cpu", quiet)
+        load_model(
+            model_cfg(path=str(folder), architecture={"n_layers": 3, "d_model": 64}),
+            resolve,
+            "cpu",
+            quiet,
+        )
 
 
 def test_local_folder_without_config_json(tmp_path):
@@ -199,7 +222,9 @@ def test_packaged_default_model_loads():
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (24, 896)
     folder = packaged_model_folder(quiet)
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-    assert not list(folder.parent.glob("*.gguf")) and not list(folder.parent.glob("*.partial"))  # GGUF removed
+    assert not list(folder.parent.glob("*.gguf")) and not list(
+        folder.parent.glob("*.partial")
+    )  # GGUF removed
     del model
     t0 = time.perf_counter()
     model, tok = fresh_load(mc, cfg.resolve)

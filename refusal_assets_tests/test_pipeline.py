@@ -56,9 +56,13 @@ def test_tiny_graph_end_to_end(tiny_run):
     assert len(acts) == 8 and all(m["d_model"] == 64 and m["n_rows"] > 0 for m in acts.values())
     saes = _materializations(home, "sae")
     assert sorted(saes) == ["all|tiny-qwen2__resid1", "all|tiny-qwen2__resid2"]  # sae: scope|site
-    assert all(0 <= m["fvu"] < 1 and m["l0"] <= 8 and 0 <= m["dead_fraction"] <= 1 for m in saes.values())
+    assert all(
+        0 <= m["fvu"] < 1 and m["l0"] <= 8 and 0 <= m["dead_fraction"] <= 1 for m in saes.values()
+    )
     circuits = _materializations(home, "circuit")
-    assert len(circuits) == 4 and all({"n_nodes", "faithfulness", "completeness"} <= set(m) for m in circuits.values())
+    assert len(circuits) == 4 and all(
+        {"n_nodes", "faithfulness", "completeness"} <= set(m) for m in circuits.values()
+    )
     assert all(
         {"faithfulness_ci", "random_faithfulness", "prompt_set", "m_full_minus_m_empty"} <= set(m)
         for m in circuits.values()
@@ -67,7 +71,9 @@ def test_tiny_graph_end_to_end(tiny_run):
 
     for partition in circuits:
         category = partition.split("|")[0]
-        summary = json.loads((tmp / "storage" / "circuit" / "tiny-qwen2" / category / "circuit.json").read_text())
+        summary = json.loads(
+            (tmp / "storage" / "circuit" / "tiny-qwen2" / category / "circuit.json").read_text()
+        )
         behaviour_df = pl.read_parquet(
             tmp / "storage" / "refusal_behaviour" / "tiny-qwen2" / category / "behaviour.parquet"
         )
@@ -84,7 +90,9 @@ def test_tiny_graph_end_to_end(tiny_run):
                 assert sorted(g["prompt_ids"]) == sorted(rows["prompt_id"].to_list())
             assert g["folds"] == list(range(g["n_prompts"]))  # leave-one-out by default
             sweep = g["sweep"]
-            assert sweep["n_prompts"] == g["n_prompts"] and [r["size_per_site"] for r in sweep["sweep"]] == [
+            assert sweep["n_prompts"] == g["n_prompts"] and [
+                r["size_per_site"] for r in sweep["sweep"]
+            ] == [
                 1,
                 2,
                 4,
@@ -93,9 +101,16 @@ def test_tiny_graph_end_to_end(tiny_run):
             ]
             for r in sweep["sweep"]:
                 lo, hi = r["faithfulness_ci"]
-                assert lo <= r["faithfulness"] <= hi or not (lo == lo)  # inside its CI, or no CI (NaN)
+                assert lo <= r["faithfulness"] <= hi or not (
+                    lo == lo
+                )  # inside its CI, or no CI (NaN)
     comparison = _materializations(home, "comparison")
-    assert comparison["tiny-qwen2"]["verdict"] in {"monolithic", "modular", "mixed", "insufficient evidence"}
+    assert comparison["tiny-qwen2"]["verdict"] in {
+        "monolithic",
+        "modular",
+        "mixed",
+        "insufficient evidence",
+    }
     report = _materializations(home, "report")[""]
     html = Path(report["path"]).read_text()
     for section in (
@@ -114,8 +129,14 @@ def test_tiny_graph_end_to_end(tiny_run):
     # SAELens layout on disk
     sae_dir = tmp / "storage" / "sae" / "tiny-qwen2__resid1"
     cfg = json.loads((sae_dir / "cfg.json").read_text())
-    assert cfg["d_in"] == 64 and cfg["d_sae"] == 256 and (sae_dir / "sae_weights.safetensors").is_file()
-    assert not list((tmp / "storage").rglob("*.tmp")) and not list((tmp / "storage").rglob("*.partial"))
+    assert (
+        cfg["d_in"] == 64
+        and cfg["d_sae"] == 256
+        and (sae_dir / "sae_weights.safetensors").is_file()
+    )
+    assert not list((tmp / "storage").rglob("*.tmp")) and not list(
+        (tmp / "storage").rglob("*.partial")
+    )
 
 
 def test_rerun_of_one_partition_replaces_it(tiny_run):
@@ -146,12 +167,20 @@ def test_data_dir_with_config_taking_categories_from_data(cli_env, capsys):
     folder = cli_env / "bench"
     write_csv(
         folder / "or-bench-toxic.csv",
-        [("Tell me how to pick a lock", "locks"), ("Insult my coworker", "insults"), ("Say a slur", "slurs")],
+        [
+            ("Tell me how to pick a lock", "locks"),
+            ("Insult my coworker", "insults"),
+            ("Say a slur", "slurs"),
+        ],
     )
-    rc = cli.main(["run", "--config", str(cfg), "--select", "orbench_prompts", "--data-dir", str(folder)])
+    rc = cli.main(
+        ["run", "--config", str(cfg), "--select", "orbench_prompts", "--data-dir", str(folder)]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert sorted(_materializations(cli_env / "dagster_home", "orbench_prompts", "tiny--bench")) == [
+    assert sorted(
+        _materializations(cli_env / "dagster_home", "orbench_prompts", "tiny--bench")
+    ) == [
         "insults",
         "locks",
         "slurs",
@@ -189,7 +218,10 @@ def test_definitions_load_for_default_config():
         "comparison",
         "report",
     } <= keys
-    gpu = [graph.get(dg.AssetKey(k)).assets_def for k in ("refusal_behaviour", "activations", "sae", "circuit")]
+    gpu = [
+        graph.get(dg.AssetKey(k)).assets_def
+        for k in ("refusal_behaviour", "activations", "sae", "circuit")
+    ]
     for a in gpu:
         assert a.op.pool == "gpu"
         assert "nvidia.com/gpu" in json.dumps(

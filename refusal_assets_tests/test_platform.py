@@ -51,7 +51,9 @@ def test_schedule_tick_runs_succeed_and_the_report_follows(tiny_cfg, materialize
     assert [r.partition_key for r in run_requests] == [A], "one comparison run per model"
     job = defs.resolve_job_def("refresh_comparison")
     for r in run_requests:
-        result = job.execute_in_process(instance=instance, partition_key=r.partition_key, tags=r.tags)
+        result = job.execute_in_process(
+            instance=instance, partition_key=r.partition_key, tags=r.tags
+        )
         assert result.success
     n_reports = _report_count(instance)
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
@@ -61,7 +63,12 @@ def test_schedule_tick_runs_succeed_and_the_report_follows(tiny_cfg, materialize
     )
     assert result.success and _report_count(instance) == n_reports + 1
     assert (storage / "report" / "report.html").is_file()
-    assert requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)) == {}
+    assert (
+        requested(
+            dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
+        )
+        == {}
+    )
     assert stale(instance, list(defs.assets)) == {}
 
 
@@ -72,10 +79,14 @@ def test_schedule_evaluates_by_hand_without_a_scheduled_time(tiny_cfg, tmp_path)
     called = list(schedule(dg.build_schedule_context()))  # the schedule's function, called directly
     assert [(r.run_key, r.partition_key) for r in called] == [(f"{A}-manual", A)]
     repo = defs.get_repository_def()
-    manual = schedule.evaluate_tick(dg.build_schedule_context(repository_def=repo)).run_requests or []
+    manual = (
+        schedule.evaluate_tick(dg.build_schedule_context(repository_def=repo)).run_requests or []
+    )
     assert [(r.run_key, r.partition_key) for r in manual] == [(f"{A}-manual", A)]
     at = datetime.datetime(2030, 1, 1, 6, 0, tzinfo=datetime.timezone.utc)
-    timed = schedule.evaluate_tick(dg.build_schedule_context(repository_def=repo, scheduled_execution_time=at))
+    timed = schedule.evaluate_tick(
+        dg.build_schedule_context(repository_def=repo, scheduled_execution_time=at)
+    )
     assert [r.run_key for r in timed.run_requests or []] == [f"{A}-2030-01-01T06:00:00+00:00"]
 
 
@@ -93,11 +104,16 @@ def test_failed_blocking_check_on_sae_stops_automation_building_circuit(tiny_cfg
     job = defs.resolve_implicit_global_asset_job_def()
     for p in SAE_KEYS:  # the real SAE step, as the daemon's run would execute it
         result = job.execute_in_process(
-            instance=instance, partition_key=p, asset_selection=[dg.AssetKey("sae")], raise_on_error=False
+            instance=instance,
+            partition_key=p,
+            asset_selection=[dg.AssetKey("sae")],
+            raise_on_error=False,
         )
         evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert evaluations["fvu_below_threshold"] is False
-    assert len(instance.fetch_materializations(dg.AssetKey("sae"), limit=100).records) >= 4, "the new SAEs were written"
+    assert len(instance.fetch_materializations(dg.AssetKey("sae"), limit=100).records) >= 4, (
+        "the new SAEs were written"
+    )
     nxt = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert "circuit" not in requested(nxt), requested(nxt)
     assert requested(nxt) == {}
@@ -134,7 +150,11 @@ def test_ui_graphql_reports_nothing_stale_after_a_run(shared_tiny_run, tiny_cfg,
     from refusal_assets_tests.test_ui_browser import serve_ui
 
     base, storage = copy_tiny_run(shared_tiny_run, tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")
+    }
     env.update(DAGSTER_HOME=str(base), REFUSAL_ASSETS_STORAGE=str(storage))
     not_fresh: dict = {}
     with serve_ui(ROOT / "configs" / "tiny.yaml", env, tmp_path / "ui.log") as url:

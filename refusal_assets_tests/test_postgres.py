@@ -37,7 +37,8 @@ import pytest
 import yaml
 
 pytest.importorskip(
-    "dagster_postgres", reason="dagster-postgres is in the 'test' and 'k8s' extras: pip install -e '.[test]'"
+    "dagster_postgres",
+    reason="dagster-postgres is in the 'test' and 'k8s' extras: pip install -e '.[test]'",
 )
 psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 comes with dagster-postgres")
 
@@ -55,7 +56,13 @@ from refusal_assets_tests.reliability.test_concurrency import (  # noqa: E402
 pytestmark = pytest.mark.slow  # a PostgreSQL server and whole-graph CLI runs: minutes
 CATEGORIES = ["harassment", "illegal"]
 HOLD_S = 2.0
-GPU_STEPS = {"refusal_behaviour", "activations", "sae", "circuit", "transfer"}  # the assets in the gpu pool
+GPU_STEPS = {
+    "refusal_behaviour",
+    "activations",
+    "sae",
+    "circuit",
+    "transfer",
+}  # the assets in the gpu pool
 USER, PASSWORD, DB = "refusal", "refusal-test-pw", "dagster_test"
 
 
@@ -84,12 +91,20 @@ class PostgresServer:
         self.data = self.folder / "data"
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_user and shutil.which("runuser") is None:
-            pytest.skip("running as root and runuser is missing: PostgreSQL cannot be started as root")
+            pytest.skip(
+                "running as root and runuser is missing: PostgreSQL cannot be started as root"
+            )
 
     def _run(self, *cmd: str, timeout: float = 120) -> None:
-        done = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            [*self.as_user, *cmd], capture_output=True, text=True, timeout=timeout, check=False
+        )
         if done.returncode != 0:
-            log = (self.folder / "server.log").read_text()[-2000:] if (self.folder / "server.log").exists() else ""
+            log = (
+                (self.folder / "server.log").read_text()[-2000:]
+                if (self.folder / "server.log").exists()
+                else ""
+            )
             raise RuntimeError(
                 f"{' '.join(cmd)} failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-2000:]} {log}"
             )
@@ -138,11 +153,15 @@ class PostgresServer:
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self._run(
+                str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"
+            )
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def connect(self, db: str = DB):
-        return psycopg2.connect(host="127.0.0.1", port=self.port, user=USER, password=PASSWORD, dbname=db)
+        return psycopg2.connect(
+            host="127.0.0.1", port=self.port, user=USER, password=PASSWORD, dbname=db
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -168,7 +187,9 @@ class PostgresServer:
 def postgres() -> Iterator[PostgresServer]:
     bin_dir = _pg_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin (apt-get install postgresql)")
+        pytest.skip(
+            "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin (apt-get install postgresql)"
+        )
     server = PostgresServer(bin_dir)
     try:
         server.start()
@@ -187,14 +208,18 @@ def pg_home(postgres, tmp_path_factory) -> Iterator[Path]:
     assert config["concurrency"]["pools"] == {"default_limit": 1, "granularity": "op"}
     assert config["run_monitoring"]["enabled"] is True
     shutil.copy(ROOT / "dagster_home" / "dagster.postgres.yaml", home / "dagster.yaml")
-    from refusal_assets.app.cli import _init_instance_once  # what every refusal-assets command does first
+    from refusal_assets.app.cli import (
+        _init_instance_once,
+    )  # what every refusal-assets command does first
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in postgres.env.items():
             mp.setenv(k, v)
         _init_instance_once(home)
         instance = dg.DagsterInstance.from_config(str(home))
-        assert [(p.name, p.limit) for p in instance.event_log_storage.get_pool_limits()] == [("gpu", 1)]
+        assert [(p.name, p.limit) for p in instance.event_log_storage.get_pool_limits()] == [
+            ("gpu", 1)
+        ]
         instance.dispose()
     yield home
 
@@ -249,7 +274,9 @@ def _one_category_config(folder: Path, category: str) -> Path:
 
 @pytest.fixture(scope="module")
 def two_cli_runs(postgres, pg_home, tmp_path_factory, request):
-    request.getfixturevalue("tiny_model")  # the tiny model is in the shared cache before the children start
+    request.getfixturevalue(
+        "tiny_model"
+    )  # the tiny model is in the shared cache before the children start
     tmp = tmp_path_factory.mktemp("pg_two")
     go, storage = tmp / "go", tmp / "storage"
     go.mkdir()
@@ -257,7 +284,13 @@ def two_cli_runs(postgres, pg_home, tmp_path_factory, request):
     t0 = time.time()
     children = [
         Child(
-            CLI.format(go=str(go), me=c, hold=HOLD_S, config=str(_one_category_config(tmp, c)), storage=str(storage)),
+            CLI.format(
+                go=str(go),
+                me=c,
+                hold=HOLD_S,
+                config=str(_one_category_config(tmp, c)),
+                storage=str(storage),
+            ),
             env=env,
             stderr_path=tmp / f"{c}.err",
         )
@@ -280,7 +313,11 @@ def two_cli_runs(postgres, pg_home, tmp_path_factory, request):
 
 
 def _runs_since(instance: dg.DagsterInstance, t0: float) -> list[dg.DagsterRun]:
-    return [r.dagster_run for r in instance.get_run_records() if r.create_timestamp.timestamp() >= t0 - 1]
+    return [
+        r.dagster_run
+        for r in instance.get_run_records()
+        if r.create_timestamp.timestamp() >= t0 - 1
+    ]
 
 
 def _gpu_windows(instance: dg.DagsterInstance, runs) -> list[tuple[float, float, str]]:
@@ -297,8 +334,12 @@ def _gpu_windows(instance: dg.DagsterInstance, runs) -> list[tuple[float, float,
 def test_two_concurrent_cli_runs_share_the_gpu_pool(two_cli_runs, postgres, pg_home, monkeypatch):
     instance = _instance(pg_home, postgres, monkeypatch)
     runs = _runs_since(instance, two_cli_runs["t0"])
-    assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [(r.run_id, r.status) for r in runs]
-    assert len(runs) == 2 * 3, [r.asset_selection for r in runs]  # per process: prompts, sample, behaviour
+    assert runs and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs), [
+        (r.run_id, r.status) for r in runs
+    ]
+    assert len(runs) == 2 * 3, [
+        r.asset_selection for r in runs
+    ]  # per process: prompts, sample, behaviour
     windows = _gpu_windows(instance, runs)
     assert len(windows) == 2
     (a_start, a_end, _), (b_start, b_end, b_run) = windows
@@ -307,7 +348,9 @@ def test_two_concurrent_cli_runs_share_the_gpu_pool(two_cli_runs, postgres, pg_h
         f"GPU steps overlapped beyond the pool limit 1: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
     )
     blocked = _blocked_messages(instance, b_run)
-    assert blocked and all("pool gpu" in m for m in blocked), "the second GPU step never waited for the pool"
+    assert blocked and all("pool gpu" in m for m in blocked), (
+        "the second GPU step never waited for the pool"
+    )
     assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0
     # every materialization of both processes, in PostgreSQL's event log
     for asset, parts in (
@@ -324,7 +367,9 @@ def test_two_concurrent_cli_runs_share_the_gpu_pool(two_cli_runs, postgres, pg_h
         )
         assert {p for (p,) in rows} == parts, (asset, rows)
         for category in CATEGORIES:
-            assert (two_cli_runs["storage"] / asset / category).is_dir() or asset == "refusal_behaviour"
+            assert (
+                two_cli_runs["storage"] / asset / category
+            ).is_dir() or asset == "refusal_behaviour"
 
 
 def test_full_tiny_run_on_postgres(postgres, pg_home, tmp_path, monkeypatch, request):
@@ -356,7 +401,9 @@ def test_full_tiny_run_on_postgres(postgres, pg_home, tmp_path, monkeypatch, req
     assert len(runs) == reported and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
     # the same runs and their materializations by plain SQL
     ids = [r.run_id for r in runs]
-    (n_sql,) = postgres.query("SELECT count(*) FROM runs WHERE run_id = ANY(%s) AND status = 'SUCCESS'", ids)[0]
+    (n_sql,) = postgres.query(
+        "SELECT count(*) FROM runs WHERE run_id = ANY(%s) AND status = 'SUCCESS'", ids
+    )[0]
     assert n_sql == len(runs)
     materialized = {
         k
@@ -385,7 +432,8 @@ def test_schedule_state_and_events_read_back_from_postgres(postgres, pg_home, mo
     instance = _instance(pg_home, postgres, monkeypatch)
     monkeypatch.setenv("REFUSAL_ASSETS_CONFIG", str(TINY))
     with in_process_test_workspace(
-        instance, LoadableTargetOrigin(module_name="refusal_assets.definitions", working_directory=str(ROOT))
+        instance,
+        LoadableTargetOrigin(module_name="refusal_assets.definitions", working_directory=str(ROOT)),
     ) as ws:
         (entry,) = ws.get_code_location_entries().values()
         (repo,) = entry.code_location.get_repositories().values()
@@ -395,7 +443,8 @@ def test_schedule_state_and_events_read_back_from_postgres(postgres, pg_home, mo
     states = [s for s in fresh.all_instigator_state() if s.name == "refresh_report_schedule"]
     assert len(states) == 1 and states[0].status == InstigatorStatus.RUNNING
     rows = postgres.query(
-        "SELECT status, instigator_type FROM instigators WHERE instigator_body LIKE %s", "%refresh_report_schedule%"
+        "SELECT status, instigator_type FROM instigators WHERE instigator_body LIKE %s",
+        "%refresh_report_schedule%",
     )
     assert rows == [("RUNNING", "SCHEDULE")]
     assert fresh.event_log_storage.__class__.__module__.startswith("dagster_postgres")

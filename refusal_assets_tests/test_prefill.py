@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from refusal_assets.config import DEFAULT_REFUSAL_PHRASES
-from refusal_assets.lm.behaviour import generate, generate_plain, last_token_refusal_prob, p_refusal, refusal_token_ids
+from refusal_assets.lm.behaviour import (
+    generate,
+    generate_plain,
+    last_token_refusal_prob,
+    p_refusal,
+    refusal_token_ids,
+)
 from refusal_assets.lm.chat import encode_chat
 from refusal_assets.lm.prefill import prefill, shared_prefix_length
 from refusal_assets.lm.sites import Site
@@ -106,11 +112,15 @@ def test_bench_behaviour_reports_both_ways_with_identical_responses():
     from refusal_assets.bench.behaviour import run_behaviour_bench
     from refusal_assets_tests.conftest import ROOT
 
-    out = run_behaviour_bench(str(ROOT / "configs" / "tiny.yaml"), n_prompts=6, repeats=1, log=lambda s: None)
+    out = run_behaviour_bench(
+        str(ROOT / "configs" / "tiny.yaml"), n_prompts=6, repeats=1, log=lambda s: None
+    )
     assert out["responses_identical"] is True and out["n_prompts"] == 6
     assert out["plain_seconds"] > 0 and out["ours_seconds"] > 0
     # seconds are kept to the microsecond (the tiny model runs in milliseconds), the ratio to 3 decimals
-    assert out["ratio_ours_over_plain"] == pytest.approx(out["plain_seconds"] / out["ours_seconds"], rel=2e-3, abs=1e-3)
+    assert out["ratio_ours_over_plain"] == pytest.approx(
+        out["plain_seconds"] / out["ours_seconds"], rel=2e-3, abs=1e-3
+    )
     assert 0 < out["ours_fraction_of_matmul_bound"] and 0 < out["plain_fraction_of_matmul_bound"]
     assert sum(out["stop_reasons"].values()) == 6
     assert out["ours_decode_rows"] <= out["plain_decode_rows"]

@@ -22,11 +22,16 @@ class FakeClock:
 
 def test_lines_carry_counts_rates_and_eta():
     clock, lines = FakeClock(), []
-    with progress("behaviour: generation", total=100, unit="prompts", log=lines.append, clock=clock, bar=False) as p:
+    with progress(
+        "behaviour: generation", total=100, unit="prompts", log=lines.append, clock=clock, bar=False
+    ) as p:
         clock.tick(4)
         p.update(20)  # 20 % after 4 s: a milestone, past the minimum gap
     assert lines[0] == "behaviour: generation: started, 100 prompts"
-    assert lines[1] == "behaviour: generation: 20/100 prompts (20 %), 4 s elapsed, 5.00 prompts/s, ETA 16 s"
+    assert (
+        lines[1]
+        == "behaviour: generation: 20/100 prompts (20 %), 4 s elapsed, 5.00 prompts/s, ETA 16 s"
+    )
     assert lines[2] == "behaviour: generation: 20/100 prompts (20 %), done in 4 s, 5.00 prompts/s"
 
 
@@ -50,7 +55,9 @@ def test_cadence_every_ten_percent_or_ten_seconds_never_per_item():
 
 def test_time_cadence_without_a_total_and_fast_updates_are_batched():
     clock, lines = FakeClock(), []
-    p = Progress("sweep", total=None, unit="edges", log=lines.append, clock=clock, bar=False, every_s=10)
+    p = Progress(
+        "sweep", total=None, unit="edges", log=lines.append, clock=clock, bar=False, every_s=10
+    )
     for _ in range(95):
         clock.tick(1)
         p.update(3)
@@ -80,13 +87,19 @@ def test_extra_text_and_error_line():
     clock, lines = FakeClock(), []
     with pytest.raises(RuntimeError):
         with progress(
-            "activations: collection", total=4, unit="prompts", log=lines.append, clock=clock, bar=False
+            "activations: collection",
+            total=4,
+            unit="prompts",
+            log=lines.append,
+            clock=clock,
+            bar=False,
         ) as p:
             clock.tick(20)
             p.update(1, extra="36 rows")
             raise RuntimeError("out of memory")
     assert (
-        lines[1] == "activations: collection: 1/4 prompts (25 %), 20 s elapsed, 0.05 prompts/s, ETA 1 min 00 s; 36 rows"
+        lines[1]
+        == "activations: collection: 1/4 prompts (25 %), 20 s elapsed, 0.05 prompts/s, ETA 1 min 00 s; 36 rows"
     )
     assert lines[2].endswith("(stopped by an error)") and "1/4 prompts" in lines[2]
 
@@ -124,5 +137,7 @@ def test_bar_draws_to_the_real_stderr_and_clears_itself(monkeypatch):
         p.update(8)
     drawn = stream.getvalue()
     assert "behaviour: generation:" in drawn and "0/8" in drawn and "prompts/s" in drawn
-    assert drawn.rstrip("\x1b[A").endswith(" ")  # leave=False: the step's bar is blanked when it ends
+    assert drawn.rstrip("\x1b[A").endswith(
+        " "
+    )  # leave=False: the step's bar is blanked when it ends
     assert lines[-1].startswith("behaviour: generation: 8/8 prompts (100 %), done in")

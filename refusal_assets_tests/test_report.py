@@ -30,7 +30,9 @@ def _effects(rng, n_shared: int) -> dict[str, np.ndarray]:
 
 def _behaviour(rng, refuse_toxic: float) -> pl.DataFrame:
     split = ["toxic"] * 8 + ["safe"] * 8 + ["hard"] * 8
-    score = np.where(np.array(split) == "toxic", np.where(rng.random(24) < refuse_toxic, 1.0, -1.0), -1.0)
+    score = np.where(
+        np.array(split) == "toxic", np.where(rng.random(24) < refuse_toxic, 1.0, -1.0), -1.0
+    )
     return pl.DataFrame(
         {
             "prompt_id": [f"p{i}" for i in range(24)],
@@ -49,7 +51,10 @@ def _circuit_group(n_used: int, prompt_set: str, advantage_lo: float) -> dict:
         "denominator_ci": [1.5, 2.5],
         "n_prompts": n_used,
         "n_folds": n_used,
-        "sweep": [{"n_nodes": n, "faithfulness": 0.8, "completeness": 0.3, "random_faithfulness": 0.1} for n in (2, 4)],
+        "sweep": [
+            {"n_nodes": n, "faithfulness": 0.8, "completeness": 0.3, "random_faithfulness": 0.1}
+            for n in (2, 4)
+        ],
     }
     return {
         "n_prompts": n_used,
@@ -73,7 +78,9 @@ def two_model_storage(tiny_cfg, root):
     """Storage under ``root`` with every file the report reads, for the tiny model and a copy of it
     (``second``): one with a shared circuit core, one without. Returns (config, layout)."""
     cfg = tiny_cfg.model_copy(
-        update={"models": [tiny_cfg.models[0], tiny_cfg.models[0].model_copy(update={"key": "second"})]}
+        update={
+            "models": [tiny_cfg.models[0], tiny_cfg.models[0].model_copy(update={"key": "second"})]
+        }
     )
     layout, rng = Layout(root), np.random.default_rng(0)
     counts = pl.DataFrame(
@@ -89,14 +96,20 @@ def two_model_storage(tiny_cfg, root):
     for m, n_shared in zip(cfg.models, (8, 0), strict=True):
         key = m.model_key
         for i, c in enumerate(CATS):
-            write_parquet(_behaviour(rng, 0.6 if key == "second" else 0.0).to_arrow(), layout.behaviour(key, c))
+            write_parquet(
+                _behaviour(rng, 0.6 if key == "second" else 0.0).to_arrow(),
+                layout.behaviour(key, c),
+            )
             fallback = "all (score_positive: only 0 < 2)"
             group = (
                 _circuit_group(8, fallback, -0.1)
                 if key != "second"
                 else _circuit_group(5, "score_positive", 0.2 if i else -0.1)
             )
-            write_text(json.dumps({"category": c, "groups": {"toxic": group}}), layout.circuit_summary(key, c))
+            write_text(
+                json.dumps({"category": c, "groups": {"toxic": group}}),
+                layout.circuit_summary(key, c),
+            )
         result = cmp.compare_categories(
             _effects(rng, n_shared), SITE_OF_NODE, k_per_site=6, n_permutations=50, n_bootstrap=50
         )
@@ -123,9 +136,15 @@ def test_first_screen_summary_per_model(two_models):
     cfg, layout = two_models
     written = report.write_report(cfg, layout, CATS)
     assert [s.model_key for s in written.summaries] == ["tiny-qwen2", "second"]
-    comps = {m.model_key: json.loads(layout.comparison_summary(m.model_key).read_text()) for m in cfg.models}
+    comps = {
+        m.model_key: json.loads(layout.comparison_summary(m.model_key).read_text())
+        for m in cfg.models
+    }
     for s in written.summaries:
-        assert s.verdict == comps[s.model_key]["verdict"] and s.reason == comps[s.model_key]["verdict_reason"]
+        assert (
+            s.verdict == comps[s.model_key]["verdict"]
+            and s.reason == comps[s.model_key]["verdict_reason"]
+        )
         assert [t.test for t in s.tests] == [
             "Circuit overlap, toxic",
             "Shared core",
@@ -142,9 +161,15 @@ def test_first_screen_summary_per_model(two_models):
         and "4 of 4 categories have fewer than min_prompts = 2" in first.sample
     )
     assert "fewer than min_prompts" not in second.sample
-    assert first.tests[3].finding.startswith("faithfulness beats a same-size random circuit in 0 of 4")
-    assert second.tests[3].finding.startswith("faithfulness beats a same-size random circuit in 3 of 4")
-    shared = json.loads(layout.comparison_summary("tiny-qwen2").read_text())["groups"]["toxic"]["shared_core"]
+    assert first.tests[3].finding.startswith(
+        "faithfulness beats a same-size random circuit in 0 of 4"
+    )
+    assert second.tests[3].finding.startswith(
+        "faithfulness beats a same-size random circuit in 3 of 4"
+    )
+    shared = json.loads(layout.comparison_summary("tiny-qwen2").read_text())["groups"]["toxic"][
+        "shared_core"
+    ]
     assert first.tests[1].finding.startswith(f"{len(shared)} nodes in every category's circuit")
 
     page = written.html.read_text()
@@ -203,12 +228,23 @@ def test_profile_legend_covers_no_bar(two_models):
 
 def test_more_tests_extend_the_first_screen(two_models, monkeypatch):
     cfg, layout = two_models
-    extra = lambda inp: [report.TestLine("Induced refusal", f"{len(inp.circuits)} circuits steer {inp.model_key}")]  # noqa: E731
+
+    def extra(inp):
+        return [
+            report.TestLine(
+                "Induced refusal", f"{len(inp.circuits)} circuits steer {inp.model_key}"
+            )
+        ]  # noqa: E731
+
     monkeypatch.setattr(report, "SUMMARY_TESTS", [*report.SUMMARY_TESTS, extra])
     written = report.write_report(cfg, layout, CATS)
-    assert written.summaries[1].tests[-1] == report.TestLine("Induced refusal", "4 circuits steer second")
+    assert written.summaries[1].tests[-1] == report.TestLine(
+        "Induced refusal", "4 circuits steer second"
+    )
     page = written.html.read_text()
-    assert page.index("<b>Induced refusal</b>: 4 circuits steer second") < page.index("Behaviour: refusal")
+    assert page.index("<b>Induced refusal</b>: 4 circuits steer second") < page.index(
+        "Behaviour: refusal"
+    )
 
 
 def test_a_model_without_comparison_says_so(two_models):
@@ -217,7 +253,9 @@ def test_a_model_without_comparison_says_so(two_models):
     written = report.write_report(cfg, layout, CATS)
     missing = written.summaries[1]
     assert (
-        missing.verdict == "not run" and missing.figure is None and missing.tests[-1].test == "Circuit quality, toxic"
+        missing.verdict == "not run"
+        and missing.figure is None
+        and missing.tests[-1].test == "Circuit quality, toxic"
     )
     assert "NOT RUN" in written.html.read_text()
 
@@ -240,12 +278,27 @@ def test_report_metadata_carries_the_verdict_markdown_and_figures(two_models):
 def test_sae_table_shows_held_out_train_and_splice_quality(two_models):
     cfg, layout = two_models
     key = cfg.models[0].site_keys[0]
-    metrics = {"fvu": 0.169, "fvu_post_instruction": 0.027, "fvu_train": 0.041, "l0": 32.0, "dead_fraction": 0.006}
+    metrics = {
+        "fvu": 0.169,
+        "fvu_post_instruction": 0.027,
+        "fvu_train": 0.041,
+        "l0": 32.0,
+        "dead_fraction": 0.006,
+    }
     metrics |= {"n_train_rows": 15234, "n_corpus_train_rows": 9800}
-    splice = {"loss_recovered": 0.996, "delta_ce": 0.023, "kl_spliced": 0.157, "refusal_score_change": 0.789}
+    splice = {
+        "loss_recovered": 0.996,
+        "delta_ce": 0.023,
+        "kl_spliced": 0.157,
+        "refusal_score_change": 0.789,
+    }
     write_text(json.dumps({"metrics": metrics, "splice": splice}), layout.sae_history(key))
-    old = cfg.models[1].site_keys[0]  # a history from before fvu_train: the cell says nan, the row stays
-    write_text(json.dumps({"metrics": {"fvu": 0.2, "l0": 32.0}, "splice": {}}), layout.sae_history(old))
+    old = cfg.models[1].site_keys[
+        0
+    ]  # a history from before fvu_train: the cell says nan, the row stays
+    write_text(
+        json.dumps({"metrics": {"fvu": 0.2, "l0": 32.0}, "splice": {}}), layout.sae_history(old)
+    )
     md = report.write_report(cfg, layout, CATS).markdown.read_text()
     table = md[md.index("## Sparse autoencoders") :].split("\n\n")[2]
     header, _, *rows = table.strip().splitlines()
@@ -256,7 +309,10 @@ def test_sae_table_shows_held_out_train_and_splice_quality(two_models):
     assert rows[0] == (
         f"| {key} | 0.169 | 0.027 | 0.041 | 32.000 | 0.006 | 0.996 | 0.023 | 0.157 | 0.789 | 15234 | 9800 |"
     )
-    assert rows[1] == f"| {old} | 0.200 | nan | nan | 32.000 | nan | nan | nan | nan | nan | nan | nan |"
+    assert (
+        rows[1]
+        == f"| {old} | 0.200 | nan | nan | 32.000 | nan | nan | nan | nan | nan | nan | nan |"
+    )
     assert "bench sae --learning-curve" in md
 
 
@@ -279,5 +335,7 @@ def test_templates_are_package_files_and_html_escapes_every_value(two_models):
     assert "\n" not in page.split("<pre>")[0] and md.endswith("```\n")
     inputs = report.report_inputs(cfg, layout, CATS)
     section = {"verdict": inputs.verdict, "header": inputs.header}
-    assert render_html("verdict.html", **section).startswith('<section id="verdict"><h2>Verdict</h2>')
+    assert render_html("verdict.html", **section).startswith(
+        '<section id="verdict"><h2>Verdict</h2>'
+    )
     assert render_markdown("verdict.md", **section).startswith("\n## Verdict\n\n**tiny-qwen2: ")

@@ -37,7 +37,11 @@ def test_bar_wanted_follows_the_terminal_unless_the_env_says(monkeypatch):
 
 def test_run_draws_bars_and_logs_progress_to_dagster(tmp_path):
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFUSAL_ASSETS_") or k == "REFUSAL_ASSETS_CACHE"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("REFUSAL_ASSETS_") or k == "REFUSAL_ASSETS_CACHE"
+    }
     # stderr here is a file, not a terminal: the env var stands in for one, as the runner's docs say
     env.update(DAGSTER_HOME=str(home), **{progress.BAR_ENV: "1"}, COLUMNS="120", LINES="40")
     stderr_path = tmp_path / "stderr.txt"
@@ -67,7 +71,9 @@ def test_run_draws_bars_and_logs_progress_to_dagster(tmp_path):
     out = done.stdout.splitlines()
     # stdout keeps its plain result lines, one per run, with no bar in them
     results = [line for line in out if line.startswith("[")]
-    assert len(results) == 12 and all(line.endswith(" s)") and " ok (" in line for line in results), out
+    assert len(results) == 12 and all(
+        line.endswith(" s)") and " ok (" in line for line in results
+    ), out
     assert not any("runs |" in line or "\r" in line for line in out)
     # the runner's bar (runs done, the running step) and the generation loop's bar on stderr
     assert "12/12 runs |" in stderr and "[12/12] refusal_behaviour violence|tiny-qwen2 (" in stderr
@@ -76,7 +82,9 @@ def test_run_draws_bars_and_logs_progress_to_dagster(tmp_path):
     instance = dg.DagsterInstance.from_config(str(home / "tiny"))  # one instance per config name
     try:
         lines = []
-        for record in instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": "violence|tiny-qwen2"})):
+        for record in instance.get_run_records(
+            dg.RunsFilter(tags={"dagster/partition": "violence|tiny-qwen2"})
+        ):
             lines += [
                 e.user_message
                 for e in instance.all_logs(record.dagster_run.run_id)

@@ -30,7 +30,9 @@ def make_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     with magnitudes in [1, 2], plus a constant offset and noise of sd 0.01; and the group ids."""
     gen = torch.Generator().manual_seed(seed)
     true_dirs = F.normalize(torch.randn(N_TRUE, D_IN, generator=gen), dim=-1)
-    idx = torch.rand(N_SAMPLES, N_TRUE, generator=gen).topk(TRUE_K).indices  # distinct directions per row
+    idx = (
+        torch.rand(N_SAMPLES, N_TRUE, generator=gen).topk(TRUE_K).indices
+    )  # distinct directions per row
     mags = 1.0 + torch.rand(N_SAMPLES, TRUE_K, generator=gen)
     x = F.embedding_bag(idx, true_dirs, per_sample_weights=mags, mode="sum")
     x = x + 0.5 + 0.01 * torch.randn(N_SAMPLES, D_IN, generator=gen)
@@ -59,7 +61,10 @@ def test_recovers_known_dictionary(trained, data):
     assert hist["best_step"] in hist["step"]
     assert hist["val_fvu"][hist["step"].index(hist["best_step"])] == min(hist["val_fvu"])
     n_evals = len(hist["step"])
-    assert all(len(hist[key]) == n_evals for key in ("train_loss", "train_fvu", "aux_loss", "val_fvu", "dead_fraction"))
+    assert all(
+        len(hist[key]) == n_evals
+        for key in ("train_loss", "train_fvu", "aux_loss", "val_fvu", "dead_fraction")
+    )
     assert hist["n_train"] + hist["n_val"] == N_SAMPLES and hist["seconds"] > 0
 
 
@@ -105,7 +110,9 @@ def test_sparse_step_gradients_match_dense_autograd(architecture):
     x = torch.randn(B, d_in, generator=gen) * 2
     since_fired = torch.zeros(d_sae, dtype=torch.long)
     since_fired[::3] = 10**6  # every third latent is dead: AuxK is active
-    cfg = SAEConfig(architecture=architecture, k=k, aux_k=aux_k, aux_coef=0.5, dead_after_tokens=1000)
+    cfg = SAEConfig(
+        architecture=architecture, k=k, aux_k=aux_k, aux_coef=0.5, dead_after_tokens=1000
+    )
 
     ref = TopKSAE(d_in, d_sae, k, architecture)
     ref.load_state_dict(sae.state_dict())
@@ -121,12 +128,18 @@ def test_sparse_step_gradients_match_dense_autograd(architecture):
     aux = (z_aux @ ref.W_dec - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     (fvu + cfg.aux_coef * aux).backward()
 
-    loss, step_fvu, step_aux = train_step(sae, torch.optim.SGD(sae.parameters(), lr=0.0), x, since_fired, cfg)
-    assert step_fvu == pytest.approx(fvu.item(), rel=1e-5) and step_aux == pytest.approx(aux.item(), rel=1e-5)
+    loss, step_fvu, step_aux = train_step(
+        sae, torch.optim.SGD(sae.parameters(), lr=0.0), x, since_fired, cfg
+    )
+    assert step_fvu == pytest.approx(fvu.item(), rel=1e-5) and step_aux == pytest.approx(
+        aux.item(), rel=1e-5
+    )
     g_dec = ref.W_dec.grad - (ref.W_dec.grad * ref.W_dec).sum(-1, keepdim=True) * ref.W_dec
     torch.testing.assert_close(sae.W_dec.grad, g_dec, rtol=1e-4, atol=1e-6)
     for name in ("W_enc", "b_enc", "b_dec"):
-        torch.testing.assert_close(getattr(sae, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            getattr(sae, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-6, msg=name
+        )
     fired = (z > 0).any(0)
     assert (since_fired[fired] == 0).all() and (since_fired[~fired & ~dead] == B).all()
 
@@ -152,7 +165,10 @@ def test_tied_encoder_step_gradients_match_dense_autograd():
 
     W_dec = sae.W_dec.detach().clone().requires_grad_()
     log_scale = tie.log_scale.detach().clone().requires_grad_()
-    b_enc, b_dec = sae.b_enc.detach().clone().requires_grad_(), sae.b_dec.detach().clone().requires_grad_()
+    b_enc, b_dec = (
+        sae.b_enc.detach().clone().requires_grad_(),
+        sae.b_dec.detach().clone().requires_grad_(),
+    )
     x_n = x * 0.7
     pre = ((x_n - b_dec) @ (W_dec.T * log_scale.exp()) + b_enc).relu()  # dense autograd all the way
     vals, idx = pre.topk(k, dim=-1)
@@ -161,18 +177,28 @@ def test_tied_encoder_step_gradients_match_dense_autograd():
     dead = since_fired >= cfg.dead_after_tokens
     aux_idx = pre.detach().masked_fill(~dead, -1).topk(aux_k, dim=-1).indices
     e = err.detach()
-    aux = (torch.zeros_like(pre).scatter(-1, aux_idx, pre.gather(-1, aux_idx)) @ W_dec - e).pow(2).sum()
+    aux = (
+        (torch.zeros_like(pre).scatter(-1, aux_idx, pre.gather(-1, aux_idx)) @ W_dec - e)
+        .pow(2)
+        .sum()
+    )
     aux = aux / (e - e.mean(0)).pow(2).sum()
     (fvu + cfg.aux_coef * aux).backward()
 
-    opt = torch.optim.SGD([p for p in sae.parameters() if p is not sae.W_enc] + [tie.log_scale], lr=0.0)
+    opt = torch.optim.SGD(
+        [p for p in sae.parameters() if p is not sae.W_enc] + [tie.log_scale], lr=0.0
+    )
     _, step_fvu, step_aux = train_step(sae, opt, x, since_fired, cfg, tie)
-    assert step_fvu == pytest.approx(fvu.item(), rel=1e-5) and step_aux == pytest.approx(aux.item(), rel=1e-5)
+    assert step_fvu == pytest.approx(fvu.item(), rel=1e-5) and step_aux == pytest.approx(
+        aux.item(), rel=1e-5
+    )
     g_dec = W_dec.grad - (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
     torch.testing.assert_close(sae.W_dec.grad, g_dec, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(tie.log_scale.grad, log_scale.grad, rtol=1e-4, atol=1e-6)
     for name, ref in (("b_enc", b_enc), ("b_dec", b_dec)):
-        torch.testing.assert_close(getattr(sae, name).grad, ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            getattr(sae, name).grad, ref.grad, rtol=1e-4, atol=1e-6, msg=name
+        )
     assert sae.W_enc.grad is None  # derived from the tie, not trained
     torch.testing.assert_close(sae.W_enc, sae.W_dec.T * tie.log_scale.exp())
 
@@ -185,7 +211,9 @@ def test_tied_training_saves_a_plain_sae_that_generalises_better_on_few_rows(dat
     held_out = x[10_000:12_000]
     fvu = {}
     for tied in (False, True):
-        cfg = SAEConfig(k=TRUE_K, lr=5e-3, max_steps=300, tied_encoder=tied, **{**FAST, "batch_size": 256})
+        cfg = SAEConfig(
+            k=TRUE_K, lr=5e-3, max_steps=300, tied_encoder=tied, **{**FAST, "batch_size": 256}
+        )
         sae = train_sae(x[:600], groups[:600], cfg, d_sae=512).sae
         fvu[tied] = evaluate_sae(sae, held_out).fvu
     assert fvu[True] < 0.95 * fvu[False], fvu
@@ -212,7 +240,10 @@ def test_deterministic(data):
     x, _, groups = data
     x, groups = x[:4000].half(), groups[:4000]  # float16 input, as stored activations are
     cfg = SAEConfig(k=TRUE_K, max_steps=24, **{**FAST, "eval_every": 8, "dead_after_tokens": 1024})
-    (a, ha), (b, hb) = train_sae(x, groups, cfg, d_sae=D_SAE)[:2], train_sae(x, groups, cfg, d_sae=D_SAE)[:2]
+    (a, ha), (b, hb) = (
+        train_sae(x, groups, cfg, d_sae=D_SAE)[:2],
+        train_sae(x, groups, cfg, d_sae=D_SAE)[:2],
+    )
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:
@@ -238,15 +269,25 @@ def test_lr_decay_changes_only_the_last_steps(data):
 def test_save_load_round_trip(trained, data, tmp_path):
     sae, _ = trained
     x, _, _ = data
-    folder = save_sae(sae, tmp_path / "sae", {"hook_name": "blocks.3.hook_resid_post", "model_name": "tiny"})
+    folder = save_sae(
+        sae, tmp_path / "sae", {"hook_name": "blocks.3.hook_resid_post", "model_name": "tiny"}
+    )
     cfg = json.loads((folder / "cfg.json").read_text())
     # SAELens 6 semantics: the input-norm scale is folded into the weights, as its trainer does
     s = sae.norm_scale.item()
     assert cfg["normalize_activations"] == "none"
     assert cfg["metadata"]["folded_norm_scaling_factor"] == pytest.approx(s)
-    assert (cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["architecture"]) == (D_IN, D_SAE, TRUE_K, "topk")
+    assert (cfg["d_in"], cfg["d_sae"], cfg["k"], cfg["architecture"]) == (
+        D_IN,
+        D_SAE,
+        TRUE_K,
+        "topk",
+    )
     assert cfg["hook_name"] == "blocks.3.hook_resid_post" and cfg["apply_b_dec_to_input"] is True
-    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]  # no temp files
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "cfg.json",
+        "sae_weights.safetensors",
+    ]  # no temp files
     loaded = load_sae(folder)
     assert loaded.norm_scale.item() == 1.0
     for name, folded in (
@@ -314,7 +355,9 @@ def test_load_handwritten_saelens_folders(tmp_path):
     std = load_sae(tmp_path / "standard")
     half = {k: v.half().float() for k, v in tensors.items()}
     torch.testing.assert_close(std.encode(x), F.relu(0.5 * x @ half["W_enc"] + half["b_enc"]))
-    torch.testing.assert_close(std.decode(std.encode(x)), (std.encode(x) @ half["W_dec"] + half["b_dec"]) / 0.5)
+    torch.testing.assert_close(
+        std.decode(std.encode(x)), (std.encode(x) @ half["W_dec"] + half["b_dec"]) / 0.5
+    )
 
 
 def test_load_errors_name_file_and_key(tmp_path):
@@ -353,7 +396,9 @@ def test_evaluate_sae_by_hand():
         sae.W_dec.copy_(torch.cat([eye, -eye]))
         sae.W_enc.copy_(sae.W_dec.T)
     x = torch.rand(100, d) + 0.1  # all positive: the d "negative" latents never fire
-    metrics = evaluate_sae(sae, x, batch_size=7)  # odd batch size: the chunked sums must still agree
+    metrics = evaluate_sae(
+        sae, x, batch_size=7
+    )  # odd batch size: the chunked sums must still agree
     assert metrics.fvu == pytest.approx(0.0, abs=1e-10)
     assert metrics.mse == pytest.approx(0.0, abs=1e-12)
     assert metrics.l0 == d
@@ -363,7 +408,9 @@ def test_evaluate_sae_by_hand():
         sae.W_dec.zero_()  # x_hat = b_dec = 0: fvu = sum||x||^2 / sum||x - mean||^2
     metrics = evaluate_sae(sae, x, batch_size=32)
     x64 = x.double()
-    assert metrics.fvu == pytest.approx((x64.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()).item(), rel=1e-9)
+    assert metrics.fvu == pytest.approx(
+        (x64.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()).item(), rel=1e-9
+    )
     assert metrics.mse == pytest.approx(x64.pow(2).mean().item(), rel=1e-9)
 
 
@@ -374,7 +421,9 @@ def test_batchtopk_trains_with_mean_l0_near_k(data, tmp_path):
     sae, hist = train_sae(x, groups, cfg, d_sae=D_SAE)[:2]
     assert not sae.training and sae.threshold.min() > 0
     _, val_idx = split_by_group(groups, cfg.val_fraction, cfg.seed)
-    metrics = evaluate_sae(sae, x[val_idx])  # inference: the estimated threshold, not the batch top-k
+    metrics = evaluate_sae(
+        sae, x[val_idx]
+    )  # inference: the estimated threshold, not the batch top-k
     assert 0.8 * k <= metrics.l0 <= 1.2 * k, metrics
     assert metrics.fvu < 0.2
     # saved as SAELens does, a JumpReLU SAE with the threshold; it encodes identically (up to the
@@ -399,12 +448,21 @@ def test_bench_tiny():
     for key in ("ratio_tokens_per_s", "threads"):
         assert result[key] > 0, key
     for name in ("ours", "sparsify"):
-        assert result[name]["tokens_per_s"] > 0 and 0 < result[name]["heldout_fvu"] < 2, result[name]
+        assert result[name]["tokens_per_s"] > 0 and 0 < result[name]["heldout_fvu"] < 2, result[
+            name
+        ]
     assert result["ratio_tokens_per_s"] == pytest.approx(
         result["ours"]["tokens_per_s"] / result["sparsify"]["tokens_per_s"]
     )
-    assert (result["d_in"], result["d_sae"], result["device"], result["rows"]) == (32, 128, "cpu", "synthetic")
-    alone = run_sae_bench(d_in=32, d_sae=128, k=4, batch_size=64, steps=3, rss_rows=None, peers=False)
+    assert (result["d_in"], result["d_sae"], result["device"], result["rows"]) == (
+        32,
+        128,
+        "cpu",
+        "synthetic",
+    )
+    alone = run_sae_bench(
+        d_in=32, d_sae=128, k=4, batch_size=64, steps=3, rss_rows=None, peers=False
+    )
     assert "sparsify" not in alone and "ratio_tokens_per_s" not in alone
 
 
@@ -413,20 +471,26 @@ def test_bench_split_holds_out_whole_prompts_and_unseen_vectors():
 
     rows, groups = synthetic_rows(2000, 16, 64, seed=0)  # 100 prompts of 20 rows
     template = torch.randn(16).half()
-    rows[::20] = template  # every prompt's first row is the same vector, like a chat-template position
+    rows[::20] = (
+        template  # every prompt's first row is the same vector, like a chat-template position
+    )
     train, held = bench_split(rows, groups, seed=0)
     assert not set(groups[train]) & set(groups[held])  # whole prompts
     assert len(set(groups[held])) == 10  # VAL_FRACTION of the prompts
     train_vectors = {bytes(rows[i].numpy().tobytes()) for i in train}
     assert len(train_vectors) == len(train)  # every training vector once
-    assert not any(bytes(rows[i].numpy().tobytes()) in train_vectors for i in held)  # nothing seen in training
+    assert not any(
+        bytes(rows[i].numpy().tobytes()) in train_vectors for i in held
+    )  # nothing seen in training
     assert (rows[train] == template).all(-1).sum() == 1 and len(held) == 10 * 19
 
 
 def test_bench_streaming_rss_in_subprocesses():
     from refusal_assets.bench.sae import streaming_rss
 
-    rss = streaming_rss(400, d_in=16, d_sae=32, k=4, batch_size=32, steps=3, modes=("stream",))["stream"]
+    rss = streaming_rss(400, d_in=16, d_sae=32, k=4, batch_size=32, steps=3, modes=("stream",))[
+        "stream"
+    ]
     assert rss["n_rows"] == 400 and rss["peak_rss_mb_n"] > 10 and rss["peak_rss_mb_4n"] > 10
     assert rss["ratio_4n_over_n"] == pytest.approx(rss["peak_rss_mb_4n"] / rss["peak_rss_mb_n"])
 
@@ -456,29 +520,50 @@ def test_learning_curve_nested_subsets_same_heldout_and_new_extra_rows():
     from refusal_assets.bench.sae import bench_split, learning_curve, synthetic_rows
 
     rows, groups = synthetic_rows(3000, 32, 128, seed=0)  # 150 prompts of 20 rows
-    rows[::20] = torch.randn(32).half()  # every prompt's first row is one vector, like a template position
+    rows[::20] = torch.randn(
+        32
+    ).half()  # every prompt's first row is one vector, like a template position
     ids = np.array([f"p{g}" for g in groups])
     more, more_groups = synthetic_rows(1000, 32, 128, seed=1)  # another sample: 50 prompts
     more_ids = np.array([f"q{g}" for g in more_groups])
     more[:100] = rows[:100]  # 5 prompts' rows repeat the sample's vectors: not new
-    _, held = bench_split(rows, np.unique(ids, return_inverse=True)[1], seed=0)  # the curve's own group codes
+    _, held = bench_split(
+        rows, np.unique(ids, return_inverse=True)[1], seed=0
+    )  # the curve's own group codes
     held_prompt = ids[held[0]]
-    more[100:120] = rows[ids == held_prompt][:20] + 0.01  # a held-out prompt again, values not equal
+    more[100:120] = (
+        rows[ids == held_prompt][:20] + 0.01
+    )  # a held-out prompt again, values not equal
     more_ids[100:120] = held_prompt
     shape = dict(d_sae=128, k=8, batch_size=128, steps=150)
     curve = learning_curve(rows, ids, extra=(more, more_ids), fractions=(0.1, 1.0), **shape)
     points = curve["points"]
-    assert [(p["data"], p["fraction"]) for p in points] == [("sample", 0.1), ("sample", 1.0), ("sample + extra", 1.0)]
-    assert curve["n_heldout_prompts"] == 16 and curve["n_heldout_rows"] == 16 * 19  # 2 x round(0.05 x 150)
+    assert [(p["data"], p["fraction"]) for p in points] == [
+        ("sample", 0.1),
+        ("sample", 1.0),
+        ("sample + extra", 1.0),
+    ]
+    assert (
+        curve["n_heldout_prompts"] == 16 and curve["n_heldout_rows"] == 16 * 19
+    )  # 2 x round(0.05 x 150)
     assert curve["n_extra_rows_from_heldout_prompts"] == 20 and curve["n_extra_prompts"] == 44
     assert [p["n_prompts"] for p in points] == [13, 134, 134 + 44]
     # the template vector once in every subset, whichever prompt holds its first row
-    assert [p["n_train_rows"] for p in points] == [13 * 19 + 1, 134 * 19 + 1, 134 * 19 + 1 + 44 * 20]
+    assert [p["n_train_rows"] for p in points] == [
+        13 * 19 + 1,
+        134 * 19 + 1,
+        134 * 19 + 1 + 44 * 20,
+    ]
     assert points[0]["epochs"] == pytest.approx(150 * 128 / (13 * 19 + 1))
     small, full = points[0], points[1]
     # a tenth of the prompts: the SAE fits its rows and misses new ones; all of them: the gap closes
-    assert small["train_fvu"] < 0.5 * small["heldout_fvu"] and full["heldout_fvu"] < 0.8 * small["heldout_fvu"]
-    assert full["heldout_fvu"] - full["train_fvu"] < 0.5 * (small["heldout_fvu"] - small["train_fvu"])
+    assert (
+        small["train_fvu"] < 0.5 * small["heldout_fvu"]
+        and full["heldout_fvu"] < 0.8 * small["heldout_fvu"]
+    )
+    assert full["heldout_fvu"] - full["train_fvu"] < 0.5 * (
+        small["heldout_fvu"] - small["train_fvu"]
+    )
     with pytest.raises(ValueError, match="d_in 8"):
         learning_curve(rows, ids, extra=(more[:, :8], more_ids), **{**shape, "steps": 2})
 

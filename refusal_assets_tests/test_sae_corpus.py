@@ -38,16 +38,27 @@ def _write(path, text: str):
 def test_load_corpus_reads_prompt_column_dedups_and_subsamples(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
-    _write(folder / "a.csv", 'prompt,topic\nHow do I boil an egg?,food\n"Fix my code, please",code\n,empty\n')
+    _write(
+        folder / "a.csv",
+        'prompt,topic\nHow do I boil an egg?,food\n"Fix my code, please",code\n,empty\n',
+    )
     _write(folder / "b.csv", "prompt\nHow do I boil an egg?\nWhat is a prime number?\n")
     _write(folder / "notes.md", "not a csv: ignored\n")
     df = load_corpus(SAECorpusConfig(path=str(folder)), lambda p: p)
-    assert sorted(df["prompt"].to_list()) == ["Fix my code, please", "How do I boil an egg?", "What is a prime number?"]
-    assert df["prompt_id"].to_list() == [prompt_id(p) for p in df["prompt"].to_list()]  # same ids as the study's
+    assert sorted(df["prompt"].to_list()) == [
+        "Fix my code, please",
+        "How do I boil an egg?",
+        "What is a prime number?",
+    ]
+    assert df["prompt_id"].to_list() == [
+        prompt_id(p) for p in df["prompt"].to_list()
+    ]  # same ids as the study's
     assert set(df["split"].to_list()) == {"corpus"} and not df["heldout"].any()
     two = load_corpus(SAECorpusConfig(path=str(folder), max_prompts=2, seed=1), lambda p: p)
     assert two.height == 2 and set(two["prompt"]) <= set(df["prompt"])
-    assert two.equals(load_corpus(SAECorpusConfig(path=str(folder), max_prompts=2, seed=1), lambda p: p))
+    assert two.equals(
+        load_corpus(SAECorpusConfig(path=str(folder), max_prompts=2, seed=1), lambda p: p)
+    )
     # a file path works as well as a folder
     assert load_corpus(SAECorpusConfig(path=str(folder / "b.csv")), lambda p: p).height == 2
 
@@ -59,7 +70,9 @@ def test_load_corpus_errors_name_the_file_or_key(tmp_path):
     with pytest.raises(DataError, match=r"empty_dir holds no \*\.csv"):
         load_corpus(SAECorpusConfig(path=str(tmp_path / "empty_dir")), lambda p: p)
     bad = _write(tmp_path / "bad.csv", "text,topic\nhello,x\n")
-    with pytest.raises(DataError, match=r"bad\.csv: no 'prompt' column in the header \['text', 'topic'\]"):
+    with pytest.raises(
+        DataError, match=r"bad\.csv: no 'prompt' column in the header \['text', 'topic'\]"
+    ):
         load_corpus(SAECorpusConfig(path=str(bad)), lambda p: p)
     blank = _write(tmp_path / "blank.csv", "prompt\n\n  \n")
     with pytest.raises(DataError, match="holds no prompt"):
@@ -102,7 +115,9 @@ def test_fit_site_trains_on_the_corpus_and_measures_the_same_held_out_rows(tiny_
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N_PROMPTS * PER_PROMPT, d, generator=gen).half()
     x.view(N_PROMPTS, PER_PROMPT, d)[:, :PREFIX] = x[:PREFIX]  # a shared chat-template prefix
-    pids = np.array([f"p{i:02d}" for i in range(N_PROMPTS) for _ in range(PER_PROMPT)], dtype=object)
+    pids = np.array(
+        [f"p{i:02d}" for i in range(N_PROMPTS) for _ in range(PER_PROMPT)], dtype=object
+    )
     post = np.tile(np.arange(PER_PROMPT) >= PER_PROMPT - 3, N_PROMPTS)
     prompts = pl.DataFrame(
         {
@@ -117,14 +132,26 @@ def test_fit_site_trains_on_the_corpus_and_measures_the_same_held_out_rows(tiny_
     cx = torch.randn(n_corpus, per, d, generator=gen).half()
     cx[:, :PREFIX] = x[:PREFIX]
     cx[-1] = x.view(N_PROMPTS, PER_PROMPT, d)[3, :per]
-    cpids = np.array([f"c{i:02d}" for i in range(n_corpus - 1) for _ in range(per)] + ["p03"] * per, dtype=object)
+    cpids = np.array(
+        [f"c{i:02d}" for i in range(n_corpus - 1) for _ in range(per)] + ["p03"] * per, dtype=object
+    )
     rows = torch.cat([x, cx.reshape(-1, d)])
     all_pids = np.concatenate([pids, cpids])
     train_only = np.arange(len(rows)) >= len(x)
-    cfg = SAEConfig(expansion_factor=2, k=8, max_steps=20, eval_every=10, batch_size=64, aux_k=16, eval_fraction=0.2)
+    cfg = SAEConfig(
+        expansion_factor=2,
+        k=8,
+        max_steps=20,
+        eval_every=10,
+        batch_size=64,
+        aux_k=16,
+        eval_fraction=0.2,
+    )
     kw = dict(options=FitOptions(refusal_ids=lambda t: refusal_token_ids(t, ["I cannot", "Sorry"])))
     lm = lambda: (model, tok)  # noqa: E731
-    alone = fit_site(x, pids.tolist(), cfg, lm, Site(1, "resid"), prompts, post_instruction=post, **kw)
+    alone = fit_site(
+        x, pids.tolist(), cfg, lm, Site(1, "resid"), prompts, post_instruction=post, **kw
+    )
     both = fit_site(
         rows,
         all_pids.tolist(),
@@ -140,8 +167,12 @@ def test_fit_site_trains_on_the_corpus_and_measures_the_same_held_out_rows(tiny_
     assert both.eval_prompt_ids == alone.eval_prompt_ids  # the same held-out prompts ...
     for key in ("n_eval_rows", "n_val_rows", "n_eval_post_instruction_rows", "n_eval_prompts"):
         assert b[key] == a[key], key  # ... and rows: the corpus only adds training rows
-    assert b["n_template_rows"] == a["n_template_rows"] + (n_corpus - 1) * PREFIX  # its template prefix
-    own_rows = (n_corpus - 1) * (per - PREFIX)  # the prefix is already a training row; p03's copy is dropped
+    assert (
+        b["n_template_rows"] == a["n_template_rows"] + (n_corpus - 1) * PREFIX
+    )  # its template prefix
+    own_rows = (n_corpus - 1) * (
+        per - PREFIX
+    )  # the prefix is already a training row; p03's copy is dropped
     assert b["n_corpus_rows"] == (n_corpus - 1) * per and b["n_corpus_train_rows"] == own_rows
     assert b["n_train_rows"] == a["n_train_rows"] + own_rows
     assert b["fvu"] != a["fvu"]  # it trained on them
@@ -155,7 +186,8 @@ def test_corpus_asset_feeds_the_sae_and_follows_its_file(tmp_path, monkeypatch):
     trains on them, and editing the corpus file changes the corpus asset's code version only."""
     corpus = _write(
         tmp_path / "corpus.csv",
-        "prompt,topic\n" + "".join(f"How do I water plant number {i} in my garden?,home\n" for i in range(12)),
+        "prompt,topic\n"
+        + "".join(f"How do I water plant number {i} in my garden?,home\n" for i in range(12)),
     )
     cfg_path = tmp_path / "configs" / "p.yaml"
     cfg_path.parent.mkdir()
@@ -171,8 +203,13 @@ def test_corpus_asset_feeds_the_sae_and_follows_its_file(tmp_path, monkeypatch):
     layout = Layout(storage)
     cfg = load_config(cfg_path)
     for site_key in cfg.site_keys():
-        table = pq.read_table(layout.sae_corpus_activations(site_key), columns=["prompt_id", "split"])
-        assert set(table["split"].to_pylist()) == {"corpus"} and len(set(table["prompt_id"].to_pylist())) == 12
+        table = pq.read_table(
+            layout.sae_corpus_activations(site_key), columns=["prompt_id", "split"]
+        )
+        assert (
+            set(table["split"].to_pylist()) == {"corpus"}
+            and len(set(table["prompt_id"].to_pylist())) == 12
+        )
         metrics = json.loads(layout.sae_history(site_key).read_text())["metrics"]
         assert metrics["n_corpus_rows"] == table.num_rows  # no corpus prompt is a study prompt here
         assert 0 < metrics["n_corpus_train_rows"] <= metrics["n_train_rows"]
@@ -180,13 +217,17 @@ def test_corpus_asset_feeds_the_sae_and_follows_its_file(tmp_path, monkeypatch):
 
     def code_versions() -> dict[str, str | None]:
         graph = build_defs(load_config(cfg_path), storage).resolve_asset_graph()
-        return {k: graph.get(dg.AssetKey(k)).code_version for k in ("sae_corpus_activations", "sae")}
+        return {
+            k: graph.get(dg.AssetKey(k)).code_version for k in ("sae_corpus_activations", "sae")
+        }
 
     before = code_versions()
     _write(corpus, corpus.read_text() + "What is the capital of Peru?,travel\n")
     after = code_versions()
     assert after["sae_corpus_activations"] != before["sae_corpus_activations"]
-    assert after["sae"] == before["sae"]  # the SAE follows through lineage: its input's data version changed
+    assert (
+        after["sae"] == before["sae"]
+    )  # the SAE follows through lineage: its input's data version changed
 
 
 def test_training_draws_repeat_only_template_rows():
@@ -218,6 +259,8 @@ def test_shipped_corpus_holds_no_sample_prompt_nor_a_near_copy():
     assert not set(corpus["prompt_id"]) & set(sample["prompt_id"])
     sample_words = [words(p) for p in sample["prompt"]]
     near = [
-        p for p in corpus["prompt"] if any(len(words(p) & w) / max(1, len(words(p) | w)) >= 0.4 for w in sample_words)
+        p
+        for p in corpus["prompt"]
+        if any(len(words(p) & w) / max(1, len(words(p) | w)) >= 0.4 for w in sample_words)
     ]
     assert near == []

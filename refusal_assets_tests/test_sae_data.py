@@ -52,7 +52,9 @@ def test_parquet_rows_serve_the_file_rows(files, tmp_path):
     assert rows.take(idx).dtype == torch.float16
     # prompts: one group id per distinct prompt_id, across files
     assert len(np.unique(rows.group_ids)) == len(set(ids)) == 30 + 46
-    assert (rows.group_ids[:5] == rows.group_ids[0]).all() and rows.group_ids[5] != rows.group_ids[0]
+    assert (rows.group_ids[:5] == rows.group_ids[0]).all() and rows.group_ids[5] != rows.group_ids[
+        0
+    ]
     assert rows.post_instruction.sum() == 50 + 77
     np.testing.assert_allclose(rows.norms, x.float().norm(dim=-1).numpy(), rtol=1e-5)
     with pytest.raises(IndexError, match="out of range"):
@@ -66,7 +68,14 @@ def test_parquet_rows_serve_the_file_rows(files, tmp_path):
 def test_streaming_training_gives_the_in_memory_weights(files, tied_encoder):
     paths, x, _ = files
     rows = ParquetRows.from_parquet(paths)
-    cfg = SAEConfig(k=3, batch_size=32, max_steps=40, eval_every=10, dead_after_tokens=64, tied_encoder=tied_encoder)
+    cfg = SAEConfig(
+        k=3,
+        batch_size=32,
+        max_steps=40,
+        eval_every=10,
+        dead_after_tokens=64,
+        tied_encoder=tied_encoder,
+    )
     streamed, h_stream = train_sae(rows, rows.group_ids, cfg, d_sae=96)[:2]
     in_memory, h_mem = train_sae(x, rows.group_ids, cfg, d_sae=96)[:2]
     for key, value in in_memory.state_dict().items():
@@ -83,7 +92,9 @@ def test_bad_files_are_named(tmp_path):
         ParquetRows.from_parquet([tmp_path / "novec.parquet"])
     write_acts(tmp_path / "w12.parquet", np.zeros((4, 12)), ["a"] * 4)
     write_acts(tmp_path / "w8.parquet", np.zeros((4, 8)), ["b"] * 4)
-    with pytest.raises(ValueError, match=r"w8\.parquet: vectors of width 8, but earlier files have 12"):
+    with pytest.raises(
+        ValueError, match=r"w8\.parquet: vectors of width 8, but earlier files have 12"
+    ):
         ParquetRows.from_parquet([tmp_path / "w12.parquet", tmp_path / "w8.parquet"])
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match=r"junk\.parquet: not a readable Parquet file"):

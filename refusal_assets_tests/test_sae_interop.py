@@ -30,7 +30,14 @@ def rows() -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=["topk", "batchtopk"])
 def ours(request, rows):
-    cfg = SAEConfig(architecture=request.param, k=K, batch_size=64, max_steps=60, eval_every=20, dead_after_tokens=500)
+    cfg = SAEConfig(
+        architecture=request.param,
+        k=K,
+        batch_size=64,
+        max_steps=60,
+        eval_every=20,
+        dead_after_tokens=500,
+    )
     sae = train_sae(rows, np.arange(len(rows)) // 6, cfg, d_sae=D_SAE).sae
     assert abs(float(sae.norm_scale) - 1.0) > 0.5  # the fold is exercised
     return sae
@@ -45,7 +52,9 @@ def test_hook_names_follow_transformerlens():
 
 def test_our_saved_sae_is_exact_in_saelens(ours, rows, tmp_path):
     folder = save_sae(
-        ours, tmp_path / "ours", {"hook_name": "resid12", "model_name": "tiny", "site_key": "tiny/resid12"}
+        ours,
+        tmp_path / "ours",
+        {"hook_name": "resid12", "model_name": "tiny", "site_key": "tiny/resid12"},
     )
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["hook_name"] == cfg["metadata"]["hook_name"] == "blocks.12.hook_resid_post"
@@ -85,7 +94,11 @@ def _random_saelens(sae_cls, cfg_cls, seed: int, **kw):
 def test_saelens_saved_saes_load_with_their_latents(kind, rows, tmp_path):
     makers = {
         "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig, {"k": K}),
-        "topk_rescaled": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig, {"k": K, "rescale_acts_by_decoder_norm": True}),
+        "topk_rescaled": (
+            sae_lens.TopKSAE,
+            sae_lens.TopKSAEConfig,
+            {"k": K, "rescale_acts_by_decoder_norm": True},
+        ),
         "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig, {}),
         "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig, {}),
     }
@@ -99,7 +112,9 @@ def test_saelens_saved_saes_load_with_their_latents(kind, rows, tmp_path):
         assert (z_theirs > 0).any() and not (z_theirs > 0).all()
         assert torch.equal(z_mine > 0, z_theirs > 0)
         torch.testing.assert_close(z_mine, z_theirs, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(mine.decode(z_mine), theirs.decode(z_theirs), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            mine.decode(z_mine), theirs.decode(z_theirs), rtol=1e-5, atol=1e-4
+        )
 
 
 def test_pretrained_folder_must_fit_the_site(ours, tmp_path):
@@ -116,7 +131,9 @@ def test_pretrained_saelens_release_resolves_through_sae_lens(monkeypatch, tmp_p
     theirs.save_model(tmp_path / "hub" / "layer_3")
     asked = []
 
-    def fake_from_pretrained(cls, release, sae_id, device="cpu", **kw):  # stands in for the hub download
+    def fake_from_pretrained(
+        cls, release, sae_id, device="cpu", **kw
+    ):  # stands in for the hub download
         asked.append((release, sae_id))
         return cls.load_from_disk(tmp_path / "hub" / sae_id.split("/")[0], device=device)
 
@@ -125,7 +142,9 @@ def test_pretrained_saelens_release_resolves_through_sae_lens(monkeypatch, tmp_p
     assert asked == [("my-release", "layer_3/width_64")]
     x = rows[:50] / 25.0
     with torch.no_grad():
-        torch.testing.assert_close(mine.encode(x), theirs.encode(x).to_dense(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            mine.encode(x), theirs.encode(x).to_dense(), rtol=1e-5, atol=1e-5
+        )
     with pytest.raises(ValueError, match=r"saelens:my-release/layer_3.*d_in 16.*width 8"):
         load_pretrained("saelens:my-release/layer_3", d_in=8)
     with pytest.raises(ValueError, match="expected saelens:<release>/<sae_id>"):

@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from refusal_assets.config import load_config
-from refusal_assets.sae.files import CFG_FILE, WEIGHTS_FILE, load_pretrained, load_sae, sae_provenance, save_sae
+from refusal_assets.sae.files import (
+    CFG_FILE,
+    WEIGHTS_FILE,
+    load_pretrained,
+    load_sae,
+    sae_provenance,
+    save_sae,
+)
 from refusal_assets.sae.model import TopKSAE
 from refusal_assets_tests.conftest import ROOT
 
@@ -17,7 +24,11 @@ from refusal_assets_tests.conftest import ROOT
 def _saved(tmp_path, name="sae"):
     sae = TopKSAE(8, 32, k=4, generator=torch.Generator().manual_seed(0))
     model_cfg = load_config(ROOT / "configs" / "tiny.yaml").models[0]
-    extra = {"hook_name": "resid1", "model_name": model_cfg.id, **sae_provenance(model_cfg, 12.5, 3.0)}
+    extra = {
+        "hook_name": "resid1",
+        "model_name": model_cfg.id,
+        **sae_provenance(model_cfg, 12.5, 3.0),
+    }
     return sae, model_cfg, save_sae(sae, tmp_path / name, extra)
 
 
@@ -37,9 +48,21 @@ def test_cfg_records_the_rows_and_claims_no_saelens_training(tmp_path):
 @pytest.mark.parametrize(
     "tensor, bad, message",
     [
-        ("W_dec", lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), r"tensor 'W_dec' has 8 NaN or infinite"),
-        ("b_enc", lambda t: torch.full_like(t, float("inf")), r"tensor 'b_enc' has 32 NaN or infinite"),
-        ("b_dec", lambda t: t.to(torch.int32), r"tensor 'b_dec' has dtype torch.int32, expected a floating"),
+        (
+            "W_dec",
+            lambda t: t.index_fill(0, torch.tensor([3]), float("nan")),
+            r"tensor 'W_dec' has 8 NaN or infinite",
+        ),
+        (
+            "b_enc",
+            lambda t: torch.full_like(t, float("inf")),
+            r"tensor 'b_enc' has 32 NaN or infinite",
+        ),
+        (
+            "b_dec",
+            lambda t: t.to(torch.int32),
+            r"tensor 'b_dec' has dtype torch.int32, expected a floating",
+        ),
     ],
 )
 def test_a_bad_pretrained_file_names_the_file_and_the_tensor(tmp_path, tensor, bad, message):

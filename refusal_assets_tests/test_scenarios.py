@@ -16,7 +16,14 @@ import pytest
 from refusal_assets.app import settings
 from refusal_assets.defs.build import build_defs
 from refusal_assets.defs.partitions import sae_partition_key
-from refusal_assets_tests.automation_world import requested, stale, tick_until_quiet, union, variant, wiring_replica
+from refusal_assets_tests.automation_world import (
+    requested,
+    stale,
+    tick_until_quiet,
+    union,
+    variant,
+    wiring_replica,
+)
 from refusal_assets_tests.conftest import copy_tiny_run
 
 A = "tiny-qwen2"
@@ -37,7 +44,9 @@ def week(shared_tiny_run, tiny_cfg, tmp_path):
 
 def _once_each(history: list[dict]) -> bool:
     """No partition was requested twice in one scenario (no double builds)."""
-    return sum(len(v) for tick in history for v in tick.values()) == sum(len(v) for v in union(history).values())
+    return sum(len(v) for tick in history for v in tick.values()) == sum(
+        len(v) for v in union(history).values()
+    )
 
 
 def test_full_run_nothing_requested_nothing_stale(tiny_cfg, week):
@@ -136,7 +145,9 @@ def test_fresh_instance_builds_itself_only_when_opted_in(tiny_cfg, tmp_path, bui
         assert history == []
         return
     assert history[0] == {"orbench_prompts": set(CATS)}
-    assert union(history)["circuit"] == {f"{c}|{A}" for c in CATS} and union(history)["report"] == {None}
+    assert union(history)["circuit"] == {f"{c}|{A}" for c in CATS} and union(history)["report"] == {
+        None
+    }
     assert _once_each(history), history
     assert stale(instance, list(defs.assets)) == {}
 
@@ -176,7 +187,10 @@ def test_thresholds_and_batch_sizes_retrain_nothing(tiny_cfg, week):
         sae__splice={"prompts_per_category": 2, "batch_size": 3},
     )
     defs = build_defs(cfg, storage)
-    assert requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)) == {}
+    assert (
+        requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor))
+        == {}
+    )
     history, _ = tick_until_quiet(cfg, defs, instance, cursor)
     assert history == []
     assert stale(instance, list(defs.assets)) == {}
@@ -199,7 +213,9 @@ def test_switch_to_another_config_and_back_requests_nothing(tiny_cfg, week):
     other_instance = dg.DagsterInstance.from_config(str(other_home))
     other_defs = build_defs(other, storage.parent / "storage-alt")
     assets = wiring_replica(other_defs)
-    history, other_cursor = tick_until_quiet(other, other_defs, other_instance, None, assets=assets, max_ticks=12)
+    history, other_cursor = tick_until_quiet(
+        other, other_defs, other_instance, None, assets=assets, max_ticks=12
+    )
     assert union(history)["comparison"] == {A}, "the other config builds fully in its own instance"
     # back to tiny: nothing requested, nothing stale
     defs = build_defs(tiny_cfg, storage)

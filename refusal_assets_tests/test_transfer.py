@@ -27,7 +27,9 @@ def planted_direction(tiny_model):
     model, tok = tiny_model
     model = copy.deepcopy(model)
     d = model.config.hidden_size
-    u = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0)
+    u = torch.nn.functional.normalize(
+        torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0
+    )
     ids = torch.tensor(refusal_token_ids(tok, ["I'm sorry", "I cannot", "Sorry"]))
     with torch.no_grad():
         for block in model.model.layers[2:]:
@@ -42,21 +44,35 @@ def planted_direction(tiny_model):
 
 def test_direction_ablation_and_addition_move_refusal_batched_as_separately(planted_direction):
     model, tok, ids, u = planted_direction
-    other = torch.nn.functional.normalize(torch.randn(u.shape[0], generator=torch.Generator().manual_seed(1)), dim=0)
+    other = torch.nn.functional.normalize(
+        torch.randn(u.shape[0], generator=torch.Generator().manual_seed(1)), dim=0
+    )
     kw = {"refusal_ids": ids, "batch_size": 3}
     clean = tr.direction_scores(model, tok, PROMPTS, u[None], mode="none", **kw)[0]
-    ablated = tr.direction_scores(model, tok, PROMPTS, torch.stack([u, other]), mode="ablate", **kw)  # [2, n]
+    ablated = tr.direction_scores(
+        model, tok, PROMPTS, torch.stack([u, other]), mode="ablate", **kw
+    )  # [2, n]
     assert ablated.shape == (2, len(PROMPTS))
     assert (clean - ablated[0] > 1.0).all()  # the planted direction carries refusal
     assert np.abs(clean - ablated[1]).mean() < np.abs(clean - ablated[0]).mean() / 3
-    one = tr.direction_scores(model, tok, PROMPTS, other[None], mode="ablate", refusal_ids=ids, batch_size=5)[0]
-    np.testing.assert_allclose(one, ablated[1], atol=1e-4)  # rows with different directions do not mix
-    added = tr.direction_scores(model, tok, PROMPTS, torch.stack([2 * u, -2 * u]), mode="add", layers=[1, 1], **kw)
+    one = tr.direction_scores(
+        model, tok, PROMPTS, other[None], mode="ablate", refusal_ids=ids, batch_size=5
+    )[0]
+    np.testing.assert_allclose(
+        one, ablated[1], atol=1e-4
+    )  # rows with different directions do not mix
+    added = tr.direction_scores(
+        model, tok, PROMPTS, torch.stack([2 * u, -2 * u]), mode="add", layers=[1, 1], **kw
+    )
     assert (added[0] > clean + 0.5).all() and (added[1] < clean - 0.5).all()
     # directions at different layers in one stacked pass: each as if alone
-    mixed = tr.direction_scores(model, tok, PROMPTS, torch.stack([2 * u, other]), mode="add", layers=[1, 2], **kw)
+    mixed = tr.direction_scores(
+        model, tok, PROMPTS, torch.stack([2 * u, other]), mode="add", layers=[1, 2], **kw
+    )
     for k, (v, layer) in enumerate([(2 * u, 1), (other, 2)]):
-        alone = tr.direction_scores(model, tok, PROMPTS, v[None], mode="add", layers=[layer], **kw)[0]
+        alone = tr.direction_scores(model, tok, PROMPTS, v[None], mode="add", layers=[layer], **kw)[
+            0
+        ]
         np.testing.assert_allclose(mixed[k], alone, atol=1e-4)
     with pytest.raises(ValueError, match="one layer per direction"):
         tr.direction_scores(model, tok, PROMPTS, u[None], mode="add", **kw)
@@ -65,7 +81,9 @@ def test_direction_ablation_and_addition_move_refusal_batched_as_separately(plan
 def test_hidden_states_and_selection_find_the_planted_direction(planted_direction):
     model, tok, ids, u = planted_direction
     h = tr.post_instruction_hidden(model, tok, PROMPTS, batch_size=2)
-    assert h.ndim == 4 and h.shape[0] == len(PROMPTS) and h.shape[1] == model.config.num_hidden_layers
+    assert (
+        h.ndim == 4 and h.shape[0] == len(PROMPTS) and h.shape[1] == model.config.num_hidden_layers
+    )
     # every prompt carries +u, so a difference of means is whatever separates the two prompt sets;
     # the selection must return one real candidate per group (and the pooled one) with its drop.
     sel = tr.select_directions(
@@ -92,17 +110,25 @@ def test_cross_matrix_calls_ratios_and_undefined_denominators():
     cats = ["a", "b", "c"]
     rule = VerdictRule()
     shared = {(x, y): 2.0 + rng.normal(0, 0.1, 12) for x in cats for y in cats}
-    m = tr.cross_matrix("t", cats, shared, {c: rng.normal(0, 0.1, 12) for c in cats}, rule, n_bootstrap=200, seed=0)
+    m = tr.cross_matrix(
+        "t", cats, shared, {c: rng.normal(0, 0.1, 12) for c in cats}, rule, n_bootstrap=200, seed=0
+    )
     assert m.verdict == "monolithic" and set(m.calls.values()) == {"shared"}
     assert np.all((m.ratio_lo <= m.ratio) & (m.ratio <= m.ratio_hi))
-    specific = {(x, y): (2.0 if x == y else 0.0) + rng.normal(0, 0.1, 12) for x in cats for y in cats}
+    specific = {
+        (x, y): (2.0 if x == y else 0.0) + rng.normal(0, 0.1, 12) for x in cats for y in cats
+    }
     m = tr.cross_matrix("t", cats, specific, {}, rule, n_bootstrap=200, seed=0)
     assert m.verdict == "modular" and set(m.calls.values()) == {"specific"}
     # an own change indistinguishable from 0: the ratio is not a number, the pair undecided
     flat = {(x, y): rng.normal(0, 1.0, 6) for x in cats for y in cats}
     m = tr.cross_matrix("t", cats, flat, {}, rule, n_bootstrap=200, seed=0)
     assert np.isnan(m.ratio).sum() >= 6 and m.verdict == "insufficient evidence"
-    assert np.all(np.isfinite(m.change)) and np.all(m.change_lo <= m.change) and np.all(m.change <= m.change_hi)
+    assert (
+        np.all(np.isfinite(m.change))
+        and np.all(m.change_lo <= m.change)
+        and np.all(m.change <= m.change_hi)
+    )
 
 
 def test_circuit_transfer_shared_vs_disjoint_mechanisms():
@@ -129,7 +155,9 @@ def test_circuit_transfer_shared_vs_disjoint_mechanisms():
 
     loss, keep = run(disjoint=False)
     assert loss.verdict == "monolithic" and keep.verdict == "monolithic"
-    assert np.all(loss.control < loss.change.diagonal())  # a random circuit of the same size removes less
+    assert np.all(
+        loss.control < loss.change.diagonal()
+    )  # a random circuit of the same size removes less
     loss, keep = run(disjoint=True)
     assert loss.verdict == "modular", loss.reason
     assert np.nanmax(np.where(np.eye(3, dtype=bool), np.nan, loss.ratio_hi)) < 0.5
@@ -142,7 +170,9 @@ def test_planted_tiny_model_gives_the_planted_answer(tiny_model, planted):
     from refusal_assets.analysis.calibration import calibrate_model
 
     model, tok = tiny_model
-    r = calibrate_model(model, tok, planted, n_categories=3, n_prompts=8, n_bootstrap=60, n_permutations=60)
+    r = calibrate_model(
+        model, tok, planted, n_categories=3, n_prompts=8, n_bootstrap=60, n_permutations=60
+    )
     assert (r.overlap, r.circuit_transfer, r.direction_ablation) == (planted,) * 3, r.reasons
     assert r.combined == planted, r.reasons["combined"]
     assert r.induced_refusal == "monolithic", r.reasons["induced refusal"]
@@ -160,8 +190,14 @@ def test_direction_cosines_ceiling_and_null():
     }
     out = tr.direction_cosines(tox, harm, n_splits=40, n_permutations=200)
     by = {(p["a"], p["b"]): p for p in out["pairs"]}
-    assert abs(by[("a", "b")]["normalised"] - 1) < 0.25 and by[("a", "b")]["p_value"] > 0.05  # one shared direction
-    assert by[("a", "c")]["normalised"] < 0.5 and by[("a", "c")]["p_value"] < 0.05 and by[("a", "c")]["testable"]
+    assert (
+        abs(by[("a", "b")]["normalised"] - 1) < 0.25 and by[("a", "b")]["p_value"] > 0.05
+    )  # one shared direction
+    assert (
+        by[("a", "c")]["normalised"] < 0.5
+        and by[("a", "c")]["p_value"] < 0.05
+        and by[("a", "c")]["testable"]
+    )
     assert all(p["half_size"] == n // 2 for p in out["pairs"])
 
 
@@ -179,5 +215,10 @@ def test_cross_matrix_reads_back_from_its_json():
     for name in ("change", "change_lo", "change_hi", "ratio", "ratio_lo", "ratio_hi", "control"):
         np.testing.assert_array_equal(getattr(back, name), getattr(m, name))
     np.testing.assert_array_equal(np.array(back.control_ci), np.array(m.control_ci, dtype=float))
-    assert (back.categories, back.calls, back.verdict, back.reason) == (cats, m.calls, m.verdict, m.reason)
+    assert (back.categories, back.calls, back.verdict, back.reason) == (
+        cats,
+        m.calls,
+        m.verdict,
+        m.reason,
+    )
     assert back.n_prompts == m.n_prompts and back.test == "t"

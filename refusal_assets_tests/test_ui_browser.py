@@ -46,7 +46,16 @@ def serve_ui(config: Path, env: dict, log_path: Path) -> Iterator[str]:
     port = _free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "refusal_assets.app.cli", "ui", "--config", str(config), "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "refusal_assets.app.cli",
+                "ui",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+            ],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -67,10 +76,18 @@ def serve_ui(config: Path, env: dict, log_path: Path) -> Iterator[str]:
 @pytest.fixture()
 def ui_server(tmp_path):
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")
+    }
     env.update(DAGSTER_HOME=str(home), REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage"))
     with serve_ui(ROOT / "configs" / "tiny.yaml", env, tmp_path / "ui.log") as url:
-        yield url, home / "tiny", tmp_path  # the CLI keeps one instance per config name under $DAGSTER_HOME
+        yield (
+            url,
+            home / "tiny",
+            tmp_path,
+        )  # the CLI keeps one instance per config name under $DAGSTER_HOME
 
 
 def _materialized(instance: dg.DagsterInstance) -> set[str]:
@@ -79,7 +96,9 @@ def _materialized(instance: dg.DagsterInstance) -> set[str]:
     return {r.asset_materialization.partition for r in records}
 
 
-def _wait_for_partitions(instance: dg.DagsterInstance, wanted: set[str], tmp: Path, timeout: float = 420) -> None:
+def _wait_for_partitions(
+    instance: dg.DagsterInstance, wanted: set[str], tmp: Path, timeout: float = 420
+) -> None:
     """Wait until the partitions are materialized; fail early, with the runs' state and the server
     log, when a run fails or nothing happens."""
     deadline = time.time() + timeout
@@ -90,17 +109,24 @@ def _wait_for_partitions(instance: dg.DagsterInstance, wanted: set[str], tmp: Pa
         if failed:
             break
         time.sleep(2)
-    runs = [(r.run_id[:8], r.status.value, r.tags.get("dagster/partition")) for r in instance.get_runs()]
+    runs = [
+        (r.run_id[:8], r.status.value, r.tags.get("dagster/partition")) for r in instance.get_runs()
+    ]
     log_tail = (tmp / "ui.log").read_text(errors="replace")[-3000:]
-    pytest.fail(f"partitions {sorted(wanted)} not materialized; runs: {runs}\n--- ui.log tail ---\n{log_tail}")
+    pytest.fail(
+        f"partitions {sorted(wanted)} not materialized; runs: {runs}\n--- ui.log tail ---\n{log_tail}"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it",
 )
 def test_materialize_a_partition_from_the_ui(ui_server):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright (test extra) not installed"
+    )
     url, home, tmp = ui_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as p:
@@ -134,7 +160,9 @@ def test_materialize_a_partition_from_the_ui(ui_server):
         dialog.get_by_text("Select a partition or create one").click()
         page.keyboard.type("privacy")
         page.get_by_text("Select all (1)").click()  # the filter leaves exactly the one partition
-        dialog.get_by_text("Launch runs to materialize orbench_prompts").click()  # close the partition picker
+        dialog.get_by_text(
+            "Launch runs to materialize orbench_prompts"
+        ).click()  # close the partition picker
         assert "1 partition" in dialog.inner_text()
         dialog.get_by_role("button", name="Launch").last.click()
 
@@ -189,21 +217,31 @@ def assert_first_screen(page, html: Path, model_keys: list[str], shot: Path) -> 
             box = part.bounding_box()
             assert box is not None, f"{key}: {part} not rendered"
             assert (
-                box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1400 and box["y"] + box["height"] <= 900
+                box["x"] >= 0
+                and box["y"] >= 0
+                and box["x"] + box["width"] <= 1400
+                and box["y"] + box["height"] <= 900
             ), (key, box)
         figure = card.locator("img.summary").bounding_box()
-        assert figure["width"] >= 300 and figure["height"] >= 100, (key, figure)  # legible, not a thumbnail
+        assert figure["width"] >= 300 and figure["height"] >= 100, (
+            key,
+            figure,
+        )  # legible, not a thumbnail
         assert page.evaluate(
-            "img => img.complete && img.naturalWidth > 0", card.locator("img.summary").element_handle()
+            "img => img.complete && img.naturalWidth > 0",
+            card.locator("img.summary").element_handle(),
         )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it",
 )
 def test_report_answer_is_on_the_first_screen(tiny_cfg, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright (test extra) not installed"
+    )
     from refusal_assets.report.report import write_report
 
     cfg, layout = two_model_storage(tiny_cfg, tmp_path)
@@ -226,7 +264,11 @@ def tiny_ui(shared_tiny_run, tmp_path_factory):
     run: ``tmp/home``, ``tmp/storage``), then the UI over that instance."""
     tmp = tmp_path_factory.mktemp("tiny_ui")
     home, storage = copy_tiny_run(shared_tiny_run, tmp)
-    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")
+    }
     env.update(DAGSTER_HOME=str(home), REFUSAL_ASSETS_STORAGE=str(storage))
     config = ROOT / "configs" / "tiny.yaml"
     with serve_ui(config, env, tmp / "ui.log") as url:
@@ -235,12 +277,17 @@ def tiny_ui(shared_tiny_run, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it",
 )
 def test_report_and_circuit_in_the_ui(tiny_ui):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) not installed")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright (test extra) not installed"
+    )
     url, tmp = tiny_ui
-    instance = dg.DagsterInstance.from_config(str(tmp / "home" / "tiny"))  # one instance per config name
+    instance = dg.DagsterInstance.from_config(
+        str(tmp / "home" / "tiny")
+    )  # one instance per config name
     latest = instance.get_latest_materialization_event(dg.AssetKey("report")).asset_materialization
     verdict = latest.metadata["verdict_tiny-qwen2"].value
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -252,7 +299,10 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         page.goto(f"{url}/assets/report", wait_until="networkidle")
         _skip_dialog(page)
         page.get_by_text("summary_figure_tiny-qwen2").first.wait_for(timeout=60_000)
-        assert page.get_by_text("refusal-assets", exact=True).count() and page.get_by_text("stage: report").count()
+        assert (
+            page.get_by_text("refusal-assets", exact=True).count()
+            and page.get_by_text("stage: report").count()
+        )
         # the UI renders a Markdown value inline, or behind "Show Markdown" when it is long
         row = page.locator("tr", has=page.get_by_text("verdict", exact=True))
         button = row.get_by_text("Show Markdown")
@@ -267,18 +317,26 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         page.keyboard.press("Escape")
 
         # one circuit partition: CI bounds as floats, the top nodes as a table with its column schema
-        page.goto(f"{url}/assets/circuit?view=partitions&partition=harassment|tiny-qwen2", wait_until="networkidle")
+        page.goto(
+            f"{url}/assets/circuit?view=partitions&partition=harassment|tiny-qwen2",
+            wait_until="networkidle",
+        )
         _skip_dialog(page)
         page.get_by_text("faithfulness_ci_lo").first.wait_for(timeout=60_000)
-        page.locator("tr", has=page.get_by_text("top_nodes", exact=True)).get_by_text("Show schema").click()
-        page.get_by_text("mean attribution-patching effect on the refusal score").first.wait_for(timeout=30_000)
+        page.locator("tr", has=page.get_by_text("top_nodes", exact=True)).get_by_text(
+            "Show schema"
+        ).click()
+        page.get_by_text("mean attribution-patching effect on the refusal score").first.wait_for(
+            timeout=30_000
+        )
         page.wait_for_timeout(800)  # let the dialog finish fading in
         page.screenshot(path=str(ARTIFACTS / "ui_circuit_partition.png"))
         page.keyboard.press("Escape")
 
         # a Parquet partition: dagster/column_schema from the file's schema, and its row count
         page.goto(
-            f"{url}/assets/refusal_behaviour?view=partitions&partition=harassment|tiny-qwen2", wait_until="networkidle"
+            f"{url}/assets/refusal_behaviour?view=partitions&partition=harassment|tiny-qwen2",
+            wait_until="networkidle",
         )
         _skip_dialog(page)
         page.get_by_text("dagster/row_count").first.wait_for(timeout=60_000)
@@ -289,7 +347,10 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
 
         # the report the run wrote, answer first
         assert_first_screen(
-            page, tmp / "storage" / "report" / "report.html", ["tiny-qwen2"], ARTIFACTS / "report_first_screen_tiny.png"
+            page,
+            tmp / "storage" / "report" / "report.html",
+            ["tiny-qwen2"],
+            ARTIFACTS / "report_first_screen_tiny.png",
         )
         browser.close()
     for name in (

@@ -28,8 +28,14 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_sigterm_stops_the_whole_ui_tree(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")}
-    env.update(DAGSTER_HOME=str(tmp_path / "home"), REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage"))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REFUSAL_ASSETS_DATA_DIR", "REFUSAL_ASSETS_CONFIG")
+    }
+    env.update(
+        DAGSTER_HOME=str(tmp_path / "home"), REFUSAL_ASSETS_STORAGE=str(tmp_path / "storage")
+    )
     port = _free_port()
     log_path = tmp_path / "ui.log"
     with open(log_path, "w") as log:
@@ -59,7 +65,9 @@ def test_sigterm_stops_the_whole_ui_tree(tmp_path):
         while time.time() < deadline:
             tree = root.children(recursive=True)
             cmdlines = [" ".join(p.cmdline()) for p in _alive(tree)]
-            if any("dagster_webserver" in c for c in cmdlines) and any("dagster._daemon" in c for c in cmdlines):
+            if any("dagster_webserver" in c for c in cmdlines) and any(
+                "dagster._daemon" in c for c in cmdlines
+            ):
                 break
             time.sleep(1)
         cmdlines = [" ".join(p.cmdline()) for p in _alive(tree)]
@@ -103,7 +111,11 @@ def test_a_tree_that_ignores_sigint_and_sigterm_is_killed_after_the_grace_period
         f"sys.exit(run_process_tree([sys.executable, {str(script)!r}], grace_s=1.0, term_grace_s=1.0))"
     )
     cli = subprocess.Popen(
-        [sys.executable, "-c", runner], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", runner],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     tree: list[psutil.Process] = []
     try:

@@ -16,12 +16,16 @@ def test_denominator_ci_including_zero_warns():
 
 def test_denominator_ci_away_from_zero_passes():
     assert weak.denominator_excludes_zero(1.5, (0.9, 2.1)).passed
-    assert weak.denominator_excludes_zero(-1.5, (-2.1, -0.9)).passed  # a negative denominator is far from 0 too
+    assert weak.denominator_excludes_zero(
+        -1.5, (-2.1, -0.9)
+    ).passed  # a negative denominator is far from 0 too
 
 
 def test_faithfulness_not_above_random_warns():
     f = weak.faithfulness_beats_random(0.6, (0.2, 0.9), 0.5, (-0.1, 0.3))
-    assert not f.passed and "no better than a random" in f.why and f.values["advantage_ci_lo"] == -0.1
+    assert (
+        not f.passed and "no better than a random" in f.why and f.values["advantage_ci_lo"] == -0.1
+    )
     assert not weak.faithfulness_beats_random(0.9, (0.8, 1.0), 0.1, NAN).passed
 
 
@@ -32,7 +36,9 @@ def test_faithfulness_above_random_passes():
 
 def test_toxic_not_refused_more_than_safe_warns():
     # the default model's hate category: 0.43 of safe prompts refused, 0.36 of toxic ones
-    f = weak.toxic_refused_more_than_safe(weak.SplitRate(0.36, 0.2, 0.5, 50), weak.SplitRate(0.43, 0.3, 0.6, 50))
+    f = weak.toxic_refused_more_than_safe(
+        weak.SplitRate(0.36, 0.2, 0.5, 50), weak.SplitRate(0.43, 0.3, 0.6, 50)
+    )
     assert not f.passed and "at least as often" in f.why
     assert f.values["refusal_rate_toxic"] == 0.36 and f.values["refusal_rate_safe_ci_hi"] == 0.6
     equal = weak.SplitRate(0.0, 0.0, 0.3, 8)
@@ -50,25 +56,36 @@ def test_toxic_refused_more_than_safe_passes():
 def test_group_with_too_few_prompts_warns():
     fallback = weak.GroupPrompts(8, 8, "all (score_positive: only 1 < 2)")
     f = weak.enough_prompts(
-        {"toxic": fallback, "benign": weak.GroupPrompts(16, 5, "score_positive")}, 2, "score_positive"
+        {"toxic": fallback, "benign": weak.GroupPrompts(16, 5, "score_positive")},
+        2,
+        "score_positive",
     )
-    assert not f.passed and f.why.startswith("toxic:") and "benign" not in f.why  # only the weak group is named
+    assert (
+        not f.passed and f.why.startswith("toxic:") and "benign" not in f.why
+    )  # only the weak group is named
     assert f.values["toxic_n_used"] == 8 and f.values["benign_n_used"] == 5
     tiny = weak.enough_prompts({"all": weak.GroupPrompts(1, 1, "all")}, 2, "all")
     assert not tiny.passed and "only 1 prompts" in tiny.why
 
 
 def test_groups_with_enough_prompts_pass():
-    groups = {"toxic": weak.GroupPrompts(8, 4, "score_positive"), "benign": weak.GroupPrompts(16, 2, "score_positive")}
+    groups = {
+        "toxic": weak.GroupPrompts(8, 4, "score_positive"),
+        "benign": weak.GroupPrompts(16, 2, "score_positive"),
+    }
     assert weak.enough_prompts(groups, 2, "score_positive").passed
 
 
 def test_comparison_with_fewer_than_two_categories_warns():
-    f = weak.enough_categories({"toxic": ["a", "b", "c"]}, ["toxic", "benign"])  # benign never compared
+    f = weak.enough_categories(
+        {"toxic": ["a", "b", "c"]}, ["toxic", "benign"]
+    )  # benign never compared
     assert not f.passed and f.why.startswith("benign: 0 categories")
     one = weak.enough_categories({"toxic": ["a"], "benign": ["a", "b"]}, ["toxic", "benign"])
     assert not one.passed and "1 category (a)" in one.why and one.values["toxic_n_categories"] == 1
 
 
 def test_comparison_with_two_categories_passes():
-    assert weak.enough_categories({"toxic": ["a", "b"], "benign": ["a", "b"]}, ["toxic", "benign"]).passed
+    assert weak.enough_categories(
+        {"toxic": ["a", "b"], "benign": ["a", "b"]}, ["toxic", "benign"]
+    ).passed

@@ -36,7 +36,8 @@ def test_duplicated_nested_key(tmp_path):
     first, second = lines.index("  k: 8") + 1, lines.index("  k: 16") + 1
     path = _write(tmp_path, text)
     with pytest.raises(
-        ConfigError, match=rf"p\.yaml: duplicate key 'sae\.k' on line {second} \(first on line {first}\)"
+        ConfigError,
+        match=rf"p\.yaml: duplicate key 'sae\.k' on line {second} \(first on line {first}\)",
     ):
         load_config(path)
 
@@ -58,16 +59,24 @@ def test_duplicate_in_an_included_section_file_names_that_file(tmp_path):
 
 
 def test_duplicates_inside_lists_and_flow_mappings(tmp_path):
-    path = _write(tmp_path, "models:\n  - id: a\n    generation: {max_new_tokens: 4, max_new_tokens: 8}\n")
+    path = _write(
+        tmp_path, "models:\n  - id: a\n    generation: {max_new_tokens: 4, max_new_tokens: 8}\n"
+    )
     with pytest.raises(
-        ConfigError, match=r"duplicate key 'models\.0\.generation\.max_new_tokens' on line 3 \(first on line 3\)"
+        ConfigError,
+        match=r"duplicate key 'models\.0\.generation\.max_new_tokens' on line 3 \(first on line 3\)",
     ):
         read_yaml(path)
 
 
 def test_merge_keys_may_be_overridden_and_distinct_keys_pass(tmp_path):
     path = _write(tmp_path, "base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n'1': a\n1: b\n")
-    assert read_yaml(path) == {"base": {"x": 1, "y": 2}, "other": {"x": 3, "y": 2}, "1": "a", 1: "b"}
+    assert read_yaml(path) == {
+        "base": {"x": 1, "y": 2},
+        "other": {"x": 3, "y": 2},
+        "1": "a",
+        1: "b",
+    }
 
 
 def test_loader_keeps_safe_load_semantics(tmp_path):
@@ -79,6 +88,8 @@ def test_loader_keeps_safe_load_semantics(tmp_path):
         read_yaml(path)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_shipped_yaml_files_have_no_duplicate_keys(path):
     assert read_yaml(path) == yaml.safe_load(path.read_text())

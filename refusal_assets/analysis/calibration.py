@@ -41,9 +41,13 @@ class SyntheticDesign:
     """Per-prompt noise sd, relative to the strongest latent's mean effect (1.0)."""
 
 
-def planted_effects(planted: Planted, design: SyntheticDesign, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def planted_effects(
+    planted: Planted, design: SyntheticDesign, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Per category ``[n_prompts, n_sites * n_latents]`` effects of the planted mechanism."""
-    spectrum = np.exp(-np.arange(design.n_strong) / 4.0)  # 1, 0.78, 0.61, ...: a noisy top-k boundary
+    spectrum = np.exp(
+        -np.arange(design.n_strong) / 4.0
+    )  # 1, 0.78, 0.61, ...: a noisy top-k boundary
     out = {}
     for c in range(design.n_categories):
         start = 0 if planted == "monolithic" else c * design.n_strong
@@ -115,7 +119,9 @@ def run_planted(
     values: dict[str, list[tuple[float, float, float]]] = {s: [] for s in CI_STATS}
     verdicts: dict[str, int] = {}
     for r in range(n_replicates):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0 if planted == "monolithic" else 1, r)))
+        rng = np.random.default_rng(
+            np.random.SeedSequence(seed, spawn_key=(0 if planted == "monolithic" else 1, r))
+        )
         result = compare_categories(
             planted_effects(planted, design, rng),
             site_of_node,
@@ -183,7 +189,11 @@ def calibrate_synthetic(
         runs=runs,
         normalised_expectation_identical=norm_identical,
         params=dict(
-            n_replicates=n_replicates, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed, **asdict(rule)
+            n_replicates=n_replicates,
+            n_permutations=n_permutations,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+            **asdict(rule),
         ),
     )
 
@@ -243,7 +253,9 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
                 f"synthetic, planted {r.planted}: verdicts {r.verdicts}; coverage {r.coverage}; point inside CI "
                 f"{r.estimate_inside_ci}"
             )
-        print(f"normalised Jaccard under identical categories: {report.normalised_expectation_identical:.3f}")
+        print(
+            f"normalised Jaccard under identical categories: {report.normalised_expectation_identical:.3f}"
+        )
         for r in out.get("tiny_model", []):
             print(
                 f"tiny model, planted {r['planted']}: combined {r['combined']} (overlap {r['overlap']}, circuit "
@@ -268,7 +280,9 @@ class ModelCalibration:
     reasons: dict[str, str]
 
 
-def planted_model(model, tokenizer, planted: Planted, n_categories: int, *, alpha: float = 6.0, beta: float = 8.0):
+def planted_model(
+    model, tokenizer, planted: Planted, n_categories: int, *, alpha: float = 6.0, beta: float = 8.0
+):
     """A copy of a tiny Qwen2-style model whose refusal is a planted mechanism, and its marker tokens.
 
     MLPs are off; attention is off except in block 0, where zero queries and keys give uniform causal
@@ -306,10 +320,16 @@ def planted_model(model, tokenizer, planted: Planted, n_categories: int, *, alph
                 if proj.bias is not None:
                     proj.bias.zero_()
             attn.o_proj.weight.zero_()
-            for h in range(n_kv):  # kv head h reads dims [h*head, (h+1)*head); its first query head writes them back
-                attn.v_proj.weight[h * head : (h + 1) * head, h * head : (h + 1) * head] = torch.eye(head)
+            for h in range(
+                n_kv
+            ):  # kv head h reads dims [h*head, (h+1)*head); its first query head writes them back
+                attn.v_proj.weight[h * head : (h + 1) * head, h * head : (h + 1) * head] = (
+                    torch.eye(head)
+                )
                 q = h * group
-                attn.o_proj.weight[h * head : (h + 1) * head, q * head : (q + 1) * head] = torch.eye(head)
+                attn.o_proj.weight[h * head : (h + 1) * head, q * head : (q + 1) * head] = (
+                    torch.eye(head)
+                )
             block.input_layernorm.weight.fill_(1.0)
         emb = model.get_input_embeddings().weight
         width = n_kv * head  # the dimensions the attention copies
@@ -318,14 +338,29 @@ def planted_model(model, tokenizer, planted: Planted, n_categories: int, *, alph
         for c, tid in enumerate(ids):
             emb[tid, 0 if planted == "monolithic" else c] = alpha
         model.model.norm.weight.fill_(1.0)
-        refusal_ids = torch.tensor(sorted(set(tokenizer.encode(" Sorry", add_special_tokens=False)[:1])))
+        refusal_ids = torch.tensor(
+            sorted(set(tokenizer.encode(" Sorry", add_special_tokens=False)[:1]))
+        )
         readout = torch.zeros(d)
         readout[: (1 if planted == "monolithic" else n_categories)] = beta
         model.lm_head.weight[refusal_ids] = readout
     return model.eval(), tokenizer, markers, refusal_ids
 
 
-_WORDS = ["the", "river", "stone", "blue", "quiet", "market", "seven", "letter", "garden", "window", "cloud", "paper"]
+_WORDS = [
+    "the",
+    "river",
+    "stone",
+    "blue",
+    "quiet",
+    "market",
+    "seven",
+    "letter",
+    "garden",
+    "window",
+    "cloud",
+    "paper",
+]
 
 
 def planted_prompts(
@@ -403,7 +438,9 @@ def calibrate_model(
     effects, circuits = {}, {}
     for c in toxic:
         baseline = compute_baseline(m, tok, harmless[c], saes, batch_size=settings.batch_size)
-        effects[c], _ = node_effects(m, tok, toxic[c], saes, baseline, ids, batch_size=settings.batch_size)
+        effects[c], _ = node_effects(
+            m, tok, toxic[c], saes, baseline, ids, batch_size=settings.batch_size
+        )
         mask = select_circuit(effects[c].mean(0), index.site_of_node, mode="topk", k_per_site=2)
         circuits[c] = fn.TransferCircuit(
             prompts=toxic[c], baseline_prompts=harmless[c], circuit=mask, effects=effects[c]

@@ -59,7 +59,11 @@ class GroupComparison:
 
     def to_json(self) -> dict[str, Any]:
         if self.result is None:
-            return {"verdict": self.verdict, "fallback_categories": self.fallback, "verdict_reason": self.reason}
+            return {
+                "verdict": self.verdict,
+                "fallback_categories": self.fallback,
+                "verdict_reason": self.reason,
+            }
         return {**self.result.to_dict(), "fallback_categories": self.fallback}
 
 
@@ -104,7 +108,8 @@ class ModelComparison:
         if self.cross_jaccard is not None:
             out["cross_jaccard"] = self.cross_jaccard.tolist()
         out["direction_cosines"] = {
-            site: {"labels": c.labels, "matrix": c.matrix.tolist()} for site, c in self.direction_cosines.items()
+            site: {"labels": c.labels, "matrix": c.matrix.tolist()}
+            for site, c in self.direction_cosines.items()
         }
         out["transfer"] = self.transfer
         out["combined"] = self.combined.to_dict()
@@ -114,14 +119,21 @@ class ModelComparison:
 
 
 def compare_group(
-    circuits: CircuitFiles, group: str, circuits_cfg: CircuitConfig, comparison_cfg: ComparisonConfig
+    circuits: CircuitFiles,
+    group: str,
+    circuits_cfg: CircuitConfig,
+    comparison_cfg: ComparisonConfig,
 ) -> GroupComparison:
     """One prompt group's overlap test (:func:`compare_categories`) over the categories whose circuit
     used the configured prompt filter; the others mix refused and complied prompts and are left out."""
     cc, comp = circuits_cfg, comparison_cfg
-    fallback = fallback_categories({c: summary for c, (summary, _) in circuits.items()}, group, cc.prompt_filter)
+    fallback = fallback_categories(
+        {c: summary for c, (summary, _) in circuits.items()}, group, cc.prompt_filter
+    )
     effects = {
-        c: t[f"effects_{group}"] for c, (_, t) in circuits.items() if f"effects_{group}" in t and c not in fallback
+        c: t[f"effects_{group}"]
+        for c, (_, t) in circuits.items()
+        if f"effects_{group}" in t and c not in fallback
     }
     if len(effects) < 2:
         reason = (
@@ -190,7 +202,9 @@ def compare_model(
         raise ValueError(f"comparison for {model_key}: fewer than two categories have circuits")
     cosines = {}
     for site in next(iter(circuits.values()))[0]["sites"]:
-        dirs = {c: t[f"direction_{site}"] for c, (_, t) in circuits.items() if f"direction_{site}" in t}
+        dirs = {
+            c: t[f"direction_{site}"] for c, (_, t) in circuits.items() if f"direction_{site}" in t
+        }
         if len(dirs) >= 2:
             labels, matrix = refusal_direction_cosines(dirs)
             cosines[site] = DirectionCosines(labels=labels, matrix=matrix)
@@ -202,14 +216,18 @@ def compare_model(
         model_key=model_key,
         categories=categories,
         groups=by_group,
-        cross_jaccard=cross_jaccard(circuits, categories) if {"toxic", "benign"} <= set(groups) else None,
+        cross_jaccard=cross_jaccard(circuits, categories)
+        if {"toxic", "benign"} <= set(groups)
+        else None,
         direction_cosines=cosines,
         transfer=transfer,
         combined=combined,
     )
 
 
-def write_comparison_figures(result: ModelComparison, layout: Layout) -> dict[str, tuple[Path, str]]:
+def write_comparison_figures(
+    result: ModelComparison, layout: Layout
+) -> dict[str, tuple[Path, str]]:
     """The comparison's heatmaps; returns name -> (PNG path, caption) for the asset's metadata."""
     model_key, figures = result.model_key, {}
     for group, comparison in result.groups.items():
@@ -224,10 +242,14 @@ def write_comparison_figures(result: ModelComparison, layout: Layout) -> dict[st
             figures[f"heatmap_{group}"] = (png, f"Jaccard {group}")
     if result.cross_jaccard is not None:
         title = f"{model_key}: Jaccard toxic (rows) vs benign (cols)"
-        png = plot_heatmap(result.cross_jaccard, result.categories, title, layout.jaccard_plot(model_key, "cross"))
+        png = plot_heatmap(
+            result.cross_jaccard, result.categories, title, layout.jaccard_plot(model_key, "cross")
+        )
         figures["heatmap_cross"] = (png, "cross")
     for site, cos in result.direction_cosines.items():
         title = f"{model_key}: refusal-direction cosine ({site})"
-        png = plot_heatmap(cos.matrix, cos.labels, title, layout.direction_cosine_plot(model_key, site))
+        png = plot_heatmap(
+            cos.matrix, cos.labels, title, layout.direction_cosine_plot(model_key, site)
+        )
         figures[f"direction_cosine_{site}"] = (png, f"refusal-direction cosine {site}")
     return figures

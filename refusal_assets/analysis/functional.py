@@ -83,7 +83,9 @@ class FunctionalTests:
     circuit_seconds: float
     """Wall time of the circuit transfer."""
 
-    def to_json(self, model_key: str, fallback: list[str], seconds: dict[str, float]) -> dict[str, Any]:
+    def to_json(
+        self, model_key: str, fallback: list[str], seconds: dict[str, float]
+    ) -> dict[str, Any]:
         """``transfer.json``: ``fallback`` the categories left out, ``seconds`` the wall times."""
         out: dict[str, Any] = {"model": model_key, "enabled": True, "fallback_categories": fallback}
         if self.circuit_transfer is not None and self.circuit_faithfulness is not None:
@@ -95,25 +97,35 @@ class FunctionalTests:
         return out
 
 
-def _circuit_tests(model, tokenizer, refusal_ids, saes, circuits, site_of_node, settings: FunctionalSettings):
+def _circuit_tests(
+    model, tokenizer, refusal_ids, saes, circuits, site_of_node, settings: FunctionalSettings
+):
     """Circuit transfer and faithfulness on B (:func:`tr.circuit_transfer`) over ``circuits``."""
     s = settings
     kw = {"batch_size": s.batch_size, "system_prompt": s.system_prompt, "device": s.device}
 
     def select(mean: np.ndarray) -> np.ndarray:
-        return select_circuit(mean, site_of_node, mode=s.selection, k_per_site=s.k_per_site, threshold=s.threshold)
+        return select_circuit(
+            mean, site_of_node, mode=s.selection, k_per_site=s.k_per_site, threshold=s.threshold
+        )
 
     score_fns, own = {}, {}
     for c, inputs in circuits.items():
         baseline = compute_baseline(model, tokenizer, inputs.baseline_prompts, saes, **kw)
         suffixes = prepare_suffixes(model, tokenizer, inputs.prompts, **kw)
-        score_fns[c] = lambda keep, sx=suffixes, b=baseline: ablated_scores(model, sx, saes, b, keep, refusal_ids)
+        score_fns[c] = lambda keep, sx=suffixes, b=baseline: ablated_scores(
+            model, sx, saes, b, keep, refusal_ids
+        )
         own[c] = tr.loo_masks(inputs.effects, select)
     masks = {c: inputs.circuit for c, inputs in circuits.items()}
-    return tr.circuit_transfer(score_fns, masks, own, site_of_node, s.rule, n_bootstrap=s.n_bootstrap, seed=s.seed)
+    return tr.circuit_transfer(
+        score_fns, masks, own, site_of_node, s.rule, n_bootstrap=s.n_bootstrap, seed=s.seed
+    )
 
 
-def _direction_tests(model, tokenizer, refusal_ids, prompts: DirectionPrompts, settings: FunctionalSettings):
+def _direction_tests(
+    model, tokenizer, refusal_ids, prompts: DirectionPrompts, settings: FunctionalSettings
+):
     """Directions selected on the training prompts, tested on the held-out ones, and their cosines."""
     s = settings
     kw = {"batch_size": s.batch_size, "system_prompt": s.system_prompt, "device": s.device}
@@ -172,7 +184,9 @@ def functional_tests(
     if len(circuits) >= 2:
         if site_of_node is None:
             raise ValueError("functional_tests: circuits given without site_of_node")
-        transfer, faithfulness = _circuit_tests(model, tokenizer, refusal_ids, saes, circuits, site_of_node, settings)
+        transfer, faithfulness = _circuit_tests(
+            model, tokenizer, refusal_ids, saes, circuits, site_of_node, settings
+        )
     circuit_seconds = time.perf_counter() - t0
     tests = cosine_tests = None
     if len(directions.toxic_train) >= 2:
@@ -192,7 +206,9 @@ def functional_tests(
 def _refusing(rows: pl.DataFrame, prompt_filter: str) -> pl.DataFrame:
     if prompt_filter == "all":
         return rows
-    return rows.filter(pl.col("refused") if prompt_filter == "refused" else pl.col("refusal_score") > 0)
+    return rows.filter(
+        pl.col("refused") if prompt_filter == "refused" else pl.col("refusal_score") > 0
+    )
 
 
 def category_circuit(
@@ -216,7 +232,9 @@ def category_circuit(
     )
 
 
-def direction_prompts(samples: dict[str, pl.DataFrame], fallback: list[str], prompt_filter: str) -> DirectionPrompts:
+def direction_prompts(
+    samples: dict[str, pl.DataFrame], fallback: list[str], prompt_filter: str
+) -> DirectionPrompts:
     """Training (``heldout`` False) and held-out prompts per category from its sample joined with its
     behaviour; held-out toxic ones only where the model refuses (``prompt_filter``); categories in
     ``fallback`` and those without training prompts of both kinds select no direction."""
@@ -231,7 +249,9 @@ def direction_prompts(samples: dict[str, pl.DataFrame], fallback: list[str], pro
     return DirectionPrompts(
         toxic_train={c: toxic_train[c] for c in usable},
         harmless_train={c: harmless_train[c] for c in usable},
-        toxic_eval={c: prompts_of(c, "toxic", True, refusing=True) for c in samples if c not in fallback},
+        toxic_eval={
+            c: prompts_of(c, "toxic", True, refusing=True) for c in samples if c not in fallback
+        },
         harmless_eval={c: prompts_of(c, "safe", True) for c in samples},
     )
 
@@ -257,5 +277,7 @@ def model_transfer(
             continue
         circuits[c], site_of_node = inputs, tensors["site_of_node"]
     prompts = direction_prompts(samples, fallback, prompt_filter)
-    tests = functional_tests(model, tokenizer, refusal_ids, saes, circuits, site_of_node, prompts, settings)
+    tests = functional_tests(
+        model, tokenizer, refusal_ids, saes, circuits, site_of_node, prompts, settings
+    )
     return tests, fallback

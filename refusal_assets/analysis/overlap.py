@@ -43,7 +43,12 @@ from refusal_assets.analysis.resampling import (
     weighted_overlap,
 )
 from refusal_assets.analysis.serialise import jsonable
-from refusal_assets.analysis.verdict_rule import PairStats, VerdictRule, classify_pair, decide_verdict
+from refusal_assets.analysis.verdict_rule import (
+    PairStats,
+    VerdictRule,
+    classify_pair,
+    decide_verdict,
+)
 from refusal_assets.circuits.selection import Mode
 
 
@@ -52,12 +57,16 @@ class ComparisonResult:
     categories: list[str]  # sorted; the order of every matrix
     n_prompts: dict[str, int]
     circuit_size: dict[str, int]
-    ceiling: dict[str, float]  # split-half Jaccard reliability of each category's circuit (halves of its own size)
+    ceiling: dict[
+        str, float
+    ]  # split-half Jaccard reliability of each category's circuit (halves of its own size)
     pairs: list[PairStats]
     jaccard: np.ndarray  # [n_cat, n_cat], 1 on the diagonal
     weighted_overlap: np.ndarray  # [n_cat, n_cat], 1 on the diagonal
     spearman: np.ndarray  # [n_cat, n_cat], 1 on the diagonal
-    normalised_jaccard: np.ndarray  # [n_cat, n_cat], NaN on the diagonal (no test of a category with itself)
+    normalised_jaccard: (
+        np.ndarray
+    )  # [n_cat, n_cat], NaN on the diagonal (no test of a category with itself)
     p_value: np.ndarray  # [n_cat, n_cat], NaN on the diagonal
     q_value: np.ndarray  # [n_cat, n_cat], NaN on the diagonal and for untestable pairs
     significant: np.ndarray  # [n_cat, n_cat] bool, False on the diagonal
@@ -94,13 +103,17 @@ def split_half_ceilings(
     ceiling: dict[str, float] = {}
     for ci, c in enumerate(E):
         n = E[c].shape[0]
-        order = seeded_rng(seed, SPLIT, ci).permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)  # [n_splits, n]
+        order = seeded_rng(seed, SPLIT, ci).permuted(
+            np.tile(np.arange(n), (n_splits, 1)), axis=1
+        )  # [n_splits, n]
         js = [
             jaccard(
                 select(means_from_indices(E[c], rows[:, : n // 2])),
                 select(means_from_indices(E[c], rows[:, n // 2 : 2 * (n // 2)])),
             )
-            for rows in np.array_split(order, math.ceil(n_splits / select.batch))  # chunks of <= batch rows
+            for rows in np.array_split(
+                order, math.ceil(n_splits / select.batch)
+            )  # chunks of <= batch rows
         ]
         ceiling[c] = float(np.concatenate(js).mean())
     return SplitHalfCeilings(ceiling=ceiling, n_splits=n_splits)
@@ -123,7 +136,11 @@ class HalfSampleOverlap:
 
     @classmethod
     def draw(cls, n_a: int, n_b: int, n_splits: int, rng: np.random.Generator) -> HalfSampleOverlap:
-        return cls(keys_a=rng.random((n_splits, n_a)), keys_b=rng.random((n_splits, n_b)), m=min(n_a, n_b) // 2)
+        return cls(
+            keys_a=rng.random((n_splits, n_a)),
+            keys_b=rng.random((n_splits, n_b)),
+            m=min(n_a, n_b) // 2,
+        )
 
     def sums(
         self, Ea: np.ndarray, Eb: np.ndarray, ia: np.ndarray, ib: np.ndarray, select: Selector
@@ -131,13 +148,21 @@ class HalfSampleOverlap:
         """Sums over splits of cross and within Jaccards for resamples ``ia [batch, n_a]``, ``ib [batch, n_b]``."""
         ia, ib = np.atleast_2d(ia), np.atleast_2d(ib)
         m = self.m
-        cross = np.zeros(max(ia.shape[0], ib.shape[0]))  # BCa's jackknife holds one sample fixed as [1, n]
+        cross = np.zeros(
+            max(ia.shape[0], ib.shape[0])
+        )  # BCa's jackknife holds one sample fixed as [1, n]
         within = np.zeros_like(cross)
         for ka, kb in zip(self.keys_a, self.keys_b):
             sa = np.take_along_axis(ia, np.argsort(ka[ia], axis=1, kind="stable"), axis=1)
             sb = np.take_along_axis(ib, np.argsort(kb[ib], axis=1, kind="stable"), axis=1)
-            a1, a2 = select(means_from_indices(Ea, sa[:, :m])), select(means_from_indices(Ea, sa[:, m : 2 * m]))
-            b1, b2 = select(means_from_indices(Eb, sb[:, :m])), select(means_from_indices(Eb, sb[:, m : 2 * m]))
+            a1, a2 = (
+                select(means_from_indices(Ea, sa[:, :m])),
+                select(means_from_indices(Ea, sa[:, m : 2 * m])),
+            )
+            b1, b2 = (
+                select(means_from_indices(Eb, sb[:, :m])),
+                select(means_from_indices(Eb, sb[:, m : 2 * m])),
+            )
             cross += (jaccard(a1, b1) + jaccard(a2, b2) + jaccard(a1, b2) + jaccard(a2, b1)) / 4
             within += (jaccard(a1, a2) + jaccard(b1, b2)) / 2
         return cross, within
@@ -181,8 +206,12 @@ def _pair_stats(
 
     def perm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
         # Indices into the pooled prompts; a permutation only changes which rows feed each mean.
-        jac = jaccard(select(means_from_indices(pooled, ia)), select(means_from_indices(pooled, ib)))
-        return jac.reshape(np.shape(ia)[:-1])  # scalar for the observed labels, [batch] for resamples
+        jac = jaccard(
+            select(means_from_indices(pooled, ia)), select(means_from_indices(pooled, ib))
+        )
+        return jac.reshape(
+            np.shape(ia)[:-1]
+        )  # scalar for the observed labels, [batch] for resamples
 
     perm = stats.permutation_test(
         (np.arange(na), np.arange(na, pooled.shape[0])),
@@ -216,7 +245,9 @@ def _pair_stats(
     half_batch = max(1, select.batch // (4 * n_splits))
 
     def norm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
-        cross, within = halves.sums(E[a], E[b], ia.reshape(-1, ia.shape[-1]), ib.reshape(-1, ib.shape[-1]), select)
+        cross, within = halves.sums(
+            E[a], E[b], ia.reshape(-1, ia.shape[-1]), ib.reshape(-1, ib.shape[-1]), select
+        )
         # A resample whose halves do not replicate at all has no ceiling to normalise by.
         out = np.where(within > 0, cross / np.maximum(within, 1e-300), np.nan)
         return out.reshape(lead_shape(ia, ib))
@@ -296,13 +327,18 @@ def pair_statistics(
     testable = [k for k, p in enumerate(raw) if p["testable"]]
     q = np.full(len(raw), math.nan)
     if testable:
-        q[testable] = stats.false_discovery_control([raw[k]["p_value"] for k in testable], method="bh")
+        q[testable] = stats.false_discovery_control(
+            [raw[k]["p_value"] for k in testable], method="bh"
+        )
     pairs = []
     for p, qv in zip(raw, q):
         sig = bool(p["testable"] and qv < alpha)
         pairs.append(
             PairStats(
-                **p, q_value=float(qv), significant=sig, call=classify_pair(sig, p["normalised_jaccard_ci"], rule)
+                **p,
+                q_value=float(qv),
+                significant=sig,
+                call=classify_pair(sig, p["normalised_jaccard_ci"], rule),
             )
         )
     return PairTests(categories=cats, pairs=pairs)
@@ -330,7 +366,12 @@ def _core_fraction(masks: np.ndarray) -> np.ndarray:
 
 
 def shared_core(
-    E: dict[str, np.ndarray], circuit: dict[str, np.ndarray], select: Selector, *, n_bootstrap: int, seed: int
+    E: dict[str, np.ndarray],
+    circuit: dict[str, np.ndarray],
+    select: Selector,
+    *,
+    n_bootstrap: int,
+    seed: int,
 ) -> SharedCore:
     """Shared core and specific tails of the full-sample circuits, with the shared fraction's CI."""
     cats = list(E)
@@ -342,7 +383,8 @@ def shared_core(
         lead = lead_shape(*idx)
         masks = [
             np.broadcast_to(
-                select(means_from_indices(E[c], ic.reshape(-1, ic.shape[-1]))), (math.prod(lead), len(site_of_node))
+                select(means_from_indices(E[c], ic.reshape(-1, ic.shape[-1]))),
+                (math.prod(lead), len(site_of_node)),
             )
             for c, ic in zip(cats, idx)
         ]
@@ -375,7 +417,9 @@ def _checked_effects(effects: dict[str, np.ndarray], n_nodes: int) -> dict[str, 
         if e.ndim != 2 or e.shape[1] != n_nodes:
             raise ValueError(f"effects[{c!r}] has shape {e.shape}; expected [n_prompts, {n_nodes}]")
         if e.shape[0] < 2:
-            raise ValueError(f"effects[{c!r}] has {e.shape[0]} prompts; the split-half ceiling needs at least 2")
+            raise ValueError(
+                f"effects[{c!r}] has {e.shape[0]} prompts; the split-half ceiling needs at least 2"
+            )
         if not np.isfinite(e).all():
             raise ValueError(f"effects[{c!r}] holds non-finite values")
     return E
@@ -388,7 +432,8 @@ def fallback_categories(summaries: dict[str, dict], group: str, prompt_filter: s
     return sorted(
         c
         for c, summary in summaries.items()
-        if group in summary["groups"] and summary["groups"][group].get("prompt_set", prompt_filter) != prompt_filter
+        if group in summary["groups"]
+        and summary["groups"][group].get("prompt_set", prompt_filter) != prompt_filter
     )
 
 
@@ -418,9 +463,16 @@ def _without_error_nodes(
         return E, np.arange(site_of_node.shape[0]), site_of_node, {}
     error_nodes = np.asarray(error_nodes, dtype=bool)
     if error_nodes.shape != site_of_node.shape:
-        raise ValueError(f"error_nodes {error_nodes.shape} must match site_of_node {site_of_node.shape}")
+        raise ValueError(
+            f"error_nodes {error_nodes.shape} must match site_of_node {site_of_node.shape}"
+        )
     keep = ~error_nodes
-    return {c: e[:, keep] for c, e in E.items()}, np.flatnonzero(keep), site_of_node[keep], error_share(E, error_nodes)
+    return (
+        {c: e[:, keep] for c, e in E.items()},
+        np.flatnonzero(keep),
+        site_of_node[keep],
+        error_share(E, error_nodes),
+    )
 
 
 def compare_categories(
@@ -461,10 +513,14 @@ def compare_categories(
         raise ValueError(f"k_per_site must be >= 0, not {k_per_site}")
     if n_splits < 1:
         raise ValueError(f"n_splits must be >= 1, not {n_splits}")
-    E = _checked_effects(effects, site_of_node.shape[0])  # [n_prompts_c, n_nodes], sorted categories
+    E = _checked_effects(
+        effects, site_of_node.shape[0]
+    )  # [n_prompts_c, n_nodes], sorted categories
     E, node_ids, site_of_node, err_share = _without_error_nodes(E, site_of_node, error_nodes)
     cats = list(E)
-    select = Selector(site_of_node=site_of_node, mode=mode, k_per_site=k_per_site, threshold=threshold)
+    select = Selector(
+        site_of_node=site_of_node, mode=mode, k_per_site=k_per_site, threshold=threshold
+    )
     circuit = {c: select(E[c].mean(axis=0)[None])[0] for c in cats}  # [n_nodes] bool
 
     ceilings = split_half_ceilings(E, select, n_bootstrap=n_bootstrap, seed=seed)

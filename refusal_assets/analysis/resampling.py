@@ -125,7 +125,9 @@ def bootstrap_ci(
         half = float(stats.t.ppf(0.975, df)) * float(dist.std(ddof=1))
         return (estimate - half, estimate + half)
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # BCa undefined (e.g. a constant jackknife): percentile
+    if not (
+        math.isfinite(lo) and math.isfinite(hi)
+    ):  # BCa undefined (e.g. a constant jackknife): percentile
         lo, hi = (float(v) for v in np.quantile(dist, [0.025, 0.975]))
     return (min(lo, estimate), max(hi, estimate))
 

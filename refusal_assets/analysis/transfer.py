@@ -116,7 +116,10 @@ def read_cross_matrix(data: dict) -> CrossMatrix:
     return CrossMatrix(
         test=data["test"],
         categories=list(data["categories"]),
-        **{k: _from_json(data[k]) for k in ("change", "change_lo", "change_hi", "ratio", "ratio_lo", "ratio_hi")},
+        **{
+            k: _from_json(data[k])
+            for k in ("change", "change_lo", "change_hi", "ratio", "ratio_lo", "ratio_hi")
+        },
         control=_from_json(data["control"]),
         control_ci=[(lo, hi) for lo, hi in _from_json(data["control_ci"]).reshape(-1, 2).tolist()],
         n_prompts=list(data["n_prompts"]),
@@ -144,7 +147,9 @@ def cross_matrix(
     for j, b in enumerate(categories):
         own = changes.get((b, b))
         own_ci = _mean_ci(own, n_bootstrap, seed + j) if own is not None else (math.nan, math.nan)
-        own_defined = own is not None and math.isfinite(own_ci[0]) and (own_ci[0] > 0 or own_ci[1] < 0)
+        own_defined = (
+            own is not None and math.isfinite(own_ci[0]) and (own_ci[0] > 0 or own_ci[1] < 0)
+        )
         for i, a in enumerate(categories):
             x = changes.get((a, b))
             if x is None:
@@ -201,7 +206,11 @@ def verdict_from_calls(test: str, calls: list[str], rule: VerdictRule) -> tuple[
     )
     if decided == 0 or decided < rule.min_decided_fraction * len(calls):
         return "insufficient evidence", f"Insufficient evidence: {numbers}"
-    if count["shared"] >= rule.majority * decided and count["specific"] == 0 and count["partial"] == 0:
+    if (
+        count["shared"] >= rule.majority * decided
+        and count["specific"] == 0
+        and count["partial"] == 0
+    ):
         return "monolithic", f"Monolithic: {numbers}"
     if count["specific"] >= rule.majority * decided and count["shared"] == 0:
         return "modular", f"Modular: {numbers}"
@@ -225,7 +234,12 @@ def suffixes_of(
     if prompts and isinstance(prompts[0], SuffixBatch):
         return list(prompts)
     return prepare_suffixes(
-        model, tokenizer, list(prompts), batch_size=batch_size, system_prompt=system_prompt, device=device
+        model,
+        tokenizer,
+        list(prompts),
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        device=device,
     )
 
 
@@ -292,15 +306,21 @@ def direction_scores(
     if mode not in ("ablate", "add", "none"):
         raise ValueError(f"direction_scores: mode must be 'ablate', 'add' or 'none', not {mode!r}")
     if mode == "add" and (layers is None or len(layers) != K):
-        raise ValueError(f"direction_scores: mode 'add' needs one layer per direction ({K}), got {layers}")
-    suffixes = suffixes_of(model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device)
+        raise ValueError(
+            f"direction_scores: mode 'add' needs one layer per direction ({K}), got {layers}"
+        )
+    suffixes = suffixes_of(
+        model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device
+    )
     unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     mods = _residual_modules(model)
     K = 1 if mode == "none" else K
     out = np.zeros((K, sum(len(s.suffix_ids) for s in suffixes)))
     for p in stacked_passes(suffixes, K, max_cache_bytes):  # one direction per row
         B = p.prompts.stop - p.prompts.start
-        ks = torch.arange(p.stack.start, p.stack.stop).repeat(B)  # [B * m]: the direction of each row
+        ks = torch.arange(p.stack.start, p.stack.stop).repeat(
+            B
+        )  # [B * m]: the direction of each row
         if mode == "ablate":
             r = unit[ks][:, None]  # [B * m, 1, d]
 
@@ -313,18 +333,24 @@ def direction_scores(
         elif mode == "add":
             hooks = []
             for layer in sorted({layers[int(k)] for k in ks}):
-                on = torch.tensor([layers[int(k)] == layer for k in ks])[:, None, None]  # [B * m, 1, 1]
+                on = torch.tensor([layers[int(k)] == layer for k in ks])[
+                    :, None, None
+                ]  # [B * m, 1, 1]
                 v = torch.where(on, directions[ks][:, None], 0.0)  # [B * m, 1, d]
 
                 def add(_m, _i, output, v=v):
                     x = output_tensor(output)
                     return replace_output(output, x + v.to(x.dtype))
 
-                hooks.append((mods[layer], add))  # module `layer` outputs the input of block `layer`
+                hooks.append(
+                    (mods[layer], add)
+                )  # module `layer` outputs the input of block `layer`
         else:
             hooks = []
         with forward_hooks(hooks):
-            out[p.stack, p.prompts] = p.unstack(refusal_score_from_logits(p.batch.next_logits(model), refusal_ids))
+            out[p.stack, p.prompts] = p.unstack(
+                refusal_score_from_logits(p.batch.next_logits(model), refusal_ids)
+            )
     return out
 
 
@@ -344,8 +370,12 @@ def _head(suffix: SuffixBatch, n: int) -> SuffixBatch:
     import copy
 
     cache = copy.deepcopy(suffix.cache)
-    cache.batch_select_indices(torch.arange(min(n, len(suffix.suffix_ids)), device=suffix.suffix_ids.device))
-    return SuffixBatch(cache, suffix.suffix_ids[:n], suffix.attention_mask[:n], suffix.position_ids[:n])
+    cache.batch_select_indices(
+        torch.arange(min(n, len(suffix.suffix_ids)), device=suffix.suffix_ids.device)
+    )
+    return SuffixBatch(
+        cache, suffix.suffix_ids[:n], suffix.attention_mask[:n], suffix.position_ids[:n]
+    )
 
 
 def candidate_grid(
@@ -354,7 +384,9 @@ def candidate_grid(
     """(layer, position) candidates: evenly spaced layers below 0.8 L (Arditi et al. drop the last
     layers, whose directions act on the output directly) x the last post-instruction positions."""
     top = max(1, int(0.8 * n_layers))
-    layers = sorted({round(x) for x in np.linspace(min(1, top - 1), top - 1, min(n_layer_candidates, top))})
+    layers = sorted(
+        {round(x) for x in np.linspace(min(1, top - 1), top - 1, min(n_layer_candidates, top))}
+    )
     positions = list(range(max(0, n_positions - n_position_candidates), n_positions))
     return [(layer, p) for layer in layers for p in positions]
 
@@ -385,8 +417,12 @@ def select_directions(
     toxic = {
         c: suffixes_of(model, tokenizer, p, **kw) if p else [] for c, p in toxic.items()
     }  # each prefix computed once
-    h_tox = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in toxic.items() if p}  # [n, L, P, d]
-    h_harm = {c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in harmless.items() if p}
+    h_tox = {
+        c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in toxic.items() if p
+    }  # [n, L, P, d]
+    h_harm = {
+        c: post_instruction_hidden(model, tokenizer, p, **kw) for c, p in harmless.items() if p
+    }
     if hidden is not None:
         hidden.update(toxic=h_tox, harmless=h_harm)
     groups = {c: ([c], [c]) for c in toxic if c in h_tox and c in h_harm}
@@ -397,11 +433,19 @@ def select_directions(
         mean_tox = torch.cat([h_tox[c] for c in tox_cats]).mean(0)  # [L, P, d]
         mean_harm = torch.cat([h_harm[c] for c in harm_cats]).mean(0)
         diff = mean_tox - mean_harm
-        grid = candidate_grid(diff.shape[0], diff.shape[1], n_layer_candidates, n_position_candidates)
+        grid = candidate_grid(
+            diff.shape[0], diff.shape[1], n_layer_candidates, n_position_candidates
+        )
         cands = torch.stack([diff[layer, p] for layer, p in grid])  # [K, d]
         # the pooled direction is selected on the first batch of each category, at most pooled_selection_prompts of it
-        prompts = [_head(toxic[c][0], pooled_selection_prompts) for c in tox_cats] if name == "pooled" else toxic[name]
-        clean = direction_scores(model, tokenizer, prompts, cands[:1], mode="none", refusal_ids=refusal_ids, **kw)[0]
+        prompts = (
+            [_head(toxic[c][0], pooled_selection_prompts) for c in tox_cats]
+            if name == "pooled"
+            else toxic[name]
+        )
+        clean = direction_scores(
+            model, tokenizer, prompts, cands[:1], mode="none", refusal_ids=refusal_ids, **kw
+        )[0]
         ablated = direction_scores(
             model, tokenizer, prompts, cands, mode="ablate", refusal_ids=refusal_ids, **kw
         )  # [K, n]
@@ -457,7 +501,12 @@ def direction_tests(
     """Cross-ablation, induced refusal and the pooled baseline on held-out prompts: each prompt set's
     prefixes are cached once, then every direction (the categories', the pooled one, a random
     control) costs one suffix pass."""
-    kw = {"batch_size": batch_size, "system_prompt": system_prompt, "device": device, "refusal_ids": refusal_ids}
+    kw = {
+        "batch_size": batch_size,
+        "system_prompt": system_prompt,
+        "device": device,
+        "refusal_ids": refusal_ids,
+    }
     cats = sorted(c for c in selected if c != "pooled")
     gen = torch.Generator().manual_seed(seed)
     d = selected[cats[0]].direction.shape[0]
@@ -487,7 +536,9 @@ def direction_tests(
             h_clean = direction_scores(model, tokenizer, harm, dirs[:1], mode="none", **kw)[0]
             layers = [selected[a].layer for a in cats]
             own = selected[b]
-            rand_scaled = rand / rand.norm() * own.direction.norm()  # the control: B's norm, at B's layer
+            rand_scaled = (
+                rand / rand.norm() * own.direction.norm()
+            )  # the control: B's norm, at B's layer
             added = direction_scores(
                 model,
                 tokenizer,
@@ -507,9 +558,13 @@ def direction_tests(
             value = float(left.mean() / ref.mean()) if ref.mean() != 0 else math.nan
             remaining[b] = (
                 value,
-                _ratio_ci(left, ref, n_bootstrap, seed) if math.isfinite(value) else (math.nan, math.nan),
+                _ratio_ci(left, ref, n_bootstrap, seed)
+                if math.isfinite(value)
+                else (math.nan, math.nan),
             )
-    U = torch.stack([selected[c].direction / selected[c].direction.norm().clamp_min(1e-8) for c in cats])
+    U = torch.stack(
+        [selected[c].direction / selected[c].direction.norm().clamp_min(1e-8) for c in cats]
+    )
     cosine = {
         "categories": cats,
         "matrix": (U @ U.T).clamp(-1, 1).tolist(),
@@ -517,12 +572,25 @@ def direction_tests(
     }
     return DirectionTests(
         ablation=cross_matrix(
-            "direction cross-ablation", cats, abl, abl_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed
+            "direction cross-ablation",
+            cats,
+            abl,
+            abl_ctrl,
+            rule,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
         ),
-        induced=cross_matrix("induced refusal", cats, ind, ind_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1),
+        induced=cross_matrix(
+            "induced refusal", cats, ind, ind_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1
+        ),
         pooled_remaining=remaining,
         selected={
-            c: {"layer": s.layer, "position": s.position, "norm": float(s.direction.norm()), "train_drop": s.train_drop}
+            c: {
+                "layer": s.layer,
+                "position": s.position,
+                "norm": float(s.direction.norm()),
+                "train_drop": s.train_drop,
+            }
             for c, s in selected.items()
         },
         cosine=cosine,
@@ -531,7 +599,9 @@ def direction_tests(
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine of ``[..., d]`` arrays."""
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    return (a * b).sum(-1) / np.maximum(
+        np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30
+    )
 
 
 def direction_cosines(
@@ -619,7 +689,10 @@ def circuit_transfer(
     for b in cats:
         n_b, n_nodes = own_masks[b].shape
         rand = random_like(own_masks[b], site_members, rng)  # the control: B's own circuit sizes
-        masks = {a: own_masks[b] if a == b else np.broadcast_to(circuits[a], (n_b, n_nodes)) for a in cats}
+        masks = {
+            a: own_masks[b] if a == b else np.broadcast_to(circuits[a], (n_b, n_nodes))
+            for a in cats
+        }
         # one stacked call per B: full, empty, then (without A's circuit, only A's circuit) per A, then the control
         stack = [np.ones((n_b, n_nodes), bool), np.zeros((n_b, n_nodes), bool)]
         stack += [m for a in cats for m in (~masks[a], masks[a])] + [~rand, rand]
@@ -631,9 +704,17 @@ def circuit_transfer(
         loss_ctrl[b] = full - scores[-2]
         keep_ctrl[b] = scores[-1] - empty
     return (
-        cross_matrix("circuit transfer", cats, loss, loss_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed),
         cross_matrix(
-            "circuit faithfulness on B", cats, keep_only, keep_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1
+            "circuit transfer", cats, loss, loss_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed
+        ),
+        cross_matrix(
+            "circuit faithfulness on B",
+            cats,
+            keep_only,
+            keep_ctrl,
+            rule,
+            n_bootstrap=n_bootstrap,
+            seed=seed + 1,
         ),
     )
 

@@ -134,7 +134,9 @@ def combine(lines: list[TestLine], thresholds: dict[str, Any] | None = None) -> 
         (answer,) = answers
         names = ", ".join(ln.test for ln in decided)
         dissent = [ln for ln in decided_all if ln.says != answer]
-        note = "".join(f" {ln.test} (a sufficiency test, not voting) says {ln.says}." for ln in dissent)
+        note = "".join(
+            f" {ln.test} (a sufficiency test, not voting) says {ln.says}." for ln in dissent
+        )
         return CombinedVerdict(
             verdict=answer,
             reason=f"{answer.capitalize()}: every deciding necessity test ({names}) says {answer}.{note}",
@@ -143,7 +145,10 @@ def combine(lines: list[TestLine], thresholds: dict[str, Any] | None = None) -> 
             thresholds=thresholds or {},
         )
     disagree = [ln.test for ln in decided_all]
-    by_level = {lvl: sorted({ln.says for ln in decided if ln.level == lvl}) for lvl in ("features", "execution")}
+    by_level = {
+        lvl: sorted({ln.says for ln in decided if ln.level == lvl})
+        for lvl in ("features", "execution")
+    }
     return CombinedVerdict(
         verdict="mixed",
         reason="Mixed: the tests disagree -- "

@@ -26,10 +26,18 @@ class PairStats:
     testable: bool  # min_p < alpha: a significant result is attainable at all
     q_value: float  # Benjamini-Hochberg over the testable pairs; NaN for untestable ones
     significant: bool  # testable and q_value < alpha
-    half_size: int  # prompts per half-sample circuit: min(n_a, n_b) // 2, for numerator and ceiling alike
-    cross_half_jaccard: float  # mean Jaccard of a half-circuit of a with a half-circuit of b (disjoint halves)
-    ceiling: float  # mean within-category split-half Jaccard at the same half size (both categories)
-    normalised_jaccard: float  # cross_half_jaccard / ceiling; NaN where the ceiling is below min_ceiling
+    half_size: (
+        int  # prompts per half-sample circuit: min(n_a, n_b) // 2, for numerator and ceiling alike
+    )
+    cross_half_jaccard: (
+        float  # mean Jaccard of a half-circuit of a with a half-circuit of b (disjoint halves)
+    )
+    ceiling: (
+        float  # mean within-category split-half Jaccard at the same half size (both categories)
+    )
+    normalised_jaccard: (
+        float  # cross_half_jaccard / ceiling; NaN where the ceiling is below min_ceiling
+    )
     normalised_jaccard_ci: CI  # bootstrap over prompts (see bootstrap_ci)
     jaccard_ci: CI  # bootstrap over prompts, of the full-sample Jaccard (see bootstrap_ci)
     null_mean: float  # mean Jaccard under exchangeable labels, for scale
@@ -88,7 +96,9 @@ def classify_pair(significant: bool, normalised_ci: CI, rule: VerdictRule) -> Pa
     return "undecided"
 
 
-def prompts_to_decide(pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule, alpha: float) -> int:
+def prompts_to_decide(
+    pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule, alpha: float
+) -> int:
     """A rough per-category sample that would decide the undecided pairs: CI widths shrink as 1/sqrt(n),
     so n * (half-width / distance to the nearer decision bound)^2, and at least the size at which the
     permutation test can reach alpha."""
@@ -104,7 +114,11 @@ def prompts_to_decide(pairs: list[PairStats], n_prompts: dict[str, int], rule: V
         est = p.normalised_jaccard
         if math.isfinite(est) and math.isfinite(lo) and math.isfinite(hi) and hi > lo:
             gap = max(
-                min(abs(est - (1 - rule.equivalence_margin)), abs(est - rule.modular_max_normalised_jaccard)), 0.05
+                min(
+                    abs(est - (1 - rule.equivalence_margin)),
+                    abs(est - rule.modular_max_normalised_jaccard),
+                ),
+                0.05,
             )
             k = max(k, math.ceil(n * ((hi - lo) / 2 / gap) ** 2))
         else:  # no usable ceiling: the circuits do not replicate; at least four times the sample
@@ -114,7 +128,11 @@ def prompts_to_decide(pairs: list[PairStats], n_prompts: dict[str, int], rule: V
 
 
 def decide_verdict(
-    pairs: list[PairStats], n_prompts: dict[str, int], rule: VerdictRule = VerdictRule(), *, alpha: float = 0.05
+    pairs: list[PairStats],
+    n_prompts: dict[str, int],
+    rule: VerdictRule = VerdictRule(),
+    *,
+    alpha: float = 0.05,
 ) -> Verdict:
     """The overlap test's verdict from the pairs' calls (:func:`classify_pair`).
 
@@ -155,10 +173,19 @@ def decide_verdict(
                 f"decided; about {need} refusing prompts per category would decide them."
             ),
         )
-    if count["shared"] >= rule.majority * decided and count["specific"] == 0 and count["partial"] == 0:
+    if (
+        count["shared"] >= rule.majority * decided
+        and count["specific"] == 0
+        and count["partial"] == 0
+    ):
         return Verdict(
-            "monolithic", f"Monolithic: {numbers} Cross-category overlap is equivalent to the within-category ceiling."
+            "monolithic",
+            f"Monolithic: {numbers} Cross-category overlap is equivalent to the within-category ceiling.",
         )
     if count["specific"] >= rule.majority * decided and count["shared"] == 0:
-        return Verdict("modular", f"Modular: {numbers} Categories use measurably different circuits.")
-    return Verdict("mixed", f"Mixed: {numbers} Neither every decided pair shared nor most of them specific.")
+        return Verdict(
+            "modular", f"Modular: {numbers} Categories use measurably different circuits."
+        )
+    return Verdict(
+        "mixed", f"Mixed: {numbers} Neither every decided pair shared nor most of them specific."
+    )

@@ -65,7 +65,9 @@ def denominator_excludes_zero(denominator: float, ci: CI) -> Finding:
             values=values,
         )
     return Finding(
-        passed=True, why=f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} excludes 0.", values=values
+        passed=True,
+        why=f"m(M) - m(∅) = {denominator:.3f}, 95% CI {_ci_text(ci)} excludes 0.",
+        values=values,
     )
 
 
@@ -97,7 +99,9 @@ def faithfulness_beats_random(
             values=values,
         )
     return Finding(
-        passed=True, why=f"{head}; the difference's 95% CI {_ci_text(advantage_ci)} is above 0.", values=values
+        passed=True,
+        why=f"{head}; the difference's 95% CI {_ci_text(advantage_ci)} is above 0.",
+        values=values,
     )
 
 
@@ -110,7 +114,9 @@ class GroupPrompts(NamedTuple):
     """The filter applied, or the fallback label ``all (<filter>: only n < m)``."""
 
 
-def enough_prompts(groups: Mapping[str, GroupPrompts], min_prompts: int, prompt_filter: str) -> Finding:
+def enough_prompts(
+    groups: Mapping[str, GroupPrompts], min_prompts: int, prompt_filter: str
+) -> Finding:
     """Every group's circuit was found on at least ``min_prompts`` prompts that pass the prompt filter;
     a group the filter left short fell back to all its prompts (refusing or not), a different question."""
     found = []
@@ -118,7 +124,14 @@ def enough_prompts(groups: Mapping[str, GroupPrompts], min_prompts: int, prompt_
         values = {"n_in_group": p.n_in_group, "n_used": p.n_used, "prompt_set": p.prompt_set}
         if p.n_used < min_prompts:
             found.append(
-                (g, Finding(passed=False, why=f"only {p.n_used} prompts (< min_prompts {min_prompts}).", values=values))
+                (
+                    g,
+                    Finding(
+                        passed=False,
+                        why=f"only {p.n_used} prompts (< min_prompts {min_prompts}).",
+                        values=values,
+                    ),
+                )
             )
         elif p.prompt_set != prompt_filter:
             found.append(
@@ -133,10 +146,19 @@ def enough_prompts(groups: Mapping[str, GroupPrompts], min_prompts: int, prompt_
                 )
             )
         else:
-            found.append((g, Finding(passed=True, why=f"{p.n_used} '{prompt_filter}' prompts.", values=values)))
+            found.append(
+                (
+                    g,
+                    Finding(
+                        passed=True, why=f"{p.n_used} '{prompt_filter}' prompts.", values=values
+                    ),
+                )
+            )
     if not found:
         return Finding(passed=False, why="no prompt group at all.", values={})
-    return every_group(found, f"every group has at least min_prompts {min_prompts} '{prompt_filter}' prompts.")
+    return every_group(
+        found, f"every group has at least min_prompts {min_prompts} '{prompt_filter}' prompts."
+    )
 
 
 # ---------------------------------------------------------------------------- behaviour check
@@ -175,7 +197,9 @@ def toxic_refused_more_than_safe(toxic: SplitRate | None, safe: SplitRate | None
     )
     if toxic.rate <= safe.rate:
         return Finding(
-            passed=False, why=f"{text}: the model refuses safe prompts at least as often as toxic ones.", values=values
+            passed=False,
+            why=f"{text}: the model refuses safe prompts at least as often as toxic ones.",
+            values=values,
         )
     return Finding(passed=True, why=f"{text}.", values=values)
 
@@ -183,7 +207,9 @@ def toxic_refused_more_than_safe(toxic: SplitRate | None, safe: SplitRate | None
 # --------------------------------------------------------------------------- comparison check
 
 
-def enough_categories(categories_by_group: Mapping[str, list[str]], expected_groups: list[str]) -> Finding:
+def enough_categories(
+    categories_by_group: Mapping[str, list[str]], expected_groups: list[str]
+) -> Finding:
     """A cross-category comparison needs at least two categories with a circuit in every prompt group;
     a group with fewer is not compared at all."""
     found = []

@@ -54,7 +54,9 @@ def backfill_params(select: str, partitions: list[str] | None) -> dict:
     return params
 
 
-def partitions_by_assets_params(ranges: dict[str, list[tuple[str, str]] | None], title: str) -> dict:
+def partitions_by_assets_params(
+    ranges: dict[str, list[tuple[str, str]] | None], title: str
+) -> dict:
     """Backfill params naming, per asset (``"a/b"`` keys), its partition ranges, or None for an
     unpartitioned asset: each asset gets its own partitions, which ``partitionNames`` (one list
     for every selected asset) cannot say."""
@@ -80,7 +82,9 @@ def launch_partitions_backfill(
     return _launch(url, partitions_by_assets_params(ranges, title), timeout)
 
 
-def launch_backfill(url: str, select: str, partitions: list[str] | None = None, timeout: float = 60) -> str:
+def launch_backfill(
+    url: str, select: str, partitions: list[str] | None = None, timeout: float = 60
+) -> str:
     return _launch(url, backfill_params(select, partitions), timeout)
 
 

@@ -36,9 +36,15 @@ def _set_env(args: argparse.Namespace) -> None:
     # the config's instance takes the base instance's settings (e.g. PostgreSQL storage, pool limits)
     # when $DAGSTER_HOME has its own dagster.yaml, else the project's SQLite default
     template = (
-        base / "dagster.yaml" if (base / "dagster.yaml").is_file() else PROJECT_ROOT / "dagster_home" / "dagster.yaml"
+        base / "dagster.yaml"
+        if (base / "dagster.yaml").is_file()
+        else PROJECT_ROOT / "dagster_home" / "dagster.yaml"
     )
-    if not (home / "dagster.yaml").exists() and template.is_file() and template != home / "dagster.yaml":
+    if (
+        not (home / "dagster.yaml").exists()
+        and template.is_file()
+        and template != home / "dagster.yaml"
+    ):
         (home / "dagster.yaml").write_text(template.read_text())
     os.environ["DAGSTER_HOME"] = str(home)
     _init_instance_once(home)
@@ -56,7 +62,9 @@ def _init_instance_once(home: Path) -> None:
         from refusal_assets.defs.gpu import ensure_gpu_pool
 
         instance = dg.DagsterInstance.from_config(str(home))
-        ensure_gpu_pool(instance)  # before any run claims it: Dagster's first claim races on PostgreSQL
+        ensure_gpu_pool(
+            instance
+        )  # before any run claims it: Dagster's first claim races on PostgreSQL
         instance.dispose()
 
 
@@ -65,7 +73,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from refusal_assets.analysis.calibration import run_calibrate
 
     return run_calibrate(
-        settings.load_project(), as_json=args.json, n_replicates=args.replicates, model_level=not args.synthetic_only
+        settings.load_project(),
+        as_json=args.json,
+        n_replicates=args.replicates,
+        model_level=not args.synthetic_only,
     )
 
 
@@ -81,7 +92,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{len(cats)} categories: {', '.join(cats)}"
     )
     for m in cfg.models:
-        print(f"  model {m.model_key} ({m.id}, {m.source}): {len(m.sites)} sites: {', '.join(s.name for s in m.sites)}")
+        print(
+            f"  model {m.model_key} ({m.id}, {m.source}): {len(m.sites)} sites: {', '.join(s.name for s in m.sites)}"
+        )
     print(f"  storage: {settings.storage_root(cfg)}")
     return 0
 
@@ -96,7 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     _set_env(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving the UI on {args.host}: anyone who can reach it can launch runs", file=sys.stderr)
+        print(
+            f"warning: serving the UI on {args.host}: anyone who can reach it can launch runs",
+            file=sys.stderr,
+        )
     cmd = [
         sys.executable,
         "-m",
@@ -121,7 +137,9 @@ GRACE_S = 20.0
 TERM_GRACE_S = 5.0
 
 
-def run_process_tree(cmd: list[str], grace_s: float = GRACE_S, term_grace_s: float = TERM_GRACE_S) -> int:
+def run_process_tree(
+    cmd: list[str], grace_s: float = GRACE_S, term_grace_s: float = TERM_GRACE_S
+) -> int:
     """Run ``cmd`` in its own process group and take the whole group down with this process.
 
     ``dagster dev`` starts a webserver, a daemon and code servers; a plain ``subprocess.call``
@@ -156,7 +174,11 @@ def run_process_tree(cmd: list[str], grace_s: float = GRACE_S, term_grace_s: flo
         first = received[0]
         n_seen = len(received)
         name = signal.Signals(first).name
-        print(f"refusal-assets: {name} received, stopping the UI's processes", file=sys.stderr, flush=True)
+        print(
+            f"refusal-assets: {name} received, stopping the UI's processes",
+            file=sys.stderr,
+            flush=True,
+        )
         _signal_pid(proc.pid, signal.SIGINT)
         deadline = time.monotonic() + grace_s
         while proc.poll() is None and time.monotonic() < deadline and len(received) == n_seen:
@@ -222,7 +244,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             return 0
     else:
         if not args.select:
-            raise SystemExit("backfill: --select is required (or --missing, which defaults to everything)")
+            raise SystemExit(
+                "backfill: --select is required (or --missing, which defaults to everything)"
+            )
         partitions = [p for p in args.partitions.split(",") if p] if args.partitions else None
         backfill_id = launch_backfill(args.url, args.select, partitions)
     print(f"launched backfill {backfill_id}: {args.url}/overview/backfills/{backfill_id}")
@@ -243,7 +267,9 @@ def _launch_missing_backfill(url: str, select: str) -> str | None:
     defs = build_defs(cfg, settings.storage_root(cfg))
     instance = dg.DagsterInstance.get()
     try:
-        record_config_versions(instance, cfg)  # a config edit is seen before the daemon's sensor ticks
+        record_config_versions(
+            instance, cfg
+        )  # a config edit is seen before the daemon's sensor ticks
         plan = plan_build(defs, instance, select)
     finally:
         instance.dispose()
@@ -255,13 +281,17 @@ def _launch_missing_backfill(url: str, select: str) -> str | None:
         step.assets_def.key.to_user_string(): (
             None
             if step.partitions is None
-            else contiguous_ranges(step.assets_def.partitions_def.get_partition_keys(), step.partitions)
+            else contiguous_ranges(
+                step.assets_def.partitions_def.get_partition_keys(), step.partitions
+            )
         )
         for step in plan.assets
     }
     # Dagster refuses %, * and " in a backfill's title
     scope = "everything" if select == "*" else "".join(c for c in select if c not in '%*"')
-    return launch_partitions_backfill(url, ranges, title=f"refusal-assets backfill --missing {scope}")
+    return launch_partitions_backfill(
+        url, ranges, title=f"refusal-assets backfill --missing {scope}"
+    )
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -278,7 +308,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plan = prune.plan_prune(build_defs(cfg, root), root, instance)
     finally:
         instance.dispose()
-    print(f"config {settings.config_path()} -> storage {root}; instance {os.environ['DAGSTER_HOME']}")
+    print(
+        f"config {settings.config_path()} -> storage {root}; instance {os.environ['DAGSTER_HOME']}"
+    )
     print("\n".join(prune.describe(plan, dry_run=args.dry_run)))
     if not args.dry_run:
         prune.delete(plan)
@@ -288,7 +320,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "sae" and args.learning_curve and not args.activations:
-        raise SystemExit("bench sae --learning-curve needs --activations storage/activations/<site_key>")
+        raise SystemExit(
+            "bench sae --learning-curve needs --activations storage/activations/<site_key>"
+        )
     if args.extra_activations and not (args.what == "sae" and args.learning_curve):
         raise SystemExit("bench: --extra-activations goes with `bench sae --learning-curve`")
     if args.learning_curve and args.what != "sae":
@@ -324,11 +358,21 @@ def _bench_result(args: argparse.Namespace) -> dict:
     recipe = settings.load_project().sae  # ours trains as the config's `sae` asset does
     site = site_rows(Path(args.activations), recipe.max_norm_factor) if args.activations else None
     if args.learning_curve:
-        more = site_rows(Path(args.extra_activations), recipe.max_norm_factor) if args.extra_activations else None
+        more = (
+            site_rows(Path(args.extra_activations), recipe.max_norm_factor)
+            if args.extra_activations
+            else None
+        )
         extra = (more.rows, more.prompt_ids) if more is not None else None
-        return learning_curve(site.rows, site.prompt_ids, extra=extra, steps=args.steps, recipe=recipe, log=log)
+        return learning_curve(
+            site.rows, site.prompt_ids, extra=extra, steps=args.steps, recipe=recipe, log=log
+        )
     return run_sae_bench(
-        site.rows if site else None, site.groups if site else None, steps=args.steps, recipe=recipe, log=log
+        site.rows if site else None,
+        site.groups if site else None,
+        steps=args.steps,
+        recipe=recipe,
+        log=log,
     )
 
 
@@ -367,12 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="project config YAML (default: configs/default.yaml or $REFUSAL_ASSETS_CONFIG)")
+        p.add_argument(
+            "--config",
+            help="project config YAML (default: configs/default.yaml or $REFUSAL_ASSETS_CONFIG)",
+        )
         p.add_argument("--data-dir", help="read prompts from this local folder in OR-Bench layout")
         p.add_argument("--storage", help="folder for asset files (default: storage/<config name>)")
 
     p = sub.add_parser(
-        "run", help="materialize the partitions of the selection that are missing, stale or failed last time"
+        "run",
+        help="materialize the partitions of the selection that are missing, stale or failed last time",
     )
     common(p)
     p.add_argument(
@@ -381,10 +429,21 @@ def main(argv: list[str] | None = None) -> int:
         help="Dagster asset selection, e.g. 'orbench_prompts' or 'key:sae+' (default: everything)",
     )
     p.add_argument(
-        "-v", "--verbose", action="store_true", help="say why each partition is rebuilt; show Dagster's event log"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="say why each partition is rebuilt; show Dagster's event log",
     )
-    p.add_argument("--force", action="store_true", help="rebuild every partition of the selection, stale or not")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (what would be built, and why) and exit")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild every partition of the selection, stale or not",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (what would be built, and why) and exit",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ui", help="Dagster webserver + daemon for this project")
@@ -393,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=cmd_ui)
 
-    p = sub.add_parser("backfill", help="launch an asset backfill on the running instance (see `ui`)")
+    p = sub.add_parser(
+        "backfill", help="launch an asset backfill on the running instance (see `ui`)"
+    )
     common(p)
     p.add_argument(
         "--select",
@@ -401,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         "default everything)",
     )
     p.add_argument(
-        "--missing", action="store_true", help="only the partitions that are missing, stale or failed (as `run` plans)"
+        "--missing",
+        action="store_true",
+        help="only the partitions that are missing, stale or failed (as `run` plans)",
     )
     p.add_argument(
         "--partitions",
@@ -412,10 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser(
-        "prune", help="delete the files of partitions removed from the config (a category, a model); list them"
+        "prune",
+        help="delete the files of partitions removed from the config (a category, a model); list them",
     )
     common(p)
-    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be deleted; delete nothing"
+    )
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("validate", help="validate the config and list models, sites and categories")
@@ -427,14 +493,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["activations", "behaviour", "sae", "features"])
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument(
-        "--n-prompts", type=int, default=None, help="prompts (activations: 32, RSS also at 4N; behaviour: 64)"
+        "--n-prompts",
+        type=int,
+        default=None,
+        help="prompts (activations: 32, RSS also at 4N; behaviour: 64)",
     )
     p.add_argument(
         "--activations",
         default=None,
         help="sae: a site's activations folder (storage/activations/<site_key>) to train on instead of synthetic rows",
     )
-    p.add_argument("--steps", type=int, default=300, help="sae: training steps for ours and sparsify")
+    p.add_argument(
+        "--steps", type=int, default=300, help="sae: training steps for ours and sparsify"
+    )
     p.add_argument(
         "--learning-curve",
         action="store_true",
@@ -448,15 +519,22 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "calibrate", help="run the comparison on planted monolithic / modular answers; verdicts and CI coverage"
+        "calibrate",
+        help="run the comparison on planted monolithic / modular answers; verdicts and CI coverage",
     )
     common(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")
-    p.add_argument("--replicates", type=int, default=200, help="synthetic replicates per planted answer")
-    p.add_argument("--synthetic-only", action="store_true", help="skip the planted tiny-model level")
+    p.add_argument(
+        "--replicates", type=int, default=200, help="synthetic replicates per planted answer"
+    )
+    p.add_argument(
+        "--synthetic-only", action="store_true", help="skip the planted tiny-model level"
+    )
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("plot-sae", help="regenerate SAE training plots from saved history.json files")
+    p = sub.add_parser(
+        "plot-sae", help="regenerate SAE training plots from saved history.json files"
+    )
     p.add_argument("--sae-dir", default="storage", help="folder searched for history.json")
     p.set_defaults(func=cmd_plot_sae)
 

@@ -16,7 +16,10 @@ import threading
 import time
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from refusal_assets import progress
 from refusal_assets.app import settings
@@ -56,7 +59,9 @@ class _RunBar:
         self._step = ""
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._tick, name="refusal-assets-run-bar", daemon=True)
+        self._thread = threading.Thread(
+            target=self._tick, name="refusal-assets-run-bar", daemon=True
+        )
         self._thread.start()
 
     def _tick(self) -> None:
@@ -117,7 +122,9 @@ def _print_plan(build_plan: BuildPlan, verbose: bool) -> None:
                 print(f"  build {d.label}: {d.reason}", flush=True)
 
 
-def run_selection(select: str = "*", verbose: bool = False, force: bool = False, dry_run: bool = False) -> int:
+def run_selection(
+    select: str = "*", verbose: bool = False, force: bool = False, dry_run: bool = False
+) -> int:
     """Materialize what the plan (:func:`plan.plan_build`) says is missing, stale or failed, in
     graph order; ``force`` rebuilds the whole selection; ``dry_run`` prints the plan only."""
     t_start = time.perf_counter()
@@ -125,7 +132,9 @@ def run_selection(select: str = "*", verbose: bool = False, force: bool = False,
     root = settings.storage_root(cfg)
     defs = build_defs(cfg, root)
     instance = dg.DagsterInstance.get()
-    orphaned = fail_orphaned_runs(instance)  # runs a killed `run` left started: their partitions failed
+    orphaned = fail_orphaned_runs(
+        instance
+    )  # runs a killed `run` left started: their partitions failed
     # the models' settings as the data versions of model_config / site_config, before planning, so
     # that a config edit is seen by the stale status
     record_config_versions(instance, cfg)
@@ -138,7 +147,9 @@ def run_selection(select: str = "*", verbose: bool = False, force: bool = False,
         flush=True,
     )
     if orphaned:
-        print(f"marked {len(orphaned)} run(s) of a killed `refusal-assets run` as failed: {', '.join(orphaned)}")
+        print(
+            f"marked {len(orphaned)} run(s) of a killed `refusal-assets run` as failed: {', '.join(orphaned)}"
+        )
     _print_plan(build_plan, verbose)
     print(f"planned in {plan_seconds:.1f} s", flush=True)
     if dry_run:
@@ -153,7 +164,9 @@ def run_selection(select: str = "*", verbose: bool = False, force: bool = False,
     run_bar: _RunBar | None = None
     bar_env_before = os.environ.get(progress.BAR_ENV)
     if _console_bar_wanted() and n_runs:
-        os.environ[progress.BAR_ENV] = "1"  # the steps' loops run in this process: they draw theirs too
+        os.environ[progress.BAR_ENV] = (
+            "1"  # the steps' loops run in this process: they draw theirs too
+        )
         run_bar = _RunBar(n_runs)
 
     def say(line: str) -> None:
@@ -210,7 +223,8 @@ def run_selection(select: str = "*", verbose: bool = False, force: bool = False,
     report = Layout(root).report_html()
     print(
         f"report: {report}"
-        if report.is_file() and any(d.key.to_user_string() == "report" for d in build_plan.decisions)
+        if report.is_file()
+        and any(d.key.to_user_string() == "report" for d in build_plan.decisions)
         else f"outputs: {root}"
     )
     return 0

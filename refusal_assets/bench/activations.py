@@ -57,7 +57,11 @@ def bench_sites(mc: ModelConfig) -> list[Site]:
 
 
 def _keep_mask(batch, all_positions: bool) -> torch.Tensor:
-    return batch.post_instruction | batch.attention_mask.bool() if all_positions else batch.post_instruction
+    return (
+        batch.post_instruction | batch.attention_mask.bool()
+        if all_positions
+        else batch.post_instruction
+    )
 
 
 # ---------------------------------------------------------------------------------- the three ways
@@ -88,7 +92,9 @@ def naive_pass(
         b_idx, t_idx = keep.nonzero(as_tuple=True)
         pad = (batch.attention_mask == 0).sum(-1)
         out["rows"].append(
-            np.stack([(b_idx + i * batch_size).cpu().numpy(), (t_idx - pad[b_idx]).cpu().numpy()], axis=1)
+            np.stack(
+                [(b_idx + i * batch_size).cpu().numpy(), (t_idx - pad[b_idx]).cpu().numpy()], axis=1
+            )
         )
     return out
 
@@ -124,7 +130,13 @@ def collector_pass(
 
 @torch.no_grad()
 def bare_pass(
-    model, tokenizer, prompts: list[str], depth: int, batch_size: int, system_prompt: str | None, device: str
+    model,
+    tokenizer,
+    prompts: list[str],
+    depth: int,
+    batch_size: int,
+    system_prompt: str | None,
+    device: str,
 ) -> None:
     """(c) The decoder cut after block ``depth`` (inclusive): no hooks, nothing kept, nothing written."""
     from refusal_assets.lm.chat import batches, encode_chat
@@ -216,7 +228,9 @@ def rss_child_main(args_json: str) -> None:
                 "n_prompts": args["n_prompts"],
                 "peak_rss_mb": round(_rss_mb(), 1),
                 "rss_after_load_mb": round(after_load, 1),
-                "collect_peak_rss_mb": round(_vm_hwm_mb(), 1) if reset and _vm_hwm_mb() is not None else None,
+                "collect_peak_rss_mb": round(_vm_hwm_mb(), 1)
+                if reset and _vm_hwm_mb() is not None
+                else None,
                 "rows_per_site": next(iter(rows.values())),
                 "seconds": round(seconds, 2),
             }
@@ -225,7 +239,9 @@ def rss_child_main(args_json: str) -> None:
     )
 
 
-def measure_rss(config_path: str | None, n_prompts: int, sites: list[Site], device: str, threads: int) -> dict:
+def measure_rss(
+    config_path: str | None, n_prompts: int, sites: list[Site], device: str, threads: int
+) -> dict:
     args = json.dumps(
         {
             "config_path": config_path,
@@ -237,11 +253,15 @@ def measure_rss(config_path: str | None, n_prompts: int, sites: list[Site], devi
     )
     # the module named by its import name (``__spec__``), so a rename cannot leave the child behind
     code = f"import sys; from {__spec__.name} import rss_child_main; rss_child_main(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(
+        [sys.executable, "-c", code, args], capture_output=True, text=True, env=os.environ.copy()
+    )
     for line in proc.stdout.splitlines():
         if line.startswith(_RSS_MARK):
             return json.loads(line[len(_RSS_MARK) :])
-    raise RuntimeError(f"RSS child for {n_prompts} prompts failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raise RuntimeError(
+        f"RSS child for {n_prompts} prompts failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    )
 
 
 def _time_ways(
@@ -264,11 +284,16 @@ def _time_ways(
             sync_device(device)
             times[name].append(time.perf_counter() - t1)
             cpu[name].append(time.process_time() - c1)
-        log(f"bench: repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+        log(
+            f"bench: repeat {r + 1}/{repeats}: "
+            + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items())
+        )
     return times, cpu
 
 
-def _max_diff_vs_naive(folder: Path, sites: list[Site], prompt_ids: list[str], naive: dict) -> dict[str, float]:
+def _max_diff_vs_naive(
+    folder: Path, sites: list[Site], prompt_ids: list[str], naive: dict
+) -> dict[str, float]:
     """The largest absolute difference per site between the collector's vectors in ``folder`` and
     the naive ones (both float16), matched row by row on (prompt, token index) whatever order the
     collector wrote them in; an AssertionError when the rows differ."""
@@ -281,7 +306,9 @@ def _max_diff_vs_naive(folder: Path, sites: list[Site], prompt_ids: list[str], n
         vec, meta = read_vectors(folder / f"{s.name}.parquet")
         ref = np.concatenate(naive[s])
         if tuple(vec.shape) != ref.shape:
-            raise AssertionError(f"bench: {s.name}: collector wrote {tuple(vec.shape)}, naive has {ref.shape}")
+            raise AssertionError(
+                f"bench: {s.name}: collector wrote {tuple(vec.shape)}, naive has {ref.shape}"
+            )
         keys = list(zip(meta["prompt_id"].to_list(), meta["token_index"].to_list()))
         order = sorted(range(len(keys)), key=keys.__getitem__)
         if [keys[i] for i in order] != [naive_keys[i] for i in naive_order]:
@@ -291,7 +318,9 @@ def _max_diff_vs_naive(folder: Path, sites: list[Site], prompt_ids: list[str], n
     return max_diff
 
 
-def _timing_summary(times: dict[str, list[float]], cpu: dict[str, list[float]], n_tokens: int) -> dict:
+def _timing_summary(
+    times: dict[str, list[float]], cpu: dict[str, list[float]], n_tokens: int
+) -> dict:
     """The timing entries of the result: medians, throughput, the ratios and their cross-checks."""
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: n_tokens / v for k, v in med.items()}
@@ -312,7 +341,9 @@ def _timing_summary(times: dict[str, list[float]], cpu: dict[str, list[float]], 
     }
 
 
-def _rss_summary(config_path: str | None, n_prompts: int, sites: list[Site], device: str, threads: int) -> dict:
+def _rss_summary(
+    config_path: str | None, n_prompts: int, sites: list[Site], device: str, threads: int
+) -> dict:
     """Peak RSS of the collector alone for ``n_prompts`` and 4x as many, each in a fresh process."""
     small = measure_rss(config_path, n_prompts, sites, device, threads)
     large = measure_rss(config_path, 4 * n_prompts, sites, device, threads)
@@ -346,7 +377,9 @@ def run_activation_bench(
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     model, tokenizer = load_model(mc, cfg.resolve, device, log)
-    log(f"bench: loaded {mc.model_key} in {time.perf_counter() - t0:.1f} s on {device} ({threads} torch threads)")
+    log(
+        f"bench: loaded {mc.model_key} in {time.perf_counter() - t0:.1f} s on {device} ({threads} torch threads)"
+    )
     sites = bench_sites(mc)
     depth = max(s.layer for s in sites)
     sample = bench_sample(cfg, n_prompts)
@@ -374,7 +407,9 @@ def run_activation_bench(
         }
         times, cpu = _time_ways(ways, prompts, repeats, device, log)
         # correctness: the collector's vectors (last run) equal the naive ones (last run)
-        max_diff = _max_diff_vs_naive(folder, sites, sample["prompt_id"].to_list(), last_naive["out"])
+        max_diff = _max_diff_vs_naive(
+            folder, sites, sample["prompt_id"].to_list(), last_naive["out"]
+        )
         del last_naive["out"]
         bytes_written = sum(p.stat().st_size for p in folder.glob("*.parquet"))
 
@@ -401,13 +436,17 @@ def run_activation_bench(
     model = None
     del naive
     if measure_memory:
-        log(f"bench: peak RSS of the collector alone, {n_prompts} and {4 * n_prompts} prompts (fresh processes)")
+        log(
+            f"bench: peak RSS of the collector alone, {n_prompts} and {4 * n_prompts} prompts (fresh processes)"
+        )
         result.update(_rss_summary(config_path, n_prompts, sites, device, threads))
     result["targets"] = TARGETS
     result["meets_targets"] = {
         "ratio": result["ratio"] >= TARGETS["ratio_min"],
         "overhead_vs_bare": result["overhead_vs_bare"] <= TARGETS["overhead_vs_bare_max"],
-        **({"rss_ratio": result["rss_ratio"] <= TARGETS["rss_ratio_max"]} if measure_memory else {}),
+        **(
+            {"rss_ratio": result["rss_ratio"] <= TARGETS["rss_ratio_max"]} if measure_memory else {}
+        ),
     }
     log(
         "bench: "

@@ -66,12 +66,17 @@ def run_behaviour_bench(
     prompts = [r["prompt"] for r in by_length(bench_sample(cfg, n_prompts).to_dicts())]
     # the batches run_behaviour makes: prefill chunks of batch_size, decoded together in groups
     groups = [
-        [encode_chat(tokenizer, chunk, mc.chat_template.system_prompt).to(device) for chunk in group]
+        [
+            encode_chat(tokenizer, chunk, mc.chat_template.system_prompt).to(device)
+            for chunk in group
+        ]
         for group in decode_groups(prompts, mc)
     ]
     encoded = [b for group in groups for b in group]
     d, vocab = model.config.hidden_size, model.config.vocab_size
-    n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    n_params = (
+        sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    )
     per_token = 2 * (n_params - vocab * d)  # decoder blocks (the LM head is counted where it runs)
     head = 2 * d * vocab
 
@@ -81,7 +86,9 @@ def run_behaviour_bench(
         # ours, as run_behaviour calls it: prefill per batch, decode up to decode_batch_size rows together
         return [generate(model, tokenizer, group, new, stop_phrases=stop) for group in groups]
 
-    log(f"bench behaviour: {len(prompts)} prompts in {len(encoded)} batches of {mc.batch_size}, {device}")
+    log(
+        f"bench behaviour: {len(prompts)} prompts in {len(encoded)} batches of {mc.batch_size}, {device}"
+    )
     run("ours"), run("plain")  # warm-up (also checks both run)
     times: dict[str, list[float]] = {"ours": [], "plain": []}
     results = {}
@@ -97,12 +104,18 @@ def run_behaviour_bench(
     responses_ours = [t for g in ours for t in g.responses]
     responses_plain = [t for g in plain for t in g.responses]
     reasons_ours = [r for g in ours for r in g.stop_reasons]
-    identical = responses_ours == responses_plain and reasons_ours == [r for g in plain for r in g.stop_reasons]
+    identical = responses_ours == responses_plain and reasons_ours == [
+        r for g in plain for r in g.stop_reasons
+    ]
     if not identical:
         diff = sum(a != b for a, b in zip(responses_ours, responses_plain))
-        raise AssertionError(f"bench behaviour: {diff} of {len(responses_ours)} responses differ from model.generate")
+        raise AssertionError(
+            f"bench behaviour: {diff} of {len(responses_ours)} responses differ from model.generate"
+        )
     prompt_tokens = sum(int(b.attention_mask.sum()) for b in encoded)
-    new_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in responses_ours)
+    new_tokens = sum(
+        len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in responses_ours
+    )
     tokens = prompt_tokens + new_tokens
     med = {w: statistics.median(v) for w, v in times.items()}
     # Executed FLOPs: plain runs every padded position of the batch, then every row at every step;
@@ -112,7 +125,8 @@ def run_behaviour_bench(
         "plain": sum(b.input_ids.numel() * per_token + len(b.input_ids) * head for b in encoded)
         + sum(g.decode_rows * (per_token + head) for g in plain),
         "ours": sum(
-            (L + len(b.input_ids) * (b.input_ids.shape[1] - L)) * per_token + len(b.input_ids) * head
+            (L + len(b.input_ids) * (b.input_ids.shape[1] - L)) * per_token
+            + len(b.input_ids) * head
             for b, L in ((b, shared_prefix_length(b)) for b in encoded)
         )
         + sum(g.decode_rows * (per_token + head) for g in ours),

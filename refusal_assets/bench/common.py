@@ -38,7 +38,9 @@ def bench_sample(cfg: ProjectConfig, n_prompts: int) -> pl.DataFrame:
     idx = [int(order[i % df.height]) for i in range(n_prompts)]
     prompts = df["prompt"].to_list()
     idx.sort(key=lambda i: (len(prompts[i]), prompts[i]))
-    return df[idx].select("prompt_id", "prompt", "split").with_columns(pl.lit(False).alias("heldout"))
+    return (
+        df[idx].select("prompt_id", "prompt", "split").with_columns(pl.lit(False).alias("heldout"))
+    )
 
 
 def bench_device() -> str:

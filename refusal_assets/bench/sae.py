@@ -64,10 +64,16 @@ def synthetic_rows(
     gen = torch.Generator().manual_seed(seed)
     dictionary = F.normalize(torch.randn(n_feat, d_in, generator=gen), dim=-1)
     freq = torch.distributions.Exponential(1.0).sample((n_feat,)) ** 2  # uneven feature frequencies
-    idx = torch.multinomial(freq / freq.sum(), n * TRUE_K, replacement=True, generator=gen).view(n, TRUE_K)
+    idx = torch.multinomial(freq / freq.sum(), n * TRUE_K, replacement=True, generator=gen).view(
+        n, TRUE_K
+    )
     mags = torch.rand(n, TRUE_K, generator=gen).pow(2) * 4 + 0.1
-    x = F.embedding_bag(idx, dictionary, per_sample_weights=mags.view(-1).view(n, TRUE_K), mode="sum")
-    x += 2.0 * F.normalize(torch.randn(d_in, generator=gen), dim=0) + 0.05 * torch.randn(n, d_in, generator=gen)
+    x = F.embedding_bag(
+        idx, dictionary, per_sample_weights=mags.view(-1).view(n, TRUE_K), mode="sum"
+    )
+    x += 2.0 * F.normalize(torch.randn(d_in, generator=gen), dim=0) + 0.05 * torch.randn(
+        n, d_in, generator=gen
+    )
     return x.half(), np.arange(n) // rows_per_prompt
 
 
@@ -114,7 +120,9 @@ class SparsifyStep:
         from sparsify import SparseCoder, SparseCoderConfig
 
         torch.manual_seed(seed)
-        self.sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
+        self.sae = SparseCoder(
+            d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32
+        )
         self.auxk_alpha, self.dead_after = aux_coef, dead_after
         self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.did_fire = torch.zeros(d_sae, dtype=torch.bool, device=device)
@@ -125,15 +133,20 @@ class SparsifyStep:
             from sparsify.sign_sgd import SignSGD
 
             self.opt = ScheduleFreeWrapper(
-                SignSGD([{"params": self.sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]), momentum=0.95
+                SignSGD([{"params": self.sae.parameters(), "lr": 5e-3 / (d_sae / 2**14) ** 0.5}]),
+                momentum=0.95,
             )
             self.opt.train()
         elif optimizer == "adam":
             from transformers import get_linear_schedule_with_warmup
 
-            self.opt = torch.optim.Adam([{"params": self.sae.parameters(), "lr": 2e-4 / (d_sae / 2**14) ** 0.5}])
+            self.opt = torch.optim.Adam(
+                [{"params": self.sae.parameters(), "lr": 2e-4 / (d_sae / 2**14) ** 0.5}]
+            )
             # its default 1000 warm-up steps would outlast a short run: warm up over a tenth of it
-            self.schedulers = [get_linear_schedule_with_warmup(self.opt, min(1000, steps // 10), steps)]
+            self.schedulers = [
+                get_linear_schedule_with_warmup(self.opt, min(1000, steps // 10), steps)
+            ]
         else:
             raise ValueError(f"unknown sparsify optimizer {optimizer!r} (signum or adam)")
         self.optimizer = optimizer
@@ -232,7 +245,8 @@ def _time_trainers(
             log(
                 f"step {i + 1}/{steps}: "
                 + ", ".join(
-                    f"{n} {statistics.median(times[n][-50:]) * 1e3:.1f} ms fvu {last_fvu[n]:.3f}" for n in names
+                    f"{n} {statistics.median(times[n][-50:]) * 1e3:.1f} ms fvu {last_fvu[n]:.3f}"
+                    for n in names
                 )
             )
     return times, last_fvu
@@ -273,7 +287,9 @@ def run_sae_bench(
         raise ValueError(f"{len(x_train)} training rows are fewer than one batch of {batch_size}")
     cfg = _ours_cfg(recipe, k=k, batch_size=batch_size, seed=seed, max_steps=steps)
     gen = torch.Generator().manual_seed(seed)
-    order = [torch.randperm(len(x_train), generator=gen)[:batch_size] for _ in range(steps)]  # same batches for both
+    order = [
+        torch.randperm(len(x_train), generator=gen)[:batch_size] for _ in range(steps)
+    ]  # same batches for both
 
     def batches(i: int) -> torch.Tensor:
         return x_train[order[i]].to(device, torch.float32)
@@ -289,7 +305,9 @@ def run_sae_bench(
     sparsify_step = None
     if peers:
         try:
-            aux = cfg.aux_coef if sparsify_aux_coef is None else sparsify_aux_coef  # None: the same AuxK weight as ours
+            aux = (
+                cfg.aux_coef if sparsify_aux_coef is None else sparsify_aux_coef
+            )  # None: the same AuxK weight as ours
             sparsify_step = SparsifyStep(
                 d_in, d_sae, k, aux, cfg.dead_after_tokens, steps, sparsify_optimizer, seed, device
             )
@@ -310,7 +328,9 @@ def run_sae_bench(
     out: dict[str, Any] = {name: asdict(r) for name, r in results.items()}
     if "sparsify" in results:
         out["ratio_tokens_per_s"] = results["ours"].tokens_per_s / results["sparsify"].tokens_per_s
-        out["fvu_ours_minus_sparsify"] = results["ours"].heldout_fvu - results["sparsify"].heldout_fvu
+        out["fvu_ours_minus_sparsify"] = (
+            results["ours"].heldout_fvu - results["sparsify"].heldout_fvu
+        )
         out["sparsify_optimizer"] = sparsify_optimizer
         out["sparsify_aux_coef"] = sparsify_step.auxk_alpha
     out.update(
@@ -359,31 +379,43 @@ def learning_curve(
     nor equal to a vector already there (the chat template's positions)."""
     prompt_ids = np.asarray(prompt_ids).astype(str)
     if len(prompt_ids) != len(rows):
-        raise ValueError(f"need one prompt id per row: {len(rows)} rows, {len(prompt_ids)} prompt ids")
+        raise ValueError(
+            f"need one prompt id per row: {len(rows)} rows, {len(prompt_ids)} prompt ids"
+        )
     _, groups = np.unique(prompt_ids, return_inverse=True)
     keys = row_keys(as_rows(rows))
     train_np, held_np = bench_split(rows, groups, seed, keys)
     split_cfg = _split_cfg(seed)
-    prompt_split = split_prompts(groups, split_cfg.val_fraction, split_cfg.eval_fraction, seed)  # duplicates kept
+    prompt_split = split_prompts(
+        groups, split_cfg.val_fraction, split_cfg.eval_fraction, seed
+    )  # duplicates kept
     all_train = prompt_split.train
     held_out_ids = np.unique(prompt_ids[np.concatenate([prompt_split.val, prompt_split.eval])])
     order = np.random.default_rng(seed).permutation(np.unique(groups[all_train]))
-    cfg = _ours_cfg(recipe, k=k, batch_size=batch_size, seed=seed, max_steps=steps, eval_every=steps)
+    cfg = _ours_cfg(
+        recipe, k=k, batch_size=batch_size, seed=seed, max_steps=steps, eval_every=steps
+    )
     subsets: list[tuple[str, float, np.ndarray]] = []
     for f in sorted(fractions):
         if not 0 < f <= 1:
             raise ValueError(f"learning-curve fractions must be in (0, 1], got {f}")
         chosen = order[: max(1, round(f * len(order)))]
         # de-duplicated within the subset: a template vector stays even if its first row is elsewhere
-        subsets.append(("sample", f, _first_of_each(keys, all_train[np.isin(groups[all_train], chosen)])))
+        subsets.append(
+            ("sample", f, _first_of_each(keys, all_train[np.isin(groups[all_train], chosen)]))
+        )
     data, data_ids = rows, prompt_ids
     n_extra_prompts = n_extra_heldout_rows = 0
     if extra is not None:
         x_extra, extra_ids = extra[0], np.asarray(extra[1]).astype(str)
         if x_extra.shape[1] != rows.shape[1]:
-            raise ValueError(f"extra rows have d_in {x_extra.shape[1]}, the site's rows {rows.shape[1]}")
+            raise ValueError(
+                f"extra rows have d_in {x_extra.shape[1]}, the site's rows {rows.shape[1]}"
+            )
         if len(extra_ids) != len(x_extra):
-            raise ValueError(f"need one prompt id per extra row: {len(x_extra)} rows, {len(extra_ids)} prompt ids")
+            raise ValueError(
+                f"need one prompt id per extra row: {len(x_extra)} rows, {len(extra_ids)} prompt ids"
+            )
         from_held_out = np.isin(extra_ids, held_out_ids)
         n_extra_heldout_rows = int(from_held_out.sum())
         extra_keys = row_keys(as_rows(x_extra))
@@ -392,7 +424,9 @@ def learning_curve(
         n_extra_prompts = len(np.unique(extra_ids[new]))
         data = torch.cat([rows, x_extra[torch.from_numpy(new)].to(rows.dtype)])
         data_ids = np.concatenate([prompt_ids, extra_ids[new]])
-        subsets.append(("sample + extra", 1.0, np.concatenate([train_np, len(rows) + np.arange(len(new))])))
+        subsets.append(
+            ("sample + extra", 1.0, np.concatenate([train_np, len(rows) + np.arange(len(new))]))
+        )
     _, data_groups = np.unique(data_ids, return_inverse=True)  # the same prompt, the same group
     points = []
     for data_name, f, train_rows in subsets:
@@ -431,7 +465,9 @@ def learning_curve(
 
 
 # ------------------------------------------------------------------------------------- memory
-def _write_synthetic_parquet(path: Path, n: int, d_in: int, seed: int, group_rows: int = 2048) -> None:
+def _write_synthetic_parquet(
+    path: Path, n: int, d_in: int, seed: int, group_rows: int = 2048
+) -> None:
     """An activations-like file of ``n`` rows written a row group at a time (bounded memory here too)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -445,7 +481,9 @@ def _write_synthetic_parquet(path: Path, n: int, d_in: int, seed: int, group_row
                 {
                     "prompt_id": pa.array([f"p{(start + i) // 20}" for i in range(m)], pa.string()),
                     "is_post_instruction": pa.array(np.ones(m, bool)),
-                    "vector": pa.FixedSizeListArray.from_arrays(pa.array(x.numpy().reshape(-1), pa.float16()), d_in),
+                    "vector": pa.FixedSizeListArray.from_arrays(
+                        pa.array(x.numpy().reshape(-1), pa.float16()), d_in
+                    ),
                 }
             )
             if writer is None:
@@ -456,7 +494,9 @@ def _write_synthetic_parquet(path: Path, n: int, d_in: int, seed: int, group_row
             writer.close()
 
 
-def _rss_child(path: str, d_sae: int, k: int, batch_size: int, steps: int, mode: str) -> dict[str, Any]:
+def _rss_child(
+    path: str, d_sae: int, k: int, batch_size: int, steps: int, mode: str
+) -> dict[str, Any]:
     """In a fresh process: train on the rows of ``path`` (streaming or all in memory), report peak RSS."""
     from refusal_assets.sae.rows import ParquetRows
     from refusal_assets.sae.training import train_sae
@@ -485,7 +525,9 @@ def _peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; elsewhere a fallback
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # kB on Linux; elsewhere a fallback
 
 
 def streaming_rss(
@@ -527,7 +569,9 @@ def streaming_rss(
                     check=False,
                 )
                 if proc.returncode != 0:
-                    raise RuntimeError(f"RSS child ({mode}, {rows} rows) failed: {proc.stderr[-2000:]}")
+                    raise RuntimeError(
+                        f"RSS child ({mode}, {rows} rows) failed: {proc.stderr[-2000:]}"
+                    )
                 peaks[rows] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
             out[mode] = {
                 "n_rows": n,

@@ -92,7 +92,9 @@ class StackedPass(NamedTuple):
         return scores.view(-1, self.stack.stop - self.stack.start).T.cpu().numpy()
 
 
-def stacked_passes(suffixes: list[SuffixBatch], n_stack: int, max_cache_bytes: int) -> Iterator[StackedPass]:
+def stacked_passes(
+    suffixes: list[SuffixBatch], n_stack: int, max_cache_bytes: int
+) -> Iterator[StackedPass]:
     """The passes that score ``n_stack`` interventions on every prompt batch: as many per pass as
     ``max_cache_bytes`` of repeated prefix cache allow (a decode-free pass reads every weight once,
     so filling it with rows is nearly free)."""
@@ -139,23 +141,32 @@ def ablated_scores(
     keep = np.asarray(keep, dtype=bool)
     stacked = keep.ndim == 3
     masks = keep if stacked else keep[None]
-    masks = torch.from_numpy(np.broadcast_to(masks, (len(masks), n_prompts, index.n_nodes)).copy())  # [M, n, N]
+    masks = torch.from_numpy(
+        np.broadcast_to(masks, (len(masks), n_prompts, index.n_nodes)).copy()
+    )  # [M, n, N]
     M = len(masks)
     first = sites[0]
     resume = resume and first.kind == "resid"
     out = np.zeros((M, n_prompts))
-    clean_first: dict[int, torch.Tensor] = {}  # the current prompt batch's first-site output, once for every mask
+    clean_first: dict[
+        int, torch.Tensor
+    ] = {}  # the current prompt batch's first-site output, once for every mask
     for p in stacked_passes(suffixes, M, max_cache_bytes):
         m, B = p.stack.stop - p.stack.start, p.prompts.stop - p.prompts.start
         rows = masks[p.stack, p.prompts].transpose(0, 1).reshape(B * m, -1)  # [B * m, N], b-major
-        hooks = {s: _ablation_hook(saes[s], baseline, s, index.site_slice(k), rows) for k, s in enumerate(sites)}
+        hooks = {
+            s: _ablation_hook(saes[s], baseline, s, index.site_slice(k), rows)
+            for k, s in enumerate(sites)
+        }
         resumed = contextlib.nullcontext()
         if resume:
             if p.prompts.start not in clean_first:
                 with capture(model, [first]) as captured, until_stopped():
                     p.source.run(model.base_model)
                 clean_first = {p.prompts.start: captured[first]}  # [B, P, d]
-            resumed = resumed_blocks(model, first.layer, clean_first[p.prompts.start].repeat_interleave(m, 0))
+            resumed = resumed_blocks(
+                model, first.layer, clean_first[p.prompts.start].repeat_interleave(m, 0)
+            )
         with resumed, site_hooks(model, hooks):
             out[p.stack, p.prompts] = p.unstack(batch_refusal_score(model, p.batch, refusal_ids))
     return out if stacked else out[0]

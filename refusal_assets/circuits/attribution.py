@@ -21,7 +21,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_assets.circuits.passes import Baseline, SuffixBatch, batch_refusal_score, prepare_suffixes
+from refusal_assets.circuits.passes import (
+    Baseline,
+    SuffixBatch,
+    batch_refusal_score,
+    prepare_suffixes,
+)
 from refusal_assets.circuits.selection import NodeIndex
 from refusal_assets.lm.hooks import site_hooks, until_stopped
 from refusal_assets.lm.prefill import cache_kwargs
@@ -102,14 +107,22 @@ def node_effects(
     out, scores = [], []
     if suffixes is None:
         suffixes = prepare_suffixes(
-            model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device
+            model,
+            tokenizer,
+            prompts,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            device=device,
         )
     with progress("node effects", total=len(prompts), unit="prompts", log=log) as prog:
         for suffix in suffixes:
             n_rows = len(suffix.suffix_ids)
             acts, grads, score = _site_grads(model, suffix, sites, refusal_ids)
             if method == "integrated_gradients":
-                grads = {s: _ig_grads(model, suffix, s, sites, saes[s], baseline, refusal_ids, ig_steps) for s in sites}
+                grads = {
+                    s: _ig_grads(model, suffix, s, sites, saes[s], baseline, refusal_ids, ig_steps)
+                    for s in sites
+                }
             effects = torch.zeros(n_rows, index.n_nodes)
             for k, s in enumerate(sites):
                 x, g = acts[s].float(), grads[s].float()  # [B, P, d]
@@ -168,7 +181,12 @@ def edge_effects(
     n = 0
     if suffixes is None:
         suffixes = prepare_suffixes(
-            model, tokenizer, prompts, batch_size=batch_size, system_prompt=system_prompt, device=device
+            model,
+            tokenizer,
+            prompts,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            device=device,
         )
     for suffix in suffixes:
         acts, grads, _ = _site_grads(model, suffix, sites, refusal_ids)
@@ -178,7 +196,9 @@ def edge_effects(
             up_nodes = np.flatnonzero(circuit[up_sl.start : up_sl.stop - 1])
             down_nodes = np.flatnonzero(circuit[down_sl.start : down_sl.stop - 1])
             if mean_effect is not None:  # the strongest downstream latents first
-                down_nodes = down_nodes[np.argsort(-mean_effect[down_sl.start + down_nodes], kind="stable")]
+                down_nodes = down_nodes[
+                    np.argsort(-mean_effect[down_sl.start + down_nodes], kind="stable")
+                ]
             down_nodes = down_nodes[:targets_per_site]
             if not len(up_nodes) or not len(down_nodes):
                 continue
@@ -196,7 +216,11 @@ def edge_effects(
 
             with (
                 torch.enable_grad(),
-                site_hooks(model, {up: hook_for(up), down: hook_for(down)}, stop_after=site_module(model, down)),
+                site_hooks(
+                    model,
+                    {up: hook_for(up), down: hook_for(down)},
+                    stop_after=site_module(model, down),
+                ),
             ):
                 with until_stopped():
                     cache = copy.deepcopy(suffix.cache)
@@ -211,14 +235,20 @@ def edge_effects(
                 f_down = saes[down].encode(x_down.float())  # [B, P, d_sae]
                 g_down = grads[down].float()
                 B, P, d = g_down.shape
-                g_f_down = _decoder_grad(saes[down], g_down.reshape(B * P, d), f_down.shape[-1]).view(B, P, -1)
+                g_f_down = _decoder_grad(
+                    saes[down], g_down.reshape(B * P, d), f_down.shape[-1]
+                ).view(B, P, -1)
                 with torch.no_grad():
-                    delta_up = saes[up].encode(acts[up].float()) - baseline.f_mean[up]  # [B, P, d_sae_up]
+                    delta_up = (
+                        saes[up].encode(acts[up].float()) - baseline.f_mean[up]
+                    )  # [B, P, d_sae_up]
                 for j in down_nodes:
                     (h_up,) = torch.autograd.grad(
                         (g_f_down[..., j].detach() * f_down[..., j]).sum(), x_up, retain_graph=True
                     )
-                    h_f = _decoder_grad(saes[up], h_up.float().reshape(B * P, d), delta_up.shape[-1]).view(B, P, -1)
+                    h_f = _decoder_grad(
+                        saes[up], h_up.float().reshape(B * P, d), delta_up.shape[-1]
+                    ).view(B, P, -1)
                     contrib = (h_f[..., up_nodes] * delta_up[..., up_nodes]).sum((0, 1))  # [n_up]
                     for u, c in zip(up_nodes.tolist(), contrib.tolist()):
                         key = (int(up_sl.start + u), int(down_sl.start + j))

@@ -121,7 +121,9 @@ def evaluate_sizes(
         raise ValueError(f"folds {folds.shape} must have one entry per prompt ({n_prompts})")
     if len(np.unique(folds)) < 2:
         raise ValueError("cross-fitting needs at least two folds (two prompts)")
-    fold_means = {f: effects[folds != f].mean(0) for f in np.unique(folds)}  # out-of-fold mean effect per fold
+    fold_means = {
+        f: effects[folds != f].mean(0) for f in np.unique(folds)
+    }  # out-of-fold mean effect per fold
     rng = np.random.default_rng(seed)
     site_members = [np.flatnonzero(site_of_node == s) for s in np.unique(site_of_node)]
     # Every mask of the sweep first, then one call: the model scores the whole stack in few passes.
@@ -136,7 +138,16 @@ def evaluate_sizes(
     den = m_full - m_empty
     rows = [
         _sweep_point(
-            n, circuit, *scores[2 + 3 * i : 5 + 3 * i], effects, select, m_full, m_empty, den, n_bootstrap, seed
+            n,
+            circuit,
+            *scores[2 + 3 * i : 5 + 3 * i],
+            effects,
+            select,
+            m_full,
+            m_empty,
+            den,
+            n_bootstrap,
+            seed,
         )
         for i, (n, circuit) in enumerate(zip(sizes, circuits))
     ]
@@ -150,18 +161,24 @@ def evaluate_sizes(
     )
 
 
-def _crossfit_circuit(n: int, select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, fold_means: dict):
+def _crossfit_circuit(
+    n: int, select: Callable[[np.ndarray, int], np.ndarray], folds: np.ndarray, fold_means: dict
+):
     """[n_prompts, n_nodes]: each prompt's circuit of size ``n``, selected on the other folds."""
     circuits = {f: select(mean, n) for f, mean in fold_means.items()}
     return np.stack([circuits[f] for f in folds])
 
 
-def random_like(circuit: np.ndarray, site_members: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+def random_like(
+    circuit: np.ndarray, site_members: list[np.ndarray], rng: np.random.Generator
+) -> np.ndarray:
     """The control: per prompt, a random circuit with ``circuit``'s number of nodes at every site."""
     random = np.zeros_like(circuit)
     for i in range(len(circuit)):
         for members in site_members:
-            random[i, rng.choice(members, size=int(circuit[i, members].sum()), replace=False)] = True
+            random[i, rng.choice(members, size=int(circuit[i, members].sum()), replace=False)] = (
+                True
+            )
     return random
 
 

@@ -23,7 +23,9 @@ from refusal_assets.config import CircuitConfig
 from refusal_assets.lm.sites import Site
 
 
-def select_prompts(rows: pl.DataFrame, prompt_filter: str, min_prompts: int) -> tuple[pl.DataFrame, str]:
+def select_prompts(
+    rows: pl.DataFrame, prompt_filter: str, min_prompts: int
+) -> tuple[pl.DataFrame, str]:
     """The prompts of one group that its circuit is found and evaluated on, and a label for that set.
 
     ``rows`` carries the behaviour columns ``refused`` and ``refusal_score``. A filter that leaves
@@ -43,7 +45,9 @@ def baseline_prompts(sample: pl.DataFrame, prompt_filter: str) -> tuple[list[str
     refusal filter only those the model complied with (so the baseline is the non-refusing state)."""
     safe = sample.filter(pl.col("split") == "safe")
     if prompt_filter != "all":
-        complied = safe.filter(~pl.col("refused") if prompt_filter == "refused" else pl.col("refusal_score") <= 0)
+        complied = safe.filter(
+            ~pl.col("refused") if prompt_filter == "refused" else pl.col("refusal_score") <= 0
+        )
         if complied.height:
             return complied["prompt"].to_list(), "safe, complied"
     if safe.height:
@@ -62,7 +66,10 @@ def refusal_direction(vectors: torch.Tensor, meta: pl.DataFrame) -> torch.Tensor
     meta = meta.with_row_index("row").filter(~pl.col("heldout"))
     last = meta.group_by("prompt_id").agg(pl.col("row").max(), pl.col("split").first())
     last = last.filter(pl.col("split").is_in(["toxic", "safe"]))
-    rows = {s: last.filter(pl.col("split") == s)["row"].to_numpy().astype(np.int64) for s in ("toxic", "safe")}
+    rows = {
+        s: last.filter(pl.col("split") == s)["row"].to_numpy().astype(np.int64)
+        for s in ("toxic", "safe")
+    }
     if any(len(r) == 0 for r in rows.values()):
         return None
     v = vectors.float()
@@ -198,7 +205,11 @@ class CircuitRun:
 
     def batching(self) -> dict:
         """The keyword arguments every pass over prompts takes."""
-        return {"batch_size": self.batch_size, "system_prompt": self.system_prompt, "device": self.device}
+        return {
+            "batch_size": self.batch_size,
+            "system_prompt": self.system_prompt,
+            "device": self.device,
+        }
 
 
 class _CategorySetting(NamedTuple):
@@ -217,7 +228,11 @@ class _CategorySetting(NamedTuple):
         """The circuit of ``k`` nodes per site for ``mean_effect`` [n_nodes], as the config selects."""
         cc = self.cc
         return select_circuit(
-            mean_effect, self.index.site_of_node, mode=cc.selection, k_per_site=k, threshold=cc.threshold
+            mean_effect,
+            self.index.site_of_node,
+            mode=cc.selection,
+            k_per_site=k,
+            threshold=cc.threshold,
         )
 
 
@@ -230,12 +245,16 @@ def _group_circuit(
     kw = run.batching()
     rows, prompt_set = select_prompts(group_rows, cc.prompt_filter, cc.min_prompts)
     if rows.height < 2:
-        run.warn(f"{category}/{group}: {rows.height} prompt(s); a cross-fitted circuit needs two, skipped")
+        run.warn(
+            f"{category}/{group}: {rows.height} prompt(s); a cross-fitted circuit needs two, skipped"
+        )
         return None
     if prompt_set != cc.prompt_filter:
         run.warn(f"{category}/{group}: prompt set {prompt_set}")
     prompts = rows["prompt"].to_list()
-    suffixes = prepare_suffixes(model, tokenizer, prompts, **kw)  # one prefill serves every pass below
+    suffixes = prepare_suffixes(
+        model, tokenizer, prompts, **kw
+    )  # one prefill serves every pass below
     effects, scores = node_effects(
         model,
         tokenizer,
@@ -284,7 +303,10 @@ def _group_circuit(
             **kw,
         )
     nodes = sorted(
-        ({**index.describe(int(i)), "effect": float(mean_effect[i])} for i in np.flatnonzero(chosen)),
+        (
+            {**index.describe(int(i)), "effect": float(mean_effect[i])}
+            for i in np.flatnonzero(chosen)
+        ),
         key=lambda n: -n["effect"],
     )
     at_k = sweep.at(cc.k_per_site)
@@ -335,11 +357,15 @@ def find_circuit(
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
     setting = _CategorySetting(model, tokenizer, saes, refusal_ids, baseline, index, cc, run)
     groups = (
-        {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]} if cc.separate_safe_toxic else {"all": GROUPS["all"]}
+        {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]}
+        if cc.separate_safe_toxic
+        else {"all": GROUPS["all"]}
     )
     found: dict[str, GroupCircuit] = {}
     for group, splits in groups.items():
-        circuit = _group_circuit(setting, category, group, sample.filter(pl.col("split").is_in(splits)))
+        circuit = _group_circuit(
+            setting, category, group, sample.filter(pl.col("split").is_in(splits))
+        )
         if circuit is not None:
             found[group] = circuit
     if not found:
@@ -365,19 +391,29 @@ def _direction_baselines(
     """Each site's refusal direction, scored by ablating it on the held-out toxic prompts."""
     model, tokenizer, saes, refusal_ids, baseline, index, _, run = setting
     kw = run.batching()
-    toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))["prompt"].to_list()
-    score_clean = None  # the held-out toxic prompts' score without any ablation: one pass serves every site
+    toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))[
+        "prompt"
+    ].to_list()
+    score_clean = (
+        None  # the held-out toxic prompts' score without any ablation: one pass serves every site
+    )
     if toxic_heldout:
         heldout_suffixes = prepare_suffixes(model, tokenizer, toxic_heldout, **kw)
-        score_clean = ablated_score(model, heldout_suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids)
+        score_clean = ablated_score(
+            model, heldout_suffixes, saes, baseline, np.ones(index.n_nodes, bool), refusal_ids
+        )
     out = {}
     for site, r in directions.items():
         if r is None:
             continue
         ablated = (
-            direction_ablation_score(model, tokenizer, toxic_heldout, site, r.to(run.device), refusal_ids, **kw)
+            direction_ablation_score(
+                model, tokenizer, toxic_heldout, site, r.to(run.device), refusal_ids, **kw
+            )
             if toxic_heldout
             else None
         )
-        out[site.name] = DirectionBaseline(direction=r, score_clean=score_clean, score_ablated=ablated)
+        out[site.name] = DirectionBaseline(
+            direction=r, score_clean=score_clean, score_ablated=ablated
+        )
     return out

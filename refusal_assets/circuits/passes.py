@@ -28,7 +28,9 @@ def post_positions(batch: ChatBatch) -> torch.Tensor:
     """[B, P] indices of the post-instruction tokens; the template suffix has the same length P."""
     counts = batch.post_instruction.sum(-1)
     if not bool((counts == counts[0]).all()):
-        raise ValueError(f"post-instruction spans differ in length across prompts: {counts.tolist()}")
+        raise ValueError(
+            f"post-instruction spans differ in length across prompts: {counts.tolist()}"
+        )
     return batch.post_instruction.nonzero(as_tuple=True)[1].view(len(counts), -1)
 
 
@@ -50,7 +52,9 @@ class SuffixBatch:
     position_ids: torch.Tensor  # [B, P]
 
     def inputs(self, model: nn.Module) -> dict:
-        cache = copy.deepcopy(self.cache)  # a forward appends to the cache: keep the prefix pristine
+        cache = copy.deepcopy(
+            self.cache
+        )  # a forward appends to the cache: keep the prefix pristine
         return dict(
             input_ids=self.suffix_ids,
             attention_mask=self.attention_mask,
@@ -73,14 +77,18 @@ def split_prefix(model: PreTrainedModel, batch: ChatBatch) -> SuffixBatch:
     pos = post_positions(batch)  # [B, P]
     T, P = batch.input_ids.shape[1], pos.shape[1]
     if not bool((pos == torch.arange(T - P, T, device=pos.device)).all()):
-        raise ValueError("the post-instruction tokens do not end the prompt; check the chat template")
+        raise ValueError(
+            "the post-instruction tokens do not end the prompt; check the chat template"
+        )
     head = ChatBatch(
         batch.input_ids[:, : T - P],
         batch.attention_mask[:, : T - P],
         batch.position_ids[:, : T - P],
         batch.post_instruction[:, : T - P],
     )
-    pre = prefill(model, head, logits=False)  # the template head once, then each prompt's own tokens
+    pre = prefill(
+        model, head, logits=False
+    )  # the template head once, then each prompt's own tokens
     # the suffix follows the prefill's own layout: [shared head][padding][own tokens][suffix]
     suffix_positions = pre.next_position[:, None] + torch.arange(P, device=pos.device)  # [B, P]
     mask = torch.cat([pre.attention_mask, pre.attention_mask.new_ones(len(pos), P)], dim=1)

@@ -18,8 +18,12 @@ def select_circuits(
     """Circuit masks ``[batch, n_nodes]`` for mean effects ``[batch, n_nodes]``: :func:`select_circuit`
     over a batch of resampled means at once (the comparison's permutations and bootstraps)."""
     if mode not in ("topk", "threshold", "topk_abs", "threshold_abs"):
-        raise ValueError(f"mode must be 'topk', 'threshold', 'topk_abs' or 'threshold_abs', not {mode!r}")
-    if mode.endswith("_abs"):  # rank by magnitude: refusal-suppressing nodes count too (Marks et al. keep both signs)
+        raise ValueError(
+            f"mode must be 'topk', 'threshold', 'topk_abs' or 'threshold_abs', not {mode!r}"
+        )
+    if mode.endswith(
+        "_abs"
+    ):  # rank by magnitude: refusal-suppressing nodes count too (Marks et al. keep both signs)
         means, mode = np.abs(means), mode.removesuffix("_abs")
     if mode == "threshold":
         return means >= threshold
@@ -34,7 +38,9 @@ def select_circuits(
             continue
         # O(n) partition instead of a full sort (sites can hold ~10^4-10^5 latents): keep everything
         # above the k-th largest value, then fill the remaining slots from its ties, lowest index first.
-        kth = -np.partition(-x, k_per_site - 1, axis=1)[:, k_per_site - 1 : k_per_site]  # [batch, 1]
+        kth = -np.partition(-x, k_per_site - 1, axis=1)[
+            :, k_per_site - 1 : k_per_site
+        ]  # [batch, 1]
         above = x > kth
         ties = x == kth
         n_fill = k_per_site - above.sum(axis=1, keepdims=True)  # [batch, 1], >= 1
@@ -60,7 +66,9 @@ def select_circuit(
     mean_effect = np.asarray(mean_effect, dtype=float)
     site_of_node = np.asarray(site_of_node)
     if mean_effect.ndim != 1 or mean_effect.shape != site_of_node.shape:
-        raise ValueError(f"mean_effect {mean_effect.shape} and site_of_node {site_of_node.shape} must be equal 1-D")
+        raise ValueError(
+            f"mean_effect {mean_effect.shape} and site_of_node {site_of_node.shape} must be equal 1-D"
+        )
     if k_per_site < 0:
         raise ValueError(f"k_per_site must be >= 0, not {k_per_site}")
     if not np.isfinite(mean_effect).all():

@@ -36,9 +36,9 @@ def upstream_settling() -> dg.AutomationCondition:
     """A grandparent partition just updated or is requested now. ``circuit`` reads
     ``refusal_behaviour`` (one hop from the model's settings) and ``sae`` (two hops): without
     this hold, a model edit builds each circuit twice, once per path."""
-    return AC.any_deps_match(AC.any_deps_match(AC.newly_updated() | AC.will_be_requested())).with_label(
-        "upstream still updating"
-    )
+    return AC.any_deps_match(
+        AC.any_deps_match(AC.newly_updated() | AC.will_be_requested())
+    ).with_label("upstream still updating")
 
 
 def rebuild_condition(
@@ -49,7 +49,10 @@ def rebuild_condition(
     # eager() alone ignores code-version changes; code_version_changed() alone would also request
     # never-built partitions, so it is restricted to partitions that exist and can run now.
     changed = (
-        AC.code_version_changed().since_last_handled() & ~AC.missing() & ~AC.in_progress() & ~AC.any_deps_missing()
+        AC.code_version_changed().since_last_handled()
+        & ~AC.missing()
+        & ~AC.in_progress()
+        & ~AC.any_deps_missing()
     )
     eager = AC.eager().ignore(dg.AssetSelection.assets(*ignore)) if ignore else AC.eager()
     condition = eager | changed.with_label("config changed")
@@ -91,7 +94,9 @@ def tick_label(context: dg.ScheduleEvaluationContext) -> str:
         return "manual"
 
 
-def comparison_schedule(cron: str, model_partitions: dg.PartitionsDefinition) -> dg.ScheduleDefinition:
+def comparison_schedule(
+    cron: str, model_partitions: dg.PartitionsDefinition
+) -> dg.ScheduleDefinition:
     """Scheduled reruns (the seed users' cron): one ``comparison`` run per model partition (a job
     over a partitioned asset needs a partition key per run), then the report follows by automation
     once its comparisons are new."""

@@ -82,7 +82,9 @@ def with_shared_options(
         is_root = not any(dep.asset_key not in a.keys for spec in a.specs for dep in spec.deps)
         options = next((REBUILD_OPTIONS[k] for k in a.keys if k in REBUILD_OPTIONS), {})
         condition = (
-            automation.root_condition(build_missing_roots) if is_root else automation.rebuild_condition(**options)
+            automation.root_condition(build_missing_roots)
+            if is_root
+            else automation.rebuild_condition(**options)
         )
         out.append(with_owners_and_tags(a.with_attributes(automation_condition=condition)))
     return out
@@ -110,6 +112,11 @@ def build_defs(cfg: ProjectConfig, storage_root: Path, device: str = "auto") -> 
         asset_checks=checks.build(cfg, parts),  # WARN checks of weak results (defs/checks.py)
         sensors=[automation.automation_sensor(), sources.config_sensor(cfg)],
         schedules=[automation.comparison_schedule(cfg.report.schedule, parts.model)],
-        resources={"compute": ComputeResource(device=device), "storage": StorageResource(root=str(storage_root))},
-        executor=select_executor(cfg),  # $REFUSAL_ASSETS_EXECUTOR (k8s: one pod per step); None = Dagster's default
+        resources={
+            "compute": ComputeResource(device=device),
+            "storage": StorageResource(root=str(storage_root)),
+        },
+        executor=select_executor(
+            cfg
+        ),  # $REFUSAL_ASSETS_EXECUTOR (k8s: one pod per step); None = Dagster's default
     )

@@ -22,8 +22,13 @@ from refusal_assets.lm.behaviour import refusal_rates
 
 def check_result(finding: weak.Finding) -> dg.AssetCheckResult:
     """A WARN-severity result whose metadata says why, with the numbers behind it."""
-    metadata = {"why": dg.MetadataValue.md(finding.why), **{k: clean(v) for k, v in finding.values.items()}}
-    return dg.AssetCheckResult(passed=finding.passed, severity=dg.AssetCheckSeverity.WARN, metadata=metadata)
+    metadata = {
+        "why": dg.MetadataValue.md(finding.why),
+        **{k: clean(v) for k, v in finding.values.items()},
+    }
+    return dg.AssetCheckResult(
+        passed=finding.passed, severity=dg.AssetCheckSeverity.WARN, metadata=metadata
+    )
 
 
 def _nan_ci(ci) -> tuple[float, float]:
@@ -34,7 +39,9 @@ def _nan_ci(ci) -> tuple[float, float]:
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinition]:
     cc = cfg.circuits
 
-    def circuit_groups(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dict[str, dict]:
+    def circuit_groups(
+        context: dg.AssetCheckExecutionContext, storage: StorageResource
+    ) -> dict[str, dict]:
         keys = multi_key(parts.model_category, context.partition_key)
         summary, _ = Layout(storage.files).load_circuit(keys["model"], keys["category"])
         return summary["groups"]
@@ -83,7 +90,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
             )
             for g, v in sorted(circuit_groups(context, storage).items())
         ]
-        return check_result(weak.every_group(findings, "every group's circuit beats its random control."))
+        return check_result(
+            weak.every_group(findings, "every group's circuit beats its random control.")
+        )
 
     @dg.asset_check(
         asset="circuit",
@@ -92,10 +101,14 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
         description=f"WARN when a prompt group has fewer than circuits.min_prompts ({cc.min_prompts}) prompts "
         "passing the prompt filter.",
     )
-    def enough_prompts(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    def enough_prompts(
+        context: dg.AssetCheckExecutionContext, storage: StorageResource
+    ) -> dg.AssetCheckResult:
         groups = {
             g: weak.GroupPrompts(
-                v.get("n_prompts_in_group", v["n_prompts"]), v["n_prompts"], v.get("prompt_set", cc.prompt_filter)
+                v.get("n_prompts_in_group", v["n_prompts"]),
+                v["n_prompts"],
+                v.get("prompt_set", cc.prompt_filter),
             )
             for g, v in circuit_groups(context, storage).items()
         }
@@ -115,9 +128,13 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
         # the same rates and Wilson intervals the asset's metadata shows
         rates = {
             s: weak.SplitRate(r["rate"], r["lo"], r["hi"], r["n"])
-            for s, r in refusal_rates(pl.read_parquet(path, columns=["split", "refused", "p_refusal"])).items()
+            for s, r in refusal_rates(
+                pl.read_parquet(path, columns=["split", "refused", "p_refusal"])
+            ).items()
         }
-        return check_result(weak.toxic_refused_more_than_safe(rates.get("toxic"), rates.get("safe")))
+        return check_result(
+            weak.toxic_refused_more_than_safe(rates.get("toxic"), rates.get("safe"))
+        )
 
     @dg.asset_check(
         asset="comparison",
@@ -125,7 +142,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
         name="enough_categories",
         description="WARN when a prompt group of the comparison has fewer than 2 categories with a circuit.",
     )
-    def enough_categories(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    def enough_categories(
+        context: dg.AssetCheckExecutionContext, storage: StorageResource
+    ) -> dg.AssetCheckResult:
         path = Layout(storage.files).comparison_summary(context.partition_key)
         comp = json.loads(path.read_text())
         by_group = {g: list(res.get("categories", [])) for g, res in comp["groups"].items()}

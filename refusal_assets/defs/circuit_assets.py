@@ -21,7 +21,9 @@ from refusal_assets.sae.files import load_sae
 from refusal_assets.storage import write_safetensors, write_text
 
 
-def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]) -> list[dg.AssetsDefinition]:
+def build(
+    cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
+) -> list[dg.AssetsDefinition]:
     cc = cfg.circuits
 
     @gpu_asset(
@@ -48,9 +50,12 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
         with compute.claim() as device:
             t0 = time.perf_counter()
             model, tok = load_model(model_cfg, cfg.resolve, device, context.log.info)
-            saes = {site: load_sae(layout.sae(key)).to(device).eval() for site, key in site_keys.items()}
+            saes = {
+                site: load_sae(layout.sae(key)).to(device).eval() for site, key in site_keys.items()
+            }
             refusal_ids = torch.tensor(
-                refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens), device=device
+                refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens),
+                device=device,
             )
             sample = layout.load_sample(category).join(
                 layout.load_behaviour(model_cfg.model_key, category), on="prompt_id", how="left"
@@ -63,7 +68,9 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                 )
             directions = {
                 site: refusal_direction(
-                    *acts_core.read_vectors(layout.activations(key, category), post_instruction_only=True)
+                    *acts_core.read_vectors(
+                        layout.activations(key, category), post_instruction_only=True
+                    )
                 )
                 for site, key in site_keys.items()
             }
@@ -85,7 +92,9 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                     warn=context.log.warning,
                 ),
             )
-            write_safetensors(found.tensors(), layout.circuit_tensors(model_cfg.model_key, category))
+            write_safetensors(
+                found.tensors(), layout.circuit_tensors(model_cfg.model_key, category)
+            )
             summary = found.to_json()
             png = plot_sweeps(
                 {g: v["sweep"] for g, v in summary["groups"].items()},
@@ -95,7 +104,8 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             summary["seconds"] = time.perf_counter() - t0
             # written last: marks a complete partition
             write_text(
-                json.dumps(summary, indent=1, default=float), layout.circuit_summary(model_cfg.model_key, category)
+                json.dumps(summary, indent=1, default=float),
+                layout.circuit_summary(model_cfg.model_key, category),
             )
             return dg.MaterializeResult(metadata=circuit_metadata(found, png, summary["seconds"]))
 

@@ -28,14 +28,18 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         "bootstrap CIs, Benjamini-Hochberg, the shared core vs category-specific tail, refusal-direction cosines, "
         "and the verdict.",
     )
-    def comparison(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def comparison(
+        context: dg.AssetExecutionContext, storage: StorageResource
+    ) -> dg.MaterializeResult:
         model_key = context.partition_key
         t0 = time.perf_counter()
         categories = parts.category.get_partition_keys()
         layout = Layout(storage.files)
         circuits = {c: layout.load_circuit(model_key, c) for c in categories}
         transfer = layout.load_transfer(model_key) or {}
-        result = compare_model(model_key, categories, circuits, transfer, circuits_cfg=cc, comparison_cfg=comp)
+        result = compare_model(
+            model_key, categories, circuits, transfer, circuits_cfg=cc, comparison_cfg=comp
+        )
         md: dict = {}
         for group, res in result.groups.items():
             if res.fallback:
@@ -95,7 +99,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
                     if record.asset_materialization.tags
                     else ""
                 )
-        written = write_report(cfg, Layout(storage.files), parts.category.get_partition_keys(), input_versions=versions)
+        written = write_report(
+            cfg, Layout(storage.files), parts.category.get_partition_keys(), input_versions=versions
+        )
         return dg.MaterializeResult(metadata=report_metadata(written))
 
     return [comparison, report]

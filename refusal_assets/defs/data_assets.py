@@ -23,7 +23,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         description="Every prompt of one category from the OR-Bench-layout folder (or the hub): "
         "prompt_id, prompt, category, split.",
     )
-    def orbench_prompts(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def orbench_prompts(
+        context: dg.AssetExecutionContext, storage: StorageResource
+    ) -> dg.MaterializeResult:
         folder = data.data_folder(cfg.data, cfg.resolve)
         df, report = data.load_orbench(folder, cfg.data.splits, cfg.data.categories)
         category = context.partition_key
@@ -57,11 +59,17 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         description="The seeded sample used downstream (per-split sizes from the sampling config) "
         "with a held-out flag.",
     )
-    def prompt_sample(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def prompt_sample(
+        context: dg.AssetExecutionContext, storage: StorageResource
+    ) -> dg.MaterializeResult:
         category = context.partition_key
         layout = Layout(storage.files)
         sample = data.sample_category(
-            layout.load_prompts(category), category, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction
+            layout.load_prompts(category),
+            category,
+            cfg.data.sampling,
+            cfg.data.seed,
+            cfg.data.heldout_fraction,
         )
         path = write_parquet(sample.to_arrow(), layout.sample(category))
         counts = sample.group_by("split", "heldout").len().sort("split", "heldout")
@@ -82,7 +90,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         deps=[orbench_prompts, prompt_sample],
         description="Counts per category x split (all and sampled), the imbalance warnings, and a plot.",
     )
-    def data_profile(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def data_profile(
+        context: dg.AssetExecutionContext, storage: StorageResource
+    ) -> dg.MaterializeResult:
         layout = Layout(storage.files)
         raw = [layout.load_prompts(c) for c in parts.category.get_partition_keys()]
         sampled = [layout.load_sample(c) for c in parts.category.get_partition_keys()]
@@ -97,7 +107,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
                 "n_categories": len(raw),
                 "n_prompts": int(prof.counts["n"].sum()),
                 "n_sampled": int(prof.counts["n_sampled"].sum()),
-                "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in prof.warnings) or "none"),
+                "warnings": dg.MetadataValue.md(
+                    "\n".join(f"- {w}" for w in prof.warnings) or "none"
+                ),
                 "counts": dg.MetadataValue.md(_table_md(data.profile_pivot(prof.counts))),
                 "plot": png_markdown(png, "prompts per category and split"),
                 **parquet_metadata(table),

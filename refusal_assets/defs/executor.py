@@ -75,21 +75,31 @@ def load_k8s_settings(path: Path | None = None) -> K8sSettings:
     executor = raw.get("executor") or {}
     gpu = raw.get("gpu_step") or {}
     if not isinstance(executor, dict):
-        raise ExecutorConfigError(f"{path}: 'executor' must be a mapping (k8s_job_executor's config), got {executor!r}")
+        raise ExecutorConfigError(
+            f"{path}: 'executor' must be a mapping (k8s_job_executor's config), got {executor!r}"
+        )
     if not isinstance(gpu, dict) or set(gpu) - {"gpus", "node_selector", "tolerations"}:
-        raise ExecutorConfigError(f"{path}: 'gpu_step' takes gpus, node_selector, tolerations; got {gpu!r}")
+        raise ExecutorConfigError(
+            f"{path}: 'gpu_step' takes gpus, node_selector, tolerations; got {gpu!r}"
+        )
     gpus = gpu.get("gpus", 1)
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise ExecutorConfigError(f"{path}: gpu_step.gpus must be an integer >= 1, got {gpus!r}")
     node_selector = gpu.get("node_selector") or {}
     tolerations = gpu.get("tolerations") or []
-    if not isinstance(node_selector, dict) or not all(isinstance(v, str) for v in node_selector.values()):
+    if not isinstance(node_selector, dict) or not all(
+        isinstance(v, str) for v in node_selector.values()
+    ):
         raise ExecutorConfigError(
             f"{path}: gpu_step.node_selector must map label names to strings, got {node_selector!r}"
         )
     if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
-        raise ExecutorConfigError(f"{path}: gpu_step.tolerations must be a list of mappings, got {tolerations!r}")
-    return K8sSettings(path=path, executor=executor, gpu=GpuPlacement(gpus, dict(node_selector), list(tolerations)))
+        raise ExecutorConfigError(
+            f"{path}: gpu_step.tolerations must be a list of mappings, got {tolerations!r}"
+        )
+    return K8sSettings(
+        path=path, executor=executor, gpu=GpuPlacement(gpus, dict(node_selector), list(tolerations))
+    )
 
 
 def executor_choice() -> str:
@@ -114,7 +124,9 @@ def select_executor(cfg: object | None = None) -> dg.ExecutorDefinition | None:
     try:
         from dagster_k8s import k8s_job_executor
     except ImportError:
-        raise ExecutorConfigError(f"${EXECUTOR_ENV}=k8s needs dagster-k8s: pip install -e '.[k8s]'") from None
+        raise ExecutorConfigError(
+            f"${EXECUTOR_ENV}=k8s needs dagster-k8s: pip install -e '.[k8s]'"
+        ) from None
     settings = load_k8s_settings()
     from dagster._config import process_config
 
@@ -122,5 +134,7 @@ def select_executor(cfg: object | None = None) -> dg.ExecutorDefinition | None:
     checked = process_config(k8s_job_executor.config_schema.config_type, settings.executor)
     if not checked.success:
         problems = "; ".join(e.message for e in checked.errors)
-        raise ExecutorConfigError(f"{settings.path}: 'executor' is not valid k8s_job_executor config: {problems}")
+        raise ExecutorConfigError(
+            f"{settings.path}: 'executor' is not valid k8s_job_executor config: {problems}"
+        )
     return k8s_job_executor.configured(settings.executor, name="k8s")

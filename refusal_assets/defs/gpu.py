@@ -7,7 +7,9 @@ GPU_POOL = "gpu"
 
 
 def gpu_op_tags(
-    gpus: int | None = None, node_selector: dict[str, str] | None = None, tolerations: list[dict] | None = None
+    gpus: int | None = None,
+    node_selector: dict[str, str] | None = None,
+    tolerations: list[dict] | None = None,
 ) -> dict:
     """``dagster-k8s/config`` tags: the ``k8s_job_executor`` gives each tagged step its own pod
     with a GPU; ignored by the in-process and multiprocess executors. Arguments left out come from
@@ -30,7 +32,10 @@ def gpu_op_tags(
     return {
         "dagster-k8s/config": {
             "container_config": {
-                "resources": {"limits": {"nvidia.com/gpu": str(gpus)}, "requests": {"nvidia.com/gpu": str(gpus)}}
+                "resources": {
+                    "limits": {"nvidia.com/gpu": str(gpus)},
+                    "requests": {"nvidia.com/gpu": str(gpus)},
+                }
             },
             **({"pod_spec_config": pod_spec} if pod_spec else {}),
         }
@@ -52,7 +57,10 @@ def ensure_gpu_pool(instance) -> bool:
     from sqlalchemy.exc import DBAPIError
 
     storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits or instance.global_op_concurrency_default_limit is None:
+    if (
+        not storage.supports_global_concurrency_limits
+        or instance.global_op_concurrency_default_limit is None
+    ):
         return False
     for attempt in range(5):
         if any(p.name == GPU_POOL for p in storage.get_pool_limits()):

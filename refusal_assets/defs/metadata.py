@@ -35,8 +35,14 @@ def file_path(path: str | Path) -> dg.MetadataValue:
 def parquet_metadata(path: str | Path) -> dict[str, Any]:
     """Column schema, row count and path of a Parquet file, read from its footer (no data read)."""
     file = pq.ParquetFile(path)
-    schema = dg.TableSchema(columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in file.schema_arrow])
-    return {"dagster/column_schema": schema, "dagster/row_count": file.metadata.num_rows, "path": file_path(path)}
+    schema = dg.TableSchema(
+        columns=[dg.TableColumn(name=f.name, type=str(f.type)) for f in file.schema_arrow]
+    )
+    return {
+        "dagster/column_schema": schema,
+        "dagster/row_count": file.metadata.num_rows,
+        "path": file_path(path),
+    }
 
 
 def ci_metadata(name: str, ci: tuple[float, float], digits: int = 3) -> dict[str, Any]:
@@ -57,7 +63,9 @@ def with_owners_and_tags(assets: dg.AssetsDefinition) -> dg.AssetsDefinition:
     def attributes(spec: dg.AssetSpec) -> dg.AssetSpec:
         if not spec.description:
             raise ValueError(f"asset {spec.key.to_user_string()} has no description")
-        return spec.replace_attributes(owners=OWNERS, tags={**spec.tags, "stage": spec.group_name or "default", **gpu})
+        return spec.replace_attributes(
+            owners=OWNERS, tags={**spec.tags, "stage": spec.group_name or "default", **gpu}
+        )
 
     return assets.map_asset_specs(attributes)
 
@@ -115,8 +123,14 @@ def top_nodes_table(nodes: list[dict]) -> dg.MetadataValue:
     schema = dg.TableSchema(
         columns=[
             dg.TableColumn("site", "string", description="site of the node"),
-            dg.TableColumn("node", "string", description="SAE latent index, or the site's error node"),
-            dg.TableColumn("effect", "float", description="mean attribution-patching effect on the refusal score"),
+            dg.TableColumn(
+                "node", "string", description="SAE latent index, or the site's error node"
+            ),
+            dg.TableColumn(
+                "effect",
+                "float",
+                description="mean attribution-patching effect on the refusal score",
+            ),
         ]
     )
     records = [

@@ -7,7 +7,13 @@ from collections.abc import Callable
 import dagster as dg
 
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import ci_metadata, clean, multi_key, parquet_metadata, png_markdown
+from refusal_assets.defs.metadata import (
+    ci_metadata,
+    clean,
+    multi_key,
+    parquet_metadata,
+    png_markdown,
+)
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
@@ -52,7 +58,9 @@ def build(
             table = write_parquet(df.to_arrow(), layout.behaviour(model_cfg.model_key, category))
             rates = behaviour.refusal_rates(df)
             png = behaviour.plot_refusal_rates(
-                rates, f"{model_cfg.model_key} / {category}", layout.behaviour_plot(model_cfg.model_key, category)
+                rates,
+                f"{model_cfg.model_key} / {category}",
+                layout.behaviour_plot(model_cfg.model_key, category),
             )
             md = {
                 "refusal_rate": rates["all"]["rate"],
@@ -61,14 +69,20 @@ def build(
                 "seconds": round(time.perf_counter() - t0, 2),
                 "device": device,
                 # why generation ended: a refusal phrase settled the judgement, EOS, or max_new_tokens
-                **{f"stopped_{r}": int((df["stop_reason"] == r).sum()) for r in ("judged", "eos", "length")},
+                **{
+                    f"stopped_{r}": int((df["stop_reason"] == r).sum())
+                    for r in ("judged", "eos", "length")
+                },
                 "plot": png_markdown(png, "refusal rate per split"),
                 **parquet_metadata(table),
             }
             for split, r in rates.items():
                 if split != "all":
                     md[f"refusal_rate_{split}"] = r["rate"]
-                    md |= {**ci_metadata(f"refusal_rate_{split}_ci", (r["lo"], r["hi"]), 2), f"n_{split}": r["n"]}
+                    md |= {
+                        **ci_metadata(f"refusal_rate_{split}_ci", (r["lo"], r["hi"]), 2),
+                        f"n_{split}": r["n"],
+                    }
                     md[f"mean_p_refusal_{split}"] = r["mean_p_refusal"]
             return dg.MaterializeResult(metadata=md)
 
@@ -94,7 +108,9 @@ def build(
         description="Residual / MLP / attention activations at the post-instruction positions "
         "(and every prompt token), float16 Parquet.",
     )
-    def activations(context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource):
+    def activations(
+        context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource
+    ):
         # One forward pass per (model, category) serves every requested site of that model.
         # This prefill is not shared with refusal_behaviour's, on purpose: a multi-asset needs one
         # partitions definition, and activations stay site x category so that adding a layer runs
@@ -115,7 +131,9 @@ def build(
                 model_cfg = cfg.model(model_key)
                 model, tokenizer = load_model(model_cfg, cfg.resolve, device, context.log.info)
                 for category, sites in sorted(by_category.items()):
-                    paths = {s: layout.activations(f"{model_key}__{s.name}", category) for s in sites}
+                    paths = {
+                        s: layout.activations(f"{model_key}__{s.name}", category) for s in sites
+                    }
                     sample = layout.load_sample(category)
                     t0 = time.perf_counter()
                     non_finite: dict = {}

@@ -68,7 +68,9 @@ class Partitions:
             site=site,
             model_category=dg.MultiPartitionsDefinition({"model": model, "category": category}),
             site_category=dg.MultiPartitionsDefinition({"site": site, "category": category}),
-            sae=dg.MultiPartitionsDefinition({"site": site, "scope": dg.StaticPartitionsDefinition([SAE_SCOPE])}),
+            sae=dg.MultiPartitionsDefinition(
+                {"site": site, "scope": dg.StaticPartitionsDefinition([SAE_SCOPE])}
+            ),
             site_to_model={s: m.model_key for m in cfg.models for s in m.site_keys},
             sae_train_categories=train,
         )
@@ -90,7 +92,8 @@ class Partitions:
             {
                 "site": dg.DimensionPartitionMapping("site", dg.IdentityPartitionMapping()),
                 "category": dg.DimensionPartitionMapping(
-                    "scope", dg.StaticPartitionMapping({c: SAE_SCOPE for c in self.sae_train_categories})
+                    "scope",
+                    dg.StaticPartitionMapping({c: SAE_SCOPE for c in self.sae_train_categories}),
                 ),
             }
         )
@@ -99,9 +102,12 @@ class Partitions:
         """A (model, category) circuit reads every SAE of that model (and no other model's)."""
         return dg.MultiPartitionMapping(
             {
-                "site": dg.DimensionPartitionMapping("model", dg.StaticPartitionMapping(self.site_to_model)),
+                "site": dg.DimensionPartitionMapping(
+                    "model", dg.StaticPartitionMapping(self.site_to_model)
+                ),
                 "scope": dg.DimensionPartitionMapping(
-                    "category", dg.StaticPartitionMapping({SAE_SCOPE: self.category.get_partition_keys()})
+                    "category",
+                    dg.StaticPartitionMapping({SAE_SCOPE: self.category.get_partition_keys()}),
                 ),
             }
         )
@@ -109,7 +115,9 @@ class Partitions:
     def circuit_from_activations(self) -> dg.MultiPartitionMapping:
         return dg.MultiPartitionMapping(
             {
-                "site": dg.DimensionPartitionMapping("model", dg.StaticPartitionMapping(self.site_to_model)),
+                "site": dg.DimensionPartitionMapping(
+                    "model", dg.StaticPartitionMapping(self.site_to_model)
+                ),
                 "category": dg.DimensionPartitionMapping("category", dg.IdentityPartitionMapping()),
             }
         )

@@ -58,7 +58,9 @@ class ComputeResource(dg.ConfigurableResource):
         for d in wanted:
             if d.startswith("cuda"):
                 if not torch.cuda.is_available():
-                    raise RuntimeError(f"device {d!r} requested but CUDA is not available on this machine")
+                    raise RuntimeError(
+                        f"device {d!r} requested but CUDA is not available on this machine"
+                    )
                 index = torch.device(d).index
                 if index is not None and index >= torch.cuda.device_count():
                     raise RuntimeError(
@@ -81,7 +83,9 @@ class ComputeResource(dg.ConfigurableResource):
         return self.resolved_devices()
 
     def lock_path(self, device: str) -> Path:
-        folder = Path(os.environ.get(LOCK_DIR_ENV) or os.environ.get("DAGSTER_HOME") or tempfile.gettempdir())
+        folder = Path(
+            os.environ.get(LOCK_DIR_ENV) or os.environ.get("DAGSTER_HOME") or tempfile.gettempdir()
+        )
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f".device-{device.replace(':', '-')}.lock"
 
@@ -112,7 +116,9 @@ class ComputeResource(dg.ConfigurableResource):
                     continue
                 try:
                     if device.startswith("cuda"):
-                        torch.cuda.set_device(torch.device(device))  # so bare "cuda" tensors land here too
+                        torch.cuda.set_device(
+                            torch.device(device)
+                        )  # so bare "cuda" tensors land here too
                     yield device
                 finally:
                     lock.close()  # closing the file releases the lock

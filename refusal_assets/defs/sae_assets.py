@@ -11,7 +11,13 @@ import numpy as np
 import polars as pl
 
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import clean, multi_key, parquet_metadata, sae_checks, sae_metadata
+from refusal_assets.defs.metadata import (
+    clean,
+    multi_key,
+    parquet_metadata,
+    sae_checks,
+    sae_metadata,
+)
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.layout import Layout
@@ -49,7 +55,9 @@ def build_corpus(
         partitions_def=parts.site,
         kinds={"pytorch", "parquet"},
         group_name="sae",
-        code_version=corpus_code_version(cfg),  # the model's settings are the site_config source's data version
+        code_version=corpus_code_version(
+            cfg
+        ),  # the model's settings are the site_config source's data version
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=[dg.AssetDep("site_config")],
         description=f"Activations of the SAE training corpus ({corpus_cfg.path}) at each site, every token, "
@@ -91,22 +99,33 @@ def build_corpus(
                         "seconds_for_all_sites_of_this_model": round(seconds, 2),
                         **parquet_metadata(paths[site]),
                     }
-                    context.add_asset_metadata({k: clean(v) for k, v in md.items()}, partition_key=key)
+                    context.add_asset_metadata(
+                        {k: clean(v) for k, v in md.items()}, partition_key=key
+                    )
         return dg.MaterializeResult()
 
     return [sae_corpus_activations]
 
 
-def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]) -> list[dg.AssetsDefinition]:
+def build(
+    cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
+) -> list[dg.AssetsDefinition]:
     thresholds = cfg.sae.thresholds
-    corpus_dep = [dg.AssetDep("sae_corpus_activations", partition_mapping=parts.by_site())] if cfg.sae.corpus else []
+    corpus_dep = (
+        [dg.AssetDep("sae_corpus_activations", partition_mapping=parts.by_site())]
+        if cfg.sae.corpus
+        else []
+    )
 
     @gpu_asset(
         partitions_def=parts.sae,
         kinds={"pytorch", "safetensors"},
         group_name="sae",
         code_version=cfg.section_hash("sae"),
-        deps=[dg.AssetDep("activations", partition_mapping=parts.sae_from_activations()), *corpus_dep],
+        deps=[
+            dg.AssetDep("activations", partition_mapping=parts.sae_from_activations()),
+            *corpus_dep,
+        ],
         # partitioned check specs: automation's gate (automation.blocked_by_failed_check) reads each partition's result
         check_specs=[
             dg.AssetCheckSpec(
@@ -135,15 +154,23 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             Layout(storage.files),
             parts.sae_train_categories,
         )
-        model_cfg, site = cfg.model(site_key.split("__", 1)[0]), Site.parse(site_key.split("__", 1)[1])
+        model_cfg, site = (
+            cfg.model(site_key.split("__", 1)[0]),
+            Site.parse(site_key.split("__", 1)[1]),
+        )
         paths = [layout.activations(site_key, c) for c in categories]
         corpus_paths = [layout.sae_corpus_activations(site_key)] if cfg.sae.corpus else []
         # the small per-row columns in memory; the vectors stream from the Parquet files (ParquetRows)
-        metas = [pl.read_parquet(p, columns=["prompt_id", "is_post_instruction"]) for p in paths + corpus_paths]
+        metas = [
+            pl.read_parquet(p, columns=["prompt_id", "is_post_instruction"])
+            for p in paths + corpus_paths
+        ]
         meta = pl.concat(metas)
         n_study = sum(m.height for m in metas[: len(paths)])
         train_only = np.arange(meta.height) >= n_study  # the corpus's rows come last
-        prompts = pl.concat([layout.load_sample(c).select("prompt_id", "prompt", "category") for c in categories])
+        prompts = pl.concat(
+            [layout.load_sample(c).select("prompt_id", "prompt", "category") for c in categories]
+        )
         spec = cfg.sae.pretrained.get(site_key)
         rows = ParquetRows.from_parquet(paths + corpus_paths)
         try:
@@ -170,7 +197,9 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                         ),
                     )
                 except ValueError as e:
-                    raise ValueError(f"sae {site_key} (activations {paths[0].parent.parent}): {e}") from e
+                    raise ValueError(
+                        f"sae {site_key} (activations {paths[0].parent.parent}): {e}"
+                    ) from e
         finally:
             rows.close()
         folder = layout.sae(site_key)
@@ -181,7 +210,8 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
                 "hook_name": f"{site.name}",
                 "model_name": model_cfg.id,
                 "site_key": site_key,
-                "dataset": "refusal_assets sample" + (f" + corpus {cfg.sae.corpus.path}" if cfg.sae.corpus else ""),
+                "dataset": "refusal_assets sample"
+                + (f" + corpus {cfg.sae.corpus.path}" if cfg.sae.corpus else ""),
                 **sae_provenance(model_cfg, fitted.max_norm, cfg.sae.max_norm_factor),
             },
         )
@@ -198,7 +228,9 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
             ),
             layout.sae_history(site_key),
         )
-        png = plot_history(fitted.history, layout.sae_plot(site_key), site_key) if not spec else None
+        png = (
+            plot_history(fitted.history, layout.sae_plot(site_key), site_key) if not spec else None
+        )
         return dg.MaterializeResult(
             metadata=sae_metadata(fitted, folder, png), check_results=sae_checks(fitted, thresholds)
         )

@@ -34,7 +34,9 @@ def config_versions(cfg: ProjectConfig) -> dict[dg.AssetKey, dict[str, str]]:
     """Data version per source partition, from the config alone."""
     return {
         MODEL_CONFIG: {m.model_key: cfg.model_hash(m.model_key, "behaviour") for m in cfg.models},
-        SITE_CONFIG: {s: cfg.model_hash(m.model_key, "activations") for m in cfg.models for s in m.site_keys},
+        SITE_CONFIG: {
+            s: cfg.model_hash(m.model_key, "activations") for m in cfg.models for s in m.site_keys
+        },
     }
 
 
@@ -47,7 +49,9 @@ def _latest_version(instance: dg.DagsterInstance, key: dg.AssetKey, partition: s
     return (records[0].asset_observation.tags or {}).get("dagster/data_version")
 
 
-def config_observations(instance: dg.DagsterInstance, cfg: ProjectConfig) -> list[dg.AssetObservation]:
+def config_observations(
+    instance: dg.DagsterInstance, cfg: ProjectConfig
+) -> list[dg.AssetObservation]:
     """Observations for exactly the source partitions whose recorded version differs from the config's."""
     out = []
     for key, versions in config_versions(cfg).items():
@@ -55,7 +59,10 @@ def config_observations(instance: dg.DagsterInstance, cfg: ProjectConfig) -> lis
             if _latest_version(instance, key, partition) != version:
                 out.append(
                     dg.AssetObservation(
-                        key, partition=partition, tags={"dagster/data_version": version}, metadata={"config": cfg.name}
+                        key,
+                        partition=partition,
+                        tags={"dagster/data_version": version},
+                        metadata={"config": cfg.name},
                     )
                 )
     return out
@@ -81,7 +88,11 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list:
         "generation, refusal phrases); the data version of each partition is their hash. Read by refusal_behaviour.",
     )
     def model_config(context):
-        keys = context.partition_keys if context.has_partition_key_range else parts.model.get_partition_keys()
+        keys = (
+            context.partition_keys
+            if context.has_partition_key_range
+            else parts.model.get_partition_keys()
+        )
         return dg.DataVersionsByPartition({k: versions[MODEL_CONFIG][k] for k in keys})
 
     @dg.observable_source_asset(
@@ -93,7 +104,11 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list:
         "(generation and refusal settings left out). Read by activations.",
     )
     def site_config(context):
-        keys = context.partition_keys if context.has_partition_key_range else parts.site.get_partition_keys()
+        keys = (
+            context.partition_keys
+            if context.has_partition_key_range
+            else parts.site.get_partition_keys()
+        )
         return dg.DataVersionsByPartition({k: versions[SITE_CONFIG][k] for k in keys})
 
     return [model_config, site_config]

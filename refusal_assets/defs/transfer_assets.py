@@ -33,7 +33,9 @@ def _plot_matrices(out: dict, model_key: str, layout: Layout) -> dict[str, str]:
         if res is None:
             continue
         md[f"verdict_{name}"] = res["verdict"]
-        change = np.array([[np.nan if v is None else v for v in row] for row in res["change"]], dtype=float)
+        change = np.array(
+            [[np.nan if v is None else v for v in row] for row in res["change"]], dtype=float
+        )
         plot_heatmap(
             change,
             res["categories"],
@@ -43,7 +45,9 @@ def _plot_matrices(out: dict, model_key: str, layout: Layout) -> dict[str, str]:
     return md
 
 
-def _settings(cc: CircuitConfig, comp: ComparisonConfig, model_cfg: ModelConfig, device: str) -> FunctionalSettings:
+def _settings(
+    cc: CircuitConfig, comp: ComparisonConfig, model_cfg: ModelConfig, device: str
+) -> FunctionalSettings:
     """The functional tests' settings from the config's circuits and comparison sections and the model's."""
     return FunctionalSettings(
         rule=VerdictRule.from_config(comp),
@@ -63,7 +67,9 @@ def _settings(cc: CircuitConfig, comp: ComparisonConfig, model_cfg: ModelConfig,
     )
 
 
-def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]) -> list[dg.AssetsDefinition]:
+def build(
+    cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
+) -> list[dg.AssetsDefinition]:
     cc, comp = cfg.circuits, cfg.comparison
 
     @gpu_asset(
@@ -78,11 +84,16 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
         code_version=cfg.section_hash("circuits", "comparison"),
         deps=[
             dg.AssetDep(
-                "circuit", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
+                "circuit",
+                partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
+                    partition_dimension_name="model"
+                ),
             ),
             dg.AssetDep(
                 "refusal_behaviour",
-                partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model"),
+                partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
+                    partition_dimension_name="model"
+                ),
             ),
         ],
         description="Functional cross-category tests: A's circuit ablated on B's refusing prompts vs B's own "
@@ -97,29 +108,45 @@ def build(cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callab
         layout = Layout(storage.files)
         categories = parts.category.get_partition_keys()
         if not comp.transfer:
-            write_text(json.dumps({"model": model_key, "enabled": False}), layout.transfer_summary(model_key))
+            write_text(
+                json.dumps({"model": model_key, "enabled": False}),
+                layout.transfer_summary(model_key),
+            )
             return dg.MaterializeResult(metadata={"enabled": False})
         with compute.claim() as device:
             t0 = time.perf_counter()
             model, tok = load_model(model_cfg, cfg.resolve, device, context.log.info)
             refusal = model_cfg.refusal
-            ids = torch.tensor(refusal_token_ids(tok, refusal.phrases, refusal.refusal_tokens), device=device)
+            ids = torch.tensor(
+                refusal_token_ids(tok, refusal.phrases, refusal.refusal_tokens), device=device
+            )
             samples = {
-                c: layout.load_sample(c).join(layout.load_behaviour(model_key, c), on="prompt_id", how="left")
+                c: layout.load_sample(c).join(
+                    layout.load_behaviour(model_key, c), on="prompt_id", how="left"
+                )
                 for c in categories
             }
             site_keys = dict(zip(model_cfg.sites, model_cfg.site_keys))
-            saes = {site: load_sae(layout.sae(key)).to(device).eval() for site, key in site_keys.items()}
+            saes = {
+                site: load_sae(layout.sae(key)).to(device).eval() for site, key in site_keys.items()
+            }
             circuits = {c: layout.load_circuit(model_key, c) for c in categories}
             settings = _settings(cc, comp, model_cfg, device)
-            tests, fallback = model_transfer(model, tok, ids, saes, circuits, samples, settings, cc.prompt_filter)
+            tests, fallback = model_transfer(
+                model, tok, ids, saes, circuits, samples, settings, cc.prompt_filter
+            )
             seconds = {"circuit_transfer": tests.circuit_seconds, "total": time.perf_counter() - t0}
-        directions = [tests.directions.ablation, tests.directions.induced] if tests.directions else []
+        directions = (
+            [tests.directions.ablation, tests.directions.induced] if tests.directions else []
+        )
         for matrix in [tests.circuit_transfer, *directions]:
             if matrix is not None:
                 context.log.info(matrix.reason)
         out = tests.to_json(model_key, fallback, seconds)
-        md: dict = {"seconds": round(seconds["total"], 1), "fallback_categories": ", ".join(fallback) or "none"}
+        md: dict = {
+            "seconds": round(seconds["total"], 1),
+            "fallback_categories": ", ".join(fallback) or "none",
+        }
         md.update(_plot_matrices(out, model_key, layout))
         write_text(json.dumps(out, indent=1, default=float), layout.transfer_summary(model_key))
         return dg.MaterializeResult(metadata=md)

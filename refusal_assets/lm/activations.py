@@ -40,7 +40,9 @@ def forward_sites(
     return prefill(model, batch, sites, stop_early=stop_early).site_outputs
 
 
-def _row_table(acts: torch.Tensor, batch: ChatBatch, meta: list[dict], all_positions: bool) -> pa.Table:
+def _row_table(
+    acts: torch.Tensor, batch: ChatBatch, meta: list[dict], all_positions: bool
+) -> pa.Table:
     """Flatten the kept positions of one batch into Arrow rows (float16 vectors)."""
     keep = batch.post_instruction | (
         batch.attention_mask.bool() if all_positions else torch.zeros_like(batch.post_instruction)
@@ -87,11 +89,15 @@ def collect_activations(
     n_rows = {s: 0 for s in sites}
     with contextlib.ExitStack() as stack:
         tmp_paths = {s: stack.enter_context(atomic_path(out_paths[s])) for s in sites}
-        prog = stack.enter_context(progress("activations: collection", total=len(rows), unit="prompts", log=log))
+        prog = stack.enter_context(
+            progress("activations: collection", total=len(rows), unit="prompts", log=log)
+        )
         writers: dict[Site, pq.ParquetWriter] = {}
         try:
             for i, chunk in enumerate(batches(rows, batch_size)):
-                batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], system_prompt).to(device)
+                batch = encode_chat(tokenizer, [r["prompt"] for r in chunk], system_prompt).to(
+                    device
+                )
                 acts = forward_sites(model, batch, sites)
                 for site in sites:
                     table = _row_table(acts[site], batch, chunk, all_positions)
@@ -101,12 +107,16 @@ def collect_activations(
                             acts[site][batch.attention_mask.bool()].to(torch.float16)
                         )
                     if site not in writers:
-                        writers[site] = pq.ParquetWriter(tmp_paths[site], table.schema, compression="zstd")
+                        writers[site] = pq.ParquetWriter(
+                            tmp_paths[site], table.schema, compression="zstd"
+                        )
                     writers[site].write_table(table)
                     n_rows[site] += table.num_rows
                 prog.update(len(chunk), extra=f"{sum(n_rows.values())} rows")
             for site in sites:
-                if site not in writers:  # no prompts: an empty file with the full schema, never a 0-byte one
+                if (
+                    site not in writers
+                ):  # no prompts: an empty file with the full schema, never a 0-byte one
                     d = model.config.hidden_size
                     empty = pa.table(
                         {
@@ -115,7 +125,9 @@ def collect_activations(
                             "heldout": pa.array([], pa.bool_()),
                             "token_index": pa.array([], pa.int32()),
                             "is_post_instruction": pa.array([], pa.bool_()),
-                            "vector": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float16()), d),
+                            "vector": pa.FixedSizeListArray.from_arrays(
+                                pa.array([], pa.float16()), d
+                            ),
                         }
                     )
                     pq.write_table(empty, tmp_paths[site])
@@ -125,7 +137,9 @@ def collect_activations(
     return n_rows
 
 
-def read_vectors(path: Path, post_instruction_only: bool = False) -> tuple[torch.Tensor, pl.DataFrame]:
+def read_vectors(
+    path: Path, post_instruction_only: bool = False
+) -> tuple[torch.Tensor, pl.DataFrame]:
     """(vectors [N, d] float16, metadata frame) from one activations file."""
     from refusal_assets.storage import read_parquet
 

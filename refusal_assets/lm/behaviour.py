@@ -37,7 +37,9 @@ def refusal_token_ids(
         for t in tokens:
             enc = tokenizer.encode(t, add_special_tokens=False)
             if len(enc) != 1:
-                raise ValueError(f"refusal.refusal_tokens: {t!r} is {len(enc)} tokens for this tokenizer, not one")
+                raise ValueError(
+                    f"refusal.refusal_tokens: {t!r} is {len(enc)} tokens for this tokenizer, not one"
+                )
             ids.add(enc[0])
     else:
         for phrase in phrases:
@@ -89,7 +91,9 @@ def last_token_refusal_prob(logits_last: torch.Tensor, refusal_ids: torch.Tensor
 
 @torch.no_grad()
 def p_refusal(model: PreTrainedModel, batch: ChatBatch, refusal_ids: torch.Tensor) -> torch.Tensor:
-    return last_token_refusal_prob(last_logits(model, **batch.model_inputs(), use_cache=False).logits, refusal_ids)
+    return last_token_refusal_prob(
+        last_logits(model, **batch.model_inputs(), use_cache=False).logits, refusal_ids
+    )
 
 
 class Generated(NamedTuple):
@@ -155,7 +159,10 @@ def generate(
     config asks for logits processing take ``model.generate`` itself (:func:`generate_plain`)."""
     chunks = batch if isinstance(batch, list) else [batch]
     if not _plain_greedy(model):
-        parts = [generate_plain(model, tokenizer, c, max_new_tokens, stop_phrases=stop_phrases) for c in chunks]
+        parts = [
+            generate_plain(model, tokenizer, c, max_new_tokens, stop_phrases=stop_phrases)
+            for c in chunks
+        ]
         return Generated(
             [t for g in parts for t in g.responses],
             torch.cat([g.first_logits for g in parts]),
@@ -181,7 +188,9 @@ def generate(
                 reasons[row] = "eos"
                 continue
             tokens[row].append(token)
-            if stop_phrases and judge_refusal(tokenizer.decode(tokens[row], skip_special_tokens=True), stop_phrases):
+            if stop_phrases and judge_refusal(
+                tokenizer.decode(tokens[row], skip_special_tokens=True), stop_phrases
+            ):
                 reasons[row] = "judged"
                 continue
             keep.append(i)
@@ -215,8 +224,12 @@ class _PhraseStop:
         self.tokenizer, self.phrases, self.prompt_length = tokenizer, phrases, prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        return torch.tensor([judge_refusal(t, self.phrases) for t in texts], device=input_ids.device)
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_length :], skip_special_tokens=True
+        )
+        return torch.tensor(
+            [judge_refusal(t, self.phrases) for t in texts], device=input_ids.device
+        )
 
 
 @torch.no_grad()
@@ -233,7 +246,9 @@ def generate_plain(
     from transformers import StoppingCriteriaList
 
     T = batch.input_ids.shape[1]
-    stopping = StoppingCriteriaList([_PhraseStop(tokenizer, stop_phrases, T)]) if stop_phrases else None
+    stopping = (
+        StoppingCriteriaList([_PhraseStop(tokenizer, stop_phrases, T)]) if stop_phrases else None
+    )
     out = model.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -250,7 +265,11 @@ def generate_plain(
     # A phrase in the text means the criterion stopped the row when it completed (EOS would have
     # stopped it first otherwise), the same rule :func:`generate` records.
     reasons = [
-        "judged" if stop_phrases and judge_refusal(text, stop_phrases) else "eos" if eos & set(row) else "length"
+        "judged"
+        if stop_phrases and judge_refusal(text, stop_phrases)
+        else "eos"
+        if eos & set(row)
+        else "length"
         for row, text in zip(new.tolist(), texts)
     ]
     steps = len(out.logits) - 1
@@ -274,7 +293,9 @@ def run_behaviour(
 ) -> pl.DataFrame:
     """One row per prompt: ``prompt_id, split, heldout, response, refused, p_refusal, refusal_score,
     stop_reason`` (why generation ended: "eos", "judged" or "length")."""
-    ids = torch.tensor(refusal_token_ids(tokenizer, cfg.refusal.phrases, cfg.refusal.refusal_tokens), device=device)
+    ids = torch.tensor(
+        refusal_token_ids(tokenizer, cfg.refusal.phrases, cfg.refusal.refusal_tokens), device=device
+    )
     rows = by_length(sample.select("prompt_id", "prompt", "split", "heldout").to_dicts())
     responses: list[str] = []
     p_refs: list[torch.Tensor] = []
@@ -283,7 +304,9 @@ def run_behaviour(
     with progress("behaviour: generation", total=len(rows), unit="prompts", log=log) as prog:
         for group in decode_groups(rows, cfg):
             chunks = [
-                encode_chat(tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt).to(device)
+                encode_chat(
+                    tokenizer, [r["prompt"] for r in chunk], cfg.chat_template.system_prompt
+                ).to(device)
                 for chunk in group
             ]
             gen = generate(
@@ -328,7 +351,9 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def refusal_rates(df: pl.DataFrame) -> dict[str, dict[str, float]]:
     """Refusal rate with a 95 % Wilson interval, overall and per split."""
     out = {}
-    groups = [("all", df)] + [(s, df.filter(pl.col("split") == s)) for s in sorted(df["split"].unique().to_list())]
+    groups = [("all", df)] + [
+        (s, df.filter(pl.col("split") == s)) for s in sorted(df["split"].unique().to_list())
+    ]
     for name, sub in groups:
         k, n = int(sub["refused"].sum()), sub.height
         lo, hi = wilson_interval(k, n)
@@ -348,7 +373,10 @@ def plot_refusal_rates(rates: dict[str, dict[str, float]], title: str, path: Pat
     names = [k for k in rates if k != "all"]
     vals = [rates[k]["rate"] for k in names]
     err = np.array(
-        [[rates[k]["rate"] - rates[k]["lo"] for k in names], [rates[k]["hi"] - rates[k]["rate"] for k in names]]
+        [
+            [rates[k]["rate"] - rates[k]["lo"] for k in names],
+            [rates[k]["hi"] - rates[k]["rate"] for k in names],
+        ]
     )
     fig = new_figure((4, 3))
     ax = fig.add_subplot()

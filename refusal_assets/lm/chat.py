@@ -17,11 +17,23 @@ class ChatBatch:
 
     def to(self, device: str | torch.device) -> "ChatBatch":
         return ChatBatch(
-            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.post_instruction))
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.position_ids,
+                    self.post_instruction,
+                )
+            )
         )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
 
 
 def render(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None) -> str:
@@ -29,11 +41,15 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str |
         {"role": "user", "content": prompt}
     ]
     if not tokenizer.chat_template:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; this project studies chat models")
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has no chat template; this project studies chat models"
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, prompts: list[str], system_prompt: str | None = None) -> ChatBatch:
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], system_prompt: str | None = None
+) -> ChatBatch:
     """Apply the chat template, tokenize, left-pad, and mark the post-instruction tokens.
 
     Post-instruction tokens are those that start at or after the end of the user's text in the

@@ -27,7 +27,9 @@ def _stop(_module: nn.Module, _inputs: tuple, _output: object) -> None:
 
 
 @contextlib.contextmanager
-def forward_hooks(hooks: Iterable[tuple[nn.Module, Hook]], stop_after: nn.Module | None = None) -> Iterator[None]:
+def forward_hooks(
+    hooks: Iterable[tuple[nn.Module, Hook]], stop_after: nn.Module | None = None
+) -> Iterator[None]:
     """Register ``(module, hook)`` pairs in order for the duration of the block; with ``stop_after``
     a last hook on that module ends the pass (catch it with :data:`until_stopped`). Registered last,
     so every other hook on that module has already run when it fires."""

@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from refusal_assets.config import DEFAULT_REFUSAL_PHRASES, ModelConfig
 
@@ -41,7 +46,9 @@ class ModelLoadError(RuntimeError):
 
 def cache_root() -> Path:
     """Model cache (assembled GGUF, converted safetensors, tiny models): ``$REFUSAL_ASSETS_CACHE``."""
-    return Path(os.environ.get("REFUSAL_ASSETS_CACHE", Path.home() / ".cache" / "refusal_assets")).expanduser()
+    return Path(
+        os.environ.get("REFUSAL_ASSETS_CACHE", Path.home() / ".cache" / "refusal_assets")
+    ).expanduser()
 
 
 def _sha256(path: Path) -> str:
@@ -63,15 +70,21 @@ def packaged_part_paths() -> list[Path]:
                 "model (pip install -e . installs all six)"
             ) from e
         if not path.is_file():
-            raise ModelLoadError(f"{path}: part {i} of the default model is missing from its package")
+            raise ModelLoadError(
+                f"{path}: part {i} of the default model is missing from its package"
+            )
         paths.append(path)
     return paths
 
 
-def assemble_gguf(parts: list[Path], dest: Path, size: int = PACKAGED_SIZE, sha256: str = PACKAGED_SHA256) -> Path:
+def assemble_gguf(
+    parts: list[Path], dest: Path, size: int = PACKAGED_SIZE, sha256: str = PACKAGED_SHA256
+) -> Path:
     """Concatenate the parts into ``dest`` once, verifying size and checksum before it is used."""
     if dest.is_file() and dest.stat().st_size == size:
-        return dest  # verified when it was written: the rename happens only after the checksum passed
+        return (
+            dest  # verified when it was written: the rename happens only after the checksum passed
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(
         f"{dest.name}.{os.getpid()}.partial"
@@ -108,7 +121,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] = pr
     t0 = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
     except Exception as e:
         raise ModelLoadError(f"{gguf_path}: cannot load GGUF file ({type(e).__name__}: {e})") from e
     # The de-quantized weights are plain tensors; drop the GGUF marker so save_pretrained accepts them.
@@ -117,7 +132,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log: Callable[[str], None] = pr
     model.hf_quantizer = None
     model.is_quantized = False
     _publish_folder(
-        out_dir, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp))
+        out_dir,
+        lambda tmp: (
+            model.save_pretrained(tmp, safe_serialization=True),
+            tokenizer.save_pretrained(tmp),
+        ),
     )
     log(f"converted in {time.perf_counter() - t0:.1f} s")
     return out_dir
@@ -149,7 +168,9 @@ def packaged_model_folder(log: Callable[[str], None] = print) -> Path:
             return folder / "hf"
         gguf = assemble_gguf(packaged_part_paths(), folder / PACKAGED_GGUF_NAME)
         out = convert_gguf(gguf, folder / "hf", log)
-        gguf.unlink(missing_ok=True)  # the safetensors folder replaces it; the parts stay in site-packages
+        gguf.unlink(
+            missing_ok=True
+        )  # the safetensors folder replaces it; the parts stay in site-packages
     return out
 
 
@@ -178,7 +199,10 @@ def build_tiny_tokenizer():
     )
     tok.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:]
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast
@@ -207,7 +231,11 @@ def build_tiny_model(folder: Path, n_layers: int = 4, d_model: int = 64, seed: i
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
     _publish_folder(
-        folder, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True), tokenizer.save_pretrained(tmp))
+        folder,
+        lambda tmp: (
+            model.save_pretrained(tmp, safe_serialization=True),
+            tokenizer.save_pretrained(tmp),
+        ),
     )
     return folder
 
@@ -257,14 +285,18 @@ def load_model(
         return _LAST_LOADED[key]
     _LAST_LOADED.clear()
     local = cfg.source != "hub"
-    kwargs = dict(trust_remote_code=cfg.trust_remote_code, local_files_only=local, revision=cfg.revision)
+    kwargs = dict(
+        trust_remote_code=cfg.trust_remote_code, local_files_only=local, revision=cfg.revision
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=getattr(torch, cfg.dtype), use_safetensors=True, **kwargs
         )
     except Exception as e:
-        raise ModelLoadError(f"cannot load model {cfg.id!r} from {where} ({type(e).__name__}: {e})") from e
+        raise ModelLoadError(
+            f"cannot load model {cfg.id!r} from {where} ({type(e).__name__}: {e})"
+        ) from e
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
     if (n_layers, d_model) != (cfg.architecture.n_layers, cfg.architecture.d_model):
         raise ModelLoadError(
@@ -274,7 +306,9 @@ def load_model(
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # generation and last-position reads need the prompt flush right
+    tokenizer.padding_side = (
+        "left"  # generation and last-position reads need the prompt flush right
+    )
     model.to(device).eval().requires_grad_(False)
     if reuse:
         _LAST_LOADED[key] = (model, tokenizer)

@@ -31,7 +31,11 @@ from refusal_assets.lm.sites import Site, decoder_layers, output_tensor
 def cache_kwargs(model: nn.Module, cache: object) -> dict:
     """The KV cache as a forward argument: transformers 5 renamed ``past_key_values`` to ``cache``
     (the old name is removed in 5.40); 4.x only knows the old one."""
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    name = (
+        "cache"
+        if "cache" in inspect.signature(type(model).forward).parameters
+        else "past_key_values"
+    )
     return {name: cache}
 
 
@@ -41,7 +45,9 @@ def output_cache(out) -> object:
 
 
 @contextlib.contextmanager
-def capture(model: PreTrainedModel, sites: list[Site], stop_early: bool = True) -> Iterator[dict[Site, torch.Tensor]]:
+def capture(
+    model: PreTrainedModel, sites: list[Site], stop_early: bool = True
+) -> Iterator[dict[Site, torch.Tensor]]:
     """Within the context, each forward fills ``captured[site]`` with the site's output [B, T, d].
 
     The hooks only read; hooks registered later on the same modules still see (and may change)
@@ -88,7 +94,9 @@ def shared_prefix_length(batch: ChatBatch) -> int:
     """Leading real tokens identical in every row, leaving at least one own token per row."""
     lengths = batch.attention_mask.sum(-1)  # [B]
     T = batch.input_ids.shape[1]
-    rows = [batch.input_ids[b, T - int(n) :] for b, n in enumerate(lengths)]  # real tokens of each row
+    rows = [
+        batch.input_ids[b, T - int(n) :] for b, n in enumerate(lengths)
+    ]  # real tokens of each row
     limit = int(lengths.min()) - 1
     first = rows[0]
     same = torch.ones(limit, dtype=torch.bool, device=first.device)
@@ -144,7 +152,9 @@ def prefill(
     if L:
         prefix_ids = batch.input_ids[:1, T - int(lengths[0]) :][:, :L]  # [1, L]
         with capture(model, sites, stop_early) as captured, until_stopped():
-            model.base_model(input_ids=prefix_ids, use_cache=True, **cache_kwargs(model.base_model, cache))
+            model.base_model(
+                input_ids=prefix_ids, use_cache=True, **cache_kwargs(model.base_model, cache)
+            )
         prefix_outputs = dict(captured)  # [1, L, d] per site
         cache.batch_repeat_interleave(B)  # [1, L] -> [B, L] per layer
     with capture(model, sites, stop_early) as captured:
@@ -155,7 +165,9 @@ def prefill(
             if stop_early or not logits:
                 model.base_model(**inputs, **cache_kwargs(model.base_model, cache))
             else:
-                next_logits = last_logits(model, **inputs, **cache_kwargs(model.base_model, cache)).logits
+                next_logits = last_logits(
+                    model, **inputs, **cache_kwargs(model.base_model, cache)
+                ).logits
     outputs = {s: _assemble(prefix_outputs.get(s), captured[s], L, lengths, T) for s in sites}
     return Prefilled(
         None if stop_early else cache,
@@ -167,7 +179,9 @@ def prefill(
     )
 
 
-def _own_token_inputs(batch: ChatBatch, L: int, lengths: torch.Tensor) -> dict[str, torch.Tensor | bool]:
+def _own_token_inputs(
+    batch: ChatBatch, L: int, lengths: torch.Tensor
+) -> dict[str, torch.Tensor | bool]:
     """Forward inputs for the own-token pass after a shared prefix of ``L`` tokens.
 
     Row b's real tokens are the last n_b of its row; its own tokens (after the shared L) are the last
@@ -175,16 +189,22 @@ def _own_token_inputs(batch: ChatBatch, L: int, lengths: torch.Tensor) -> dict[s
     copy before them, which the own-token mask hides."""
     B, T = batch.input_ids.shape
     S = T - L
-    own_mask = (torch.arange(S, device=lengths.device) >= (S - (lengths - L))[:, None]).long()  # [B, S]
+    own_mask = (
+        torch.arange(S, device=lengths.device) >= (S - (lengths - L))[:, None]
+    ).long()  # [B, S]
     return dict(
         input_ids=torch.where(own_mask.bool(), batch.input_ids[:, L:], 0),  # masked slots: any id
-        attention_mask=torch.cat([batch.attention_mask.new_ones(B, L), own_mask], dim=1),  # [B, L + S]
+        attention_mask=torch.cat(
+            [batch.attention_mask.new_ones(B, L), own_mask], dim=1
+        ),  # [B, L + S]
         position_ids=(L + own_mask.cumsum(-1) - 1).clamp(min=L),  # [B, S]: continuing the prefix
         use_cache=True,
     )
 
 
-def _assemble(prefix: torch.Tensor | None, own: torch.Tensor, L: int, lengths: torch.Tensor, T: int) -> torch.Tensor:
+def _assemble(
+    prefix: torch.Tensor | None, own: torch.Tensor, L: int, lengths: torch.Tensor, T: int
+) -> torch.Tensor:
     """Site outputs [B, T, d] in the left-padded layout from the prefix part [1, L, d] (if any) and
     the own-token part [B, T - L, d]."""
     if not L:
@@ -200,7 +220,9 @@ def _assemble(prefix: torch.Tensor | None, own: torch.Tensor, L: int, lengths: t
 
 
 @torch.no_grad()
-def full_logits(model: PreTrainedModel, batch: ChatBatch, shared_prefix: bool = True) -> torch.Tensor:
+def full_logits(
+    model: PreTrainedModel, batch: ChatBatch, shared_prefix: bool = True
+) -> torch.Tensor:
     """Logits [B, T, vocab] at every position of ``batch`` in its left-padded layout (padding rows:
     zeros), with the shared prefix computed once (``shared_prefix=False``: the plain pass). Forward
     hooks active around the call see the prefix pass ([1, L, d]) and the own-token pass
@@ -213,9 +235,13 @@ def full_logits(model: PreTrainedModel, batch: ChatBatch, shared_prefix: bool = 
     lengths = batch.attention_mask.sum(-1)  # [B]
     cache = DynamicCache(config=model.config)
     prefix_ids = batch.input_ids[:1, T - int(lengths[0]) :][:, :L]  # [1, L]
-    prefix = model(input_ids=prefix_ids, use_cache=True, **cache_kwargs(model, cache)).logits  # [1, L, V]
+    prefix = model(
+        input_ids=prefix_ids, use_cache=True, **cache_kwargs(model, cache)
+    ).logits  # [1, L, V]
     cache.batch_repeat_interleave(B)
-    own = model(**_own_token_inputs(batch, L, lengths), **cache_kwargs(model, cache)).logits  # [B, T - L, V]
+    own = model(
+        **_own_token_inputs(batch, L, lengths), **cache_kwargs(model, cache)
+    ).logits  # [B, T - L, V]
     return _assemble(prefix, own, L, lengths, T)
 
 
@@ -230,8 +256,12 @@ def merge_prefilled(parts: list[Prefilled]) -> Prefilled:
     masks, keys, values = [], [], []
     for p in parts:
         pad = width - p.attention_mask.shape[1]
-        masks.append(torch.cat([p.attention_mask.new_zeros(len(p.attention_mask), pad), p.attention_mask], 1))
-        keys.append([_pad_front(layer.keys, pad) for layer in p.cache.layers])  # [B, H, width, D] per layer
+        masks.append(
+            torch.cat([p.attention_mask.new_zeros(len(p.attention_mask), pad), p.attention_mask], 1)
+        )
+        keys.append(
+            [_pad_front(layer.keys, pad) for layer in p.cache.layers]
+        )  # [B, H, width, D] per layer
         values.append([_pad_front(layer.values, pad) for layer in p.cache.layers])
     cache = parts[0].cache
     for i, layer in enumerate(cache.layers):

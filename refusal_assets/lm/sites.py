@@ -46,7 +46,9 @@ def expand_sites(specs: list[str], n_layers: int) -> list[Site]:
             kind, layers = m["kind"], [int(m["layer"])]
         elif m := _SPEC.match(spec_l):
             if m["kind"] not in KINDS:
-                raise ValueError(f"activation_layers: unknown site kind in {spec!r}; use residuals, mlp or attention")
+                raise ValueError(
+                    f"activation_layers: unknown site kind in {spec!r}; use residuals, mlp or attention"
+                )
             kind = KINDS[m["kind"]]
             if m["a"] == "all":
                 layers = list(range(n_layers))

@@ -61,7 +61,9 @@ def _csv_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: not valid UTF-8 at line {line} (byte {e.start}); re-save the file as UTF-8") from e
+        raise DataError(
+            f"{path}: not valid UTF-8 at line {line} (byte {e.start}); re-save the file as UTF-8"
+        ) from e
 
 
 def _read_split_csv(path: Path, split: str) -> tuple[list[dict[str, str]], int]:
@@ -73,21 +75,27 @@ def _read_split_csv(path: Path, split: str) -> tuple[list[dict[str, str]], int]:
         raise DataError(f"{path}: repeated column(s) {dupes} in the header {columns}")
     missing = [c for c in ("prompt", "category") if c not in columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {columns} (expected at least prompt,category)")
+        raise DataError(
+            f"{path}: missing column(s) {missing}; found {columns} (expected at least prompt,category)"
+        )
     reader.fieldnames = columns
     rows: list[dict[str, str]] = []
     n_empty = 0
     try:
         for row in reader:
             if None in row:  # more fields than the header: a quoting problem
-                raise DataError(f"{path}: line {reader.line_num}: more fields than the header; check the quoting")
+                raise DataError(
+                    f"{path}: line {reader.line_num}: more fields than the header; check the quoting"
+                )
             prompt = (row.get("prompt") or "").strip()
             category = (row.get("category") or "").strip()
             if not prompt:
                 n_empty += 1
                 continue
             if not category:
-                raise DataError(f"{path}: line {reader.line_num}: empty category for prompt {prompt[:60]!r}")
+                raise DataError(
+                    f"{path}: line {reader.line_num}: empty category for prompt {prompt[:60]!r}"
+                )
             try:
                 category_key(category)
             except ValueError as e:
@@ -132,7 +140,9 @@ def load_corpus(cfg: SAECorpusConfig, resolve) -> pl.DataFrame:
         reader = csv.DictReader(io.StringIO(_csv_text(f), newline=""), strict=True)
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if "prompt" not in columns:
-            raise DataError(f"{f}: no 'prompt' column in the header {columns} (key 'sae.corpus.path')")
+            raise DataError(
+                f"{f}: no 'prompt' column in the header {columns} (key 'sae.corpus.path')"
+            )
         reader.fieldnames = columns
         try:
             texts += [(row.get("prompt") or "").strip() for row in reader]
@@ -140,7 +150,9 @@ def load_corpus(cfg: SAECorpusConfig, resolve) -> pl.DataFrame:
             raise DataError(f"{f}: line {reader.line_num + 1}: malformed CSV ({e})") from e
     texts = sorted({t for t in texts if t})
     if not texts:
-        raise DataError(f"key 'sae.corpus.path': {cfg.path} holds no prompt (every 'prompt' cell is empty)")
+        raise DataError(
+            f"key 'sae.corpus.path': {cfg.path} holds no prompt (every 'prompt' cell is empty)"
+        )
     order = np.random.default_rng(cfg.seed).permutation(len(texts))[: cfg.max_prompts]
     chosen = [texts[i] for i in order]
     return pl.DataFrame(
@@ -202,17 +214,23 @@ def load_orbench(
     df = df.with_columns(
         pl.col("prompt").map_elements(prompt_id, return_dtype=pl.Utf8).alias("prompt_id"),
         pl.col("category").map_elements(category_key, return_dtype=pl.Utf8).alias("category_key"),
-        pl.col("split").replace_strict({s: i for i, s in enumerate(SPLIT_ORDER)}, return_dtype=pl.Int8).alias("_rank"),
+        pl.col("split")
+        .replace_strict({s: i for i, s in enumerate(SPLIT_ORDER)}, return_dtype=pl.Int8)
+        .alias("_rank"),
     )
     n_before = df.height
     # The most specific split wins (hard beats safe); then one row per prompt.
-    df = df.sort(["_rank"], descending=True, maintain_order=True).unique("prompt_id", keep="first", maintain_order=True)
+    df = df.sort(["_rank"], descending=True, maintain_order=True).unique(
+        "prompt_id", keep="first", maintain_order=True
+    )
     report.n_dropped_duplicate = n_before - df.height
     if categories is not None:
         wanted = {category_key(c) for c in categories}
         unknown = sorted(wanted - set(df["category_key"].unique()))
         if unknown:
-            raise DataError(f"{folder}: categories {unknown} from the data config have no prompts in the data")
+            raise DataError(
+                f"{folder}: categories {unknown} from the data config have no prompts in the data"
+            )
         df = df.filter(pl.col("category_key").is_in(wanted))
     df = df.sort(["category_key", "_rank", "prompt_id"]).drop("_rank")
     return df.select(list(PROMPT_SCHEMA)), report
@@ -275,7 +293,10 @@ class Profile:
 
 
 def profile(
-    raw_counts: pl.DataFrame, sample_counts: pl.DataFrame, imbalance_ratio: float = 2.0, min_cell: int = 10
+    raw_counts: pl.DataFrame,
+    sample_counts: pl.DataFrame,
+    imbalance_ratio: float = 2.0,
+    min_cell: int = 10,
 ) -> Profile:
     """Counts per category x split and the seed's imbalance warnings.
 
@@ -299,10 +320,14 @@ def profile(
             warnings.append(f"{cat}: split imbalance {cells} (max/min > {imbalance_ratio})")
     totals = wide.select(pl.sum_horizontal(splits)).to_series()
     if totals.len() and totals.max() > imbalance_ratio * max(totals.min(), 1):
-        warnings.append(f"category sizes range from {totals.min()} to {totals.max()} (ratio > {imbalance_ratio})")
+        warnings.append(
+            f"category sizes range from {totals.min()} to {totals.max()} (ratio > {imbalance_ratio})"
+        )
     sampled = sample_counts.rename({"n": "n_sampled"})
     counts = (
-        raw_counts.join(sampled, on=["category_key", "split"], how="left").fill_null(0).sort(["category_key", "split"])
+        raw_counts.join(sampled, on=["category_key", "split"], how="left")
+        .fill_null(0)
+        .sort(["category_key", "split"])
     )
     return Profile(counts=counts, warnings=warnings)
 
@@ -347,7 +372,10 @@ def profile_figure(counts: pl.DataFrame):
     fig = new_figure((max(6, len(cats) * 0.9) + 1.6, 4), constrained=True)
     ax = fig.add_subplot()
     for i, split in enumerate(splits):
-        sub = {r["category_key"]: r for r in counts.filter(pl.col("split") == split).iter_rows(named=True)}
+        sub = {
+            r["category_key"]: r
+            for r in counts.filter(pl.col("split") == split).iter_rows(named=True)
+        }
         raw = [sub.get(c, {}).get("n", 0) for c in cats]
         sampled = [sub.get(c, {}).get("n_sampled", 0) for c in cats]
         bars = ax.bar(x + i * width, raw, width, label=f"{split} (all)", alpha=0.45)
@@ -363,5 +391,7 @@ def profile_figure(counts: pl.DataFrame):
     ax.set_xticks(x + width * (len(splits) - 1) / 2, cats, rotation=30, ha="right")
     ax.set_ylabel("prompts")
     ax.set_title("Prompts per category and split")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    ax.legend(
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False
+    )
     return fig

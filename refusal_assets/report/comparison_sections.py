@@ -39,12 +39,17 @@ class CombinedSection:
 
 
 def combined_section(model_key: str, combined: CombinedVerdict) -> CombinedSection:
-    rows = [[ln.test, ln.level, ln.role, ln.says, ln.statistic, _fmt(ln.value, ln.ci)] for ln in combined.lines]
+    rows = [
+        [ln.test, ln.level, ln.role, ln.says, ln.statistic, _fmt(ln.value, ln.ci)]
+        for ln in combined.lines
+    ]
     return CombinedSection(
         model_key=model_key,
         verdict=combined.verdict,
         reason=combined.reason,
-        table=Table(header=["test", "level", "role", "says", "statistic", "value [95% CI]"], rows=rows),
+        table=Table(
+            header=["test", "level", "role", "says", "statistic", "value [95% CI]"], rows=rows
+        ),
         disagree=combined.disagree,
         thresholds=", ".join(f"{k} = {v}" for k, v in combined.thresholds.items()),
     )
@@ -78,7 +83,11 @@ class TransferSection:
 
 def _cell(v: float | None, lo: float | None, hi: float | None) -> str:
     """A value [95% CI]; ``n/a`` where there is no value (null in JSON, or NaN)."""
-    return "n/a" if v is None else _fmt(v, (math.nan if lo is None else lo, math.nan if hi is None else hi))
+    return (
+        "n/a"
+        if v is None
+        else _fmt(v, (math.nan if lo is None else lo, math.nan if hi is None else hi))
+    )
 
 
 def _matrix_test(res: CrossMatrix) -> MatrixTest:
@@ -95,7 +104,9 @@ def _matrix_test(res: CrossMatrix) -> MatrixTest:
         for i, a in enumerate(cats)
     ]
     rows.append(["random control", *(_cell(v, *ci) for v, ci in zip(res.control, res.control_ci))])
-    return MatrixTest(test=res.test, reason=res.reason, table=Table(header=["A \\ B", *cats], rows=rows))
+    return MatrixTest(
+        test=res.test, reason=res.reason, table=Table(header=["A \\ B", *cats], rows=rows)
+    )
 
 
 def _cosine_table(cosine_tests: dict) -> Table:
@@ -111,7 +122,10 @@ def _cosine_table(cosine_tests: dict) -> Table:
         ]
         for p in cosine_tests["pairs"]
     ]
-    return Table(header=["a", "b", "cosine", "normalised", "ceiling", "p (permutation)", "testable"], rows=rows)
+    return Table(
+        header=["a", "b", "cosine", "normalised", "ceiling", "p (permutation)", "testable"],
+        rows=rows,
+    )
 
 
 def transfer_section(model_key: str, transfer: dict) -> TransferSection | None:
@@ -134,7 +148,8 @@ def transfer_section(model_key: str, transfer: dict) -> TransferSection | None:
         fallback=list(transfer.get("fallback_categories") or []),
         tests=[_matrix_test(read_cross_matrix(t)) for t in tests if t],
         pooled=Table(
-            header=["category", "refusal left [95% CI]"], rows=[[c, _cell(v, *ci)] for c, (v, ci) in pooled.items()]
+            header=["category", "refusal left [95% CI]"],
+            rows=[[c, _cell(v, *ci)] for c, (v, ci) in pooled.items()],
         )
         if pooled
         else None,
@@ -171,7 +186,9 @@ class GroupSection:
     figure: Figure | None
 
 
-def _group_section(model_key: str, group: str, res: dict, layout: Layout, store: FigureStore) -> GroupSection:
+def _group_section(
+    model_key: str, group: str, res: dict, layout: Layout, store: FigureStore
+) -> GroupSection:
     if "pairs" not in res:  # fewer than two categories with enough refusing prompts
         return GroupSection(
             group=group,
@@ -197,7 +214,16 @@ def _group_section(model_key: str, group: str, res: dict, layout: Layout, store:
         ]
         for p in res["pairs"]
     ]
-    header = ["a", "b", "Jaccard", "95% CI", "normalised", "p (permutation)", "q (BH)", "significant"]
+    header = [
+        "a",
+        "b",
+        "Jaccard",
+        "95% CI",
+        "normalised",
+        "p (permutation)",
+        "q (BH)",
+        "significant",
+    ]
     return GroupSection(
         group=group,
         reason=res["verdict_reason"],
@@ -208,7 +234,8 @@ def _group_section(model_key: str, group: str, res: dict, layout: Layout, store:
         fallback=list(res.get("fallback_categories") or []),
         table=Table(header=header, rows=rows),
         figure=store.figure(
-            layout.jaccard_plot(model_key, group), f"Jaccard {group} ({model_key}); * = significant after BH"
+            layout.jaccard_plot(model_key, group),
+            f"Jaccard {group} ({model_key}); * = significant after BH",
         ),
     )
 
@@ -225,13 +252,19 @@ class ModelComparisonSection:
     direction_figures: list[Figure]
 
 
-def comparison_section(model_key: str, comp: dict, layout: Layout, store: FigureStore) -> ModelComparisonSection:
+def comparison_section(
+    model_key: str, comp: dict, layout: Layout, store: FigureStore
+) -> ModelComparisonSection:
     """One model's ``comparison.json``: verdict, every group's pairs, the functional tests, the directions."""
     groups = [_group_section(model_key, g, res, layout, store) for g, res in comp["groups"].items()]
-    cross = store.figure(layout.jaccard_plot(model_key, "cross"), f"toxic vs benign circuits ({model_key})")
+    cross = store.figure(
+        layout.jaccard_plot(model_key, "cross"), f"toxic vs benign circuits ({model_key})"
+    )
     transfer = transfer_section(model_key, comp.get("transfer") or {})
     figures = [
-        store.figure(layout.direction_cosine_plot(model_key, site), f"refusal-direction cosine at {site}")
+        store.figure(
+            layout.direction_cosine_plot(model_key, site), f"refusal-direction cosine at {site}"
+        )
         for site in comp.get("direction_cosines", {})
     ]
     return ModelComparisonSection(

@@ -97,4 +97,7 @@ class FigureStore:
         else:
             name = f"{path.parent.name}_{path.name}"
             shutil.copyfile(path, self.folder / name)
-        return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}", f"figures/{name}"
+        return (
+            f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}",
+            f"figures/{name}",
+        )

@@ -166,7 +166,9 @@ def circuit_quality_tests(inp: SummaryInputs) -> list[TestLine]:
             ci_json(v.get("advantage_ci")),
         ).passed:
             beats.append(cat)
-        if weak.denominator_excludes_zero(sw["m_full"] - sw["m_empty"], ci_json(sw.get("denominator_ci"))).passed:
+        if weak.denominator_excludes_zero(
+            sw["m_full"] - sw["m_empty"], ci_json(sw.get("denominator_ci"))
+        ).passed:
             den_ok.append(cat)
     if not n:
         return []
@@ -219,7 +221,8 @@ def _groups(comp: dict | None, tested_only: bool = True) -> list[tuple[str, dict
     prompts carries just its verdict and reason)."""
     groups = (comp or {}).get("groups", {})
     return sorted(
-        ((g, r) for g, r in groups.items() if "pairs" in r or not tested_only), key=lambda kv: (kv[0] != "toxic", kv[0])
+        ((g, r) for g, r in groups.items() if "pairs" in r or not tested_only),
+        key=lambda kv: (kv[0] != "toxic", kv[0]),
     )
 
 
@@ -232,7 +235,11 @@ def _n_passing(df: pl.DataFrame, prompt_filter: str) -> int:
     """Prompts that pass the circuits' prompt filter (see :func:`refusal_assets.circuits.finding.select_prompts`)."""
     if prompt_filter == "all":
         return df.height
-    return int(df["refused"].sum()) if prompt_filter == "refused" else int((df["refusal_score"] > 0).sum())
+    return (
+        int(df["refused"].sum())
+        if prompt_filter == "refused"
+        else int((df["refusal_score"] > 0).sum())
+    )
 
 
 def sample_sentence(inp: SummaryInputs) -> str:
@@ -259,13 +266,17 @@ def sample_sentence(inp: SummaryInputs) -> str:
     if groups:
         params = groups[0][1]["params"]
         # a pair whose circuits do not reproduce within their own categories cannot be told apart from noise
-        untestable = {g: sum(p.get("normalised_jaccard") is None for p in res["pairs"]) for g, res in groups}
+        untestable = {
+            g: sum(p.get("normalised_jaccard") is None for p in res["pairs"]) for g, res in groups
+        }
         parts.append(
             f"pairs too unreliable to normalise (split-half ceiling below {params.get('min_ceiling')}): "
             + ", ".join(f"{g} {untestable[g]} of {len(res['pairs'])}" for g, res in groups)
         )
         if n_perm := params.get("n_permutations"):
-            parts.append(f"with {n_perm} permutations the smallest p-value is {1 / (n_perm + 1):.3f}")
+            parts.append(
+                f"with {n_perm} permutations the smallest p-value is {1 / (n_perm + 1):.3f}"
+            )
     return "; ".join(parts) + "."
 
 
@@ -276,15 +287,29 @@ def plot_summary(comp: dict, title: str, path: Path) -> Path:
     panels: list[tuple[str, list[str], np.ndarray, dict]] = []
     for g, res in _groups(comp):
         cats = res["categories"]
-        m = np.array([[math.nan if v is None else v for v in row] for row in res["jaccard"]], dtype=float)
+        m = np.array(
+            [[math.nan if v is None else v for v in row] for row in res["jaccard"]], dtype=float
+        )
         ci = {(p["a"], p["b"]): ci_json(p.get("jaccard_ci")) for p in res["pairs"]}
         sig = {(p["a"], p["b"]): p["significant"] for p in res["pairs"]}
-        panels.append((f"circuit Jaccard, {g}", cats, m, {"ci": ci, "sig": sig, "ceiling": res.get("ceiling", {})}))
+        panels.append(
+            (
+                f"circuit Jaccard, {g}",
+                cats,
+                m,
+                {"ci": ci, "sig": sig, "ceiling": res.get("ceiling", {})},
+            )
+        )
     cos = comp.get("direction_cosines", {})
     if cos:
         site = list(cos)[-1]
         panels.append(
-            (f"refusal-direction cosine, {site}", cos[site]["labels"], np.array(cos[site]["matrix"], dtype=float), {})
+            (
+                f"refusal-direction cosine, {site}",
+                cos[site]["labels"],
+                np.array(cos[site]["matrix"], dtype=float),
+                {},
+            )
         )
     if not panels:
         raise ValueError(f"{title}: the comparison has no group and no direction to plot")
@@ -300,7 +325,12 @@ def plot_summary(comp: dict, title: str, path: Path) -> Path:
         shown[np.triu_indices(k, 0)] = (
             np.nan
         )  # symmetric: the lower triangle carries everything; the diagonal is not a pair
-        image = ax.imshow(np.ma.masked_invalid(shown), cmap="viridis", vmin=min(0.0, float(np.nanmin(m))), vmax=1.0)
+        image = ax.imshow(
+            np.ma.masked_invalid(shown),
+            cmap="viridis",
+            vmin=min(0.0, float(np.nanmin(m))),
+            vmax=1.0,
+        )
         ax.set_xticks(range(k), labels, rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(k), labels, fontsize=7)
         ax.set_title(name, fontsize=9)
@@ -314,7 +344,11 @@ def plot_summary(comp: dict, title: str, path: Path) -> Path:
                     if not math.isfinite(v):
                         continue
                     text = f"{v:.2f}{'*' if extra.get('sig', {}).get(key) else ''}"
-                    if show_ci and key in extra.get("ci", {}) and all(math.isfinite(x) for x in extra["ci"][key]):
+                    if (
+                        show_ci
+                        and key in extra.get("ci", {})
+                        and all(math.isfinite(x) for x in extra["ci"][key])
+                    ):
                         text += "\n[{:.2f},{:.2f}]".format(*extra["ci"][key])
                 if text:
                     dark = i != j and not (
@@ -439,14 +473,19 @@ def _verdict_section(summaries: list[ModelSummary], store: FigureStore) -> Verdi
 
 
 def report_inputs(
-    cfg: ProjectConfig, layout: Layout, categories: list[str], input_versions: dict[str, str] | None = None
+    cfg: ProjectConfig,
+    layout: Layout,
+    categories: list[str],
+    input_versions: dict[str, str] | None = None,
 ) -> ReportInputs:
     """Read every stored result the report shows (figures copied beside the Markdown)."""
     figures = layout.report_figures()
     figures.mkdir(parents=True, exist_ok=True)
     store = FigureStore(figures)
     summaries = [
-        summarize_model(cfg, layout, m.model_key, categories, figures / f"summary_{m.model_key}.png")
+        summarize_model(
+            cfg, layout, m.model_key, categories, figures / f"summary_{m.model_key}.png"
+        )
         for m in cfg.models
     ]
     verdict = _verdict_section(summaries, store)
@@ -466,14 +505,19 @@ def report_inputs(
         behaviour=sections.behaviour_section(cfg, layout, categories),
         saes=sections.sae_section(cfg, layout, store),
         circuits=sections.circuit_section(cfg, layout, categories, store),
-        comparison=[cs.comparison_section(k, comp, layout, store) for k, comp in comparisons.items()],
+        comparison=[
+            cs.comparison_section(k, comp, layout, store) for k, comp in comparisons.items()
+        ],
         data=sections.data_section(layout, store),
         methods=sections.methods_section(cfg, input_versions),
     )
 
 
 def write_report(
-    cfg: ProjectConfig, layout: Layout, categories: list[str], input_versions: dict[str, str] | None = None
+    cfg: ProjectConfig,
+    layout: Layout,
+    categories: list[str],
+    input_versions: dict[str, str] | None = None,
 ) -> ReportFiles:
     """The report from the templates ``report.html`` and ``report.md``, fed :func:`report_inputs`."""
     inputs = report_inputs(cfg, layout, categories, input_versions)

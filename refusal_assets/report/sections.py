@@ -20,7 +20,17 @@ from refusal_assets.layout import Layout
 from refusal_assets.prompts import orbench as data
 from refusal_assets.report.render import Figure, FigureStore
 
-PACKAGES = ["refusal_assets", "torch", "transformers", "dagster", "numpy", "scipy", "polars", "pyarrow", "safetensors"]
+PACKAGES = [
+    "refusal_assets",
+    "torch",
+    "transformers",
+    "dagster",
+    "numpy",
+    "scipy",
+    "polars",
+    "pyarrow",
+    "safetensors",
+]
 
 SAE_COLUMNS = (  # (header, part of history.json, key): the report's SAE table
     ("held-out FVU", "metrics", "fvu"),
@@ -47,7 +57,9 @@ class Table:
 def format_ci(ci: tuple[float, float], digits: int = 2) -> str:
     """``[lo, hi]`` for display, or ``n/a`` where no CI exists (too few prompts, no resamples)."""
     lo, hi = ci
-    return f"[{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
+    return (
+        f"[{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
+    )
 
 
 def ci_json(ci) -> tuple[float, float]:
@@ -69,7 +81,9 @@ class ModelTable:
     table: Table
 
 
-def behaviour_section(cfg: ProjectConfig, layout: Layout, categories: list[str]) -> list[ModelTable]:
+def behaviour_section(
+    cfg: ProjectConfig, layout: Layout, categories: list[str]
+) -> list[ModelTable]:
     """Per model with behaviour: refusal rates per category and split, and the mean refusal score."""
     out = []
     for m in cfg.models:
@@ -85,9 +99,25 @@ def behaviour_section(cfg: ProjectConfig, layout: Layout, categories: list[str])
                     return float(df.filter(pl.col("split") == s)["refused"].mean() or 0.0)
                 return float("nan")
 
-            rows.append([c, df.height, rate("safe"), rate("hard"), rate("toxic"), float(df["refusal_score"].mean())])
+            rows.append(
+                [
+                    c,
+                    df.height,
+                    rate("safe"),
+                    rate("hard"),
+                    rate("toxic"),
+                    float(df["refusal_score"].mean()),
+                ]
+            )
         if rows:
-            header = ["category", "prompts", "refusal safe", "refusal hard", "refusal toxic", "mean refusal score"]
+            header = [
+                "category",
+                "prompts",
+                "refusal safe",
+                "refusal hard",
+                "refusal toxic",
+                "mean refusal score",
+            ]
             out.append(ModelTable(model_key=m.model_key, table=Table(header=header, rows=rows)))
     return out
 
@@ -109,9 +139,20 @@ def sae_section(cfg: ProjectConfig, layout: Layout, store: FigureStore) -> SaeSe
             path = layout.sae_history(key)
             if path.is_file():
                 h = json.loads(path.read_text())
-                rows.append([key, *(h.get(part, {}).get(name, float("nan")) for _, part, name in SAE_COLUMNS)])
-    figures = [store.figure(layout.sae_plot(key), f"SAE training {key}") for m in cfg.models for key in m.site_keys]
-    return SaeSection(table=Table(header=["site", *(h for h, _, _ in SAE_COLUMNS)], rows=rows), figures=figures)
+                rows.append(
+                    [
+                        key,
+                        *(h.get(part, {}).get(name, float("nan")) for _, part, name in SAE_COLUMNS),
+                    ]
+                )
+    figures = [
+        store.figure(layout.sae_plot(key), f"SAE training {key}")
+        for m in cfg.models
+        for key in m.site_keys
+    ]
+    return SaeSection(
+        table=Table(header=["site", *(h for h, _, _ in SAE_COLUMNS)], rows=rows), figures=figures
+    )
 
 
 # -------------------------------------------------------------------------------- circuits
@@ -147,7 +188,9 @@ def _circuit_row(category: str, group: str, v: dict) -> list[Any]:
         _with_ci(v["faithfulness"], v.get("faithfulness_ci", nan2)),
         _with_ci(v["completeness"], v.get("completeness_ci", nan2)),
         _with_ci(v["random_faithfulness"], v.get("random_faithfulness_ci", nan2)),
-        _with_ci(v["sweep"]["m_full"] - v["sweep"]["m_empty"], v["sweep"].get("denominator_ci", nan2)),
+        _with_ci(
+            v["sweep"]["m_full"] - v["sweep"]["m_empty"], v["sweep"].get("denominator_ci", nan2)
+        ),
         len(v["edges"]),
     ]
 
@@ -166,11 +209,17 @@ def circuit_section(
                 rows += [_circuit_row(c, g, v) for g, v in summary["groups"].items()]
         if rows:
             figures = [
-                store.figure(layout.circuit_plot(m.model_key, c), f"faithfulness sweep {m.model_key}/{c}")
+                store.figure(
+                    layout.circuit_plot(m.model_key, c), f"faithfulness sweep {m.model_key}/{c}"
+                )
                 for c in categories
             ]
             out.append(
-                ModelCircuits(model_key=m.model_key, table=Table(header=CIRCUIT_HEADER, rows=rows), figures=figures)
+                ModelCircuits(
+                    model_key=m.model_key,
+                    table=Table(header=CIRCUIT_HEADER, rows=rows),
+                    figures=figures,
+                )
             )
     return out
 
@@ -220,12 +269,15 @@ def methods_section(cfg: ProjectConfig, input_versions: dict[str, str] | None) -
     inputs = None
     if input_versions:
         inputs = Table(
-            header=["input asset", "data version (latest)"], rows=[[k, v] for k, v in sorted(input_versions.items())]
+            header=["input asset", "data version (latest)"],
+            rows=[[k, v] for k, v in sorted(input_versions.items())],
         )
     return MethodsSection(
         prompt_filter=cfg.circuits.prompt_filter,
         min_prompts=cfg.circuits.min_prompts,
-        versions=Table(header=["package", "version"], rows=[[k, v] for k, v in _versions().items()]),
+        versions=Table(
+            header=["package", "version"], rows=[[k, v] for k, v in _versions().items()]
+        ),
         inputs=inputs,
         config_json=json.dumps(cfg.model_dump(mode="json"), indent=1, default=str),
     )

@@ -32,7 +32,9 @@ def tl_hook_name(name: str) -> str:
     return f"blocks.{site.layer}.{TL_HOOKS[site.kind]}"
 
 
-def sae_provenance(model_cfg: ModelConfig, max_input_norm: float, max_norm_factor: float) -> dict[str, Any]:
+def sae_provenance(
+    model_cfg: ModelConfig, max_input_norm: float, max_norm_factor: float
+) -> dict[str, Any]:
     """What the SAE's rows were, for ``cfg.json``, with SAELens 6's keys where it has them: the chat
     template and system prompt that rendered the prompts, ``prepend_bos`` False (the rendered text is
     tokenised without added special tokens; a BOS, if any, is the template's own), ``context_size``
@@ -59,7 +61,9 @@ def save_sae(sae: TopKSAE, folder: Path, cfg_extra: dict[str, Any]) -> Path:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CFG_FILE).unlink(missing_ok=True)  # a crash below must not leave old cfg + new weights
+    (folder / CFG_FILE).unlink(
+        missing_ok=True
+    )  # a crash below must not leave old cfg + new weights
     thresholded = sae.architecture != "topk"
     s = float(sae.norm_scale)
     with torch.no_grad():
@@ -70,7 +74,9 @@ def save_sae(sae: TopKSAE, folder: Path, cfg_extra: dict[str, Any]) -> Path:
             "b_dec": sae.b_dec / s,
         }
         if thresholded:
-            tensors["threshold"] = sae.threshold  # compares pre-activations, which the fold leaves unchanged
+            tensors["threshold"] = (
+                sae.threshold
+            )  # compares pre-activations, which the fold leaves unchanged
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
     core = {
         "d_in": sae.d_in,
@@ -129,7 +135,9 @@ def load_sae(folder: Path, d_in: int | None = None) -> TopKSAE:
 
     file_d_in, d_sae = int(need("d_in")), int(need("d_sae"))
     if d_in is not None and file_d_in != d_in:
-        raise ValueError(f"{cfg_path}: SAE has d_in {file_d_in} but the site's activations have width {d_in}")
+        raise ValueError(
+            f"{cfg_path}: SAE has d_in {file_d_in} but the site's activations have width {d_in}"
+        )
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
@@ -140,7 +148,9 @@ def load_sae(folder: Path, d_in: int | None = None) -> TopKSAE:
     act_fn = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
     if arch == "topk" or (arch == "standard" and act_fn == "topk"):
         if k is None:
-            raise ValueError(f"{cfg_path}: missing key 'k' (or activation_fn_kwargs.k) for a topk SAE")
+            raise ValueError(
+                f"{cfg_path}: missing key 'k' (or activation_fn_kwargs.k) for a topk SAE"
+            )
         architecture, k = "topk", int(k)
     elif arch == "standard" and act_fn == "relu":
         architecture, k = "topk", d_sae  # plain ReLU: every positive latent is kept
@@ -153,9 +163,17 @@ def load_sae(folder: Path, d_in: int | None = None) -> TopKSAE:
         raise ValueError(f"{cfg_path}: unsupported normalize_activations {norm!r}")
     # SAELens's trainer folds the scale before saving, so a SAELens file means identity here; a file that
     # states its factor (pre-fold releases, our files before the fold) gets it applied, as from_pretrained does
-    scale = float(cfg.get("norm_scaling_factor") or 1.0) if norm == "expected_average_only_in" else 1.0
+    scale = (
+        float(cfg.get("norm_scaling_factor") or 1.0) if norm == "expected_average_only_in" else 1.0
+    )
 
-    sae = TopKSAE(d_in, d_sae, k, architecture, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
+    sae = TopKSAE(
+        d_in,
+        d_sae,
+        k,
+        architecture,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+    )
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
     if architecture == "jumprelu":
         shapes["threshold"] = (d_sae,)
@@ -172,7 +190,9 @@ def load_sae(folder: Path, d_in: int | None = None) -> TopKSAE:
     return sae.eval()
 
 
-def _checked_tensor(weights_path: Path, tensors: dict[str, torch.Tensor], name: str, shape: tuple) -> torch.Tensor:
+def _checked_tensor(
+    weights_path: Path, tensors: dict[str, torch.Tensor], name: str, shape: tuple
+) -> torch.Tensor:
     """``tensors[name]`` once it is there, of ``shape``, floating point and finite: a file from
     elsewhere (a user's pretrained folder) fails here, naming the file and the tensor, before any step
     computes with it."""
@@ -180,9 +200,13 @@ def _checked_tensor(weights_path: Path, tensors: dict[str, torch.Tensor], name: 
         raise ValueError(f"{weights_path}: missing tensor {name!r}")
     tensor = tensors[name]
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        raise ValueError(
+            f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}"
+        )
     if not tensor.is_floating_point():
-        raise ValueError(f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected a floating type")
+        raise ValueError(
+            f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected a floating type"
+        )
     if not bool(torch.isfinite(tensor).all()):
         n_bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{weights_path}: tensor {name!r} has {n_bad} NaN or infinite values")
@@ -207,7 +231,9 @@ def load_pretrained(spec: str, d_in: int, resolve: Callable[[str], Path] = Path)
     import tempfile
 
     loaded = SAE.from_pretrained(release, sae_id, device="cpu")
-    sae_obj = loaded[0] if isinstance(loaded, tuple) else loaded  # pre-6 versions returned (sae, cfg, sparsity)
+    sae_obj = (
+        loaded[0] if isinstance(loaded, tuple) else loaded
+    )  # pre-6 versions returned (sae, cfg, sparsity)
     with tempfile.TemporaryDirectory(prefix="saelens-") as tmp:
         sae_obj.save_model(tmp)  # its own file layout, read back by the same loader as any folder
         try:

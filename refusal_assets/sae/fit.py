@@ -122,7 +122,10 @@ def _keep_rows(
 ) -> _KeptRows:
     """Leave out the massive-activation rows and the corpus rows of study prompts, then de-duplicate
     and split what is left (:func:`distinct_split`)."""
-    pids = np.asarray(prompt_ids.to_list() if isinstance(prompt_ids, pl.Series) else list(prompt_ids), dtype=object)
+    pids = np.asarray(
+        prompt_ids.to_list() if isinstance(prompt_ids, pl.Series) else list(prompt_ids),
+        dtype=object,
+    )
     if len(pids) != len(base):
         raise ValueError(f"need one prompt id per row: {len(base)} rows, {len(pids)} prompt ids")
     post = _row_flags(post_instruction, len(base), "post_instruction")
@@ -131,7 +134,9 @@ def _keep_rows(
     corpus_of_study_prompt = corpus & np.isin(pids, pids[~corpus])
     norms = row_norms(base)
     if not np.isfinite(norms).all():
-        raise ValueError(f"{int((~np.isfinite(norms)).sum())} rows with NaN/inf; refusing to train an SAE on them")
+        raise ValueError(
+            f"{int((~np.isfinite(norms)).sum())} rows with NaN/inf; refusing to train an SAE on them"
+        )
     typical = typical_norms(torch.from_numpy(norms), cfg.max_norm_factor).numpy()
     max_norm = float(norms[typical].max())
     n_outliers = int((~typical).sum())
@@ -143,7 +148,9 @@ def _keep_rows(
             f"({int(corpus_of_study_prompt.sum())} rows of study prompts left out)"
         )
     x = SubsetRows(base, torch.from_numpy(keep))  # never materialised: read in batches
-    _, group_ids = np.unique(pids[keep].astype(str), return_inverse=True)  # sorted codes: independent of row order
+    _, group_ids = np.unique(
+        pids[keep].astype(str), return_inverse=True
+    )  # sorted codes: independent of row order
     group_ids = group_ids.astype(np.int64)
     keys = row_keys(x)
     site_rows = distinct_split(group_ids, keys, cfg, corpus[keep])
@@ -151,10 +158,14 @@ def _keep_rows(
         f"{len(x)} rows hold {site_rows.n_distinct} distinct vectors; {int(site_rows.template.sum())} rows are "
         f"template rows (a vector in more than one prompt)"
     )
-    return _KeptRows(x, pids[keep], group_ids, post[keep], corpus[keep], keys, site_rows, n_outliers, max_norm)
+    return _KeptRows(
+        x, pids[keep], group_ids, post[keep], corpus[keep], keys, site_rows, n_outliers, max_norm
+    )
 
 
-def _train_or_load(kept: _KeptRows, cfg: SAEConfig, d_in: int, options: FitOptions) -> tuple[TopKSAE, dict[str, Any]]:
+def _train_or_load(
+    kept: _KeptRows, cfg: SAEConfig, d_in: int, options: FitOptions
+) -> tuple[TopKSAE, dict[str, Any]]:
     """The site's SAE and its history: loaded (``options.pretrained``) or trained on the training part."""
     if options.pretrained is not None:
         sae = load_pretrained(options.pretrained, d_in=d_in, resolve=options.resolve)
@@ -193,13 +204,17 @@ def _held_out_metrics(sae: TopKSAE, kept: _KeptRows, trained: bool) -> dict[str,
         "fvu": held.fvu,
         "l0": held.l0,
         "mse": held.mse,
-        "fvu_post_instruction": evaluate_sae(sae, sub(eval_post)).fvu if len(eval_post) > 1 else nan,
+        "fvu_post_instruction": evaluate_sae(sae, sub(eval_post)).fvu
+        if len(eval_post) > 1
+        else nan,
         "fvu_val": evaluate_sae(sae, sub(sp.val)).fvu,
         # the generalisation gap: far below the held-out FVU, the SAE is limited by its data, not its
         # fit; a pretrained SAE never saw these rows, so it has none
         "fvu_train": evaluate_sae(sae, sub(sp.train)).fvu if trained else nan,
     }
-    non_template = np.flatnonzero(~template & ~kept.corpus)  # the study's rows: what the circuits read
+    non_template = np.flatnonzero(
+        ~template & ~kept.corpus
+    )  # the study's rows: what the circuits read
     fired = fired_latents(sae, sub(non_template))
     # template vectors are few once distinct: the first row of each is enough to see what fires on them
     fired_all = fired.clone()
@@ -211,7 +226,9 @@ def _held_out_metrics(sae: TopKSAE, kept: _KeptRows, trained: bool) -> dict[str,
     metrics.update(
         dead_fraction=1.0 - float(fired.float().mean()),
         dead_fraction_with_template=1.0 - float(fired_all.float().mean()),
-        dead_fraction_val=1.0 - float(fired_latents(sae, sub(val_nt)).float().mean()) if len(val_nt) else nan,
+        dead_fraction_val=1.0 - float(fired_latents(sae, sub(val_nt)).float().mean())
+        if len(val_nt)
+        else nan,
         n_rows=len(kept.x),
         n_distinct_rows=kept.site_rows.n_distinct,
         n_template_rows=int(template.sum()),
@@ -258,7 +275,9 @@ def fit_site(
     sae, history = _train_or_load(kept, cfg, base.d_in, options)
     metrics = _held_out_metrics(sae, kept, trained=options.pretrained is None)
     # every row of an evaluation prompt may be a training duplicate; the prompt is still held out
-    held_out = set(np.unique(kept.prompt_ids[site_split(kept.group_ids, cfg, kept.corpus).eval]).astype(str))
+    held_out = set(
+        np.unique(kept.prompt_ids[site_split(kept.group_ids, cfg, kept.corpus).eval]).astype(str)
+    )
     splice_prompts = _held_out_texts(prompts, held_out, cfg.splice.prompts_per_category)
     fit_seconds = time.perf_counter() - t0
     options.log(
@@ -267,7 +286,11 @@ def fit_site(
         f"splicing into {len(splice_prompts)} held-out prompts"
     )
     lm, tok = load_lm()
-    ids = torch.tensor(options.refusal_ids(tok), dtype=torch.long) if options.refusal_ids is not None else None
+    ids = (
+        torch.tensor(options.refusal_ids(tok), dtype=torch.long)
+        if options.refusal_ids is not None
+        else None
+    )
     splice = splice_metrics(
         lm,
         tok,
@@ -302,10 +325,16 @@ def _held_out_texts(prompts: pl.DataFrame, held_out: set[str], per_category: int
             raise ValueError(f"prompts: missing column {col!r} (have {prompts.columns})")
     df = prompts.filter(pl.col("prompt_id").cast(pl.String).is_in(sorted(held_out)))
     if "category" in df.columns:
-        df = df.with_row_index("_order").filter(pl.int_range(pl.len()).over("category") < per_category).sort("_order")
+        df = (
+            df.with_row_index("_order")
+            .filter(pl.int_range(pl.len()).over("category") < per_category)
+            .sort("_order")
+        )
     else:
         df = df.head(per_category)
     texts = df["prompt"].to_list()
     if not texts:
-        raise ValueError(f"prompts: none of the {len(held_out)} held-out evaluation prompts has a text")
+        raise ValueError(
+            f"prompts: none of the {len(held_out)} held-out evaluation prompts has a text"
+        )
     return texts

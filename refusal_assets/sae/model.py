@@ -48,11 +48,15 @@ class TopKSAE(nn.Module):
         W_dec = torch.randn(d_sae, d_in, generator=generator)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)  # [d_sae, d_in], unit rows
-        self.W_enc = nn.Parameter(W_dec.T.clone())  # [d_in, d_sae]; Gao et al.: start as the transpose
+        self.W_enc = nn.Parameter(
+            W_dec.T.clone()
+        )  # [d_in, d_sae]; Gao et al.: start as the transpose
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("norm_scale", torch.tensor(1.0))
-        self.register_buffer("threshold", torch.zeros(d_sae))  # [d_sae] inference cut for batchtopk/jumprelu
+        self.register_buffer(
+            "threshold", torch.zeros(d_sae)
+        )  # [d_sae] inference cut for batchtopk/jumprelu
 
     def normalise(self, x: Tensor) -> Tensor:
         return x.to(self.W_enc.dtype) * self.norm_scale
@@ -105,7 +109,9 @@ class PreActsAt(torch.autograd.Function):
         x_c, W_enc, rows, cols, vals = ctx.saved_tensors
         g = g * (vals > 0)  # ReLU
         (B, _), d_sae = x_c.shape, W_enc.shape[1]
-        S_T = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, B), check_invariants=False)
+        S_T = torch.sparse_coo_tensor(
+            torch.stack([cols, rows]), g, (d_sae, B), check_invariants=False
+        )
         grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         grad_W = torch.sparse.mm(S_T, x_c).T if ctx.needs_input_grad[3] else None  # [d_in, d_sae]
         # d pre / d b_dec = -W_enc^T for every row, so its batch sum only needs the column sums of S

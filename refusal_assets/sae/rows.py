@@ -129,29 +129,43 @@ class ParquetRows:
                 if width is None:
                     width = list_size
                 elif list_size != width:
-                    raise ValueError(f"{path}: vectors of width {list_size}, but earlier files have {width}")
+                    raise ValueError(
+                        f"{path}: vectors of width {list_size}, but earlier files have {width}"
+                    )
                 cols = [VECTOR_COLUMN, "prompt_id"] + (
                     ["is_post_instruction"] if "is_post_instruction" in names else []
                 )
                 for g in range(pf.num_row_groups):  # one row group in memory at a time
                     table = pf.read_row_group(g, columns=cols)
-                    flat_vals = table.column(VECTOR_COLUMN).combine_chunks().flatten()  # respects slicing
+                    flat_vals = (
+                        table.column(VECTOR_COLUMN).combine_chunks().flatten()
+                    )  # respects slicing
                     if flat_vals.type == pa.float16() and flat_vals.null_count == 0:
                         # a view of Arrow's buffer: no NumPy copy per row group
                         values = np.frombuffer(
-                            flat_vals.buffers()[1], dtype=np.float16, count=len(flat_vals), offset=flat_vals.offset * 2
+                            flat_vals.buffers()[1],
+                            dtype=np.float16,
+                            count=len(flat_vals),
+                            offset=flat_vals.offset * 2,
                         )
                     else:
                         values = flat_vals.to_numpy(zero_copy_only=False).astype(np.float16)
                     out.write(np.ascontiguousarray(values).data)  # no bytes copy
-                    norms.append(np.linalg.norm(values.reshape(-1, width).astype(np.float32), axis=-1))
+                    norms.append(
+                        np.linalg.norm(values.reshape(-1, width).astype(np.float32), axis=-1)
+                    )
                     n += table.num_rows
                     # prompt ids -> int codes per row group: a string per row would cost more than the vectors' index
                     enc = table.column("prompt_id").combine_chunks().dictionary_encode()
-                    codes = np.array([ids.setdefault(v, len(ids)) for v in enc.dictionary.to_pylist()], dtype=np.int64)
+                    codes = np.array(
+                        [ids.setdefault(v, len(ids)) for v in enc.dictionary.to_pylist()],
+                        dtype=np.int64,
+                    )
                     prompt_ids.append(codes[enc.indices.to_numpy(zero_copy_only=False)])
                     post.append(
-                        table.column("is_post_instruction").to_numpy(zero_copy_only=False).astype(bool)
+                        table.column("is_post_instruction")
+                        .to_numpy(zero_copy_only=False)
+                        .astype(bool)
                         if "is_post_instruction" in table.column_names
                         else np.zeros(table.num_rows, bool)
                     )
@@ -174,7 +188,9 @@ class ParquetRows:
         self._fd = os.open(self.path, os.O_RDONLY)
         size = os.fstat(self._fd).st_size
         if size != self.n * self.width * 2:
-            raise ValueError(f"{self.path}: {size} bytes, expected {self.n} rows x {self.width} float16")
+            raise ValueError(
+                f"{self.path}: {size} bytes, expected {self.n} rows x {self.width} float16"
+            )
 
     @property
     def d_in(self) -> int:
@@ -194,7 +210,9 @@ class ParquetRows:
             buf = os.pread(self._fd, idx.size * row_bytes, int(idx[0]) * row_bytes)
             out[:] = np.frombuffer(buf, dtype=np.float16).reshape(idx.size, self.width)
             return torch.from_numpy(out)
-        order = np.argsort(idx, kind="stable")  # ascending offsets: the reads go forward through the file
+        order = np.argsort(
+            idx, kind="stable"
+        )  # ascending offsets: the reads go forward through the file
         for j in order:
             buf = os.pread(self._fd, row_bytes, int(idx[j]) * row_bytes)
             out[j] = np.frombuffer(buf, dtype=np.float16)

@@ -46,10 +46,14 @@ def splice_metrics(
 
     def run(batch, replace=None):
         hooks = (
-            [] if replace is None else [(module, lambda _m, _i, out: replace_output(out, replace(output_tensor(out))))]
+            []
+            if replace is None
+            else [(module, lambda _m, _i, out: replace_output(out, replace(output_tensor(out))))]
         )
         with forward_hooks(hooks):
-            return full_logits(model, batch, shared_prefix).float()  # [B, T, V]; the template head once
+            return full_logits(
+                model, batch, shared_prefix
+            ).float()  # [B, T, V]; the template head once
 
     for chunk in batches(prompts, batch_size):
         batch = encode_chat(tokenizer, chunk, system_prompt).to(device)
@@ -89,7 +93,10 @@ def splice_metrics(
         "n_prompts": len(prompts),
     }
     if refusal_ids is not None and scores["clean"]:
-        clean_s, spliced_s = torch.cat(scores["clean"]).double(), torch.cat(scores["spliced"]).double()
+        clean_s, spliced_s = (
+            torch.cat(scores["clean"]).double(),
+            torch.cat(scores["spliced"]).double(),
+        )
         out.update(
             refusal_score_clean=float(clean_s.mean()),
             refusal_score_spliced=float(spliced_s.mean()),

@@ -16,11 +16,15 @@ from refusal_assets.sae.model import EVAL_BATCH
 from refusal_assets.sae.rows import Rows, chunks
 
 
-def split_by_group(group_ids: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_by_group(
+    group_ids: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, val); ``val_fraction`` of the groups (prompts) go wholly to validation."""
     groups = np.unique(group_ids)
     if len(groups) < 2:
-        raise ValueError(f"need at least 2 groups (prompts) to split train/validation, got {len(groups)}")
+        raise ValueError(
+            f"need at least 2 groups (prompts) to split train/validation, got {len(groups)}"
+        )
     n_val = min(max(1, round(val_fraction * len(groups))), len(groups) - 1)
     val_groups = np.random.default_rng(seed).permutation(groups)[:n_val]
     is_val = np.isin(group_ids, val_groups)
@@ -43,7 +47,9 @@ def row_norms(rows: Rows, batch_size: int = EVAL_BATCH) -> np.ndarray:
     norms = getattr(rows, "norms", None)
     if norms is not None and len(norms) == len(rows):
         return np.asarray(norms, dtype=np.float32)
-    return torch.cat([x.float().norm(dim=-1) for x in chunks(rows, torch.arange(len(rows)), batch_size)]).numpy()
+    return torch.cat(
+        [x.float().norm(dim=-1) for x in chunks(rows, torch.arange(len(rows)), batch_size)]
+    ).numpy()
 
 
 class PromptSplit(NamedTuple):
@@ -56,21 +62,27 @@ class PromptSplit(NamedTuple):
     """Held-out rows for the reported metrics."""
 
 
-def split_prompts(group_ids: np.ndarray, val_fraction: float, eval_fraction: float, seed: int) -> PromptSplit:
+def split_prompts(
+    group_ids: np.ndarray, val_fraction: float, eval_fraction: float, seed: int
+) -> PromptSplit:
     """Rows (train, early-stopping validation, held-out evaluation); ``val_fraction`` and
     ``eval_fraction`` of the groups (prompts) go wholly to validation and evaluation, drawn from one
     permutation of the sorted group ids so the split does not depend on row order or file layout."""
     group_ids = np.asarray(group_ids)
     groups = np.unique(group_ids)
     if len(groups) < 3:
-        raise ValueError(f"need at least 3 groups (prompts) to split train/validation/evaluation, got {len(groups)}")
+        raise ValueError(
+            f"need at least 3 groups (prompts) to split train/validation/evaluation, got {len(groups)}"
+        )
     n_eval = min(max(1, round(eval_fraction * len(groups))), len(groups) - 2)
     n_val = min(max(1, round(val_fraction * len(groups))), len(groups) - 1 - n_eval)
     perm = np.random.default_rng(seed).permutation(groups)
     part = np.zeros(len(group_ids), np.int8)  # 0 train, 1 val, 2 eval
     part[np.isin(group_ids, perm[:n_eval])] = 2
     part[np.isin(group_ids, perm[n_eval : n_eval + n_val])] = 1
-    return PromptSplit(np.flatnonzero(part == 0), np.flatnonzero(part == 1), np.flatnonzero(part == 2))
+    return PromptSplit(
+        np.flatnonzero(part == 0), np.flatnonzero(part == 1), np.flatnonzero(part == 2)
+    )
 
 
 def row_keys(rows: Rows, batch_size: int = EVAL_BATCH) -> np.ndarray:
@@ -83,7 +95,9 @@ def row_keys(rows: Rows, batch_size: int = EVAL_BATCH) -> np.ndarray:
         a = np.ascontiguousarray(x.cpu().numpy())
         flat = a.view(np.uint8).reshape(len(a), -1)
         for j in range(len(a)):
-            keys[start + j] = int.from_bytes(hashlib.blake2b(flat[j].data, digest_size=8).digest(), "little")
+            keys[start + j] = int.from_bytes(
+                hashlib.blake2b(flat[j].data, digest_size=8).digest(), "little"
+            )
         start += len(a)
     return keys
 
@@ -99,7 +113,9 @@ class SiteRows(NamedTuple):
     n_distinct: int
 
 
-def site_split(group_ids: np.ndarray, cfg: SAEConfig, train_only: np.ndarray | None = None) -> PromptSplit:
+def site_split(
+    group_ids: np.ndarray, cfg: SAEConfig, train_only: np.ndarray | None = None
+) -> PromptSplit:
     """:func:`split_prompts` over the study's rows; the ``train_only`` rows (bool [n], the SAE
     corpus's) join the training part whole: they are never held out, so the held-out prompts, and
     the numbers measured on them, are the same with or without a corpus."""
@@ -108,7 +124,9 @@ def site_split(group_ids: np.ndarray, cfg: SAEConfig, train_only: np.ndarray | N
         return split_prompts(group_ids, cfg.val_fraction, cfg.eval_fraction, cfg.seed)
     train_only = np.asarray(train_only, dtype=bool)
     if len(train_only) != len(group_ids):
-        raise ValueError(f"need one train_only flag per row: {len(group_ids)} rows, {len(train_only)} flags")
+        raise ValueError(
+            f"need one train_only flag per row: {len(group_ids)} rows, {len(train_only)} flags"
+        )
     study = np.flatnonzero(~train_only)
     parts = split_prompts(group_ids[study], cfg.val_fraction, cfg.eval_fraction, cfg.seed)
     train = np.sort(np.concatenate([study[parts.train], np.flatnonzero(train_only)]))
@@ -139,7 +157,9 @@ def distinct_split(
 
     train = first(parts.train)
     return SiteRows(
-        PromptSplit(train, first(parts.val, train), first(parts.eval, train)), template, int(len(np.unique(keys)))
+        PromptSplit(train, first(parts.val, train), first(parts.eval, train)),
+        template,
+        int(len(np.unique(keys))),
     )
 
 

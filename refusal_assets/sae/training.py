@@ -17,12 +17,28 @@ from torch import Tensor
 from refusal_assets.config import SAEConfig
 from refusal_assets.plots import new_figure, save_png
 from refusal_assets.sae.metrics import evaluate_sae
-from refusal_assets.sae.model import EVAL_BATCH, PreActsAt, TiedEncoder, TopKSAE, select_active, sparse_decode
+from refusal_assets.sae.model import (
+    EVAL_BATCH,
+    PreActsAt,
+    TiedEncoder,
+    TopKSAE,
+    select_active,
+    sparse_decode,
+)
 from refusal_assets.sae.rows import Rows, SubsetRows, as_rows, chunks
 from refusal_assets.sae.splits import split_by_group
 
-THRESHOLD_BATCHES = 100  # the batch minimum varies little from batch to batch; 100 pin its mean down
-CURVES = ("step", "train_loss", "train_fvu", "aux_loss", "val_fvu", "dead_fraction")  # history lists, per evaluation
+THRESHOLD_BATCHES = (
+    100  # the batch minimum varies little from batch to batch; 100 pin its mean down
+)
+CURVES = (
+    "step",
+    "train_loss",
+    "train_fvu",
+    "aux_loss",
+    "val_fvu",
+    "dead_fraction",
+)  # history lists, per evaluation
 
 
 def train_step(
@@ -45,7 +61,9 @@ def train_step(
     batch_topk = sae.architecture == "batchtopk"
     rows, cols, offsets = select_active(pre, sae.k, batch_topk)
     b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
-    W_enc = sae.W_enc if tie is None else tie.weight(sae)  # [d_in, d_sae]; tied: gradient flows to W_dec
+    W_enc = (
+        sae.W_enc if tie is None else tie.weight(sae)
+    )  # [d_in, d_sae]; tied: gradient flows to W_dec
     acts = PreActsAt.apply(pre, x_n, b_dec, W_enc, sae.b_enc, rows, cols)  # [nnz]
     err = x_n - (sparse_decode(sae.W_dec, acts, cols, offsets) + sae.b_dec)  # [B, d_in]
     tiny = torch.finfo(x_n.dtype).tiny  # only guards 0/0 on a batch of identical rows
@@ -60,11 +78,15 @@ def train_step(
         # top-k over the dead columns only: the work shrinks with the dead share instead of a full
         # masked [B, d_sae] copy and top-k
         dead_idx = dead.nonzero().squeeze(-1)  # [n_dead]
-        aux_cols = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices.reshape(-1)]
+        aux_cols = dead_idx[
+            pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices.reshape(-1)
+        ]
         aux_rows = torch.arange(B, device=x.device).repeat_interleave(k_aux)
         aux_acts = PreActsAt.apply(pre, x_n, b_dec, W_enc, sae.b_enc, aux_rows, aux_cols)
         e = err.detach()
-        e_hat = sparse_decode(sae.W_dec, aux_acts, aux_cols, torch.arange(0, B * k_aux, k_aux, device=x.device))
+        e_hat = sparse_decode(
+            sae.W_dec, aux_acts, aux_cols, torch.arange(0, B * k_aux, k_aux, device=x.device)
+        )
         aux = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(tiny)
     loss = fvu + cfg.aux_coef * aux
 
@@ -94,13 +116,20 @@ def _batches(index: Tensor, batch_size: int, gen: torch.Generator) -> Iterator[T
 
 
 def init_sae(
-    vectors: Tensor | Rows, index: Tensor, d_sae: int, cfg: SAEConfig, generator: torch.Generator, device: str = "cpu"
+    vectors: Tensor | Rows,
+    index: Tensor,
+    d_sae: int,
+    cfg: SAEConfig,
+    generator: torch.Generator,
+    device: str = "cpu",
 ) -> TopKSAE:
     """A fresh SAE whose input scale and ``b_dec`` come from ``vectors[index]`` (the training rows)."""
     rows = as_rows(vectors)
     d_in = rows.d_in
     sq_norm, total = 0.0, torch.zeros(d_in, dtype=torch.float64)
-    for x in chunks(rows, index, EVAL_BATCH):  # float64 sums so millions of rows do not lose precision
+    for x in chunks(
+        rows, index, EVAL_BATCH
+    ):  # float64 sums so millions of rows do not lose precision
         x = x.to(torch.float64)
         sq_norm += float(x.pow(2).sum())
         total += x.sum(0).cpu()
@@ -129,7 +158,9 @@ def estimate_threshold(
         if (z > 0).any():
             mins.append(z[z > 0].min())
     if not mins:
-        raise ValueError("no latent fires on the training vectors; cannot estimate a BatchTopK threshold")
+        raise ValueError(
+            "no latent fires on the training vectors; cannot estimate a BatchTopK threshold"
+        )
     sae.threshold.fill_(torch.stack(mins).mean())
     sae.train(was_training)
     return float(sae.threshold[0])
@@ -137,14 +168,23 @@ def estimate_threshold(
 
 def make_optimizer(sae: TopKSAE, lr: float, tie: TiedEncoder | None = None) -> torch.optim.Adam:
     """Adam over the SAE's parameters; with ``tie``, its scales instead of the (derived) ``W_enc``."""
-    params = list(sae.parameters()) if tie is None else [p for p in sae.parameters() if p is not sae.W_enc]
+    params = (
+        list(sae.parameters())
+        if tie is None
+        else [p for p in sae.parameters() if p is not sae.W_enc]
+    )
     params += list(tie.parameters()) if tie is not None else []
     # the fused kernel is ~20x faster than the per-tensor loop on CPU and has the same update rule
     return torch.optim.Adam(params, lr=lr, fused=sae.W_dec.device.type in ("cpu", "cuda"))
 
 
 def start_training(
-    vectors: Tensor | Rows, index: Tensor, d_sae: int, cfg: SAEConfig, generator: torch.Generator, device: str = "cpu"
+    vectors: Tensor | Rows,
+    index: Tensor,
+    d_sae: int,
+    cfg: SAEConfig,
+    generator: torch.Generator,
+    device: str = "cpu",
 ) -> tuple[TopKSAE, torch.optim.Adam, TiedEncoder | None]:
     """:func:`init_sae` in training mode, its optimiser and (``cfg.tied_encoder``) its encoder tie."""
     sae = init_sae(vectors, index, d_sae, cfg, generator, device).train()
@@ -188,7 +228,9 @@ def train_sae(
     t0 = time.perf_counter()
     rows = as_rows(vectors)
     if len(group_ids) != len(rows):
-        raise ValueError(f"need vectors [n, d_in] and group_ids [n]; got {len(rows)} rows, {len(group_ids)} group ids")
+        raise ValueError(
+            f"need vectors [n, d_in] and group_ids [n]; got {len(rows)} rows, {len(group_ids)} group ids"
+        )
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if split is None:
@@ -196,8 +238,12 @@ def train_sae(
     else:
         train_np, val_np = (np.asarray(a, dtype=np.int64) for a in split)
         if len(train_np) == 0 or len(val_np) == 0:
-            raise ValueError(f"need training and validation rows; got {len(train_np)} and {len(val_np)}")
-        shared = set(np.asarray(group_ids)[train_np].tolist()) & set(np.asarray(group_ids)[val_np].tolist())
+            raise ValueError(
+                f"need training and validation rows; got {len(train_np)} and {len(val_np)}"
+            )
+        shared = set(np.asarray(group_ids)[train_np].tolist()) & set(
+            np.asarray(group_ids)[val_np].tolist()
+        )
         if shared:
             raise ValueError(
                 f"split: {len(shared)} prompts have rows in both training and validation, e.g. group {min(shared)}"
@@ -219,14 +265,18 @@ def train_sae(
         window.append(train_step(sae, opt, x, since_fired, cfg, tie))
         if step % cfg.eval_every and step != cfg.max_steps:
             continue
-        val_fvu = evaluate_sae(sae, val_rows).fvu  # training-mode sparsity: BatchTopK has no threshold yet
+        val_fvu = evaluate_sae(
+            sae, val_rows
+        ).fvu  # training-mode sparsity: BatchTopK has no threshold yet
         loss, fvu, aux = np.mean(window, axis=0).tolist()
         dead = float((since_fired >= cfg.dead_after_tokens).float().mean())
         window.clear()
         for key, value in zip(CURVES, (step, loss, fvu, aux, val_fvu, dead)):
             hist[key].append(value)
         if log:
-            log(f"step {step}: loss {loss:.4f} train fvu {fvu:.4f} aux {aux:.4f} val fvu {val_fvu:.4f} dead {dead:.3f}")
+            log(
+                f"step {step}: loss {loss:.4f} train fvu {fvu:.4f} aux {aux:.4f} val fvu {val_fvu:.4f} dead {dead:.3f}"
+            )
         if val_fvu < best_fvu:
             best_fvu, best_step, bad_evals = val_fvu, step, 0
             best_state = copy.deepcopy(sae.state_dict())
@@ -239,7 +289,9 @@ def train_sae(
         sae.load_state_dict(best_state)
     if sae.architecture == "batchtopk":
         estimate_threshold(sae, rows, train_idx, cfg.batch_size, gen)
-    hist.update(n_train=len(train_np), n_val=len(val_np), stopped_early=stopped_early, best_step=best_step)
+    hist.update(
+        n_train=len(train_np), n_val=len(val_np), stopped_early=stopped_early, best_step=best_step
+    )
     hist["seconds"] = time.perf_counter() - t0
     return TrainedSAE(sae.eval(), hist, train_np, val_np)
 
@@ -247,7 +299,11 @@ def train_sae(
 def plot_history(history: dict[str, Any], path: Path, title: str) -> Path:
     """PNG of training loss, validation FVU and dead-latent fraction against step."""
     fig = new_figure((12, 3.5), constrained=True)
-    panels = (("train_loss", "train loss"), ("val_fvu", "validation FVU"), ("dead_fraction", "dead fraction"))
+    panels = (
+        ("train_loss", "train loss"),
+        ("val_fvu", "validation FVU"),
+        ("dead_fraction", "dead fraction"),
+    )
     for ax, (key, label) in zip(fig.subplots(1, 3), panels):
         ax.plot(history["step"], history[key], marker=".")
         ax.set(xlabel="step", ylabel=label)

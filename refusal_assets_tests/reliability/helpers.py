@@ -22,7 +22,9 @@ def files_under(root: Path) -> set[str]:
     root = Path(root)
     if not root.exists():
         return set()
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+    return {
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()
+    }
 
 
 def tiny_cfg_with(overrides: dict | None = None) -> ProjectConfig:
@@ -149,4 +151,8 @@ class Child:
     def stderr_tail(self, n: int = 3000) -> str:
         if self._err is not subprocess.DEVNULL:
             self._err.flush()
-        return self.stderr_path.read_text()[-n:] if self.stderr_path and self.stderr_path.exists() else ""
+        return (
+            self.stderr_path.read_text()[-n:]
+            if self.stderr_path and self.stderr_path.exists()
+            else ""
+        )

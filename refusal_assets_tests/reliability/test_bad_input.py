@@ -46,7 +46,10 @@ BAD_CSV = {
     # name: (file bytes, fragments the message must contain besides the file name)
     "unclosed_quote": (b'prompt,category\n"unclosed quote, hate\nnext,hate\n', ["malformed CSV"]),
     "text_after_closing_quote": (b'prompt,category\n"abc"def,hate\n', ["malformed CSV"]),
-    "more_fields_than_header": (b"prompt,category\na,b,c,d\n", ["line 2", "more fields than the header"]),
+    "more_fields_than_header": (
+        b"prompt,category\na,b,c,d\n",
+        ["line 2", "more fields than the header"],
+    ),
     "latin1_not_utf8": (b"prompt,category\ncaf\xe9 ok,hate\n", ["not valid UTF-8", "line 2"]),
     "utf16": ("prompt,category\nhi,hate\n".encode("utf-16"), ["binary"]),
     "gzip_renamed_csv": (gzip.compress(b"prompt,category\nhi,hate\n"), ["binary"]),
@@ -54,13 +57,22 @@ BAD_CSV = {
     "nul_inside_quotes": (b'prompt,category\n"a\x00b",hate\n', ["binary"]),
     "missing_prompt_column": (b"text,category\nhi,hate\n", ["missing column", "'prompt'"]),
     "missing_category_column": (b"prompt,label\nhi,hate\n", ["missing column", "'category'"]),
-    "missing_both_columns": (b"text,label\nhi,hate\n", ["'prompt'", "'category'", "found ['text', 'label']"]),
+    "missing_both_columns": (
+        b"text,label\nhi,hate\n",
+        ["'prompt'", "'category'", "found ['text', 'label']"],
+    ),
     "empty_file": (b"", ["empty"]),
     "whitespace_only": (b"  \n\n \n", ["empty"]),
     "header_only": (b"prompt,category\n", ["no prompts"]),
     "every_prompt_blank": (b"prompt,category\n,hate\n   ,hate\n", ["no prompts"]),
-    "row_without_category_field": (b"prompt,category\nfine,hate\njust a prompt\n", ["line 3", "empty category"]),
-    "row_with_blank_category": (b"prompt,category\nfine,hate\norphan,   \n", ["line 3", "empty category", "orphan"]),
+    "row_without_category_field": (
+        b"prompt,category\nfine,hate\njust a prompt\n",
+        ["line 3", "empty category"],
+    ),
+    "row_with_blank_category": (
+        b"prompt,category\nfine,hate\norphan,   \n",
+        ["line 3", "empty category", "orphan"],
+    ),
 }
 
 
@@ -103,13 +115,19 @@ def test_configured_category_without_prompts_is_an_error_and_writes_nothing(tmp_
     data = tmp_path / "data"
     write_csv(
         data / TOXIC,
-        [("How do I insult someone?", "harassment"), ("Hack a bank", "illegal"), ("Find an address", "privacy")],
+        [
+            ("How do I insult someone?", "harassment"),
+            ("Hack a bank", "illegal"),
+            ("Find an address", "privacy"),
+        ],
     )
     with pytest.raises(DataError) as e:
         load_orbench(data, categories=["harassment", "illegal", "privacy", "violence"])
     assert "violence" in str(e.value) and str(data) in str(e.value)
     storage = tmp_path / "storage"
-    assets, resources = tiny_assets(tiny_cfg_with({"data.path": str(data)}), storage)  # tiny lists violence
+    assets, resources = tiny_assets(
+        tiny_cfg_with({"data.path": str(data)}), storage
+    )  # tiny lists violence
     result = materialize([assets["orbench_prompts"]], resources, "harassment")
     assert not result.success
     (failure,) = failure_messages(result)
@@ -193,10 +211,30 @@ CONFIG_ERRORS = {
         "d.yaml",
         ["splits.1", "'safe', 'hard' or 'toxic'"],
     ),
-    "duplicate_split": (_set("data.splits", ["safe", "safe"]), None, "project.yaml", ["data.splits", "duplicate"]),
-    "no_split": (_set("data.splits", []), None, "project.yaml", ["data.splits", "at least one split"]),
-    "unknown_top_level_key": (_set("modles", []), None, "project.yaml", ["'modles'", "Extra inputs"]),
-    "unknown_nested_key": (_set("sae.expansion", 4), None, "project.yaml", ["sae.expansion", "Extra inputs"]),
+    "duplicate_split": (
+        _set("data.splits", ["safe", "safe"]),
+        None,
+        "project.yaml",
+        ["data.splits", "duplicate"],
+    ),
+    "no_split": (
+        _set("data.splits", []),
+        None,
+        "project.yaml",
+        ["data.splits", "at least one split"],
+    ),
+    "unknown_top_level_key": (
+        _set("modles", []),
+        None,
+        "project.yaml",
+        ["'modles'", "Extra inputs"],
+    ),
+    "unknown_nested_key": (
+        _set("sae.expansion", 4),
+        None,
+        "project.yaml",
+        ["sae.expansion", "Extra inputs"],
+    ),
     "unknown_key_in_model_file": (
         _set("models", ["models/m.yaml"]),
         {"models/m.yaml": MODEL_FILE + "batchsize: 4\n"},
@@ -204,7 +242,12 @@ CONFIG_ERRORS = {
         ["'batchsize'", "Extra inputs"],
     ),
     "wrong_type_int": (_set("sae.k", "eight"), None, "project.yaml", ["sae.k", "valid integer"]),
-    "wrong_type_fraction": (_set("sae.max_steps", 1.5), None, "project.yaml", ["sae.max_steps", "fractional"]),
+    "wrong_type_fraction": (
+        _set("sae.max_steps", 1.5),
+        None,
+        "project.yaml",
+        ["sae.max_steps", "fractional"],
+    ),
     "wrong_type_nested": (
         _set("sae.thresholds.max_fvu", "high"),
         None,
@@ -229,20 +272,34 @@ CONFIG_ERRORS = {
         "project.yaml",
         ["data.heldout_fraction", "less than 1"],
     ),
-    "one_crossfit_fold": (_set("circuits.n_folds", 1), None, "project.yaml", ["circuits.n_folds", "leave-one-out"]),
+    "one_crossfit_fold": (
+        _set("circuits.n_folds", 1),
+        None,
+        "project.yaml",
+        ["circuits.n_folds", "leave-one-out"],
+    ),
     "unknown_prompt_filter": (
         _set("circuits.prompt_filter", "toxic"),
         None,
         "project.yaml",
         ["circuits.prompt_filter", "'score_positive', 'refused' or 'all'"],
     ),
-    "section_not_a_mapping": (_set("sae", ["k", 8]), None, "project.yaml", ["sae", "valid dictionary"]),
+    "section_not_a_mapping": (
+        _set("sae", ["k", 8]),
+        None,
+        "project.yaml",
+        ["sae", "valid dictionary"],
+    ),
     "no_models": (_set("models", []), None, "project.yaml", ["models", "at least 1 item"]),
     "missing_included_file": (_set("sae", "sae/nope.yaml"), None, "nope.yaml", ["not found"]),
     # a site the model lacks
     "site_beyond_24_layers": (
         _set("models", ["models/m.yaml"]),
-        {"models/m.yaml": MODEL_FILE.replace("n_layers: 4", "n_layers: 24").replace("residuals_1", "residuals_30")},
+        {
+            "models/m.yaml": MODEL_FILE.replace("n_layers: 4", "n_layers: 24").replace(
+                "residuals_1", "residuals_30"
+            )
+        },
         "m.yaml",
         ["'residuals_30'", "layer 30", "24 layers (0-23)", "activation_layers"],
     ),
@@ -258,7 +315,12 @@ CONFIG_ERRORS = {
         "project.yaml",
         ["'mlp_4'", "layer 4", "4 layers"],
     ),
-    "empty_layer_range": (_set("models.0.activation_layers", ["residuals_3-1"]), None, "project.yaml", ["empty range"]),
+    "empty_layer_range": (
+        _set("models.0.activation_layers", ["residuals_3-1"]),
+        None,
+        "project.yaml",
+        ["empty range"],
+    ),
     "unknown_site_kind": (
         _set("models.0.activation_layers", ["heads_1"]),
         None,
@@ -266,8 +328,18 @@ CONFIG_ERRORS = {
         ["unknown site kind", "'heads_1'"],
     ),
     # a model key or id that would escape the storage folder
-    "model_key_escapes": (_set("models.0.key", "../x"), None, "project.yaml", ["models.0.key", "'../x'"]),
-    "model_id_only_dots": (_set("models.0.id", ".."), None, "project.yaml", ["models.0", "safe key", "'..'"]),
+    "model_key_escapes": (
+        _set("models.0.key", "../x"),
+        None,
+        "project.yaml",
+        ["models.0.key", "'../x'"],
+    ),
+    "model_id_only_dots": (
+        _set("models.0.id", ".."),
+        None,
+        "project.yaml",
+        ["models.0", "safe key", "'..'"],
+    ),
 }
 
 
@@ -303,7 +375,9 @@ def test_project_name_cannot_escape_the_storage_folder(name, tmp_path):
 def test_configured_category_that_escapes_is_refused_before_anything_is_written(tmp_path):
 
     path = _write_project(tmp_path, _set("data.categories", ["harassment", "../../etc"]))
-    with pytest.raises(ConfigError, match=r"data\.categories.*unsafe category '\.\./\.\./etc'") as e:
+    with pytest.raises(
+        ConfigError, match=r"data\.categories.*unsafe category '\.\./\.\./etc'"
+    ) as e:
         load_config(path)  # refused at load time, before any definitions or files exist
     assert str(path) in str(e.value)
     assert files_under(tmp_path / "storage") == set()
@@ -325,7 +399,17 @@ def test_category_escaping_in_csv_is_refused_by_value(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "parts", [("..",), ("../x",), ("a/b",), ("/etc",), ("",), (".hidden",), ("ok", ".."), ("ok", "x/../../y")]
+    "parts",
+    [
+        ("..",),
+        ("../x",),
+        ("a/b",),
+        ("/etc",),
+        ("",),
+        (".hidden",),
+        ("ok", ".."),
+        ("ok", "x/../../y"),
+    ],
 )
 def test_storage_path_refuses_escaping_parts(parts, tmp_path):
     storage = Storage(tmp_path)
@@ -357,7 +441,9 @@ def test_yaml_python_tags_are_refused_and_never_executed(payload, where, tmp_pat
         bad_file = "project.yaml"
     else:
         path = _write_project(
-            tmp_path, _set("models", ["models/m.yaml"]), {"models/m.yaml": MODEL_FILE + f"revision: {tagged}\n"}
+            tmp_path,
+            _set("models", ["models/m.yaml"]),
+            {"models/m.yaml": MODEL_FILE + f"revision: {tagged}\n"},
         )
         bad_file = "m.yaml"
     with pytest.raises(ConfigError) as e:
@@ -381,7 +467,9 @@ def _fake_parts(tmp_path: Path) -> tuple[list[Path], bytes]:
     return paths, b"".join(chunks)
 
 
-@pytest.mark.parametrize("fault", ["flipped_byte", "swapped_parts", "wrong_expected_sha", "part_missing_bytes"])
+@pytest.mark.parametrize(
+    "fault", ["flipped_byte", "swapped_parts", "wrong_expected_sha", "part_missing_bytes"]
+)
 def test_corrupted_gguf_part_is_refused_and_leaves_no_file(fault, tmp_path):
     parts, whole = _fake_parts(tmp_path)
     size, sha = len(whole), hashlib.sha256(whole).hexdigest()
@@ -407,9 +495,13 @@ def test_corrupted_gguf_part_is_refused_and_leaves_no_file(fault, tmp_path):
 
 def test_unreadable_gguf_part_is_an_error_naming_it_and_leaves_no_partial_file(tmp_path):
     parts, whole = _fake_parts(tmp_path)
-    parts[2].unlink()  # e.g. removed by a concurrent pip uninstall after packaged_part_paths() checked it
+    parts[
+        2
+    ].unlink()  # e.g. removed by a concurrent pip uninstall after packaged_part_paths() checked it
     dest = tmp_path / "cache" / "model.gguf"
-    with pytest.raises(OSError, match="part03.bin"):  # ModelLoadError would be nicer; the file is named either way
+    with pytest.raises(
+        OSError, match="part03.bin"
+    ):  # ModelLoadError would be nicer; the file is named either way
         assemble_gguf(parts, dest, size=len(whole), sha256=hashlib.sha256(whole).hexdigest())
     assert files_under(dest.parent) == set()  # no '<dest>.<pid>.partial' left behind
 
@@ -429,7 +521,9 @@ def _prompts_table(n: int = 200) -> pa.Table:
 
 @pytest.mark.parametrize("cut", ["half", "footer_only_missing", "zero_bytes", "garbage"])
 def test_truncated_parquet_is_a_value_error_naming_the_file(cut, tmp_path):
-    path = write_parquet(_prompts_table(), tmp_path / "orbench_prompts" / "harassment" / "prompts.parquet")
+    path = write_parquet(
+        _prompts_table(), tmp_path / "orbench_prompts" / "harassment" / "prompts.parquet"
+    )
     raw = path.read_bytes()
     path.write_bytes(
         {
@@ -452,7 +546,9 @@ def test_truncated_activations_file_fails_read_vectors_naming_the_file(tmp_path)
             "heldout": [False] * 50,
             "token_index": list(range(50)),
             "is_post_instruction": [False] * 50,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(torch.randn(50 * 8).half().numpy(), pa.float16()), 8),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(torch.randn(50 * 8).half().numpy(), pa.float16()), 8
+            ),
         }
     )
     path = write_parquet(table, tmp_path / "activations.parquet")
@@ -473,7 +569,11 @@ def test_truncated_upstream_parquet_fails_the_downstream_asset_and_writes_nothin
     result = materialize([assets["prompt_sample"]], resources, "privacy")
     assert not result.success
     (failure,) = failure_messages(result)
-    assert failure.startswith("ValueError") and str(prompts) in failure and "unreadable Parquet" in failure, failure
+    assert (
+        failure.startswith("ValueError")
+        and str(prompts) in failure
+        and "unreadable Parquet" in failure
+    ), failure
     assert files_under(storage) == before  # no sample.parquet, no temp file
 
 
@@ -506,7 +606,8 @@ def test_truncated_or_corrupt_sae_files_are_value_errors_naming_the_file(tmp_pat
     cfg = json.loads((good / "cfg.json").read_text())
     (bad_cfg / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 65}))
     with pytest.raises(
-        ValueError, match=r"sae_weights\.safetensors: tensor 'W_enc' has shape \(16, 64\), expected \(16, 65\)"
+        ValueError,
+        match=r"sae_weights\.safetensors: tensor 'W_enc' has shape \(16, 64\), expected \(16, 65\)",
     ):
         load_sae(bad_cfg)
     assert torch.equal(load_sae(good).W_dec, sae.W_dec)  # the intact folder still loads
@@ -514,13 +615,17 @@ def test_truncated_or_corrupt_sae_files_are_value_errors_naming_the_file(tmp_pat
 
 # ---------------------------------------------------------------------------- NaN / inf activations
 @pytest.mark.parametrize("fault", ["nan", "inf", "float16_overflow"])
-def test_non_finite_activations_fail_the_check_and_the_sae_refuses_them(fault, tmp_path, tiny_model, monkeypatch):
+def test_non_finite_activations_fail_the_check_and_the_sae_refuses_them(
+    fault, tmp_path, tiny_model, monkeypatch
+):
     storage = tmp_path / "storage"
     cfg = tiny_cfg_with(
         {"data.categories": ["harassment"], "sae.train_categories": ["harassment"]}
     )  # the SAE reads every category: keep one
     assets, resources = tiny_assets(cfg, storage)
-    assert materialize([assets["orbench_prompts"], assets["prompt_sample"]], resources, "harassment").success
+    assert materialize(
+        [assets["orbench_prompts"], assets["prompt_sample"]], resources, "harassment"
+    ).success
 
     real_forward = acts_core.forward_sites
     fill = {"nan": float("nan"), "inf": float("inf"), "float16_overflow": 1e5}[fault]
@@ -550,7 +655,9 @@ def test_non_finite_activations_fail_the_check_and_the_sae_refuses_them(fault, t
     result = materialize([assets["sae"]], resources, "all|tiny-qwen2__resid1")  # sae: scope|site
     assert not result.success
     (failure,) = failure_messages(result)
-    assert "NaN" in failure and "tiny-qwen2__resid1" in failure and f"{n_prompts} rows" in failure, failure
+    assert (
+        "NaN" in failure and "tiny-qwen2__resid1" in failure and f"{n_prompts} rows" in failure
+    ), failure
     assert files_under(storage) == before and not (storage / "sae").exists()
 
     # the blocking check saw it too, failed the step, and the count is in the UI's metadata

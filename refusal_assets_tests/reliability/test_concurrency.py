@@ -133,7 +133,9 @@ barrier("pool2")
 out["pool2"] = run(["refusal_behaviour"], key, dg.DagsterInstance.from_config({home2!r}), "pool2")
 print("RESULT " + json.dumps(out), flush=True)
 """
-FRESH_ROUNDS = 10  # about half the rounds break here; all ten pass by chance about once in a thousand
+FRESH_ROUNDS = (
+    10  # about half the rounds break here; all ten pass by chance about once in a thousand
+)
 PHASES = (*(f"fresh{i}" for i in range(FRESH_ROUNDS)), "data", "pool1", "race", "pool2")
 
 
@@ -143,7 +145,8 @@ def _home(path: Path, limit: int | None = None) -> Path:
     text = (ROOT / "dagster_home" / "dagster.yaml").read_text()
     config = yaml.safe_load(text)
     assert (
-        config["concurrency"]["pools"]["default_limit"] == 1 and config["concurrency"]["pools"]["granularity"] == "op"
+        config["concurrency"]["pools"]["default_limit"] == 1
+        and config["concurrency"]["pools"]["granularity"] == "op"
     )
     path.mkdir(parents=True)
     if limit is not None:
@@ -156,7 +159,9 @@ def _home(path: Path, limit: int | None = None) -> Path:
 
 
 def _instance(home: Path, monkeypatch: pytest.MonkeyPatch) -> dg.DagsterInstance:
-    monkeypatch.setenv("DAGSTER_HOME", str(home))  # a copied dagster.yaml may read its storage folder from it
+    monkeypatch.setenv(
+        "DAGSTER_HOME", str(home)
+    )  # a copied dagster.yaml may read its storage folder from it
     return dg.DagsterInstance.from_config(str(home))
 
 
@@ -173,7 +178,9 @@ def _initialise(home: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_children(tmp_path_factory, request):
-    request.getfixturevalue("tiny_model")  # the tiny model exists in the shared cache before the children start
+    request.getfixturevalue(
+        "tiny_model"
+    )  # the tiny model exists in the shared cache before the children start
     tmp = tmp_path_factory.mktemp("concurrency")
     home0 = tmp / "fresh"  # + round number
     for i in range(FRESH_ROUNDS):
@@ -225,14 +232,22 @@ def two_children(tmp_path_factory, request):
     }
 
 
-def _step_window(instance: dg.DagsterInstance, run_id: str, step_keys: set[str] | None = None) -> tuple[float, float]:
+def _step_window(
+    instance: dg.DagsterInstance, run_id: str, step_keys: set[str] | None = None
+) -> tuple[float, float]:
     """STEP_START and STEP_SUCCESS of the run's one step (of ``step_keys``: the asset's own step,
     not the asset checks that run as steps of their own beside it)."""
-    records = instance.all_logs(run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS})
+    records = instance.all_logs(
+        run_id, of_type={DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}
+    )
     if step_keys is not None:
         records = [r for r in records if r.dagster_event.step_key in step_keys]
-    starts = [r.timestamp for r in records if r.dagster_event.event_type == DagsterEventType.STEP_START]
-    ends = [r.timestamp for r in records if r.dagster_event.event_type == DagsterEventType.STEP_SUCCESS]
+    starts = [
+        r.timestamp for r in records if r.dagster_event.event_type == DagsterEventType.STEP_START
+    ]
+    ends = [
+        r.timestamp for r in records if r.dagster_event.event_type == DagsterEventType.STEP_SUCCESS
+    ]
     assert len(starts) == 1 and len(ends) == 1, (run_id, records)
     return starts[0], ends[0]
 
@@ -262,7 +277,10 @@ def test_two_runs_on_different_partitions_at_once_both_succeed(two_children, mon
     results, storage = two_children["results"], two_children["storage"]
     assert all(r["data"]["success"] for r in results.values()), results
     instance = _instance(two_children["home1"], monkeypatch)
-    for asset, filename in (("orbench_prompts", "prompts.parquet"), ("prompt_sample", "sample.parquet")):
+    for asset, filename in (
+        ("orbench_prompts", "prompts.parquet"),
+        ("prompt_sample", "sample.parquet"),
+    ):
         assert instance.get_materialized_partitions(dg.AssetKey(asset)) == set(CATEGORIES)
         for category in CATEGORIES:
             assert (storage / asset / category / filename).is_file()
@@ -274,16 +292,22 @@ def test_two_runs_on_different_partitions_at_once_both_succeed(two_children, mon
 
 
 def test_gpu_pool_limit_1_never_overlaps_two_runs(two_children, monkeypatch):
-    instance, run_ids, ((a_start, a_end), (b_start, b_end)) = _windows(two_children, "pool1", "home1", monkeypatch)
+    instance, run_ids, ((a_start, a_end), (b_start, b_end)) = _windows(
+        two_children, "pool1", "home1", monkeypatch
+    )
     assert a_end - a_start >= HOLD_S and b_end - b_start >= HOLD_S
-    assert a_end <= b_start, f"GPU steps overlapped: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
+    assert a_end <= b_start, (
+        f"GPU steps overlapped: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
+    )
     # the runs themselves were concurrent: the second run had started before the first step ended, and waited
     assert max(_run_start(instance, r) for r in run_ids) < a_end
     blocked = [m for r in run_ids for m in _blocked_messages(instance, r)]
     assert blocked and all("pool gpu" in m for m in blocked)
     (pool,) = [p for p in instance.event_log_storage.get_pool_limits() if p.name == "gpu"]
     assert pool.limit == 1
-    assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0  # every slot given back
+    assert (
+        instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0
+    )  # every slot given back
     assert instance.get_materialized_partitions(dg.AssetKey("refusal_behaviour")) == {
         f"{c}|tiny-qwen2" for c in CATEGORIES
     }
@@ -296,11 +320,15 @@ def test_gpu_pool_holds_when_both_claims_come_at_the_same_instant(two_children, 
     (a_start, a_end), (b_start, b_end) = sorted(
         json.loads((two_children["go"] / f"used-race-{c}").read_text()) for c in CATEGORIES
     )
-    assert a_end <= b_start, f"model use overlapped: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
+    assert a_end <= b_start, (
+        f"model use overlapped: [{a_start:.2f}, {a_end:.2f}] and [{b_start:.2f}, {b_end:.2f}]"
+    )
 
 
 def test_control_with_pool_limit_2_the_same_steps_overlap(two_children, monkeypatch):
-    instance, run_ids, ((a_start, a_end), (b_start, b_end)) = _windows(two_children, "pool2", "home2", monkeypatch)
+    instance, run_ids, ((a_start, a_end), (b_start, b_end)) = _windows(
+        two_children, "pool2", "home2", monkeypatch
+    )
     assert b_start < a_end, "with room for two, the steps should have run side by side"
     assert not [m for r in run_ids for m in _blocked_messages(instance, r)]
     (pool,) = [p for p in instance.event_log_storage.get_pool_limits() if p.name == "gpu"]

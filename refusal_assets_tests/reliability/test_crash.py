@@ -65,7 +65,9 @@ def _tiny_sample():
 
     cfg = load_config(TINY)
     df, _ = load_orbench(SAMPLE, categories=["harassment"])
-    return sample_category(df, "harassment", cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction)
+    return sample_category(
+        df, "harassment", cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction
+    )
 
 
 def _is_readable_parquet(path) -> bool:
@@ -78,15 +80,20 @@ def _is_readable_parquet(path) -> bool:
 
 @pytest.mark.slow
 def test_sigkill_while_writing_activations_leaves_no_valid_looking_file(tmp_path, tiny_model):
-    model, tok = tiny_model  # also builds the tiny model in the shared cache before the child loads it
+    model, tok = (
+        tiny_model  # also builds the tiny model in the shared cache before the child loads it
+    )
     paths = {
-        s: tmp_path / "activations" / f"tiny-qwen2__{s.name}" / "harassment" / "activations.parquet" for s in SITES
+        s: tmp_path / "activations" / f"tiny-qwen2__{s.name}" / "harassment" / "activations.parquet"
+        for s in SITES
     }
     # resid1 holds a complete file from an earlier run; resid2 was never written
     old_bytes = write_parquet(pa.table({"x": [1, 2, 3]}), paths[SITES[0]]).read_bytes()
 
     child = Child(
-        ACTIVATIONS_CHILD.format(tiny=str(TINY), sample=str(SAMPLE), paths=[str(paths[s]) for s in SITES]),
+        ACTIVATIONS_CHILD.format(
+            tiny=str(TINY), sample=str(SAMPLE), paths=[str(paths[s]) for s in SITES]
+        ),
         stderr_path=tmp_path / "child.err",
     )
     try:
@@ -105,17 +112,27 @@ def test_sigkill_while_writing_activations_leaves_no_valid_looking_file(tmp_path
     assert len(temps) == 2, left  # one temp file per site, killed mid-write
     for rel in temps:
         name = rel.rsplit("/", 1)[-1]
-        assert name.startswith(".activations.parquet.") and name.endswith(".tmp") and name != "activations.parquet"
+        assert (
+            name.startswith(".activations.parquet.")
+            and name.endswith(".tmp")
+            and name != "activations.parquet"
+        )
         full = tmp_path / "activations" / rel
         assert full.stat().st_size > 0  # batch 1 was really being written when the process died
-        assert not _is_readable_parquet(full)  # a half file: only the temp name kept it from being read
+        assert not _is_readable_parquet(
+            full
+        )  # a half file: only the temp name kept it from being read
     with pytest.raises(FileNotFoundError, match="materialize the upstream asset first"):
         acts_core.read_vectors(paths[SITES[1]])
 
     # the rerun (in-process, unslowed) replaces both and reads back every row
     sample = _tiny_sample()
-    n_rows = acts_core.collect_activations(model, tok, sample, SITES, paths, batch_size=4, log=lambda s: None)
-    expected_rows = sum(int(encode_chat(tok, [p]).attention_mask.sum()) for p in sample["prompt"].to_list())
+    n_rows = acts_core.collect_activations(
+        model, tok, sample, SITES, paths, batch_size=4, log=lambda s: None
+    )
+    expected_rows = sum(
+        int(encode_chat(tok, [p]).attention_mask.sum()) for p in sample["prompt"].to_list()
+    )
     assert n_rows == {s: expected_rows for s in SITES}
     for site in SITES:
         vectors, meta = acts_core.read_vectors(paths[site])
@@ -175,7 +192,10 @@ def test_sigkill_while_saving_an_sae_leaves_no_loadable_folder(tmp_path):
     children = {
         name: Child(
             SAE_CHILD.format(
-                point=point, folder=str(folders[name]), sae_files=sae_files.__name__, sae_model=sae_model.__name__
+                point=point,
+                folder=str(folders[name]),
+                sae_files=sae_files.__name__,
+                sae_model=sae_model.__name__,
             ),
             stderr_path=tmp_path / f"{name}.err",
         )
@@ -192,14 +212,21 @@ def test_sigkill_while_saving_an_sae_leaves_no_loadable_folder(tmp_path):
         for child in children.values():
             child.kill()
 
-    new = TopKSAE(64, 256, k=8, generator=torch.Generator().manual_seed(0))  # what the children were saving
+    new = TopKSAE(
+        64, 256, k=8, generator=torch.Generator().manual_seed(0)
+    )  # what the children were saving
     for name, (point, previous) in SAE_CASES.items():
         folder = folders[name]
         left = files_under(folder)
-        assert CFG_FILE not in left, (name, left)  # cfg.json marks a complete save; it is gone or never written
+        assert CFG_FILE not in left, (
+            name,
+            left,
+        )  # cfg.json marks a complete save; it is gone or never written
         with pytest.raises(ValueError, match=f"missing file {CFG_FILE}"):
             load_sae(folder)
-        temps = [f for f in left if f not in (CFG_FILE, WEIGHTS_FILE, "history.json", "training.png")]
+        temps = [
+            f for f in left if f not in (CFG_FILE, WEIGHTS_FILE, "history.json", "training.png")
+        ]
         assert temps and all(f.startswith(".") and f.endswith(".tmp") for f in temps), (name, left)
         if point == "weights":
             # the new weights never reached their final name; an earlier file is byte-identical
@@ -208,7 +235,9 @@ def test_sigkill_while_saving_an_sae_leaves_no_loadable_folder(tmp_path):
             else:
                 assert WEIGHTS_FILE not in left
         else:
-            assert (folder / WEIGHTS_FILE).read_bytes() != earlier_weights[name]  # new weights, but no cfg.json
+            assert (folder / WEIGHTS_FILE).read_bytes() != earlier_weights[
+                name
+            ]  # new weights, but no cfg.json
 
         # rerun: a complete save that loads back exactly
         save_sae(new, folder, {"hook_name": "resid1"})
@@ -217,4 +246,6 @@ def test_sigkill_while_saving_an_sae_leaves_no_loadable_folder(tmp_path):
             assert torch.equal(getattr(loaded, key), getattr(new, key)), (name, key)
         assert json.loads((folder / CFG_FILE).read_text())["d_sae"] == 256
         x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
-        np.testing.assert_array_equal(loaded(x)[0].detach().numpy(), new.eval()(x)[0].detach().numpy())
+        np.testing.assert_array_equal(
+            loaded(x)[0].detach().numpy(), new.eval()(x)[0].detach().numpy()
+        )

@@ -39,7 +39,9 @@ def collect(cfg, model_tok, folder):
     """The tiny sample of one category and its activations at both sites, as the ``activations`` asset makes them."""
     model, tok = model_tok
     df, _ = load_orbench(SAMPLE, categories=[CATEGORY])
-    sample = sample_category(df, CATEGORY, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction)
+    sample = sample_category(
+        df, CATEGORY, cfg.data.sampling, cfg.data.seed, cfg.data.heldout_fraction
+    )
     paths = {s: folder / s.name / "activations.parquet" for s in SITES}
     acts_core.collect_activations(
         model, tok, sample, SITES, paths, batch_size=cfg.models[0].batch_size, log=lambda s: None
@@ -72,7 +74,9 @@ def other_process(tiny_model, tmp_path_factory):
     thread: see conftest.py). It runs alone, before this process's own runs."""
     root = tmp_path_factory.mktemp("det_child")
     child = Child(
-        CHILD.format(tiny=str(TINY), root=str(root)), env={"PYTHONHASHSEED": "4242"}, stderr_path=root / "child.err"
+        CHILD.format(tiny=str(TINY), root=str(root)),
+        env={"PYTHONHASHSEED": "4242"},
+        stderr_path=root / "child.err",
     )
     try:
         rc = child.finish(timeout=300)
@@ -90,9 +94,17 @@ def _train_and_save(tiny_cfg, vectors, meta, folder, sae_cfg=None):
     """Exactly the ``sae`` asset's call: group ids from prompt ids, d_sae = expansion x d_model."""
     sae_cfg = sae_cfg or tiny_cfg.sae
     group_ids = meta["prompt_id"].cast(pl.Categorical).to_physical().to_numpy().astype(np.int64)
-    sae, history = train_sae(vectors, group_ids, sae_cfg, d_sae=sae_cfg.expansion_factor * vectors.shape[1])[:2]
+    sae, history = train_sae(
+        vectors, group_ids, sae_cfg, d_sae=sae_cfg.expansion_factor * vectors.shape[1]
+    )[:2]
     save_sae(
-        sae, folder, {"hook_name": folder.name, "model_name": "tiny-qwen2", "site_key": f"tiny-qwen2__{folder.name}"}
+        sae,
+        folder,
+        {
+            "hook_name": folder.name,
+            "model_name": "tiny-qwen2",
+            "site_key": f"tiny-qwen2__{folder.name}",
+        },
     )
     return sae, history
 
@@ -107,26 +119,41 @@ def trained_twice(tiny_cfg, tiny_acts, tmp_path_factory):
     out = {}
     for run in ("a", "b"):
         root = tmp_path_factory.mktemp(f"det_sae_{run}")
-        out[run] = {s: (root / s.name, *_train_and_save(tiny_cfg, *acts[s], root / s.name)) for s in SITES}
+        out[run] = {
+            s: (root / s.name, *_train_and_save(tiny_cfg, *acts[s], root / s.name)) for s in SITES
+        }
     return out
 
 
-def test_sae_training_twice_gives_byte_identical_files(tiny_cfg, tiny_acts, trained_twice, tmp_path):
+def test_sae_training_twice_gives_byte_identical_files(
+    tiny_cfg, tiny_acts, trained_twice, tmp_path
+):
     _, acts = tiny_acts
     for site in SITES:
-        (folder_a, _, hist_a), (folder_b, _, hist_b) = trained_twice["a"][site], trained_twice["b"][site]
+        (folder_a, _, hist_a), (folder_b, _, hist_b) = (
+            trained_twice["a"][site],
+            trained_twice["b"][site],
+        )
         assert folder_a != folder_b
-        assert (folder_a / WEIGHTS_FILE).read_bytes() == (folder_b / WEIGHTS_FILE).read_bytes(), site
+        assert (folder_a / WEIGHTS_FILE).read_bytes() == (folder_b / WEIGHTS_FILE).read_bytes(), (
+            site
+        )
         assert (folder_a / "cfg.json").read_bytes() == (folder_b / "cfg.json").read_bytes(), site
-        assert hist_a["val_fvu"] == hist_b["val_fvu"] and hist_a["train_loss"] == hist_b["train_loss"]
+        assert (
+            hist_a["val_fvu"] == hist_b["val_fvu"] and hist_a["train_loss"] == hist_b["train_loss"]
+        )
         assert hist_a["best_step"] == hist_b["best_step"] and len(hist_a["step"]) >= 2
         # it really learned something, on the real rows (not a degenerate constant SAE)
-        assert min(hist_a["val_fvu"]) < 0.9 and hist_a["n_train"] + hist_a["n_val"] == len(acts[site][0])
+        assert min(hist_a["val_fvu"]) < 0.9 and hist_a["n_train"] + hist_a["n_val"] == len(
+            acts[site][0]
+        )
     # control: another seed gives other bytes, so the comparison above can tell runs apart
     site = SITES[0]
     other = tiny_cfg.sae.model_copy(update={"seed": tiny_cfg.sae.seed + 1})
     _train_and_save(tiny_cfg, *acts[site], tmp_path / site.name, other)
-    assert _digest(tmp_path / site.name / WEIGHTS_FILE) != _digest(trained_twice["a"][site][0] / WEIGHTS_FILE)
+    assert _digest(tmp_path / site.name / WEIGHTS_FILE) != _digest(
+        trained_twice["a"][site][0] / WEIGHTS_FILE
+    )
 
 
 def test_train_validation_split_is_by_prompt_and_seeded(tiny_cfg, tiny_acts):
@@ -139,12 +166,16 @@ def test_train_validation_split_is_by_prompt_and_seeded(tiny_cfg, tiny_acts):
     assert not set(group_ids[train]) & set(group_ids[val])  # no prompt on both sides
 
 
-def _circuit(tiny_cfg, tiny_model, sample, sae_folders) -> tuple[dict[str, list[int]], dict[str, np.ndarray]]:
+def _circuit(
+    tiny_cfg, tiny_model, sample, sae_folders
+) -> tuple[dict[str, list[int]], dict[str, np.ndarray]]:
     """The ``circuit`` asset's node selection for each group, with SAEs loaded from disk as it does."""
     model, tok = tiny_model
     mc, cc = tiny_cfg.models[0], tiny_cfg.circuits
     saes = {s: load_sae(sae_folders[s]).eval() for s in SITES}
-    refusal_ids = torch.tensor(refusal_token_ids(tok, mc.refusal.phrases, mc.refusal.refusal_tokens))
+    refusal_ids = torch.tensor(
+        refusal_token_ids(tok, mc.refusal.phrases, mc.refusal.refusal_tokens)
+    )
     kw = dict(batch_size=mc.batch_size, system_prompt=mc.chat_template.system_prompt)
     safe_train = sample.filter((pl.col("split") == "safe") & ~pl.col("heldout"))["prompt"].to_list()
     baseline = compute_baseline(model, tok, safe_train, saes, **kw)
@@ -153,11 +184,22 @@ def _circuit(tiny_cfg, tiny_model, sample, sae_folders) -> tuple[dict[str, list[
     for group, splits in {"toxic": ["toxic"], "benign": ["safe", "hard"]}.items():
         rows = sample.filter(pl.col("split").is_in(splits))
         effects, _ = node_effects(
-            model, tok, rows["prompt"].to_list(), saes, baseline, refusal_ids, method=cc.method, **kw
+            model,
+            tok,
+            rows["prompt"].to_list(),
+            saes,
+            baseline,
+            refusal_ids,
+            method=cc.method,
+            **kw,
         )
         mean_effect = effects.mean(0)
         chosen = select_circuit(
-            mean_effect, index.site_of_node, mode=cc.selection, k_per_site=cc.k_per_site, threshold=cc.threshold
+            mean_effect,
+            index.site_of_node,
+            mode=cc.selection,
+            k_per_site=cc.k_per_site,
+            threshold=cc.threshold,
         )
         nodes[group] = np.flatnonzero(chosen).tolist()
         effects_by_group[group] = effects
@@ -166,10 +208,16 @@ def _circuit(tiny_cfg, tiny_model, sample, sae_folders) -> tuple[dict[str, list[
     return nodes, effects_by_group
 
 
-def test_circuit_node_sets_are_identical_across_runs(tiny_cfg, tiny_model, tiny_acts, trained_twice):
+def test_circuit_node_sets_are_identical_across_runs(
+    tiny_cfg, tiny_model, tiny_acts, trained_twice
+):
     sample, _ = tiny_acts
-    nodes_a, effects_a = _circuit(tiny_cfg, tiny_model, sample, {s: trained_twice["a"][s][0] for s in SITES})
-    nodes_b, effects_b = _circuit(tiny_cfg, tiny_model, sample, {s: trained_twice["b"][s][0] for s in SITES})
+    nodes_a, effects_a = _circuit(
+        tiny_cfg, tiny_model, sample, {s: trained_twice["a"][s][0] for s in SITES}
+    )
+    nodes_b, effects_b = _circuit(
+        tiny_cfg, tiny_model, sample, {s: trained_twice["b"][s][0] for s in SITES}
+    )
     assert nodes_a == nodes_b
     for group in effects_a:
         assert np.isfinite(effects_a[group]).all()
@@ -181,12 +229,18 @@ def test_another_process_with_another_hash_seed_gets_the_same_bytes_and_nodes(
 ):
     rc, child, root = other_process
     assert rc == 0, child.stderr_tail()
-    nodes_child = json.loads(next(line for line in child.lines if line.startswith("RESULT "))[len("RESULT ") :])
+    nodes_child = json.loads(
+        next(line for line in child.lines if line.startswith("RESULT "))[len("RESULT ") :]
+    )
     sample, acts = tiny_acts
-    nodes_here, _ = _circuit(tiny_cfg, tiny_model, sample, {s: trained_twice["a"][s][0] for s in SITES})
+    nodes_here, _ = _circuit(
+        tiny_cfg, tiny_model, sample, {s: trained_twice["a"][s][0] for s in SITES}
+    )
     assert nodes_child == nodes_here
     for site in SITES:
-        vectors_child, meta_child = acts_core.read_vectors(root / "acts" / site.name / "activations.parquet")
+        vectors_child, meta_child = acts_core.read_vectors(
+            root / "acts" / site.name / "activations.parquet"
+        )
         assert vectors_child.numpy().tobytes() == acts[site][0].numpy().tobytes()
         assert meta_child.equals(acts[site][1])
         assert (root / "sae" / site.name / WEIGHTS_FILE).read_bytes() == (

@@ -56,7 +56,10 @@ def _host(cmd: list[str]) -> str:
 def test_ui_binds_localhost_by_default(ui):
     cmd, err = ui()
     dev = cmd.index("dev")  # `dagster dev` or `python -m dagster dev`
-    assert cmd[dev - 1].endswith("dagster") and cmd[dev + 1 : dev + 3] == ["-m", "refusal_assets.definitions"], cmd
+    assert cmd[dev - 1].endswith("dagster") and cmd[dev + 1 : dev + 3] == [
+        "-m",
+        "refusal_assets.definitions",
+    ], cmd
     assert _host(cmd) == "127.0.0.1" and cmd[cmd.index("-p") + 1] == "3000"
     assert "warning" not in err.lower()
 
@@ -92,7 +95,16 @@ def test_backfill_talks_to_localhost_by_default(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ source scanning
-UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+UNSAFE_MODULES = {
+    "pickle",
+    "cPickle",
+    "_pickle",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "shelve",
+    "marshal",
+}
 # UniqueKeyLoader: config.py's SafeLoader subclass that refuses duplicate keys (asserted below).
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader", "UniqueKeyLoader"}
 
@@ -123,7 +135,11 @@ def unsafe_uses(source: str, filename: str = "<src>") -> list[str]:
     for node in ast.walk(tree):
         where = f"{filename}:{getattr(node, 'lineno', '?')}"
         if isinstance(node, ast.Import):
-            found += [f"{where}: import {a.name}" for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
+            found += [
+                f"{where}: import {a.name}"
+                for a in node.names
+                if a.name.split(".")[0] in UNSAFE_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom):
             mod = (node.module or "").split(".")[0]
             if mod in UNSAFE_MODULES:
@@ -131,7 +147,16 @@ def unsafe_uses(source: str, filename: str = "<src>") -> list[str]:
             if mod == "torch" and any(a.name == "load" for a in node.names):
                 found.append(f"{where}: from torch import load")
             if mod == "yaml" and any(
-                a.name in {"load", "unsafe_load", "full_load", "load_all", "Loader", "UnsafeLoader", "FullLoader"}
+                a.name
+                in {
+                    "load",
+                    "unsafe_load",
+                    "full_load",
+                    "load_all",
+                    "Loader",
+                    "UnsafeLoader",
+                    "FullLoader",
+                }
                 for a in node.names
             ):
                 found.append(f"{where}: from yaml import an unsafe loader")
@@ -211,14 +236,22 @@ eval("1+1")
 def test_package_source_has_no_pickle_unsafe_yaml_eval_or_remote_code():
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) >= 20 and PACKAGE / "lm" / "models.py" in files
-    hits = [h for f in files for h in unsafe_uses(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))]
+    hits = [
+        h
+        for f in files
+        for h in unsafe_uses(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))
+    ]
     assert hits == []
     # and every YAML read in the package goes through safe_load, or yaml.load with a safe loader
     # (the AST scan above checks its Loader); UniqueKeyLoader is SafeLoader's subclass
     yaml_reads = [
-        (f.name, m.group(0)) for f in files for m in re.finditer(r"yaml\.\w*load\w*\(", f.read_text(encoding="utf-8"))
+        (f.name, m.group(0))
+        for f in files
+        for m in re.finditer(r"yaml\.\w*load\w*\(", f.read_text(encoding="utf-8"))
     ]
-    assert yaml_reads and all(call in ("yaml.safe_load(", "yaml.load(") for _, call in yaml_reads), yaml_reads
+    assert yaml_reads and all(
+        call in ("yaml.safe_load(", "yaml.load(") for _, call in yaml_reads
+    ), yaml_reads
     import yaml
 
     from refusal_assets.config import UniqueKeyLoader
@@ -271,13 +304,19 @@ def test_trust_remote_code_is_false_unless_the_model_config_sets_it(tiny_cfg, ca
     model, _ = _fresh_load(mc, tiny_cfg.resolve)
     assert [name for name, _ in captured] == ["AutoTokenizer", "AutoModelForCausalLM"]
     for name, kwargs in captured:
-        assert kwargs["trust_remote_code"] is False and kwargs["local_files_only"] is True, (name, kwargs)
+        assert kwargs["trust_remote_code"] is False and kwargs["local_files_only"] is True, (
+            name,
+            kwargs,
+        )
     assert captured[1][1]["use_safetensors"] is True
     assert model.config.num_hidden_layers == 4
 
     captured.clear()
     _fresh_load(mc.model_copy(update={"trust_remote_code": True}), tiny_cfg.resolve)
-    assert [kwargs["trust_remote_code"] for _, kwargs in captured] == [True, True]  # only an explicit opt-in
+    assert [kwargs["trust_remote_code"] for _, kwargs in captured] == [
+        True,
+        True,
+    ]  # only an explicit opt-in
 
 
 def test_hub_model_without_opt_in_gets_trust_remote_code_false(captured):
@@ -292,7 +331,11 @@ def test_hub_model_without_opt_in_gets_trust_remote_code_false(captured):
     with pytest.raises(ModelLoadError, match="org/some-model"):
         _fresh_load(cfg, Path)
     ((name, kwargs),) = captured  # the tokenizer call failed first
-    assert name == "AutoTokenizer" and kwargs["trust_remote_code"] is False and kwargs["local_files_only"] is False
+    assert (
+        name == "AutoTokenizer"
+        and kwargs["trust_remote_code"] is False
+        and kwargs["local_files_only"] is False
+    )
 
 
 def test_yaml_opt_in_must_be_spelled_as_a_boolean(tmp_path):
@@ -304,7 +347,9 @@ def test_yaml_opt_in_must_be_spelled_as_a_boolean(tmp_path):
         "activation_layers": ["residuals_1"],
     }
     assert ModelConfig.model_validate(base).trust_remote_code is False
-    assert ModelConfig.model_validate({**base, "trust_remote_code": "yes"}).trust_remote_code is True
+    assert (
+        ModelConfig.model_validate({**base, "trust_remote_code": "yes"}).trust_remote_code is True
+    )
     with pytest.raises(ValueError, match="trust_remote_code"):
         ModelConfig.model_validate({**base, "trust_remote_code": "maybe"})
 
@@ -338,9 +383,13 @@ def test_packaged_model_path_verifies_the_checksum(tmp_path, monkeypatch):
     monkeypatch.setenv("REFUSAL_ASSETS_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelLoadError) as e:
         models.packaged_model_folder(log=lambda s: None)
-    assert f"(expected {PACKAGED_SHA256})" in str(e.value) and f"(expected {PACKAGED_SIZE})" in str(e.value)
+    assert f"(expected {PACKAGED_SHA256})" in str(e.value) and f"(expected {PACKAGED_SIZE})" in str(
+        e.value
+    )
     left = files_under(tmp_path / "cache")
-    assert {Path(f).name for f in left} <= {".lock"}, left  # only the (empty) conversion lock; no GGUF, no .partial
+    assert {Path(f).name for f in left} <= {".lock"}, (
+        left
+    )  # only the (empty) conversion lock; no GGUF, no .partial
 
 
 @pytest.mark.skipif(
