@@ -115,6 +115,17 @@ class Layout:
     def direction_plot(self, model_key: str, name: str) -> Path:
         return self.refusal_direction(model_key) / f"{name}.png"
 
+    def load_execution_verdict(self, model_key: str) -> tuple[str, str]:
+        """(verdict_execution, its reason) of the ``refusal_direction`` asset, or "insufficient
+        evidence" with the reason that it has not been materialized."""
+        from refusal_assets.directions.result import read_result
+
+        path = self.direction_result(model_key)
+        if not path.is_file():
+            return "insufficient evidence", f"{path} not found (refusal_direction not materialized)"
+        result = read_result(path)
+        return result.verdict_execution, result.verdict_reason
+
     def load_pooled_direction(self, model_key: str, layer: int) -> np.ndarray | None:
         """The pooled refusal direction [d_model] at block ``layer``'s input (an SAE at site
         ``resid{i}`` reads layer i + 1), or None where none was found (too few refusing prompts)."""

@@ -454,3 +454,46 @@ def test_compare_model_leaves_fallback_categories_out_and_writes_what_the_report
     assert out["groups"]["toxic"]["fallback_categories"] == ["weapons"]
     assert out["groups"]["benign"]["verdict_reason"].startswith("Insufficient evidence: only []")
     assert out["verdict"] == result.combined.verdict
+
+
+# ------------------------------------------------------------- the two levels in compare_model
+@pytest.mark.parametrize(
+    "world, answer",
+    [("monolithic", "monolithic"), ("two_level", "shared core + specific tail")],
+)
+def test_compare_model_gives_the_feature_level_answer_of_a_planted_world(world, answer):
+    """The comparison step runs the feature-level test on the main group's circuit effects and
+    carries the execution level's answer through, both into comparison.json."""
+    from refusal_assets.analysis.comparison import compare_model
+    from refusal_assets.analysis.feature_calibration import PlantDesign, planted_effects
+    from refusal_assets.config import CircuitConfig, ComparisonConfig
+
+    design = PlantDesign()
+    counts = {"deception": 6, "hate": 3, "illegal": 9, "privacy": 6, "sexual": 5, "violence": 4}
+    effects = planted_effects(world, counts, design, np.random.default_rng(0))
+    site_of_node = design.site_of_node()
+    circuits = {
+        c: (
+            {"sites": [], "groups": {"toxic": {"nodes": [], "prompt_filter": "score_positive"}}},
+            {"effects_toxic": e, "site_of_node": site_of_node},
+        )
+        for c, e in effects.items()
+    }
+    cc = CircuitConfig(k_per_site=design.k_per_site)
+    comp = ComparisonConfig(n_permutations=20, n_bootstrap=20)
+    result = compare_model(
+        "m",
+        sorted(counts),
+        circuits,
+        {},
+        circuits_cfg=cc,
+        comparison_cfg=comp,
+        execution=("monolithic", "pooled direction removes refusal"),
+    )
+    assert result.verdict_features == answer
+    assert result.verdict_features_by_seed == [answer]
+    out = result.to_json(seconds=0.0)
+    assert out["verdict_execution"] == "monolithic"
+    assert out["verdict_features"] == answer
+    assert out["feature_test"]["verdict"] == answer
+    json.dumps(out, default=float)  # serialisable as the asset writes it

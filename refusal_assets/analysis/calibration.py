@@ -203,6 +203,18 @@ def design_from_config(cfg) -> SyntheticDesign:
     return SyntheticDesign(n_prompts=int(cfg.data.sampling.max_per_cell))
 
 
+def execution_worlds(model, tokenizer, model_cfg, seed: int) -> dict[str, dict[str, str]]:
+    """Planted execution-level worlds on the tiny model (attention on): one shared refusal
+    direction, and one per category; each recovered by the ``refusal_direction`` asset's calls."""
+    from refusal_assets.directions.planted import EXPECTED, recover_execution_verdict
+
+    out = {}
+    for world, planted in EXPECTED.items():
+        run = recover_execution_verdict(model, tokenizer, model_cfg, world, seed=seed)
+        out[world] = {"planted": planted, "execution": run.result.verdict_execution}
+    return out
+
+
 def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = True) -> int:
     """``refusal-assets calibrate``: both levels at the config's sample sizes; prints verdicts and
     coverages; exit 0 when every check holds, 1 otherwise."""
@@ -222,6 +234,13 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
     )
     out: dict = {"synthetic": report.to_dict()}
     passed = report.passed
+    # The feature-level test at the default's real per-category counts (10 categories, 3-9
+    # refusing prompts each), >= 50 replicates: each world's `features` answer rates and `votes`.
+    from refusal_assets.analysis.feature_calibration import calibrate_feature_level
+
+    features = calibrate_feature_level(n_replicates=max(50, n_replicates), seed=comp.seed)
+    out["feature_level"] = features.to_dict()
+    passed &= features.votes
     if model_level:
         from refusal_assets.config import load_config
         from refusal_assets.lm.models import load_model
@@ -244,6 +263,8 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
         ]
         out["tiny_model"] = [asdict(r) for r in runs]
         passed &= all(r.combined == r.planted for r in runs)
+        out["execution_level"] = execution_worlds(model, tok, tiny.models[0], comp.seed)
+        passed &= all(w["execution"] == w["planted"] for w in out["execution_level"].values())
     out["passed"] = passed
     if as_json:
         print(json.dumps(out, default=float))
@@ -262,6 +283,14 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
                 f"transfer {r['circuit_transfer']}, direction ablation {r['direction_ablation']}, induced refusal "
                 f"{r['induced_refusal']})"
             )
+        for world, w in out["feature_level"]["worlds"].items():
+            f = w["features"]
+            print(
+                f"feature level, planted {world}: power {f['power']:.2f}, false-answer rate "
+                f"{f['false_answer_rate']:.2f}, votes {f['votes']}"
+            )
+        for world, w in out.get("execution_level", {}).items():
+            print(f"execution level, planted {world}: {w['execution']} (planted {w['planted']})")
         print(f"passed: {passed}")
     return 0 if passed else 1
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from refusal_assets.analysis.feature_level import CoreShareTest, core_share_test
 from refusal_assets.analysis.overlap import (
     ComparisonResult,
     compare_categories,
@@ -92,6 +93,26 @@ class ModelComparison:
     transfer: dict
     """``transfer.json`` as read (empty when not materialized)."""
     combined: CombinedVerdict
+    verdict_execution: str
+    """The execution-level answer of the ``refusal_direction`` asset (Arditi et al.'s directions,
+    ablated at every layer and position); "insufficient evidence" when it is not materialized."""
+    execution_reason: str
+    feature_test: CoreShareTest | None
+    """The feature-level test (cross-fitted shared-core share of the main group's circuits, see
+    :mod:`refusal_assets.analysis.feature_level`); None where fewer than two categories qualify."""
+    feature_reason: str
+
+    @property
+    def verdict_features(self) -> str:
+        return (
+            self.feature_test.verdict if self.feature_test is not None else "insufficient evidence"
+        )
+
+    @property
+    def verdict_features_by_seed(self) -> list[str]:
+        """One entry per SAE training the circuits were found with: today each site has one SAE
+        (one seed), so the list has one entry and the stability across trainings is not measured."""
+        return [self.verdict_features]
 
     @property
     def main_group(self) -> GroupComparison:
@@ -114,6 +135,13 @@ class ModelComparison:
         out["transfer"] = self.transfer
         out["combined"] = self.combined.to_dict()
         out["verdict"], out["verdict_reason"] = self.combined.verdict, self.combined.reason
+        out["verdict_execution"], out["execution_reason"] = (
+            self.verdict_execution,
+            self.execution_reason,
+        )
+        out["verdict_features"], out["feature_reason"] = self.verdict_features, self.feature_reason
+        out["verdict_features_by_seed"] = self.verdict_features_by_seed
+        out["feature_test"] = self.feature_test.to_dict() if self.feature_test else None
         out["seconds"] = seconds
         return out
 
@@ -183,6 +211,36 @@ def cross_jaccard(circuits: CircuitFiles, categories: list[str]) -> np.ndarray:
     )
 
 
+def feature_level(
+    circuits: CircuitFiles,
+    main: GroupComparison,
+    group: str,
+    circuits_cfg: CircuitConfig,
+    seed: int,
+) -> tuple[CoreShareTest | None, str]:
+    """The feature-level test on the main group's effects, over the categories the overlap test
+    kept that have at least two prompts (the test splits each category's prompts in halves)."""
+    effects = {
+        c: t[f"effects_{group}"]
+        for c, (_, t) in circuits.items()
+        if f"effects_{group}" in t and c not in main.fallback and len(t[f"effects_{group}"]) >= 2
+    }
+    if len(effects) < 2:
+        return None, (
+            f"Insufficient evidence: only {sorted(effects)} have two or more '{group}' prompts "
+            "with their own circuit; the feature-level test needs two categories."
+        )
+    site_of_node = next(iter(circuits.values()))[1]["site_of_node"]
+    test = core_share_test(
+        effects,
+        site_of_node,
+        error_nodes=error_node_mask(site_of_node),
+        k_per_site=circuits_cfg.k_per_site,
+        seed=seed,
+    )
+    return test, test.reason
+
+
 def compare_model(
     model_key: str,
     categories: list[str],
@@ -191,9 +249,11 @@ def compare_model(
     *,
     circuits_cfg: CircuitConfig,
     comparison_cfg: ComparisonConfig,
+    execution: tuple[str, str] = ("insufficient evidence", "refusal_direction not materialized"),
 ) -> ModelComparison:
     """The comparison step of one model (see the module docstring). ``circuits_cfg`` and
-    ``comparison_cfg``: the project config's ``circuits`` and ``comparison`` sections."""
+    ``comparison_cfg``: the project config's ``circuits`` and ``comparison`` sections;
+    ``execution``: the ``refusal_direction`` asset's (verdict, reason)."""
     if not circuits:
         raise ValueError(f"comparison for {model_key}: no category has a circuit")
     groups = sorted({g for summary, _ in circuits.values() for g in summary["groups"]})
@@ -212,6 +272,10 @@ def compare_model(
     # One answer from every test's line: the overlap test of the main group, then the functional tests.
     thresholds = {k: getattr(comparison_cfg, k) for k in _THRESHOLDS}
     combined = combine([overlap_line(main.to_json()), *transfer_lines(transfer)], thresholds)
+    main_name = "toxic" if "toxic" in by_group else next(iter(by_group))
+    feature_test, feature_reason = feature_level(
+        circuits, main, main_name, circuits_cfg, comparison_cfg.seed
+    )
     return ModelComparison(
         model_key=model_key,
         categories=categories,
@@ -222,6 +286,10 @@ def compare_model(
         direction_cosines=cosines,
         transfer=transfer,
         combined=combined,
+        verdict_execution=execution[0],
+        execution_reason=execution[1],
+        feature_test=feature_test,
+        feature_reason=feature_reason,
     )
 
 

@@ -23,7 +23,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         kinds={"scipy", "matplotlib"},
         group_name="comparison",
         code_version=cfg.section_hash("circuits", "comparison"),
-        deps=["circuit", "transfer"],
+        deps=["circuit", "transfer", "refusal_direction"],
         description="Category x category circuit overlaps with a label-permutation null, split-half ceilings, "
         "bootstrap CIs, Benjamini-Hochberg, the shared core vs category-specific tail, refusal-direction cosines, "
         "and the verdict.",
@@ -38,7 +38,13 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         circuits = {c: layout.load_circuit(model_key, c) for c in categories}
         transfer = layout.load_transfer(model_key) or {}
         result = compare_model(
-            model_key, categories, circuits, transfer, circuits_cfg=cc, comparison_cfg=comp
+            model_key,
+            categories,
+            circuits,
+            transfer,
+            circuits_cfg=cc,
+            comparison_cfg=comp,
+            execution=layout.load_execution_verdict(model_key),
         )
         md: dict = {}
         for group, res in result.groups.items():
@@ -60,6 +66,10 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             metadata={
                 "verdict": out["verdict"],
                 "verdict_reason": out["verdict_reason"],
+                "verdict_execution": result.verdict_execution,
+                "verdict_features": result.verdict_features,
+                "verdict_features_by_seed": result.verdict_features_by_seed,
+                "feature_reason": result.feature_reason,
                 "shared_fraction": main.get("shared_fraction"),
                 **(
                     ci_metadata("shared_fraction_ci", main["shared_fraction_ci"])

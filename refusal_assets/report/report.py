@@ -205,7 +205,36 @@ def functional_tests(inp: SummaryInputs) -> list[TestLine]:
     return out
 
 
+def level_answers(inp: SummaryInputs) -> list[TestLine]:
+    """The two answers first: execution level (Arditi et al.'s directions, ``refusal_direction``)
+    and feature level (the cross-fitted shared-core share of the SAE circuits), with stability."""
+    comp = inp.comparison
+    if comp is None or "verdict_execution" not in comp:
+        return []
+    by_seed = comp.get("verdict_features_by_seed") or []
+    stability = (
+        f"{len(by_seed)} SAE training: stability across trainings not measured"
+        if len(by_seed) < 2
+        else (
+            "stable across SAE trainings"
+            if len(set(by_seed)) == 1
+            else "unstable across SAE trainings: " + ", ".join(by_seed)
+        )
+    )
+    return [
+        TestLine(
+            "Execution level (refusal directions)",
+            f"{comp['verdict_execution'].upper()}. {comp['execution_reason']}",
+        ),
+        TestLine(
+            "Feature level (SAE circuits)",
+            f"{comp['verdict_features'].upper()} ({stability}). {comp['feature_reason']}",
+        ),
+    ]
+
+
 SUMMARY_TESTS: list[Callable[[SummaryInputs], list[TestLine]]] = [
+    level_answers,
     functional_tests,
     overlap_tests,
     shared_core_tests,
