@@ -84,7 +84,9 @@ def card_html(card: FeatureCard, n_examples: int = 10) -> str:
 
 
 def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
+    text = text.replace("|", "\\|").replace("\n", "⏎").replace("`", "'")
+    # control characters (byte-level tokens such as NUL) as escapes: the file stays plain text
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
 
 
 def _bold(token: str) -> str:

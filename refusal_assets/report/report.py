@@ -25,6 +25,7 @@ from refusal_assets.layout import Layout
 from refusal_assets.plots import new_figure, save_png
 from refusal_assets.report import comparison_sections as cs
 from refusal_assets.report import sections
+from refusal_assets.report.features_section import ModelFeatures, features_section
 from refusal_assets.report.render import Figure, FigureStore, render_html, render_markdown
 from refusal_assets.report.sections import ci_json, format_ci
 from refusal_assets.storage import write_text
@@ -485,6 +486,7 @@ class ReportInputs:
     behaviour: list[sections.ModelTable]
     saes: sections.SaeSection
     circuits: list[sections.ModelCircuits]
+    features: list[ModelFeatures]
     comparison: list[cs.ModelComparisonSection]
     data: sections.DataSection
     methods: sections.MethodsSection
@@ -534,6 +536,7 @@ def report_inputs(
         behaviour=sections.behaviour_section(cfg, layout, categories),
         saes=sections.sae_section(cfg, layout, store),
         circuits=sections.circuit_section(cfg, layout, categories, store),
+        features=features_section(cfg, layout, categories),
         comparison=[
             cs.comparison_section(k, comp, layout, store) for k, comp in comparisons.items()
         ],
