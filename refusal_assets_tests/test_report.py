@@ -339,3 +339,36 @@ def test_templates_are_package_files_and_html_escapes_every_value(two_models):
         '<section id="verdict"><h2>Verdict</h2>'
     )
     assert render_markdown("verdict.md", **section).startswith("\n## Verdict\n\n**tiny-qwen2: ")
+
+
+def test_features_section_shows_a_card_for_every_shared_core_latent(shared_tiny_run, tmp_path):
+    """Every latent in the toxic circuits of at least half the categories gets its card (from the
+    features asset's cards.json) in the HTML and the Markdown report."""
+    from refusal_assets.config import load_config
+    from refusal_assets.layout import Layout
+    from refusal_assets.report.features_section import features_section
+    from refusal_assets.report.report import write_report
+    from refusal_assets_tests.conftest import ROOT, copy_tiny_run
+
+    _, storage = copy_tiny_run(shared_tiny_run, tmp_path)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    layout = Layout(storage)
+    categories = sorted(cfg.data.categories)
+    members: dict[tuple[str, int], int] = {}
+    model_key = cfg.models[0].model_key
+    for c in categories:
+        summary = json.loads(layout.circuit_summary(model_key, c).read_text())
+        for n in summary["groups"]["toxic"]["nodes"]:
+            if not n["is_error"]:
+                key = (n["site"], n["latent"])
+                members[key] = members.get(key, 0) + 1
+    core = {k for k, v in members.items() if v >= max(2, (len(categories) + 1) // 2)}
+    assert core, "the tiny run's circuits share no latent: the test would check nothing"
+    (section,) = features_section(cfg, layout, categories)
+    shown = {(c.role, c.markdown.split(":")[0]) for c in section.cards}
+    for site, latent in core:
+        assert any(f"{model_key}__{site} latent {latent}" in md for _, md in shown)
+    written = write_report(cfg, layout, categories)
+    page = written.html.read_text()
+    assert page.count('class="fcard"') == len(section.cards)
+    assert "## Features" in written.markdown.read_text()
