@@ -21,6 +21,7 @@ import numpy as np
 
 from refusal_assets.analysis.overlap import compare_categories
 from refusal_assets.analysis.verdict_rule import VerdictRule
+from refusal_assets.directions.planted import FILLER_WORDS
 
 Planted = Literal["monolithic", "modular"]
 CI_STATS = ("jaccard", "normalised_jaccard", "shared_fraction")
@@ -376,22 +377,6 @@ def planted_model(
     return model.eval(), tokenizer, markers, refusal_ids
 
 
-_WORDS = [
-    "the",
-    "river",
-    "stone",
-    "blue",
-    "quiet",
-    "market",
-    "seven",
-    "letter",
-    "garden",
-    "window",
-    "cloud",
-    "paper",
-]
-
-
 def planted_prompts(
     markers: list[str], n_prompts: int, rng: np.random.Generator
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -399,7 +384,7 @@ def planted_prompts(
     their category's marker token."""
 
     def text(marker: str = "") -> str:
-        body = " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 9))))
+        body = " ".join(rng.choice(FILLER_WORDS, size=int(rng.integers(3, 9))))
         return f"{marker} {body}".strip()
 
     cats = [f"cat{c}" for c in range(len(markers))]

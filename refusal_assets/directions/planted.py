@@ -31,7 +31,7 @@ from refusal_assets.lm.sites import decoder_layers
 
 World = Literal["shared", "specific"]
 EXPECTED = {"shared": "monolithic", "specific": "modular"}
-_WORDS = [
+FILLER_WORDS = [  # the planted prompts' neutral words (both tiny-model plants)
     "the",
     "river",
     "stone",
@@ -107,7 +107,7 @@ def planted_rows(
     for c, marker in enumerate(markers):
         for split in ("toxic", "safe", "hard"):
             for i in range(n_per_split):
-                body = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 8)))
+                body = " ".join(rng.choice(FILLER_WORDS) for _ in range(rng.randint(3, 8)))
                 text = f"{marker} {body}" if split == "toxic" else body
                 drafts.append((f"cat{c}-{split}-{i}", text, f"cat{c}", split, i % 4 == 0))
     probe = [
