@@ -36,16 +36,27 @@ def _nan_ci(ci) -> tuple[float, float]:
     return tuple(math.nan if v is None else float(v) for v in (ci or (None, None)))  # type: ignore[return-value]
 
 
+def _circuit_groups(
+    parts: Partitions, context: dg.AssetCheckExecutionContext, storage: StorageResource
+) -> dict[str, dict]:
+    keys = multi_key(parts.model_category, context.partition_key)
+    summary, _ = Layout(storage.files).load_circuit(keys["model"], keys["category"])
+    return summary["groups"]
+
+
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinition]:
-    cc = cfg.circuits
+    return [
+        _denominator_ci_excludes_zero(cfg, parts),
+        _faithfulness_above_random(cfg, parts),
+        _enough_prompts(cfg, parts),
+        _toxic_refused_more_than_safe(cfg, parts),
+        _enough_categories(cfg, parts),
+    ]
 
-    def circuit_groups(
-        context: dg.AssetCheckExecutionContext, storage: StorageResource
-    ) -> dict[str, dict]:
-        keys = multi_key(parts.model_category, context.partition_key)
-        summary, _ = Layout(storage.files).load_circuit(keys["model"], keys["category"])
-        return summary["groups"]
 
+def _denominator_ci_excludes_zero(
+    cfg: ProjectConfig, parts: Partitions
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset="circuit",
         partitions_def=parts.model_category,
@@ -57,7 +68,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
         context: dg.AssetCheckExecutionContext, storage: StorageResource
     ) -> dg.AssetCheckResult:
         findings = []
-        for g, v in sorted(circuit_groups(context, storage).items()):
+        for g, v in sorted(_circuit_groups(parts, context, storage).items()):
             sweep = v["sweep"]
             findings.append(
                 (
@@ -69,6 +80,10 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
             )
         return check_result(weak.every_group(findings, "every group's m(M) - m(∅) CI excludes 0."))
 
+    return denominator_ci_excludes_zero
+
+
+def _faithfulness_above_random(cfg: ProjectConfig, parts: Partitions) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset="circuit",
         partitions_def=parts.model_category,
@@ -88,11 +103,17 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
                     _nan_ci(v.get("advantage_ci")),
                 ),
             )
-            for g, v in sorted(circuit_groups(context, storage).items())
+            for g, v in sorted(_circuit_groups(parts, context, storage).items())
         ]
         return check_result(
             weak.every_group(findings, "every group's circuit beats its random control.")
         )
+
+    return faithfulness_above_random
+
+
+def _enough_prompts(cfg: ProjectConfig, parts: Partitions) -> dg.AssetChecksDefinition:
+    cc = cfg.circuits
 
     @dg.asset_check(
         asset="circuit",
@@ -110,10 +131,16 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
                 v["n_prompts"],
                 v.get("prompt_set", cc.prompt_filter),
             )
-            for g, v in circuit_groups(context, storage).items()
+            for g, v in _circuit_groups(parts, context, storage).items()
         }
         return check_result(weak.enough_prompts(groups, cc.min_prompts, cc.prompt_filter))
 
+    return enough_prompts
+
+
+def _toxic_refused_more_than_safe(
+    cfg: ProjectConfig, parts: Partitions
+) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset="refusal_behaviour",
         partitions_def=parts.model_category,
@@ -136,6 +163,12 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
             weak.toxic_refused_more_than_safe(rates.get("toxic"), rates.get("safe"))
         )
 
+    return toxic_refused_more_than_safe
+
+
+def _enough_categories(cfg: ProjectConfig, parts: Partitions) -> dg.AssetChecksDefinition:
+    cc = cfg.circuits
+
     @dg.asset_check(
         asset="comparison",
         partitions_def=parts.model,
@@ -151,10 +184,4 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetChecksDefinitio
         expected = ["toxic", "benign"] if cc.separate_safe_toxic else ["all"]
         return check_result(weak.enough_categories(by_group, expected))
 
-    return [
-        denominator_ci_excludes_zero,
-        faithfulness_above_random,
-        enough_prompts,
-        toxic_refused_more_than_safe,
-        enough_categories,
-    ]
+    return enough_categories

@@ -31,6 +31,12 @@ activation code's version is ``activations.CODE_VERSION``)."""
 def build(
     cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
 ) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+    return [_behaviour_asset(cfg, parts, gpu_asset), _activations_asset(cfg, parts, gpu_asset)]
+
+
+def _behaviour_asset(
+    cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
+) -> dg.AssetsDefinition:
     @gpu_asset(
         partitions_def=parts.model_category,
         kinds={"pytorch", "parquet"},
@@ -86,6 +92,12 @@ def build(
                     md[f"mean_p_refusal_{split}"] = r["mean_p_refusal"]
             return dg.MaterializeResult(metadata=md)
 
+    return refusal_behaviour
+
+
+def _activations_asset(
+    cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
+) -> dg.AssetsDefinition:
     @gpu_asset(
         partitions_def=parts.site_category,
         kinds={"pytorch", "parquet"},
@@ -178,4 +190,4 @@ def build(
                 ]
             )
 
-    return [refusal_behaviour, activations]
+    return activations

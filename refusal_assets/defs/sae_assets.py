@@ -149,90 +149,100 @@ def build(
     def sae(
         context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource
     ) -> dg.MaterializeResult:
-        site_key, layout, categories = (
-            multi_key(parts.sae, context.partition_key)["site"],
-            Layout(storage.files),
-            parts.sae_train_categories,
-        )
-        model_cfg, site = (
-            cfg.model(site_key.split("__", 1)[0]),
-            Site.parse(site_key.split("__", 1)[1]),
-        )
-        paths = [layout.activations(site_key, c) for c in categories]
-        corpus_paths = [layout.sae_corpus_activations(site_key)] if cfg.sae.corpus else []
-        # the small per-row columns in memory; the vectors stream from the Parquet files (ParquetRows)
-        metas = [
-            pl.read_parquet(p, columns=["prompt_id", "is_post_instruction"])
-            for p in paths + corpus_paths
-        ]
-        meta = pl.concat(metas)
-        n_study = sum(m.height for m in metas[: len(paths)])
-        train_only = np.arange(meta.height) >= n_study  # the corpus's rows come last
-        prompts = pl.concat(
-            [layout.load_sample(c).select("prompt_id", "prompt", "category") for c in categories]
-        )
-        spec = cfg.sae.pretrained.get(site_key)
-        rows = ParquetRows.from_parquet(paths + corpus_paths)
-        try:
-            with compute.claim() as device:
-                try:
-                    fitted = fit_site(
-                        rows,
-                        meta["prompt_id"],
-                        cfg.sae,
-                        lambda: load_model(model_cfg, cfg.resolve, device, context.log.info),
-                        site,
-                        prompts,
-                        post_instruction=meta["is_post_instruction"].to_numpy(),
-                        train_only=train_only,
-                        options=FitOptions(
-                            pretrained=spec,
-                            resolve=cfg.resolve,
-                            refusal_ids=lambda tok: refusal_token_ids(
-                                tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens
-                            ),
-                            system_prompt=model_cfg.chat_template.system_prompt,
-                            device=device,
-                            log=context.log.info,
-                        ),
-                    )
-                except ValueError as e:
-                    raise ValueError(
-                        f"sae {site_key} (activations {paths[0].parent.parent}): {e}"
-                    ) from e
-        finally:
-            rows.close()
-        folder = layout.sae(site_key)
-        save_sae(
-            fitted.sae,
-            folder,
-            {
-                "hook_name": f"{site.name}",
-                "model_name": model_cfg.id,
-                "site_key": site_key,
-                "dataset": "refusal_assets sample"
-                + (f" + corpus {cfg.sae.corpus.path}" if cfg.sae.corpus else ""),
-                **sae_provenance(model_cfg, fitted.max_norm, cfg.sae.max_norm_factor),
-            },
-        )
-        write_text(
-            json.dumps(
-                {
-                    **fitted.history,
-                    "metrics": fitted.metrics,
-                    "splice": fitted.splice,
-                    "eval_prompt_ids": fitted.eval_prompt_ids,
-                },
-                indent=1,
-                default=float,
-            ),
-            layout.sae_history(site_key),
-        )
-        png = (
-            plot_history(fitted.history, layout.sae_plot(site_key), site_key) if not spec else None
-        )
-        return dg.MaterializeResult(
-            metadata=sae_metadata(fitted, folder, png), check_results=sae_checks(fitted, thresholds)
-        )
+        return _materialize_sae(cfg, parts, context, compute, storage)
 
     return [sae]
+
+
+def _materialize_sae(
+    cfg: ProjectConfig,
+    parts: Partitions,
+    context: dg.AssetExecutionContext,
+    compute: ComputeResource,
+    storage: StorageResource,
+) -> dg.MaterializeResult:
+    """The ``sae`` asset's body: fit one site's SAE and write its files."""
+    site_key, layout, categories = (
+        multi_key(parts.sae, context.partition_key)["site"],
+        Layout(storage.files),
+        parts.sae_train_categories,
+    )
+    model_cfg, site = (
+        cfg.model(site_key.split("__", 1)[0]),
+        Site.parse(site_key.split("__", 1)[1]),
+    )
+    paths = [layout.activations(site_key, c) for c in categories]
+    corpus_paths = [layout.sae_corpus_activations(site_key)] if cfg.sae.corpus else []
+    # the small per-row columns in memory; the vectors stream from the Parquet files (ParquetRows)
+    metas = [
+        pl.read_parquet(p, columns=["prompt_id", "is_post_instruction"])
+        for p in paths + corpus_paths
+    ]
+    meta = pl.concat(metas)
+    n_study = sum(m.height for m in metas[: len(paths)])
+    train_only = np.arange(meta.height) >= n_study  # the corpus's rows come last
+    prompts = pl.concat(
+        [layout.load_sample(c).select("prompt_id", "prompt", "category") for c in categories]
+    )
+    spec = cfg.sae.pretrained.get(site_key)
+    rows = ParquetRows.from_parquet(paths + corpus_paths)
+    try:
+        with compute.claim() as device:
+            try:
+                fitted = fit_site(
+                    rows,
+                    meta["prompt_id"],
+                    cfg.sae,
+                    lambda: load_model(model_cfg, cfg.resolve, device, context.log.info),
+                    site,
+                    prompts,
+                    post_instruction=meta["is_post_instruction"].to_numpy(),
+                    train_only=train_only,
+                    options=FitOptions(
+                        pretrained=spec,
+                        resolve=cfg.resolve,
+                        refusal_ids=lambda tok: refusal_token_ids(
+                            tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens
+                        ),
+                        system_prompt=model_cfg.chat_template.system_prompt,
+                        device=device,
+                        log=context.log.info,
+                    ),
+                )
+            except ValueError as e:
+                raise ValueError(
+                    f"sae {site_key} (activations {paths[0].parent.parent}): {e}"
+                ) from e
+    finally:
+        rows.close()
+    folder = layout.sae(site_key)
+    save_sae(
+        fitted.sae,
+        folder,
+        {
+            "hook_name": f"{site.name}",
+            "model_name": model_cfg.id,
+            "site_key": site_key,
+            "dataset": "refusal_assets sample"
+            + (f" + corpus {cfg.sae.corpus.path}" if cfg.sae.corpus else ""),
+            **sae_provenance(model_cfg, fitted.max_norm, cfg.sae.max_norm_factor),
+        },
+    )
+    write_text(
+        json.dumps(
+            {
+                **fitted.history,
+                "metrics": fitted.metrics,
+                "splice": fitted.splice,
+                "eval_prompt_ids": fitted.eval_prompt_ids,
+            },
+            indent=1,
+            default=float,
+        ),
+        layout.sae_history(site_key),
+    )
+    png = plot_history(fitted.history, layout.sae_plot(site_key), site_key) if not spec else None
+    return dg.MaterializeResult(
+        metadata=sae_metadata(fitted, folder, png),
+        check_results=sae_checks(fitted, cfg.sae.thresholds),
+    )
