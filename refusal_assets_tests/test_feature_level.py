@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from refusal_assets.analysis import decoder_directions
 from refusal_assets.analysis import feature_level as fl
 from refusal_assets.analysis.feature_calibration import (
     REAL_COUNTS,
@@ -142,8 +143,10 @@ def test_decoder_directions_tell_the_shared_site_from_the_specific_one():
     rng = np.random.default_rng(0)
     decoders = [rng.normal(size=(DESIGN.latents_per_site, 32)) for _ in range(DESIGN.n_sites)]
     site = DESIGN.site_of_node()
-    two_level = fl.compare_decoder_directions(_world("two_level", 1), site, decoders)
-    modular = fl.compare_decoder_directions(_world("modular", 1), site, decoders)
+    two_level = decoder_directions.compare_decoder_directions(
+        _world("two_level", 1), site, decoders
+    )
+    modular = decoder_directions.compare_decoder_directions(_world("modular", 1), site, decoders)
     assert two_level.median_normalised_cosine[1] > 0.6  # the shared core sits at the last site
     assert two_level.median_normalised_cosine[0] < 0.3  # the upstream tail is category-specific
     assert max(modular.median_normalised_cosine.values()) < 0.3
@@ -169,7 +172,9 @@ def test_bad_input_is_a_clear_error():
         fl.core_share_test({"hate": good, "illegal": good}, site, error_nodes=np.zeros(7, bool))
     with pytest.raises(ValueError, match="decoder of site 1"):
         wrong_sizes = [np.zeros((3, 4)), np.zeros((2, 4))]
-        fl.compare_decoder_directions({"hate": good, "illegal": good}, site, wrong_sizes)
+        decoder_directions.compare_decoder_directions(
+            {"hate": good, "illegal": good}, site, wrong_sizes
+        )
     with pytest.raises(ValueError, match="margin"):
         fl.FeatureRule(margin=0.5)
     with pytest.raises(ValueError, match=r"counts\['hate'\]"):

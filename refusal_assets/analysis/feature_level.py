@@ -33,7 +33,7 @@ df), the answer is "mixed". Otherwise the pooled CI decides: "monolithic" (share
 min_retention = 0.1) are fixed in :class:`FeatureRule` and calibrated on planted worlds at the real
 per-category counts (:mod:`refusal_assets.analysis.feature_calibration`).
 
-Dictionary-free companion (:func:`compare_decoder_directions`, a description, not a vote). Per
+Dictionary-free companion (:mod:`refusal_assets.analysis.decoder_directions`, a description, not a vote). Per
 category and site the effect-weighted decoder direction is sum over latents of (mean effect x W_dec
 row). Each pair of categories is compared like with like. The cross cosine is taken between a
 half-sample direction of A and one of B, and the ceiling between two disjoint halves of one
@@ -65,18 +65,18 @@ Region = Literal["shared", "specific", "partial", "undecided"]
 CI = tuple[float, float]
 
 # Seed streams, one per kind of draw, so adding one never shifts another's numbers.
-_SPLITS, _BOOT, _HALVES = 0, 1, 2
+_SPLITS, _BOOT, HALVES = 0, 1, 2
 # Resampled rows (split x bootstrap draw) handled at once: bounds memory to a few 10 MB.
 _ROWS_PER_BATCH = 256
 # Candidate latents per circuit slot in the exact pruned top-k (see _select_site).
 _CANDIDATES = 8
 
 
-def _rng(seed: int, *key: int) -> np.random.Generator:
+def rng_for(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
-def _finite_or_none(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
@@ -85,7 +85,7 @@ def _nan_if_none(value: float | None) -> float:
 
 
 def _ci_to_json(ci: CI) -> list[float | None]:
-    return [_finite_or_none(v) for v in ci]
+    return [finite_or_none(v) for v in ci]
 
 
 def _ci_from_json(values: Sequence[float | None]) -> CI:
@@ -238,7 +238,7 @@ def checked_effects(
     return checked
 
 
-def _latent_view(
+def latent_view(
     effects: dict[str, np.ndarray], site_of_node: np.ndarray, error_nodes: np.ndarray | None
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Checked effects restricted to latents, the latents' sites and their original node ids."""
@@ -273,8 +273,8 @@ class CategoryCoreShare:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["core_share"] = _finite_or_none(self.core_share)
-        out["retention"] = _finite_or_none(self.retention)
+        out["core_share"] = finite_or_none(self.core_share)
+        out["retention"] = finite_or_none(self.retention)
         out["core_share_ci"] = _ci_to_json(self.core_share_ci)
         return out
 
@@ -322,9 +322,9 @@ class CoreShareTest:
         out.update(
             categories=list(self.categories),
             per_category=[c.to_dict() for c in self.per_category],
-            core_share=_finite_or_none(self.core_share),
+            core_share=finite_or_none(self.core_share),
             core_share_ci=_ci_to_json(self.core_share_ci),
-            retention=_finite_or_none(self.retention),
+            retention=finite_or_none(self.retention),
             retention_ci=_ci_to_json(self.retention_ci),
             core_nodes=list(self.core_nodes),
             rule=asdict(self.rule),
@@ -381,10 +381,10 @@ def _halves(n_prompts: int, n_splits: int, n_bootstrap: int, seed: int, stream: 
     never drop a prompt, so every half keeps weight however small the category. Every row draws
     its own splits, so the bootstrap spread includes the choice of split as well as the prompts."""
     prompts = np.tile(np.arange(n_prompts), (n_bootstrap + 1, n_splits, 1))
-    order = _rng(seed, _SPLITS, stream).permuted(prompts, axis=2)
+    order = rng_for(seed, _SPLITS, stream).permuted(prompts, axis=2)
     in_selection = np.zeros(prompts.shape, bool)
     np.put_along_axis(in_selection, order[..., : n_prompts - n_prompts // 2], True, axis=2)
-    draws = _rng(seed, _BOOT, stream).dirichlet(np.ones(n_prompts), size=n_bootstrap)
+    draws = rng_for(seed, _BOOT, stream).dirichlet(np.ones(n_prompts), size=n_bootstrap)
     w = np.concatenate([np.full((1, n_prompts), 1.0 / n_prompts), draws])[:, None, :]
     sel, meas = w * in_selection, w * ~in_selection
     return _Halves(
@@ -553,7 +553,7 @@ def core_share_test(
         raise ValueError(f"k_per_site must be >= 1, not {k_per_site}")
     if n_splits < 1 or n_bootstrap < 1:
         raise ValueError(f"n_splits ({n_splits}) and n_bootstrap ({n_bootstrap}) must be >= 1")
-    E, site_of_latent, node_ids = _latent_view(effects, site_of_node, error_nodes)
+    E, site_of_latent, node_ids = latent_view(effects, site_of_node, error_nodes)
     cats = list(E)
     sums = _split_sums(
         E,
@@ -615,195 +615,3 @@ def _ratio_unclipped(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den; NaN where den <= 0 (circuits that carry no in-sample attribution)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-# ------------------------------------------------------------ dictionary-free: decoder directions
-
-
-@dataclass(frozen=True, kw_only=True)
-class DirectionPair:
-    """Two categories' effect-weighted decoder directions at one site, half sample against half."""
-
-    a: str
-    b: str
-    site: int
-    half_size: int
-    """Prompts per half: min(n_a, n_b) // 2, for the cross cosine and both ceilings alike."""
-    cross_cosine: float
-    """Mean cosine of a half-sample direction of a with a half-sample direction of b."""
-    ceiling_a: float
-    """Mean cosine of two disjoint half-sample directions of a (its split-half reliability)."""
-    ceiling_b: float
-    normalised_cosine: float
-    """cross / sqrt(ceiling_a * ceiling_b); NaN where a ceiling is below the minimum."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class DecoderDirectionComparison:
-    """A description, not a vote: do categories' attributions point the same way in the residual
-    stream, whatever the dictionary's basis? (See the module docstring.)"""
-
-    categories: tuple[str, ...]
-    sites: tuple[int, ...]
-    pairs: tuple[DirectionPair, ...]
-    full_cosine: dict[int, tuple[tuple[float, ...], ...]]
-    """Per site, cosines of the full-sample directions [n_cat][n_cat] (for display; not like
-    with like)."""
-    median_normalised_cosine: dict[int, float]
-    """Per site, the median normalised cosine over pairs with usable ceilings (NaN if none)."""
-    min_ceiling: float
-    n_splits: int
-    seed: int
-    description: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: NaN to None, site keys as strings."""
-
-        def clean(value: Any) -> Any:
-            if isinstance(value, float):
-                return _finite_or_none(value)
-            if isinstance(value, dict):
-                return {str(k): clean(v) for k, v in value.items()}
-            if isinstance(value, (list, tuple)):
-                return [clean(v) for v in value]
-            return value
-
-        return clean(asdict(self))
-
-
-def _unit_cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of ``[..., d]`` arrays; NaN where a row is zero."""
-    norms = np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norms > 0, (x * y).sum(-1) / np.where(norms > 0, norms, 1.0), np.nan)
-
-
-def _two_halves(
-    n: int,
-    m: int,
-    n_splits: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean weights ``[n_splits, n]`` of two disjoint random halves of m prompts each."""
-    order = rng.permuted(np.tile(np.arange(n), (n_splits, 1)), axis=1)
-    first, second = np.zeros((n_splits, n)), np.zeros((n_splits, n))
-    np.put_along_axis(first, order[:, :m], 1.0 / m, axis=1)
-    np.put_along_axis(second, order[:, m : 2 * m], 1.0 / m, axis=1)
-    return first, second
-
-
-def _pair_directions(
-    proj_a: np.ndarray, proj_b: np.ndarray, n_splits: int, rng: np.random.Generator
-) -> tuple[int, float, float, float]:
-    """Half size, cross cosine and both ceilings for per-prompt directions ``[n, d]`` of a and b."""
-    m = min(proj_a.shape[0], proj_b.shape[0]) // 2
-    a1, a2 = _two_halves(proj_a.shape[0], m, n_splits, rng)
-    b1, b2 = _two_halves(proj_b.shape[0], m, n_splits, rng)
-    da1, da2, db1, db2 = a1 @ proj_a, a2 @ proj_a, b1 @ proj_b, b2 @ proj_b  # [n_splits, d]
-    cross = np.nanmean(np.concatenate([_unit_cosine(da1, db1), _unit_cosine(da2, db2)]))
-    return (
-        m,
-        float(cross),
-        float(np.nanmean(_unit_cosine(da1, da2))),
-        float(np.nanmean(_unit_cosine(db1, db2))),
-    )
-
-
-def _checked_decoders(
-    decoders: Sequence[np.ndarray],
-    site_of_latent: np.ndarray,
-) -> list[np.ndarray]:
-    sites = np.unique(site_of_latent)
-    if len(decoders) != sites.size:
-        raise ValueError(f"got {len(decoders)} decoders for {sites.size} sites; one W_dec per site")
-    checked = []
-    for site, w_dec in zip(sites, decoders):
-        w_dec = np.asarray(w_dec, dtype=float)
-        n_latents = int((site_of_latent == site).sum())
-        if w_dec.ndim != 2 or w_dec.shape[0] != n_latents:
-            expected = f"[{n_latents}, d_in]"
-            raise ValueError(f"decoder of site {site} has shape {w_dec.shape}; expected {expected}")
-        checked.append(w_dec)
-    return checked
-
-
-def compare_decoder_directions(
-    effects: dict[str, np.ndarray],
-    site_of_node: np.ndarray,
-    decoders: Sequence[np.ndarray],
-    *,
-    error_nodes: np.ndarray | None = None,
-    min_ceiling: float = 0.1,
-    n_splits: int = 16,
-    seed: int = 0,
-) -> DecoderDirectionComparison:
-    """Per category and site the effect-weighted decoder direction (sum over latents of mean
-    effect x ``W_dec`` row); every pair compared half against half, with within-category
-    split-half ceilings at the same half size. ``decoders[s]`` ``[n_latents_s, d_in]`` in site
-    order."""
-    if n_splits < 1:
-        raise ValueError(f"n_splits must be >= 1, not {n_splits}")
-    E, site_of_latent, _ = _latent_view(effects, site_of_node, error_nodes)
-    cats, sites = list(E), [int(s) for s in np.unique(site_of_latent)]
-    w_decs = _checked_decoders(decoders, site_of_latent)
-    pairs, full_cosine, median = [], {}, {}
-    for s, w_dec in zip(sites, w_decs):
-        columns = site_of_latent == s
-        proj = {c: E[c][:, columns] @ w_dec for c in cats}  # per-prompt directions [n_c, d_in]
-        full = np.stack([proj[c].mean(0) for c in cats])
-        cosines = _unit_cosine(full[:, None], full[None])  # [n_cat, n_cat]
-        full_cosine[s] = tuple(tuple(float(v) for v in row) for row in cosines)
-        normalised = []
-        for i, a in enumerate(cats):
-            for j in range(i + 1, len(cats)):
-                b = cats[j]
-                rng = _rng(seed, _HALVES, s, i, j)
-                m, cross, ceil_a, ceil_b = _pair_directions(proj[a], proj[b], n_splits, rng)
-                usable = min(ceil_a, ceil_b) >= min_ceiling  # NaN compares False: unusable
-                norm = cross / math.sqrt(ceil_a * ceil_b) if usable else math.nan
-                normalised.append(norm)
-                pairs.append(
-                    DirectionPair(
-                        a=a,
-                        b=b,
-                        site=s,
-                        half_size=m,
-                        cross_cosine=cross,
-                        ceiling_a=ceil_a,
-                        ceiling_b=ceil_b,
-                        normalised_cosine=norm,
-                    )
-                )
-        finite = [v for v in normalised if math.isfinite(v)]
-        median[s] = float(np.median(finite)) if finite else math.nan
-    return DecoderDirectionComparison(
-        categories=tuple(cats),
-        sites=tuple(sites),
-        pairs=tuple(pairs),
-        full_cosine=full_cosine,
-        median_normalised_cosine=median,
-        min_ceiling=min_ceiling,
-        n_splits=n_splits,
-        seed=seed,
-        description=_describe_directions(pairs, sites, median, min_ceiling),
-    )
-
-
-def _describe_directions(
-    pairs: list[DirectionPair], sites: list[int], median: dict[int, float], min_ceiling: float
-) -> str:
-    """One sentence per site: the median normalised cosine and how many pairs could be
-    normalised."""
-    parts = []
-    for s in sites:
-        at_site = [p for p in pairs if p.site == s]
-        usable = sum(math.isfinite(p.normalised_cosine) for p in at_site)
-        shown = f"{median[s]:.2f}" if math.isfinite(median[s]) else "undefined"
-        parts.append(
-            f"site {s}: median normalised cosine {shown} over {usable} of {len(at_site)} pairs "
-            f"(the others have a split-half ceiling below {min_ceiling:g})"
-        )
-    return (
-        "Effect-weighted decoder directions, half sample against half (1 = as alike as two halves "
-        "of one category): " + "; ".join(parts) + "."
-    )
