@@ -562,14 +562,7 @@ def direction_tests(
                 if math.isfinite(value)
                 else (math.nan, math.nan),
             )
-    U = torch.stack(
-        [selected[c].direction / selected[c].direction.norm().clamp_min(1e-8) for c in cats]
-    )
-    cosine = {
-        "categories": cats,
-        "matrix": (U @ U.T).clamp(-1, 1).tolist(),
-        "note": "directions at each category's own selected layer and position",
-    }
+    cosine = _direction_cosines(selected, cats)
     return DirectionTests(
         ablation=cross_matrix(
             "direction cross-ablation",
@@ -584,17 +577,34 @@ def direction_tests(
             "induced refusal", cats, ind, ind_ctrl, rule, n_bootstrap=n_bootstrap, seed=seed + 1
         ),
         pooled_remaining=remaining,
-        selected={
-            c: {
-                "layer": s.layer,
-                "position": s.position,
-                "norm": float(s.direction.norm()),
-                "train_drop": s.train_drop,
-            }
-            for c, s in selected.items()
-        },
+        selected=_selected_summary(selected),
         cosine=cosine,
     )
+
+
+def _direction_cosines(selected: dict[str, SelectedDirection], cats: list[str]) -> dict:
+    """Cosines between the categories' unit directions."""
+    U = torch.stack(
+        [selected[c].direction / selected[c].direction.norm().clamp_min(1e-8) for c in cats]
+    )
+    return {
+        "categories": cats,
+        "matrix": (U @ U.T).clamp(-1, 1).tolist(),
+        "note": "directions at each category's own selected layer and position",
+    }
+
+
+def _selected_summary(selected: dict[str, SelectedDirection]) -> dict[str, dict]:
+    """Layer, position, norm and training drop of each selected direction."""
+    return {
+        c: {
+            "layer": s.layer,
+            "position": s.position,
+            "norm": float(s.direction.norm()),
+            "train_drop": s.train_drop,
+        }
+        for c, s in selected.items()
+    }
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -406,23 +406,21 @@ def _quiet() -> None:
     hf_logging.set_verbosity_error()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="refusal-assets", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        help="project config YAML (default: configs/default.yaml or $REFUSAL_ASSETS_CONFIG)",
+    )
+    p.add_argument("--data-dir", help="read prompts from this local folder in OR-Bench layout")
+    p.add_argument("--storage", help="folder for asset files (default: storage/<config name>)")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--config",
-            help="project config YAML (default: configs/default.yaml or $REFUSAL_ASSETS_CONFIG)",
-        )
-        p.add_argument("--data-dir", help="read prompts from this local folder in OR-Bench layout")
-        p.add_argument("--storage", help="folder for asset files (default: storage/<config name>)")
 
+def _add_run_and_instance_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="materialize the partitions of the selection that are missing, stale or failed last time",
     )
-    common(p)
+    _add_common(p)
     p.add_argument(
         "--select",
         default="*",
@@ -447,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ui", help="Dagster webserver + daemon for this project")
-    common(p)
+    _add_common(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=cmd_ui)
@@ -455,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "backfill", help="launch an asset backfill on the running instance (see `ui`)"
     )
-    common(p)
+    _add_common(p)
     p.add_argument(
         "--select",
         help="comma-separated asset keys, e.g. activations,sae (with --missing: a selection as `run` takes it, "
@@ -478,18 +476,20 @@ def main(argv: list[str] | None = None) -> int:
         "prune",
         help="delete the files of partitions removed from the config (a category, a model); list them",
     )
-    common(p)
+    _add_common(p)
     p.add_argument(
         "--dry-run", action="store_true", help="list what would be deleted; delete nothing"
     )
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("validate", help="validate the config and list models, sites and categories")
-    common(p)
+    _add_common(p)
     p.set_defaults(func=cmd_validate)
 
+
+def _add_check_and_bench_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks; print one JSON object")
-    common(p)
+    _add_common(p)
     p.add_argument("what", choices=["activations", "behaviour", "sae", "features"])
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument(
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibrate",
         help="run the comparison on planted monolithic / modular answers; verdicts and CI coverage",
     )
-    common(p)
+    _add_common(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.add_argument(
         "--replicates", type=int, default=200, help="synthetic replicates per planted answer"
@@ -538,6 +538,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sae-dir", default="storage", help="folder searched for history.json")
     p.set_defaults(func=cmd_plot_sae)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusal-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_and_instance_parsers(sub)
+    _add_check_and_bench_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     _quiet()
     from refusal_assets.app.backfill import BackfillError

@@ -155,11 +155,7 @@ def run_selection(
     if dry_run:
         return 0
     resources = defs.resources
-    # the WARN checks of weak results (defs/checks.py) run in the same run as the asset they check
-    checks_of: dict[dg.AssetKey, list] = {}
-    for c in defs.asset_checks or []:
-        for key in {k.asset_key for k in c.check_keys}:
-            checks_of.setdefault(key, []).append(c)
+    checks_of = _checks_of(defs)
     run_config = {} if verbose else {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     run_bar: _RunBar | None = None
     bar_env_before = os.environ.get(progress.BAR_ENV)
@@ -215,7 +211,22 @@ def run_selection(
             os.environ.pop(progress.BAR_ENV, None)
         else:
             os.environ[progress.BAR_ENV] = bar_env_before
-    wall = time.perf_counter() - t_start
+    _print_done(i, time.perf_counter() - t_start, step_seconds, root, build_plan)
+    return 0
+
+
+def _checks_of(defs: dg.Definitions) -> dict[dg.AssetKey, list]:
+    """The asset checks of each asset key."""
+    # the WARN checks of weak results (defs/checks.py) run in the same run as the asset they check
+    checks_of: dict[dg.AssetKey, list] = {}
+    for c in defs.asset_checks or []:
+        for key in {k.asset_key for k in c.check_keys}:
+            checks_of.setdefault(key, []).append(c)
+    return checks_of
+
+
+def _print_done(i: int, wall: float, step_seconds: float, root, build_plan) -> None:
+    """The closing summary: runs, time split, and where the report or outputs are."""
     print(
         f"done: {i} runs in {wall:.1f} s; steps' compute {step_seconds:.1f} s; "
         f"Dagster overhead {wall - step_seconds:.1f} s ({100 * (wall - step_seconds) / max(wall, 1e-9):.0f} %)"
@@ -227,7 +238,6 @@ def run_selection(
         and any(d.key.to_user_string() == "report" for d in build_plan.decisions)
         else f"outputs: {root}"
     )
-    return 0
 
 
 def _print_failure(result: dg.ExecuteInProcessResult, verbose: bool) -> None:

@@ -90,16 +90,7 @@ def run_behaviour_bench(
         f"bench behaviour: {len(prompts)} prompts in {len(encoded)} batches of {mc.batch_size}, {device}"
     )
     run("ours"), run("plain")  # warm-up (also checks both run)
-    times: dict[str, list[float]] = {"ours": [], "plain": []}
-    results = {}
-    for r in range(repeats):
-        for way in ("plain", "ours"):
-            sync_device(device)
-            t = time.perf_counter()
-            results[way] = run(way)
-            sync_device(device)
-            times[way].append(time.perf_counter() - t)
-            log(f"  repeat {r + 1}/{repeats} {way}: {times[way][-1]:.2f} s")
+    times, results = _time_ways(run, repeats, device, log)
     ours, plain = results["ours"], results["plain"]
     responses_ours = [t for g in ours for t in g.responses]
     responses_plain = [t for g in plain for t in g.responses]
@@ -118,19 +109,7 @@ def run_behaviour_bench(
     )
     tokens = prompt_tokens + new_tokens
     med = {w: statistics.median(v) for w, v in times.items()}
-    # Executed FLOPs: plain runs every padded position of the batch, then every row at every step;
-    # ours runs the shared head once, the own tokens of each row (padded to the batch's longest),
-    # then only the rows still generating.
-    flops = {
-        "plain": sum(b.input_ids.numel() * per_token + len(b.input_ids) * head for b in encoded)
-        + sum(g.decode_rows * (per_token + head) for g in plain),
-        "ours": sum(
-            (L + len(b.input_ids) * (b.input_ids.shape[1] - L)) * per_token
-            + len(b.input_ids) * head
-            for b, L in ((b, shared_prefix_length(b)) for b in encoded)
-        )
-        + sum(g.decode_rows * (per_token + head) for g in ours),
-    }
+    flops = _executed_flops(encoded, plain, ours, per_token, head)
     peak = matmul_flops_per_s(d, 1024, device)
     out = {
         "device": device,
@@ -158,3 +137,37 @@ def run_behaviour_bench(
     }
     out["meets_targets"] = out["ratio_ours_over_plain"] >= TARGETS["ratio_min"] and identical
     return out
+
+
+def _time_ways(
+    run: Callable[[str], list], repeats: int, device: str, log: Callable[[str], None]
+) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Time ``plain`` and ``ours`` alternately ``repeats`` times; the last results of each."""
+    times: dict[str, list[float]] = {"ours": [], "plain": []}
+    results = {}
+    for r in range(repeats):
+        for way in ("plain", "ours"):
+            sync_device(device)
+            t = time.perf_counter()
+            results[way] = run(way)
+            sync_device(device)
+            times[way].append(time.perf_counter() - t)
+            log(f"  repeat {r + 1}/{repeats} {way}: {times[way][-1]:.2f} s")
+    return times, results
+
+
+def _executed_flops(encoded: list, plain: list, ours: list, per_token: int, head: int) -> dict:
+    """Executed FLOPs of each way."""
+    # Executed FLOPs: plain runs every padded position of the batch, then every row at every step;
+    # ours runs the shared head once, the own tokens of each row (padded to the batch's longest),
+    # then only the rows still generating.
+    return {
+        "plain": sum(b.input_ids.numel() * per_token + len(b.input_ids) * head for b in encoded)
+        + sum(g.decode_rows * (per_token + head) for g in plain),
+        "ours": sum(
+            (L + len(b.input_ids) * (b.input_ids.shape[1] - L)) * per_token
+            + len(b.input_ids) * head
+            for b, L in ((b, shared_prefix_length(b)) for b in encoded)
+        )
+        + sum(g.decode_rows * (per_token + head) for g in ours),
+    }

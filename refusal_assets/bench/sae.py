@@ -395,15 +395,7 @@ def learning_curve(
     cfg = _ours_cfg(
         recipe, k=k, batch_size=batch_size, seed=seed, max_steps=steps, eval_every=steps
     )
-    subsets: list[tuple[str, float, np.ndarray]] = []
-    for f in sorted(fractions):
-        if not 0 < f <= 1:
-            raise ValueError(f"learning-curve fractions must be in (0, 1], got {f}")
-        chosen = order[: max(1, round(f * len(order)))]
-        # de-duplicated within the subset: a template vector stays even if its first row is elsewhere
-        subsets.append(
-            ("sample", f, _first_of_each(keys, all_train[np.isin(groups[all_train], chosen)]))
-        )
+    subsets = _fraction_subsets(fractions, order, keys, all_train, groups)
     data, data_ids = rows, prompt_ids
     n_extra_prompts = n_extra_heldout_rows = 0
     if extra is not None:
@@ -430,16 +422,9 @@ def learning_curve(
     _, data_groups = np.unique(data_ids, return_inverse=True)  # the same prompt, the same group
     points = []
     for data_name, f, train_rows in subsets:
-        trained = train_sae(data, data_groups, cfg, d_sae=d_sae, split=(train_rows, held_np))
-        point = {
-            "data": data_name,
-            "fraction": f,
-            "n_prompts": int(len(np.unique(data_groups[train_rows]))),
-            "n_train_rows": int(len(train_rows)),
-            "epochs": steps * batch_size / len(train_rows),
-            "heldout_fvu": trained.history["val_fvu"][-1],
-            "train_fvu": evaluate_sae(trained.sae, data[torch.from_numpy(train_rows)]).fvu,
-        }
+        point = _curve_point(
+            data, data_groups, cfg, d_sae, train_rows, held_np, data_name, f, steps, batch_size
+        )
         points.append(point)
         if log:
             log(
@@ -461,6 +446,51 @@ def learning_curve(
         "lr": cfg.lr,
         "tied_encoder": cfg.tied_encoder,
         "threads": torch.get_num_threads(),
+    }
+
+
+def _fraction_subsets(
+    fractions: tuple[float, ...],
+    order: np.ndarray,
+    keys: np.ndarray,
+    all_train: np.ndarray,
+    groups: np.ndarray,
+) -> list[tuple[str, float, np.ndarray]]:
+    """The nested training subsets of :func:`learning_curve`, one per fraction."""
+    subsets: list[tuple[str, float, np.ndarray]] = []
+    for f in sorted(fractions):
+        if not 0 < f <= 1:
+            raise ValueError(f"learning-curve fractions must be in (0, 1], got {f}")
+        chosen = order[: max(1, round(f * len(order)))]
+        # de-duplicated within the subset: a template vector stays even if its first row is elsewhere
+        subsets.append(
+            ("sample", f, _first_of_each(keys, all_train[np.isin(groups[all_train], chosen)]))
+        )
+    return subsets
+
+
+def _curve_point(
+    data: torch.Tensor,
+    data_groups: np.ndarray,
+    cfg: SAEConfig,
+    d_sae: int,
+    train_rows: np.ndarray,
+    held_np: np.ndarray,
+    data_name: str,
+    f: float,
+    steps: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Train on ``train_rows`` and score one point of :func:`learning_curve`."""
+    trained = train_sae(data, data_groups, cfg, d_sae=d_sae, split=(train_rows, held_np))
+    return {
+        "data": data_name,
+        "fraction": f,
+        "n_prompts": int(len(np.unique(data_groups[train_rows]))),
+        "n_train_rows": int(len(train_rows)),
+        "epochs": steps * batch_size / len(train_rows),
+        "heldout_fvu": trained.history["val_fvu"][-1],
+        "train_fvu": evaluate_sae(trained.sae, data[torch.from_numpy(train_rows)]).fvu,
     }
 
 
