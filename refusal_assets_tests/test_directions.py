@@ -286,3 +286,26 @@ def test_planted_worlds_are_recovered(tiny_model, tiny_cfg, world, tmp_path):
         c.loco_still_refusing for c in result.categories
     ]
     assert back.selection.candidates[0].layer == result.selection.candidates[0].layer
+
+
+def test_pooled_leave_one_out_decides_when_each_category_is_too_small_to():
+    """At the default's 5-11 refusing prompts a category's Wilson interval cannot fall under the
+    margin, so the rule pools the leave-one-out rates: 0 of 83 still refusing is monolithic, all
+    still refusing is modular (the same margin), and a split world stays undecided."""
+    from refusal_assets.directions import verdict as vd
+    from refusal_assets.directions.measure import Rate
+
+    def rate(k, n):
+        return Rate.of([True] * k + [False] * (n - k))
+
+    def decide(cats, pooled=rate(0, 21)):
+        calls = [vd.call_category(c, 4, 0.25) for c in cats]
+        assert all(c == vd.UNDECIDED for c in calls)  # each category alone decides nothing
+        return vd.verdict_execution(pooled, rate(17, 21), calls, 0.25, vd.pooled_rate(cats))[0]
+
+    sizes = [9, 9, 6, 5, 11, 6, 9, 10, 9, 9]
+    assert vd.pooled_rate([rate(0, n) for n in sizes]).n == 83
+    assert decide([rate(0, n) for n in sizes]) == "monolithic"
+    assert decide([rate(n, n) for n in sizes], pooled=rate(15, 21)) == "modular"
+    half = [rate(0, n) for n in sizes[:5]] + [rate(n, n) for n in sizes[5:]]
+    assert decide(half) not in ("monolithic", "modular")

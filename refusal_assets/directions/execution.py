@@ -350,8 +350,9 @@ def run_execution(
     curves = steering_curves(scorer, named, at[1], s, cfg)
 
     pooled_rate, random_rate = judged["pooled"].rate, judged["random"].rate
+    loco_all = vd.pooled_rate([c.loco_still_refusing for c in per_cat if c.call != vd.TOO_FEW])
     verdict, reason = vd.verdict_execution(
-        pooled_rate, random_rate, [c.call for c in per_cat], cfg.margin
+        pooled_rate, random_rate, [c.call for c in per_cat], cfg.margin, loco_all=loco_all
     )
     called = [c.loco_still_refusing.rate for c in per_cat if c.call != vd.TOO_FEW]
     examples = _examples(judged["pooled"], s.test_refusing, cfg.n_examples)

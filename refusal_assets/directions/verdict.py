@@ -10,6 +10,12 @@ Rule (``m`` = ``directions.margin``, the same on both sides; every interval a 95
   removes refusal too (a random direction of the same norm leaves a still-refusing share whose CI
   high is below 1 - m: the ablation is not specific to the refusal direction), when fewer than two
   categories have a call, or when fewer than half of those are decided.
+* Before the per-category majority: the leave-one-category-out rate pooled over every called
+  category (each refusing prompt of B with the direction of the other categories ablated, all B
+  together) decides when its CI is confidently on one side, because a single category's 5-11
+  prompts cannot bring a Wilson interval under m: **monolithic** when the pooled direction and the
+  pooled leave-one-out rate both have CI high <= m and no category is specific; **modular** when the
+  pooled leave-one-out rate has CI low >= 1 - m and no category is shared (the same margin).
 * **monolithic**: the pooled direction removes refusal (its CI high <= m) and no decided category
   is specific.
 * **modular**: no decided category is shared (each category needs its own direction; a pooled
@@ -44,10 +50,17 @@ def call_category(loco: Rate, min_prompts: int, margin: float) -> str:
     return UNDECIDED
 
 
+def pooled_rate(rates: list[Rate]) -> Rate:
+    """The rates' prompts together: sum of k over sum of n, with its Wilson interval."""
+    k, n = sum(r.k for r in rates), sum(r.n for r in rates)
+    return Rate.of([True] * k + [False] * (n - k))
+
+
 def verdict_execution(
-    pooled: Rate, random: Rate, calls: list[str], margin: float
+    pooled: Rate, random: Rate, calls: list[str], margin: float, loco_all: Rate | None = None
 ) -> tuple[str, str]:
-    """(verdict, the reason in one sentence) by the rule in this module's docstring."""
+    """(verdict, the reason in one sentence) by the rule in this module's docstring;
+    ``loco_all``: :func:`pooled_rate` of the called categories' leave-one-out rates."""
     called = [c for c in calls if c != TOO_FEW]
     n_shared, n_specific = called.count(SHARED), called.count(SPECIFIC)
     n_undecided = called.count(UNDECIDED)
@@ -59,6 +72,18 @@ def verdict_execution(
             INSUFFICIENT,
             f"the random control removes refusal too ({random.text()} still refusing)",
         )
+    if loco_all is not None and loco_all.n and len(called) >= 2:
+        pooled_removes = pooled.ci_hi <= margin
+        if pooled_removes and loco_all.ci_hi <= margin and n_specific == 0:
+            return MONOLITHIC, (
+                f"the pooled direction removes refusal ({pooled.text()}) and so does every "
+                f"category's leave-one-out direction ({loco_all.text()} still refusing); {counts}"
+            )
+        if loco_all.ci_lo >= 1 - margin and n_shared == 0:
+            return MODULAR, (
+                f"the other categories' directions leave refusal ({loco_all.text()} still "
+                f"refusing); {counts}"
+            )
     if len(called) < 2 or (n_shared + n_specific) < len(called) / 2:
         return INSUFFICIENT, f"too few decided categories ({counts})"
     pooled_removes = pooled.ci_hi <= margin
