@@ -449,8 +449,17 @@ def test_compare_model_leaves_fallback_categories_out_and_writes_what_the_report
         "combined",
         "verdict",
         "verdict_reason",
+        "verdict_execution",
+        "execution_reason",
+        "verdict_features",
+        "feature_reason",
+        "verdict_features_by_seed",
+        "feature_test",
         "seconds",
     ]
+    # no refusal_direction given: the execution level says so; one SAE training, one entry
+    assert out["verdict_execution"] == "insufficient evidence"
+    assert out["verdict_features_by_seed"] == [out["verdict_features"]]
     assert out["groups"]["toxic"]["fallback_categories"] == ["weapons"]
     assert out["groups"]["benign"]["verdict_reason"].startswith("Insufficient evidence: only []")
     assert out["verdict"] == result.combined.verdict
