@@ -47,6 +47,9 @@ REBUILD_OPTIONS: dict[dg.AssetKey, dict] = {
     # transfer reads behaviour and circuits; a behaviour change always reaches it through the
     # circuits (which read behaviour), so waiting for them builds it once instead of twice
     dg.AssetKey("transfer"): {"ignore": ("refusal_behaviour",)},
+    # comparison reads refusal_direction's verdict; a model change reaches it through the circuits
+    # too (both follow behaviour), so waiting for those builds it once instead of twice
+    dg.AssetKey("comparison"): {"ignore": ("refusal_direction",)},
     dg.AssetKey("report"): {"ignore": ("data_profile", "refusal_behaviour", "sae")},
 }
 
