@@ -1,108 +1,11 @@
-"""Functional cross-category tests (refusal_assets.analysis.transfer) on synthetic changes and a tiny model
-whose refusal is carried by one planted residual direction."""
-
-import copy
-import math
+"""Functional cross-category tests (refusal_assets.analysis.transfer) on synthetic changes and a
+planted tiny model."""
 
 import numpy as np
 import pytest
-import torch
 
 from refusal_assets.analysis import transfer as tr
 from refusal_assets.analysis.verdict_rule import VerdictRule
-from refusal_assets.lm.behaviour import refusal_token_ids
-
-PROMPTS = [
-    "How do I write a poem about the sea?",
-    "Tell me how to hack my neighbour's wifi.",
-    "What is the capital of France?",
-    "Write a threatening letter.",
-    "Explain how vaccines work.",
-]
-
-
-@pytest.fixture(scope="module")
-def planted_direction(tiny_model):
-    """Refusal logit = 3 u . RMSNorm(resid); every token embedding carries +0.3 u."""
-    model, tok = tiny_model
-    model = copy.deepcopy(model)
-    d = model.config.hidden_size
-    u = torch.nn.functional.normalize(
-        torch.randn(d, generator=torch.Generator().manual_seed(0)), dim=0
-    )
-    ids = torch.tensor(refusal_token_ids(tok, ["I'm sorry", "I cannot", "Sorry"]))
-    with torch.no_grad():
-        for block in model.model.layers[2:]:
-            block.self_attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
-        model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[ids] = 3.0 * u
-        model.model.embed_tokens.weight += 0.3 * u
-    return model, tok, ids, u
-
-
-def test_direction_ablation_and_addition_move_refusal_batched_as_separately(planted_direction):
-    model, tok, ids, u = planted_direction
-    other = torch.nn.functional.normalize(
-        torch.randn(u.shape[0], generator=torch.Generator().manual_seed(1)), dim=0
-    )
-    kw = {"refusal_ids": ids, "batch_size": 3}
-    clean = tr.direction_scores(model, tok, PROMPTS, u[None], mode="none", **kw)[0]
-    ablated = tr.direction_scores(
-        model, tok, PROMPTS, torch.stack([u, other]), mode="ablate", **kw
-    )  # [2, n]
-    assert ablated.shape == (2, len(PROMPTS))
-    assert (clean - ablated[0] > 1.0).all()  # the planted direction carries refusal
-    assert np.abs(clean - ablated[1]).mean() < np.abs(clean - ablated[0]).mean() / 3
-    one = tr.direction_scores(
-        model, tok, PROMPTS, other[None], mode="ablate", refusal_ids=ids, batch_size=5
-    )[0]
-    np.testing.assert_allclose(
-        one, ablated[1], atol=1e-4
-    )  # rows with different directions do not mix
-    added = tr.direction_scores(
-        model, tok, PROMPTS, torch.stack([2 * u, -2 * u]), mode="add", layers=[1, 1], **kw
-    )
-    assert (added[0] > clean + 0.5).all() and (added[1] < clean - 0.5).all()
-    # directions at different layers in one stacked pass: each as if alone
-    mixed = tr.direction_scores(
-        model, tok, PROMPTS, torch.stack([2 * u, other]), mode="add", layers=[1, 2], **kw
-    )
-    for k, (v, layer) in enumerate([(2 * u, 1), (other, 2)]):
-        alone = tr.direction_scores(model, tok, PROMPTS, v[None], mode="add", layers=[layer], **kw)[
-            0
-        ]
-        np.testing.assert_allclose(mixed[k], alone, atol=1e-4)
-    with pytest.raises(ValueError, match="one layer per direction"):
-        tr.direction_scores(model, tok, PROMPTS, u[None], mode="add", **kw)
-
-
-def test_hidden_states_and_selection_find_the_planted_direction(planted_direction):
-    model, tok, ids, u = planted_direction
-    h = tr.post_instruction_hidden(model, tok, PROMPTS, batch_size=2)
-    assert (
-        h.ndim == 4 and h.shape[0] == len(PROMPTS) and h.shape[1] == model.config.num_hidden_layers
-    )
-    # every prompt carries +u, so a difference of means is whatever separates the two prompt sets;
-    # the selection must return one real candidate per group (and the pooled one) with its drop.
-    sel = tr.select_directions(
-        model,
-        tok,
-        {"a": PROMPTS[:3], "b": PROMPTS[3:]},
-        {"a": PROMPTS[3:], "b": PROMPTS[:3]},
-        ids,
-        n_layer_candidates=2,
-        n_position_candidates=2,
-        batch_size=4,
-    )
-    assert set(sel) == {"a", "b", "pooled"}
-    for s in sel.values():
-        assert (
-            0 <= s.layer < model.config.num_hidden_layers
-            and s.direction.shape == (u.shape[0],)
-            and math.isfinite(s.train_drop)
-        )
 
 
 def test_cross_matrix_calls_ratios_and_undefined_denominators():
@@ -165,40 +68,16 @@ def test_circuit_transfer_shared_vs_disjoint_mechanisms():
 
 @pytest.mark.parametrize("planted", ["monolithic", "modular"])
 def test_planted_tiny_model_gives_the_planted_answer(tiny_model, planted):
-    """Level 2 of the calibration at a smaller size: every necessity test and the combined verdict
-    recover the plant; induced refusal (sufficiency) says shared either way (see refusal_assets.analysis.verdict)."""
+    """Level 2 of the calibration at a smaller size: circuit overlap, circuit transfer and the combined
+    verdict recover the plant."""
     from refusal_assets.analysis.calibration import calibrate_model
 
     model, tok = tiny_model
     r = calibrate_model(
         model, tok, planted, n_categories=3, n_prompts=8, n_bootstrap=60, n_permutations=60
     )
-    assert (r.overlap, r.circuit_transfer, r.direction_ablation) == (planted,) * 3, r.reasons
+    assert (r.overlap, r.circuit_transfer) == (planted,) * 2, r.reasons
     assert r.combined == planted, r.reasons["combined"]
-    assert r.induced_refusal == "monolithic", r.reasons["induced refusal"]
-
-
-def test_direction_cosines_ceiling_and_null():
-    rng = np.random.default_rng(0)
-    d, n = 32, 12
-    r_shared, r_other = np.eye(d)[0], np.eye(d)[1]
-    harm = {c: rng.normal(0, 1, (n, d)) for c in "abc"}
-    tox = {
-        "a": r_shared * 3 + rng.normal(0, 1, (n, d)),
-        "b": r_shared * 3 + rng.normal(0, 1, (n, d)),
-        "c": r_other * 3 + rng.normal(0, 1, (n, d)),
-    }
-    out = tr.direction_cosines(tox, harm, n_splits=40, n_permutations=200)
-    by = {(p["a"], p["b"]): p for p in out["pairs"]}
-    assert (
-        abs(by[("a", "b")]["normalised"] - 1) < 0.25 and by[("a", "b")]["p_value"] > 0.05
-    )  # one shared direction
-    assert (
-        by[("a", "c")]["normalised"] < 0.5
-        and by[("a", "c")]["p_value"] < 0.05
-        and by[("a", "c")]["testable"]
-    )
-    assert all(p["half_size"] == n // 2 for p in out["pairs"])
 
 
 def test_cross_matrix_reads_back_from_its_json():

@@ -281,8 +281,7 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
         for r in out.get("tiny_model", []):
             print(
                 f"tiny model, planted {r['planted']}: combined {r['combined']} (overlap {r['overlap']}, circuit "
-                f"transfer {r['circuit_transfer']}, direction ablation {r['direction_ablation']}, induced refusal "
-                f"{r['induced_refusal']})"
+                f"transfer {r['circuit_transfer']})"
             )
         for world, w in out["feature_level"]["worlds"].items():
             f = w["features"]
@@ -304,8 +303,6 @@ class ModelCalibration:
     planted: Planted
     overlap: str
     circuit_transfer: str
-    direction_ablation: str
-    induced_refusal: str
     combined: str
     reasons: dict[str, str]
 
@@ -441,12 +438,7 @@ def calibrate_model(
         k_per_site=2,
         threshold=0.0,
         n_bootstrap=n_bootstrap,
-        n_permutations=n_permutations,
-        alpha=0.05,
         seed=seed,
-        direction_layers=2,
-        direction_positions=1,
-        pooled_selection_prompts=4,
         batch_size=16,
     )
     effects, circuits = {}, {}
@@ -472,29 +464,18 @@ def calibrate_model(
         error_nodes=error_nodes,
         rule=rule,
     )
-    half = n_prompts // 2  # directions from the first half, every reported number on the second
-    prompts = fn.DirectionPrompts(
-        toxic_train={c: p[:half] for c, p in toxic.items()},
-        harmless_train={c: p[:half] for c, p in harmless.items()},
-        toxic_eval={c: p[half:] for c, p in toxic.items()},
-        harmless_eval={c: p[half:] for c, p in harmless.items()},
-    )
-    tests = fn.functional_tests(m, tok, ids, saes, circuits, index.site_of_node, prompts, settings)
+    tests = fn.functional_tests(m, tok, ids, saes, circuits, index.site_of_node, settings)
     transfer = tests.to_json("planted", [], {})
     combined = combine([overlap_line(overlap.to_dict()), *transfer_lines(transfer)])
-    loss, dirs = tests.circuit_transfer, tests.directions
+    loss = tests.circuit_transfer
     return ModelCalibration(
         planted=planted,
         overlap=overlap.verdict,
         circuit_transfer=loss.verdict,
-        direction_ablation=dirs.ablation.verdict,
-        induced_refusal=dirs.induced.verdict,
         combined=combined.verdict,
         reasons={
             "overlap": overlap.verdict_reason,
             "circuit transfer": loss.reason,
-            "direction ablation": dirs.ablation.reason,
-            "induced refusal": dirs.induced.reason,
             "combined": combined.reason,
         },
     )

@@ -1,8 +1,8 @@
-"""The functional cross-category tests of one model as one procedure: circuit transfer (each category's
-circuit ablated on another's refusing prompts, against the baseline of its complied-with safe prompts),
-direction selection on training prompts, and direction cross-ablation, induced refusal, the pooled
-direction and direction cosines on held-out prompts (:mod:`refusal_assets.analysis.transfer` holds the
-statistics of each).
+"""The functional cross-category tests of one model as one procedure: circuit transfer and faithfulness
+(each category's circuit ablated, or kept alone, on another's refusing prompts, against the baseline of
+its complied-with safe prompts; :mod:`refusal_assets.analysis.transfer` holds the statistics). The
+refusal directions are the execution level's own asset, ``refusal_direction``
+(:mod:`refusal_assets.directions`).
 
 :func:`functional_tests` is the procedure. The ``transfer`` asset feeds it from the stored sample,
 behaviour and circuits (:func:`model_transfer`); ``refusal-assets calibrate`` feeds it a planted tiny
@@ -42,30 +42,15 @@ class TransferCircuit:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DirectionPrompts:
-    """Per category: training prompts select each direction, held-out ones give every reported number."""
-
-    toxic_train: dict[str, list[str]]
-    harmless_train: dict[str, list[str]]
-    toxic_eval: dict[str, list[str]]
-    harmless_eval: dict[str, list[str]]
-
-
-@dataclass(frozen=True, kw_only=True)
 class FunctionalSettings:
-    """How the tests run: circuit selection, resampling, direction candidates, and the model's batches."""
+    """How the tests run: circuit selection, resampling, and the model's batches."""
 
     rule: VerdictRule
     selection: Mode
     k_per_site: int
     threshold: float
     n_bootstrap: int
-    n_permutations: int
-    alpha: float
     seed: int
-    direction_layers: int
-    direction_positions: int
-    pooled_selection_prompts: int
     batch_size: int
     system_prompt: str | None = None
     device: str = "cpu"
@@ -77,9 +62,6 @@ class FunctionalTests:
 
     circuit_transfer: tr.CrossMatrix | None
     circuit_faithfulness: tr.CrossMatrix | None
-    directions: tr.DirectionTests | None
-    cosine_tests: dict | None
-    """Direction cosines at the pooled direction's layer and position (:func:`tr.direction_cosines`)."""
     circuit_seconds: float
     """Wall time of the circuit transfer."""
 
@@ -91,8 +73,6 @@ class FunctionalTests:
         if self.circuit_transfer is not None and self.circuit_faithfulness is not None:
             out["circuit_transfer"] = self.circuit_transfer.to_dict()
             out["circuit_faithfulness"] = self.circuit_faithfulness.to_dict()
-        if self.directions is not None:
-            out["directions"] = {**self.directions.to_dict(), "cosine_tests": self.cosine_tests}
         out["seconds"] = seconds
         return out
 
@@ -123,49 +103,6 @@ def _circuit_tests(
     )
 
 
-def _direction_tests(
-    model, tokenizer, refusal_ids, prompts: DirectionPrompts, settings: FunctionalSettings
-):
-    """Directions selected on the training prompts, tested on the held-out ones, and their cosines."""
-    s = settings
-    kw = {"batch_size": s.batch_size, "system_prompt": s.system_prompt, "device": s.device}
-    hidden: dict = {}
-    selected = tr.select_directions(
-        model,
-        tokenizer,
-        prompts.toxic_train,
-        prompts.harmless_train,
-        refusal_ids,
-        n_layer_candidates=s.direction_layers,
-        n_position_candidates=s.direction_positions,
-        pooled_selection_prompts=s.pooled_selection_prompts,
-        hidden=hidden,
-        **kw,
-    )
-    tests = tr.direction_tests(
-        model,
-        tokenizer,
-        selected,
-        prompts.toxic_eval,
-        prompts.harmless_eval,
-        refusal_ids,
-        s.rule,
-        n_bootstrap=s.n_bootstrap,
-        seed=s.seed,
-        **kw,
-    )
-    # cosines at the pooled direction's layer and position, with ceiling and null
-    layer, pos = selected["pooled"].layer, selected["pooled"].position
-    cosines = tr.direction_cosines(
-        {c: h[:, layer, pos].numpy() for c, h in hidden["toxic"].items()},
-        {c: h[:, layer, pos].numpy() for c, h in hidden["harmless"].items()},
-        n_permutations=s.n_permutations,
-        alpha=s.alpha,
-        seed=s.seed,
-    )
-    return tests, {"layer": layer, "position": pos, **cosines}
-
-
 def functional_tests(
     model,
     tokenizer,
@@ -173,12 +110,10 @@ def functional_tests(
     saes: dict,
     circuits: dict[str, TransferCircuit],
     site_of_node: np.ndarray | None,
-    directions: DirectionPrompts,
     settings: FunctionalSettings,
 ) -> FunctionalTests:
     """Every functional test of one model (see the module docstring). ``circuits``: the categories
-    whose circuit enters the transfer test (two at least, or it does not run); ``directions``: the
-    categories with training prompts of both kinds enter the direction tests (two at least)."""
+    whose circuit enters the transfer test (two at least, or it does not run)."""
     t0 = time.perf_counter()
     transfer = faithfulness = None
     if len(circuits) >= 2:
@@ -187,28 +122,14 @@ def functional_tests(
         transfer, faithfulness = _circuit_tests(
             model, tokenizer, refusal_ids, saes, circuits, site_of_node, settings
         )
-    circuit_seconds = time.perf_counter() - t0
-    tests = cosine_tests = None
-    if len(directions.toxic_train) >= 2:
-        tests, cosine_tests = _direction_tests(model, tokenizer, refusal_ids, directions, settings)
     return FunctionalTests(
         circuit_transfer=transfer,
         circuit_faithfulness=faithfulness,
-        directions=tests,
-        cosine_tests=cosine_tests,
-        circuit_seconds=circuit_seconds,
+        circuit_seconds=time.perf_counter() - t0,
     )
 
 
 # --------------------------------------------------------------- inputs from the stored files
-
-
-def _refusing(rows: pl.DataFrame, prompt_filter: str) -> pl.DataFrame:
-    if prompt_filter == "all":
-        return rows
-    return rows.filter(
-        pl.col("refused") if prompt_filter == "refused" else pl.col("refusal_score") > 0
-    )
 
 
 def category_circuit(
@@ -232,30 +153,6 @@ def category_circuit(
     )
 
 
-def direction_prompts(
-    samples: dict[str, pl.DataFrame], fallback: list[str], prompt_filter: str
-) -> DirectionPrompts:
-    """Training (``heldout`` False) and held-out prompts per category from its sample joined with its
-    behaviour; held-out toxic ones only where the model refuses (``prompt_filter``); categories in
-    ``fallback`` and those without training prompts of both kinds select no direction."""
-
-    def prompts_of(c: str, split: str, heldout: bool, refusing: bool = False) -> list[str]:
-        rows = samples[c].filter((pl.col("split") == split) & (pl.col("heldout") == heldout))
-        return (_refusing(rows, prompt_filter) if refusing else rows)["prompt"].to_list()
-
-    toxic_train = {c: prompts_of(c, "toxic", False) for c in samples}
-    harmless_train = {c: prompts_of(c, "safe", False) for c in samples}
-    usable = [c for c, p in toxic_train.items() if p and harmless_train[c] and c not in fallback]
-    return DirectionPrompts(
-        toxic_train={c: toxic_train[c] for c in usable},
-        harmless_train={c: harmless_train[c] for c in usable},
-        toxic_eval={
-            c: prompts_of(c, "toxic", True, refusing=True) for c in samples if c not in fallback
-        },
-        harmless_eval={c: prompts_of(c, "safe", True) for c in samples},
-    )
-
-
 def model_transfer(
     model,
     tokenizer,
@@ -276,8 +173,5 @@ def model_transfer(
             fallback.append(c)  # mixed refused and complied prompts: out of the test
             continue
         circuits[c], site_of_node = inputs, tensors["site_of_node"]
-    prompts = direction_prompts(samples, fallback, prompt_filter)
-    tests = functional_tests(
-        model, tokenizer, refusal_ids, saes, circuits, site_of_node, prompts, settings
-    )
+    tests = functional_tests(model, tokenizer, refusal_ids, saes, circuits, site_of_node, settings)
     return tests, fallback

@@ -7,10 +7,9 @@ decides, neither does the combination. Deciding necessity tests that disagree gi
 every disagreeing test is named: refusal can be executed by one shared direction while upstream
 harm features differ by category (DESIGN.md §2, two levels), so disagreement is an answer.
 
-Induced refusal is a *sufficiency* test and does not vote: any direction taken after the point
-where categories are told apart feeds the one refusal output, so adding it induces refusal in every
-category whether the mechanisms upstream are shared or not (on the planted modular tiny model of
-``refusal-assets calibrate`` it says "monolithic" while every necessity test says "modular"). It is
+A *sufficiency* test (does adding A's mechanism cause B's refusal?) does not vote: a mechanism
+taken after the point where categories are told apart feeds the one refusal output, so adding it
+causes refusal in every category whether the mechanisms upstream are shared or not. Such a line is
 reported, and named when it disagrees.
 
 The report shows the combined verdict with :mod:`refusal_assets.report.comparison_sections`.
@@ -31,7 +30,7 @@ class TestLine:
     test: str
     level: Level
     """``features``: which SAE latents carry refusal (overlap); ``execution``: whether one category's
-    mechanism moves another's refusal (transfer, direction ablation, induced refusal)."""
+    mechanism moves another's refusal (circuit transfer)."""
     says: Answer
     statistic: str
     """What the headline number is."""
@@ -196,14 +195,7 @@ def _median_ratio_line(test: str, res: dict) -> TestLine:
 
 
 def transfer_lines(transfer: dict) -> list[TestLine]:
-    """Lines of the functional tests in ``transfer.json`` (none where they did not run)."""
-    lines = []
-    if "circuit_transfer" in transfer:
-        lines.append(_median_ratio_line("circuit transfer", transfer["circuit_transfer"]))
-    directions = transfer.get("directions", {})
-    if "ablation" in directions:
-        lines.append(_median_ratio_line("direction cross-ablation", directions["ablation"]))
-    if "induced" in directions:
-        line = _median_ratio_line("induced refusal", directions["induced"])
-        lines.append(TestLine(**{**asdict(line), "role": "sufficiency"}))
-    return lines
+    """The circuit transfer's line from ``transfer.json`` (none where it did not run)."""
+    if "circuit_transfer" not in transfer:
+        return []
+    return [_median_ratio_line("circuit transfer", transfer["circuit_transfer"])]

@@ -1,5 +1,5 @@
-"""Stage 4b: functional cross-category tests per model (circuit transfer, direction cross-ablation,
-induced refusal, pooled direction), read by the comparison."""
+"""Stage 4b: functional cross-category tests per model (circuit transfer and faithfulness), read by
+the comparison. The refusal directions are the asset ``refusal_direction``."""
 
 import json
 import time
@@ -22,27 +22,21 @@ from refusal_assets.sae.files import load_sae
 from refusal_assets.storage import write_text
 
 
-def _plot_matrices(out: dict, model_key: str, layout: Layout) -> dict[str, str]:
-    """Heatmaps of each functional test's score changes; their verdicts for the asset's metadata."""
-    md = {}
-    for name, res in (
-        ("circuit_transfer", out.get("circuit_transfer")),
-        ("direction_ablation", out.get("directions", {}).get("ablation")),
-        ("induced_refusal", out.get("directions", {}).get("induced")),
-    ):
-        if res is None:
-            continue
-        md[f"verdict_{name}"] = res["verdict"]
-        change = np.array(
-            [[np.nan if v is None else v for v in row] for row in res["change"]], dtype=float
-        )
-        plot_heatmap(
-            change,
-            res["categories"],
-            f"{model_key}: {res['test']} (rows A act on columns B)",
-            layout.transfer_plot(model_key, name),
-        )
-    return md
+def _plot_transfer(out: dict, model_key: str, layout: Layout) -> dict[str, str]:
+    """The heatmap of the circuit transfer's score changes; its verdict for the asset's metadata."""
+    res = out.get("circuit_transfer")
+    if res is None:
+        return {}
+    change = np.array(
+        [[np.nan if v is None else v for v in row] for row in res["change"]], dtype=float
+    )
+    plot_heatmap(
+        change,
+        res["categories"],
+        f"{model_key}: {res['test']} (rows A act on columns B)",
+        layout.transfer_plot(model_key, "circuit_transfer"),
+    )
+    return {"verdict_circuit_transfer": res["verdict"]}
 
 
 def _settings(
@@ -55,12 +49,7 @@ def _settings(
         k_per_site=cc.k_per_site,
         threshold=cc.threshold,
         n_bootstrap=comp.n_bootstrap,
-        n_permutations=comp.n_permutations,
-        alpha=comp.alpha,
         seed=comp.seed,
-        direction_layers=comp.direction_layers,
-        direction_positions=comp.direction_positions,
-        pooled_selection_prompts=comp.pooled_selection_prompts,
         batch_size=model_cfg.batch_size,
         system_prompt=model_cfg.chat_template.system_prompt,
         device=device,
@@ -97,8 +86,8 @@ def build(
             ),
         ],
         description="Functional cross-category tests: A's circuit ablated on B's refusing prompts vs B's own "
-        "(transfer, faithfulness), A's refusal direction ablated on B's held-out toxic prompts and added to B's "
-        "harmless ones, a pooled direction, each a category x category matrix with bootstrap CIs and a random control.",
+        "(circuit transfer) and kept alone on them (faithfulness), each a category x category matrix with "
+        "bootstrap CIs and a random control. The refusal directions are the refusal_direction asset.",
     )
     def transfer(
         context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource
@@ -136,18 +125,14 @@ def build(
                 model, tok, ids, saes, circuits, samples, settings, cc.prompt_filter
             )
             seconds = {"circuit_transfer": tests.circuit_seconds, "total": time.perf_counter() - t0}
-        directions = (
-            [tests.directions.ablation, tests.directions.induced] if tests.directions else []
-        )
-        for matrix in [tests.circuit_transfer, *directions]:
-            if matrix is not None:
-                context.log.info(matrix.reason)
+        if tests.circuit_transfer is not None:
+            context.log.info(tests.circuit_transfer.reason)
         out = tests.to_json(model_key, fallback, seconds)
         md: dict = {
             "seconds": round(seconds["total"], 1),
             "fallback_categories": ", ".join(fallback) or "none",
         }
-        md.update(_plot_matrices(out, model_key, layout))
+        md.update(_plot_transfer(out, model_key, layout))
         write_text(json.dumps(out, indent=1, default=float), layout.transfer_summary(model_key))
         return dg.MaterializeResult(metadata=md)
 
