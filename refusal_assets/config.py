@@ -348,15 +348,8 @@ class ComparisonConfig(_Strict):
     majority: float = Field(default=0.5, gt=0, le=1)
     """Fraction of decided pairs that must agree for modular / monolithic."""
     transfer: bool = True
-    """Run the functional tests (asset ``transfer``: circuit transfer, direction cross-ablation,
-    induced refusal); off leaves the verdict to circuit overlap."""
-    direction_layers: int = Field(default=3, ge=1)
-    """Candidate layers (evenly spaced below 0.8 L) for each category's refusal direction."""
-    direction_positions: int = Field(default=1, ge=1)
-    """Candidate post-instruction positions (the last ones) for each category's refusal direction.
-    Every candidate costs one full forward per training toxic prompt: keep the grid small."""
-    pooled_selection_prompts: int = Field(default=4, ge=1)
-    """Training toxic prompts per category that select the pooled direction's layer and position."""
+    """Run the functional tests (asset ``transfer``: circuit transfer and faithfulness); off leaves
+    the verdict to circuit overlap."""
 
 
 class DirectionsConfig(_Strict):
