@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -131,18 +132,12 @@ def planted_rows(
         for d in drafts
     ]
     clean = scorer.judge(probe, max_new_tokens=2)
+    # the probe rows again, now carrying the clean model's judgement
     return [
-        PromptRow(
-            prompt_id=d[0],
-            prompt=d[1],
-            category=d[2],
-            split=d[3],
-            heldout=d[4],
-            refused=refused,
-            refusal_score=float(score),
-            response=response,
+        replace(row, refused=refused, refusal_score=float(score), response=response)
+        for row, refused, score, response in zip(
+            probe, clean.refused, clean.scores, clean.responses
         )
-        for d, refused, score, response in zip(drafts, clean.refused, clean.scores, clean.responses)
     ]
 
 
