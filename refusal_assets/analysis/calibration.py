@@ -21,7 +21,7 @@ import numpy as np
 
 from refusal_assets.analysis.overlap import compare_categories
 from refusal_assets.analysis.verdict_rule import VerdictRule
-from refusal_assets.directions.planted import FILLER_WORDS
+from refusal_assets.directions.planted import FILLER_WORDS, wire_attention_copy
 
 Planted = Literal["monolithic", "modular"]
 CI_STATS = ("jaccard", "normalised_jaccard", "shared_fraction")
@@ -338,25 +338,10 @@ def planted_model(
     with torch.no_grad():
         for i, block in enumerate(model.model.layers):
             block.mlp.down_proj.weight.zero_()
-            attn = block.self_attn
-            if i > 0:
-                attn.o_proj.weight.zero_()
+            if i > 0:  # only the first block's attention copies; later ones write nothing
+                block.self_attn.o_proj.weight.zero_()
                 continue
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-                proj.weight.zero_()
-                if proj.bias is not None:
-                    proj.bias.zero_()
-            attn.o_proj.weight.zero_()
-            for h in range(
-                n_kv
-            ):  # kv head h reads dims [h*head, (h+1)*head); its first query head writes them back
-                attn.v_proj.weight[h * head : (h + 1) * head, h * head : (h + 1) * head] = (
-                    torch.eye(head)
-                )
-                q = h * group
-                attn.o_proj.weight[h * head : (h + 1) * head, q * head : (q + 1) * head] = (
-                    torch.eye(head)
-                )
+            wire_attention_copy(block.self_attn, head, n_kv, group)
             block.input_layernorm.weight.fill_(1.0)
         emb = model.get_input_embeddings().weight
         width = n_kv * head  # the dimensions the attention copies

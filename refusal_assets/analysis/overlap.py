@@ -184,25 +184,18 @@ class PairTests:
         return m
 
 
-def _pair_stats(
-    E: dict[str, np.ndarray],
-    a: str,
-    b: str,
-    key: tuple[int, int],
-    circuit: dict[str, np.ndarray],
-    mean: dict[str, np.ndarray],
+def _jaccard_permutation_test(
+    Ea: np.ndarray,
+    Eb: np.ndarray,
     select: Selector,
     *,
     n_permutations: int,
-    n_bootstrap: int,
-    n_splits: int,
-    seed: int,
-    alpha: float,
-    min_ceiling: float,
-) -> dict[str, Any]:
-    """One pair's statistics before the multiple-testing correction."""
-    na, nb = E[a].shape[0], E[b].shape[0]
-    pooled = np.vstack([E[a], E[b]])  # [na + nb, n_nodes]
+    rng: np.random.Generator,
+) -> tuple[float, float]:
+    """One-sided permutation test that the two circuits overlap less than shuffled labels would:
+    ``(p_value, mean Jaccard under the null)``."""
+    na = Ea.shape[0]
+    pooled = np.vstack([Ea, Eb])  # [na + nb, n_nodes]
 
     def perm_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
         # Indices into the pooled prompts; a permutation only changes which rows feed each mean.
@@ -221,7 +214,31 @@ def _pair_stats(
         n_resamples=n_permutations,
         alternative="less",
         batch=select.batch,
-        rng=seeded_rng(seed, PERM, *key),
+        rng=rng,
+    )
+    return float(perm.pvalue), float(perm.null_distribution.mean())
+
+
+def _pair_stats(
+    E: dict[str, np.ndarray],
+    a: str,
+    b: str,
+    key: tuple[int, int],
+    circuit: dict[str, np.ndarray],
+    mean: dict[str, np.ndarray],
+    select: Selector,
+    *,
+    n_permutations: int,
+    n_bootstrap: int,
+    n_splits: int,
+    seed: int,
+    alpha: float,
+    min_ceiling: float,
+) -> dict[str, Any]:
+    """One pair's statistics before the multiple-testing correction."""
+    na, nb = E[a].shape[0], E[b].shape[0]
+    p_value, null_mean = _jaccard_permutation_test(
+        E[a], E[b], select, n_permutations=n_permutations, rng=seeded_rng(seed, PERM, *key)
     )
 
     def boot_stat(ia: np.ndarray, ib: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -275,7 +292,7 @@ def _pair_stats(
         jaccard=jac,
         weighted_overlap=weighted_overlap(mean[a], mean[b]),
         spearman=spearman(mean[a], mean[b]),
-        p_value=float(perm.pvalue),
+        p_value=p_value,
         min_p=min_p,
         testable=min_p < alpha,
         half_size=halves.m,
@@ -284,7 +301,7 @@ def _pair_stats(
         normalised_jaccard=norm,
         normalised_jaccard_ci=norm_ci,
         jaccard_ci=jac_ci,
-        null_mean=float(perm.null_distribution.mean()),
+        null_mean=null_mean,
     )
 
 

@@ -84,6 +84,42 @@ def _decoder_grad(sae: nn.Module, g: torch.Tensor, d_sae: int) -> torch.Tensor:
     return out
 
 
+def _latent_grads(sae: nn.Module, g: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """:func:`_decoder_grad` over every position: g [B, P, d] -> [B, P, d_sae]."""
+    B, P, d = g.shape
+    return _decoder_grad(sae, g.reshape(B * P, d), d_sae).view(B, P, -1)
+
+
+def _sites_and_index(
+    saes: dict[Site, nn.Module], baseline: Baseline
+) -> tuple[list[Site], NodeIndex]:
+    """The sites in node order and the index of their latents (plus one error node each)."""
+    sites = sorted(saes)
+    return sites, NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
+
+
+def _given_or_prepared(
+    suffixes: list[SuffixBatch] | None,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    batch_size: int,
+    system_prompt: str | None,
+    device: str,
+) -> list[SuffixBatch]:
+    """The caller's cached prefixes, or the prompts' own when it has none."""
+    if suffixes is not None:
+        return suffixes
+    return prepare_suffixes(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
+        device=device,
+    )
+
+
 def node_effects(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -102,18 +138,11 @@ def node_effects(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-prompt node effects [n_prompts, n_nodes] on the refusal score, and the scores [n_prompts].
     ``suffixes``: the prompts' cached prefixes when the caller already has them (:func:`prepare_suffixes`)."""
-    sites = sorted(saes)
-    index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
+    sites, index = _sites_and_index(saes, baseline)
     out, scores = [], []
-    if suffixes is None:
-        suffixes = prepare_suffixes(
-            model,
-            tokenizer,
-            prompts,
-            batch_size=batch_size,
-            system_prompt=system_prompt,
-            device=device,
-        )
+    suffixes = _given_or_prepared(
+        suffixes, model, tokenizer, prompts, batch_size, system_prompt, device
+    )
     with progress("node effects", total=len(prompts), unit="prompts", log=log) as prog:
         for suffix in suffixes:
             n_rows = len(suffix.suffix_ids)
@@ -126,11 +155,10 @@ def node_effects(
             effects = torch.zeros(n_rows, index.n_nodes)
             for k, s in enumerate(sites):
                 x, g = acts[s].float(), grads[s].float()  # [B, P, d]
-                B, P, d = x.shape
                 with torch.no_grad():
                     f = saes[s].encode(x)  # [B, P, d_sae]
                     err = x - saes[s].decode(f)
-                g_f = _decoder_grad(saes[s], g.reshape(B * P, d), f.shape[-1]).view(B, P, -1)
+                g_f = _latent_grads(saes[s], g, f.shape[-1])
                 sl = index.site_slice(k)
                 effects[:, sl.start : sl.stop - 1] = (g_f * (f - baseline.f_mean[s])).sum(1)
                 effects[:, sl.stop - 1] = (g * (err - baseline.err_mean[s])).sum((1, 2))
@@ -175,85 +203,104 @@ def edge_effects(
     """Edges between circuit latents of consecutive sites: mean over prompts of
     Σ_pos (∂m/∂f_d)(∂f_d/∂f_u)(f_u - f̄_u), by one backward per downstream node (the
     ``targets_per_site`` downstream latents with the largest node effect)."""
-    sites = sorted(saes)
-    index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
+    sites, index = _sites_and_index(saes, baseline)
     totals: dict[tuple[int, int], float] = {}
     n = 0
-    if suffixes is None:
-        suffixes = prepare_suffixes(
-            model,
-            tokenizer,
-            prompts,
-            batch_size=batch_size,
-            system_prompt=system_prompt,
-            device=device,
-        )
+    suffixes = _given_or_prepared(
+        suffixes, model, tokenizer, prompts, batch_size, system_prompt, device
+    )
     for suffix in suffixes:
         acts, grads, _ = _site_grads(model, suffix, sites, refusal_ids)
         for k in range(len(sites) - 1):
             up, down = sites[k], sites[k + 1]
             up_sl, down_sl = index.site_slice(k), index.site_slice(k + 1)
-            up_nodes = np.flatnonzero(circuit[up_sl.start : up_sl.stop - 1])
-            down_nodes = np.flatnonzero(circuit[down_sl.start : down_sl.stop - 1])
-            if mean_effect is not None:  # the strongest downstream latents first
-                down_nodes = down_nodes[
-                    np.argsort(-mean_effect[down_sl.start + down_nodes], kind="stable")
-                ]
-            down_nodes = down_nodes[:targets_per_site]
+            up_nodes, down_nodes = _edge_endpoints(
+                circuit, up_sl, down_sl, mean_effect, targets_per_site
+            )
             if not len(up_nodes) or not len(down_nodes):
                 continue
-            captured: dict[Site, torch.Tensor] = {}
-
-            def hook_for(site: Site):
-                def hook(_m, _i, output):
-                    x = output_tensor(output)
-                    if site == up:
-                        x = x.detach().requires_grad_(True)
-                    captured[site] = x
-                    return replace_output(output, x)
-
-                return hook
-
-            with (
-                torch.enable_grad(),
-                site_hooks(
-                    model,
-                    {up: hook_for(up), down: hook_for(down)},
-                    stop_after=site_module(model, down),
-                ),
-            ):
-                with until_stopped():
-                    cache = copy.deepcopy(suffix.cache)
-                    model.base_model(
-                        input_ids=suffix.suffix_ids,
-                        attention_mask=suffix.attention_mask,
-                        position_ids=suffix.position_ids,
-                        use_cache=True,
-                        **cache_kwargs(model.base_model, cache),
-                    )
-                x_up, x_down = captured[up], captured[down]
-                f_down = saes[down].encode(x_down.float())  # [B, P, d_sae]
-                g_down = grads[down].float()
-                B, P, d = g_down.shape
-                g_f_down = _decoder_grad(
-                    saes[down], g_down.reshape(B * P, d), f_down.shape[-1]
-                ).view(B, P, -1)
-                with torch.no_grad():
-                    delta_up = (
-                        saes[up].encode(acts[up].float()) - baseline.f_mean[up]
-                    )  # [B, P, d_sae_up]
-                for j in down_nodes:
-                    (h_up,) = torch.autograd.grad(
-                        (g_f_down[..., j].detach() * f_down[..., j]).sum(), x_up, retain_graph=True
-                    )
-                    h_f = _decoder_grad(
-                        saes[up], h_up.float().reshape(B * P, d), delta_up.shape[-1]
-                    ).view(B, P, -1)
-                    contrib = (h_f[..., up_nodes] * delta_up[..., up_nodes]).sum((0, 1))  # [n_up]
-                    for u, c in zip(up_nodes.tolist(), contrib.tolist()):
-                        key = (int(up_sl.start + u), int(down_sl.start + j))
-                        totals[key] = totals.get(key, 0.0) + c
+            contributions = _site_pair_contributions(
+                model, suffix, saes, baseline, acts, grads, (up, down), up_nodes, down_nodes
+            )
+            for u, j, c in contributions:
+                key = (int(up_sl.start + u), int(down_sl.start + j))
+                totals[key] = totals.get(key, 0.0) + c
         n += len(suffix.suffix_ids)
     edges = [{"source": s, "target": t, "effect": v / max(n, 1)} for (s, t), v in totals.items()]
     edges.sort(key=lambda e: -abs(e["effect"]))
     return edges[:max_edges]
+
+
+def _edge_endpoints(
+    circuit: np.ndarray,
+    up_sl: slice,
+    down_sl: slice,
+    mean_effect: np.ndarray | None,
+    targets_per_site: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The circuit latents (site-local indices, error nodes excluded) of an upstream and a
+    downstream site; downstream, only the ``targets_per_site`` strongest when effects are given."""
+    up_nodes = np.flatnonzero(circuit[up_sl.start : up_sl.stop - 1])
+    down_nodes = np.flatnonzero(circuit[down_sl.start : down_sl.stop - 1])
+    if mean_effect is not None:  # the strongest downstream latents first
+        down_nodes = down_nodes[np.argsort(-mean_effect[down_sl.start + down_nodes], kind="stable")]
+    return up_nodes, down_nodes[:targets_per_site]
+
+
+def _site_pair_contributions(
+    model: PreTrainedModel,
+    suffix: SuffixBatch,
+    saes: dict[Site, nn.Module],
+    baseline: Baseline,
+    acts: dict[Site, torch.Tensor],
+    grads: dict[Site, torch.Tensor],
+    up_down: tuple[Site, Site],
+    up_nodes: np.ndarray,
+    down_nodes: np.ndarray,
+) -> list[tuple[int, int, float]]:
+    """``(u, j, effect)`` summed over the batch for every upstream latent ``u`` and downstream
+    latent ``j`` (site-local indices), by one backward per downstream latent."""
+    up, down = up_down
+    captured: dict[Site, torch.Tensor] = {}
+    out: list[tuple[int, int, float]] = []
+
+    def hook_for(site: Site):
+        def hook(_m, _i, output):
+            x = output_tensor(output)
+            if site == up:
+                x = x.detach().requires_grad_(True)
+            captured[site] = x
+            return replace_output(output, x)
+
+        return hook
+
+    with (
+        torch.enable_grad(),
+        site_hooks(
+            model,
+            {up: hook_for(up), down: hook_for(down)},
+            stop_after=site_module(model, down),
+        ),
+    ):
+        with until_stopped():
+            cache = copy.deepcopy(suffix.cache)
+            model.base_model(
+                input_ids=suffix.suffix_ids,
+                attention_mask=suffix.attention_mask,
+                position_ids=suffix.position_ids,
+                use_cache=True,
+                **cache_kwargs(model.base_model, cache),
+            )
+        x_up, x_down = captured[up], captured[down]
+        f_down = saes[down].encode(x_down.float())  # [B, P, d_sae]
+        g_f_down = _latent_grads(saes[down], grads[down].float(), f_down.shape[-1])
+        with torch.no_grad():
+            delta_up = saes[up].encode(acts[up].float()) - baseline.f_mean[up]  # [B, P, d_sae_up]
+        for j in down_nodes:
+            (h_up,) = torch.autograd.grad(
+                (g_f_down[..., j].detach() * f_down[..., j]).sum(), x_up, retain_graph=True
+            )
+            h_f = _latent_grads(saes[up], h_up.float(), delta_up.shape[-1])
+            contrib = (h_f[..., up_nodes] * delta_up[..., up_nodes]).sum((0, 1))  # [n_up]
+            out.extend((u, j, c) for u, c in zip(up_nodes.tolist(), contrib.tolist()))
+    return out

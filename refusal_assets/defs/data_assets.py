@@ -13,8 +13,18 @@ from refusal_assets.storage import write_parquet
 
 
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
+    # All three assets share the data section's hash as code version, so any change to the data
+    # settings marks the whole stage stale.
     data_version = cfg.section_hash("data")
+    prompts = _orbench_prompts_asset(cfg, parts, data_version)
+    sample = _prompt_sample_asset(cfg, parts, data_version, prompts)
+    profile = _data_profile_asset(parts, data_version, prompts, sample)
+    return [prompts, sample, profile]
 
+
+def _orbench_prompts_asset(
+    cfg: ProjectConfig, parts: Partitions, data_version: str
+) -> dg.AssetsDefinition:
     @dg.asset(
         partitions_def=parts.category,
         code_version=data_version,
@@ -50,6 +60,15 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             }
         )
 
+    return orbench_prompts
+
+
+def _prompt_sample_asset(
+    cfg: ProjectConfig,
+    parts: Partitions,
+    data_version: str,
+    orbench_prompts: dg.AssetsDefinition,
+) -> dg.AssetsDefinition:
     @dg.asset(
         partitions_def=parts.category,
         code_version=data_version,
@@ -83,6 +102,15 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             }
         )
 
+    return prompt_sample
+
+
+def _data_profile_asset(
+    parts: Partitions,
+    data_version: str,
+    orbench_prompts: dg.AssetsDefinition,
+    prompt_sample: dg.AssetsDefinition,
+) -> dg.AssetsDefinition:
     @dg.asset(
         code_version=data_version,
         kinds={"polars", "matplotlib"},
@@ -116,7 +144,7 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             }
         )
 
-    return [orbench_prompts, prompt_sample, data_profile]
+    return data_profile
 
 
 def _table_md(df: pl.DataFrame) -> str:

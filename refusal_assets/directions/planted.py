@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import random
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -47,6 +48,26 @@ FILLER_WORDS = [  # the planted prompts' neutral words (both tiny-model plants)
 ]
 
 
+def wire_attention_copy(attn: torch.nn.Module, head: int, n_kv: int, group: int) -> None:
+    """Turn one Qwen2/Llama-style attention into a copy of the first ``n_kv * head`` residual
+    dimensions under uniform causal attention (call under ``torch.no_grad``).
+
+    Queries and keys are zero (weights and biases), so every position attends uniformly to the
+    ones before it; kv head ``h`` reads dims ``[h*head, (h+1)*head)`` through an identity value and
+    the first query head of its group writes them back through an identity output. The output
+    projection's bias is left alone: the callers differ on it.
+    """
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        proj.weight.zero_()
+        if proj.bias is not None:
+            proj.bias.zero_()
+    attn.o_proj.weight.zero_()
+    for h in range(n_kv):
+        attn.v_proj.weight[h * head : (h + 1) * head, h * head : (h + 1) * head] = torch.eye(head)
+        q = h * group
+        attn.o_proj.weight[h * head : (h + 1) * head, q * head : (q + 1) * head] = torch.eye(head)
+
+
 def planted_direction_model(
     model, tokenizer, world: World, n_categories: int, *, alpha: float = 6.0, beta: float = 8.0
 ):
@@ -69,21 +90,9 @@ def planted_direction_model(
     with torch.no_grad():
         for block in decoder_layers(model):
             block.mlp.down_proj.weight.zero_()
-            attn = block.self_attn
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                proj.weight.zero_()
-                if proj.bias is not None:
-                    proj.bias.zero_()
-            for h in range(
-                n_kv
-            ):  # kv head h reads dims [h*head, (h+1)*head); its first query head writes them
-                attn.v_proj.weight[h * head : (h + 1) * head, h * head : (h + 1) * head] = (
-                    torch.eye(head)
-                )
-                q = h * group
-                attn.o_proj.weight[h * head : (h + 1) * head, q * head : (q + 1) * head] = (
-                    torch.eye(head)
-                )
+            wire_attention_copy(block.self_attn, head, n_kv, group)
+            if block.self_attn.o_proj.bias is not None:
+                block.self_attn.o_proj.bias.zero_()
             block.input_layernorm.weight.fill_(1.0)
         emb = model.get_input_embeddings().weight
         emb[:, :width] = 0.0
@@ -123,18 +132,12 @@ def planted_rows(
         for d in drafts
     ]
     clean = scorer.judge(probe, max_new_tokens=2)
+    # the probe rows again, now carrying the clean model's judgement
     return [
-        PromptRow(
-            prompt_id=d[0],
-            prompt=d[1],
-            category=d[2],
-            split=d[3],
-            heldout=d[4],
-            refused=refused,
-            refusal_score=float(score),
-            response=response,
+        replace(row, refused=refused, refusal_score=float(score), response=response)
+        for row, refused, score, response in zip(
+            probe, clean.refused, clean.scores, clean.responses
         )
-        for d, refused, score, response in zip(drafts, clean.refused, clean.scores, clean.responses)
     ]
 
 

@@ -38,10 +38,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 FORMAT = "refusal_assets.features/1"
+
+_Record = TypeVar("_Record", "FeatureCard", "SiteFeatures")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,19 +263,11 @@ def read_cards(path: Path) -> SiteFeatures:
         raise ValueError(f"{path}: not a {FORMAT} file; rematerialize features")
     prompts, site_key = doc["prompts"], doc["site_key"]
     cards = tuple(
-        FeatureCard(
+        _from_record(
+            FeatureCard,
+            c,
             site_key=site_key,
-            latent=c["latent"],
-            live=c["live"],
-            annotation=c["annotation"],
-            description=c["description"],
-            n_fires=c["n_fires"],
-            firing_frequency=c["firing_frequency"],
-            max_activation=c["max_activation"],
-            mean_activation=c["mean_activation"],
-            mean_when_firing=c["mean_when_firing"],
             histogram=tuple(c["histogram"]),
-            refusal_cosine=c["refusal_cosine"],
             logit_top=tuple(TokenScore(token=t, score=s) for t, s in c["logit_lens"]["top"]),
             logit_bottom=tuple(TokenScore(token=t, score=s) for t, s in c["logit_lens"]["bottom"]),
             groups=tuple(GroupRate(**g) for g in c["groups"]),
@@ -281,14 +276,14 @@ def read_cards(path: Path) -> SiteFeatures:
         )
         for c in doc["latents"]
     )
-    return SiteFeatures(
-        site_key=site_key,
-        d_sae=doc["d_sae"],
-        n_rows=doc["n_rows"],
-        n_distinct_rows=doc["n_distinct_rows"],
-        n_massive_rows=doc["n_massive_rows"],
-        window_radius=doc["window_radius"],
-        histogram_edges=tuple(doc["histogram_edges"]),
-        refusal_direction=doc["refusal_direction"],
-        cards=cards,
+    return _from_record(
+        SiteFeatures, doc, histogram_edges=tuple(doc["histogram_edges"]), cards=cards
     )
+
+
+def _from_record(cls: type[_Record], record: dict[str, Any], **converted: Any) -> _Record:
+    """A cards dataclass from its JSON object: the fields in ``converted`` as given (the ones JSON
+    cannot hold as they are), every other field read from ``record`` under its own name, so the
+    field lists live in the dataclasses alone. A missing key is a ``KeyError``, as it always was."""
+    plain = {f.name: record[f.name] for f in fields(cls) if f.name not in converted}
+    return cls(**plain, **converted)
