@@ -372,3 +372,132 @@ def test_features_section_shows_a_card_for_every_shared_core_latent(shared_tiny_
     page = written.html.read_text()
     assert page.count('class="fcard"') == len(section.cards)
     assert "## Features" in written.markdown.read_text()
+
+
+def _section_text(page: str, md: str) -> tuple[str, str]:
+    """The execution-level section of the HTML page and of the Markdown twin."""
+    html_part = page[page.index('<section id="execution">') :]
+    md_part = md[md.index("\n## Execution level: refusal directions\n") :]
+    return html_part[: html_part.index("</section>")], md_part[: md_part.index("\n## ", 5)]
+
+
+def test_execution_section_says_so_in_one_line_without_a_direction(two_models):
+    """No refusal_direction files, or a result with no direction (too few refusing prompts): one
+    line per model, and the report still builds, the section between the verdict and behaviour."""
+    from refusal_assets.directions.result import ExecutionResult, write_result
+    from refusal_assets.report.execution_section import execution_section
+    from refusal_assets.report.render import FigureStore
+
+    cfg, layout = two_models
+    why = "refusal directions: no refused toxic training prompts; widen the sample"
+    second = cfg.models[1].model_key
+    write_result(
+        ExecutionResult.insufficient(second, 4, why, 0.25), layout.direction_result(second)
+    )
+    store = FigureStore(layout.report_figures())
+    first = execution_section(cfg.models[0].model_key, layout, store)
+    assert first.missing == (
+        f"{cfg.models[0].model_key}: execution level not shown, refusal_direction not materialized."
+    )
+    assert first.table is None and not first.figures and not first.examples
+    insufficient = execution_section(second, layout, store)
+    assert insufficient.missing == (
+        f"{second}: execution level not shown, insufficient evidence, {why}."
+    )
+    write_text("{}", layout.direction_result("unreadable"))
+    unreadable = execution_section("unreadable", layout, store)
+    assert unreadable.missing.startswith("unreadable: execution level not shown, unreadable result")
+    written = report.write_report(cfg, layout, CATS)
+    page, md = written.html.read_text(), written.markdown.read_text()
+    html_part, md_part = _section_text(page, md)
+    for s in (first, insufficient):
+        assert f"<p>{s.missing}</p>" in html_part and f"\n{s.missing}\n" in md_part
+    assert "<table" not in html_part and "<img" not in html_part and "|" not in md_part
+    order = [page.index(x) for x in ('id="verdict"', 'id="execution"', "<h2>Behaviour")]
+    assert order == sorted(order)
+    order = [md.index(x) for x in ("## Verdict", "## Execution level", "## Behaviour")]
+    assert order == sorted(order)
+
+
+def test_execution_section_from_a_tiny_run_shows_figures_table_and_examples(
+    shared_tiny_run, tiny_model, tiny_cfg, tmp_path
+):
+    """The tiny run's report with refusal_direction files written as the asset writes them. The
+    tiny model refuses nothing, so its own result has no direction: the files come from the
+    planted shared world on the same model (refusal_assets.directions.planted), run by the asset's
+    run_execution. The section shows the headline, the three figures (embedded in the HTML, beside
+    the Markdown), one row per category and the examples with their prompts escaped."""
+    import dataclasses
+    import html
+
+    from refusal_assets.directions import plots
+    from refusal_assets.directions.planted import recover_execution_verdict
+    from refusal_assets.directions.result import write_result
+    from refusal_assets.report.execution_section import NO_RATIO_REASON, execution_section
+    from refusal_assets.report.render import FigureStore
+    from refusal_assets_tests.conftest import copy_tiny_run
+
+    _, storage = copy_tiny_run(shared_tiny_run, tmp_path)
+    layout, cfg = Layout(storage), tiny_cfg
+    key, categories = cfg.models[0].model_key, sorted(cfg.data.categories)
+    before = execution_section(key, layout, FigureStore(layout.report_figures()))
+    assert before.missing.startswith(f"{key}: execution level not shown, insufficient evidence")
+
+    model, tok = tiny_model
+    result = recover_execution_verdict(model, tok, cfg.models[0], "shared", n_per_split=12).result
+    assert result.layer >= 0 and result.examples, result.verdict_reason
+    write_text(json.dumps([vars(e) for e in result.examples]), layout.direction_examples(key))
+    for name, fn in [
+        ("still_refusing", plots.plot_still_refusing),
+        ("layer_scan", plots.plot_layer_scan),
+        ("steering", plots.plot_steering),
+    ]:
+        fn(result, layout.direction_plot(key, name))
+    write_result(result, layout.direction_result(key))
+
+    layout.report_figures().mkdir(parents=True, exist_ok=True)
+    section = execution_section(key, layout, FigureStore(layout.report_figures()))
+    assert not section.missing
+    assert f"block {result.layer} input, post-instruction position {result.position}" in (
+        section.headline
+    )
+    assert result.pooled_still_refusing.text() in section.headline
+    assert result.verdict_execution.upper() in section.headline and result.verdict_reason in (
+        section.headline
+    )
+    assert [row[0] for row in section.table.rows] == [c.category for c in result.categories]
+    for row, c in zip(section.table.rows, result.categories, strict=True):
+        assert row[5] == ("—" if c.loco_to_own is None else f"{c.loco_to_own:.2f}")
+    assert (NO_RATIO_REASON in section.ratio_note) == any(
+        c.loco_to_own is None for c in result.categories
+    )
+
+    written = report.write_report(cfg, layout, categories)
+    page, md = written.html.read_text(), written.markdown.read_text()
+    html_part, md_part = _section_text(page, md)
+    for name in ("still_refusing", "layer_scan", "steering"):
+        assert "![" in md_part and f"](figures/{key}_{name}.png)" in md_part
+        assert (layout.report_figures() / f"{key}_{name}.png").is_file()
+    assert html_part.count('<img alt="') == 3
+    assert html_part.count('src="data:image/png;base64,') == 3
+    for c in result.categories:
+        assert f"<tr><td>{c.category}</td><td>{c.n_refusing}</td>" in html_part
+        assert f"\n| {c.category} | {c.n_refusing} | " in md_part
+    example = result.examples[0]
+    assert "<" in example.prompt  # the planted prompts open with their marker token, <catC>
+    assert f"<td>{html.escape(example.prompt)} <small>" in html_part
+    assert example.prompt not in html_part
+    assert f"\n| {example.prompt} ({example.category}, {example.prompt_id}) | " in md_part
+    assert "\n" not in page.split("<pre>")[0]
+
+    # a ratio result.py gives no number for (its denominator's CI includes 0) reads "—", with why
+    first = dataclasses.replace(result.categories[0], loco_to_own=None)
+    write_result(
+        dataclasses.replace(result, categories=[first, *result.categories[1:]]),
+        layout.direction_result(key),
+    )
+    written = report.write_report(cfg, layout, categories)
+    html_part, md_part = _section_text(written.html.read_text(), written.markdown.read_text())
+    assert f"<td>{first.own_score_drop:.3f} " in html_part
+    assert "</td><td>—</td><td>" in html_part and " | — | " in md_part
+    assert NO_RATIO_REASON in html_part and NO_RATIO_REASON in md_part

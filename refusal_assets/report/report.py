@@ -1,7 +1,8 @@
 """The report: one self-contained HTML file (PNGs embedded) and a Markdown twin (PNGs beside it).
 
 Answer first: the first screen holds, per model, a :class:`ModelSummary` (the verdict, one line per
-test, one summary figure, what the sample can and cannot show); then behaviour, SAEs, circuits,
+test, one summary figure, what the sample can and cannot show); then the combined verdict, the
+execution level (refusal directions), behaviour, SAEs, circuits, features,
 comparison, data profile and methods. A new test adds one function to :data:`SUMMARY_TESTS` (it
 gets the model's :class:`SummaryInputs` and returns its :class:`TestLine` lines) and, if it has one,
 a section of its own.
@@ -25,6 +26,7 @@ from refusal_assets.layout import Layout
 from refusal_assets.plots import new_figure, save_png
 from refusal_assets.report import comparison_sections as cs
 from refusal_assets.report import sections
+from refusal_assets.report.execution_section import ExecutionSection, execution_section
 from refusal_assets.report.features_section import ModelFeatures, features_section
 from refusal_assets.report.render import Figure, FigureStore, render_html, render_markdown
 from refusal_assets.report.sections import ci_json, format_ci
@@ -483,6 +485,8 @@ class ReportInputs:
     header: Header
     verdict: VerdictSection
     combined: list[cs.CombinedSection]
+    execution: list[ExecutionSection]
+    """Per model, the refusal_direction asset's result (one line where there is none)."""
     behaviour: list[sections.ModelTable]
     saes: sections.SaeSection
     circuits: list[sections.ModelCircuits]
@@ -533,6 +537,7 @@ def report_inputs(
             for k, comp in comparisons.items()
             if "combined" in comp
         ],
+        execution=[execution_section(m.model_key, layout, store) for m in cfg.models],
         behaviour=sections.behaviour_section(cfg, layout, categories),
         saes=sections.sae_section(cfg, layout, store),
         circuits=sections.circuit_section(cfg, layout, categories, store),
