@@ -23,7 +23,11 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         kinds={"scipy", "matplotlib"},
         group_name="comparison",
         code_version=cfg.section_hash("circuits", "comparison"),
-        deps=["circuit", "transfer", "refusal_direction"],
+        deps=[
+            "circuit",
+            "transfer",
+            dg.AssetDep("refusal_direction", partition_mapping=parts.by_model()),
+        ],
         description="Category x category circuit overlaps with a label-permutation null, split-half ceilings, "
         "bootstrap CIs, Benjamini-Hochberg, the shared core vs category-specific tail, refusal-direction cosines, "
         "and the verdict.",
