@@ -22,7 +22,9 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         partitions_def=parts.model,
         kinds={"scipy", "matplotlib"},
         group_name="comparison",
-        code_version=cfg.section_hash("circuits", "comparison"),
+        # directions too: comparison.json carries refusal_direction's verdict, and its rebuilds
+        # on that parent's updates are off (REBUILD_OPTIONS), so a directions edit needs this
+        code_version=cfg.section_hash("circuits", "comparison", "directions"),
         deps=[
             "circuit",
             "transfer",
