@@ -19,6 +19,7 @@ import yaml
 
 from refusal_assets.defs.automation import SENSOR_INTERVAL_ENV
 from refusal_assets.defs.gpu import GPU_POOL
+from refusal_assets.defs.partitions import SAE_SCOPE
 from refusal_assets_tests.conftest import ROOT, cli_run
 from refusal_assets_tests.test_ui_browser import serve_ui
 
@@ -84,15 +85,15 @@ def _descendants(graph, key: str) -> set[str]:
 
 
 def _model_of(partition: str) -> str:
-    """``cat|model``, ``cat|model__site``, ``all|model__site``, ``model`` -> ``model``."""
-    return partition.split("|")[-1].split("__")[0]
+    """``cat|model``, ``cat|model__site``, ``all|model__site``, ``model|all``, ``model`` ->
+    ``model`` (the scope key ``all`` is no model)."""
+    return [part for part in partition.split("|") if part != SAE_SCOPE][-1].split("__")[0]
 
 
 def _what_a_new_model_builds(graph, model: str) -> dict[str, set]:
-    """Every partition of the graph that belongs to ``model``; every partition of an asset that
-    reads all partitions of a parent with new ones (an ``AllPartitionMapping``, e.g. features on
-    refusal_direction); every unpartitioned asset downstream of the models' settings (the report).
-    Nothing else of the other models, nothing of the data."""
+    """Every partition of the graph that belongs to ``model`` (every mapping is exact, so no
+    other model's partition reads a new one); every unpartitioned asset downstream of the models'
+    settings (the report). Nothing else of the other models, nothing of the data."""
     downstream = _descendants(graph, "model_config") | _descendants(graph, "site_config")
     out: dict[str, set] = {}
     for key in graph.toposorted_asset_keys:
@@ -104,13 +105,6 @@ def _what_a_new_model_builds(graph, model: str) -> dict[str, set]:
                 out[name] = {None}
             continue
         mine = {p for p in node.partitions_def.get_partition_keys() if _model_of(p) == model}
-        reads_all_of_a_grown_parent = any(
-            isinstance(graph.get_partition_mapping(key, parent), dg.AllPartitionMapping)
-            and parent.to_user_string() in out
-            for parent in node.parent_keys
-        )
-        if reads_all_of_a_grown_parent:
-            mine = set(node.partitions_def.get_partition_keys())
         if mine:
             out[name] = mine
     return out

@@ -15,7 +15,7 @@ import pytest
 
 from refusal_assets.app import settings
 from refusal_assets.defs.build import build_defs
-from refusal_assets.defs.partitions import sae_partition_key
+from refusal_assets.defs.partitions import direction_partition_key, sae_partition_key
 from refusal_assets_tests.automation_world import (
     requested,
     stale,
@@ -29,6 +29,7 @@ from refusal_assets_tests.conftest import copy_tiny_run
 A = "tiny-qwen2"
 CATS = ["harassment", "illegal", "privacy", "violence"]
 SITES = [f"{A}__resid1", f"{A}__resid2"]
+A_FEATURES = {sae_partition_key(s) for s in SITES}  # features share the SAE's partitions
 
 
 @pytest.fixture()
@@ -64,13 +65,20 @@ def test_add_model_b_requests_only_b(tiny_cfg, week):
     defs = build_defs(cfg, storage)
     history, _ = tick_until_quiet(cfg, defs, instance, cursor)
     b_sites = ["tiny-b__resid1", "tiny-b__resid2"]
+    # B's features read B's direction only: A's features stay current
     assert history == [
         {
             "refusal_behaviour": {f"{c}|tiny-b" for c in CATS},
             "activations": {f"{c}|{s}" for c in CATS for s in b_sites},
         },
-        {"sae": {sae_partition_key(s) for s in b_sites}},
-        {"circuit": {f"{c}|tiny-b" for c in CATS}},
+        {
+            "sae": {sae_partition_key(s) for s in b_sites},
+            "refusal_direction": {direction_partition_key("tiny-b")},
+        },
+        {
+            "features": {sae_partition_key(s) for s in b_sites},
+            "circuit": {f"{c}|tiny-b" for c in CATS},
+        },
         {"transfer": {"tiny-b"}, "comparison": {"tiny-b"}},
         {"report": {None}},
     ]
@@ -82,10 +90,14 @@ def test_edit_model_a_generation_requests_only_a_downstream(tiny_cfg, week):
     cfg = variant(tiny_cfg, models__0__generation={"max_new_tokens": 5})
     defs = build_defs(cfg, storage)
     history, _ = tick_until_quiet(cfg, defs, instance, cursor)
-    # generation settings do not change activations, so neither they nor the SAEs rerun
+    # generation settings do not change activations, so neither they nor the SAEs rerun; the
+    # direction is found anew from the new behaviour, and the feature cards show its cosines
     assert history == [
-        {"refusal_behaviour": {f"{c}|{A}" for c in CATS}},
-        {"circuit": {f"{c}|{A}" for c in CATS}},
+        {
+            "refusal_behaviour": {f"{c}|{A}" for c in CATS},
+            "refusal_direction": {direction_partition_key(A)},
+        },
+        {"features": A_FEATURES, "circuit": {f"{c}|{A}" for c in CATS}},
         {"transfer": {A}, "comparison": {A}},
         {"report": {None}},
     ]
@@ -102,6 +114,8 @@ def test_edit_model_a_chat_template_rebuilds_each_partition_once(tiny_cfg, week)
         "refusal_behaviour": {f"{c}|{A}" for c in CATS},
         "activations": {f"{c}|{s}" for c in CATS for s in SITES},
         "sae": {sae_partition_key(s) for s in SITES},
+        "features": A_FEATURES,
+        "refusal_direction": {direction_partition_key(A)},
         "circuit": {f"{c}|{A}" for c in CATS},
         "transfer": {A},
         "comparison": {A},
@@ -124,6 +138,9 @@ def test_add_category_requests_only_that_category(tiny_cfg, week):
         "data_profile": {None},
         "refusal_behaviour": {f"hate|{A}"},
         "activations": {f"hate|{s}" for s in SITES},
+        # the pooled direction reads every category, and the cards show its cosines
+        "refusal_direction": {direction_partition_key(A)},
+        "features": A_FEATURES,
         "circuit": {f"hate|{A}"},
         "transfer": {A},
         "comparison": {A},
@@ -170,9 +187,27 @@ def test_add_layer_requests_the_new_site_then_that_models_circuits(tiny_cfg, wee
     history, _ = tick_until_quiet(cfg, defs, instance, cursor)
     assert history == [
         {"activations": {f"{c}|{A}__resid3" for c in CATS}},
-        {"sae": {sae_partition_key(f"{A}__resid3")}},
+        {
+            "sae": {sae_partition_key(f"{A}__resid3")},
+            "features": {sae_partition_key(f"{A}__resid3")},
+        },
         {"circuit": {f"{c}|{A}" for c in CATS}},
         {"transfer": {A}, "comparison": {A}},
+        {"report": {None}},
+    ]
+    assert stale(instance, list(defs.assets)) == {}
+
+
+def test_edit_directions_rebuilds_direction_then_comparison_once(tiny_cfg, week):
+    """The directions section is hashed by refusal_direction and by comparison (which carries its
+    verdict): comparison waits for the new direction instead of building beside it."""
+    instance, cursor, storage, _ = week
+    cfg = variant(tiny_cfg, directions__max_new_tokens=6)
+    defs = build_defs(cfg, storage)
+    history, _ = tick_until_quiet(cfg, defs, instance, cursor)
+    assert history == [
+        {"refusal_direction": {direction_partition_key(A)}},
+        {"features": A_FEATURES, "comparison": {A}},
         {"report": {None}},
     ]
     assert stale(instance, list(defs.assets)) == {}

@@ -41,18 +41,32 @@ def upstream_settling() -> dg.AutomationCondition:
     ).with_label("upstream still updating")
 
 
+def parent_rebuilding() -> dg.AutomationCondition:
+    """A parent partition's config changed and it was not requested since, or it is in progress.
+
+    ``will_be_requested`` would not do: it is true only for a parent that can run in the same run,
+    never across partitionings (comparison per model, its parent refusal_direction per model x
+    scope), and such a parent runs in a run of its own, side by side with the child's."""
+    return AC.any_deps_match(
+        AC.code_version_changed().since_last_handled() | AC.in_progress()
+    ).with_label("a parent is rebuilding")
+
+
 def rebuild_condition(
     hold_while_upstream_settles: bool = False, ignore: tuple[str, ...] = ()
 ) -> dg.AutomationCondition:
     """``ignore``: parents whose updates alone do not trigger a rebuild (see ``build.REBUILD_OPTIONS``)."""
     # eager(): a partition whose parents updated, or a new partition whose parents all exist.
     # eager() alone ignores code-version changes; code_version_changed() alone would also request
-    # never-built partitions, so it is restricted to partitions that exist and can run now.
+    # never-built partitions, so it is restricted to partitions that exist and can run now. It
+    # waits while a parent rebuilds (a section both hash, e.g. directions for refusal_direction and
+    # comparison): it reads the parent's new output; since_last_handled() keeps it true till then.
     changed = (
         AC.code_version_changed().since_last_handled()
         & ~AC.missing()
         & ~AC.in_progress()
         & ~AC.any_deps_missing()
+        & ~parent_rebuilding()
     )
     eager = AC.eager().ignore(dg.AssetSelection.assets(*ignore)) if ignore else AC.eager()
     condition = eager | changed.with_label("config changed")

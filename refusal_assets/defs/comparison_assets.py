@@ -22,8 +22,14 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         partitions_def=parts.model,
         kinds={"scipy", "matplotlib"},
         group_name="comparison",
-        code_version=cfg.section_hash("circuits", "comparison"),
-        deps=["circuit", "transfer", "refusal_direction"],
+        # directions too: comparison.json carries refusal_direction's verdict, and its rebuilds
+        # on that parent's updates are off (REBUILD_OPTIONS), so a directions edit needs this
+        code_version=cfg.section_hash("circuits", "comparison", "directions"),
+        deps=[
+            "circuit",
+            "transfer",
+            dg.AssetDep("refusal_direction", partition_mapping=parts.by_model()),
+        ],
         description="Category x category circuit overlaps with a label-permutation null, split-half ceilings, "
         "bootstrap CIs, Benjamini-Hochberg, the shared core vs category-specific tail, refusal-direction cosines, "
         "and the verdict.",

@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 
 from refusal_assets.config import ProjectConfig
-from refusal_assets.defs.metadata import ci_metadata, clean, png_markdown
+from refusal_assets.defs.metadata import ci_metadata, clean, multi_key, png_markdown
 from refusal_assets.defs.partitions import Partitions
 from refusal_assets.defs.resources import ComputeResource, StorageResource
 from refusal_assets.directions import plots
@@ -41,18 +41,18 @@ def prompt_rows(layout: Layout, model_key: str, categories: list[str]) -> list[P
 def build(
     cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
 ) -> list[dg.AssetsDefinition]:
-    by_model = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="model")
-
     @gpu_asset(
-        partitions_def=parts.model,
+        # model x scope("all") rather than per model, so that features (site x scope) can read a
+        # model's direction through a built-in mapping (see Partitions.direction)
+        partitions_def=parts.direction,
         kinds={"pytorch", "safetensors"},
         group_name="model",
         code_version=cfg.section_hash(
             "directions"
         ),  # the model's settings: the model_config source's data version
         deps=[
-            dg.AssetDep("refusal_behaviour", partition_mapping=by_model),
-            dg.AssetDep("model_config"),
+            dg.AssetDep("refusal_behaviour", partition_mapping=parts.direction_from_behaviour()),
+            dg.AssetDep("model_config", partition_mapping=parts.by_model()),
         ],
         description="Refusal directions (Arditi et al. 2024): difference of means over layers x "
         "post-instruction "
@@ -65,7 +65,8 @@ def build(
     def refusal_direction(
         context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource
     ) -> dg.MaterializeResult:
-        model_key, layout = context.partition_key, Layout(storage.files)
+        model_key = multi_key(parts.direction, context.partition_key)["model"]
+        layout = Layout(storage.files)
         model_cfg, dcfg = cfg.model(model_key), cfg.directions
         rows = prompt_rows(layout, model_key, parts.category.get_partition_keys())
         with compute.claim() as device:

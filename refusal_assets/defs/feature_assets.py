@@ -43,9 +43,8 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         deps=[
             dg.AssetDep("sae"),  # same site x scope partitions: identity
             dg.AssetDep("activations", partition_mapping=parts.sae_from_activations()),
-            # the cosines read the model's pooled direction; no built-in mapping sends a model to
-            # its sites, so every model's direction (one model in the shipped configs)
-            dg.AssetDep("refusal_direction", partition_mapping=dg.AllPartitionMapping()),
+            # the cosines read the pooled direction of this site's model only
+            dg.AssetDep("refusal_direction", partition_mapping=parts.features_from_direction()),
             *corpus_dep,
         ],
         description="Feature cards per site: for every SAE latent its 20 highest distinct contexts "

@@ -19,14 +19,21 @@ import dagster as dg
 from refusal_assets.config import ConfigError, ProjectConfig
 
 SAE_SCOPE = "all"
-"""The one key of the SAE's ``scope`` dimension: an SAE is trained on the activations of every
-category of ``sae.train_categories`` at once."""
+"""The one key of the ``scope`` dimension of ``sae`` and ``refusal_direction``: an SAE is trained
+on the activations of every category of ``sae.train_categories`` at once, a model's refusal
+directions are found from its behaviour on every category at once."""
 
 
 def sae_partition_key(site_key: str) -> str:
     """The ``sae`` partition of a site, as Dagster spells a multi-partition key (dimensions sorted
     by name: ``scope|site``), e.g. ``all|tiny-qwen2__resid1``."""
     return f"{SAE_SCOPE}|{site_key}"
+
+
+def direction_partition_key(model_key: str) -> str:
+    """The ``refusal_direction`` partition of a model, as Dagster spells a multi-partition key
+    (dimensions sorted by name: ``model|scope``), e.g. ``tiny-qwen2|all``."""
+    return str(dg.MultiPartitionKey({"model": model_key, "scope": SAE_SCOPE}))
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,10 @@ class Partitions:
     exact built-in mapping: dagster 1.13 refuses a StaticPartitionMapping whose downstream is a
     MultiPartitionsDefinition, but maps multi to multi dimension by dimension (site -> model,
     scope "all" -> every category), so a model's circuits read only that model's SAEs."""
+    direction: dg.MultiPartitionsDefinition
+    """model x scope("all"), for the same reason: ``features`` (site x scope) reads the direction
+    of its site's model only (model -> its sites, scope -> scope), which a per-model partition
+    cannot express with a built-in mapping."""
     site_to_model: dict[str, str]
     sae_train_categories: list[str]
     """Category keys whose activations train the SAEs (``sae.train_categories``, else every category)."""
@@ -70,6 +81,9 @@ class Partitions:
             site_category=dg.MultiPartitionsDefinition({"site": site, "category": category}),
             sae=dg.MultiPartitionsDefinition(
                 {"site": site, "scope": dg.StaticPartitionsDefinition([SAE_SCOPE])}
+            ),
+            direction=dg.MultiPartitionsDefinition(
+                {"model": model, "scope": dg.StaticPartitionsDefinition([SAE_SCOPE])}
             ),
             site_to_model={s: m.model_key for m in cfg.models for s in m.site_keys},
             sae_train_categories=train,
@@ -119,5 +133,34 @@ class Partitions:
                     "model", dg.StaticPartitionMapping(self.site_to_model)
                 ),
                 "category": dg.DimensionPartitionMapping("category", dg.IdentityPartitionMapping()),
+            }
+        )
+
+    def direction_from_behaviour(self) -> dg.MultiPartitionMapping:
+        """A model's refusal direction reads that model's behaviour on every category."""
+        return dg.MultiPartitionMapping(
+            {
+                "model": dg.DimensionPartitionMapping("model", dg.IdentityPartitionMapping()),
+                "category": dg.DimensionPartitionMapping(
+                    "scope",
+                    dg.StaticPartitionMapping(
+                        {c: SAE_SCOPE for c in self.category.get_partition_keys()}
+                    ),
+                ),
+            }
+        )
+
+    def features_from_direction(self) -> dg.MultiPartitionMapping:
+        """A site's feature cards read the refusal direction of that site's model (and no other
+        model's): a new model's direction maps to exactly its own sites."""
+        sites_of_model: dict[str, list[str]] = {}
+        for site, model in self.site_to_model.items():
+            sites_of_model.setdefault(model, []).append(site)
+        return dg.MultiPartitionMapping(
+            {
+                "model": dg.DimensionPartitionMapping(
+                    "site", dg.StaticPartitionMapping(sites_of_model)
+                ),
+                "scope": dg.DimensionPartitionMapping("scope", dg.IdentityPartitionMapping()),
             }
         )
