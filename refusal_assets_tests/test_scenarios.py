@@ -91,14 +91,12 @@ def test_edit_model_a_generation_requests_only_a_downstream(tiny_cfg, week):
     defs = build_defs(cfg, storage)
     history, _ = tick_until_quiet(cfg, defs, instance, cursor)
     # generation settings do not change activations, so neither they nor the SAEs rerun; the
-    # direction is found anew from the new behaviour, and the feature cards show its cosines
+    # direction is found anew once the new behaviour exists (never beside it, reading the old
+    # files), and the feature cards show its cosines
     assert history == [
-        {
-            "refusal_behaviour": {f"{c}|{A}" for c in CATS},
-            "refusal_direction": {direction_partition_key(A)},
-        },
-        {"features": A_FEATURES, "circuit": {f"{c}|{A}" for c in CATS}},
-        {"transfer": {A}, "comparison": {A}},
+        {"refusal_behaviour": {f"{c}|{A}" for c in CATS}},
+        {"refusal_direction": {direction_partition_key(A)}, "circuit": {f"{c}|{A}" for c in CATS}},
+        {"features": A_FEATURES, "transfer": {A}, "comparison": {A}},
         {"report": {None}},
     ]
     assert stale(instance, list(defs.assets)) == {}

@@ -47,20 +47,19 @@ def build(
         partitions_def=parts.direction,
         kinds={"pytorch", "safetensors"},
         group_name="model",
-        code_version=cfg.section_hash(
-            "directions"
-        ),  # the model's settings: the model_config source's data version
+        code_version=cfg.section_hash("directions"),
+        # The model's settings reach it through refusal_behaviour (whose model_config source hashes
+        # every setting the model pass reads), not as a direct dep: a direct one would request it in
+        # the same tick as behaviour, and the daemon would run the two side by side, this one
+        # reading the old behaviour files.
         deps=[
             dg.AssetDep("refusal_behaviour", partition_mapping=parts.direction_from_behaviour()),
-            dg.AssetDep("model_config", partition_mapping=parts.by_model()),
         ],
         description="Refusal directions (Arditi et al. 2024): difference of means over layers x "
-        "post-instruction "
-        "positions, selected with the KL and induced-refusal filters, ablated at every layer and "
-        "position; the "
-        "share of refusing prompts still refusing (pooled, leave-one-category-out, random), "
-        "induced refusal, "
-        "steering trade-off and verdict_execution.",
+        "post-instruction positions, selected with the KL and induced-refusal filters, ablated at "
+        "every layer and position; the share of refusing prompts still refusing (pooled, "
+        "leave-one-category-out, random), induced refusal, steering trade-off and "
+        "verdict_execution.",
     )
     def refusal_direction(
         context: dg.AssetExecutionContext, compute: ComputeResource, storage: StorageResource
