@@ -309,3 +309,27 @@ def test_pooled_leave_one_out_decides_when_each_category_is_too_small_to():
     assert decide([rate(n, n) for n in sizes], pooled=rate(15, 21)) == "modular"
     half = [rate(0, n) for n in sizes[:5]] + [rate(n, n) for n in sizes[5:]]
     assert decide(half) not in ("monolithic", "modular")
+
+
+def test_added_scores_match_the_hook(scorer):
+    """The resumed passes of ``Scorer.added_scores`` (the steering curves and the selection's
+    steering filter use them) give the scores of the addition hook on full passes, for several
+    vectors at once, in input order, at every layer; a zero vector gives the clean scores."""
+    from refusal_assets.directions.hooks import activation_addition
+
+    model = scorer.model
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    prompts = rows(n=5)[:7]
+    vectors = [torch.randn(d, generator=g) * s for s in (0.5, 2.0, 6.0)] + [torch.zeros(d)]
+    n_layers = len(decoder_layers(model))
+    for layer in range(n_layers):
+        got = scorer.added_scores(prompts, vectors, layer)  # [V, N]
+        assert got.shape == (len(vectors), len(prompts))
+        for v_i, v in enumerate(vectors):
+            with activation_addition(model, v, layer):
+                want = scorer.scores(prompts)
+            assert got[v_i] == pytest.approx(want, abs=1e-4), (layer, v_i)
+        assert got[-1] == pytest.approx(scorer.scores(prompts), abs=1e-4)
+        # the vectors change the scores (the test can fail)
+        assert abs(got[2] - got[-1]).max() > 1e-3

@@ -111,32 +111,6 @@ def _check_splits(s: Splits) -> None:
         )
 
 
-def steering_curve(
-    scorer: Scorer,
-    name: str,
-    direction: torch.Tensor,
-    layer: int,
-    toxic: list[PromptRow],
-    benign: list[PromptRow],
-    coefficients: list[float],
-    clean: np.ndarray,
-) -> SteeringCurve:
-    """Refusal shares (score > 0) of ``toxic`` and ``benign`` as coefficient x direction is added
-    (coefficient 0: ``clean``, the scores of toxic + benign without intervention)."""
-    coefs, tox, over = (
-        [0.0],
-        [float((clean[: len(toxic)] > 0).mean())],
-        [float((clean[len(toxic) :] > 0).mean())],
-    )
-    for c in coefficients:
-        with activation_addition(scorer.model, c * direction, layer):
-            s = scorer.scores(toxic + benign)
-        coefs.append(float(c))
-        tox.append(float((s[: len(toxic)] > 0).mean()))
-        over.append(float((s[len(toxic) :] > 0).mean()))
-    return SteeringCurve(direction=name, coefficients=coefs, toxic_refusal=tox, over_refusal=over)
-
-
 def steering_curves(
     scorer: Scorer,
     directions: dict[str, torch.Tensor],
@@ -144,13 +118,28 @@ def steering_curves(
     s: Splits,
     cfg: DirectionsConfig,
 ) -> list[SteeringCurve]:
-    """One steering curve per named direction on the same held-out toxic and benign samples."""
+    """One steering curve per named direction on the same held-out toxic and benign samples: the
+    refusal shares (score > 0) of each as coefficient x direction is added at ``layer``
+    (coefficient 0: no intervention). Every (direction, coefficient) shares one clean pass up to
+    ``layer`` per batch (:meth:`Scorer.added_scores`)."""
     toxic = _sample(s.test_toxic, cfg.steering_prompts, cfg.seed)
     benign = _sample(s.test_benign, cfg.steering_prompts, cfg.seed)
+    n_tox, coefficients = len(toxic), cfg.steering_coefficients
     clean = scorer.scores(toxic + benign)
+    vectors = [c * r for r in directions.values() for c in coefficients]
+    added = scorer.added_scores(toxic + benign, vectors, layer).reshape(
+        len(directions), len(coefficients), n_tox + len(benign)
+    )  # [directions, coefficients, toxic + benign]
+    scores = np.concatenate([np.broadcast_to(clean, (len(directions), 1, len(clean))), added], 1)
+    refusing = scores > 0  # [directions, 1 + coefficients, toxic + benign]
     return [
-        steering_curve(scorer, name, r, layer, toxic, benign, cfg.steering_coefficients, clean)
-        for name, r in directions.items()
+        SteeringCurve(
+            direction=name,
+            coefficients=[0.0, *map(float, coefficients)],
+            toxic_refusal=refusing[i, :, :n_tox].mean(-1).tolist(),
+            over_refusal=refusing[i, :, n_tox:].mean(-1).tolist(),
+        )
+        for i, name in enumerate(directions)
     ]
 
 

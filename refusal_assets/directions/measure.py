@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from refusal_assets.circuits.ablation import resumed_blocks
 from refusal_assets.config import ModelConfig
+from refusal_assets.directions.hooks import activation_addition
 from refusal_assets.directions.prompts import PromptRow
 from refusal_assets.lm.behaviour import (
     generate,
@@ -27,7 +29,14 @@ from refusal_assets.lm.behaviour import (
     wilson_interval,
 )
 from refusal_assets.lm.chat import batches, encode_chat
-from refusal_assets.lm.prefill import prefill
+from refusal_assets.lm.prefill import (
+    cache_kwargs,
+    last_logits,
+    own_token_inputs,
+    prefill,
+    prefix_pass,
+)
+from refusal_assets.lm.sites import Site
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +114,48 @@ class Scorer:
     def scores(self, rows: list[PromptRow]) -> np.ndarray:
         """[N] first-token refusal scores."""
         return self.scores_from_logits(self.last_logits(rows))
+
+    @torch.no_grad()
+    def added_scores(
+        self, rows: list[PromptRow], vectors: list[torch.Tensor], layer: int
+    ) -> np.ndarray:
+        """[V, N] first-token refusal scores of ``rows`` with each of ``vectors`` [d] added to block
+        ``layer``'s input at every position: the scores under
+        :func:`refusal_assets.directions.hooks.activation_addition` (a test compares), cheaper.
+        The blocks before ``layer`` never see the addition, so each batch's clean pass up to
+        ``layer`` is computed once, and per vector only the shared prefix (one row, under the
+        addition) and the later blocks over the rows' own tokens run
+        (:func:`refusal_assets.circuits.ablation.resumed_blocks`)."""
+        out = np.zeros((len(vectors), len(rows)))
+        if not rows or not vectors:
+            return out
+        if layer < 1:  # nothing before the addition to reuse
+            for v_i, v in enumerate(vectors):
+                with activation_addition(self.model, v, layer):
+                    out[v_i] = self.scores(rows)
+            return out
+        site, start = Site(layer - 1, "resid"), 0
+        for batch in self._batches(rows):
+            clean = prefill(self.model, batch, [site], stop_early=True)
+            L, B = clean.prefix_length, len(batch.input_ids)
+            # own-token layout [B, T - L, d]: each row's own tokens flush right, as the pass needs
+            block_input = clean.site_outputs[site][:, L:]
+            for v_i, v in enumerate(vectors):
+                cache = DynamicCache(config=self.model.config)
+                if L:
+                    with activation_addition(self.model, v, layer):
+                        prefix_pass(self.model, batch, L, cache)
+                    cache.batch_repeat_interleave(B)
+                added = block_input + v.to(block_input)  # [B, T - L, d]
+                with resumed_blocks(self.model, layer - 1, added):
+                    logits = last_logits(
+                        self.model,
+                        **own_token_inputs(batch, L),
+                        **cache_kwargs(self.model.base_model, cache),
+                    ).logits
+                out[v_i, start : start + B] = self.scores_from_logits(logits.float().cpu())
+            start += B
+        return out
 
     def judge(self, rows: list[PromptRow], max_new_tokens: int) -> Judged:
         """Greedy generation (all prefill chunks decoded together) judged by the refusal phrases."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from refusal_assets.config import DirectionsConfig
 from refusal_assets.directions.candidates import Candidates
-from refusal_assets.directions.hooks import activation_addition, direction_ablation
+from refusal_assets.directions.hooks import direction_ablation
 from refusal_assets.directions.measure import Scorer, kl_last_position
 from refusal_assets.directions.prompts import PromptRow
 
@@ -90,8 +90,7 @@ def score_candidates(
                 logits = scorer.last_logits(both)  # [n_harmful + n_harmless, vocab]
             ablated = scorer.scores_from_logits(logits[: len(harmful)])
             kl = kl_last_position(clean, logits[len(harmful) :])
-            with activation_addition(scorer.model, r, layer):
-                steering = float(scorer.scores(harmless).mean())
+            steering = float(scorer.added_scores(harmless, [r], layer)[0].mean())
             rejected = (
                 "kl"
                 if kl > cfg.kl_threshold

@@ -125,6 +125,21 @@ class Prefilled:
     """L: tokens computed once for the whole batch."""
 
 
+def prefix_pass(model: PreTrainedModel, batch: ChatBatch, L: int, cache: object) -> None:
+    """One pass over the batch's shared prefix (its first ``L`` real tokens, one row) into
+    ``cache``; the caller repeats the cache over the batch's rows."""
+    T = batch.input_ids.shape[1]
+    n = int(batch.attention_mask[0].sum())
+    prefix_ids = batch.input_ids[:1, T - n :][:, :L]  # [1, L]
+    model.base_model(input_ids=prefix_ids, use_cache=True, **cache_kwargs(model.base_model, cache))
+
+
+def own_token_inputs(batch: ChatBatch, L: int) -> dict[str, torch.Tensor | bool]:
+    """Forward inputs of the pass over each row's own tokens after a shared prefix of ``L``
+    (see :func:`_own_token_inputs`)."""
+    return _own_token_inputs(batch, L, batch.attention_mask.sum(-1))
+
+
 @torch.no_grad()
 def prefill(
     model: PreTrainedModel,
@@ -150,11 +165,8 @@ def prefill(
     cache = DynamicCache(config=model.config)
     prefix_outputs: dict[Site, torch.Tensor] = {}
     if L:
-        prefix_ids = batch.input_ids[:1, T - int(lengths[0]) :][:, :L]  # [1, L]
         with capture(model, sites, stop_early) as captured, until_stopped():
-            model.base_model(
-                input_ids=prefix_ids, use_cache=True, **cache_kwargs(model.base_model, cache)
-            )
+            prefix_pass(model, batch, L, cache)
         prefix_outputs = dict(captured)  # [1, L, d] per site
         cache.batch_repeat_interleave(B)  # [1, L] -> [B, L] per layer
     with capture(model, sites, stop_early) as captured:
