@@ -333,3 +333,40 @@ def test_added_scores_match_the_hook(scorer):
         assert got[-1] == pytest.approx(scorer.scores(prompts), abs=1e-4)
         # the vectors change the scores (the test can fail)
         assert abs(got[2] - got[-1]).max() > 1e-3
+
+
+def test_judge_groups_equal_one_judge_per_intervention(scorer):
+    """One batched generation with an intervention per group (ablations of different directions,
+    an addition, none) gives each group the tokens, verdicts and first-token scores of its own
+    ``judge`` call under the context-manager hooks."""
+    from refusal_assets.directions.hooks import activation_addition
+    from refusal_assets.directions.measure import Intervened
+
+    model = scorer.model
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(5)
+    u, v = torch.randn(d, generator=g) * 4, torch.randn(d, generator=g) * 4
+    prompts = rows(n=6)
+    a, b, c = prompts[:7], prompts[7:12], prompts[12:21]
+    layer = 2
+    groups = [
+        Intervened(rows=a, ablate=u),
+        Intervened(rows=b, add=v),
+        Intervened(rows=c, ablate=v),
+        Intervened(rows=a),
+    ]
+    got = scorer.judge_groups(groups, max_new_tokens=6, add_layer=layer)
+    with direction_ablation(model, u):
+        want_a = scorer.judge(a, 6)
+    with activation_addition(model, v, layer):
+        want_b = scorer.judge(b, 6)
+    with direction_ablation(model, v):
+        want_c = scorer.judge(c, 6)
+    want_clean = scorer.judge(a, 6)
+    for have, want in zip(got, [want_a, want_b, want_c, want_clean]):
+        assert have.prompt_ids == want.prompt_ids
+        assert have.responses == want.responses
+        assert have.refused == want.refused
+        assert have.scores == pytest.approx(want.scores, abs=1e-4)
+    # the interventions change the generations (the test can fail)
+    assert got[0].responses != got[3].responses or not (got[0].scores == got[3].scores).all()

@@ -36,8 +36,9 @@ from refusal_assets.directions.candidates import (
     mean_difference,
     subset,
 )
-from refusal_assets.directions.hooks import activation_addition, direction_ablation
+from refusal_assets.directions.hooks import direction_ablation
 from refusal_assets.directions.measure import (
+    Intervened,
     Judged,
     Rate,
     Scorer,
@@ -159,11 +160,34 @@ def _examples(ablated: Judged, rows: list[PromptRow], n: int) -> list[Example]:
     ]
 
 
-def _ablated(
-    scorer: Scorer, direction: torch.Tensor, rows: list[PromptRow], max_new_tokens: int
-) -> Judged:
-    with direction_ablation(scorer.model, direction):
-        return scorer.judge(rows, max_new_tokens)
+def _generations(
+    scorer: Scorer,
+    cfg: DirectionsConfig,
+    s: Splits,
+    acts: Activations,
+    at: tuple[int, int],
+    pooled: torch.Tensor,
+    control: torch.Tensor,
+    categories: list[str],
+) -> dict[str, Judged]:
+    """Every generation of the measures, decoded together (:meth:`Scorer.judge_groups`):
+    ``pooled`` and ``random`` (held-out refusing prompts with the pooled direction or the control
+    ablated), ``induced`` (complied-with safe prompts with the pooled direction added at its
+    layer), and ``loco.{c}`` for each category with a leave-one-out direction (its refusing
+    prompts with that direction ablated)."""
+    p_i, l_i = acts.positions.index(at[0]), acts.layers.index(at[1])
+    groups = {
+        "pooled": Intervened(rows=s.test_refusing, ablate=pooled),
+        "random": Intervened(rows=s.test_refusing, ablate=control),
+        "induced": Intervened(rows=s.test_complied_harmless, add=pooled),
+    }
+    for c in categories:
+        loco = loco_direction(acts, s, c, p_i, l_i)
+        if loco is not None:
+            refusing = [row for row in s.refusing if row.category == c]
+            groups[f"loco.{c}"] = Intervened(rows=refusing, ablate=loco.direction)
+    judged = scorer.judge_groups(list(groups.values()), cfg.max_new_tokens, add_layer=at[1])
+    return dict(zip(groups, judged))
 
 
 def _rate_of(judged: Judged, rows: list[PromptRow]) -> Rate:
@@ -204,7 +228,9 @@ def _category(
     pooled_r: torch.Tensor,
     judged: dict[str, Judged],
 ) -> tuple[CategoryExecution, torch.Tensor]:
-    """Category ``c``'s row, and its own direction at the common layer and position."""
+    """Category ``c``'s row, and its own direction at the common layer and position
+    (``judged[f"loco.{c}"]``: its refusing prompts generated with its leave-one-out direction
+    ablated)."""
     p_i, l_i = acts.positions.index(at[0]), acts.layers.index(at[1])
     own_h = subset(acts, _ids([r for r in s.train_harmful if r.category == c]))[
         :, p_i, l_i
@@ -213,11 +239,7 @@ def _category(
     own_r = own_h.mean(0) - harmless.mean(0) if len(own_h) else torch.zeros_like(pooled_r)
     refusing = [r for r in s.refusing if r.category == c]
     heldout = [r for r in s.test_refusing if r.category == c]
-    loco_r = loco_direction(acts, s, c, p_i, l_i)
-    if loco_r is not None:
-        loco = _ablated(scorer, loco_r.direction, refusing, cfg.max_new_tokens)
-    else:
-        loco = Judged(prompt_ids=[], responses=[], refused=[], scores=np.zeros(0))
+    loco = judged.get(f"loco.{c}", Judged.empty())
     # the category's own selection (a fallback to the pooled layer and position when it has few
     # prompts)
     cat_layers = [layer for layer in acts.layers if layer in pooled_layers(pooled)]
@@ -317,15 +339,13 @@ def run_execution(
     )
 
     control = random_direction(r, cfg.seed)
-    judged = {
-        "pooled": _ablated(scorer, r, s.test_refusing, cfg.max_new_tokens),
-        "random": _ablated(scorer, control, s.test_refusing, cfg.max_new_tokens),
-    }
-    with activation_addition(scorer.model, r, at[1]):
-        induced = scorer.judge(s.test_complied_harmless, cfg.max_new_tokens)
-    log(f"directions: pooled, random and induced generations, {time.perf_counter() - t0:.0f} s")
-
     categories = sorted({row.category for row in rows})
+    judged = _generations(scorer, cfg, s, acts, at, r, control, categories)
+    induced = judged["induced"]
+    log(
+        "directions: pooled, random, induced and leave-one-category-out generations, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     per_cat, own_dirs = [], {}
     for c in categories:
         row, own_dirs[c] = _category(scorer, cfg, c, s, acts, at, selection, r, judged)

@@ -66,13 +66,7 @@ def direction_ablation(
 ) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``direction`` [d] is projected out of every block input, attention output
     and MLP output of ``model``, at every position."""
-    norm = direction.float().norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise ValueError(
-            f"direction ablation: the direction's norm is {float(norm)}; need a finite non-zero "
-            "vector"
-        )
-    unit = (direction.float() / norm).to(next(model.parameters()).device)
+    unit = _unit(direction).to(next(model.parameters()).device)
 
     def edit(x: torch.Tensor) -> torch.Tensor:
         return project_out(x, unit)
@@ -102,3 +96,75 @@ def activation_addition(
 @contextlib.contextmanager
 def no_intervention() -> Iterator[None]:
     yield
+
+
+class RowInterventions:
+    """Ablation and addition per row, for one batched generation over chunks that each carry one
+    intervention (:class:`refusal_assets.lm.behaviour.RowState`): chunk k ablates
+    ``ablate[k]`` (None: nothing) at every block input and attention and MLP output, and adds
+    ``add[k]`` (None: nothing) to block ``add_layer``'s input, as :func:`direction_ablation` and
+    :func:`activation_addition` do for a whole pass. A zero row is no intervention: projecting out
+    a zero unit vector and adding zero change nothing."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ablate: list[torch.Tensor | None],
+        add: list[torch.Tensor | None],
+        add_layer: int,
+    ):
+        if len(ablate) != len(add):
+            raise ValueError(f"RowInterventions: {len(ablate)} ablations for {len(add)} additions")
+        self.model, self.add_layer = model, add_layer
+        p = next(model.parameters())
+        d = model.config.hidden_size
+        zero = torch.zeros(d, device=p.device)
+        self._units = torch.stack(
+            [zero if r is None else _unit(r).to(p.device) for r in ablate]
+        )  # [chunks, d]
+        self._added = torch.stack(
+            [zero if v is None else v.float().to(p.device) for v in add]
+        )  # [chunks, d]
+        self.units, self.added = self._units[:1], self._added[:1]  # [rows, d] read by the hooks
+
+    def prefill_chunk(self, k: int) -> None:
+        self.units, self.added = self._units[k : k + 1], self._added[k : k + 1]
+
+    def decode(self, chunk_sizes: list[int]) -> None:
+        index = torch.repeat_interleave(
+            torch.arange(len(chunk_sizes)), torch.tensor(chunk_sizes)
+        ).to(self._units.device)  # [rows]: each row's chunk
+        self.units, self.added = self._units[index], self._added[index]
+
+    def keep(self, index: torch.Tensor) -> None:
+        index = index.to(self.units.device)
+        self.units, self.added = self.units[index], self.added[index]
+
+    def _project_out(self, x: torch.Tensor) -> torch.Tensor:
+        unit = self.units.to(x.dtype)[:, None, :]  # [rows, 1, d]
+        return x - (x * unit).sum(-1, keepdim=True) * unit
+
+    def _add(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.added.to(x.dtype)[:, None, :]
+
+    def registered(self) -> contextlib.AbstractContextManager[None]:
+        """The hooks, removed on exit."""
+        blocks = decoder_layers(self.model)
+        pre = [(block, _edit_first_input(self._project_out)) for block in blocks]
+        pre.append((blocks[self.add_layer], _edit_first_input(self._add)))
+        post = [
+            (site_module(self.model, Site(i, kind)), _edit_output(self._project_out))
+            for i in range(len(blocks))
+            for kind in ("attn", "mlp")
+        ]
+        return _registered(pre, post)
+
+
+def _unit(direction: torch.Tensor) -> torch.Tensor:
+    norm = direction.float().norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError(
+            f"direction ablation: the direction's norm is {float(norm)}; need a finite non-zero "
+            "vector"
+        )
+    return direction.float() / norm

@@ -19,7 +19,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.circuits.ablation import resumed_blocks
 from refusal_assets.config import ModelConfig
-from refusal_assets.directions.hooks import activation_addition
+from refusal_assets.directions.hooks import RowInterventions, activation_addition
 from refusal_assets.directions.prompts import PromptRow
 from refusal_assets.lm.behaviour import (
     generate,
@@ -74,6 +74,21 @@ class Judged:
     @property
     def rate(self) -> Rate:
         return Rate.of(self.refused)
+
+    @classmethod
+    def empty(cls) -> "Judged":
+        return cls(prompt_ids=[], responses=[], refused=[], scores=np.zeros(0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Intervened:
+    """Prompts to generate from under one intervention (None: none)."""
+
+    rows: list[PromptRow]
+    ablate: torch.Tensor | None = None
+    """[d]: projected out at every layer and position."""
+    add: torch.Tensor | None = None
+    """[d]: added to the input of the ``add_layer`` block at every position."""
 
 
 @dataclass
@@ -155,6 +170,49 @@ class Scorer:
                     ).logits
                 out[v_i, start : start + B] = self.scores_from_logits(logits.float().cpu())
             start += B
+        return out
+
+    def judge_groups(
+        self, groups: list[Intervened], max_new_tokens: int, add_layer: int = 0
+    ) -> list[Judged]:
+        """:meth:`judge` of each group under its own intervention, in one generation: every group's
+        batches are prefilled under its intervention and all rows are decoded together, each under
+        its own (:class:`refusal_assets.directions.hooks.RowInterventions`), since a decode step
+        costs about the same for 8 rows as for 64. The same tokens as one ``judge`` per group
+        under :func:`direction_ablation` / :func:`activation_addition` (a test compares)."""
+        chunks, ablate, add, owner = [], [], [], []
+        for g_i, g in enumerate(groups):
+            for chunk in self._batches(g.rows):
+                chunks.append(chunk)
+                ablate.append(g.ablate)
+                add.append(g.add)
+                owner.append(g_i)
+        if not chunks:
+            return [Judged.empty() for _ in groups]
+        interventions = RowInterventions(self.model, ablate, add, add_layer)
+        with interventions.registered():
+            gen = generate(
+                self.model,
+                self.tokenizer,
+                chunks,
+                max_new_tokens,
+                stop_phrases=self.cfg.refusal.phrases,
+                row_state=interventions,
+            )
+        scores = self.scores_from_logits(gen.first_logits.float().cpu())
+        out, start = [], 0
+        for g in groups:
+            end = start + len(g.rows)
+            texts = gen.responses[start:end]
+            out.append(
+                Judged(
+                    prompt_ids=[r.prompt_id for r in g.rows],
+                    responses=texts,
+                    refused=[judge_refusal(t, self.cfg.refusal.phrases) for t in texts],
+                    scores=scores[start:end],
+                )
+            )
+            start = end
         return out
 
     def judge(self, rows: list[PromptRow], max_new_tokens: int) -> Judged:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import polars as pl
@@ -137,6 +137,19 @@ def _plain_greedy(model: PreTrainedModel) -> bool:
     )
 
 
+class RowState(Protocol):
+    """What per-row hooks read during one :func:`generate` call over several chunks."""
+
+    def prefill_chunk(self, k: int) -> None:
+        """Chunk ``k`` is prefilled next (its prefix pass is one row, its own pass its rows)."""
+
+    def decode(self, chunk_sizes: list[int]) -> None:
+        """The merged decode starts: row i belongs to the chunks in order."""
+
+    def keep(self, index: torch.Tensor) -> None:
+        """The decode keeps only these rows (positions into the current rows)."""
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -146,6 +159,7 @@ def generate(
     *,
     stop_phrases: list[str] | None = None,
     shared_prefix: bool = True,
+    row_state: RowState | None = None,
 ) -> Generated:
     """Greedy decoding of one batch from one shared-prefix prefill (:func:`refusal_assets.lm.prefill.prefill`).
 
@@ -156,13 +170,18 @@ def generate(
     prefill's memory follows the batch size) and all are decoded together, since a decode step costs
     about the same for 8 rows as for 64 (it reads every weight once; measured 0.19 s and 0.32 s on
     the 0.5B model, 2 cores); rows come back in the order of the batches. Models whose generation
-    config asks for logits processing take ``model.generate`` itself (:func:`generate_plain`)."""
+    config asks for logits processing take ``model.generate`` itself (:func:`generate_plain`).
+    ``row_state``: what per-row hooks read (one intervention per chunk), told which chunk is
+    prefilled and which rows the merged decode holds (:class:`RowState`)."""
     chunks = batch if isinstance(batch, list) else [batch]
     if not _plain_greedy(model):
-        parts = [
-            generate_plain(model, tokenizer, c, max_new_tokens, stop_phrases=stop_phrases)
-            for c in chunks
-        ]
+        parts = []
+        for k, c in enumerate(chunks):
+            if row_state is not None:
+                row_state.prefill_chunk(k)
+            parts.append(
+                generate_plain(model, tokenizer, c, max_new_tokens, stop_phrases=stop_phrases)
+            )
         return Generated(
             [t for g in parts for t in g.responses],
             torch.cat([g.first_logits for g in parts]),
@@ -170,7 +189,14 @@ def generate(
             sum(g.decode_steps for g in parts),
             sum(g.decode_rows for g in parts),
         )
-    pre = merge_prefilled([prefill(model, c, shared_prefix=shared_prefix) for c in chunks])
+    prefilled = []
+    for k, c in enumerate(chunks):
+        if row_state is not None:
+            row_state.prefill_chunk(k)
+        prefilled.append(prefill(model, c, shared_prefix=shared_prefix))
+    pre = merge_prefilled(prefilled)
+    if row_state is not None:
+        row_state.decode([len(c.input_ids) for c in chunks])
     eos = eos_token_ids(model, tokenizer)
     B = len(pre.next_position)
     tokens: list[list[int]] = [[] for _ in range(B)]
@@ -200,6 +226,8 @@ def generate(
             index = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(index)
             mask, position, next_ids = mask[index], position[index], next_ids[index]
+            if row_state is not None:
+                row_state.keep(index)
             alive = [alive[i] for i in keep]
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)  # [b, t + 1]
         logits = last_logits(
