@@ -75,10 +75,29 @@ def shared_tiny_run(tmp_path_factory):
     """One real `refusal-assets run` of the tiny config, shared by the tests that need a fully
     materialized instance: each copies it (:func:`copy_tiny_run`) instead of running again.
     Returns ``(base, storage)``: ``base`` is the $DAGSTER_HOME the CLI was given (the instance is
-    ``base/tiny``, one instance per config name)."""
-    tmp = tmp_path_factory.mktemp("shared_tiny_run")
-    base, storage = tmp / "home", tmp / "storage"
-    cli_run(ROOT / "configs" / "tiny.yaml", base, storage)
+    ``base/tiny``, one instance per config name).
+
+    Under pytest-xdist (``-n 2``) the workers share one run: the first to need it builds it in the
+    session's common temp folder under a file lock, the others wait for it and reuse it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        tmp = tmp_path_factory.mktemp("shared_tiny_run")
+        base, storage = tmp / "home", tmp / "storage"
+        cli_run(ROOT / "configs" / "tiny.yaml", base, storage)
+        return base, storage
+    import fcntl
+
+    tmp = tmp_path_factory.getbasetemp().parent / "shared_tiny_run"  # common to all workers
+    tmp.mkdir(exist_ok=True)
+    base, storage, done = tmp / "home", tmp / "storage", tmp / "done"
+    with (tmp / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)  # a failed attempt's leftovers
+            shutil.rmtree(storage, ignore_errors=True)
+            cli_run(ROOT / "configs" / "tiny.yaml", base, storage)
+            done.touch()
     return base, storage
 
 
