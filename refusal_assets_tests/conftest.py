@@ -14,6 +14,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_tiny_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        # under pytest-xdist the longest module starts first, so the other worker takes the rest
+        # meanwhile instead of the suite ending on it alone (the same order on every worker)
+        items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FIRST)
+
+
+# the slowest module (minutes of waiting on the daemon's ticks and its runs): first under xdist
+LONGEST_FIRST = ("refusal_assets_tests/test_daemon_e2e.py",)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_xdist_worker():
+    """Under pytest-xdist (``-n 2`` on 2 cores) each worker keeps torch to one thread: two workers
+    with torch's default thread per core would spin against each other at every barrier of the tiny
+    model's many small ops (see reliability/conftest.py). Serial runs keep torch's default."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session", autouse=True)
