@@ -6,6 +6,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """With ``--dist loadfile`` xdist's scheduler by default hands out the modules with the most
+    tests first, which leaves the daemon's end-to-end module (one test, the longest) to the end,
+    alone on one worker; keep the collection order instead, which puts it first (below)."""
+    if getattr(config.option, "dist", "no") in ("loadfile", "loadscope"):
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the mark must already be there
 def pytest_collection_modifyitems(config, items):
     """A test that needs the shared whole-graph run (:func:`shared_tiny_run`, directly or through
