@@ -6,6 +6,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """With ``--dist loadfile`` xdist's scheduler by default hands out the modules with the most
+    tests first, which leaves the daemon's end-to-end module (one test, the longest) to the end,
+    alone on one worker; keep the collection order instead, which puts it first (below)."""
+    if getattr(config.option, "dist", "no") in ("loadfile", "loadscope"):
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the mark must already be there
 def pytest_collection_modifyitems(config, items):
     """A test that needs the shared whole-graph run (:func:`shared_tiny_run`, directly or through
@@ -14,6 +22,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_tiny_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        # under pytest-xdist the longest module starts first, so the other worker takes the rest
+        # meanwhile instead of the suite ending on it alone (the same order on every worker)
+        items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONGEST_FIRST)
+
+
+# the slowest module (minutes of waiting on the daemon's ticks and its runs): first under xdist
+LONGEST_FIRST = ("refusal_assets_tests/test_daemon_e2e.py",)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_xdist_worker():
+    """Under pytest-xdist (``-n 2`` on 2 cores) each worker keeps torch to one thread: two workers
+    with torch's default thread per core would spin against each other at every barrier of the tiny
+    model's many small ops (see reliability/conftest.py). Serial runs keep torch's default."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -75,10 +107,29 @@ def shared_tiny_run(tmp_path_factory):
     """One real `refusal-assets run` of the tiny config, shared by the tests that need a fully
     materialized instance: each copies it (:func:`copy_tiny_run`) instead of running again.
     Returns ``(base, storage)``: ``base`` is the $DAGSTER_HOME the CLI was given (the instance is
-    ``base/tiny``, one instance per config name)."""
-    tmp = tmp_path_factory.mktemp("shared_tiny_run")
-    base, storage = tmp / "home", tmp / "storage"
-    cli_run(ROOT / "configs" / "tiny.yaml", base, storage)
+    ``base/tiny``, one instance per config name).
+
+    Under pytest-xdist (``-n 2``) the workers share one run: the first to need it builds it in the
+    session's common temp folder under a file lock, the others wait for it and reuse it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        tmp = tmp_path_factory.mktemp("shared_tiny_run")
+        base, storage = tmp / "home", tmp / "storage"
+        cli_run(ROOT / "configs" / "tiny.yaml", base, storage)
+        return base, storage
+    import fcntl
+
+    tmp = tmp_path_factory.getbasetemp().parent / "shared_tiny_run"  # common to all workers
+    tmp.mkdir(exist_ok=True)
+    base, storage, done = tmp / "home", tmp / "storage", tmp / "done"
+    with (tmp / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)  # a failed attempt's leftovers
+            shutil.rmtree(storage, ignore_errors=True)
+            cli_run(ROOT / "configs" / "tiny.yaml", base, storage)
+            done.touch()
     return base, storage
 
 
