@@ -360,3 +360,42 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         "report_first_screen_tiny.png",
     ):
         assert (ARTIFACTS / name).stat().st_size > 10_000, name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it",
+)
+def test_report_features_section_and_a_card_open(shared_tiny_run, tmp_path):
+    """A reader jumps to the report's Features section of a real tiny run, sees a feature card
+    (its title names a site latent, its examples are there) and opens its per-category rates."""
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="playwright (test extra) not installed"
+    )
+    from refusal_assets.config import load_config
+    from refusal_assets.layout import Layout
+    from refusal_assets.report.report import write_report
+
+    _, storage = copy_tiny_run(shared_tiny_run, tmp_path)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    written = write_report(cfg, Layout(storage), sorted(cfg.data.categories))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(written.html.as_uri() + "#features")
+        section = page.locator("section#features")
+        assert section.locator("h2").inner_text().strip() == "Features"
+        card = section.locator(".fcard").first
+        card.scroll_into_view_if_needed()
+        assert card.is_visible()
+        assert "latent" in card.locator("h4").inner_text()
+        assert card.locator(".ex").count() >= 1, "a card without examples"
+        rates = card.locator("details")
+        assert rates.get_attribute("open") is None
+        rates.locator("summary").click()
+        assert rates.get_attribute("open") is not None
+        assert rates.locator("table").is_visible()
+        page.screenshot(path=str(ARTIFACTS / "report_features_card.png"))
+        browser.close()
