@@ -16,6 +16,10 @@ from refusal_assets.storage import write_text
 
 
 def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
+    return [_comparison_asset(cfg, parts), _report_asset(cfg, parts)]
+
+
+def _comparison_asset(cfg: ProjectConfig, parts: Partitions) -> dg.AssetsDefinition:
     cc, comp = cfg.circuits, cfg.comparison
 
     @dg.asset(
@@ -89,6 +93,10 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
             }
         )
 
+    return comparison
+
+
+def _report_asset(cfg: ProjectConfig, parts: Partitions) -> dg.AssetsDefinition:
     @dg.asset(
         kinds={"html", "markdown"},
         group_name="report",
@@ -120,4 +128,4 @@ def build(cfg: ProjectConfig, parts: Partitions) -> list[dg.AssetsDefinition]:
         )
         return dg.MaterializeResult(metadata=report_metadata(written))
 
-    return [comparison, report]
+    return report
