@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable
 
 import dagster as dg
+import polars as pl
 import torch
 
 from refusal_assets.circuits.finding import CircuitRun, find_circuit, refusal_direction
@@ -19,6 +20,29 @@ from refusal_assets.lm.models import load_model
 from refusal_assets.plots import plot_sweeps
 from refusal_assets.sae.files import load_sae
 from refusal_assets.storage import write_safetensors, write_text
+
+
+def _joined_sample(layout: Layout, model_key: str, category: str, partition: str) -> pl.DataFrame:
+    """The category's sample joined with the model's behaviour; every sampled prompt judged."""
+    sample = layout.load_sample(category).join(
+        layout.load_behaviour(model_key, category), on="prompt_id", how="left"
+    )
+    if n_missing := sample["refused"].null_count():
+        raise ValueError(
+            f"refusal_behaviour {partition} lacks {n_missing} of the {sample.height} sampled "
+            "prompts: it predates the current prompt_sample; materialize refusal_behaviour again"
+        )
+    return sample
+
+
+def _site_directions(layout: Layout, site_keys: dict, category: str) -> dict:
+    """Each site's refusal direction from the category's post-instruction activations."""
+    return {
+        site: refusal_direction(
+            *acts_core.read_vectors(layout.activations(key, category), post_instruction_only=True)
+        )
+        for site, key in site_keys.items()
+    }
 
 
 def build(
@@ -57,23 +81,8 @@ def build(
                 refusal_token_ids(tok, model_cfg.refusal.phrases, model_cfg.refusal.refusal_tokens),
                 device=device,
             )
-            sample = layout.load_sample(category).join(
-                layout.load_behaviour(model_cfg.model_key, category), on="prompt_id", how="left"
-            )
-            if n_missing := sample["refused"].null_count():
-                raise ValueError(
-                    f"refusal_behaviour {context.partition_key} lacks {n_missing} of the {sample.height} "
-                    "sampled prompts: "
-                    "it predates the current prompt_sample; materialize refusal_behaviour again"
-                )
-            directions = {
-                site: refusal_direction(
-                    *acts_core.read_vectors(
-                        layout.activations(key, category), post_instruction_only=True
-                    )
-                )
-                for site, key in site_keys.items()
-            }
+            sample = _joined_sample(layout, model_cfg.model_key, category, context.partition_key)
+            directions = _site_directions(layout, site_keys, category)
             found = find_circuit(
                 model,
                 tok,

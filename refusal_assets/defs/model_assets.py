@@ -28,6 +28,18 @@ CODE_VERSION = "3"
 activation code's version is ``activations.CODE_VERSION``)."""
 
 
+def _by_model_and_category(
+    parts: Partitions, partition_keys: list[str]
+) -> dict[str, dict[str, dict[Site, str]]]:
+    """The run's activation partitions as model -> category -> site -> partition key."""
+    groups: dict[str, dict[str, dict[Site, str]]] = defaultdict(lambda: defaultdict(dict))
+    for key in partition_keys:
+        k = multi_key(parts.site_category, key)
+        model_key, site_name = k["site"].split("__", 1)
+        groups[model_key][k["category"]][Site.parse(site_name)] = key
+    return groups
+
+
 def build(
     cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
 ) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -128,13 +140,7 @@ def _activations_asset(
         # partitions definition, and activations stay site x category so that adding a layer runs
         # only that layer's partitions (not the model's generation again). With the shared-prefix
         # prefill and the early stop after the deepest site, this whole asset is ~35 s of the main job.
-        groups: dict[str, dict[str, dict[Site, str]]] = defaultdict(
-            lambda: defaultdict(dict)
-        )  # model -> category -> site -> key
-        for key in context.partition_keys:
-            k = multi_key(parts.site_category, key)
-            model_key, site_name = k["site"].split("__", 1)
-            groups[model_key][k["category"]][Site.parse(site_name)] = key
+        groups = _by_model_and_category(parts, context.partition_keys)
         layout = Layout(storage.files)
         with compute.claim() as device:
             metadata: dict[str, dict] = {}
