@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from refusal_assets.directions import verdict as vd
 from refusal_assets.directions.measure import Rate
-from refusal_assets.directions.result import ExecutionResult, read_result
+from refusal_assets.directions.result import Example, ExecutionResult, read_result
 from refusal_assets.layout import Layout
 from refusal_assets.report.render import Figure, FigureStore
 from refusal_assets.report.sections import Table, format_ci
@@ -49,18 +49,6 @@ CATEGORY_HEADER = [
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExampleRow:
-    """One held-out refusing prompt's greedy generation, clean and with the pooled direction
-    ablated (whitespace collapsed, responses cut at :data:`MAX_RESPONSE_CHARS`)."""
-
-    prompt_id: str
-    category: str
-    prompt: str
-    clean: str
-    ablated: str
-
-
-@dataclass(frozen=True, kw_only=True)
 class ExecutionSection:
     """One model's execution level; without a usable result only ``missing`` is set."""
 
@@ -73,7 +61,9 @@ class ExecutionSection:
     """One row per category."""
     ratio_note: str
     """Why a LOCO / own ratio reads "—"; empty when every ratio is printed."""
-    examples: list[ExampleRow]
+    examples: list[Example]
+    """Held-out refusing prompts, clean and ablated (whitespace collapsed, responses cut at
+    :data:`MAX_RESPONSE_CHARS`)."""
 
 
 def _missing(model_key: str, why: str) -> ExecutionSection:
@@ -145,13 +135,13 @@ def _one_line(text: str, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def _examples(layout: Layout, model_key: str, r: ExecutionResult) -> list[ExampleRow]:
+def _examples(layout: Layout, model_key: str, r: ExecutionResult) -> list[Example]:
     """The first :data:`N_EXAMPLES` of ``examples.json`` (the result's own copy where the file is
     absent)."""
     path = layout.direction_examples(model_key)
     stored = json.loads(path.read_text()) if path.is_file() else [vars(e) for e in r.examples]
     return [
-        ExampleRow(
+        Example(
             prompt_id=str(e["prompt_id"]),
             category=str(e["category"]),
             prompt=_one_line(e["prompt"]),
