@@ -72,13 +72,6 @@ class TransferSection:
     model_key: str
     fallback: list[str]
     tests: list[MatrixTest]
-    pooled: Table | None
-    """Share of each category's refusal left after ablating the pooled direction."""
-    cosine_layer: int | None
-    cosine_position: int | None
-    cosines: Table | None
-    """Direction cosines with ceiling and permutation null; None where not computed."""
-    selected: Table | None
 
 
 def _cell(v: float | None, lo: float | None, hi: float | None) -> str:
@@ -109,62 +102,16 @@ def _matrix_test(res: CrossMatrix) -> MatrixTest:
     )
 
 
-def _cosine_table(cosine_tests: dict) -> Table:
-    rows = [
-        [
-            p["a"],
-            p["b"],
-            f"{p['cosine']:.3f}",
-            "n/a" if p["normalised"] is None else f"{p['normalised']:.3f}",
-            f"{p['ceiling']:.3f}",
-            f"{p['p_value']:.3f}",
-            "yes" if p["testable"] else "no",
-        ]
-        for p in cosine_tests["pairs"]
-    ]
-    return Table(
-        header=["a", "b", "cosine", "normalised", "ceiling", "p (permutation)", "testable"],
-        rows=rows,
-    )
-
-
 def transfer_section(model_key: str, transfer: dict) -> TransferSection | None:
-    """The functional tests recorded in ``transfer.json``; None where they did not run."""
+    """The circuit transfer and faithfulness recorded in ``transfer.json``; None where they did not
+    run."""
     if not transfer or not transfer.get("enabled", True):
         return None
-    directions = transfer.get("directions", {})
-    tests = [
-        transfer.get("circuit_transfer"),
-        transfer.get("circuit_faithfulness"),
-        directions.get("ablation"),
-        directions.get("induced"),
-    ]
-    pooled = directions.get("pooled_remaining")
-    cosine_tests = directions.get("cosine_tests")
-    has_cosines = bool(cosine_tests and cosine_tests.get("pairs"))
-    selected = directions.get("selected")
+    tests = [transfer.get("circuit_transfer"), transfer.get("circuit_faithfulness")]
     return TransferSection(
         model_key=model_key,
         fallback=list(transfer.get("fallback_categories") or []),
         tests=[_matrix_test(read_cross_matrix(t)) for t in tests if t],
-        pooled=Table(
-            header=["category", "refusal left [95% CI]"],
-            rows=[[c, _cell(v, *ci)] for c, (v, ci) in pooled.items()],
-        )
-        if pooled
-        else None,
-        cosine_layer=cosine_tests["layer"] if has_cosines else None,
-        cosine_position=cosine_tests["position"] if has_cosines else None,
-        cosines=_cosine_table(cosine_tests) if has_cosines else None,
-        selected=Table(
-            header=["direction", "layer", "position", "norm", "train drop"],
-            rows=[
-                [c, s["layer"], s["position"], f"{s['norm']:.2f}", f"{s['train_drop']:.3f}"]
-                for c, s in selected.items()
-            ],
-        )
-        if selected
-        else None,
     )
 
 

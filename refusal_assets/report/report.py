@@ -189,8 +189,8 @@ def circuit_quality_tests(inp: SummaryInputs) -> list[TestLine]:
 
 
 def functional_tests(inp: SummaryInputs) -> list[TestLine]:
-    """The functional cross-category tests (circuit transfer, direction cross-ablation, induced
-    refusal, pooled direction) as the combined verdict recorded them (see :mod:`refusal_assets.analysis.verdict`)."""
+    """The functional cross-category tests (circuit transfer) as the combined verdict recorded
+    them (see :mod:`refusal_assets.analysis.verdict`)."""
     combined = (inp.comparison or {}).get("combined") or {}
     out = []
     for ln in combined.get("lines", []):
