@@ -200,10 +200,17 @@ BROWSER_ARGS = [
 ]
 
 
+_PAGES_WITH_SKIP_HANDLER: set[int] = set()
+
+
 def _skip_dialog(page) -> None:
-    """The first-visit newsletter dialog."""
-    if page.get_by_role("button", name="Skip").count():
-        page.get_by_role("button", name="Skip").click()
+    """The first-visit newsletter dialog, whenever it opens: it can open after the page looks
+    loaded (a loaded machine), and its backdrop then swallows the next click, so a locator handler
+    clicks its Skip button before any action it would block (registered once per page)."""
+    skip = page.get_by_role("button", name="Skip")
+    if id(page) not in _PAGES_WITH_SKIP_HANDLER:
+        page.add_locator_handler(skip, lambda button: button.click())
+        _PAGES_WITH_SKIP_HANDLER.add(id(page))
 
 
 def assert_first_screen(page, html: Path, model_keys: list[str], shot: Path) -> None:
