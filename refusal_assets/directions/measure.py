@@ -218,7 +218,7 @@ class Scorer:
     def judge(self, rows: list[PromptRow], max_new_tokens: int) -> Judged:
         """Greedy generation (all prefill chunks decoded together) judged by the refusal phrases."""
         if not rows:
-            return Judged(prompt_ids=[], responses=[], refused=[], scores=np.zeros(0))
+            return Judged.empty()
         gen = generate(
             self.model,
             self.tokenizer,
