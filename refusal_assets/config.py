@@ -218,6 +218,30 @@ class SAECorpusConfig(_Strict):
     seed: int = 0
 
 
+class SAEReplicatesConfig(_Strict):
+    """Extra SAE trainings per site, one per seed, for the feature-level answer's stability.
+
+    A dictionary is one draw of a non-convex fit: another seed (initialisation and batch order) can
+    split or merge latents, and with them the circuits. Each replicate trains on the same rows and
+    split as the main SAE; the circuits read every replicate in the same gradient pass, and the
+    comparison repeats the feature-level test per training (``verdict_features_by_seed``). The main
+    SAE alone serves everything else (cards, faithfulness, transfer)."""
+
+    seeds: list[int] = []
+    """Seeds of the extra trainings (empty: the main SAE alone, one training deep)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Steps of each extra training (``null``: ``sae.max_steps``); shorter keeps the main job's time."""
+    lr_decay_steps: int | None = Field(default=None, ge=0)
+    """Its learning-rate decay steps (``null``: ``sae.lr_decay_steps``, capped at ``max_steps``)."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+
 class SAEConfig(_Strict):
     architecture: Literal["topk", "batchtopk"] = "topk"
     expansion_factor: int = Field(default=8, ge=1)
@@ -278,8 +302,23 @@ class SAEConfig(_Strict):
             category_key(c)
         return v
 
+    replicates: SAEReplicatesConfig = SAEReplicatesConfig()
+    """Extra trainings per site with other seeds (the feature-level answer's stability)."""
+
+    def replicate(self, seed: int) -> "SAEConfig":
+        """This config as one extra training of ``replicates`` trains: its seed and step budget."""
+        steps = self.replicates.max_steps or self.max_steps
+        decay = self.replicates.lr_decay_steps
+        decay = min(self.lr_decay_steps if decay is None else decay, steps)
+        return self.model_copy(update={"seed": seed, "max_steps": steps, "lr_decay_steps": decay})
+
     @model_validator(mode="after")
     def _split(self) -> "SAEConfig":
+        if self.seed in self.replicates.seeds:
+            raise ValueError(
+                f"sae.replicates.seeds {self.replicates.seeds} include sae.seed {self.seed}: "
+                "a replicate must be another training"
+            )
         if self.val_fraction + self.eval_fraction >= 1:
             raise ValueError(
                 f"sae.val_fraction ({self.val_fraction}) + sae.eval_fraction ({self.eval_fraction}) must be < 1: "

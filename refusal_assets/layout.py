@@ -17,6 +17,12 @@ from safetensors.torch import load_file
 from refusal_assets.storage import Storage, read_parquet
 
 
+def replicate_effects_key(group: str, seed: int) -> str:
+    """``effects.safetensors``' key of a prompt group's node effects through the extra SAE training
+    of seed ``seed`` (``sae.replicates``); the main SAEs' are ``effects_<group>``."""
+    return f"effects_{group}_sae_seed{seed}"
+
+
 class Layout:
     """Paths of one storage root, one method per asset file (folders for multi-file assets)."""
 
@@ -73,6 +79,10 @@ class Layout:
     def sae(self, site_key: str) -> Path:
         """The SAELens-layout folder (cfg.json + sae_weights.safetensors) of one site."""
         return self.files.path("sae", site_key)
+
+    def sae_replicate(self, site_key: str, seed: int) -> Path:
+        """The SAELens-layout folder of one extra training of a site's SAE (``sae.replicates``)."""
+        return self.sae(site_key) / "replicates" / f"seed{seed}"
 
     SAE_HISTORY, SAE_PLOT = "history.json", "training.png"
 

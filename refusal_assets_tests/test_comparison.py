@@ -454,12 +454,15 @@ def test_compare_model_leaves_fallback_categories_out_and_writes_what_the_report
         "verdict_features",
         "feature_reason",
         "verdict_features_by_seed",
+        "feature_stability",
         "feature_test",
+        "feature_tests_by_seed",
         "seconds",
     ]
     # no refusal_direction given: the execution level says so; one SAE training, one entry
     assert out["verdict_execution"] == "insufficient evidence"
     assert out["verdict_features_by_seed"] == [out["verdict_features"]]
+    assert out["feature_stability"].startswith("1 SAE training (seed 0)")
     assert out["groups"]["toxic"]["fallback_categories"] == ["weapons"]
     assert out["groups"]["benign"]["verdict_reason"].startswith("Insufficient evidence: only []")
     assert out["verdict"] == result.combined.verdict
@@ -506,3 +509,95 @@ def test_compare_model_gives_the_feature_level_answer_of_a_planted_world(world, 
     assert out["verdict_features"] == answer
     assert out["feature_test"]["verdict"] == answer
     json.dumps(out, default=float)  # serialisable as the asset writes it
+
+
+def _planted_circuits(worlds: dict[int, str], counts: dict[str, int]):
+    """Circuit files whose main effects (seed 0) and replicate effects (the other seeds) each come
+    from a planted world drawn with that seed: one SAE training per seed (seed 2's monolithic
+    draw is one of the 6 % the test leaves undecided at these counts, so the tests use 0, 1, 3)."""
+    from refusal_assets.analysis.feature_calibration import PlantDesign, planted_effects
+    from refusal_assets.layout import replicate_effects_key
+
+    design = PlantDesign()
+    by_seed = {
+        seed: planted_effects(world, counts, design, np.random.default_rng(seed))
+        for seed, world in worlds.items()
+    }
+    replicates = sorted(seed for seed in worlds if seed != 0)
+    circuits = {}
+    for c in counts:
+        tensors = {"effects_toxic": by_seed[0][c], "site_of_node": design.site_of_node()}
+        tensors |= {replicate_effects_key("toxic", s): by_seed[s][c] for s in replicates}
+        summary = {
+            "sites": [],
+            "sae_replicate_seeds": replicates,
+            "groups": {"toxic": {"nodes": [], "prompt_filter": "score_positive"}},
+        }
+        circuits[c] = (summary, tensors)
+    return circuits, design
+
+
+@pytest.mark.parametrize(
+    "worlds, verdict, by_seed",
+    [
+        (
+            {0: "monolithic", 1: "monolithic", 3: "monolithic"},
+            "monolithic",
+            ["monolithic"] * 3,
+        ),
+        (
+            {0: "monolithic", 1: "monolithic", 3: "modular"},
+            "unstable across SAE trainings",
+            ["monolithic", "monolithic", "modular"],
+        ),
+    ],
+)
+def test_feature_verdict_is_repeated_per_sae_training_and_says_when_they_disagree(
+    worlds, verdict, by_seed
+):
+    """Each SAE training's effects get their own feature-level test; the verdict is theirs only
+    when all agree, else "unstable across SAE trainings" (never one seed's answer)."""
+    from refusal_assets.analysis.comparison import compare_model
+    from refusal_assets.config import CircuitConfig, ComparisonConfig
+
+    counts = {"deception": 6, "hate": 3, "illegal": 9, "privacy": 6, "sexual": 5, "violence": 4}
+    circuits, design = _planted_circuits(worlds, counts)
+    result = compare_model(
+        "m",
+        sorted(counts),
+        circuits,
+        {},
+        circuits_cfg=CircuitConfig(k_per_site=design.k_per_site),
+        comparison_cfg=ComparisonConfig(n_permutations=20, n_bootstrap=20),
+    )
+    assert result.verdict_features_by_seed == by_seed
+    assert result.verdict_features == verdict
+    out = result.to_json(seconds=0.0)
+    assert list(out["feature_tests_by_seed"]) == ["0", "1", "3"]
+    assert [t["verdict"] for t in out["feature_tests_by_seed"].values()] == by_seed
+    if verdict == "unstable across SAE trainings":
+        assert out["feature_stability"] == (
+            "unstable across SAE trainings: seed 0 monolithic; seed 1 monolithic; seed 3 modular"
+        )
+        assert out["feature_reason"].startswith("unstable across SAE trainings")
+    else:
+        assert out["feature_stability"] == "stable across 3 SAE trainings (seeds 0, 1, 3)"
+
+
+def test_a_replicate_seed_missing_from_one_circuit_is_left_out():
+    """Only the trainings every category's circuit was found through are compared."""
+    from refusal_assets.analysis.comparison import compare_model
+    from refusal_assets.config import CircuitConfig, ComparisonConfig
+
+    counts = {"deception": 6, "hate": 3, "illegal": 9}
+    circuits, design = _planted_circuits({0: "monolithic", 1: "monolithic"}, counts)
+    circuits["hate"][0]["sae_replicate_seeds"] = []
+    result = compare_model(
+        "m",
+        sorted(counts),
+        circuits,
+        {},
+        circuits_cfg=CircuitConfig(k_per_site=design.k_per_site),
+        comparison_cfg=ComparisonConfig(n_permutations=20, n_bootstrap=20),
+    )
+    assert list(result.feature_tests) == [0]

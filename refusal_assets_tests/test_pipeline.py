@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pytest
 
 from refusal_assets.app import cli, settings
@@ -111,7 +112,40 @@ def test_tiny_graph_end_to_end(tiny_run):
         "mixed",
         "insufficient evidence",
     }
+    # three SAE trainings per site (sae.replicates seeds 1, 2): three feature-level answers
+    features = comparison["tiny-qwen2"]
+    assert len(features["verdict_features_by_seed"]) == 3
+    stable = len(set(features["verdict_features_by_seed"])) == 1
+    assert features["verdict_features"] == (
+        features["verdict_features_by_seed"][0] if stable else "unstable across SAE trainings"
+    )
+    assert "SAE trainings" in features["feature_stability"]
+    assert all(m["replicate_fvu_max"] < 1 for m in saes.values())
+    for site in ("resid1", "resid2"):
+        for seed in (1, 2):
+            folder = tmp / "storage" / "sae" / f"tiny-qwen2__{site}" / "replicates" / f"seed{seed}"
+            assert json.loads((folder / "cfg.json").read_text())["seed"] == seed
+    from safetensors.numpy import load_file
+
+    effects = load_file(
+        tmp / "storage" / "circuit" / "tiny-qwen2" / "illegal" / "effects.safetensors"
+    )
+    for seed in (1, 2):
+        replicate = effects[f"effects_toxic_sae_seed{seed}"]
+        assert replicate.shape == effects["effects_toxic"].shape
+        assert not np.allclose(replicate, effects["effects_toxic"])  # another dictionary
+        # x = decode(f) + err with decode affine: a site's latents and error node sum to
+        # g . (x - mean baseline x) whatever the dictionary, so the per-site sums agree
+        for site in np.unique(effects["site_of_node"]):
+            nodes = effects["site_of_node"] == site
+            np.testing.assert_allclose(
+                replicate[:, nodes].sum(1),
+                effects["effects_toxic"][:, nodes].sum(1),
+                rtol=1e-3,
+                atol=1e-4,
+            )
     report = _materializations(home, "report")[""]
+
     html = Path(report["path"]).read_text()
     for section in (
         "Verdict",

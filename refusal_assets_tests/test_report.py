@@ -192,13 +192,14 @@ def test_first_screen_summary_per_model(two_models):
     for s in written.summaries:
         assert (
             f'data-model="{s.model_key}"' in answer
-            and s.verdict.upper() in answer
+            and s.execution.upper() in answer
+            and s.features.upper() in answer
             and f'alt="summary figure {s.model_key}"' in answer
         )
     assert page.count('class="summary"') == 2 and "data:image/png;base64" in answer
     md = written.markdown.read_text()
     assert md.index("## Verdict") < md.index("## Behaviour")
-    assert f"**tiny-qwen2: {first.verdict.upper()}**" in md and "(figures/summary_second.png)" in md
+    assert f"**tiny-qwen2: {first.headline}**" in md and "(figures/summary_second.png)" in md
     assert (layout.report_figures() / "summary_second.png").is_file()
 
 
@@ -260,6 +261,39 @@ def test_a_model_without_comparison_says_so(two_models):
     assert "NOT RUN" in written.html.read_text()
 
 
+def test_first_screen_leads_with_both_answers_and_their_stability(two_models):
+    """The headline of each model: the execution- and feature-level answers, and how many SAE
+    trainings the feature answer rests on (unstable ones listed per seed)."""
+    cfg, layout = two_models
+    path = layout.comparison_summary("tiny-qwen2")
+    comp = json.loads(path.read_text())
+    stability = "unstable across SAE trainings: seed 0 monolithic; seed 1 modular; seed 2 monolithic"
+    comp |= {
+        "verdict_execution": "monolithic",
+        "execution_reason": "the pooled direction removes refusal",
+        "verdict_features": "unstable across SAE trainings",
+        "verdict_features_by_seed": ["monolithic", "modular", "monolithic"],
+        "feature_stability": stability,
+        "feature_reason": f"{stability}. Main SAEs: core share high",
+    }
+    write_text(json.dumps(comp), path)
+    written = report.write_report(cfg, layout, CATS)
+    first = written.summaries[0]
+    assert first.headline == (
+        f"execution level MONOLITHIC · feature level UNSTABLE ACROSS SAE TRAININGS ({stability})"
+    )
+    assert [t.test for t in first.tests[:2]] == [
+        "Execution level (refusal directions)",
+        "Feature level (SAE circuits)",
+    ]
+    assert stability in first.tests[1].finding
+    md = written.markdown.read_text()
+    assert f"**tiny-qwen2: {first.headline}**" in md
+    page = written.html.read_text()
+    answer = page[page.index('id="verdict"') : page.index("Behaviour: refusal")]
+    assert "UNSTABLE ACROSS SAE TRAININGS</span>" in answer and stability in answer
+
+
 def test_report_metadata_carries_the_verdict_markdown_and_figures(two_models):
     from refusal_assets.defs.metadata import report_metadata
 
@@ -268,7 +302,7 @@ def test_report_metadata_carries_the_verdict_markdown_and_figures(two_models):
     md = report_metadata(written)
     assert md["verdict"].value == report.summaries_markdown(written.summaries)
     assert (
-        f"**second: {written.summaries[1].verdict.upper()}**" in md["verdict"].value
+        f"**second: {written.summaries[1].headline}**" in md["verdict"].value
         and "- **Shared core**:" in md["verdict"].value
     )
     assert md["path"].value == str(written.html) and md["markdown"].value == str(written.markdown)

@@ -26,7 +26,7 @@ from refusal_assets.analysis.overlap import (
 from refusal_assets.analysis.verdict import CombinedVerdict, combine, overlap_line, transfer_lines
 from refusal_assets.analysis.verdict_rule import VerdictRule
 from refusal_assets.config import CircuitConfig, ComparisonConfig
-from refusal_assets.layout import Layout
+from refusal_assets.layout import Layout, replicate_effects_key
 from refusal_assets.plots import plot_heatmap
 
 CircuitFiles = dict[str, tuple[dict, dict[str, np.ndarray]]]
@@ -97,22 +97,53 @@ class ModelComparison:
     """The execution-level answer of the ``refusal_direction`` asset (Arditi et al.'s directions,
     ablated at every layer and position); "insufficient evidence" when it is not materialized."""
     execution_reason: str
-    feature_test: CoreShareTest | None
-    """The feature-level test (cross-fitted shared-core share of the main group's circuits, see
-    :mod:`refusal_assets.analysis.feature_level`); None where fewer than two categories qualify."""
-    feature_reason: str
+    feature_tests: dict[int, CoreShareTest | None]
+    """SAE seed -> the feature-level test (cross-fitted shared-core share of the main group's
+    circuits, see :mod:`refusal_assets.analysis.feature_level`) on the circuits found through that
+    training of the SAEs; the main SAEs' seed first. None where fewer than two categories
+    qualify."""
+    feature_reasons: dict[int, str]
 
     @property
-    def verdict_features(self) -> str:
-        return (
-            self.feature_test.verdict if self.feature_test is not None else "insufficient evidence"
-        )
+    def feature_test(self) -> CoreShareTest | None:
+        """The feature-level test through the main SAEs (the one the report details)."""
+        return next(iter(self.feature_tests.values()))
 
     @property
     def verdict_features_by_seed(self) -> list[str]:
-        """One entry per SAE training the circuits were found with: today each site has one SAE
-        (one seed), so the list has one entry and the stability across trainings is not measured."""
-        return [self.verdict_features]
+        """The feature-level answer through each SAE training, main seed first."""
+        return [
+            t.verdict if t is not None else "insufficient evidence"
+            for t in self.feature_tests.values()
+        ]
+
+    @property
+    def verdict_features(self) -> str:
+        """The answer every SAE training gives, or "unstable across SAE trainings" where they
+        disagree (no single training's answer stands for the model)."""
+        answers = set(self.verdict_features_by_seed)
+        return answers.pop() if len(answers) == 1 else "unstable across SAE trainings"
+
+    @property
+    def feature_stability(self) -> str:
+        """One line: how many trainings, and whether they agree."""
+        by_seed = dict(zip(self.feature_tests, self.verdict_features_by_seed))
+        seeds = ", ".join(str(s) for s in by_seed)
+        if len(by_seed) < 2:
+            return f"1 SAE training (seed {seeds}): stability across trainings not measured"
+        if len(set(by_seed.values())) == 1:
+            return f"stable across {len(by_seed)} SAE trainings (seeds {seeds})"
+        return "unstable across SAE trainings: " + "; ".join(
+            f"seed {s} {v}" for s, v in by_seed.items()
+        )
+
+    @property
+    def feature_reason(self) -> str:
+        """Why: the main training's reason, and the stability where the trainings disagree."""
+        reason = next(iter(self.feature_reasons.values()))
+        if self.verdict_features == "unstable across SAE trainings":
+            return f"{self.feature_stability}. Main SAEs: {reason}"
+        return reason
 
     @property
     def main_group(self) -> GroupComparison:
@@ -141,7 +172,11 @@ class ModelComparison:
         )
         out["verdict_features"], out["feature_reason"] = self.verdict_features, self.feature_reason
         out["verdict_features_by_seed"] = self.verdict_features_by_seed
+        out["feature_stability"] = self.feature_stability
         out["feature_test"] = self.feature_test.to_dict() if self.feature_test else None
+        out["feature_tests_by_seed"] = {
+            str(seed): test.to_dict() if test else None for seed, test in self.feature_tests.items()
+        }
         out["seconds"] = seconds
         return out
 
@@ -217,13 +252,17 @@ def feature_level(
     group: str,
     circuits_cfg: CircuitConfig,
     seed: int,
+    effects_key: str | None = None,
 ) -> tuple[CoreShareTest | None, str]:
     """The feature-level test on the main group's effects, over the categories the overlap test
-    kept that have at least two prompts (the test splits each category's prompts in halves)."""
+    kept that have at least two prompts (the test splits each category's prompts in halves).
+    ``effects_key``: the tensors' key of the effects to test (default: the main SAEs',
+    ``effects_<group>``; :func:`replicate_effects_key` names another training's)."""
+    key = effects_key or f"effects_{group}"
     effects = {
-        c: t[f"effects_{group}"]
+        c: t[key]
         for c, (_, t) in circuits.items()
-        if f"effects_{group}" in t and c not in main.fallback and len(t[f"effects_{group}"]) >= 2
+        if key in t and c not in main.fallback and len(t[key]) >= 2
     }
     if len(effects) < 2:
         return None, (
@@ -241,6 +280,17 @@ def feature_level(
     return test, test.reason
 
 
+def _trainings(circuits: CircuitFiles, group: str, sae_seed: int) -> list[tuple[int, str]]:
+    """(seed, effects key) of each SAE training every category's circuit has effects through:
+    the main SAEs (``sae_seed``) first, then the replicates all circuits share."""
+    shared = set.intersection(
+        *(set(summary.get("sae_replicate_seeds", [])) for summary, _ in circuits.values())
+    )
+    return [(sae_seed, f"effects_{group}")] + [
+        (seed, replicate_effects_key(group, seed)) for seed in sorted(shared)
+    ]
+
+
 def compare_model(
     model_key: str,
     categories: list[str],
@@ -250,6 +300,7 @@ def compare_model(
     circuits_cfg: CircuitConfig,
     comparison_cfg: ComparisonConfig,
     execution: tuple[str, str] = ("insufficient evidence", "refusal_direction not materialized"),
+    sae_seed: int = 0,
 ) -> ModelComparison:
     """The comparison step of one model (see the module docstring). ``circuits_cfg`` and
     ``comparison_cfg``: the project config's ``circuits`` and ``comparison`` sections;
@@ -273,9 +324,11 @@ def compare_model(
     thresholds = {k: getattr(comparison_cfg, k) for k in _THRESHOLDS}
     combined = combine([overlap_line(main.to_json()), *transfer_lines(transfer)], thresholds)
     main_name = "toxic" if "toxic" in by_group else next(iter(by_group))
-    feature_test, feature_reason = feature_level(
-        circuits, main, main_name, circuits_cfg, comparison_cfg.seed
-    )
+    feature_tests, feature_reasons = {}, {}
+    for sae_seed, key in _trainings(circuits, main_name, sae_seed):
+        feature_tests[sae_seed], feature_reasons[sae_seed] = feature_level(
+            circuits, main, main_name, circuits_cfg, comparison_cfg.seed, effects_key=key
+        )
     return ModelComparison(
         model_key=model_key,
         categories=categories,
@@ -288,8 +341,8 @@ def compare_model(
         combined=combined,
         verdict_execution=execution[0],
         execution_reason=execution[1],
-        feature_test=feature_test,
-        feature_reason=feature_reason,
+        feature_tests=feature_tests,
+        feature_reasons=feature_reasons,
     )
 
 

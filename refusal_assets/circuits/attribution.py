@@ -13,7 +13,7 @@ baseline to the activation, one site at a time.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -120,12 +120,35 @@ def _given_or_prepared(
     )
 
 
+class Dictionaries(NamedTuple):
+    """One SAE per site and the mean-ablation baseline computed with them."""
+
+    saes: dict[Site, nn.Module]
+    baseline: Baseline
+
+
 def node_effects(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     saes: dict[Site, nn.Module],
     baseline: Baseline,
+    refusal_ids: torch.Tensor,
+    **kwargs,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-prompt node effects [n_prompts, n_nodes] on the refusal score, and the scores
+    [n_prompts] (keywords: :func:`node_effects_per_dictionary`'s)."""
+    effects, scores = node_effects_per_dictionary(
+        model, tokenizer, prompts, [Dictionaries(saes, baseline)], refusal_ids, **kwargs
+    )
+    return effects[0], scores
+
+
+def node_effects_per_dictionary(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    dictionaries: Sequence[Dictionaries],
     refusal_ids: torch.Tensor,
     *,
     batch_size: int,
@@ -135,37 +158,67 @@ def node_effects(
     device: str = "cpu",
     log: Callable[[str], None] = lambda s: None,
     suffixes: list[SuffixBatch] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-prompt node effects [n_prompts, n_nodes] on the refusal score, and the scores [n_prompts].
-    ``suffixes``: the prompts' cached prefixes when the caller already has them (:func:`prepare_suffixes`)."""
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-prompt node effects [n_prompts, n_nodes] through each of ``dictionaries`` (trainings of
+    SAEs at the same sites, each with its baseline), and the scores [n_prompts].
+    ``suffixes``: the prompts' cached prefixes when the caller already has them (:func:`prepare_suffixes`).
+
+    The spliced model is the model itself whatever the dictionary (``x = decode(f) + err``), so one
+    forward and backward serves every dictionary: only the encoding differs (attribution patching;
+    integrated gradients walks a path per dictionary)."""
+    saes, baseline = dictionaries[0]
     sites, index = _sites_and_index(saes, baseline)
-    out, scores = [], []
+    out: list[list[np.ndarray]] = [[] for _ in dictionaries]
+    scores = []
     suffixes = _given_or_prepared(
         suffixes, model, tokenizer, prompts, batch_size, system_prompt, device
     )
     with progress("node effects", total=len(prompts), unit="prompts", log=log) as prog:
         for suffix in suffixes:
-            n_rows = len(suffix.suffix_ids)
             acts, grads, score = _site_grads(model, suffix, sites, refusal_ids)
-            if method == "integrated_gradients":
-                grads = {
-                    s: _ig_grads(model, suffix, s, sites, saes[s], baseline, refusal_ids, ig_steps)
-                    for s in sites
-                }
-            effects = torch.zeros(n_rows, index.n_nodes)
-            for k, s in enumerate(sites):
-                x, g = acts[s].float(), grads[s].float()  # [B, P, d]
-                with torch.no_grad():
-                    f = saes[s].encode(x)  # [B, P, d_sae]
-                    err = x - saes[s].decode(f)
-                g_f = _latent_grads(saes[s], g, f.shape[-1])
-                sl = index.site_slice(k)
-                effects[:, sl.start : sl.stop - 1] = (g_f * (f - baseline.f_mean[s])).sum(1)
-                effects[:, sl.stop - 1] = (g * (err - baseline.err_mean[s])).sum((1, 2))
-            out.append(effects.numpy())
+            for j, (set_saes, set_baseline) in enumerate(dictionaries):
+                if method == "integrated_gradients":
+                    grads = {
+                        s: _ig_grads(
+                            model,
+                            suffix,
+                            s,
+                            sites,
+                            set_saes[s],
+                            set_baseline,
+                            refusal_ids,
+                            ig_steps,
+                        )
+                        for s in sites
+                    }
+                out[j].append(_latent_effects(set_saes, set_baseline, sites, index, acts, grads))
             scores.append(score.cpu().numpy())
-            prog.update(n_rows)
-    return np.concatenate(out), np.concatenate(scores)
+            prog.update(len(suffix.suffix_ids))
+    return [np.concatenate(chunks) for chunks in out], np.concatenate(scores)
+
+
+def _latent_effects(
+    saes: dict[Site, nn.Module],
+    baseline: Baseline,
+    sites: list[Site],
+    index: NodeIndex,
+    acts: dict[Site, torch.Tensor],
+    grads: dict[Site, torch.Tensor],
+) -> np.ndarray:
+    """[B, n_nodes]: each latent's ``g_f * (f - f̄)`` and each error node's ``g * (err - err̄)``,
+    summed over the post-instruction positions."""
+    n_rows = next(iter(acts.values())).shape[0]
+    effects = torch.zeros(n_rows, index.n_nodes)
+    for k, s in enumerate(sites):
+        x, g = acts[s].float(), grads[s].float()  # [B, P, d]
+        with torch.no_grad():
+            f = saes[s].encode(x)  # [B, P, d_sae]
+            err = x - saes[s].decode(f)
+        g_f = _latent_grads(saes[s], g, f.shape[-1])
+        sl = index.site_slice(k)
+        effects[:, sl.start : sl.stop - 1] = (g_f * (f - baseline.f_mean[s])).sum(1)
+        effects[:, sl.stop - 1] = (g * (err - baseline.err_mean[s])).sum((1, 2))
+    return effects.numpy()
 
 
 def _ig_grads(model, suffix: SuffixBatch, site, sites, sae, baseline, refusal_ids, steps):

@@ -15,11 +15,16 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_assets.circuits.ablation import ablated_score, ablated_scores, direction_ablation_score
-from refusal_assets.circuits.attribution import edge_effects, node_effects
+from refusal_assets.circuits.attribution import (
+    Dictionaries,
+    edge_effects,
+    node_effects_per_dictionary,
+)
 from refusal_assets.circuits.evaluation import SizeSweep, SweepPoint, crossfit_folds, evaluate_sizes
-from refusal_assets.circuits.passes import Baseline, compute_baseline, prepare_suffixes
+from refusal_assets.circuits.passes import Baseline, compute_baselines, prepare_suffixes
 from refusal_assets.circuits.selection import NodeIndex, select_circuit
 from refusal_assets.config import CircuitConfig
+from refusal_assets.layout import replicate_effects_key
 from refusal_assets.lm.sites import Site
 
 
@@ -99,6 +104,9 @@ class GroupCircuit:
     """Refusal score per prompt [n_prompts]."""
     prompt_ids: list[str]
     folds: np.ndarray
+    replicate_effects: dict[int, np.ndarray]
+    """SAE seed -> per-prompt node effects [n_prompts, n_nodes] through that extra training of
+    the sites' SAEs (``sae.replicates``; the feature-level test's stability)."""
 
     def to_json(self) -> dict:
         """The group's entry of ``circuit.json``."""
@@ -170,6 +178,7 @@ class CategoryCircuit:
             "category": self.category,
             "model": self.model_key,
             "sites": [s.name for s in self.index.sites],
+            "sae_replicate_seeds": sorted(self.main.replicate_effects),
             "n_nodes_total": self.index.n_nodes,
             "prompt_filter": self.prompt_filter,
             "baseline": {"prompts": self.baseline_set, "n_prompts": self.n_baseline},
@@ -183,6 +192,8 @@ class CategoryCircuit:
         for g, v in self.groups.items():
             out[f"effects_{g}"] = torch.from_numpy(v.effects.astype(np.float32))
             out[f"scores_{g}"] = torch.from_numpy(v.scores.astype(np.float32))
+            for seed, effects in v.replicate_effects.items():
+                out[replicate_effects_key(g, seed)] = torch.from_numpy(effects.astype(np.float32))
         for s, d in self.directions.items():
             out[f"direction_{s}"] = d.direction
         return {k: v.contiguous() for k, v in out.items()}
@@ -223,6 +234,8 @@ class _CategorySetting(NamedTuple):
     index: NodeIndex
     cc: CircuitConfig
     run: CircuitRun
+    replicates: dict[int, Dictionaries]
+    """SAE seed -> the extra training's SAEs and their baseline (``sae.replicates``)."""
 
     def select(self, mean_effect: np.ndarray, k: int) -> np.ndarray:
         """The circuit of ``k`` nodes per site for ``mean_effect`` [n_nodes], as the config selects."""
@@ -241,7 +254,7 @@ def _group_circuit(
 ) -> GroupCircuit | None:
     """The circuit of one prompt group with its cross-fitted size sweep and (toxic or only group) its
     edges; None, with a warning, when fewer than two prompts pass the filter."""
-    model, tokenizer, saes, refusal_ids, baseline, index, cc, run = setting
+    model, tokenizer, saes, refusal_ids, baseline, index, cc, run, replicates = setting
     kw = run.batching()
     rows, prompt_set = select_prompts(group_rows, cc.prompt_filter, cc.min_prompts)
     if rows.height < 2:
@@ -255,12 +268,11 @@ def _group_circuit(
     suffixes = prepare_suffixes(
         model, tokenizer, prompts, **kw
     )  # one prefill serves every pass below
-    effects, scores = node_effects(
+    (effects, *replicate_effects), scores = node_effects_per_dictionary(
         model,
         tokenizer,
         prompts,
-        saes,
-        baseline,
+        [Dictionaries(saes, baseline), *replicates.values()],
         refusal_ids,
         method=cc.method,
         ig_steps=cc.ig_steps,
@@ -329,6 +341,7 @@ def _group_circuit(
         scores=scores,
         prompt_ids=rows["prompt_id"].to_list(),
         folds=folds,
+        replicate_effects=dict(zip(replicates, replicate_effects)),
     )
 
 
@@ -344,18 +357,30 @@ def find_circuit(
     category: str,
     model_key: str,
     run: CircuitRun,
+    replicate_saes: dict[int, dict[Site, nn.Module]] | None = None,
 ) -> CategoryCircuit:
     """The circuit of one category per prompt group, cross-fitted faithfulness and completeness,
     edges, and the refusal-direction baseline.
 
     ``sample`` is the category's prompt sample joined with its behaviour (``refused``,
-    ``refusal_score``); ``directions`` holds each site's refusal direction (:func:`refusal_direction`).
+    ``refusal_score``); ``directions`` holds each site's refusal direction (:func:`refusal_direction`);
+    ``replicate_saes``: seed -> other trainings of the same sites' SAEs, whose node effects are
+    kept beside the main ones (``GroupCircuit.replicate_effects``).
     """
+    replicate_saes = replicate_saes or {}
     baseline_texts, baseline_set = baseline_prompts(sample, cc.prompt_filter)
-    baseline = compute_baseline(model, tokenizer, baseline_texts, saes, **run.batching())
+    baseline, *replicate_baselines = compute_baselines(
+        model, tokenizer, baseline_texts, [saes, *replicate_saes.values()], **run.batching()
+    )
+    replicates = {
+        seed: Dictionaries(r, b)
+        for (seed, r), b in zip(replicate_saes.items(), replicate_baselines)
+    }
     sites = sorted(saes)
     index = NodeIndex(sites, [baseline.f_mean[s].shape[-1] for s in sites])
-    setting = _CategorySetting(model, tokenizer, saes, refusal_ids, baseline, index, cc, run)
+    setting = _CategorySetting(
+        model, tokenizer, saes, refusal_ids, baseline, index, cc, run, replicates
+    )
     groups = (
         {"toxic": GROUPS["toxic"], "benign": GROUPS["benign"]}
         if cc.separate_safe_toxic
@@ -389,7 +414,7 @@ def _direction_baselines(
     setting: _CategorySetting, sample: pl.DataFrame, directions: dict[Site, torch.Tensor | None]
 ) -> dict[str, DirectionBaseline]:
     """Each site's refusal direction, scored by ablating it on the held-out toxic prompts."""
-    model, tokenizer, saes, refusal_ids, baseline, index, _, run = setting
+    model, tokenizer, saes, refusal_ids, baseline, index, _, run, _ = setting
     kw = run.batching()
     toxic_heldout = sample.filter((pl.col("split") == "toxic") & pl.col("heldout"))[
         "prompt"

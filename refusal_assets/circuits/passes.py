@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,6 @@ def prepare_suffixes(
     ]
 
 
-@torch.no_grad()
 def compute_baseline(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -133,11 +133,29 @@ def compute_baseline(
     device: str = "cpu",
 ) -> Baseline:
     """Means of latents and errors over ``prompts`` (the safe split) at each post-instruction offset."""
+    (baseline,) = compute_baselines(
+        model, tokenizer, prompts, [saes], batch_size, system_prompt, device
+    )
+    return baseline
+
+
+@torch.no_grad()
+def compute_baselines(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    sae_sets: Sequence[dict[Site, nn.Module]],
+    batch_size: int,
+    system_prompt: str | None = None,
+    device: str = "cpu",
+) -> list[Baseline]:
+    """:func:`compute_baseline` for each of ``sae_sets`` (SAEs at the same sites) from one forward
+    pass: only the encoding differs between dictionaries."""
     from refusal_assets.lm.activations import forward_sites
 
-    sites = sorted(saes)
-    f_sum: dict[Site, torch.Tensor] = {}
-    e_sum: dict[Site, torch.Tensor] = {}
+    sites = sorted(sae_sets[0])
+    f_sum: list[dict[Site, torch.Tensor]] = [{} for _ in sae_sets]
+    e_sum: list[dict[Site, torch.Tensor]] = [{} for _ in sae_sets]
     n = 0
     for chunk in batches(prompts, batch_size):
         batch = encode_chat(tokenizer, chunk, system_prompt).to(device)
@@ -145,11 +163,15 @@ def compute_baseline(
         acts = forward_sites(model, batch, sites)
         for s in sites:
             x = _gather(acts[s], pos).float()  # [B, P, d]
-            f = saes[s].encode(x)
-            err = x - saes[s].decode(f)
-            f_sum[s] = f_sum.get(s, 0) + f.sum(0)
-            e_sum[s] = e_sum.get(s, 0) + err.sum(0)
+            for saes, fs, es in zip(sae_sets, f_sum, e_sum):
+                f = saes[s].encode(x)
+                err = x - saes[s].decode(f)
+                fs[s] = fs.get(s, 0) + f.sum(0)
+                es[s] = es.get(s, 0) + err.sum(0)
         n += len(chunk)
     if n == 0:
         raise ValueError("the mean-ablation baseline needs at least one safe prompt")
-    return Baseline({s: f_sum[s] / n for s in sites}, {s: e_sum[s] / n for s in sites})
+    return [
+        Baseline({s: fs[s] / n for s in sites}, {s: es[s] / n for s in sites})
+        for fs, es in zip(f_sum, e_sum)
+    ]

@@ -45,6 +45,26 @@ def _site_directions(layout: Layout, site_keys: dict, category: str) -> dict:
     }
 
 
+def _replicate_saes(
+    cfg: ProjectConfig, layout: Layout, site_keys: dict, device: str
+) -> dict[int, dict]:
+    """seed -> the sites' SAEs of that extra training (``sae.replicates``); none where a site's SAE
+    is pretrained (one dictionary, nothing retrained)."""
+    if any(key in cfg.sae.pretrained for key in site_keys.values()):
+        return {}
+    out = {}
+    for seed in cfg.sae.replicates.seeds:
+        folders = {site: layout.sae_replicate(key, seed) for site, key in site_keys.items()}
+        missing = [str(f) for f in folders.values() if not f.is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"sae.replicates.seeds has {seed}, but {missing} do not exist: the SAEs predate "
+                "the replicates setting; materialize sae again"
+            )
+        out[seed] = {site: load_sae(f).to(device).eval() for site, f in folders.items()}
+    return out
+
+
 def build(
     cfg: ProjectConfig, parts: Partitions, gpu_asset: Callable[..., Callable]
 ) -> list[dg.AssetsDefinition]:
@@ -100,6 +120,7 @@ def build(
                     log=context.log.info,
                     warn=context.log.warning,
                 ),
+                replicate_saes=_replicate_saes(cfg, layout, site_keys, device),
             )
             write_safetensors(
                 found.tensors(), layout.circuit_tensors(model_cfg.model_key, category)

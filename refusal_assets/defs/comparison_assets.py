@@ -55,6 +55,7 @@ def _comparison_asset(cfg: ProjectConfig, parts: Partitions) -> dg.AssetsDefinit
             circuits_cfg=cc,
             comparison_cfg=comp,
             execution=layout.load_execution_verdict(model_key),
+            sae_seed=cfg.sae.seed,
         )
         md: dict = {}
         for group, res in result.groups.items():
@@ -79,6 +80,7 @@ def _comparison_asset(cfg: ProjectConfig, parts: Partitions) -> dg.AssetsDefinit
                 "verdict_execution": result.verdict_execution,
                 "verdict_features": result.verdict_features,
                 "verdict_features_by_seed": result.verdict_features_by_seed,
+                "feature_stability": result.feature_stability,
                 "feature_reason": result.feature_reason,
                 "shared_fraction": main.get("shared_fraction"),
                 **(

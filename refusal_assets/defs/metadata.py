@@ -170,6 +170,17 @@ def sae_metadata(fitted: FittedSAE, folder: Path, png: Path | None) -> dict[str,
         md["train_seconds"] = round(float(history["seconds"]), 1)
     if png is not None:
         md["training_curve"] = png_markdown(png, "SAE training")
+    if fitted.replicates:
+        rows = "".join(
+            f"| {r.seed} | {r.best_step} | {r.fvu:.4f} | {r.l0:.1f} | {r.dead_fraction:.3f} | "
+            f"{r.seconds:.0f} |\n"
+            for r in fitted.replicates
+        )
+        header = (
+            "| seed | best step | held-out FVU | L0 | dead | seconds |\n|---|---|---|---|---|---|\n"
+        )
+        md["replicates"] = dg.MetadataValue.md(header + rows)
+        md["replicate_fvu_max"] = max(r.fvu for r in fitted.replicates)
     return {k: clean(v) for k, v in md.items()}
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -216,18 +217,22 @@ def _materialize_sae(
     finally:
         rows.close()
     folder = layout.sae(site_key)
-    save_sae(
-        fitted.sae,
-        folder,
-        {
-            "hook_name": f"{site.name}",
-            "model_name": model_cfg.id,
-            "site_key": site_key,
-            "dataset": "refusal_assets sample"
-            + (f" + corpus {cfg.sae.corpus.path}" if cfg.sae.corpus else ""),
-            **sae_provenance(model_cfg, fitted.max_norm, cfg.sae.max_norm_factor),
-        },
-    )
+    provenance = {
+        "hook_name": f"{site.name}",
+        "model_name": model_cfg.id,
+        "site_key": site_key,
+        "dataset": "refusal_assets sample"
+        + (f" + corpus {cfg.sae.corpus.path}" if cfg.sae.corpus else ""),
+        **sae_provenance(model_cfg, fitted.max_norm, cfg.sae.max_norm_factor),
+    }
+    save_sae(fitted.sae, folder, {**provenance, "seed": cfg.sae.seed})
+    shutil.rmtree(folder / "replicates", ignore_errors=True)  # a dropped seed leaves no stale SAE
+    for replicate in fitted.replicates:
+        save_sae(
+            replicate.sae,
+            layout.sae_replicate(site_key, replicate.seed),
+            {**provenance, "seed": replicate.seed, "replicate_of": str(folder)},
+        )
     write_text(
         json.dumps(
             {
@@ -235,6 +240,9 @@ def _materialize_sae(
                 "metrics": fitted.metrics,
                 "splice": fitted.splice,
                 "eval_prompt_ids": fitted.eval_prompt_ids,
+                "replicates": [
+                    {k: v for k, v in vars(r).items() if k != "sae"} for r in fitted.replicates
+                ],
             },
             indent=1,
             default=float,

@@ -57,8 +57,21 @@ class ModelSummary:
     sample: str
     """What the sample can and cannot show: prompt counts per category, power."""
 
+    execution: str = "not run"
+    """The execution-level answer (``verdict_execution``)."""
+    features: str = "not run"
+    """The feature-level answer (``verdict_features``)."""
+    stability: str = ""
+    """How many SAE trainings the feature-level answer rests on, and whether they agree."""
+
+    @property
+    def headline(self) -> str:
+        """The two answers in one line: what the first screen leads with."""
+        line = f"execution level {self.execution.upper()} · feature level {self.features.upper()}"
+        return f"{line} ({self.stability})" if self.stability else line
+
     def markdown(self) -> str:
-        lines = [f"**{self.model_key}: {self.verdict.upper()}**", ""]
+        lines = [f"**{self.model_key}: {self.headline}**", ""]
         lines += [f"- **{t.test}**: {t.finding}" for t in self.tests]
         return "\n".join(lines + ["", f"*Sample:* {self.sample}", ""])
 
@@ -214,16 +227,7 @@ def level_answers(inp: SummaryInputs) -> list[TestLine]:
     comp = inp.comparison
     if comp is None or "verdict_execution" not in comp:
         return []
-    by_seed = comp.get("verdict_features_by_seed") or []
-    stability = (
-        f"{len(by_seed)} SAE training: stability across trainings not measured"
-        if len(by_seed) < 2
-        else (
-            "stable across SAE trainings"
-            if len(set(by_seed)) == 1
-            else "unstable across SAE trainings: " + ", ".join(by_seed)
-        )
-    )
+    stability = comp.get("feature_stability", "stability across SAE trainings not recorded")
     return [
         TestLine(
             "Execution level (refusal directions)",
@@ -436,6 +440,9 @@ def summarize_model(
         tests=tests,
         figure=figure,
         sample=sample_sentence(inp),
+        execution=comp.get("verdict_execution", "not run"),
+        features=comp.get("verdict_features", "not run"),
+        stability=comp.get("feature_stability", ""),
     )
 
 

@@ -82,6 +82,23 @@ class FittedSAE:
     """Filtering, de-duplication, training (or loading) and metrics, before the language model is loaded."""
     eval_prompt_ids: list[str]
     """The held-out evaluation prompts (metrics and splice)."""
+    replicates: tuple[ReplicateSAE, ...] = ()
+    """The extra trainings of ``sae.replicates`` (none for a pretrained SAE)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicateSAE:
+    """One extra training of a site's SAE: same rows and split as the main one, another seed."""
+
+    seed: int
+    sae: TopKSAE
+    fvu: float
+    """Held-out FVU on the main SAE's evaluation rows (same rows: comparable)."""
+    l0: float
+    dead_fraction: float
+    """Latents that fire on no non-template study row."""
+    best_step: int
+    seconds: float
 
 
 class _KeptRows(NamedTuple):
@@ -189,13 +206,56 @@ def _train_or_load(
     return sae, history
 
 
+def _subset(kept: _KeptRows, idx: np.ndarray) -> SubsetRows:
+    """The kept rows at ``idx``, read in batches."""
+    return SubsetRows(kept.x, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+
+
+def _train_replicates(
+    kept: _KeptRows, cfg: SAEConfig, d_in: int, options: FitOptions
+) -> tuple[ReplicateSAE, ...]:
+    """``cfg.replicates``: one more SAE per seed on the main training's rows and split."""
+    sp, template = kept.site_rows.split, kept.site_rows.template
+    draws = training_draws(sp.train, template, cfg.template_repeats)
+    study = np.flatnonzero(~template & ~kept.corpus)
+    out = []
+    for seed in cfg.replicates.seeds:
+        rcfg = cfg.replicate(seed)
+        sae, history, _, _ = train_sae(
+            kept.x,
+            kept.group_ids,
+            rcfg,
+            d_sae=cfg.expansion_factor * d_in,
+            device=options.device,
+            split=(draws, sp.val),
+        )
+        held = evaluate_sae(sae, _subset(kept, sp.eval))
+        dead = 1.0 - float(fired_latents(sae, _subset(kept, study)).float().mean())
+        options.log(
+            f"replicate seed {seed}: {rcfg.max_steps} steps in {history['seconds']:.0f} s, "
+            f"held-out FVU {held.fvu:.4f}, L0 {held.l0:.1f}, dead {dead:.3f}"
+        )
+        out.append(
+            ReplicateSAE(
+                seed=seed,
+                sae=sae,
+                fvu=held.fvu,
+                l0=held.l0,
+                dead_fraction=dead,
+                best_step=int(history["best_step"]),
+                seconds=float(history["seconds"]),
+            )
+        )
+    return tuple(out)
+
+
 def _held_out_metrics(sae: TopKSAE, kept: _KeptRows, trained: bool) -> dict[str, float]:
     """:attr:`FittedSAE.metrics` of ``sae`` on the kept rows' parts (``trained``: it saw the
     training part)."""
     sp, template = kept.site_rows.split, kept.site_rows.template
 
     def sub(idx: np.ndarray) -> SubsetRows:
-        return SubsetRows(kept.x, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+        return _subset(kept, idx)
 
     held = evaluate_sae(sae, sub(sp.eval))
     eval_post = sp.eval[kept.post[sp.eval]]
@@ -274,6 +334,8 @@ def fit_site(
     kept = _keep_rows(base, prompt_ids, cfg, post_instruction, train_only, options.log)
     sae, history = _train_or_load(kept, cfg, base.d_in, options)
     metrics = _held_out_metrics(sae, kept, trained=options.pretrained is None)
+    # a pretrained SAE is one dictionary: there is nothing to retrain with another seed
+    replicates = () if options.pretrained else _train_replicates(kept, cfg, base.d_in, options)
     # every row of an evaluation prompt may be a training duplicate; the prompt is still held out
     held_out = set(
         np.unique(kept.prompt_ids[site_split(kept.group_ids, cfg, kept.corpus).eval]).astype(str)
@@ -315,6 +377,7 @@ def fit_site(
         pretrained=options.pretrained,
         fit_seconds=fit_seconds,
         eval_prompt_ids=sorted(held_out),
+        replicates=replicates,
     )
 
 
