@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -350,3 +350,82 @@ def recover_features(
         n_bootstrap=design.n_bootstrap,
         seed=seed,
     )
+
+
+# ---------------------------------------------------------------------------------- calibration
+
+DECIDED = ("monolithic", "modular", "shared core + specific tail")
+MAX_FALSE_ANSWER_RATE = 0.10
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorldAnswers:
+    """One world's recovered answers at both levels, one per replicate."""
+
+    world: World
+    execution: list[str]
+    features: list[str]
+    core_share: list[float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TestRates:
+    """How one test answers the planted worlds: power and false-answer rate per world."""
+
+    planted: dict[str, str]
+    power: dict[str, float]
+    false_answer_rate: dict[str, float]
+    """Planted answer A called a different decided answer B."""
+    n_replicates: int
+
+    @property
+    def votes(self) -> bool:
+        return all(r <= MAX_FALSE_ANSWER_RATE for r in self.false_answer_rate.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "votes": self.votes}
+
+
+def rates_of(answers: dict[str, list[str]], planted: dict[str, str]) -> TestRates:
+    """Power and false-answer rate of one test from its answers per world."""
+    n = min(len(a) for a in answers.values())
+    power = {w: sum(x == planted[w] for x in a) / len(a) for w, a in answers.items()}
+    false = {
+        w: sum(x in DECIDED and x != planted[w] for x in a) / len(a) for w, a in answers.items()
+    }
+    return TestRates(planted=dict(planted), power=power, false_answer_rate=false, n_replicates=n)
+
+
+def majority(answers: list[str]) -> str:
+    """The most frequent answer (ties: the first seen)."""
+    return max(answers, key=answers.count)
+
+
+def calibrate_tiny_worlds(
+    model,
+    tokenizer,
+    model_cfg: ModelConfig,
+    counts: dict[str, int],
+    *,
+    n_replicates: int = 3,
+    n_harmless: int = 8,
+    seed: int = 0,
+    design: WorldDesign = WorldDesign(),
+) -> dict[World, WorldAnswers]:
+    """Every world, ``n_replicates`` times (fresh noise, prompts and SAE seeds), at ``counts``
+    toxic prompts per category, through both levels."""
+    out = {}
+    for w_i, world in enumerate(WORLDS):
+        execution, features, shares = [], [], []
+        for r in range(n_replicates):
+            s = seed + 1000 * w_i + r
+            planted = build_world(model, tokenizer, world, sorted(counts), design, s)
+            toxic, harmless = world_prompts(planted.markers, counts, n_harmless, s)
+            execution.append(recover_execution(planted, model_cfg, toxic, harmless, s)[0])
+            test = recover_features(planted, toxic, harmless, design, s)
+            features.append(test.verdict)
+            shares.append(test.core_share)
+        out[world] = WorldAnswers(
+            world=world, execution=execution, features=features, core_share=shares
+        )
+    return out
