@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -216,11 +217,74 @@ def execution_worlds(model, tokenizer, model_cfg, seed: int) -> dict[str, dict[s
     return out
 
 
+def planted_worlds_report(cfg, features, *, n_replicates: int, seed: int) -> dict:
+    """The ``worlds`` and ``tests`` blocks: the tiny model's three planted worlds
+    (:mod:`refusal_assets.analysis.tiny_worlds`) at the real per-category counts, each recovered at
+    both levels ``n_replicates`` times, and each test's power, false-answer rate and vote (the
+    synthetic feature-level plant from ``features``, >= 50 replicates; the tiny model's two)."""
+    from refusal_assets.analysis import tiny_worlds as tw
+    from refusal_assets.analysis.feature_calibration import REAL_COUNTS
+    from refusal_assets.config import load_config
+    from refusal_assets.lm.models import load_model
+
+    tiny = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    model, tok = load_model(tiny.models[0], tiny.resolve, "cpu", log=lambda s: None)
+    runs = tw.calibrate_tiny_worlds(
+        model, tok, tiny.models[0], REAL_COUNTS, n_replicates=n_replicates, seed=seed
+    )
+    worlds = {
+        w: {
+            "execution": tw.majority(r.execution),
+            "features": tw.majority(r.features),
+            "execution_replicates": r.execution,
+            "features_replicates": r.features,
+            "core_share_replicates": r.core_share,
+            "expected_execution": tw.EXPECTED_EXECUTION[w],
+            "expected_features": tw.EXPECTED_FEATURES[w],
+        }
+        for w, r in runs.items()
+    }
+    synthetic = {w: v["features"] for w, v in features.to_dict()["worlds"].items()}
+    tests = {
+        "features_synthetic": {
+            "votes": features.votes,
+            "power": {w: f["power"] for w, f in synthetic.items()},
+            "false_answer_rate": {w: f["false_answer_rate"] for w, f in synthetic.items()},
+            "n_replicates": features.n_replicates,
+        },
+        "features_tiny_model": tw.rates_of(
+            {w: r.features for w, r in runs.items()}, tw.EXPECTED_FEATURES
+        ).to_dict(),
+        "execution_tiny_model": tw.rates_of(
+            {w: r.execution for w, r in runs.items()}, tw.EXPECTED_EXECUTION
+        ).to_dict(),
+    }
+    return {"worlds": worlds, "tests": tests, "counts": dict(REAL_COUNTS)}
+
+
+def worlds_passed(report: dict) -> bool:
+    """Issue 26's done-when: every voting test's false-answer rate <= 0.10 (a test over it does
+    not vote); two_level -> execution monolithic, features not monolithic; monolithic and modular
+    right at both levels."""
+    w = report["worlds"]
+    voting_ok = all(
+        max(t["false_answer_rate"].values()) <= 0.10 for t in report["tests"].values() if t["votes"]
+    )
+    right = all(
+        w[name]["execution"] == name and w[name]["features"] == name
+        for name in ("monolithic", "modular")
+    )
+    two = w["two_level"]
+    return (
+        voting_ok and right and two["execution"] == "monolithic" and two["features"] != "monolithic"
+    )
+
+
 def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = True) -> int:
-    """``refusal-assets calibrate``: both levels at the config's sample sizes; prints verdicts and
-    coverages; exit 0 when every check holds, 1 otherwise."""
+    """``refusal-assets calibrate``: the synthetic levels at the config's sample sizes and the tiny
+    model's planted worlds; prints answers, rates and votes; exit 0 when the worlds are recovered
+    (:func:`worlds_passed`) and the synthetic feature-level test votes, 1 otherwise."""
     import json
-    from pathlib import Path
 
     comp = cfg.comparison
     rule = VerdictRule.from_config(comp)
@@ -233,65 +297,28 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
         seed=comp.seed,
         rule=rule,
     )
+    # the overlap test's synthetic check: reported, not part of `passed` (it no longer votes)
     out: dict = {"synthetic": report.to_dict()}
-    passed = report.passed
-    # The feature-level test at the default's real per-category counts (10 categories, 3-9
-    # refusing prompts each), >= 50 replicates: each world's `features` answer rates and `votes`.
     from refusal_assets.analysis.feature_calibration import calibrate_feature_level
 
     features = calibrate_feature_level(n_replicates=max(50, n_replicates), seed=comp.seed)
     out["feature_level"] = features.to_dict()
-    passed &= features.votes
+    passed = features.votes
     if model_level:
-        from refusal_assets.config import load_config
-        from refusal_assets.lm.models import load_model
-
-        tiny = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
-        model, tok = load_model(tiny.models[0], tiny.resolve, "cpu", log=lambda s: None)
-        runs = [
-            calibrate_model(
-                model,
-                tok,
-                planted,
-                n_categories=design.n_categories,
-                n_prompts=design.n_prompts,
-                n_bootstrap=min(comp.n_bootstrap, 200),
-                n_permutations=min(comp.n_permutations, 200),
-                seed=comp.seed,
-                rule=rule,
-            )
-            for planted in ("monolithic", "modular")
-        ]
-        out["tiny_model"] = [asdict(r) for r in runs]
-        passed &= all(r.combined == r.planted for r in runs)
-        out["execution_level"] = execution_worlds(model, tok, tiny.models[0], comp.seed)
-        passed &= all(w["execution"] == w["planted"] for w in out["execution_level"].values())
+        out |= planted_worlds_report(cfg, features, n_replicates=3, seed=comp.seed)
+        passed &= worlds_passed(out)
     out["passed"] = passed
     if as_json:
         print(json.dumps(out, default=float))
-    else:
-        for r in report.runs:
-            print(
-                f"synthetic, planted {r.planted}: verdicts {r.verdicts}; coverage {r.coverage}; point inside CI "
-                f"{r.estimate_inside_ci}"
-            )
+        return 0 if passed else 1
+    for world, w in out.get("worlds", {}).items():
+        print(f"planted {world}: execution {w['execution']}, features {w['features']}")
+    for name, t in out.get("tests", {}).items():
         print(
-            f"normalised Jaccard under identical categories: {report.normalised_expectation_identical:.3f}"
+            f"{name}: votes {t['votes']}, power {t['power']}, "
+            f"false-answer rate {t['false_answer_rate']}"
         )
-        for r in out.get("tiny_model", []):
-            print(
-                f"tiny model, planted {r['planted']}: combined {r['combined']} (overlap {r['overlap']}, circuit "
-                f"transfer {r['circuit_transfer']})"
-            )
-        for world, w in out["feature_level"]["worlds"].items():
-            f = w["features"]
-            print(
-                f"feature level, planted {world}: power {f['power']:.2f}, false-answer rate "
-                f"{f['false_answer_rate']:.2f}, votes {f['votes']}"
-            )
-        for world, w in out.get("execution_level", {}).items():
-            print(f"execution level, planted {world}: {w['execution']} (planted {w['planted']})")
-        print(f"passed: {passed}")
+    print(f"passed: {passed}")
     return 0 if passed else 1
 
 
