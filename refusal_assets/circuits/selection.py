@@ -32,28 +32,19 @@ def select_circuits(
         return mask
     for site in np.unique(site_of_node):
         nodes = np.flatnonzero(site_of_node == site)  # ascending node index
+        x = means[:, nodes]  # [batch, n_site]
         if k_per_site >= nodes.size:
             mask[:, nodes] = True
             continue
-        # a site's nodes are one contiguous run in the NodeIndex layout: a slice is a view, not a copy
-        contiguous = nodes[-1] - nodes[0] + 1 == nodes.size
-        cols = slice(nodes[0], nodes[-1] + 1) if contiguous else nodes
-        x = means[:, cols]  # [batch, n_site]
         # O(n) partition instead of a full sort (sites can hold ~10^4-10^5 latents): keep everything
         # above the k-th largest value, then fill the remaining slots from its ties, lowest index first.
-        kth = np.partition(x, nodes.size - k_per_site, axis=1)[
-            :, nodes.size - k_per_site, None
+        kth = -np.partition(-x, k_per_site - 1, axis=1)[
+            :, k_per_site - 1 : k_per_site
         ]  # [batch, 1]
         above = x > kth
         ties = x == kth
         n_fill = k_per_site - above.sum(axis=1, keepdims=True)  # [batch, 1], >= 1
-        chosen = above | ties  # exact unless a row has more ties than free slots (rare)
-        crowded = np.flatnonzero(ties.sum(axis=1) > n_fill[:, 0])
-        if crowded.size:
-            chosen[crowded] = above[crowded] | (
-                ties[crowded] & (np.cumsum(ties[crowded], axis=1) <= n_fill[crowded])
-            )
-        mask[:, cols] = chosen
+        mask[:, nodes] = above | (ties & (np.cumsum(ties, axis=1) <= n_fill))
     return mask
 
 
