@@ -462,7 +462,7 @@ def test_compare_model_leaves_fallback_categories_out_and_writes_what_the_report
     # no refusal_direction given: the execution level says so; one SAE training, one entry
     assert out["verdict_execution"] == "insufficient evidence"
     assert out["verdict_features_by_seed"] == [out["verdict_features"]]
-    assert out["feature_stability"].startswith("1 SAE training (seed 0)")
+    assert out["feature_stability"].startswith("1 SAE training, seed 0: stability")
     assert out["groups"]["toxic"]["fallback_categories"] == ["weapons"]
     assert out["groups"]["benign"]["verdict_reason"].startswith("Insufficient evidence: only []")
     assert out["verdict"] == result.combined.verdict
@@ -581,7 +581,7 @@ def test_feature_verdict_is_repeated_per_sae_training_and_says_when_they_disagre
         )
         assert out["feature_reason"].startswith("unstable across SAE trainings")
     else:
-        assert out["feature_stability"] == "stable across 3 SAE trainings (seeds 0, 1, 3)"
+        assert out["feature_stability"] == "stable across 3 SAE trainings: seeds 0, 1, 3"
 
 
 def test_a_replicate_seed_missing_from_one_circuit_is_left_out():

@@ -213,3 +213,24 @@ def test_instance_per_config_name(tiny_cfg, tmp_path, monkeypatch):
     assert settings.instance_home(tmp_path, tiny_cfg) == tmp_path / "tiny--xstest"
     assert settings.storage_root(tiny_cfg).name == "tiny--xstest"
     assert settings.load_project().sae.train_categories is None
+
+
+def test_sae_replicates_are_other_seeds_with_their_own_step_budget():
+    from refusal_assets.config import SAEConfig
+
+    cfg = SAEConfig(
+        seed=0, max_steps=800, lr_decay_steps=200, replicates={"seeds": [1, 2], "max_steps": 150}
+    )
+    one = cfg.replicate(2)
+    assert (one.seed, one.max_steps, one.lr_decay_steps) == (2, 150, 150)  # decay capped
+    assert one.k == cfg.k and one.expansion_factor == cfg.expansion_factor
+    assert cfg.replicate(1).replicates == cfg.replicates
+    same_budget = SAEConfig(max_steps=800, lr_decay_steps=200, replicates={"seeds": [3]})
+    assert (same_budget.replicate(3).max_steps, same_budget.replicate(3).lr_decay_steps) == (
+        800,
+        200,
+    )
+    with pytest.raises(ValueError, match="include sae.seed 0"):
+        SAEConfig(seed=0, replicates={"seeds": [0, 1]})
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        SAEConfig(replicates={"seeds": [1, 1]})

@@ -69,3 +69,26 @@ def test_every_asset_has_owners_tags_and_a_description(tiny_cfg, tmp_path):
         "transfer",
         "refusal_direction",
     }
+
+
+def test_sae_checks_hold_every_training_to_the_thresholds():
+    """A replicate SAE (sae.replicates) gives its own feature-level answer, so the blocking checks
+    fail when any training misses a threshold, and name each training's value."""
+    from types import SimpleNamespace
+
+    from refusal_assets.config import SAEQualityThresholds
+    from refusal_assets.defs.metadata import sae_checks
+
+    def fitted(replicate_fvu: float):
+        replicate = SimpleNamespace(seed=1, fvu=replicate_fvu, dead_fraction=0.01)
+        metrics = {"fvu": 0.10, "dead_fraction": 0.02}
+        return SimpleNamespace(metrics=metrics, replicates=(replicate,))
+
+    thresholds = SAEQualityThresholds(max_fvu=0.35, max_dead_fraction=0.5)
+    good = {c.check_name: c for c in sae_checks(fitted(0.20), thresholds)}
+    assert good["fvu_below_threshold"].passed and good["dead_fraction_below_threshold"].passed
+    bad = {c.check_name: c for c in sae_checks(fitted(0.40), thresholds)}
+    assert not bad["fvu_below_threshold"].passed
+    assert bad["dead_fraction_below_threshold"].passed
+    assert bad["fvu_below_threshold"].metadata["fvu_seed1"].value == 0.40
+    assert bad["fvu_below_threshold"].metadata["fvu"].value == 0.10

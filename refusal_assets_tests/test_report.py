@@ -267,7 +267,9 @@ def test_first_screen_leads_with_both_answers_and_their_stability(two_models):
     cfg, layout = two_models
     path = layout.comparison_summary("tiny-qwen2")
     comp = json.loads(path.read_text())
-    stability = "unstable across SAE trainings: seed 0 monolithic; seed 1 modular; seed 2 monolithic"
+    stability = (
+        "unstable across SAE trainings: seed 0 monolithic; seed 1 modular; seed 2 monolithic"
+    )
     comp |= {
         "verdict_execution": "monolithic",
         "execution_reason": "the pooled direction removes refusal",

@@ -130,9 +130,9 @@ class ModelComparison:
         by_seed = dict(zip(self.feature_tests, self.verdict_features_by_seed))
         seeds = ", ".join(str(s) for s in by_seed)
         if len(by_seed) < 2:
-            return f"1 SAE training (seed {seeds}): stability across trainings not measured"
+            return f"1 SAE training, seed {seeds}: stability across trainings not measured"
         if len(set(by_seed.values())) == 1:
-            return f"stable across {len(by_seed)} SAE trainings (seeds {seeds})"
+            return f"stable across {len(by_seed)} SAE trainings: seeds {seeds}"
         return "unstable across SAE trainings: " + "; ".join(
             f"seed {s} {v}" for s, v in by_seed.items()
         )

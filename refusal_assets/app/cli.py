@@ -520,7 +520,8 @@ def _add_check_and_bench_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "calibrate",
-        help="run the comparison on planted monolithic / modular answers; verdicts and CI coverage",
+        help="the tests behind both answers on planted monolithic, modular and two-level worlds at "
+        "the real per-category counts: answers, power, false-answer rates, which tests vote",
     )
     _add_common(p)
     p.add_argument("--json", action="store_true", help="one line of JSON")

@@ -221,6 +221,12 @@ def functional_tests(inp: SummaryInputs) -> list[TestLine]:
     return out
 
 
+def _sentence(text: str) -> str:
+    """``text`` as a sentence: capital first letter, final full stop."""
+    text = text.strip()
+    return f"{text[:1].upper()}{text[1:]}{'' if text.endswith('.') else '.'}" if text else text
+
+
 def level_answers(inp: SummaryInputs) -> list[TestLine]:
     """The two answers first: execution level (Arditi et al.'s directions, ``refusal_direction``)
     and feature level (the cross-fitted shared-core share of the SAE circuits), with stability."""
@@ -231,11 +237,11 @@ def level_answers(inp: SummaryInputs) -> list[TestLine]:
     return [
         TestLine(
             "Execution level (refusal directions)",
-            f"{comp['verdict_execution'].upper()}. {comp['execution_reason']}",
+            f"{comp['verdict_execution'].upper()}. {_sentence(comp['execution_reason'])}",
         ),
         TestLine(
             "Feature level (SAE circuits)",
-            f"{comp['verdict_features'].upper()} ({stability}). {comp['feature_reason']}",
+            f"{comp['verdict_features'].upper()} ({stability}). {_sentence(comp['feature_reason'])}",
         ),
     ]
 
