@@ -537,6 +537,21 @@ def _planted_circuits(worlds: dict[int, str], counts: dict[str, int]):
     return circuits, design
 
 
+def _compare_planted(circuits, design):
+    """compare_model on planted circuit files, with few resamples (the overlap test is not read)."""
+    from refusal_assets.analysis.comparison import compare_model
+    from refusal_assets.config import CircuitConfig, ComparisonConfig
+
+    return compare_model(
+        "m",
+        sorted(circuits),
+        circuits,
+        {},
+        circuits_cfg=CircuitConfig(k_per_site=design.k_per_site),
+        comparison_cfg=ComparisonConfig(n_permutations=20, n_bootstrap=20),
+    )
+
+
 @pytest.mark.parametrize(
     "worlds, verdict, by_seed",
     [
@@ -557,19 +572,10 @@ def test_feature_verdict_is_repeated_per_sae_training_and_says_when_they_disagre
 ):
     """Each SAE training's effects get their own feature-level test; the verdict is theirs only
     when all agree, else "unstable across SAE trainings" (never one seed's answer)."""
-    from refusal_assets.analysis.comparison import compare_model
-    from refusal_assets.config import CircuitConfig, ComparisonConfig
 
     counts = {"deception": 6, "hate": 3, "illegal": 9, "privacy": 6, "sexual": 5, "violence": 4}
     circuits, design = _planted_circuits(worlds, counts)
-    result = compare_model(
-        "m",
-        sorted(counts),
-        circuits,
-        {},
-        circuits_cfg=CircuitConfig(k_per_site=design.k_per_site),
-        comparison_cfg=ComparisonConfig(n_permutations=20, n_bootstrap=20),
-    )
+    result = _compare_planted(circuits, design)
     assert result.verdict_features_by_seed == by_seed
     assert result.verdict_features == verdict
     out = result.to_json(seconds=0.0)
@@ -586,18 +592,9 @@ def test_feature_verdict_is_repeated_per_sae_training_and_says_when_they_disagre
 
 def test_a_replicate_seed_missing_from_one_circuit_is_left_out():
     """Only the trainings every category's circuit was found through are compared."""
-    from refusal_assets.analysis.comparison import compare_model
-    from refusal_assets.config import CircuitConfig, ComparisonConfig
 
     counts = {"deception": 6, "hate": 3, "illegal": 9}
     circuits, design = _planted_circuits({0: "monolithic", 1: "monolithic"}, counts)
     circuits["hate"][0]["sae_replicate_seeds"] = []
-    result = compare_model(
-        "m",
-        sorted(counts),
-        circuits,
-        {},
-        circuits_cfg=CircuitConfig(k_per_site=design.k_per_site),
-        comparison_cfg=ComparisonConfig(n_permutations=20, n_bootstrap=20),
-    )
+    result = _compare_planted(circuits, design)
     assert list(result.feature_tests) == [0]

@@ -194,13 +194,26 @@ def _train_or_load(
         f"{len(sp.train)} distinct training rows, "
         f"{len(sp.val)} early-stopping rows, {len(sp.eval)} held-out evaluation rows"
     )
+    return _train_on_kept(kept, cfg, d_in, options.device, options.log)
+
+
+def _train_on_kept(
+    kept: _KeptRows,
+    cfg: SAEConfig,
+    d_in: int,
+    device: str,
+    log: Callable[[str], None] | None = None,
+) -> tuple[TopKSAE, dict[str, Any]]:
+    """An SAE trained by ``cfg`` on the kept rows' training part, stopped early on their
+    validation part."""
+    sp = kept.site_rows.split
     sae, history, _, _ = train_sae(
         kept.x,
         kept.group_ids,
         cfg,
         d_sae=cfg.expansion_factor * d_in,
-        device=options.device,
-        log=options.log,
+        device=device,
+        log=log,
         split=(training_draws(sp.train, kept.site_rows.template, cfg.template_repeats), sp.val),
     )
     return sae, history
@@ -216,19 +229,11 @@ def _train_replicates(
 ) -> tuple[ReplicateSAE, ...]:
     """``cfg.replicates``: one more SAE per seed on the main training's rows and split."""
     sp, template = kept.site_rows.split, kept.site_rows.template
-    draws = training_draws(sp.train, template, cfg.template_repeats)
     study = np.flatnonzero(~template & ~kept.corpus)
     out = []
     for seed in cfg.replicates.seeds:
         rcfg = cfg.replicate(seed)
-        sae, history, _, _ = train_sae(
-            kept.x,
-            kept.group_ids,
-            rcfg,
-            d_sae=cfg.expansion_factor * d_in,
-            device=options.device,
-            split=(draws, sp.val),
-        )
+        sae, history = _train_on_kept(kept, rcfg, d_in, options.device)
         held = evaluate_sae(sae, _subset(kept, sp.eval))
         dead = 1.0 - float(fired_latents(sae, _subset(kept, study)).float().mean())
         options.log(
