@@ -106,7 +106,8 @@ def test_tiny_graph_end_to_end(tiny_run):
                     lo == lo
                 )  # inside its CI, or no CI (NaN)
     comparison = _materializations(home, "comparison")
-    assert comparison["tiny-qwen2"]["verdict"] in {
+    assert list(comparison["tiny-qwen2"])[:2] == ["verdict_execution", "execution_reason"]
+    assert comparison["tiny-qwen2"]["verdict_combined"] in {
         "monolithic",
         "modular",
         "mixed",

@@ -220,7 +220,9 @@ def assert_first_screen(page, html: Path, model_keys: list[str], shot: Path) -> 
     page.screenshot(path=str(shot))
     for key in model_keys:
         card = page.locator(f'article.model[data-model="{key}"]')
-        for part in (card.locator(".verdict"), card.locator("img.summary")):
+        answers = card.locator(".verdict")  # the execution- and the feature-level answer
+        assert answers.count() == 2, key
+        for part in (answers.nth(0), answers.nth(1), card.locator("img.summary")):
             box = part.bounding_box()
             assert box is not None, f"{key}: {part} not rendered"
             assert (
@@ -316,7 +318,7 @@ def test_report_and_circuit_in_the_ui(tiny_ui):
         shown = page.get_by_role("dialog") if button.count() else row
         if button.count():
             button.click()
-        shown.get_by_text(f"tiny-qwen2: {verdict.upper()}").first.wait_for(timeout=30_000)
+        shown.get_by_text(f"tiny-qwen2: {verdict}").first.wait_for(timeout=30_000)
         text = shown.first.inner_text()
         assert "Circuit overlap" in text and "Sample:" in text, text[:2000]
         page.wait_for_timeout(800)  # let a dialog finish fading in

@@ -75,13 +75,15 @@ def _comparison_asset(cfg: ProjectConfig, parts: Partitions) -> dg.AssetsDefinit
         main = result.main_group.to_json()
         return dg.MaterializeResult(
             metadata={
-                "verdict": out["verdict"],
-                "verdict_reason": out["verdict_reason"],
+                # the two answers first; the older tests' combined verdict after them
                 "verdict_execution": result.verdict_execution,
+                "execution_reason": result.execution_reason,
                 "verdict_features": result.verdict_features,
                 "verdict_features_by_seed": result.verdict_features_by_seed,
                 "feature_stability": result.feature_stability,
                 "feature_reason": result.feature_reason,
+                "verdict_combined": out["verdict"],
+                "verdict_combined_reason": out["verdict_reason"],
                 "shared_fraction": main.get("shared_fraction"),
                 **(
                     ci_metadata("shared_fraction_ci", main["shared_fraction_ci"])

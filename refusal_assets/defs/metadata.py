@@ -215,7 +215,7 @@ def report_metadata(written: ReportFiles) -> dict[str, Any]:
         "markdown": file_path(written.markdown),
     }
     for s in written.summaries:
-        md[f"verdict_{s.model_key}"] = s.verdict
+        md[f"verdict_{s.model_key}"] = s.headline
         if s.figure is not None and s.figure.is_file():
             md[f"summary_figure_{s.model_key}"] = png_markdown(s.figure, f"summary {s.model_key}")
     return md
