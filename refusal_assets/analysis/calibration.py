@@ -205,19 +205,7 @@ def design_from_config(cfg) -> SyntheticDesign:
     return SyntheticDesign(n_prompts=int(cfg.data.sampling.max_per_cell))
 
 
-def execution_worlds(model, tokenizer, model_cfg, seed: int) -> dict[str, dict[str, str]]:
-    """Planted execution-level worlds on the tiny model (attention on): one shared refusal
-    direction, and one per category; each recovered by the ``refusal_direction`` asset's calls."""
-    from refusal_assets.directions.planted import EXPECTED, recover_execution_verdict
-
-    out = {}
-    for world, planted in EXPECTED.items():
-        run = recover_execution_verdict(model, tokenizer, model_cfg, world, seed=seed)
-        out[world] = {"planted": planted, "execution": run.result.verdict_execution}
-    return out
-
-
-def planted_worlds_report(cfg, features, *, n_replicates: int, seed: int) -> dict:
+def planted_worlds_report(features, *, n_replicates: int, seed: int) -> dict:
     """The ``worlds`` and ``tests`` blocks: the tiny model's three planted worlds
     (:mod:`refusal_assets.analysis.tiny_worlds`) at the real per-category counts, each recovered at
     both levels ``n_replicates`` times, and each test's power, false-answer rate and vote (the
@@ -244,14 +232,14 @@ def planted_worlds_report(cfg, features, *, n_replicates: int, seed: int) -> dic
         }
         for w, r in runs.items()
     }
-    synthetic = {w: v["features"] for w, v in features.to_dict()["worlds"].items()}
+    synthetic = {w: v.features for w, v in features.worlds.items()}
     tests = {
-        "features_synthetic": {
-            "votes": features.votes,
-            "power": {w: f["power"] for w, f in synthetic.items()},
-            "false_answer_rate": {w: f["false_answer_rate"] for w, f in synthetic.items()},
-            "n_replicates": features.n_replicates,
-        },
+        "features_synthetic": tw.TestRates(
+            planted={w: f.planted_answer for w, f in synthetic.items()},
+            power={w: f.power for w, f in synthetic.items()},
+            false_answer_rate={w: f.false_answer_rate for w, f in synthetic.items()},
+            n_replicates=features.n_replicates,
+        ).to_dict(),
         "features_tiny_model": tw.rates_of(
             {w: r.features for w, r in runs.items()}, tw.EXPECTED_FEATURES
         ).to_dict(),
@@ -266,9 +254,13 @@ def worlds_passed(report: dict) -> bool:
     """Issue 26's done-when: every voting test's false-answer rate <= 0.10 (a test over it does
     not vote); two_level -> execution monolithic, features not monolithic; monolithic and modular
     right at both levels."""
+    from refusal_assets.analysis.feature_calibration import MAX_FALSE_ANSWER_RATE
+
     w = report["worlds"]
     voting_ok = all(
-        max(t["false_answer_rate"].values()) <= 0.10 for t in report["tests"].values() if t["votes"]
+        max(t["false_answer_rate"].values()) <= MAX_FALSE_ANSWER_RATE
+        for t in report["tests"].values()
+        if t["votes"]
     )
     right = all(
         w[name]["execution"] == name and w[name]["features"] == name
@@ -305,7 +297,7 @@ def run_calibrate(cfg, *, as_json: bool, n_replicates: int, model_level: bool = 
     out["feature_level"] = features.to_dict()
     passed = features.votes
     if model_level:
-        out |= planted_worlds_report(cfg, features, n_replicates=3, seed=comp.seed)
+        out |= planted_worlds_report(features, n_replicates=3, seed=comp.seed)
         passed &= worlds_passed(out)
     out["passed"] = passed
     if as_json:

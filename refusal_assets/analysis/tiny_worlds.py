@@ -36,15 +36,21 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
+from refusal_assets.analysis.feature_calibration import DECIDED, MAX_FALSE_ANSWER_RATE
 from refusal_assets.analysis.feature_level import CoreShareTest, FeatureRule, core_share_test
 from refusal_assets.config import DirectionsConfig, ModelConfig, RefusalConfig, SAEConfig
-from refusal_assets.directions.planted import FILLER_WORDS, wire_attention_copy
+from refusal_assets.directions.planted import (
+    FILLER_WORDS,
+    filler_text,
+    judged_rows,
+    wire_attention_copy,
+)
 from refusal_assets.directions.prompts import PromptRow
 from refusal_assets.lm.sites import Site, decoder_layers
 
@@ -207,13 +213,8 @@ def world_prompts(
     """(toxic, harmless) prompts per category: filler words, the toxic ones led by the category's
     marker; ``counts[c]`` toxic and ``max(counts[c], n_harmless)`` harmless prompts."""
     rng = random.Random(seed)
-
-    def text(marker: str = "") -> str:
-        body = " ".join(rng.choice(FILLER_WORDS) for _ in range(rng.randint(3, 8)))
-        return f"{marker} {body}".strip()
-
-    toxic = {c: [text(markers[c]) for _ in range(counts[c])] for c in counts}
-    harmless = {c: [text() for _ in range(max(counts[c], n_harmless))] for c in counts}
+    toxic = {c: [filler_text(rng, markers[c]) for _ in range(counts[c])] for c in counts}
+    harmless = {c: [filler_text(rng) for _ in range(max(counts[c], n_harmless))] for c in counts}
     return toxic, harmless
 
 
@@ -238,11 +239,7 @@ def execution_rows(
         for c in sorted(prompts)
         for i, text in enumerate(prompts[c])
     ]
-    clean = scorer.judge(probe, max_new_tokens=2)
-    return [
-        replace(row, refused=bool(r), refusal_score=float(s), response=text)
-        for row, r, s, text in zip(probe, clean.refused, clean.scores, clean.responses)
-    ]
+    return judged_rows(scorer, probe)
 
 
 def recover_execution(
@@ -353,9 +350,6 @@ def recover_features(
 
 
 # ---------------------------------------------------------------------------------- calibration
-
-DECIDED = ("monolithic", "modular", "shared core + specific tail")
-MAX_FALSE_ANSWER_RATE = 0.10
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -106,39 +106,44 @@ def planted_direction_model(
     return model.eval(), tokenizer, markers, refusals
 
 
+def filler_text(rng: random.Random, marker: str = "") -> str:
+    """A planted prompt: 3-8 random filler words, led by ``marker`` when given (a toxic prompt)."""
+    body = " ".join(rng.choice(FILLER_WORDS) for _ in range(rng.randint(3, 8)))
+    return f"{marker} {body}".strip()
+
+
+def judged_rows(scorer: Scorer, probe: list[PromptRow]) -> list[PromptRow]:
+    """The ``probe`` rows again, now carrying the clean model's judgement, score and response."""
+    clean = scorer.judge(probe, max_new_tokens=2)
+    return [
+        replace(row, refused=bool(refused), refusal_score=float(score), response=response)
+        for row, refused, score, response in zip(
+            probe, clean.refused, clean.scores, clean.responses
+        )
+    ]
+
+
 def planted_rows(
     scorer: Scorer, markers: list[str], n_per_split: int, seed: int
 ) -> list[PromptRow]:
     """Toxic (marker-led), safe and hard (no marker) prompts per category, with the clean model's
     judgement and score, a quarter held out."""
     rng = random.Random(seed)
-    drafts = []
-    for c, marker in enumerate(markers):
-        for split in ("toxic", "safe", "hard"):
-            for i in range(n_per_split):
-                body = " ".join(rng.choice(FILLER_WORDS) for _ in range(rng.randint(3, 8)))
-                text = f"{marker} {body}" if split == "toxic" else body
-                drafts.append((f"cat{c}-{split}-{i}", text, f"cat{c}", split, i % 4 == 0))
     probe = [
         PromptRow(
-            prompt_id=d[0],
-            prompt=d[1],
-            category=d[2],
-            split=d[3],
-            heldout=d[4],
+            prompt_id=f"cat{c}-{split}-{i}",
+            prompt=filler_text(rng, marker if split == "toxic" else ""),
+            category=f"cat{c}",
+            split=split,
+            heldout=i % 4 == 0,
             refused=False,
             refusal_score=0.0,
         )
-        for d in drafts
+        for c, marker in enumerate(markers)
+        for split in ("toxic", "safe", "hard")
+        for i in range(n_per_split)
     ]
-    clean = scorer.judge(probe, max_new_tokens=2)
-    # the probe rows again, now carrying the clean model's judgement
-    return [
-        replace(row, refused=refused, refusal_score=float(score), response=response)
-        for row, refused, score, response in zip(
-            probe, clean.refused, clean.scores, clean.responses
-        )
-    ]
+    return judged_rows(scorer, probe)
 
 
 def recover_execution_verdict(

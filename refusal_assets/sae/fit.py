@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -224,18 +225,23 @@ def _subset(kept: _KeptRows, idx: np.ndarray) -> SubsetRows:
     return SubsetRows(kept.x, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
 
 
+def _fired_on_study_rows(sae: TopKSAE, kept: _KeptRows) -> Tensor:
+    """[d_sae] bool: the latents that fire on a study row that is not a template vector (the rows
+    the circuits read; the corpus only trains); ``1 - mean`` is the dead fraction."""
+    study = np.flatnonzero(~kept.site_rows.template & ~kept.corpus)
+    return fired_latents(sae, _subset(kept, study))
+
+
 def _train_replicates(
     kept: _KeptRows, cfg: SAEConfig, d_in: int, options: FitOptions
 ) -> tuple[ReplicateSAE, ...]:
     """``cfg.replicates``: one more SAE per seed on the main training's rows and split."""
-    sp, template = kept.site_rows.split, kept.site_rows.template
-    study = np.flatnonzero(~template & ~kept.corpus)
     out = []
     for seed in cfg.replicates.seeds:
         rcfg = cfg.replicate(seed)
         sae, history = _train_on_kept(kept, rcfg, d_in, options.device)
-        held = evaluate_sae(sae, _subset(kept, sp.eval))
-        dead = 1.0 - float(fired_latents(sae, _subset(kept, study)).float().mean())
+        held = evaluate_sae(sae, _subset(kept, kept.site_rows.split.eval))
+        dead = 1.0 - float(_fired_on_study_rows(sae, kept).float().mean())
         options.log(
             f"replicate seed {seed}: {rcfg.max_steps} steps in {history['seconds']:.0f} s, "
             f"held-out FVU {held.fvu:.4f}, L0 {held.l0:.1f}, dead {dead:.3f}"
@@ -259,8 +265,7 @@ def _held_out_metrics(sae: TopKSAE, kept: _KeptRows, trained: bool) -> dict[str,
     training part)."""
     sp, template = kept.site_rows.split, kept.site_rows.template
 
-    def sub(idx: np.ndarray) -> SubsetRows:
-        return _subset(kept, idx)
+    sub = partial(_subset, kept)
 
     held = evaluate_sae(sae, sub(sp.eval))
     eval_post = sp.eval[kept.post[sp.eval]]
@@ -277,10 +282,7 @@ def _held_out_metrics(sae: TopKSAE, kept: _KeptRows, trained: bool) -> dict[str,
         # fit; a pretrained SAE never saw these rows, so it has none
         "fvu_train": evaluate_sae(sae, sub(sp.train)).fvu if trained else nan,
     }
-    non_template = np.flatnonzero(
-        ~template & ~kept.corpus
-    )  # the study's rows: what the circuits read
-    fired = fired_latents(sae, sub(non_template))
+    fired = _fired_on_study_rows(sae, kept)
     # template vectors are few once distinct: the first row of each is enough to see what fires on them
     fired_all = fired.clone()
     template_rows = np.flatnonzero(template)
